@@ -1,0 +1,27 @@
+# dermaclass: `make app` and `make test` work on a fresh machine with Python 3.11 and make.
+PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+DATA   ?= ../shared/data/ham10000
+
+.PHONY: install app test clean
+
+# The venv is (re)built when pyproject.toml changes; torch comes from this machine's disk.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --disable-pip-version-check -e '.[test]'
+	touch $@
+
+install: $(STAMP)
+
+## The main job. Until the Gradio app lands: validate the clinic data in $(DATA).
+app: $(STAMP)
+	$(BIN)/dermaclass data validate $(DATA)
+
+## The whole test suite (CI runs exactly this).
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,262 @@
+"""The ``dermaclass`` command line (typer + rich): the ML engineer's side of the tool.
+
+Only this module prints; library modules log. Every command resolves its settings through
+``config.load_config`` (defaults < ``--config FILE`` < flags) and turns a DermaclassError into
+one clear line on stderr and a documented exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from dermaclass import DISCLAIMER, __version__
+from dermaclass.config import Config, load_config
+from dermaclass.errors import DermaclassError
+
+EXIT_CODES = (
+    "Exit codes: 0 success; 1 problems found with --strict; 2 usage or configuration error; "
+    "3 the data cannot be read (missing folder, unreadable manifest, no usable images)."
+)
+
+app = typer.Typer(
+    name="dermaclass",
+    help=f"Dermoscopic skin-lesion classifier that a clinic retrains on its own data.\n\n{DISCLAIMER}",
+    epilog=EXIT_CODES,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+data_app = typer.Typer(help="Inspect, validate and split a clinic's image folder.", no_args_is_help=True, epilog=EXIT_CODES)
+app.add_typer(data_app, name="data")
+
+out = Console()
+err = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def friendly(func: F) -> F:
+    """Turn the errors a user can fix into one red line and the matching exit code."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except DermaclassError as exc:
+            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+        except FileExistsError as exc:
+            err.print(f"[bold red]error:[/] {exc} (pass --force to replace it)", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"dermaclass {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
+    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More log output (-v info, -vv debug).")] = 0,
+) -> None:
+    """Dermoscopic skin-lesion classifier (decision support, not a diagnostic device)."""
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+# ---- shared options ------------------------------------------------------------------
+DataPath = Annotated[Path, typer.Argument(help="Dataset folder: one folder per class, or a CSV manifest beside the images.")]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML file of settings; flags override it.")]
+ManifestOpt = Annotated[Path | None, typer.Option("--manifest", help="CSV manifest (default: the one CSV at the root).")]
+ImageColOpt = Annotated[str | None, typer.Option("--image-col", help="Manifest column with image ids or paths.")]
+LabelColOpt = Annotated[str | None, typer.Option("--label-col", help="Manifest column with labels.")]
+GroupColOpt = Annotated[str | None, typer.Option("--group-col", help="Manifest column with lesion/patient ids.")]
+ClassNamesOpt = Annotated[
+    Path | None, typer.Option("--class-names", help="Your class list: JSON/YAML mapping code->name, or CSV code,name.")
+]
+MinOpt = Annotated[int | None, typer.Option("--min-per-class", help="Report classes with fewer images. [default: 10]")]
+WorkersOpt = Annotated[int | None, typer.Option("--workers", help="Decoding processes (0 = all cores).")]
+
+
+def _config(config: Path | None, **flags: Any) -> Config:
+    return load_config(config, **{k: (str(v) if isinstance(v, Path) else v) for k, v in flags.items()})
+
+
+def _progress(label: str) -> tuple[Progress, Callable[[int, int], None]]:
+    progress = Progress(
+        TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err, transient=True,
+        disable=not err.is_terminal,
+    )
+    task = progress.add_task(label, total=None)
+
+    def update(done: int, total: int) -> None:
+        progress.update(task, completed=done, total=total)
+
+    return progress, update
+
+
+def _validate(path: Path, cfg: Config):
+    from dermaclass.data import load_class_names, load_dataset, validate
+
+    names = load_class_names(Path(cfg.class_names)) if cfg.class_names else None
+    dataset = load_dataset(
+        path, manifest=cfg.manifest, image_col=cfg.image_col, label_col=cfg.label_col, group_col=cfg.group_col,
+        class_names=names,
+    )
+    progress, update = _progress("decoding")
+    with progress:
+        return validate(dataset, min_per_class=cfg.min_per_class, workers=cfg.workers or None, progress=update)
+
+
+def _print_validation(stats: dict[str, Any], *, limit: int = 40) -> None:
+    group = stats["group_label"]
+    out.print(
+        f"[bold]{stats['root']}[/] ({stats['layout']} layout): [bold]{stats['images']:,}[/] usable images of "
+        f"{stats['files_checked']:,} checked, {stats['classes']} classes, {stats['groups']:,} {group}, "
+        f"imbalance ratio {stats['imbalance_ratio']:g}",
+        highlight=False,
+    )
+    table = Table("code", "class", "images", group, "share", title="Classes", title_justify="left")
+    for c in stats["per_class"]:
+        table.add_row(c["label"], c["name"], f"{c['images']:,}", f"{c['groups']:,}", f"{c['fraction'] * 100:.1f} %")
+    out.print(table)
+    modes = ", ".join(f"{m}: {n:,}" for m, n in stats["image_modes"].items())
+    sizes = ", ".join(f"{s['size']} ({s['images']:,})" for s in stats["sizes"]["most_common"][:3])
+    out.print(f"modes: {modes}; sizes: {sizes}; smallest {stats['sizes']['smallest']}, largest {stats['sizes']['largest']}")
+    for note in stats["notes"]:
+        out.print(f"[dim]note: {note}[/]", highlight=False)
+    problems = stats["problems"]
+    if not problems["total"]:
+        out.print("[green]no problems found[/]")
+        return
+    table = Table("problem", "file", "detail", "action", title=f"{problems['total']:,} problems", title_justify="left")
+    for p in problems["list"][:limit]:
+        table.add_row(p["kind"], p["file"], p["detail"], p["action"])
+    out.print(table)
+    if problems["total"] > limit:
+        out.print(f"... {problems['total'] - limit:,} more; --json lists them all")
+    out.print("by kind: " + ", ".join(f"{k} {n:,}" for k, n in problems["by_kind"].items()))
+
+
+@data_app.command("validate", epilog=EXIT_CODES)
+@friendly
+def data_validate(
+    path: DataPath,
+    config: ConfigOpt = None,
+    manifest: ManifestOpt = None,
+    image_col: ImageColOpt = None,
+    label_col: LabelColOpt = None,
+    group_col: GroupColOpt = None,
+    class_names: ClassNamesOpt = None,
+    min_per_class: MinOpt = None,
+    workers: WorkersOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the full report as JSON.")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="Exit with code 1 when any problem is found.")] = False,
+) -> None:
+    """Decode every image and report classes, groups, image modes/sizes and every problem, by file.
+
+    Bad files are skipped and listed; --strict makes any problem an error (exit code 1).
+    """
+    cfg = _config(config, manifest=manifest, image_col=image_col, label_col=label_col, group_col=group_col,
+                  class_names=class_names, min_per_class=min_per_class, workers=workers)
+    stats = _validate(path, cfg).to_dict()
+    if as_json:
+        typer.echo(json.dumps(stats, indent=2, ensure_ascii=False))
+    else:
+        _print_validation(stats)
+    if strict and stats["problems"]["total"]:
+        err.print(f"[bold red]strict:[/] {stats['problems']['total']} problems found", highlight=False)
+        raise typer.Exit(1)
+
+
+@data_app.command("split", epilog=EXIT_CODES)
+@friendly
+def data_split(
+    path: DataPath,
+    out_file: Annotated[Path, typer.Option("--out", help="Where to write the split CSV (image, label, group, split).")],
+    split_file: Annotated[
+        Path | None, typer.Option("--split-file", help="Previous split to extend: old images keep their split.")
+    ] = None,
+    fractions: Annotated[str | None, typer.Option("--fractions", help="train,valid,test [default: 0.7,0.15,0.15]")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Random seed. [default: 42]")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out file.")] = False,
+    config: ConfigOpt = None,
+    manifest: ManifestOpt = None,
+    image_col: ImageColOpt = None,
+    label_col: LabelColOpt = None,
+    group_col: GroupColOpt = None,
+    class_names: ClassNamesOpt = None,
+    workers: WorkersOpt = None,
+) -> None:
+    """Split into train/valid/test, stratified by label and grouped by lesion/patient (no group on two sides)."""
+    from dermaclass.data import assign_split, make_split, read_split, write_split
+
+    cfg = _config(config, manifest=manifest, image_col=image_col, label_col=label_col, group_col=group_col,
+                  class_names=class_names, workers=workers, split_fractions=fractions, seed=seed, split_file=split_file)
+    reuse = Path(cfg.split_file) if cfg.split_file else None
+    if out_file.exists() and not force and (reuse is None or reuse.resolve() != out_file.resolve()):
+        raise FileExistsError(f"{out_file}: already exists; a split defines the test set")
+    validation = _validate(path, cfg)
+    if reuse is not None:
+        split, counts = assign_split(validation.items, read_split(reuse), fractions=cfg.split_fractions, seed=cfg.seed)
+        out.print("reused " + str(reuse) + ": " + ", ".join(f"{k} {v:,}" for k, v in counts.items()), highlight=False)
+    else:
+        split = make_split(validation.items, fractions=cfg.split_fractions, seed=cfg.seed)
+    write_split(split, out_file)
+    table = Table("label", "train", "valid", "test", title=f"{out_file}", title_justify="left")
+    counts = split.groupby(["label", "split"]).size().unstack(fill_value=0)
+    for label, row in counts.iterrows():
+        table.add_row(str(label), *(f"{int(row.get(s, 0)):,}" for s in ("train", "valid", "test")))
+    totals = split["split"].value_counts()
+    table.add_row("[bold]total[/]", *(f"{int(totals.get(s, 0)):,}" for s in ("train", "valid", "test")))
+    out.print(table)
+    crossing = int((split.groupby("group")["split"].nunique() > 1).sum())
+    out.print(f"groups in more than one split: {crossing}", highlight=False)
+
+
+@data_app.command("card", epilog=EXIT_CODES)
+@friendly
+def data_card(
+    path: DataPath,
+    split_file: Annotated[Path | None, typer.Option("--split-file", help="Add per-split counts from this split.")] = None,
+    config: ConfigOpt = None,
+    manifest: ManifestOpt = None,
+    image_col: ImageColOpt = None,
+    label_col: LabelColOpt = None,
+    group_col: GroupColOpt = None,
+    class_names: ClassNamesOpt = None,
+    workers: WorkersOpt = None,
+) -> None:
+    """Print the statistics section of a data card in Markdown (see data_cards/TEMPLATE.md)."""
+    from dermaclass.data import read_split, render_card
+
+    cfg = _config(config, manifest=manifest, image_col=image_col, label_col=label_col, group_col=group_col,
+                  class_names=class_names, workers=workers)
+    stats = _validate(path, cfg).to_dict()
+    split_counts = None
+    if split_file is not None:
+        split = read_split(split_file)
+        split_counts = {
+            s: {**split[split["split"] == s]["label"].value_counts().to_dict(), "total": int((split["split"] == s).sum())}
+            for s in ("train", "valid", "test")
+        }
+    typer.echo(render_card(stats, split_counts=split_counts), nl=False)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

@@ -1,0 +1,138 @@
+"""The one run configuration: a frozen dataclass layered as defaults < YAML file < CLI flags.
+
+Every run saves its resolved configuration beside its outputs (as timm saves args.yaml), so a
+result can always be traced to the exact settings that made it. Unknown keys in a YAML file
+are errors that name the file and suggest the closest key: a typo must never be silently
+ignored in a medical tool.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dermaclass.errors import ConfigError
+from dermaclass.fileio import write_text
+
+
+@dataclass(frozen=True)
+class Config:
+    """Settings for data handling (and, as the tool grows, training and evaluation)."""
+
+    # --- data source (see dermaclass.data.sources) ---
+    manifest: str | None = None  # CSV manifest; default: the one CSV at the dataset root
+    image_col: str | None = None  # default: detected (image_id / image / filename / path)
+    label_col: str | None = None  # default: detected (dx / label / diagnosis / class)
+    group_col: str | None = None  # default: detected (lesion_id / patient_id)
+    class_names: str | None = None  # a clinic's class list with full names (JSON/YAML/CSV)
+    min_per_class: int = 10  # classes with fewer images are reported
+    # --- splits (see dermaclass.data.splits) ---
+    split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)  # train, valid, test
+    split_file: str | None = None  # reuse this split; new images are added without moving old ones
+    seed: int = 42
+    # --- decoding ---
+    image_size: tuple[int, int] = (128, 96)  # width, height fed to the network
+    cache_dir: str | None = None  # default: $DERMACLASS_CACHE or ~/.cache/dermaclass
+    workers: int = 0  # processes for decoding; 0 = all cores
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (tuples as lists) for YAML/JSON."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    def replace(self, **changes: Any) -> Config:
+        """A copy with some fields changed (validated like any other layer)."""
+        return _apply(self, changes, source="arguments")
+
+    def save(self, path: str | Path) -> Path:
+        """Write the resolved configuration as YAML, atomically."""
+        return write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+_HINTS = typing.get_type_hints(Config)
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    """Check and convert one value to its field's type; errors name the key and source."""
+    hint = _HINTS[name]
+    args = typing.get_args(hint)
+    optional = isinstance(hint, types.UnionType) and type(None) in args
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{source}: {name} cannot be empty")
+    base = next(a for a in args if a is not type(None)) if optional else hint
+    origin = typing.get_origin(base)
+    try:
+        if origin is tuple:
+            items = value.split(",") if isinstance(value, str) else list(value)
+            kinds = typing.get_args(base)
+            if len(items) != len(kinds):
+                raise ValueError(f"expected {len(kinds)} values")
+            return tuple(_scalar(k, v) for k, v in zip(kinds, items))
+        return _scalar(base, value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{source}: {name}={value!r} is not a valid {_type_name(base)} ({exc})") from None
+
+
+def _scalar(kind: type, value: Any) -> Any:
+    if kind is bool:
+        if isinstance(value, str):
+            if value.lower() in {"true", "yes", "1", "on"}:
+                return True
+            if value.lower() in {"false", "no", "0", "off"}:
+                return False
+            raise ValueError("expected true or false")
+        return bool(value)
+    if kind is int:
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError("expected a whole number")
+        if isinstance(value, bool):
+            raise ValueError("expected a number")
+        return int(value)
+    if kind is float:
+        if isinstance(value, bool):
+            raise ValueError("expected a number")
+        return float(value)
+    if kind is str:
+        return str(value)
+    return value
+
+
+def _type_name(kind: Any) -> str:
+    return getattr(kind, "__name__", str(kind))
+
+
+def _apply(config: Config, changes: dict[str, Any], *, source: str) -> Config:
+    names = {f.name for f in fields(Config)}
+    unknown = [k for k in changes if k not in names]
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(key, sorted(names), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(sorted(names))}"
+        raise ConfigError(f"{source}: unknown setting {key!r}{hint}")
+    return dataclasses.replace(config, **{k: _coerce(k, v, source) for k, v in changes.items()})
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> Config:
+    """Resolve the configuration: defaults, then the YAML file, then non-None overrides (CLI flags)."""
+    config = Config()
+    if path is not None:
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise ConfigError(f"{path}: cannot read config ({exc})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
+        config = _apply(config, data, source=str(path))
+    flags = {k: v for k, v in overrides.items() if v is not None}
+    return _apply(config, flags, source="command line")

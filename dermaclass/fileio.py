@@ -1,0 +1,51 @@
+"""Atomic file output: nothing a run writes is ever left half-written.
+
+Every artefact (split files, configs, reports, bundles) goes to a temporary file in the same
+folder and is renamed over the target, so a crash or power loss leaves either the old file
+or the new one, never a torn one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path, *, overwrite: bool = True) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success rename it over ``path``.
+
+    With ``overwrite=False`` an existing target raises FileExistsError before anything is
+    written. On an exception the temporary file is removed and the target is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not overwrite and path.exists():
+        raise FileExistsError(f"{path}: already exists; refusing to overwrite it")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb") as fh:  # flush to disk before the rename makes it visible
+            os.fsync(fh.fileno())
+        os.replace(tmp_path, path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def write_text(path: str | Path, text: str, *, overwrite: bool = True) -> Path:
+    """Write text atomically."""
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def write_json(path: str | Path, data: Any, *, overwrite: bool = True) -> Path:
+    """Write JSON atomically (indented, UTF-8, keys in insertion order)."""
+    return write_text(path, json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n", overwrite=overwrite)

@@ -1,0 +1,101 @@
+"""The command line: versions, reports, exit codes, and no tracebacks for user mistakes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+from typer.testing import CliRunner
+
+from conftest import save_image
+from dermaclass import __version__
+from dermaclass.cli import app
+
+runner = CliRunner()
+
+
+def test_version_and_help() -> None:
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and __version__ in result.output
+    result = runner.invoke(app, ["data", "validate", "--help"])
+    assert result.exit_code == 0 and "Exit codes" in result.output and "--strict" in result.output
+
+
+def test_python_dash_m() -> None:
+    proc = subprocess.run([sys.executable, "-m", "dermaclass", "--version"], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == f"dermaclass {__version__}"
+
+
+def test_validate_json_names_each_problem_and_strict_fails(folder_dataset: Path) -> None:
+    (folder_dataset / "acne" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    save_image(folder_dataset / "acnee" / "x.jpg", seed=777)  # a typo'd class folder
+    (folder_dataset / "acne" / "x.txt").write_text("note")
+    shutil.copy(folder_dataset / "crust" / "crust_03.jpg", folder_dataset / "ulcer" / "dup.jpg")
+    names = folder_dataset.parent / "names.csv"
+    names.write_text("acne,Acne\ncrust,Crust\nulcer,Ulcer\n")
+    args = ["data", "validate", str(folder_dataset), "--class-names", str(names)]
+    result = runner.invoke(app, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    named = {(p["kind"], p["file"]) for p in report["problems"]["list"]}
+    assert ("not_image", "acne/broken.jpg") in named
+    assert ("unknown_label", "acnee/x.jpg") in named
+    assert ("duplicate_conflict", "ulcer/dup.jpg") in named and ("duplicate_conflict", "crust/crust_03.jpg") in named
+    assert report["images"] == 35 and report["classes"] == 3
+    strict = runner.invoke(app, [*args, "--strict"])
+    assert strict.exit_code == 1
+    assert "acne/broken.jpg" in strict.output
+
+
+def test_clean_data_passes_strict(manifest_dataset: Path) -> None:
+    result = runner.invoke(app, ["data", "validate", str(manifest_dataset), "--strict"])
+    assert result.exit_code == 0, result.output
+    assert "no problems found" in result.output
+
+
+def test_missing_folder_is_one_line_exit_3(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["data", "validate", str(tmp_path / "nope")])
+    assert result.exit_code == 3
+    assert "no such folder" in result.output and "Traceback" not in result.output
+
+
+def test_bad_config_exit_2(tmp_path: Path, manifest_dataset: Path) -> None:
+    (tmp_path / "c.yaml").write_text("sead: 1\n")
+    result = runner.invoke(app, ["data", "validate", str(manifest_dataset), "--config", str(tmp_path / "c.yaml")])
+    assert result.exit_code == 2 and "did you mean 'seed'" in result.output
+
+
+def test_split_writes_refuses_overwrite_and_extends(manifest_dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "split.csv"
+    result = runner.invoke(app, ["data", "split", str(manifest_dataset), "--out", str(out), "--fractions", "0.6,0.2,0.2"])
+    assert result.exit_code == 0, result.output
+    split = pd.read_csv(out)
+    assert list(split.columns) == ["image", "label", "group", "split"] and len(split) == 45
+    assert "groups in more than one split: 0" in result.output
+    again = runner.invoke(app, ["data", "split", str(manifest_dataset), "--out", str(out)])
+    assert again.exit_code == 2 and "already exists" in again.output
+    # new images arrive: extend the split in place, old rows unchanged
+    for i in range(4):
+        save_image(manifest_dataset / "images" / f"NEW_{i}.jpg", seed=900 + i)
+    meta = pd.read_csv(manifest_dataset / "metadata.csv")
+    new = pd.DataFrame({"lesion_id": [f"LN{i}" for i in range(4)], "image_id": [f"NEW_{i}" for i in range(4)],
+                        "dx": ["mel", "nv", "bkl", "mel"], "age": 40})
+    pd.concat([meta, new]).to_csv(manifest_dataset / "metadata.csv", index=False)
+    result = runner.invoke(app, ["data", "split", str(manifest_dataset), "--out", str(out), "--split-file", str(out)])
+    assert result.exit_code == 0, result.output
+    extended = pd.read_csv(out)
+    assert len(extended) == 49
+    assert extended.iloc[:45].equals(split)
+
+
+def test_card_prints_markdown(manifest_dataset: Path, tmp_path: Path) -> None:
+    runner.invoke(app, ["data", "split", str(manifest_dataset), "--out", str(tmp_path / "s.csv")])
+    result = runner.invoke(app, ["data", "card", str(manifest_dataset), "--split-file", str(tmp_path / "s.csv")])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("## Statistics")
+    assert "| mel | melanoma | 15 | 10 |" in result.output
+    assert "| total |" in result.output

@@ -1,0 +1,54 @@
+"""Configuration layers as defaults < YAML < flags; mistakes name the file and the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dermaclass.config import Config, load_config
+from dermaclass.errors import ConfigError
+
+
+def test_layers(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("seed: 7\nmin_per_class: 3\nsplit_fractions: [0.8, 0.1, 0.1]\n")
+    cfg = load_config(path, seed=9, image_size="160,120", manifest=None)
+    assert cfg.seed == 9 and cfg.min_per_class == 3
+    assert cfg.split_fractions == (0.8, 0.1, 0.1) and cfg.image_size == (160, 120)
+    assert cfg.manifest is None
+    assert load_config() == Config()
+
+
+def test_saved_config_round_trips(tmp_path: Path) -> None:
+    cfg = load_config(seed=3, class_names="names.json")
+    cfg.save(tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
+
+
+def test_frozen() -> None:
+    with pytest.raises(AttributeError):
+        Config().seed = 1  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("sed: 3\n", "unknown setting 'sed'; did you mean 'seed'"),
+        ("seed: lots\n", "seed='lots' is not a valid int"),
+        ("image_size: [1, 2, 3]\n", "expected 2 values"),
+        ("- a\n- b\n", "expected a mapping"),
+        ("seed: [\n", "cannot read config"),
+    ],
+)
+def test_errors_name_file_and_key(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message) as exc:
+        load_config(path)
+    assert str(path) in str(exc.value)
+
+
+def test_missing_file() -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_config("/nonexistent/c.yaml")
