@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import shutil
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-HAM10000 = (ROOT / ".." / "shared" / "data" / "ham10000").resolve()
+HAM10000 = Path(os.environ.get("HAM10000_DIR") or ROOT / ".." / "shared" / "data" / "ham10000").resolve()
 HAM_CLASSES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
 
 

@@ -167,4 +167,4 @@ def fit_to_size(img: Image.Image, size: tuple[int, int]) -> np.ndarray:
     """
     width, height = size
     # Pillow's resize filters are antialiased, so BILINEAR downscaling does not alias.
-    return np.asarray(ImageOps.fit(img, (width, height), method=Image.Resampling.BILINEAR))
+    return np.array(ImageOps.fit(img, (width, height), method=Image.Resampling.BILINEAR))  # writable copy

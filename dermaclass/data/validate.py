@@ -131,11 +131,12 @@ def _duplicates(items: pd.DataFrame) -> tuple[list[Problem], set[int]]:
     problems: list[Problem] = []
     drop: set[int] = set()
     for _, same in items[items.duplicated("hash", keep=False)].groupby("hash", sort=False):
-        first = same.iloc[0]["image"]
+        first, first_group = same.iloc[0]["image"], same.iloc[0]["group"]
         labels = sorted(set(same["label"]))
         if len(labels) == 1:
-            for image in same["image"].iloc[1:]:
-                problems.append(Problem("duplicate", image, f"same content as {first}", "kept"))
+            for image, group in zip(same["image"].iloc[1:], same["group"].iloc[1:]):
+                where = "same group" if group == first_group else "other group; splits keep them together"
+                problems.append(Problem("duplicate", image, f"same content as {first} ({where})", "kept"))
         else:
             others = ", ".join(f"{i} ({lab})" for i, lab in zip(same["image"], same["label"]))
             for idx, image, label in zip(same.index, same["image"], same["label"]):
