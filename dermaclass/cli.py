@@ -257,6 +257,134 @@ def data_card(
     typer.echo(render_card(stats, split_counts=split_counts), nl=False)
 
 
+# ---- training ---------------------------------------------------------------------------
+Opt = typer.Option
+
+
+@app.command("train", epilog=EXIT_CODES)
+@friendly
+def train_cmd(
+    data: DataPath,
+    out_dir: Annotated[Path, Opt("--out", help="Run folder: config, split, history, plots and the model bundle.")],
+    config: ConfigOpt = None,
+    recipe: Annotated[str | None, Opt("--recipe", help="baseline | sgdr | stepwise [default: stepwise]")] = None,
+    arch: Annotated[str | None, Opt("--arch", help="Any timm architecture [default: tf_efficientnet_lite0]")] = None,
+    weights: Annotated[Path | None, Opt("--weights", help="Local body weights (.safetensors / .pth state dict).")] = None,
+    pretrained: Annotated[bool | None, Opt("--pretrained/--no-pretrained", help="ImageNet weights [default: on]")] = None,
+    image_size: Annotated[str | None, Opt("--image-size", help="width,height [default: 128,96]")] = None,
+    batch_size: Annotated[int | None, Opt("--batch-size", help="b (stepwise: b, 2b, 3b, 4b, b) [default: 32]")] = None,
+    lr: Annotated[float | None, Opt("--lr", help="Fixed base LR [default: LR range test per stage]")] = None,
+    lr_suggestion: Annotated[str | None, Opt("--lr-suggestion", help="valley | slide | minimum | steep")] = None,
+    warm_epoch: Annotated[bool | None, Opt("--warm-epoch/--no-warm-epoch", help="Seed 002: 1 epoch at a small LR before each range test")] = None,
+    head_epochs: Annotated[int | None, Opt("--head-epochs", help="Coarse head-only epochs [default: 1]")] = None,
+    epochs: Annotated[int | None, Opt("--epochs", help="baseline: unfrozen epochs [default: 3]")] = None,
+    n_cycles: Annotated[int | None, Opt("--n-cycles", help="SGDR cycles [default: 2]")] = None,
+    cycle_len: Annotated[int | None, Opt("--cycle-len", help="SGDR first cycle length [default: 1]")] = None,
+    cycle_mult: Annotated[int | None, Opt("--cycle-mult", help="SGDR cycle-length multiplier, >= 2 [default: 2]")] = None,
+    lr_ratio: Annotated[float | None, Opt("--lr-ratio", help="Differential LRs slice(lr/ratio, lr) [default: 100]")] = None,
+    stage_fractions: Annotated[str | None, Opt("--stage-fractions", help="[default: 0.2,0.4,0.6,0.8,1.0]")] = None,
+    lr_rule: Annotated[str | None, Opt("--lr-rule", help="eq9 | constant | linear [default: eq9]")] = None,
+    weight_sharing: Annotated[bool | None, Opt("--weight-sharing/--no-weight-sharing", help="Carry weights between stages")] = None,
+    imbalance: Annotated[str | None, Opt("--imbalance", help="none | weights | sqrt-weights | sampler | focal")] = None,
+    augment: Annotated[str | None, Opt("--augment", help="none | basic | augmix [default: basic]")] = None,
+    early_stop_patience: Annotated[int | None, Opt("--early-stop-patience", help="0 = off")] = None,
+    split_file: Annotated[Path | None, Opt("--split-file", help="Reuse this split (new images are added).")] = None,
+    seed: Annotated[int | None, Opt("--seed")] = None,
+    threads: Annotated[int | None, Opt("--threads", help="torch threads (0 = all cores)")] = None,
+    force: Annotated[bool, Opt("--force", help="Replace an existing run folder / bundle.")] = False,
+    manifest: ManifestOpt = None,
+    image_col: ImageColOpt = None,
+    label_col: LabelColOpt = None,
+    group_col: GroupColOpt = None,
+    class_names: ClassNamesOpt = None,
+    workers: WorkersOpt = None,
+) -> None:
+    """Train a model bundle on a clinic's image folder (default recipe: stepwise, seed 001)."""
+    from dermaclass import train as training
+
+    cfg = _config(config, recipe=recipe, arch=arch, weights=weights, pretrained=pretrained, image_size=image_size,
+                  batch_size=batch_size, lr=lr, lr_suggestion=lr_suggestion, warm_epoch=warm_epoch,
+                  head_epochs=head_epochs, epochs=epochs, n_cycles=n_cycles, cycle_len=cycle_len, cycle_mult=cycle_mult,
+                  lr_ratio=lr_ratio, stage_fractions=stage_fractions, lr_rule=lr_rule, weight_sharing=weight_sharing,
+                  imbalance=imbalance, augment=augment, early_stop_patience=early_stop_patience, split_file=split_file,
+                  seed=seed, threads=threads, manifest=manifest, image_col=image_col, label_col=label_col,
+                  group_col=group_col, class_names=class_names, workers=workers)
+    logging.getLogger("dermaclass").setLevel(logging.INFO)
+    training.check_run_dir(out_dir, force=force)
+    progress, update = _progress("decoding")
+    with progress:
+        prepared = training.prepare_data(cfg, data, progress=update)
+    counts = prepared.items["split"].value_counts()
+    out.print(f"data: {len(prepared.items):,} images, {len(prepared.vocab)} classes; split "
+              + ", ".join(f"{s} {int(counts.get(s, 0)):,}" for s in ("train", "valid", "test")), highlight=False)
+    _print_plan(cfg, len(prepared.train_rows))
+    result = training.train(cfg, prepared, out_dir, force=force)
+    training.write_summary(result)
+    m = result.metrics
+    out.print(f"[bold]valid balanced accuracy {m['balanced_accuracy']:.4f}[/], macro-F1 {m['macro_f1']:.4f} "
+              f"(accuracy {m['accuracy']:.4f}); {result.seconds / 60:.1f} min, {result.images_seen:,} images seen",
+              highlight=False)
+    out.print(f"bundle: {out_dir / 'model.safetensors'} + model.json", highlight=False)
+
+
+def _print_plan(cfg: Config, n_train: int) -> None:
+    from dermaclass import schedules
+    from dermaclass.train import plan_for
+
+    if cfg.recipe != "stepwise":
+        sg = schedules.sgdr_epochs(cfg.n_cycles, cfg.cycle_len, cfg.cycle_mult)
+        detail = (f"{cfg.head_epochs} head + {cfg.epochs} one-cycle epochs" if cfg.recipe == "baseline"
+                  else f"{cfg.head_epochs} head + {sg} SGDR epochs ({cfg.n_cycles} cycles, len {cfg.cycle_len}, x{cfg.cycle_mult})")
+        out.print(f"recipe {cfg.recipe}: {n_train:,} images, batch {cfg.batch_size}, "
+                  f"lr {'range test' if cfg.lr is None else cfg.lr}; {detail}", highlight=False)
+        return
+    plan = plan_for(cfg, n_train)
+    table = Table(*schedules.format_plan(plan)[0].keys(), title=f"stepwise plan (LR rule {cfg.lr_rule})",
+                  title_justify="left")
+    for row in schedules.format_plan(plan):
+        table.add_row(*(str(v) for v in row.values()))
+    out.print(table)
+    out.print(f"cost: {schedules.training_cost(plan):.2f} full-data epochs", highlight=False)
+
+
+@app.command("lr-find", epilog=EXIT_CODES)
+@friendly
+def lr_find_cmd(
+    data: DataPath,
+    out_dir: Annotated[Path, Opt("--out", help="Folder for the plot and lr_find.json.")],
+    config: ConfigOpt = None,
+    arch: Annotated[str | None, Opt("--arch")] = None,
+    batch_size: Annotated[int | None, Opt("--batch-size")] = None,
+    warm_epoch: Annotated[bool | None, Opt("--warm-epoch/--no-warm-epoch", help="Seed 002: 1 epoch at --warm-lr first")] = None,
+    warm_lr: Annotated[float | None, Opt("--warm-lr")] = None,
+    unfrozen: Annotated[bool, Opt("--unfrozen", help="Range-test the whole net, not the head alone.")] = False,
+    iters: Annotated[int | None, Opt("--iters", help="Batches in the range test [default: 60]")] = None,
+    image_size: Annotated[str | None, Opt("--image-size")] = None,
+    split_file: Annotated[Path | None, Opt("--split-file")] = None,
+    manifest: ManifestOpt = None,
+    class_names: ClassNamesOpt = None,
+) -> None:
+    """LR range test (fastai lr_find): all four suggestions, the plot, and the chosen one."""
+    from dermaclass import train as training
+    from dermaclass.fileio import write_json
+
+    cfg = _config(config, arch=arch, batch_size=batch_size, warm_epoch=warm_epoch, warm_lr=warm_lr,
+                  lr_find_iters=iters, image_size=image_size, split_file=split_file, manifest=manifest,
+                  class_names=class_names)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    prepared = training.prepare_data(cfg, data)
+    learn = training.build_learner(cfg, prepared, out_dir, dls=training._stage_dls(cfg, prepared, prepared.train_rows,
+                                                                                    cfg.batch_size))
+    if unfrozen:
+        learn.unfreeze()
+    test = training.range_test(learn, cfg, out_dir, "unfrozen" if unfrozen else "head")
+    write_json(out_dir / "lr_find.json", {**test.to_dict(), "warm_epoch": cfg.warm_epoch, "config": cfg.to_dict()})
+    for k, v in test.suggestions.items():
+        out.print(f"{k:8} {v:.2e}" if v else f"{k:8} -", highlight=False)
+    out.print(f"chosen ({test.rule}): {test.chosen:.2e}" + (f"  note: {test.note}" if test.note else ""), highlight=False)
+    out.print(f"plot: {out_dir / test.plot}" if test.plot else "no plot", highlight=False)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -24,7 +24,7 @@ from dermaclass.fileio import write_text
 
 @dataclass(frozen=True)
 class Config:
-    """Settings for data handling (and, as the tool grows, training and evaluation)."""
+    """Every setting of a run: data, model, training recipe."""
 
     # --- data source (see dermaclass.data.sources) ---
     manifest: str | None = None  # CSV manifest; default: the one CSV at the dataset root
@@ -41,6 +41,33 @@ class Config:
     image_size: tuple[int, int] = (128, 96)  # width, height fed to the network
     cache_dir: str | None = None  # default: $DERMACLASS_CACHE or ~/.cache/dermaclass
     workers: int = 0  # processes for decoding; 0 = all cores
+    # --- model (see dermaclass.models) ---
+    arch: str = "tf_efficientnet_lite0"  # any timm architecture name
+    pretrained: bool = True  # ImageNet weights (bundled for EfficientNet-Lite0; downloaded for others)
+    weights: str | None = None  # a local weights file (.safetensors or .pth state dict) for the body
+    init_bundle: str | None = None  # start from this model bundle's weights instead of ImageNet
+    # --- training (see dermaclass.train and dermaclass.schedules) ---
+    recipe: Literal["baseline", "sgdr", "stepwise"] = "stepwise"
+    batch_size: int = 32  # b of seed 001's Table I; stepwise stages use b, 2b, 3b, 4b, b
+    lr: float | None = None  # None: LR range test (fastai lr_find) before each stage
+    lr_suggestion: Literal["valley", "slide", "minimum", "steep"] = "valley"
+    lr_find_iters: int = 60  # batches in each range test
+    warm_epoch: bool = False  # seed 002: one epoch at warm_lr before the range test
+    warm_lr: float = 1e-4
+    lr_ratio: float = 100.0  # discriminative LRs: slice(lr / lr_ratio, lr)
+    head_epochs: int = 1  # coarse fit of the head with the body frozen (seed 003)
+    epochs: int = 3  # baseline: unfrozen one-cycle epochs
+    n_cycles: int = 2  # SGDR cycles (seed 003)
+    cycle_len: int = 1  # epochs in the first cycle
+    cycle_mult: int = 2  # cycle-length multiplication; an integer >= 2
+    stage_fractions: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8, 1.0)  # seed 001's nested subsets
+    lr_rule: Literal["eq9", "constant", "linear"] = "eq9"  # LR per stepwise stage
+    weight_sharing: bool = True  # False: each stage restarts from the initial weights (Table IV)
+    imbalance: Literal["none", "weights", "sqrt-weights", "sampler", "focal"] = "sqrt-weights"
+    augment: Literal["none", "basic", "augmix"] = "basic"
+    early_stop_patience: int = 0  # epochs without balanced-accuracy gain before stopping; 0 = off
+    wd: float = 0.01
+    threads: int = 0  # torch threads; 0 = all cores
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (tuples as lists) for YAML/JSON."""
@@ -70,9 +97,18 @@ def _coerce(name: str, value: Any, source: str) -> Any:
     base = next(a for a in args if a is not type(None)) if optional else hint
     origin = typing.get_origin(base)
     try:
+        if origin is Literal:
+            choices = typing.get_args(base)
+            if value not in choices:
+                raise ValueError(f"choose one of {', '.join(map(str, choices))}")
+            return value
         if origin is tuple:
             items = value.split(",") if isinstance(value, str) else list(value)
             kinds = typing.get_args(base)
+            if len(kinds) == 2 and kinds[1] is Ellipsis:
+                if not items:
+                    raise ValueError("expected at least one value")
+                kinds = (kinds[0],) * len(items)
             if len(items) != len(kinds):
                 raise ValueError(f"expected {len(kinds)} values")
             return tuple(_scalar(k, v) for k, v in zip(kinds, items))
@@ -106,6 +142,10 @@ def _scalar(kind: type, value: Any) -> Any:
 
 
 def _type_name(kind: Any) -> str:
+    if typing.get_origin(kind) is Literal:
+        return "choice"
+    if typing.get_origin(kind) is tuple:
+        return "list"
     return getattr(kind, "__name__", str(kind))
 
 

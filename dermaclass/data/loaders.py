@@ -1,0 +1,101 @@
+"""fastai DataLoaders over the decode cache.
+
+A ``DataBlock`` whose x-block reads a row of the memory-mapped cache (no JPEG decoding per
+epoch), whose y-block is a ``CategoryBlock`` with the vocabulary pinned (a stepwise subset
+that lacks a class keeps the head's size), split by a precomputed ``is_valid`` column
+(fastai has no group-aware splitter; the lesion-grouped split comes from ``splits``).
+Normalisation is part of our own ``batch_tfms``, so it survives swapping ``learn.dls``
+between stepwise stages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from fastai.data.block import CategoryBlock, DataBlock, TransformBlock
+from fastai.data.core import DataLoaders
+from fastai.data.transforms import ColReader, ColSplitter, IntToFloatTensor, Normalize
+from fastai.torch_core import TensorImage
+from fasttransform import Transform
+
+import fastai.callback.data  # noqa: F401  (registers DataBlock.weighted_dataloaders)
+from dermaclass.data.cache import CachedImages
+
+
+class ReadCached(Transform):
+    """Row index -> (3, H, W) uint8 TensorImage from the decode cache."""
+
+    def __init__(self, images: CachedImages) -> None:
+        super().__init__()
+        self.images = images
+
+    def encodes(self, i) -> TensorImage:  # noqa: ANN001 - fastai dispatches on annotations; rows are ints
+        return TensorImage(torch.from_numpy(self.images[int(i)]).permute(2, 0, 1))
+
+
+class Albumentations(Transform):
+    """Apply an albumentations pipeline to training images only (split_idx 0)."""
+
+    split_idx = 0
+    order = 2
+
+    def __init__(self, pipeline: Any) -> None:
+        super().__init__()
+        self.pipeline = pipeline
+
+    def encodes(self, x: TensorImage) -> TensorImage:
+        out = self.pipeline(image=np.ascontiguousarray(x.permute(1, 2, 0).numpy()))["image"]
+        return TensorImage(torch.from_numpy(np.ascontiguousarray(out)).permute(2, 0, 1))
+
+
+def class_weights(labels: Sequence[str], vocab: Sequence[str], *, power: float = 1.0) -> np.ndarray:
+    """Per-class loss weights (1 / frequency)**power, scaled to mean 1 over the vocabulary.
+
+    power 1 is inverse frequency, 0.5 its square root; a class absent from ``labels`` gets
+    the largest weight seen rather than infinity.
+    """
+    counts = pd.Series(list(labels)).value_counts()
+    freq = np.array([counts.get(c, 0) for c in vocab], dtype=np.float64)
+    w = np.zeros(len(vocab))
+    present = freq > 0
+    w[present] = (freq[present].sum() / freq[present]) ** power
+    w[~present] = w[present].max() if present.any() else 1.0
+    return w / w.mean()
+
+
+def make_dataloaders(
+    table: pd.DataFrame,
+    images: CachedImages,
+    vocab: Sequence[str],
+    *,
+    batch_size: int,
+    normalization: dict[str, Sequence[float]],
+    augment: Any | None = None,
+    balanced_sampler: bool = False,
+    valid_batch_size: int | None = None,
+) -> DataLoaders:
+    """DataLoaders for rows of ``table`` (columns ``row``, ``label``, ``is_valid``).
+
+    ``row`` indexes ``images``; training rows are shuffled (or sampled with weights
+    1 / class frequency when ``balanced_sampler``), validation rows are not augmented.
+    """
+    block = DataBlock(
+        blocks=(TransformBlock(type_tfms=ReadCached(images), batch_tfms=IntToFloatTensor), CategoryBlock(vocab=list(vocab))),
+        get_x=ColReader("row"),
+        get_y=ColReader("label"),
+        splitter=ColSplitter("is_valid"),
+        item_tfms=[Albumentations(augment)] if augment is not None else None,
+        batch_tfms=[Normalize.from_stats(list(normalization["mean"]), list(normalization["std"]))],
+    )
+    # num_workers=0: on 2 cores, reading the memmap in the main process beats worker processes
+    # competing with torch for the same cores.
+    common = dict(num_workers=0, device=torch.device("cpu"), val_bs=valid_batch_size or max(batch_size, 64))
+    if balanced_sampler:
+        counts = table["label"].value_counts()
+        wgts = (1.0 / table["label"].map(counts)).to_numpy()
+        return block.weighted_dataloaders(table, wgts=wgts, bs=batch_size, **common)
+    return block.dataloaders(table, bs=batch_size, **common)

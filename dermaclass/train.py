@@ -1,0 +1,599 @@
+"""Training recipes composed from fastai: baseline, SGDR (seed 003), stepwise (seed 001).
+
+Every recipe is a short composition of fastai calls on one ``Learner``:
+
+- ``baseline``: ``fine_tune`` (a frozen head fit, unfreeze, ``fit_one_cycle``);
+- ``sgdr`` (Mishra et al., MVA 2019, seed 003): LR range test (``lr_find``), a coarse fit of
+  the head with the body frozen, then ``unfreeze`` and ``fit_sgdr`` with cycle-length
+  multiplication and differential LRs ``slice(lr / ratio, lr)`` over three layer groups;
+- ``stepwise`` (Prasad et al., seed 001): nested class-stratified subsets (20..100 %) trained
+  in turn, each an ``sgdr`` stage, swapping ``learn.dls`` (as fastbook does for progressive
+  resizing) with the batch size of Table I and the LR rule of Eq. 9 (``schedules``).
+
+Seed 002's variant of the range test (one warm epoch at a small LR first) is an option.
+Side behaviour (history, best checkpoint, early stopping, log lines) lives in Callbacks.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from fastai.callback.core import Callback
+from fastai.callback.progress import ProgressCallback
+from fastai.callback.schedule import minimum, slide, steep, valley  # noqa: F401 (patches Learner)
+from fastai.callback.tracker import EarlyStoppingCallback
+from fastai.learner import Learner, Recorder
+from fastai.losses import CrossEntropyLossFlat, FocalLossFlat
+from fastai.metrics import BalancedAccuracy, F1Score
+from fastai.torch_core import set_seed
+
+import dermaclass
+from dermaclass import models, schedules
+from dermaclass.config import Config
+from dermaclass.data import DecodeCache, assign_split, load_class_names, load_dataset, make_split, read_split, validate
+from dermaclass.data.augment import train_pipeline
+from dermaclass.data.cache import CachedImages
+from dermaclass.data.labels import full_name
+from dermaclass.data.loaders import class_weights, make_dataloaders
+from dermaclass.errors import DermaclassError
+from dermaclass.evaluate import classification_metrics
+from dermaclass.fileio import atomic_path, write_json
+
+log = logging.getLogger(__name__)
+
+MONITOR = "balanced_accuracy_score"  # fastai's name for BalancedAccuracy()
+SAFE_LR = 1e-3  # the fallback when a range test diverges or gives nothing usable
+SUGGESTIONS = {"minimum": minimum, "steep": steep, "valley": valley, "slide": slide}
+
+
+class TrainingError(DermaclassError):
+    exit_code = 5
+
+
+# ---- data --------------------------------------------------------------------------------
+@dataclass
+class TrainData:
+    """Everything a recipe needs from the data, prepared once per run."""
+
+    items: pd.DataFrame  # usable items with a ``split`` column, aligned with ``images``
+    images: CachedImages
+    vocab: list[str]
+    names: dict[str, str]
+    split: pd.DataFrame
+    sources: list[str]
+    split_counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def train_rows(self) -> np.ndarray:
+        return np.flatnonzero(self.items["split"].to_numpy() == "train")
+
+    @property
+    def valid_rows(self) -> np.ndarray:
+        return np.flatnonzero(self.items["split"].to_numpy() == "valid")
+
+    def table(self, train_rows: np.ndarray) -> pd.DataFrame:
+        """The (row, label, is_valid) table fastai reads, for a training subset + the full valid split."""
+        rows = np.concatenate([train_rows, self.valid_rows])
+        return pd.DataFrame(
+            {"row": rows, "label": self.items["label"].to_numpy()[rows], "is_valid": np.r_[
+                np.zeros(len(train_rows), bool), np.ones(len(self.valid_rows), bool)]}
+        )
+
+
+def prepare_data(cfg: Config, data: str | Path, *, progress=None) -> TrainData:
+    """Load, validate (skipping bad files), split by lesion/patient, and fill the decode cache."""
+    names = load_class_names(Path(cfg.class_names)) if cfg.class_names else None
+    dataset = load_dataset(
+        data, manifest=cfg.manifest, image_col=cfg.image_col, label_col=cfg.label_col, group_col=cfg.group_col,
+        class_names=names,
+    )
+    validation = validate(dataset, min_per_class=cfg.min_per_class, workers=cfg.workers or None, progress=progress)
+    skipped = sum(p.action == "skipped" for p in validation.problems)
+    if skipped:
+        log.warning("%d files skipped by validation (run `dermaclass data validate` for the list)", skipped)
+    items = validation.items
+    counts: dict[str, int] = {}
+    if cfg.split_file:
+        split, counts = assign_split(items, read_split(cfg.split_file), fractions=cfg.split_fractions, seed=cfg.seed)
+    else:
+        split = make_split(items, fractions=cfg.split_fractions, seed=cfg.seed)
+    items = items.assign(split=split["split"].to_numpy())
+    vocab = sorted(items["label"].unique().tolist())
+    for part in ("train", "valid"):
+        if not (items["split"] == part).any():
+            raise TrainingError(f"{data}: the {part} split is empty; add images or change --split-fractions")
+    images = DecodeCache(cfg.cache_dir, cfg.image_size).ensure(
+        items["path"].tolist(), items["hash"].tolist(), workers=cfg.workers or None
+    )
+    return TrainData(
+        items=items.reset_index(drop=True),
+        images=images,
+        vocab=vocab,
+        names={c: full_name(c, dataset.class_names) for c in vocab},
+        split=split,
+        sources=[str(dataset.root)],
+        split_counts=counts,
+    )
+
+
+# ---- callbacks ---------------------------------------------------------------------------
+class _EpochCallback(Callback):
+    """Reacts to the end of real training epochs only: not range tests, not ``get_preds``
+    (fastai's Learner fires before_fit/after_epoch around get_preds too, but never before_train)."""
+
+    def before_train(self) -> None:
+        self.trained = getattr(self.learn, "lr_finder", None) is None
+
+    def after_epoch(self) -> None:
+        if getattr(self, "trained", False):
+            self.trained = False
+            self.epoch_done()
+
+    def epoch_done(self) -> None:
+        raise NotImplementedError
+
+
+class History(_EpochCallback):
+    """One row per epoch (stage, phase, losses, metrics, LR, seconds) in ``history.csv``, atomically."""
+
+    order = Recorder.order + 1
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.rows, self.stage, self.phase = Path(path), [], "", ""
+
+    def before_epoch(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def epoch_done(self) -> None:
+        rec = self.learn.recorder
+        values = dict(zip(rec.metric_names[1:-1], rec.log[1:-1]))
+        row = {"stage": self.stage, "phase": self.phase, "epoch": len(self.rows) + 1,
+               "stage_epoch": self.epoch + 1, "lr": float(self.opt.hypers[-1]["lr"]),
+               **{k: _float(v) for k, v in values.items()}, "seconds": round(time.perf_counter() - self.t0, 2)}
+        self.rows.append(row)
+        with atomic_path(self.path) as tmp:
+            pd.DataFrame(self.rows).to_csv(tmp, index=False)
+
+
+class EpochLine(_EpochCallback):
+    """A plain log line per epoch, for logs that are not a terminal (CI)."""
+
+    order = Recorder.order + 2
+
+    def epoch_done(self) -> None:
+        rec = self.learn.recorder
+        parts = [f"{n}={_fmt(v)}" for n, v in zip(rec.metric_names[1:], rec.log[1:])]
+        log.info("epoch %d/%d %s", self.epoch + 1, self.n_epoch, " ".join(parts))
+
+
+class BestModel(_EpochCallback):
+    """Keep the weights with the best validation balanced accuracy over the whole run (all stages)."""
+
+    order = Recorder.order + 3
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.best = Path(path), -math.inf
+
+    def epoch_done(self) -> None:
+        names = self.learn.recorder.metric_names[1:-1]
+        score = _float(self.learn.recorder.log[1:-1][names.index(MONITOR)])
+        if score is not None and score > self.best:
+            from safetensors.torch import save_file
+
+            self.best = score
+            state = {k: v.detach().contiguous() for k, v in self.learn.model.state_dict().items()}
+            with atomic_path(self.path) as tmp:
+                save_file(state, str(tmp))
+
+    def restore(self) -> None:
+        if self.path.is_file():
+            from safetensors.torch import load_file
+
+            self.learn.model.load_state_dict(load_file(str(self.path)))
+
+
+def _float(v: Any) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(f) else f
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+# ---- learner and LR range test ---------------------------------------------------------
+def loss_for(cfg: Config, train_labels: pd.Series, vocab: list[str]):
+    """The loss for the imbalance option (weighted CE, focal, or plain CE with a balanced sampler)."""
+    if cfg.imbalance in ("weights", "sqrt-weights"):
+        w = class_weights(train_labels, vocab, power=1.0 if cfg.imbalance == "weights" else 0.5)
+        return CrossEntropyLossFlat(weight=torch.tensor(w, dtype=torch.float32))
+    if cfg.imbalance == "focal":
+        return FocalLossFlat(gamma=2.0)
+    return CrossEntropyLossFlat()
+
+
+def build_learner(cfg: Config, data: TrainData, run_dir: Path, *, dls) -> Learner:
+    """A fastai Learner on our timm model with a 3-group splitter, balanced-accuracy metrics and callbacks."""
+    from fastai.callback.channelslast import ChannelsLast
+
+    if cfg.init_bundle:
+        model, meta = models.load_bundle(cfg.init_bundle)
+        if list(meta["classes"]) != data.vocab:
+            raise TrainingError(f"{cfg.init_bundle}: bundle classes {meta['classes']} differ from the data's {data.vocab}")
+    else:
+        model = models.build_model(cfg.arch, len(data.vocab), pretrained=cfg.pretrained, weights=cfg.weights)
+    cbs = [ChannelsLast(), History(run_dir / "history.csv"), BestModel(run_dir / "checkpoints" / "best.safetensors")]
+    if not sys.stderr.isatty():
+        cbs.append(EpochLine())
+    if cfg.early_stop_patience > 0:
+        cbs.append(EarlyStoppingCallback(monitor=MONITOR, comp=np.greater, patience=cfg.early_stop_patience))
+    learn = Learner(
+        dls, model, loss_func=loss_for(cfg, data.items["label"].iloc[data.train_rows], data.vocab),
+        splitter=models.splitter, metrics=[BalancedAccuracy(), F1Score(average="macro")], path=run_dir,
+        model_dir="checkpoints", wd=cfg.wd, cbs=cbs,
+    )
+    if not sys.stderr.isatty():
+        learn.remove_cb(ProgressCallback)  # fastai's bars are \r updates: noise in a CI log
+        learn.logger = lambda *_: None  # EpochLine logs instead of Recorder's raw print
+    if cfg.pretrained or cfg.weights or cfg.init_bundle:
+        learn.freeze()
+    return learn
+
+
+@dataclass
+class RangeTest:
+    """What one LR range test found: all four fastai suggestions and the one used."""
+
+    name: str
+    suggestions: dict[str, float | None]
+    chosen: float
+    rule: str
+    plot: str | None
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "suggestions": self.suggestions, "chosen": self.chosen, "rule": self.rule,
+                "plot": self.plot, "note": self.note}
+
+
+def range_test(learn: Learner, cfg: Config, run_dir: Path, name: str) -> RangeTest:
+    """fastai ``lr_find`` with all four suggestions; seed 002's warm epoch first when configured.
+
+    A diverged or NaN curve does not crash the run: the result says so and falls back to a
+    safe LR (1e-3).
+    """
+    if cfg.warm_epoch:
+        log.info("%s: warm epoch at lr %.1e before the range test (seed 002)", name, cfg.warm_lr)
+        learn.fit(1, cfg.warm_lr)
+    note = ""
+    suggestions: dict[str, float | None] = {k: None for k in SUGGESTIONS}
+    with _quiet(learn):
+        learn.lr_find(num_it=cfg.lr_find_iters, show_plot=False, suggest_funcs=None)
+    # fastai computes all suggestions in one go and fails as a whole when one cannot be
+    # computed (a curve that diverges early leaves too few points); ask each separately,
+    # on the same trimmed curve lr_find itself uses.
+    n = cfg.lr_find_iters
+    lrs = torch.tensor(learn.recorder.lrs[n // 10 : -5])
+    losses = torch.tensor([float(x) for x in learn.recorder.losses[n // 10 : -5]])
+    nan = torch.nonzero(torch.isnan(losses)).flatten()
+    if len(nan):
+        lrs, losses = lrs[: int(nan[0])], losses[: int(nan[0])]
+    failed = []
+    for key, func in SUGGESTIONS.items():
+        try:
+            suggestions[key] = _float(func(lrs, losses, n)[0])
+        except Exception:  # noqa: BLE001 - any failure here just means "no suggestion"
+            failed.append(key)
+    if failed:
+        note = f"no {'/'.join(failed)} suggestion: the loss curve has {len(losses)} usable points (diverged early?)"
+    chosen = suggestions.get(cfg.lr_suggestion)
+    if chosen is None or not 1e-7 <= chosen <= 1.0:
+        note = note or f"{cfg.lr_suggestion} suggestion unusable ({chosen}); curve diverged or was flat"
+        chosen = SAFE_LR
+        log.warning("%s: %s; using the safe LR %.0e", name, note, chosen)
+    plot = _save_lr_plot(learn, run_dir / f"lr_find_{name}.png", suggestions)
+    log.info("%s: range test %s -> %s %.2e", name, {k: f"{v:.1e}" if v else v for k, v in suggestions.items()},
+             cfg.lr_suggestion, chosen)
+    return RangeTest(name, suggestions, chosen, cfg.lr_suggestion, plot, note)
+
+
+class _quiet:
+    """No progress bars while the range test runs outside a terminal."""
+
+    def __init__(self, learn: Learner) -> None:
+        self.ctx = learn.no_bar() if not sys.stderr.isatty() else None
+
+    def __enter__(self) -> None:
+        if self.ctx is not None:
+            self.ctx.__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.ctx is not None:
+            self.ctx.__exit__(*exc)
+
+
+def _save_lr_plot(learn: Learner, path: Path, suggestions: dict[str, float | None]) -> str | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lrs, losses = np.array(learn.recorder.lrs, float), np.array([float(x) for x in learn.recorder.losses])
+    if len(lrs) == 0:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(lrs, losses)
+    for k, v in suggestions.items():
+        if v:
+            ax.axvline(v, ls="--", lw=0.8, color={"valley": "C1", "slide": "C2", "minimum": "C3", "steep": "C4"}[k], label=f"{k} {v:.1e}")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("loss")
+    ax.set_title(path.stem)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=90)
+    plt.close(fig)
+    return path.name
+
+
+# ---- recipes ---------------------------------------------------------------------------
+@dataclass
+class Run:
+    """The state of a run that the recipes share: learner, data, config, records."""
+
+    learn: Learner
+    data: TrainData
+    cfg: Config
+    run_dir: Path
+    range_tests: list[RangeTest] = field(default_factory=list)
+    images_seen: int = 0
+
+    def set_phase(self, stage: str, phase: str) -> None:
+        hist = self.learn.history if hasattr(self.learn, "history") else None
+        if hist is not None:
+            hist.stage, hist.phase = stage, phase
+
+    def base_lr(self, name: str) -> float:
+        if self.cfg.lr is not None:
+            return self.cfg.lr
+        hist = self.learn.history if hasattr(self.learn, "history") else None
+        if hist is not None:
+            hist.phase = "warm"  # seed 002's warm epoch, when configured, is real training
+        test = range_test(self.learn, self.cfg, self.run_dir, name)
+        self.range_tests.append(test)
+        return test.chosen
+
+
+def _sgdr_stage(run: Run, *, stage: str, lr: float, head_epochs: int, n_train: int) -> None:
+    """Seed 003: a coarse head-only fit, then SGDR + cycle-length multiplication + differential LRs."""
+    cfg, learn = run.cfg, run.learn
+    if head_epochs:
+        run.set_phase(stage, "head")
+        learn.freeze()
+        learn.fit_one_cycle(head_epochs, lr)
+        run.images_seen += head_epochs * n_train
+    run.set_phase(stage, "sgdr")
+    learn.unfreeze()
+    learn.fit_sgdr(cfg.n_cycles, cfg.cycle_len, lr_max=slice(lr / cfg.lr_ratio, lr), cycle_mult=cfg.cycle_mult)
+    run.images_seen += schedules.sgdr_epochs(cfg.n_cycles, cfg.cycle_len, cfg.cycle_mult) * n_train
+
+
+def recipe_baseline(run: Run) -> list[dict]:
+    """fastai ``fine_tune``: frozen head fit, unfreeze, ``fit_one_cycle`` with discriminative LRs."""
+    cfg, n = run.cfg, len(run.data.train_rows)
+    lr = run.base_lr("baseline")
+    run.set_phase("1", "fine_tune")
+    run.learn.fine_tune(cfg.epochs, base_lr=lr, freeze_epochs=cfg.head_epochs, lr_mult=cfg.lr_ratio)
+    run.images_seen += (cfg.head_epochs + cfg.epochs) * n
+    return [{"stage": 1, "fraction": 1.0, "images": n, "batch_size": cfg.batch_size, "lr": lr,
+             "epochs": cfg.head_epochs + cfg.epochs}]
+
+
+def recipe_sgdr(run: Run) -> list[dict]:
+    """Seed 003 on the whole training split."""
+    cfg, n = run.cfg, len(run.data.train_rows)
+    lr = run.base_lr("sgdr")
+    _sgdr_stage(run, stage="1", lr=lr, head_epochs=cfg.head_epochs, n_train=n)
+    return [{"stage": 1, "fraction": 1.0, "images": n, "batch_size": cfg.batch_size, "lr": lr,
+             "epochs": cfg.head_epochs + schedules.sgdr_epochs(cfg.n_cycles, cfg.cycle_len, cfg.cycle_mult)}]
+
+
+def plan_for(cfg: Config, n_train: int) -> list[schedules.Stage]:
+    """The stepwise stage plan for this config (a pure function, printed before training)."""
+    return schedules.stage_plan(
+        n_train=n_train, fractions=cfg.stage_fractions, batch_size=cfg.batch_size, lr=cfg.lr, lr_rule=cfg.lr_rule,
+        head_epochs=cfg.head_epochs, n_cycles=cfg.n_cycles, cycle_len=cfg.cycle_len, cycle_mult=cfg.cycle_mult,
+        weight_sharing=cfg.weight_sharing,
+    )
+
+
+def recipe_stepwise(run: Run) -> list[dict]:
+    """Seed 001: nested subsets in turn, swapping ``learn.dls``; each stage an SGDR stage."""
+    cfg, data, learn = run.cfg, run.data, run.learn
+    train_rows = data.train_rows
+    plan = plan_for(cfg, len(train_rows))
+    subsets = schedules.nested_subsets(data.items["label"].to_numpy()[train_rows], cfg.stage_fractions, seed=cfg.seed)
+    initial = models.freeze_state(learn.model) if not cfg.weight_sharing else None
+    lr1 = None
+    done = []
+    for stage, subset in zip(plan, subsets):
+        rows = train_rows[subset]
+        learn.dls = _stage_dls(cfg, data, rows, stage.batch_size)
+        if initial is not None:
+            learn.model.load_state_dict(initial)
+            learn.opt = None
+        if cfg.pretrained or cfg.weights or cfg.init_bundle:
+            learn.freeze()  # the range test before a head fit measures the head alone
+        if stage.range_test:
+            base = run.base_lr(f"stage{stage.stage}") if stage.head_epochs else _unfrozen_lr(run, stage.stage)
+        else:
+            base = cfg.lr if cfg.lr is not None else lr1
+        if lr1 is None:
+            lr1 = base
+        lr = base * stage.lr_factor
+        log.info("stage %d/%d: %d images, batch %d, lr %.2e", stage.stage, len(plan), len(rows), stage.batch_size, lr)
+        _sgdr_stage(run, stage=str(stage.stage), lr=lr, head_epochs=stage.head_epochs, n_train=len(rows))
+        done.append({**stage.to_dict(), "images": int(len(rows)), "base_lr": base, "lr": lr})
+    return done
+
+
+def _unfrozen_lr(run: Run, stage: int) -> float:
+    run.learn.unfreeze()
+    return run.base_lr(f"stage{stage}")
+
+
+def _stage_dls(cfg: Config, data: TrainData, rows: np.ndarray, batch_size: int):
+    return make_dataloaders(
+        data.table(rows), data.images, data.vocab, batch_size=batch_size, normalization=models.normalization(cfg.arch),
+        augment=train_pipeline(cfg.augment, cfg.image_size), balanced_sampler=cfg.imbalance == "sampler",
+    )
+
+
+RECIPES = {"baseline": recipe_baseline, "sgdr": recipe_sgdr, "stepwise": recipe_stepwise}
+
+
+# ---- the run ---------------------------------------------------------------------------
+@dataclass
+class TrainResult:
+    run_dir: Path
+    metrics: dict[str, Any]
+    stages: list[dict]
+    seconds: float
+    images_seen: int
+    range_tests: list[dict]
+
+
+def check_run_dir(run_dir: Path, *, force: bool) -> None:
+    """Refuse to write into a folder that holds a bundle or another run, unless ``force``."""
+    if force or not run_dir.exists():
+        return
+    if (run_dir / models.BUNDLE_META).exists() or (run_dir / models.BUNDLE_WEIGHTS).exists():
+        raise FileExistsError(f"{run_dir}: a model bundle is already there")
+    if any(run_dir.iterdir()):
+        raise FileExistsError(f"{run_dir}: not empty (an earlier or interrupted run?)")
+
+
+def train(cfg: Config, data: TrainData, run_dir: str | Path, *, force: bool = False, data_card: str | None = None) -> TrainResult:
+    """Run ``cfg.recipe`` on prepared data and write the run folder and the model bundle."""
+    run_dir = Path(run_dir)
+    check_run_dir(run_dir, force=force)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    models.set_threads(cfg.threads)
+    set_seed(cfg.seed, reproducible=True)
+    cfg.save(run_dir / "config.yaml")
+    with atomic_path(run_dir / "split.csv") as tmp:
+        data.split.to_csv(tmp, index=False)
+
+    first_bs = plan_for(cfg, len(data.train_rows))[0].batch_size if cfg.recipe == "stepwise" else cfg.batch_size
+    first_rows = data.train_rows if cfg.recipe != "stepwise" else data.train_rows[
+        schedules.nested_subsets(data.items["label"].to_numpy()[data.train_rows], cfg.stage_fractions, seed=cfg.seed)[0]]
+    learn = build_learner(cfg, data, run_dir, dls=_stage_dls(cfg, data, first_rows, first_bs))
+    run = Run(learn, data, cfg, run_dir)
+    start = time.perf_counter()
+    stages = RECIPES[cfg.recipe](run)
+    seconds = time.perf_counter() - start
+    learn.best_model.restore()
+
+    probs, targets = learn.get_preds(dl=learn.dls.valid)
+    metrics = classification_metrics(targets.numpy(), probs.numpy(), data.vocab)
+    _plot_curves(run_dir)
+    meta = bundle_meta(cfg, data, metrics, stages, run, seconds, data_card)
+    models.save_bundle(learn.model, meta, run_dir, force=force)
+    log.info("bundle written to %s: valid balanced accuracy %.4f", run_dir, metrics["balanced_accuracy"])
+    return TrainResult(run_dir, metrics, stages, seconds, run.images_seen, [t.to_dict() for t in run.range_tests])
+
+
+def bundle_meta(cfg: Config, data: TrainData, metrics: dict, stages: list[dict], run: Run, seconds: float,
+                data_card: str | None) -> dict[str, Any]:
+    """The JSON half of the bundle: everything needed to rebuild, use and judge the model."""
+    return {
+        "arch": cfg.arch,
+        "classes": data.vocab,
+        "class_names": data.names,
+        "input_size": list(cfg.image_size),
+        "normalization": models.normalization(cfg.arch),
+        "preprocessing": {"decode": "RGB (EXIF-upright; gray/RGBA/CMYK/16-bit converted)",
+                          "resize": "cover (width, height) keeping aspect ratio, bilinear, centre crop",
+                          "scale": "uint8 / 255, then (x - mean) / std"},
+        "head": {"kind": "fastai", "ps": 0.5},
+        "metrics_valid": metrics,
+        "recipe": cfg.recipe,
+        "stages": stages,
+        "range_tests": [t.to_dict() for t in run.range_tests],
+        "training": {"seconds": round(seconds, 1), "images_seen": run.images_seen,
+                     "epochs_equivalent": round(run.images_seen / max(1, len(data.train_rows)), 2),
+                     "best_valid_balanced_accuracy": run.learn.best_model.best},
+        "config": cfg.to_dict(),
+        "data": {"sources": data.sources, "split_counts": data.items["split"].value_counts().to_dict(),
+                 "split_file": "split.csv", "data_card": data_card},
+        "package_version": dermaclass.__version__,
+        "git_commit": _git_commit(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "disclaimer": dermaclass.DISCLAIMER,
+    }
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True,
+                             timeout=5, check=True)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _plot_curves(run_dir: Path) -> None:
+    """Training curves (losses and validation balanced accuracy per epoch, stage boundaries marked)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = run_dir / "history.csv"
+    if not path.is_file():
+        return
+    h = pd.read_csv(path)
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    a1.plot(h["epoch"], h["train_loss"], label="train loss")
+    a1.plot(h["epoch"], h["valid_loss"], label="valid loss")
+    if MONITOR in h:
+        a2.plot(h["epoch"], h[MONITOR], label="valid balanced accuracy", color="C2")
+    if "f1_score" in h:
+        a2.plot(h["epoch"], h["f1_score"], label="valid macro-F1", color="C3")
+    for ax in (a1, a2):
+        for e in h.loc[h["stage"].astype(str).ne(h["stage"].astype(str).shift()), "epoch"].iloc[1:]:
+            ax.axvline(e - 0.5, color="grey", lw=0.7, ls=":")
+        ax.set_xlabel("epoch")
+        ax.legend(fontsize=8)
+    a1.set_title("loss")
+    a2.set_title("validation (dotted lines: stage boundaries)")
+    fig.tight_layout()
+    with atomic_path(run_dir / "curves.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=90)
+    plt.close(fig)
+
+
+def write_summary(result: TrainResult) -> Path:
+    """A small JSON summary beside the bundle (what the CLI prints)."""
+    return write_json(result.run_dir / "summary.json", {
+        "metrics_valid": {k: result.metrics[k] for k in ("balanced_accuracy", "macro_f1", "accuracy")},
+        "seconds": round(result.seconds, 1), "images_seen": result.images_seen, "stages": result.stages,
+        "range_tests": result.range_tests,
+    })
+

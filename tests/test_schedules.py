@@ -1,0 +1,98 @@
+"""Stepwise plans, Eq. 9 and SGDR epoch counts against the numbers in seeds 001 and 003."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from dermaclass import schedules as S
+
+
+def test_table1_batch_sizes() -> None:
+    # Table I: A -2b-> B -3b-> C -4b-> D -b-> O ; ablation: A -2b-> C -b-> O and A -2b-> O
+    assert S.batch_size_multipliers(5) == [1, 2, 3, 4, 1]
+    assert S.batch_size_multipliers(3) == [1, 2, 1]
+    assert S.batch_size_multipliers(2) == [1, 2]
+    assert S.batch_size_multipliers(1) == [1]
+
+
+def test_eq9_in_mean_loss_form() -> None:
+    # lambda/b at the ends, (lambda/10)/(n b) in between; fastai's mean loss absorbs the 1/b.
+    assert [S.eq9_factor(i, 5) for i in range(1, 6)] == [1.0, 0.02, 0.02, 0.02, 1.0]
+    assert [S.eq9_factor(i, 3) for i in range(1, 4)] == [1.0, pytest.approx(1 / 30), 1.0]
+    with pytest.raises(ValueError):
+        S.eq9_factor(6, 5)
+
+
+def test_paper_cost_footnote() -> None:
+    # Footnote 4: baseline 100 x M; stepwise 20 x (0.2 + 0.4 + 0.6 + 0.8 + 1) M = 60 x M: 40 % less.
+    plan = S.stage_plan(n_train=50_000, head_epochs=0, n_cycles=1, cycle_len=20, cycle_mult=2)
+    assert [s.images for s in plan] == [10_000, 20_000, 30_000, 40_000, 50_000]  # CIFAR-100's A..O
+    assert [s.epochs for s in plan] == [20] * 5
+    assert S.training_cost(plan) == pytest.approx(60.0)
+    assert 1 - S.training_cost(plan) / 100 == pytest.approx(0.40)
+
+
+def test_plan_with_fixed_lr_and_rules() -> None:
+    eq9 = S.stage_plan(n_train=1000, batch_size=24, lr=1e-3)
+    assert [s.batch_size for s in eq9] == [24, 48, 72, 96, 24]
+    assert [s.lr for s in eq9] == pytest.approx([1e-3, 2e-5, 2e-5, 2e-5, 1e-3])
+    assert not any(s.range_test for s in eq9)
+    assert [s.head_epochs for s in eq9] == [1, 0, 0, 0, 0]
+    linear = S.stage_plan(n_train=1000, batch_size=24, lr=1e-3, lr_rule="linear")
+    assert [s.lr for s in linear] == pytest.approx([1e-3, 2e-3, 3e-3, 4e-3, 1e-3])
+    const = S.stage_plan(n_train=1000, lr=1e-3, lr_rule="constant")
+    assert {s.lr for s in const} == {1e-3}
+    auto = S.stage_plan(n_train=1000, lr_rule="linear")
+    assert [s.range_test for s in auto] == [True, False, False, False, False]
+    no_share = S.stage_plan(n_train=1000, weight_sharing=False)
+    assert [s.head_epochs for s in no_share] == [1] * 5
+
+
+def test_bad_plans() -> None:
+    with pytest.raises(ValueError, match="end at 1.0"):
+        S.stage_plan(n_train=10, fractions=(0.2, 0.5))
+    with pytest.raises(ValueError, match="increase"):
+        S.stage_plan(n_train=10, fractions=(0.5, 0.4, 1.0))
+    with pytest.raises(ValueError, match="cycle_mult"):
+        S.stage_plan(n_train=10, cycle_mult=1)
+    with pytest.raises(ValueError, match="unknown LR rule"):
+        S.stage_plan(n_train=10, lr_rule="sqrt")
+
+
+def test_sgdr_epochs_match_fastai_formula() -> None:
+    assert S.sgdr_epochs(2, 1, 2) == 3  # 1 + 2
+    assert S.sgdr_epochs(3, 1, 2) == 7  # 1 + 2 + 4
+    assert S.sgdr_epochs(3, 2, 3) == 26  # 2 + 6 + 18
+    for bad in (1, 0, 2.5):
+        with pytest.raises(ValueError):
+            S.sgdr_epochs(2, 1, bad)
+
+
+def test_sgdr_lr_restarts() -> None:
+    kw = dict(n_cycles=2, cycle_len=1, cycle_mult=2, lr_max=1.0)
+    assert S.sgdr_lr(0.0, **kw) == pytest.approx(1.0)
+    assert S.sgdr_lr(1 / 6, **kw) == pytest.approx(0.5)  # half-way through the first 1-epoch cycle
+    assert S.sgdr_lr(1 / 3 - 1e-9, **kw) == pytest.approx(0.0, abs=1e-6)
+    assert S.sgdr_lr(1 / 3, **kw) == pytest.approx(1.0)  # warm restart
+    assert S.sgdr_lr(2 / 3, **kw) == pytest.approx(0.5)  # the second cycle is twice as long
+
+
+def test_nested_subsets_are_nested_and_stratified() -> None:
+    labels = np.array(["nv"] * 670 + ["mel"] * 110 + ["df"] * 11 + ["vasc"] * 3)
+    subsets = S.nested_subsets(labels, (0.2, 0.4, 0.6, 0.8, 1.0), seed=0)
+    for small, big in zip(subsets, subsets[1:]):
+        assert set(small) < set(big)
+    assert len(subsets[-1]) == len(labels)
+    first = labels[subsets[0]]
+    assert {c: int((first == c).sum()) for c in ("nv", "mel", "df", "vasc")} == {"nv": 134, "mel": 22, "df": 3, "vasc": 1}
+    assert np.array_equal(subsets[1], S.nested_subsets(labels, (0.2, 0.4, 0.6, 0.8, 1.0), seed=0)[1])
+    assert not np.array_equal(subsets[0], S.nested_subsets(labels, (0.2, 0.4, 0.6, 0.8, 1.0), seed=1)[0])
+
+
+def test_format_plan_rows() -> None:
+    rows = S.format_plan(S.stage_plan(n_train=100))
+    assert rows[1]["LR"] == "range test x 0.02" and rows[0]["epochs"] == "1 head + 3 SGDR"
+    assert math.isclose(S.lr_factor("linear", 3, 5, 96, 32), 3.0)

@@ -1,0 +1,165 @@
+"""Every recipe end to end on tiny generated images, composed from fastai calls."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from dermaclass import models, schedules
+from dermaclass.config import load_config
+from dermaclass.data.loaders import class_weights, make_dataloaders
+from dermaclass.train import SAFE_LR, TrainingError, build_learner, prepare_data, range_test, train
+
+TINY = dict(image_size="32,24", batch_size=8, arch="resnet18", pretrained=False, head_epochs=1, epochs=1,
+            n_cycles=1, cycle_len=1, cycle_mult=2, stage_fractions="0.5,1.0", lr_find_iters=30)
+
+
+@pytest.fixture(scope="module")
+def colour_data(tmp_path_factory) -> Path:
+    """Three classes a network can tell apart (a dominant colour channel), 20 images each."""
+    root = tmp_path_factory.mktemp("colour")
+    rng = np.random.default_rng(0)
+    for c, label in enumerate(("bkl", "mel", "nv")):
+        (root / label).mkdir()
+        for i in range(20):
+            arr = rng.integers(0, 60, (24, 32, 3)).astype(np.uint8)
+            arr[..., c] += 150
+            Image.fromarray(arr).save(root / label / f"{i}.png")
+    return root
+
+
+def _cfg(tmp_path: Path, **kw):
+    return load_config(**{**TINY, "cache_dir": str(tmp_path / "cache"), **kw})
+
+
+@pytest.mark.parametrize("recipe", ["baseline", "sgdr", "stepwise"])
+def test_recipe_end_to_end(recipe: str, colour_data: Path, tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, recipe=recipe, lr=1e-3)
+    data = prepare_data(cfg, colour_data)
+    out = tmp_path / "run"
+    result = train(cfg, data, out)
+    for name in ("config.yaml", "split.csv", "history.csv", "curves.png", "model.safetensors", "model.json"):
+        assert (out / name).is_file(), name
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["classes"] == ["bkl", "mel", "nv"] and meta["class_names"]["mel"] == "melanoma"
+    assert meta["recipe"] == recipe and meta["input_size"] == [32, 24]
+    assert meta["metrics_valid"]["balanced_accuracy"] == result.metrics["balanced_accuracy"]
+    history = pd.read_csv(out / "history.csv")
+    expected_epochs = {"baseline": 2, "sgdr": 2, "stepwise": 3}[recipe]
+    assert len(history) == expected_epochs
+    assert history["balanced_accuracy_score"].notna().all()
+    model, _ = models.load_bundle(out)
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 24, 32)).shape == (2, 3)
+    with pytest.raises(FileExistsError):
+        train(cfg, data, out)  # a bundle is never overwritten silently
+    split = pd.read_csv(out / "split.csv")
+    assert (split.groupby("group")["split"].nunique() == 1).all()
+
+
+def test_stepwise_stages_follow_the_plan(colour_data: Path, tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, recipe="stepwise", lr=1e-3, stage_fractions="0.4,0.7,1.0")
+    data = prepare_data(cfg, colour_data)
+    result = train(cfg, data, tmp_path / "run")
+    assert [s["batch_size"] for s in result.stages] == [8, 16, 8]
+    assert [s["lr"] for s in result.stages] == pytest.approx([1e-3, 1e-3 / 30, 1e-3])
+    n_train = len(data.train_rows)
+    assert result.stages[-1]["images"] == n_train and result.stages[0]["images"] < result.stages[1]["images"]
+    history = pd.read_csv(tmp_path / "run" / "history.csv")
+    assert history["stage"].tolist() == [1, 1, 2, 3] and history["phase"].tolist() == ["head", "sgdr", "sgdr", "sgdr"]
+    # seed 001's cost measure: epochs x images actually trained
+    assert result.images_seen == sum(s["epochs"] * s["images"] for s in result.stages)
+
+
+def test_no_weight_sharing_restarts_each_stage(colour_data: Path, tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, recipe="stepwise", lr=1e-3, weight_sharing=False)
+    result = train(cfg, prepare_data(cfg, colour_data), tmp_path / "run")
+    history = pd.read_csv(tmp_path / "run" / "history.csv")
+    assert history["phase"].tolist() == ["head", "sgdr", "head", "sgdr"]
+    assert [s["head_epochs"] for s in result.stages] == [1, 1]
+
+
+def test_range_tests_record_all_suggestions_and_plots(colour_data: Path, tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, recipe="stepwise", warm_epoch=True)
+    result = train(cfg, prepare_data(cfg, colour_data), tmp_path / "run")
+    assert [t["name"] for t in result.range_tests] == ["stage1", "stage2"]
+    for t in result.range_tests:
+        assert set(t["suggestions"]) == {"valley", "slide", "minimum", "steep"}
+        assert (tmp_path / "run" / t["plot"]).is_file()
+        assert t["chosen"] > 0
+    phases = pd.read_csv(tmp_path / "run" / "history.csv")["phase"].tolist()
+    assert phases.count("warm") == 2  # seed 002: one warm epoch before each range test
+
+
+def test_range_test_falls_back_when_the_curve_is_useless(colour_data: Path, tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, lr_find_iters=3)  # far too few points for any suggestion
+    data = prepare_data(cfg, colour_data)
+    from dermaclass.train import _stage_dls
+
+    learn = build_learner(cfg, data, tmp_path, dls=_stage_dls(cfg, data, data.train_rows, 8))
+    test = range_test(learn, cfg, tmp_path, "tiny")
+    assert test.chosen == SAFE_LR and "no " in test.note
+
+
+def test_fit_sgdr_schedule_matches_the_pure_function(colour_data: Path, tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path)
+    data = prepare_data(cfg, colour_data)
+    from dermaclass.train import _stage_dls
+
+    learn = build_learner(cfg, data, tmp_path, dls=_stage_dls(cfg, data, data.train_rows, 8))
+    learn.fit_sgdr(2, 1, lr_max=1e-3, cycle_mult=2)
+    lrs = np.array(learn.recorder.lrs)
+    n = len(lrs)
+    assert n == len(learn.dls.train) * schedules.sgdr_epochs(2, 1, 2)
+    expected = [schedules.sgdr_lr(i / n, n_cycles=2, cycle_len=1, cycle_mult=2, lr_max=1e-3) for i in range(n)]
+    np.testing.assert_allclose(lrs, expected, rtol=1e-4, atol=1e-9)
+
+
+def test_pinned_vocab_keeps_the_head_when_a_class_is_missing(colour_data: Path, tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path)
+    data = prepare_data(cfg, colour_data)
+    rows = data.train_rows[data.items["label"].to_numpy()[data.train_rows] != "nv"]
+    dls = make_dataloaders(data.table(rows), data.images, data.vocab, batch_size=4,
+                           normalization=models.normalization("resnet18"))
+    assert list(dls.vocab) == ["bkl", "mel", "nv"] and dls.c == 3
+    xb, yb = dls.one_batch()
+    assert xb.shape[1:] == (3, 24, 32) and xb.dtype == torch.float32
+
+
+def test_class_weights() -> None:
+    w = class_weights(["a"] * 90 + ["b"] * 10, ["a", "b", "c"], power=1.0)
+    assert w[1] / w[0] == pytest.approx(9.0) and w[2] == w[1]
+    s = class_weights(["a"] * 90 + ["b"] * 10, ["a", "b"], power=0.5)
+    assert s[1] / s[0] == pytest.approx(3.0)
+
+
+@pytest.mark.parametrize("imbalance", ["none", "weights", "sampler", "focal"])
+def test_imbalance_options_train(imbalance: str, colour_data: Path, tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, recipe="sgdr", lr=1e-3, imbalance=imbalance, head_epochs=0, augment="augmix")
+    result = train(cfg, prepare_data(cfg, colour_data), tmp_path / "run")
+    assert 0 <= result.metrics["balanced_accuracy"] <= 1
+
+
+def test_empty_valid_split_is_a_clear_error(colour_data: Path, tmp_path: Path) -> None:
+    with pytest.raises(TrainingError, match="valid split is empty"):
+        prepare_data(_cfg(tmp_path, split_fractions="1.0,0.0,0.0"), colour_data)
+
+
+def test_cli_train_prints_the_plan(colour_data: Path, tmp_path: Path) -> None:
+    from dermaclass.cli import app
+
+    args = ["train", str(colour_data), "--out", str(tmp_path / "run"), "--lr", "0.001", "--arch", "resnet18",
+            "--no-pretrained", "--image-size", "32,24", "--batch-size", "8", "--n-cycles", "1",
+            "--stage-fractions", "0.5,1.0"]
+    result = CliRunner().invoke(app, args, env={"DERMACLASS_CACHE": str(tmp_path / "cache")})
+    assert result.exit_code == 0, result.output
+    assert "stepwise plan" in result.output and "valid balanced accuracy" in result.output
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 2 and "already there" in again.output
