@@ -373,7 +373,7 @@ def lr_find_cmd(
                   class_names=class_names)
     out_dir.mkdir(parents=True, exist_ok=True)
     prepared = training.prepare_data(cfg, data)
-    learn = training.build_learner(cfg, prepared, out_dir, dls=training._stage_dls(cfg, prepared, prepared.train_rows,
+    learn = training.build_learner(cfg, prepared, out_dir, dls=training.stage_dataloaders(cfg, prepared, prepared.train_rows,
                                                                                     cfg.batch_size))
     if unfrozen:
         learn.unfreeze()

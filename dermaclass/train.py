@@ -16,8 +16,8 @@ Side behaviour (history, best checkpoint, early stopping, log lines) lives in Ca
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import math
 import subprocess
 import sys
 import time
@@ -29,17 +29,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from fastai.callback.core import Callback
 from fastai.callback.progress import ProgressCallback
 from fastai.callback.schedule import minimum, slide, steep, valley  # noqa: F401 (patches Learner)
 from fastai.callback.tracker import EarlyStoppingCallback
-from fastai.learner import Learner, Recorder
+from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat, FocalLossFlat
 from fastai.metrics import BalancedAccuracy, F1Score
 from fastai.torch_core import set_seed
 
 import dermaclass
 from dermaclass import models, schedules
+from dermaclass.callbacks import MONITOR, BestModel, EpochLine, History, as_float
 from dermaclass.config import Config
 from dermaclass.data import DecodeCache, assign_split, load_class_names, load_dataset, make_split, read_split, validate
 from dermaclass.data.augment import train_pipeline
@@ -52,7 +52,6 @@ from dermaclass.fileio import atomic_path, write_json
 
 log = logging.getLogger(__name__)
 
-MONITOR = "balanced_accuracy_score"  # fastai's name for BalancedAccuracy()
 SAFE_LR = 1e-3  # the fallback when a range test diverges or gives nothing usable
 SUGGESTIONS = {"minimum": minimum, "steep": steep, "valley": valley, "slide": slide}
 
@@ -127,94 +126,6 @@ def prepare_data(cfg: Config, data: str | Path, *, progress=None) -> TrainData:
     )
 
 
-# ---- callbacks ---------------------------------------------------------------------------
-class _EpochCallback(Callback):
-    """Reacts to the end of real training epochs only: not range tests, not ``get_preds``
-    (fastai's Learner fires before_fit/after_epoch around get_preds too, but never before_train)."""
-
-    def before_train(self) -> None:
-        self.trained = getattr(self.learn, "lr_finder", None) is None
-
-    def after_epoch(self) -> None:
-        if getattr(self, "trained", False):
-            self.trained = False
-            self.epoch_done()
-
-    def epoch_done(self) -> None:
-        raise NotImplementedError
-
-
-class History(_EpochCallback):
-    """One row per epoch (stage, phase, losses, metrics, LR, seconds) in ``history.csv``, atomically."""
-
-    order = Recorder.order + 1
-
-    def __init__(self, path: Path) -> None:
-        self.path, self.rows, self.stage, self.phase = Path(path), [], "", ""
-
-    def before_epoch(self) -> None:
-        self.t0 = time.perf_counter()
-
-    def epoch_done(self) -> None:
-        rec = self.learn.recorder
-        values = dict(zip(rec.metric_names[1:-1], rec.log[1:-1]))
-        row = {"stage": self.stage, "phase": self.phase, "epoch": len(self.rows) + 1,
-               "stage_epoch": self.epoch + 1, "lr": float(self.opt.hypers[-1]["lr"]),
-               **{k: _float(v) for k, v in values.items()}, "seconds": round(time.perf_counter() - self.t0, 2)}
-        self.rows.append(row)
-        with atomic_path(self.path) as tmp:
-            pd.DataFrame(self.rows).to_csv(tmp, index=False)
-
-
-class EpochLine(_EpochCallback):
-    """A plain log line per epoch, for logs that are not a terminal (CI)."""
-
-    order = Recorder.order + 2
-
-    def epoch_done(self) -> None:
-        rec = self.learn.recorder
-        parts = [f"{n}={_fmt(v)}" for n, v in zip(rec.metric_names[1:], rec.log[1:])]
-        log.info("epoch %d/%d %s", self.epoch + 1, self.n_epoch, " ".join(parts))
-
-
-class BestModel(_EpochCallback):
-    """Keep the weights with the best validation balanced accuracy over the whole run (all stages)."""
-
-    order = Recorder.order + 3
-
-    def __init__(self, path: Path) -> None:
-        self.path, self.best = Path(path), -math.inf
-
-    def epoch_done(self) -> None:
-        names = self.learn.recorder.metric_names[1:-1]
-        score = _float(self.learn.recorder.log[1:-1][names.index(MONITOR)])
-        if score is not None and score > self.best:
-            from safetensors.torch import save_file
-
-            self.best = score
-            state = {k: v.detach().contiguous() for k, v in self.learn.model.state_dict().items()}
-            with atomic_path(self.path) as tmp:
-                save_file(state, str(tmp))
-
-    def restore(self) -> None:
-        if self.path.is_file():
-            from safetensors.torch import load_file
-
-            self.learn.model.load_state_dict(load_file(str(self.path)))
-
-
-def _float(v: Any) -> float | None:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return None if math.isnan(f) else f
-
-
-def _fmt(v: Any) -> str:
-    return f"{v:.4f}" if isinstance(v, float) else str(v)
-
-
 # ---- learner and LR range test ---------------------------------------------------------
 def loss_for(cfg: Config, train_labels: pd.Series, vocab: list[str]):
     """The loss for the imbalance option (weighted CE, focal, or plain CE with a balanced sampler)."""
@@ -281,7 +192,8 @@ def range_test(learn: Learner, cfg: Config, run_dir: Path, name: str) -> RangeTe
         learn.fit(1, cfg.warm_lr)
     note = ""
     suggestions: dict[str, float | None] = {k: None for k in SUGGESTIONS}
-    with _quiet(learn):
+    # no progress bars outside a terminal (they are \r updates: noise in a log)
+    with learn.no_bar() if not sys.stderr.isatty() else contextlib.nullcontext():
         learn.lr_find(num_it=cfg.lr_find_iters, show_plot=False, suggest_funcs=None)
     # fastai computes all suggestions in one go and fails as a whole when one cannot be
     # computed (a curve that diverges early leaves too few points); ask each separately,
@@ -295,7 +207,7 @@ def range_test(learn: Learner, cfg: Config, run_dir: Path, name: str) -> RangeTe
     failed = []
     for key, func in SUGGESTIONS.items():
         try:
-            suggestions[key] = _float(func(lrs, losses, n)[0])
+            suggestions[key] = as_float(func(lrs, losses, n)[0])
         except Exception:  # noqa: BLE001 - any failure here just means "no suggestion"
             failed.append(key)
     if failed:
@@ -309,21 +221,6 @@ def range_test(learn: Learner, cfg: Config, run_dir: Path, name: str) -> RangeTe
     log.info("%s: range test %s -> %s %.2e", name, {k: f"{v:.1e}" if v else v for k, v in suggestions.items()},
              cfg.lr_suggestion, chosen)
     return RangeTest(name, suggestions, chosen, cfg.lr_suggestion, plot, note)
-
-
-class _quiet:
-    """No progress bars while the range test runs outside a terminal."""
-
-    def __init__(self, learn: Learner) -> None:
-        self.ctx = learn.no_bar() if not sys.stderr.isatty() else None
-
-    def __enter__(self) -> None:
-        if self.ctx is not None:
-            self.ctx.__enter__()
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.ctx is not None:
-            self.ctx.__exit__(*exc)
 
 
 def _save_lr_plot(learn: Learner, path: Path, suggestions: dict[str, float | None]) -> str | None:
@@ -434,7 +331,7 @@ def recipe_stepwise(run: Run) -> list[dict]:
     done = []
     for stage, subset in zip(plan, subsets):
         rows = train_rows[subset]
-        learn.dls = _stage_dls(cfg, data, rows, stage.batch_size)
+        learn.dls = stage_dataloaders(cfg, data, rows, stage.batch_size)
         if initial is not None:
             learn.model.load_state_dict(initial)
             learn.opt = None
@@ -458,7 +355,8 @@ def _unfrozen_lr(run: Run, stage: int) -> float:
     return run.base_lr(f"stage{stage}")
 
 
-def _stage_dls(cfg: Config, data: TrainData, rows: np.ndarray, batch_size: int):
+def stage_dataloaders(cfg: Config, data: TrainData, rows: np.ndarray, batch_size: int):
+    """DataLoaders for a training subset (rows of ``data.items``) and the full validation split."""
     return make_dataloaders(
         data.table(rows), data.images, data.vocab, batch_size=batch_size, normalization=models.normalization(cfg.arch),
         augment=train_pipeline(cfg.augment, cfg.image_size), balanced_sampler=cfg.imbalance == "sampler",
@@ -500,10 +398,8 @@ def train(cfg: Config, data: TrainData, run_dir: str | Path, *, force: bool = Fa
     with atomic_path(run_dir / "split.csv") as tmp:
         data.split.to_csv(tmp, index=False)
 
-    first_bs = plan_for(cfg, len(data.train_rows))[0].batch_size if cfg.recipe == "stepwise" else cfg.batch_size
-    first_rows = data.train_rows if cfg.recipe != "stepwise" else data.train_rows[
-        schedules.nested_subsets(data.items["label"].to_numpy()[data.train_rows], cfg.stage_fractions, seed=cfg.seed)[0]]
-    learn = build_learner(cfg, data, run_dir, dls=_stage_dls(cfg, data, first_rows, first_bs))
+    # stepwise swaps learn.dls at every stage; the others train on these.
+    learn = build_learner(cfg, data, run_dir, dls=stage_dataloaders(cfg, data, data.train_rows, cfg.batch_size))
     run = Run(learn, data, cfg, run_dir)
     start = time.perf_counter()
     stages = RECIPES[cfg.recipe](run)

@@ -17,7 +17,7 @@ from dermaclass.config import load_config
 from dermaclass.data.loaders import class_weights, make_dataloaders
 from dermaclass.train import SAFE_LR, TrainingError, build_learner, prepare_data, range_test, train
 
-TINY = dict(image_size="32,24", batch_size=8, arch="resnet18", pretrained=False, head_epochs=1, epochs=1,
+TINY = dict(image_size="32,24", batch_size=8, arch="test_resnet", pretrained=False, head_epochs=1, epochs=1,
             n_cycles=1, cycle_len=1, cycle_mult=2, stage_fractions="0.5,1.0", lr_find_iters=30)
 
 
@@ -101,9 +101,9 @@ def test_range_tests_record_all_suggestions_and_plots(colour_data: Path, tmp_pat
 def test_range_test_falls_back_when_the_curve_is_useless(colour_data: Path, tmp_path: Path) -> None:
     cfg = _cfg(tmp_path, lr_find_iters=3)  # far too few points for any suggestion
     data = prepare_data(cfg, colour_data)
-    from dermaclass.train import _stage_dls
+    from dermaclass.train import stage_dataloaders
 
-    learn = build_learner(cfg, data, tmp_path, dls=_stage_dls(cfg, data, data.train_rows, 8))
+    learn = build_learner(cfg, data, tmp_path, dls=stage_dataloaders(cfg, data, data.train_rows, 8))
     test = range_test(learn, cfg, tmp_path, "tiny")
     assert test.chosen == SAFE_LR and "no " in test.note
 
@@ -111,9 +111,9 @@ def test_range_test_falls_back_when_the_curve_is_useless(colour_data: Path, tmp_
 def test_fit_sgdr_schedule_matches_the_pure_function(colour_data: Path, tmp_path: Path) -> None:
     cfg = _cfg(tmp_path)
     data = prepare_data(cfg, colour_data)
-    from dermaclass.train import _stage_dls
+    from dermaclass.train import stage_dataloaders
 
-    learn = build_learner(cfg, data, tmp_path, dls=_stage_dls(cfg, data, data.train_rows, 8))
+    learn = build_learner(cfg, data, tmp_path, dls=stage_dataloaders(cfg, data, data.train_rows, 8))
     learn.fit_sgdr(2, 1, lr_max=1e-3, cycle_mult=2)
     lrs = np.array(learn.recorder.lrs)
     n = len(lrs)
@@ -127,7 +127,7 @@ def test_pinned_vocab_keeps_the_head_when_a_class_is_missing(colour_data: Path, 
     data = prepare_data(cfg, colour_data)
     rows = data.train_rows[data.items["label"].to_numpy()[data.train_rows] != "nv"]
     dls = make_dataloaders(data.table(rows), data.images, data.vocab, batch_size=4,
-                           normalization=models.normalization("resnet18"))
+                           normalization=models.normalization("test_resnet"))
     assert list(dls.vocab) == ["bkl", "mel", "nv"] and dls.c == 3
     xb, yb = dls.one_batch()
     assert xb.shape[1:] == (3, 24, 32) and xb.dtype == torch.float32
@@ -155,7 +155,7 @@ def test_empty_valid_split_is_a_clear_error(colour_data: Path, tmp_path: Path) -
 def test_cli_train_prints_the_plan(colour_data: Path, tmp_path: Path) -> None:
     from dermaclass.cli import app
 
-    args = ["train", str(colour_data), "--out", str(tmp_path / "run"), "--lr", "0.001", "--arch", "resnet18",
+    args = ["train", str(colour_data), "--out", str(tmp_path / "run"), "--lr", "0.001", "--arch", "test_resnet",
             "--no-pretrained", "--image-size", "32,24", "--batch-size", "8", "--n-cycles", "1",
             "--stage-fractions", "0.5,1.0"]
     result = CliRunner().invoke(app, args, env={"DERMACLASS_CACHE": str(tmp_path / "cache")})

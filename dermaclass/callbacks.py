@@ -1,0 +1,115 @@
+"""fastai Callbacks for the side behaviour of a training run.
+
+- ``History``: one row per epoch (stage, phase, losses, metrics, LR, seconds) in
+  ``history.csv``, rewritten atomically after every epoch;
+- ``EpochLine``: a plain log line per epoch where fastai's progress bars would be noise (CI);
+- ``BestModel``: the weights with the best validation balanced accuracy over the whole run
+  (all stepwise stages), kept as safetensors, restored at the end.
+
+They react to real training epochs only, never to a range test or ``get_preds``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from fastai.callback.core import Callback
+from fastai.learner import Recorder
+
+from dermaclass.fileio import atomic_path
+
+log = logging.getLogger(__name__)
+
+MONITOR = "balanced_accuracy_score"  # fastai's name for BalancedAccuracy()
+
+
+class _EpochCallback(Callback):
+    """Reacts to the end of real training epochs only: not range tests, not ``get_preds``
+    (fastai's Learner fires before_fit/after_epoch around get_preds too, but never before_train)."""
+
+    def before_train(self) -> None:
+        self.trained = getattr(self.learn, "lr_finder", None) is None
+
+    def after_epoch(self) -> None:
+        if getattr(self, "trained", False):
+            self.trained = False
+            self.epoch_done()
+
+    def epoch_done(self) -> None:
+        raise NotImplementedError
+
+
+class History(_EpochCallback):
+    """One row per epoch (stage, phase, losses, metrics, LR, seconds) in ``history.csv``, atomically."""
+
+    order = Recorder.order + 1
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.rows, self.stage, self.phase = Path(path), [], "", ""
+
+    def before_epoch(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def epoch_done(self) -> None:
+        rec = self.learn.recorder
+        values = dict(zip(rec.metric_names[1:-1], rec.log[1:-1]))
+        row = {"stage": self.stage, "phase": self.phase, "epoch": len(self.rows) + 1,
+               "stage_epoch": self.epoch + 1, "lr": float(self.opt.hypers[-1]["lr"]),
+               **{k: as_float(v) for k, v in values.items()}, "seconds": round(time.perf_counter() - self.t0, 2)}
+        self.rows.append(row)
+        with atomic_path(self.path) as tmp:
+            pd.DataFrame(self.rows).to_csv(tmp, index=False)
+
+
+class EpochLine(_EpochCallback):
+    """A plain log line per epoch, for logs that are not a terminal (CI)."""
+
+    order = Recorder.order + 2
+
+    def epoch_done(self) -> None:
+        rec = self.learn.recorder
+        parts = [f"{n}={_fmt(v)}" for n, v in zip(rec.metric_names[1:], rec.log[1:])]
+        log.info("epoch %d/%d %s", self.epoch + 1, self.n_epoch, " ".join(parts))
+
+
+class BestModel(_EpochCallback):
+    """Keep the weights with the best validation balanced accuracy over the whole run (all stages)."""
+
+    order = Recorder.order + 3
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.best = Path(path), -math.inf
+
+    def epoch_done(self) -> None:
+        names = self.learn.recorder.metric_names[1:-1]
+        score = as_float(self.learn.recorder.log[1:-1][names.index(MONITOR)])
+        if score is not None and score > self.best:
+            from safetensors.torch import save_file
+
+            self.best = score
+            state = {k: v.detach().contiguous() for k, v in self.learn.model.state_dict().items()}
+            with atomic_path(self.path) as tmp:
+                save_file(state, str(tmp))
+
+    def restore(self) -> None:
+        if self.path.is_file():
+            from safetensors.torch import load_file
+
+            self.learn.model.load_state_dict(load_file(str(self.path)))
+
+
+def as_float(v: Any) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(f) else f
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
