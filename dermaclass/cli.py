@@ -26,7 +26,9 @@ from dermaclass.errors import DermaclassError
 
 EXIT_CODES = (
     "Exit codes: 0 success; 1 problems found with --strict; 2 usage or configuration error; "
-    "3 the data cannot be read (missing folder, unreadable manifest, no usable images)."
+    "3 the data cannot be read (missing folder, unreadable manifest, no usable images); "
+    "4 a model cannot be built or loaded (unknown architecture, unreachable weights, bad bundle); "
+    "5 training cannot run on this data (e.g. an empty split)."
 )
 
 app = typer.Typer(

@@ -57,6 +57,8 @@ SUGGESTIONS = {"minimum": minimum, "steep": steep, "valley": valley, "slide": sl
 
 
 class TrainingError(DermaclassError):
+    """Training cannot run on this data (an empty split, mismatched classes)."""
+
     exit_code = 5
 
 
