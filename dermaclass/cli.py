@@ -112,16 +112,11 @@ def _progress(label: str) -> tuple[Progress, Callable[[int, int], None]]:
 
 
 def _validate(path: Path, cfg: Config):
-    from dermaclass.data import load_class_names, load_dataset, validate
+    from dermaclass.data import validate_source
 
-    names = load_class_names(Path(cfg.class_names)) if cfg.class_names else None
-    dataset = load_dataset(
-        path, manifest=cfg.manifest, image_col=cfg.image_col, label_col=cfg.label_col, group_col=cfg.group_col,
-        class_names=names,
-    )
     progress, update = _progress("decoding")
     with progress:
-        return validate(dataset, min_per_class=cfg.min_per_class, workers=cfg.workers or None, progress=update)
+        return validate_source(cfg, path, progress=update)
 
 
 def _print_validation(stats: dict[str, Any], *, limit: int = 40) -> None:

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -131,12 +132,18 @@ def create_body(arch: str, *, pretrained: bool, weights: str | Path | None = Non
     return timm.create_model(arch, pretrained=False, num_classes=num_classes)
 
 
-def normalization(arch: str) -> dict[str, list[float]]:
-    """Input mean/std the architecture's pretrained config expects (Lite0: 0.5, not ImageNet's)."""
+@functools.lru_cache(maxsize=16)
+def _pretrained_stats(arch: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     import timm
 
     cfg = timm.create_model(arch, pretrained=False, num_classes=0).pretrained_cfg
-    return {"mean": list(cfg.get("mean", (0.485, 0.456, 0.406))), "std": list(cfg.get("std", (0.229, 0.224, 0.225)))}
+    return tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225)))
+
+
+def normalization(arch: str) -> dict[str, list[float]]:
+    """Input mean/std the architecture's pretrained config expects (Lite0: 0.5, not ImageNet's)."""
+    mean, std = _pretrained_stats(arch)  # building a model to read its config: do it once per arch
+    return {"mean": list(mean), "std": list(std)}
 
 
 def build_model(

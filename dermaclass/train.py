@@ -41,7 +41,7 @@ import dermaclass
 from dermaclass import models, schedules
 from dermaclass.callbacks import MONITOR, BestModel, EpochLine, History, as_float
 from dermaclass.config import Config
-from dermaclass.data import DecodeCache, assign_split, load_class_names, load_dataset, make_split, read_split, validate
+from dermaclass.data import DecodeCache, assign_split, make_split, read_split, validate_source
 from dermaclass.data.augment import train_pipeline
 from dermaclass.data.cache import CachedImages
 from dermaclass.data.labels import full_name
@@ -94,12 +94,8 @@ class TrainData:
 
 def prepare_data(cfg: Config, data: str | Path, *, progress=None) -> TrainData:
     """Load, validate (skipping bad files), split by lesion/patient, and fill the decode cache."""
-    names = load_class_names(Path(cfg.class_names)) if cfg.class_names else None
-    dataset = load_dataset(
-        data, manifest=cfg.manifest, image_col=cfg.image_col, label_col=cfg.label_col, group_col=cfg.group_col,
-        class_names=names,
-    )
-    validation = validate(dataset, min_per_class=cfg.min_per_class, workers=cfg.workers or None, progress=progress)
+    validation = validate_source(cfg, data, progress=progress)
+    dataset = validation.dataset
     skipped = sum(p.action == "skipped" for p in validation.problems)
     if skipped:
         log.warning("%d files skipped by validation (run `dermaclass data validate` for the list)", skipped)

@@ -16,7 +16,7 @@ from dermaclass.data.images import ImageDecodeError, load_rgb
 from dermaclass.data.labels import KNOWN_CLASS_NAMES, full_name, load_class_names
 from dermaclass.data.sources import PROBLEM_KINDS, Dataset, Problem, load_dataset
 from dermaclass.data.splits import assign_split, make_split, read_split, write_split
-from dermaclass.data.validate import Validation, validate
+from dermaclass.data.validate import Validation, validate, validate_source
 
 __all__ = [
     "KNOWN_CLASS_NAMES",
@@ -37,5 +37,6 @@ __all__ = [
     "read_split",
     "render_card",
     "validate",
+    "validate_source",
     "write_split",
 ]

@@ -16,13 +16,15 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from dermaclass.data.images import ImageInfo, inspect_file
-from dermaclass.data.labels import full_name
-from dermaclass.data.sources import PROBLEM_KINDS, Dataset, Problem
+from dermaclass.config import Config
+from dermaclass.data.labels import full_name, load_class_names
+from dermaclass.data.sources import PROBLEM_KINDS, Dataset, Problem, load_dataset
 from dermaclass.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -195,3 +197,13 @@ def validate(
         raise DataError(f"{dataset.root}: no image decoded ({len(problems)} problems)")
     log.info("validated %d files: %d usable, %d problems", len(infos), len(items), len(problems))
     return Validation(dataset, items, problems, min_per_class, files_checked=len(infos), notes=notes)
+
+
+def validate_source(cfg: Config, path: str | Path, *, progress: Callable[[int, int], None] | None = None) -> Validation:
+    """Load a dataset with the data settings of ``cfg`` and validate it (the one path every command takes)."""
+    names = load_class_names(Path(cfg.class_names)) if cfg.class_names else None
+    dataset = load_dataset(
+        path, manifest=cfg.manifest, image_col=cfg.image_col, label_col=cfg.label_col, group_col=cfg.group_col,
+        class_names=names,
+    )
+    return validate(dataset, min_per_class=cfg.min_per_class, workers=cfg.workers or None, progress=progress)
