@@ -163,3 +163,16 @@ def test_cli_train_prints_the_plan(colour_data: Path, tmp_path: Path) -> None:
     assert "stepwise plan" in result.output and "valid balanced accuracy" in result.output
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 2 and "already there" in again.output
+
+
+def test_cli_lr_find_writes_suggestions_and_plot(colour_data: Path, tmp_path: Path) -> None:
+    from dermaclass.cli import app
+
+    (tmp_path / "recipe.yaml").write_text("arch: test_resnet\npretrained: false\nimage_size: [32, 24]\nbatch_size: 8\n")
+    args = ["lr-find", str(colour_data), "--out", str(tmp_path / "lr"), "--config", str(tmp_path / "recipe.yaml"),
+            "--iters", "30", "--warm-epoch"]
+    result = CliRunner().invoke(app, args, env={"DERMACLASS_CACHE": str(tmp_path / "cache")})
+    assert result.exit_code == 0, result.output
+    found = json.loads((tmp_path / "lr" / "lr_find.json").read_text())
+    assert set(found["suggestions"]) == {"valley", "slide", "minimum", "steep"} and found["warm_epoch"] is True
+    assert (tmp_path / "lr" / found["plot"]).is_file() and "chosen (valley)" in result.output
