@@ -364,6 +364,7 @@ def lr_find_cmd(
     """LR range test (fastai lr_find): all four suggestions, the plot, and the chosen one."""
     from dermaclass import train as training
     from dermaclass.fileio import write_json
+    from dermaclass.lr_find import range_test
 
     cfg = _config(config, arch=arch, batch_size=batch_size, warm_epoch=warm_epoch, warm_lr=warm_lr,
                   lr_find_iters=iters, image_size=image_size, split_file=split_file, manifest=manifest,
@@ -374,7 +375,7 @@ def lr_find_cmd(
                                                                                     cfg.batch_size))
     if unfrozen:
         learn.unfreeze()
-    test = training.range_test(learn, cfg, out_dir, "unfrozen" if unfrozen else "head")
+    test = range_test(learn, cfg, out_dir, "unfrozen" if unfrozen else "head")
     write_json(out_dir / "lr_find.json", {**test.to_dict(), "warm_epoch": cfg.warm_epoch, "config": cfg.to_dict()})
     for k, v in test.suggestions.items():
         out.print(f"{k:8} {v:.2e}" if v else f"{k:8} -", highlight=False)

@@ -16,7 +16,6 @@ Side behaviour (history, best checkpoint, early stopping, log lines) lives in Ca
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import subprocess
 import sys
@@ -30,7 +29,6 @@ import numpy as np
 import pandas as pd
 import torch
 from fastai.callback.progress import ProgressCallback
-from fastai.callback.schedule import minimum, slide, steep, valley  # noqa: F401 (patches Learner)
 from fastai.callback.tracker import EarlyStoppingCallback
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat, FocalLossFlat
@@ -39,7 +37,8 @@ from fastai.torch_core import set_seed
 
 import dermaclass
 from dermaclass import models, schedules
-from dermaclass.callbacks import MONITOR, BestModel, EpochLine, History, as_float
+from dermaclass.callbacks import MONITOR, BestModel, EpochLine, History
+from dermaclass.lr_find import RangeTest, range_test
 from dermaclass.config import Config
 from dermaclass.data import DecodeCache, assign_split, make_split, read_split, validate_source
 from dermaclass.data.augment import train_pipeline
@@ -52,8 +51,6 @@ from dermaclass.fileio import atomic_path, write_json
 
 log = logging.getLogger(__name__)
 
-SAFE_LR = 1e-3  # the fallback when a range test diverges or gives nothing usable
-SUGGESTIONS = {"minimum": minimum, "steep": steep, "valley": valley, "slide": slide}
 
 
 class TrainingError(DermaclassError):
@@ -161,90 +158,6 @@ def build_learner(cfg: Config, data: TrainData, run_dir: Path, *, dls) -> Learne
     if cfg.pretrained or cfg.weights or cfg.init_bundle:
         learn.freeze()
     return learn
-
-
-@dataclass
-class RangeTest:
-    """What one LR range test found: all four fastai suggestions and the one used."""
-
-    name: str
-    suggestions: dict[str, float | None]
-    chosen: float
-    rule: str
-    plot: str | None
-    note: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "suggestions": self.suggestions, "chosen": self.chosen, "rule": self.rule,
-                "plot": self.plot, "note": self.note}
-
-
-def range_test(learn: Learner, cfg: Config, run_dir: Path, name: str) -> RangeTest:
-    """fastai ``lr_find`` with all four suggestions; seed 002's warm epoch first when configured.
-
-    A diverged or NaN curve does not crash the run: the result says so and falls back to a
-    safe LR (1e-3).
-    """
-    if cfg.warm_epoch:
-        log.info("%s: warm epoch at lr %.1e before the range test (seed 002)", name, cfg.warm_lr)
-        learn.fit(1, cfg.warm_lr)
-    note = ""
-    suggestions: dict[str, float | None] = {k: None for k in SUGGESTIONS}
-    # no progress bars outside a terminal (they are \r updates: noise in a log)
-    with learn.no_bar() if not sys.stderr.isatty() else contextlib.nullcontext():
-        learn.lr_find(num_it=cfg.lr_find_iters, show_plot=False, suggest_funcs=None)
-    # fastai computes all suggestions in one go and fails as a whole when one cannot be
-    # computed (a curve that diverges early leaves too few points); ask each separately,
-    # on the same trimmed curve lr_find itself uses.
-    n = cfg.lr_find_iters
-    lrs = torch.tensor(learn.recorder.lrs[n // 10 : -5])
-    losses = torch.tensor([float(x) for x in learn.recorder.losses[n // 10 : -5]])
-    nan = torch.nonzero(torch.isnan(losses)).flatten()
-    if len(nan):
-        lrs, losses = lrs[: int(nan[0])], losses[: int(nan[0])]
-    failed = []
-    for key, func in SUGGESTIONS.items():
-        try:
-            suggestions[key] = as_float(func(lrs, losses, n)[0])
-        except Exception:  # noqa: BLE001 - any failure here just means "no suggestion"
-            failed.append(key)
-    if failed:
-        note = f"no {'/'.join(failed)} suggestion: the loss curve has {len(losses)} usable points (diverged early?)"
-    chosen = suggestions.get(cfg.lr_suggestion)
-    if chosen is None or not 1e-7 <= chosen <= 1.0:
-        note = note or f"{cfg.lr_suggestion} suggestion unusable ({chosen}); curve diverged or was flat"
-        chosen = SAFE_LR
-        log.warning("%s: %s; using the safe LR %.0e", name, note, chosen)
-    plot = _save_lr_plot(learn, run_dir / f"lr_find_{name}.png", suggestions)
-    log.info("%s: range test %s -> %s %.2e", name, {k: f"{v:.1e}" if v else v for k, v in suggestions.items()},
-             cfg.lr_suggestion, chosen)
-    return RangeTest(name, suggestions, chosen, cfg.lr_suggestion, plot, note)
-
-
-def _save_lr_plot(learn: Learner, path: Path, suggestions: dict[str, float | None]) -> str | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    lrs, losses = np.array(learn.recorder.lrs, float), np.array([float(x) for x in learn.recorder.losses])
-    if len(lrs) == 0:
-        return None
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(lrs, losses)
-    for k, v in suggestions.items():
-        if v:
-            ax.axvline(v, ls="--", lw=0.8, color={"valley": "C1", "slide": "C2", "minimum": "C3", "steep": "C4"}[k], label=f"{k} {v:.1e}")
-    ax.set_xscale("log")
-    ax.set_xlabel("learning rate")
-    ax.set_ylabel("loss")
-    ax.set_title(path.stem)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=90)
-    plt.close(fig)
-    return path.name
 
 
 # ---- recipes ---------------------------------------------------------------------------

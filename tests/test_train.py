@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 from dermaclass import models, schedules
 from dermaclass.config import load_config
 from dermaclass.data.loaders import class_weights, make_dataloaders
-from dermaclass.train import SAFE_LR, TrainingError, build_learner, prepare_data, range_test, train
+from dermaclass.lr_find import SAFE_LR, range_test
+from dermaclass.train import TrainingError, build_learner, prepare_data, train
 
 TINY = dict(image_size="32,24", batch_size=8, arch="test_resnet", pretrained=False, head_epochs=1, epochs=1,
             n_cycles=1, cycle_len=1, cycle_mult=2, stage_fractions="0.5,1.0", lr_find_iters=30)
