@@ -86,3 +86,17 @@ def ham_subset(tmp_path: Path) -> Path:
         shutil.copy(HAM10000 / "images" / f"{image_id}.jpg", root / "images" / f"{image_id}.jpg")
     subset.to_csv(root / "HAM10000_metadata.csv", index=False)
     return root
+
+
+@pytest.fixture(scope="session")
+def colour_data(tmp_path_factory) -> Path:
+    """Three classes a network can tell apart (a dominant colour channel), 20 images each."""
+    root = tmp_path_factory.mktemp("colour")
+    rng = np.random.default_rng(0)
+    for c, label in enumerate(("bkl", "mel", "nv")):
+        (root / label).mkdir()
+        for i in range(20):
+            arr = rng.integers(0, 60, (24, 32, 3)).astype(np.uint8)
+            arr[..., c] += 150
+            Image.fromarray(arr).save(root / label / f"{i}.png")
+    return root

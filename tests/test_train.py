@@ -9,31 +9,15 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from PIL import Image
 from typer.testing import CliRunner
 
 from dermaclass import models, schedules
 from dermaclass.config import load_config
 from dermaclass.data.loaders import class_weights, make_dataloaders
-from dermaclass.lr_find import SAFE_LR, range_test
 from dermaclass.train import TrainingError, build_learner, prepare_data, train
 
 TINY = dict(image_size="32,24", batch_size=8, arch="test_resnet", pretrained=False, head_epochs=1, epochs=1,
             n_cycles=1, cycle_len=1, cycle_mult=2, stage_fractions="0.5,1.0", lr_find_iters=30)
-
-
-@pytest.fixture(scope="module")
-def colour_data(tmp_path_factory) -> Path:
-    """Three classes a network can tell apart (a dominant colour channel), 20 images each."""
-    root = tmp_path_factory.mktemp("colour")
-    rng = np.random.default_rng(0)
-    for c, label in enumerate(("bkl", "mel", "nv")):
-        (root / label).mkdir()
-        for i in range(20):
-            arr = rng.integers(0, 60, (24, 32, 3)).astype(np.uint8)
-            arr[..., c] += 150
-            Image.fromarray(arr).save(root / label / f"{i}.png")
-    return root
 
 
 def _cfg(tmp_path: Path, **kw):
@@ -99,16 +83,6 @@ def test_range_tests_record_all_suggestions_and_plots(colour_data: Path, tmp_pat
     assert phases.count("warm") == 2  # seed 002: one warm epoch before each range test
 
 
-def test_range_test_falls_back_when_the_curve_is_useless(colour_data: Path, tmp_path: Path) -> None:
-    cfg = _cfg(tmp_path, lr_find_iters=3)  # far too few points for any suggestion
-    data = prepare_data(cfg, colour_data)
-    from dermaclass.train import stage_dataloaders
-
-    learn = build_learner(cfg, data, tmp_path, dls=stage_dataloaders(cfg, data, data.train_rows, 8))
-    test = range_test(learn, cfg, tmp_path, "tiny")
-    assert test.chosen == SAFE_LR and "no " in test.note
-
-
 def test_fit_sgdr_schedule_matches_the_pure_function(colour_data: Path, tmp_path: Path) -> None:
     cfg = _cfg(tmp_path)
     data = prepare_data(cfg, colour_data)
@@ -166,14 +140,3 @@ def test_cli_train_prints_the_plan(colour_data: Path, tmp_path: Path) -> None:
     assert again.exit_code == 2 and "already there" in again.output
 
 
-def test_cli_lr_find_writes_suggestions_and_plot(colour_data: Path, tmp_path: Path) -> None:
-    from dermaclass.cli import app
-
-    (tmp_path / "recipe.yaml").write_text("arch: test_resnet\npretrained: false\nimage_size: [32, 24]\nbatch_size: 8\n")
-    args = ["lr-find", str(colour_data), "--out", str(tmp_path / "lr"), "--config", str(tmp_path / "recipe.yaml"),
-            "--iters", "30", "--warm-epoch"]
-    result = CliRunner().invoke(app, args, env={"DERMACLASS_CACHE": str(tmp_path / "cache")})
-    assert result.exit_code == 0, result.output
-    found = json.loads((tmp_path / "lr" / "lr_find.json").read_text())
-    assert set(found["suggestions"]) == {"valley", "slide", "minimum", "steep"} and found["warm_epoch"] is True
-    assert (tmp_path / "lr" / found["plot"]).is_file() and "chosen (valley)" in result.output
