@@ -70,7 +70,7 @@ class TrainData:
     names: dict[str, str]
     split: pd.DataFrame
     sources: list[str]
-    split_counts: dict[str, int] = field(default_factory=dict)
+    split_reuse: dict[str, int] = field(default_factory=dict)  # kept/followed/assigned/dropped with --split-file
 
     @property
     def train_rows(self) -> np.ndarray:
@@ -117,7 +117,7 @@ def prepare_data(cfg: Config, data: str | Path, *, progress=None) -> TrainData:
         names={c: full_name(c, dataset.class_names) for c in vocab},
         split=split,
         sources=[str(dataset.root)],
-        split_counts=counts,
+        split_reuse=counts,
     )
 
 
@@ -348,6 +348,7 @@ def bundle_meta(cfg: Config, data: TrainData, metrics: dict, stages: list[dict],
                      "best_valid_balanced_accuracy": run.learn.best_model.best},
         "config": cfg.to_dict(),
         "data": {"sources": data.sources, "split_counts": data.items["split"].value_counts().to_dict(),
+                 "split_reuse": data.split_reuse,
                  "split_file": "split.csv", "data_card": data_card},
         "package_version": dermaclass.__version__,
         "git_commit": _git_commit(),
