@@ -285,6 +285,8 @@ def train_cmd(
     imbalance: Annotated[str | None, Opt("--imbalance", help="none | weights | sqrt-weights | sampler | focal")] = None,
     augment: Annotated[str | None, Opt("--augment", help="none | basic | augmix [default: basic]")] = None,
     early_stop_patience: Annotated[int | None, Opt("--early-stop-patience", help="0 = off")] = None,
+    operating_classes: Annotated[str | None, Opt("--operating-classes", help="Classes that get a sensitivity threshold [default: mel]")] = None,
+    target_sensitivity: Annotated[float | None, Opt("--target-sensitivity", help="Validation sensitivity of the threshold [default: 0.9]")] = None,
     split_file: Annotated[Path | None, Opt("--split-file", help="Reuse this split (new images are added).")] = None,
     seed: Annotated[int | None, Opt("--seed")] = None,
     threads: Annotated[int | None, Opt("--threads", help="torch threads (0 = all cores)")] = None,
@@ -304,6 +306,7 @@ def train_cmd(
                   head_epochs=head_epochs, epochs=epochs, n_cycles=n_cycles, cycle_len=cycle_len, cycle_mult=cycle_mult,
                   lr_ratio=lr_ratio, stage_fractions=stage_fractions, lr_rule=lr_rule, weight_sharing=weight_sharing,
                   imbalance=imbalance, augment=augment, early_stop_patience=early_stop_patience, split_file=split_file,
+                  operating_classes=operating_classes, target_sensitivity=target_sensitivity,
                   seed=seed, threads=threads, manifest=manifest, image_col=image_col, label_col=label_col,
                   group_col=group_col, class_names=class_names, workers=workers)
     logging.getLogger("dermaclass").setLevel(logging.INFO)

@@ -68,6 +68,9 @@ class Config:
     early_stop_patience: int = 0  # epochs without balanced-accuracy gain before stopping; 0 = off
     wd: float = 0.01
     threads: int = 0  # torch threads; 0 = all cores
+    # calibration and operating points (fitted on the validation split after training)
+    operating_classes: tuple[str, ...] = ("mel",)  # classes of clinical interest that get a threshold
+    target_sensitivity: float = 0.90  # the threshold is the highest one reaching this on validation
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (tuples as lists) for YAML/JSON."""

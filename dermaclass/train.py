@@ -46,7 +46,9 @@ from dermaclass.data.cache import CachedImages
 from dermaclass.data.labels import full_name
 from dermaclass.data.loaders import class_weights, make_dataloaders
 from dermaclass.errors import DermaclassError
-from dermaclass.evaluate import classification_metrics
+from dermaclass.evaluate import (
+    classification_metrics, expected_calibration_error, fit_temperature, operating_point, softmax,
+)
 from dermaclass.fileio import atomic_path, write_json
 
 log = logging.getLogger(__name__)
@@ -317,13 +319,41 @@ def train(cfg: Config, data: TrainData, run_dir: str | Path, *, force: bool = Fa
     seconds = time.perf_counter() - start
     learn.best_model.restore()
 
-    probs, targets = learn.get_preds(dl=learn.dls.valid)
-    metrics = classification_metrics(targets.numpy(), probs.numpy(), data.vocab)
+    logits, targets = learn.get_preds(dl=learn.dls.valid, act=lambda x: x)
+    calibration, points, probs = calibrate(cfg, logits.numpy(), targets.numpy(), data.vocab)
+    metrics = classification_metrics(targets.numpy(), probs, data.vocab)
     _plot_curves(run_dir)
     meta = bundle_meta(cfg, data, metrics, stages, run, seconds, data_card)
+    meta.update(calibration=calibration, operating_points=points)
     models.save_bundle(learn.model, meta, run_dir, force=force)
     log.info("bundle written to %s: valid balanced accuracy %.4f", run_dir, metrics["balanced_accuracy"])
     return TrainResult(run_dir, metrics, stages, seconds, run.images_seen, [t.to_dict() for t in run.range_tests])
+
+
+def calibrate(cfg: Config, logits: np.ndarray, labels: np.ndarray, vocab: list[str]) -> tuple[dict, dict, np.ndarray]:
+    """Temperature scaling and operating points fitted on the validation split.
+
+    Returns the bundle's ``calibration`` and ``operating_points`` entries and the calibrated
+    validation probabilities. Every later prediction divides the logits by this temperature.
+    """
+    t = fit_temperature(logits, labels)
+    raw, probs = softmax(logits), softmax(logits, t)
+    calibration = {"method": "temperature", "temperature": t, "fitted_on": "valid", "n": int(len(labels)),
+                   "ece_before": expected_calibration_error(labels, raw),
+                   "ece_after": expected_calibration_error(labels, probs)}
+    log.info("temperature %.3f: valid ECE %.4f -> %.4f", t, calibration["ece_before"] or 0, calibration["ece_after"] or 0)
+    points = {}
+    for cls in cfg.operating_classes:
+        if cls not in vocab:
+            log.warning("operating class %r is not among the classes %s; no threshold for it", cls, vocab)
+            continue
+        op = operating_point(labels, probs, vocab.index(cls), target_sensitivity=cfg.target_sensitivity)
+        points[cls] = {"threshold": op["threshold"], "target_sensitivity": cfg.target_sensitivity,
+                       "valid_sensitivity": op["sensitivity"], "valid_specificity": op["specificity"]}
+        if op["threshold"] is not None:
+            log.info("operating point %s: P >= %.4f gives valid sensitivity %.3f, specificity %.3f",
+                     cls, op["threshold"], op["sensitivity"], op["specificity"])
+    return calibration, points, probs
 
 
 def bundle_meta(cfg: Config, data: TrainData, metrics: dict, stages: list[dict], run: Run, seconds: float,

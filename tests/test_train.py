@@ -36,6 +36,9 @@ def test_recipe_end_to_end(recipe: str, colour_data: Path, tmp_path: Path) -> No
     assert meta["classes"] == ["bkl", "mel", "nv"] and meta["class_names"]["mel"] == "melanoma"
     assert meta["recipe"] == recipe and meta["input_size"] == [32, 24]
     assert meta["metrics_valid"]["balanced_accuracy"] == result.metrics["balanced_accuracy"]
+    assert meta["calibration"]["method"] == "temperature" and meta["calibration"]["temperature"] > 0
+    mel = meta["operating_points"]["mel"]
+    assert mel["target_sensitivity"] == 0.9 and mel["valid_sensitivity"] >= 0.9
     history = pd.read_csv(out / "history.csv")
     expected_epochs = {"baseline": 2, "sgdr": 2, "stepwise": 3}[recipe]
     assert len(history) == expected_epochs
