@@ -100,3 +100,17 @@ def colour_data(tmp_path_factory) -> Path:
             arr[..., c] += 150
             Image.fromarray(arr).save(root / label / f"{i}.png")
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(colour_data: Path, tmp_path_factory) -> Path:
+    """A bundle trained in seconds on ``colour_data`` (baseline recipe, a tiny test network)."""
+    from dermaclass.config import load_config
+    from dermaclass.train import prepare_data, train
+
+    tmp = tmp_path_factory.mktemp("bundle")
+    cfg = load_config(image_size="32,24", batch_size=8, arch="test_resnet", pretrained=False, head_epochs=0, epochs=2,
+                      recipe="baseline", lr=1e-2, cache_dir=str(tmp / "cache"))
+    run = tmp / "run"
+    train(cfg, prepare_data(cfg, colour_data), run)
+    return run

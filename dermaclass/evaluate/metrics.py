@@ -193,6 +193,52 @@ def confused_pairs(confusion: Sequence[Sequence[int]], classes: Sequence[str], *
 
 
 # ---- bootstrap -----------------------------------------------------------------------------
+def resample_weights(groups: Sequence[Any] | None, n: int, *, n_boot: int, seed: int = 0) -> np.ndarray:
+    """(n_boot, n) bootstrap multiplicities: whole groups drawn with replacement (images when no groups).
+
+    Reusing one weight matrix for two models' predictions on the same images gives a
+    *paired* bootstrap (``report compare``).
+    """
+    if groups is None:
+        codes, n_units = np.arange(n), n
+    else:
+        _, codes = np.unique(np.asarray(groups, dtype=str), return_inverse=True)
+        n_units = int(codes.max()) + 1 if n else 0
+    rng = np.random.default_rng(seed)
+    out = np.zeros((n_boot, n))
+    for b in range(n_boot if n else 0):
+        out[b] = np.bincount(rng.integers(0, n_units, n_units), minlength=n_units)[codes]
+    return out
+
+
+def metric_draws(labels: Sequence[int], probs: np.ndarray, classes: Sequence[str], weights: np.ndarray) -> dict:
+    """Headline figures and per-class sensitivity/specificity for each row of bootstrap ``weights``.
+
+    Returns arrays: ``overall[key]`` of shape (n_boot,), ``per_class[key]`` of (n_boot, C);
+    NaN where a replicate makes a figure not computable.
+    """
+    y, p = _check(labels, probs, classes)
+    k, n_boot = len(classes), len(weights)
+    overall = {key: np.full(n_boot, np.nan) for key in INTERVAL_KEYS}
+    per_class = {key: np.full((n_boot, k), np.nan) for key in PER_CLASS_INTERVAL_KEYS}
+    for b, weight in enumerate(weights):
+        keep = weight > 0
+        h = _headline(y[keep], p[keep], k, weight[keep])
+        for key in INTERVAL_KEYS:
+            overall[key][b] = np.nan if h[key] is None else h[key]
+        for key in PER_CLASS_INTERVAL_KEYS:
+            per_class[key][b] = h["rates"][key]
+    return {"overall": overall, "per_class": per_class}
+
+
+def percentile_interval(values: np.ndarray, level: float = 0.95) -> list[float] | None:
+    """The central ``level`` percentile interval of the computable draws; None when there are none."""
+    v = np.asarray(values, dtype=float)
+    v = v[~np.isnan(v)]
+    alpha = (1 - level) / 2 * 100
+    return [float(np.percentile(v, alpha)), float(np.percentile(v, 100 - alpha))] if len(v) else None
+
+
 def bootstrap_intervals(
     labels: Sequence[int],
     probs: np.ndarray,
@@ -211,38 +257,17 @@ def bootstrap_intervals(
     replicate; a figure never computable gets ``None``.
     """
     y, p = _check(labels, probs, classes)
-    k, n = len(classes), len(y)
-    if groups is None:
-        codes, n_units = np.arange(n), n
-    else:
-        _, codes = np.unique(np.asarray(groups, dtype=str), return_inverse=True)
-        n_units = int(codes.max()) + 1 if n else 0
-    rng = np.random.default_rng(seed)
-    draws: dict[str, list[float]] = {key: [] for key in INTERVAL_KEYS}
-    per_draws = {key: np.full((n_boot, k), np.nan) for key in PER_CLASS_INTERVAL_KEYS}
-    for b in range(n_boot if n else 0):
-        weight = np.bincount(rng.integers(0, n_units, n_units), minlength=n_units)[codes].astype(float)
-        keep = weight > 0
-        h = _headline(y[keep], p[keep], k, weight[keep])
-        for key in INTERVAL_KEYS:
-            draws[key].append(np.nan if h[key] is None else h[key])
-        for key in PER_CLASS_INTERVAL_KEYS:
-            per_draws[key][b] = h["rates"][key]
-    alpha = (1 - level) / 2 * 100
-
-    def interval(values) -> list[float] | None:
-        v = np.asarray(values, dtype=float)
-        v = v[~np.isnan(v)]
-        return [float(np.percentile(v, alpha)), float(np.percentile(v, 100 - alpha))] if len(v) else None
-
+    weights = resample_weights(groups, len(y), n_boot=n_boot, seed=seed)
+    draws = metric_draws(y, p, classes, weights)
+    n_units = len(set(np.asarray(groups, dtype=str).tolist())) if groups is not None else len(y)
     return {
         "level": level,
         "n_boot": n_boot,
         "resampled": "groups" if groups is not None else "images",
         "n_units": int(n_units),
-        "overall": {key: interval(draws[key]) for key in INTERVAL_KEYS},
-        "per_class": {c: {key: interval(per_draws[key][:, i]) for key in PER_CLASS_INTERVAL_KEYS}
-                      for i, c in enumerate(classes)},
+        "overall": {key: percentile_interval(draws["overall"][key], level) for key in INTERVAL_KEYS},
+        "per_class": {c: {key: percentile_interval(draws["per_class"][key][:, i], level)
+                          for key in PER_CLASS_INTERVAL_KEYS} for i, c in enumerate(classes)},
     }
 
 

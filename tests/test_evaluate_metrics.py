@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from dermaclass import evaluate as ev
+from dermaclass.evaluate import metrics as ev
 
 CLASSES = ["a", "b", "c"]
 

@@ -1,0 +1,34 @@
+"""Evaluation: pure metrics over (labels, probabilities), and a bundle run on a labelled dataset.
+
+- ``metrics``: balanced accuracy, macro-F1, AUROC, mAP (seed 002), per-class sensitivity and
+  specificity, calibration error, grouped bootstrap intervals, temperature scaling and
+  operating points, all pure functions returning plain dicts;
+- ``run``: a model bundle on a dataset split -> predictions and the report dict that
+  ``dermaclass.report`` renders.
+"""
+
+from dermaclass.evaluate.metrics import (
+    bootstrap_intervals,
+    classification_metrics,
+    confused_pairs,
+    expected_calibration_error,
+    fit_temperature,
+    flag_rates,
+    operating_point,
+    reliability_bins,
+    softmax,
+    top_k_accuracy,
+)
+
+__all__ = [
+    "bootstrap_intervals",
+    "classification_metrics",
+    "confused_pairs",
+    "expected_calibration_error",
+    "fit_temperature",
+    "flag_rates",
+    "operating_point",
+    "reliability_bins",
+    "softmax",
+    "top_k_accuracy",
+]

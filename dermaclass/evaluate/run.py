@@ -1,0 +1,186 @@
+"""Run a model bundle on a labelled dataset split and assemble the report dict.
+
+The data are read by the same data layer as training (any layout, validated, decoded once
+into the cache at the bundle's input size). The split comes from a split file, by default
+the ``split.csv`` that training wrote beside the bundle, so the test set of a report is the
+test set the model never saw. Identity hashes of the model weights and of the evaluated
+images make two reports comparable (``dermaclass report compare``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+
+import dermaclass
+from dermaclass.config import Config
+from dermaclass.data import DecodeCache, read_split, validate_source
+from dermaclass.errors import DermaclassError
+from dermaclass.evaluate.metrics import (
+    bootstrap_intervals, classification_metrics, confused_pairs, expected_calibration_error, flag_rates,
+    reliability_bins, softmax,
+)
+from dermaclass.inference import Predictor
+
+log = logging.getLogger(__name__)
+
+REPORT_FORMAT = 1
+Split = Literal["test", "valid", "train", "all"]
+
+
+class EvaluationError(DermaclassError):
+    """The data cannot be evaluated with this bundle (unknown labels, an empty split)."""
+
+    exit_code = 3
+
+
+@dataclass
+class Evaluation:
+    """A finished evaluation: the report dict, the per-image predictions and the images."""
+
+    report: dict[str, Any]
+    predictions: pd.DataFrame
+    images: Any  # preprocessed (H, W, 3) uint8 arrays aligned with ``predictions`` (gallery thumbnails)
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def images_identity(hashes: pd.Series, labels: pd.Series) -> str:
+    """A hash of the evaluated set: the sorted (content hash, label) pairs, independent of paths and order."""
+    lines = sorted(f"{h}\t{lab}" for h, lab in zip(hashes.astype(str), labels.astype(str)))
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def select_split(items: pd.DataFrame, split_df: pd.DataFrame | None, split: str, *, source: str) -> tuple[pd.DataFrame, dict]:
+    """The items of ``split`` according to the split file (all items for ``all``), with counts."""
+    if split == "all":
+        return items, {"evaluated": len(items)}
+    assert split_df is not None
+    wanted = set(split_df.loc[split_df["split"] == split, "image"].astype(str))
+    listed = set(split_df["image"].astype(str))
+    mask = items["image"].astype(str).isin(wanted).to_numpy()
+    counts = {
+        "evaluated": int(mask.sum()),
+        "listed_in_split": len(wanted),
+        "listed_but_missing": len(wanted - set(items["image"].astype(str))),
+        "not_in_split_file": int((~items["image"].astype(str).isin(listed)).sum()),
+    }
+    if not mask.any():
+        raise EvaluationError(f"{source}: no image of the data is in the {split!r} split of the split file "
+                              f"({len(wanted)} listed); is it the right dataset or split file?")
+    if counts["listed_but_missing"]:
+        log.warning("%d %s images listed in the split file are not in the data", counts["listed_but_missing"], split)
+    return items[mask], counts
+
+
+def evaluate_bundle(
+    bundle: str | Path,
+    data: str | Path,
+    *,
+    split: Split = "test",
+    split_file: str | Path | None = None,
+    cfg: Config | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    gallery: int = 12,
+    progress: Any = None,
+) -> Evaluation:
+    """Evaluate the bundle on ``split`` of ``data``; ``cfg`` supplies the data-layer settings."""
+    cfg = cfg or Config()
+    bundle = Path(bundle)
+    predictor = Predictor(bundle, threads=cfg.threads)
+    classes = predictor.classes
+    validation = validate_source(cfg, data, progress=progress)
+    items = validation.items.reset_index(drop=True)
+
+    unknown = items.loc[~items["label"].isin(classes), "label"].value_counts()
+    if len(unknown):
+        listed = ", ".join(f"{lab!r} ({n} image{'s' if n > 1 else ''})" for lab, n in unknown.items())
+        raise EvaluationError(f"{data}: labels the model does not know: {listed}; the model's classes are "
+                              f"{', '.join(classes)}. Relabel, drop them, or train a model that has them.")
+
+    split_path: Path | None = None
+    split_df = None
+    if split != "all":
+        split_path = Path(split_file) if split_file else bundle / "split.csv"
+        if not split_path.is_file():
+            raise EvaluationError(f"{bundle}: no split file at {split_path}; pass --split-file or --split all")
+        split_df = read_split(split_path)
+    chosen, split_counts = select_split(items, split_df, split, source=str(data))
+    chosen = chosen.reset_index(drop=True)
+
+    images = DecodeCache(cfg.cache_dir, predictor.input_size).ensure(
+        chosen["path"].tolist(), chosen["hash"].tolist(), workers=cfg.workers or None
+    )
+    logits = predictor.logits(images)
+    raw, probs = softmax(logits), softmax(logits, predictor.temperature)
+    y = chosen["label"].map({c: i for i, c in enumerate(classes)}).to_numpy()
+    groups = chosen["group"].astype(str).to_numpy()
+    has_groups = chosen["group"].astype(str).ne(chosen["image"].astype(str)).any()
+
+    metrics = classification_metrics(y, probs, classes)
+    intervals = bootstrap_intervals(y, probs, classes, groups=groups if has_groups else None, n_boot=n_boot, seed=seed)
+    pred = probs.argmax(axis=1)
+
+    predictions = pd.DataFrame({
+        "image": chosen["image"].astype(str), "group": groups, "label": chosen["label"].astype(str),
+        "predicted": [classes[i] for i in pred], "correct": pred == y,
+    })
+    for i, c in enumerate(classes):
+        predictions[f"p_{c}"] = probs[:, i]
+    points = {}
+    for c, op in predictor.operating_points.items():
+        rates = flag_rates(y, probs, class_index=classes.index(c), threshold=op["threshold"])
+        predictions[f"flag_{c}"] = probs[:, classes.index(c)] >= op["threshold"]
+        points[c] = {**op, **rates}
+
+    wrong = np.flatnonzero(pred != y)
+    wrong = wrong[np.argsort(-probs[wrong, pred[wrong]], kind="stable")][:gallery]
+    worst = [{"row": int(r), "image": str(chosen["image"].iloc[r]), "true": classes[y[r]], "predicted": classes[pred[r]],
+              "p_predicted": float(probs[r, pred[r]]), "p_true": float(probs[r, y[r]])} for r in wrong]
+
+    meta = predictor.meta
+    report = {
+        "format": REPORT_FORMAT,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "dermaclass_version": dermaclass.__version__,
+        "disclaimer": dermaclass.DISCLAIMER,
+        "model": {"bundle": str(bundle), "weights_sha256": sha256_file(bundle / "model.safetensors"),
+                  "arch": meta["arch"], "recipe": meta.get("recipe"), "created": meta.get("created"),
+                  "input_size": meta["input_size"], "git_commit": meta.get("git_commit"),
+                  "metrics_valid": {k: (meta.get("metrics_valid") or {}).get(k) for k in ("balanced_accuracy", "macro_f1")}},
+        "data": {"root": str(data), "split": split, "split_file": str(split_path) if split_path else None,
+                 "split_sha256": sha256_file(split_path) if split_path else None,
+                 "images_sha256": images_identity(chosen["hash"], chosen["label"]),
+                 "n": int(len(chosen)), "groups": int(len(set(groups))),
+                 "group_column": validation.dataset.columns.get("group") if has_groups else None,
+                 "counts": split_counts, "problems": len(validation.problems)},
+        "classes": classes,
+        "class_names": predictor.class_names,
+        **metrics,
+        "intervals": intervals,
+        "calibration": {"method": "temperature", "temperature": predictor.temperature,
+                        "fitted_on": (meta.get("calibration") or {}).get("fitted_on"),
+                        "ece_uncalibrated": expected_calibration_error(y, raw),
+                        "ece_calibrated": expected_calibration_error(y, probs),
+                        "reliability_uncalibrated": reliability_bins(y, raw),
+                        "reliability_calibrated": reliability_bins(y, probs)},
+        "operating_points": points,
+        "confused_pairs": confused_pairs(metrics["confusion_matrix"], classes),
+        "worst_errors": worst,
+    }
+    log.info("evaluated %d images: balanced accuracy %.4f", len(chosen), metrics["balanced_accuracy"] or float("nan"))
+    return Evaluation(report=report, predictions=predictions, images=images)

@@ -1,0 +1,73 @@
+"""A bundle evaluated on a labelled split: files, identity, errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from dermaclass.config import load_config
+from conftest import noise_image
+from dermaclass.evaluate.run import EvaluationError, evaluate_bundle, select_split
+from dermaclass.report import write_report
+
+
+def _cfg(tmp_path: Path):
+    return load_config(cache_dir=str(tmp_path / "cache"))
+
+
+def test_evaluate_test_split_writes_all_files(tiny_bundle: Path, colour_data: Path, tmp_path: Path) -> None:
+    ev = evaluate_bundle(tiny_bundle, colour_data, cfg=_cfg(tmp_path), n_boot=50)
+    split = pd.read_csv(tiny_bundle / "split.csv")
+    test_images = set(split.loc[split["split"] == "test", "image"])
+    assert set(ev.predictions["image"]) == test_images  # exactly the images training never saw
+    r = ev.report
+    assert r["n"] == len(test_images) and r["data"]["split"] == "test"
+    assert 0 <= r["balanced_accuracy"] <= 1 and len(r["model"]["weights_sha256"]) == 64
+    probs = ev.predictions[[f"p_{c}" for c in r["classes"]]].to_numpy()
+    assert abs(probs.sum(axis=1) - 1).max() < 1e-5
+    paths = write_report(ev, tmp_path / "out")
+    for name in ("predictions.csv", "report.json", "report.html", "confusion_matrix.png"):
+        assert paths[name].is_file() and paths[name].stat().st_size > 0, name
+    saved = json.loads(paths["report.json"].read_text())
+    assert saved["balanced_accuracy"] == r["balanced_accuracy"]
+    html = paths["report.html"].read_text()
+    assert "not a diagnostic device" in html and "data:image/png;base64," in html
+    assert "http://" not in html and "https://" not in html and "<script" not in html  # self-contained, offline
+    with pytest.raises(FileExistsError):
+        write_report(ev, tmp_path / "out")
+
+
+def test_same_images_give_the_same_identity(tiny_bundle: Path, colour_data: Path, tmp_path: Path) -> None:
+    a = evaluate_bundle(tiny_bundle, colour_data, cfg=_cfg(tmp_path), n_boot=10).report
+    b = evaluate_bundle(tiny_bundle, colour_data, cfg=_cfg(tmp_path), n_boot=10, split="valid").report
+    c = evaluate_bundle(tiny_bundle, colour_data, cfg=_cfg(tmp_path), n_boot=10).report
+    assert a["data"]["images_sha256"] == c["data"]["images_sha256"] != b["data"]["images_sha256"]
+
+
+def test_unknown_labels_are_listed(tiny_bundle: Path, colour_data: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(colour_data, data)
+    (data / "bcc").mkdir()
+    noise_image(99).save(data / "bcc" / "x.png")
+    (data / "nv" / "0.png").rename(data / "bcc" / "y.png")
+    with pytest.raises(EvaluationError, match=r"labels the model does not know: 'bcc' \(2 images\)"):
+        evaluate_bundle(tiny_bundle, data, cfg=_cfg(tmp_path), split="all", n_boot=10)
+
+
+def test_missing_split_file_is_a_clear_error(tiny_bundle: Path, colour_data: Path, tmp_path: Path) -> None:
+    with pytest.raises(EvaluationError, match="no split file"):
+        evaluate_bundle(tiny_bundle, colour_data, cfg=_cfg(tmp_path), split_file=tmp_path / "nope.csv", n_boot=10)
+
+
+def test_select_split_counts() -> None:
+    items = pd.DataFrame({"image": ["a", "b", "c", "new"]})
+    split = pd.DataFrame({"image": ["a", "b", "c", "gone"], "split": ["test", "train", "test", "test"]})
+    chosen, counts = select_split(items, split, "test", source="x")
+    assert chosen["image"].tolist() == ["a", "c"]
+    assert counts == {"evaluated": 2, "listed_in_split": 3, "listed_but_missing": 1, "not_in_split_file": 1}
+    with pytest.raises(EvaluationError, match="no image of the data"):
+        select_split(items, split.assign(split="train"), "test", source="x")

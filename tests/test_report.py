@@ -1,0 +1,124 @@
+"""Rendering from report dicts, and compare's paired deltas and drop flag."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from dermaclass.cli import app
+from dermaclass.evaluate.metrics import classification_metrics
+from dermaclass.report import CompareError, compare_reports, confusion_png, render_html, write_compare
+
+CLASSES = ["bkl", "mel", "nv"]
+
+
+def fake_report(folder: Path, labels: np.ndarray, probs: np.ndarray, *, images_sha: str = "same") -> Path:
+    """An evaluate output folder written from labels and probabilities (the compare inputs)."""
+    folder.mkdir(parents=True)
+    n = len(labels)
+    preds = pd.DataFrame({"image": [f"img{i:04d}" for i in range(n)], "group": [f"lesion{i // 2}" for i in range(n)],
+                          "label": [CLASSES[i] for i in labels], "predicted": [CLASSES[i] for i in probs.argmax(1)]})
+    for i, c in enumerate(CLASSES):
+        preds[f"p_{c}"] = probs[:, i]
+    preds.to_csv(folder / "predictions.csv", index=False)
+    report = {"classes": CLASSES, "class_names": {"mel": "melanoma"},
+              "model": {"bundle": str(folder), "weights_sha256": "0" * 64},
+              "data": {"images_sha256": images_sha, "n": n, "split": "test", "root": "data"}}
+    (folder / "report.json").write_text(json.dumps(report))
+    return folder
+
+
+def _probs(labels: np.ndarray, correct: np.ndarray) -> np.ndarray:
+    pred = np.where(correct, labels, (labels + 1) % 3)
+    p = np.full((len(labels), 3), 0.1)
+    p[np.arange(len(labels)), pred] = 0.8
+    return p
+
+
+@pytest.fixture
+def two_reports(tmp_path: Path):
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1, 2], 100)
+    ok = rng.random(300) < 0.85
+    old = fake_report(tmp_path / "old", y, _probs(y, ok))
+    injected = ok.copy()
+    injected[(y == 1) & (rng.random(300) < 0.5)] = False  # half the melanomas now missed
+    new = fake_report(tmp_path / "new", y, _probs(y, injected))
+    same = fake_report(tmp_path / "same", y, _probs(y, ok))
+    return old, new, same
+
+
+def test_compare_flags_an_injected_sensitivity_drop(two_reports, tmp_path: Path) -> None:
+    old, new, _ = two_reports
+    result = compare_reports(old, new, n_boot=300)
+    assert result["paired"] and result["sensitivity_drops"] == ["mel"]
+    mel = result["per_class"]["mel"]["sensitivity"]
+    assert mel["delta"] < -0.2 and mel["delta_interval"][1] < 0
+    assert result["per_class"]["nv"]["sensitivity"]["delta"] == 0
+    paths = write_compare(result, tmp_path / "cmp")
+    assert "SENSITIVITY DROP" in paths["html"].read_text()
+    assert Image.open(paths["png"]).size[0] > 300
+
+
+def test_identical_models_have_zero_deltas_and_no_flag(two_reports) -> None:
+    old, _, same = two_reports
+    result = compare_reports(old, same, n_boot=100)
+    assert result["sensitivity_drops"] == []
+    assert result["overall"]["balanced_accuracy"]["delta"] == 0
+    assert result["overall"]["balanced_accuracy"]["delta_interval"] == [0.0, 0.0]  # paired: no sampling noise
+
+
+def test_compare_refuses_different_test_sets(two_reports, tmp_path: Path) -> None:
+    old, _, _ = two_reports
+    y = np.repeat([0, 1, 2], 10)
+    other = fake_report(tmp_path / "other", y, _probs(y, np.ones(30, bool)), images_sha="different")
+    with pytest.raises(CompareError, match="different test sets"):
+        compare_reports(old, other)
+    forced = compare_reports(old, other, force=True, n_boot=50)
+    assert forced["forced"] and not forced["paired"]
+    with pytest.raises(CompareError, match="not an evaluate output folder"):
+        compare_reports(old, tmp_path)
+
+
+def test_cli_compare_exits_6_on_a_drop(two_reports, tmp_path: Path) -> None:
+    old, new, same = two_reports
+    res = CliRunner().invoke(app, ["report", "compare", str(old), str(new), "--out", str(tmp_path / "c1"), "--n-boot", "100"])
+    assert res.exit_code == 6, res.output
+    assert "DROP" in res.output
+    res = CliRunner().invoke(app, ["report", "compare", str(old), str(same), "--out", str(tmp_path / "c2"), "--n-boot", "50"])
+    assert res.exit_code == 0, res.output
+
+
+def _report_dict(k: int) -> dict:
+    classes = [f"c{i}" for i in range(k)]
+    rng = np.random.default_rng(k)
+    y = rng.integers(0, k, 200)
+    p = rng.dirichlet(np.ones(k), 200)
+    m = classification_metrics(y, p, classes)
+    return {**m, "classes": classes, "class_names": {c: f"<b>{c}</b> long name" for c in classes},
+            "data": {"split": "test"}}
+
+
+@pytest.mark.parametrize("k", [7, 10])
+def test_confusion_png_renders_at_7_to_10_classes(k: int, tmp_path: Path) -> None:
+    png = confusion_png(_report_dict(k))
+    path = tmp_path / "cm.png"
+    path.write_bytes(png)
+    w, h = Image.open(path).size
+    assert w > 2 * h * 0.8 and h >= 500  # two panels side by side, room for full names
+
+
+def test_html_escapes_clinic_strings(tiny_bundle, colour_data, tmp_path: Path) -> None:
+    from dermaclass.config import load_config
+    from dermaclass.evaluate.run import evaluate_bundle
+
+    ev = evaluate_bundle(tiny_bundle, colour_data, cfg=load_config(cache_dir=str(tmp_path / "c")), n_boot=10)
+    ev.report["class_names"]["mel"] = "<script>alert(1)</script>"
+    html = render_html(ev.report, confusion=b"x", reliability=b"x", thumbnails={})
+    assert "<script>" not in html and "&lt;script&gt;" in html
