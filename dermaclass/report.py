@@ -176,7 +176,7 @@ th{background:#f5f5f5} td:first-child,th:first-child{text-align:left} .muted{col
 .kpi{display:flex;flex-wrap:wrap;gap:.8rem} .kpi div{border:1px solid #ddd;border-radius:4px;padding:.5rem .8rem;min-width:9rem}
 .kpi b{display:block;font-size:1.35rem} img.fig{max-width:100%} .gallery{display:flex;flex-wrap:wrap;gap:.8rem}
 .gallery figure{margin:0;border:1px solid #ddd;padding:.3rem;width:170px;font-size:.8rem} .drop{color:#c62828;font-weight:700}
-code{font-size:.85rem}
+code{font-size:.85rem} table.info td,table.text td{text-align:left} table.num td{white-space:nowrap}
 """
 
 _REPORT_TEMPLATE = """<!doctype html>
@@ -186,7 +186,7 @@ _REPORT_TEMPLATE = """<!doctype html>
 <div class="muted">{{ r.created }} &middot; dermaclass {{ r.dermaclass_version }}</div>
 <div class="banner"><b>Decision support, not a diagnostic device.</b> {{ r.disclaimer }}</div>
 <h2>What was evaluated</h2>
-<table><tr><th>model</th><td>{{ r.model.bundle }} &middot; {{ r.model.arch }} &middot; recipe {{ r.model.recipe }} &middot;
+<table class="info"><tr><th>model</th><td>{{ r.model.bundle }} &middot; {{ r.model.arch }} &middot; recipe {{ r.model.recipe }} &middot;
 input {{ r.model.input_size[0] }}x{{ r.model.input_size[1] }} &middot; weights <code>{{ r.model.weights_sha256[:12] }}</code></td></tr>
 <tr><th>data</th><td>{{ r.data.root }} &middot; <b>{{ r.data.split }}</b> split: {{ r.n }} images, {{ r.data.groups }}
 {{ "lesions/patients" if r.data.group_column else "images (no groups)" }} &middot; images <code>{{ r.data.images_sha256[:12] }}</code></td></tr>
@@ -208,18 +208,20 @@ The threshold was chosen on the validation split for the target sensitivity; bel
 <td>{{ fmt(op.sensitivity) }}</td><td>{{ fmt(op.specificity) }}</td><td>{{ op.flagged }}</td></tr>{% endfor %}</table>{% endif %}
 <h2>Confusion matrix</h2><img class="fig" alt="confusion matrix" src="{{ confusion }}">
 <h2>Per class</h2>
-<table><tr><th>class</th><th>support</th><th>precision</th><th>sensitivity</th><th>95% CI</th><th>specificity</th><th>95% CI</th>
+<table class="num"><tr><th>class</th><th>support</th><th>precision</th><th>sensitivity</th><th>95% CI</th><th>specificity</th><th>95% CI</th>
 <th>F1</th><th>AUROC</th><th>AP</th></tr>
 {% for c in r.classes %}{% set m = r.per_class[c] %}{% set iv = r.intervals.per_class[c] %}<tr><td>{{ name(c) }}</td><td>{{ m.support }}</td>
 <td>{{ fmt(m.precision) }}</td><td>{{ fmt(m.sensitivity) }}</td><td>{{ ci(iv.sensitivity) }}</td><td>{{ fmt(m.specificity) }}</td>
 <td>{{ ci(iv.specificity) }}</td><td>{{ fmt(m.f1) }}</td><td>{{ fmt(m.auroc) }}</td><td>{{ fmt(m.average_precision) }}</td></tr>{% endfor %}</table>
 <p class="muted">n/c: not computable (for example, a class with no images in these data has no sensitivity).</p>
 <h2>Most confused pairs</h2>
-<table><tr><th>true</th><th>predicted as</th><th>images</th><th>share of the true class</th></tr>
+<table class="text"><tr><th>true</th><th>predicted as</th><th>images</th><th>share of the true class</th></tr>
 {% for p in r.confused_pairs %}<tr><td>{{ name(p.true) }}</td><td>{{ name(p.predicted) }}</td><td>{{ p.count }}</td><td>{{ fmt(p.share_of_true, True) }}</td></tr>{% endfor %}</table>
 <h2>Calibration</h2>
-<p>Temperature {{ "%.3f"|format(r.calibration.temperature) }} (fitted on the {{ r.calibration.fitted_on or "?" }} split):
+{% if r.calibration.fitted_on %}<p>Temperature {{ "%.3f"|format(r.calibration.temperature) }} (fitted on the {{ r.calibration.fitted_on }} split):
 expected calibration error {{ fmt(r.calibration.ece_uncalibrated) }} before, {{ fmt(r.calibration.ece_calibrated) }} after.</p>
+{% else %}<p><b>Not calibrated:</b> this bundle has no temperature (trained before calibration was added); expected
+calibration error {{ fmt(r.calibration.ece_uncalibrated) }}.</p>{% endif %}
 <img class="fig" style="max-width:460px" alt="reliability diagram" src="{{ reliability }}">
 <h2>Most confident errors</h2>
 <div class="gallery">{% for e in gallery %}<figure><img src="{{ e.uri }}" alt="{{ e.image }}" width="160">
