@@ -71,3 +71,19 @@ def test_select_split_counts() -> None:
     assert counts == {"evaluated": 2, "listed_in_split": 3, "listed_but_missing": 1, "not_in_split_file": 1}
     with pytest.raises(EvaluationError, match="no image of the data"):
         select_split(items, split.assign(split="train"), "test", source="x")
+
+
+def test_cli_evaluate(tiny_bundle: Path, colour_data: Path, tmp_path: Path, monkeypatch) -> None:
+    from typer.testing import CliRunner
+
+    from dermaclass.cli import app
+
+    monkeypatch.setenv("DERMACLASS_CACHE", str(tmp_path / "cache"))
+    args = ["evaluate", str(tiny_bundle), str(colour_data), "--out", str(tmp_path / "rep"), "--n-boot", "20"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "balanced accuracy" in res.output and (tmp_path / "rep" / "report.html").is_file()
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 2 and "--force" in res.output
+    res = CliRunner().invoke(app, [*args[:4], str(tmp_path / "rep2"), "--split", "nope"])
+    assert res.exit_code == 2
