@@ -71,6 +71,8 @@ class Config:
     # calibration and operating points (fitted on the validation split after training)
     operating_classes: tuple[str, ...] = ("mel",)  # classes of clinical interest that get a threshold
     target_sensitivity: float = 0.90  # the threshold is the highest one reaching this on validation
+    refer_below: float = 0.5  # refer to a dermatologist when the top calibrated probability is lower
+    ood_keep: float = 0.95  # the out-of-distribution cut-off passes this share of validation images
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (tuples as lists) for YAML/JSON."""
