@@ -9,7 +9,16 @@ bundle (e.g. a melanoma threshold for 90 % validation sensitivity) flag images w
 the argmax says.
 
 Batches go through fastai's ``Learner.get_preds`` on a ``TfmdDL``: the library's loop, not
-ours. This is decision support, not a diagnostic device.
+ours. When the bundle folder holds ``model.onnx`` (``dermaclass export``) and onnxruntime is
+installed, predictions run there instead (faster single-image latency on CPU).
+
+Referral: the result says "refer to a dermatologist" when the top calibrated probability is
+below the bundle's floor, or when the image's energy score (Liu et al. 2020) is below the
+cut-off that 95 % of validation images pass, i.e. it looks unlike the training data.
+Test-time augmentation averages the logits over flips (a dermoscopic image has no canonical
+orientation). Grad-CAM (the grad-cam package) explains the predicted class.
+
+This is decision support, not a diagnostic device.
 """
 
 from __future__ import annotations
@@ -29,18 +38,29 @@ from fastai.losses import CrossEntropyLossFlat
 from dermaclass import models
 from dermaclass.data.images import fit_to_size, load_rgb
 from dermaclass.data.loaders import ReadCached
-from dermaclass.evaluate.metrics import softmax
+from dermaclass.evaluate.metrics import energy_score, softmax
 
 log = logging.getLogger(__name__)
+
+
+ONNX_FILE = "model.onnx"
+REFER_MESSAGE = "Refer to a dermatologist"
 
 
 class Predictor:
     """A loaded bundle: classes, input size, normalisation, temperature and operating points."""
 
-    def __init__(self, bundle: str | Path, *, threads: int = 0) -> None:
+    def __init__(self, bundle: str | Path, *, threads: int = 0, backend: str = "auto") -> None:
+        if backend not in ("auto", "torch", "onnx"):
+            raise ValueError(f"backend must be auto, torch or onnx, not {backend!r}")
         self.bundle = Path(bundle)
         self.model, self.meta = models.load_bundle(self.bundle)
         models.set_threads(threads)
+        self.session = None
+        onnx_path = self.bundle / ONNX_FILE
+        if backend == "onnx" or (backend == "auto" and onnx_path.is_file()):
+            self.session = _onnx_session(onnx_path, threads)
+        self.backend = "onnx" if self.session is not None else "torch"
         self.classes: list[str] = list(self.meta["classes"])
         self.class_names: dict[str, str] = dict(self.meta.get("class_names") or {c: c for c in self.classes})
         self.input_size: tuple[int, int] = (int(self.meta["input_size"][0]), int(self.meta["input_size"][1]))
@@ -51,6 +71,17 @@ class Predictor:
         self.operating_points: dict[str, dict[str, Any]] = {
             c: op for c, op in (self.meta.get("operating_points") or {}).items() if op.get("threshold") is not None
         }
+        refer = calibration.get("refer") or {}
+        self.refer_below = float(refer.get("min_top_probability", 0.0))
+        self.ood_threshold: float | None = (refer.get("ood") or {}).get("threshold")
+
+    @classmethod
+    def from_bundle(cls, bundle: str | Path, **kwargs: Any) -> Predictor:
+        """Load ``model.safetensors`` + ``model.json`` (never a pickle) and, when present, ``model.onnx``."""
+        return cls(bundle, **kwargs)
+
+    def name(self, code: str) -> str:
+        return self.class_names.get(code, code)
 
     # ---- preprocessing -------------------------------------------------------------------
     def preprocess(self, source: str | Path | bytes | Any) -> np.ndarray:
@@ -65,10 +96,25 @@ class Predictor:
         return fit_to_size(img, self.input_size)
 
     # ---- predictions ---------------------------------------------------------------------
-    def logits(self, images: Sequence[np.ndarray], *, batch_size: int = 64) -> np.ndarray:
-        """Raw logits for preprocessed (H, W, 3) uint8 arrays (e.g. a decode-cache view)."""
+    def _normalise(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        norm = self.meta["normalization"]
+        x = np.stack([np.asarray(im) for im in images]).astype(np.float32) / 255.0
+        x = (x - np.asarray(norm["mean"], np.float32)) / np.asarray(norm["std"], np.float32)
+        return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+    def logits(self, images: Sequence[np.ndarray], *, batch_size: int = 64, tta: bool = False) -> np.ndarray:
+        """Raw logits for preprocessed (H, W, 3) uint8 arrays (e.g. a decode-cache view).
+
+        ``tta``: the mean of the logits of the image and its horizontal, vertical and double flips.
+        """
         if len(images) == 0:
             return np.zeros((0, len(self.classes)), dtype=np.float32)
+        if tta:
+            views = [lambda a: a, np.fliplr, np.flipud, lambda a: a[::-1, ::-1]]
+            return np.mean([self.logits([np.ascontiguousarray(v(np.asarray(im))) for im in images],
+                                        batch_size=batch_size) for v in views], axis=0)
+        if self.session is not None:
+            return self.session.run(None, {"input": self._normalise(images)})[0]
         norm = self.meta["normalization"]
         dl = TfmdDL(
             Datasets(list(range(len(images))), tfms=[[ReadCached(images)]]), bs=batch_size, shuffle=False,
@@ -80,18 +126,31 @@ class Predictor:
         out, _ = learn.get_preds(dl=dl, act=lambda x: x)
         return out.numpy()
 
-    def probabilities(self, images: Sequence[np.ndarray], *, batch_size: int = 64) -> np.ndarray:
+    def probabilities(self, images: Sequence[np.ndarray], *, batch_size: int = 64, tta: bool = False) -> np.ndarray:
         """Calibrated class probabilities, (N, C)."""
-        return softmax(self.logits(images, batch_size=batch_size), self.temperature)
+        return softmax(self.logits(images, batch_size=batch_size, tta=tta), self.temperature)
 
     def flags(self, probs: np.ndarray) -> dict[str, np.ndarray]:
         """Per operating class, which rows reach its threshold."""
         return {c: probs[:, self.classes.index(c)] >= op["threshold"] for c, op in self.operating_points.items()
                 if c in self.classes}
 
-    def predict(self, source: str | Path | bytes | Any) -> dict[str, Any]:
-        """One image -> probabilities per class (sorted), the top class and operating-point flags."""
-        probs = self.probabilities([self.preprocess(source)])[0]
+    def referral(self, top_probability: float, ood_score: float) -> dict[str, Any]:
+        """Whether to refer instead of trusting the top class, and why (plain words for the UI)."""
+        reasons = []
+        if top_probability < self.refer_below:
+            reasons.append(f"the most likely class has only {top_probability:.0%} probability "
+                           f"(below the {self.refer_below:.0%} floor)")
+        if self.ood_threshold is not None and ood_score < self.ood_threshold:
+            reasons.append("the image looks unlike the dermoscopic images the model was trained on "
+                           f"(score {ood_score:.2f} below {self.ood_threshold:.2f})")
+        return {"refer": bool(reasons), "message": REFER_MESSAGE if reasons else None, "reasons": reasons}
+
+    def predict(self, source: str | Path | bytes | Any, *, top_k: int = 3, tta: bool = False) -> dict[str, Any]:
+        """One image -> calibrated probabilities (sorted), top-k, operating-point flags and referral."""
+        logits = self.logits([self.preprocess(source)], tta=tta)
+        probs = softmax(logits, self.temperature)[0]
+        ood = float(energy_score(logits)[0])
         order = np.argsort(-probs, kind="stable")
         flags = {c: {"probability": float(probs[self.classes.index(c)]), "threshold": op["threshold"],
                      "flagged": bool(probs[self.classes.index(c)] >= op["threshold"]),
@@ -99,6 +158,79 @@ class Predictor:
                  for c, op in self.operating_points.items() if c in self.classes}
         return {
             "top": self.classes[int(order[0])],
+            "top_k": [{"class": self.classes[i], "name": self.name(self.classes[i]), "probability": float(probs[i])}
+                      for i in order[:top_k]],
             "probabilities": {self.classes[i]: float(probs[i]) for i in order},
             "flags": flags,
+            "ood_score": ood,
+            "referral": self.referral(float(probs[order[0]]), ood),
+            "backend": self.backend,
+            "disclaimer": self.meta.get("disclaimer"),
         }
+
+    # ---- explanation -----------------------------------------------------------------------
+    def gradcam(self, source: str | Path | bytes | Any, *, class_index: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Grad-CAM of the predicted (or given) class: (heatmap in [0, 1] at input size, RGB overlay uint8).
+
+        The target layer is the whole body (its output is the last feature map), which works
+        for any timm architecture.
+        """
+        from pytorch_grad_cam import GradCAM
+        from pytorch_grad_cam.utils.image import show_cam_on_image
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+        image = self.preprocess(source)
+        x = torch.from_numpy(self._normalise([image]))
+        self.model.eval()
+        if class_index is None:
+            with torch.no_grad():
+                class_index = int(self.model(x).argmax(1)[0])
+        with GradCAM(model=self.model, target_layers=[self.model[0]]) as cam:
+            heat = cam(input_tensor=x, targets=[ClassifierOutputTarget(class_index)])[0]
+        overlay = show_cam_on_image(image.astype(np.float32) / 255.0, heat, use_rgb=True, image_weight=0.6)
+        return heat, overlay
+
+
+# ---- ONNX ----------------------------------------------------------------------------------
+def _onnx_session(path: Path, threads: int):
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        log.warning("onnxruntime is not installed; using torch")
+        return None
+    if not path.is_file():
+        raise models.ModelError(f"{path}: no ONNX model; run `dermaclass export {path.parent} --onnx` first")
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def export_onnx(bundle: str | Path, *, force: bool = False, atol: float = 1e-4) -> dict[str, Any]:
+    """Write ``model.onnx`` beside the bundle's weights and check it against torch.
+
+    Returns the path and the largest absolute logit difference on random inputs; refuses to
+    replace an existing export unless ``force`` and fails when the outputs differ by more
+    than ``atol``.
+    """
+    from dermaclass.fileio import atomic_path
+
+    bundle = Path(bundle)
+    out = bundle / ONNX_FILE
+    if out.exists() and not force:
+        raise FileExistsError(f"{out}: an ONNX export is already there")
+    model, meta = models.load_bundle(bundle)
+    w, h = meta["input_size"]
+    x = torch.randn(4, 3, int(h), int(w))
+    with atomic_path(out) as tmp:
+        torch.onnx.export(model, (x,), str(tmp), input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False)
+        import onnxruntime as ort
+
+        sess = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+        with torch.no_grad():
+            ref = model(x).numpy()
+        diff = float(np.abs(sess.run(None, {"input": x.numpy()})[0] - ref).max())
+        if diff > atol:
+            raise models.ModelError(f"{out}: ONNX logits differ from torch by {diff:.2e} (> {atol:g}); not written")
+    return {"path": str(out), "max_abs_diff": diff}

@@ -42,3 +42,49 @@ def test_temperature_divides_the_logits(tiny_bundle: Path, colour_data: Path) ->
 def test_not_a_bundle(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="not a model bundle"):
         Predictor(tmp_path)
+
+
+def test_topk_referral_and_tta(tiny_bundle: Path, colour_data: Path) -> None:
+    pred = Predictor.from_bundle(tiny_bundle)
+    out = pred.predict(colour_data / "mel" / "1.png", top_k=2, tta=True)
+    assert len(out["top_k"]) == 2 and out["top_k"][0]["class"] == out["top"]
+    assert out["top_k"][0]["name"] == pred.name(out["top"])
+    assert set(out["referral"]) == {"refer", "message", "reasons"}
+    assert "not a diagnostic device" in out["disclaimer"]
+    # an image with nothing in common with the training data is referred, with a reason
+    pred.refer_below = 0.99
+    grey = pred.predict(np.full((24, 32, 3), 128, np.uint8))
+    assert grey["referral"]["refer"] and grey["referral"]["message"] == "Refer to a dermatologist"
+    assert any("probability" in r for r in grey["referral"]["reasons"])
+
+
+def test_tta_averages_flipped_views(tiny_bundle: Path, colour_data: Path) -> None:
+    pred = Predictor(tiny_bundle)
+    im = pred.preprocess(colour_data / "nv" / "2.png")
+    views = [im, im[:, ::-1], im[::-1], im[::-1, ::-1]]
+    expected = np.mean([pred.logits([np.ascontiguousarray(v)]) for v in views], axis=0)
+    assert np.allclose(pred.logits([im], tta=True), expected, atol=1e-5)
+
+
+def test_gradcam_heatmap_and_overlay(tiny_bundle: Path, colour_data: Path) -> None:
+    pred = Predictor(tiny_bundle)
+    heat, overlay = pred.gradcam(colour_data / "bkl" / "0.png")
+    assert heat.shape == (24, 32) and 0 <= heat.min() and heat.max() <= 1
+    assert overlay.shape == (24, 32, 3) and overlay.dtype == np.uint8
+
+
+def test_onnx_export_matches_torch(tiny_bundle: Path, colour_data: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from dermaclass.inference import export_onnx
+
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_bundle, bundle)
+    info = export_onnx(bundle)
+    assert info["max_abs_diff"] < 1e-4 and (bundle / "model.onnx").is_file()
+    with pytest.raises(FileExistsError):
+        export_onnx(bundle)
+    onnx_pred, torch_pred = Predictor(bundle), Predictor(bundle, backend="torch")
+    assert onnx_pred.backend == "onnx" and torch_pred.backend == "torch"
+    x = [onnx_pred.preprocess(p) for p in sorted((colour_data / "mel").iterdir())[:5]]
+    assert np.abs(onnx_pred.logits(x) - torch_pred.logits(x)).max() < 1e-4
