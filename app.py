@@ -1,0 +1,12 @@
+"""Serve the dermaclass Gradio app: `python app.py [--model BUNDLE] [--port 7860]`.
+
+Decision support, not a diagnostic device. The UI lives in dermaclass/ui.py.
+"""
+
+from dermaclass.cli import main
+
+if __name__ == "__main__":
+    import sys
+
+    sys.argv[1:1] = ["serve"]
+    main()

@@ -1,0 +1,295 @@
+"""The clinician's side: a Gradio app to diagnose, explain, refer, review reports and feed back.
+
+Tabs:
+- Diagnose: upload, paste or photograph an image; calibrated probabilities with full class
+  names, a Grad-CAM heatmap, operating-point flags, a "refer to a dermatologist" banner when
+  the model is unsure or the image looks unlike its training data, and a correction form
+  that saves the image and the right label to the review folder (``data.review``) for the
+  next retraining;
+- Report: the loaded model's evaluation report (confusion matrix, per-class table with
+  intervals); open another report folder; compare two (``report.compare_reports``);
+- Model: the model card.
+
+Defaults are private: 127.0.0.1:7860, Gradio analytics off, no share link. Bad uploads (not
+an image, corrupt, empty, huge) get a message naming the problem, never a crash. The app is
+decision support, not a diagnostic device, and says so on every tab.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported: no outside look-ups
+
+import gradio as gr  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from dermaclass import DISCLAIMER  # noqa: E402
+from dermaclass.data.images import ImageDecodeError, load_rgb  # noqa: E402
+from dermaclass.data.review import save_correction  # noqa: E402
+from dermaclass.errors import DermaclassError  # noqa: E402
+from dermaclass.inference import Predictor  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+MAX_BYTES = 25 * 1024 * 1024  # a dermoscopy photo is a few MB; anything bigger is not one
+DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 7860
+DEFAULT_BUNDLE = Path(__file__).resolve().parents[1] / "models" / "ham10000-effnet-lite0"
+REPORT_DIR = "report"  # where `dermaclass evaluate BUNDLE DATA --out BUNDLE/report` puts the bundle's report
+
+
+class UploadError(ValueError):
+    """An upload the model cannot read; the message says why in plain words."""
+
+
+class _LenientImage(gr.Image):
+    """gr.Image that passes unreadable uploads on as a file path, so the app can say what is wrong.
+
+    Stock gr.Image opens the upload with PIL before our code runs and shows a bare "Error"
+    when that fails. ``is_template`` makes Gradio use the stock Image frontend.
+    """
+
+    is_template = True
+
+    def preprocess(self, payload: Any) -> Any:
+        try:
+            return super().preprocess(payload)
+        except Exception:  # noqa: BLE001 - any failure here is reported by check_upload
+            return str(payload.path) if payload is not None and getattr(payload, "path", None) else None
+
+
+def check_upload(path: str | None) -> np.ndarray:
+    """The uploaded file as an RGB array, or UploadError naming the problem."""
+    if path is None:
+        raise UploadError("No image yet: upload, paste or photograph a dermoscopic image.")
+    p = Path(path)
+    name = p.name
+    try:
+        size = p.stat().st_size
+    except OSError:
+        raise UploadError(f"{name}: the upload did not arrive; try again.") from None
+    if size == 0:
+        raise UploadError(f"{name}: the file is empty (0 bytes).")
+    if size > MAX_BYTES:
+        raise UploadError(f"{name}: {size / 2**20:.0f} MB is too large (limit {MAX_BYTES // 2**20} MB).")
+    try:
+        return np.asarray(load_rgb(p))  # full decode; also refuses decompression bombs
+    except ImageDecodeError as exc:
+        detail = exc.detail.split(": ", 1)[1] if exc.detail.startswith(str(p)) else exc.detail
+        raise UploadError(f"{name}: not a readable image ({detail}).") from None
+
+
+def _label(p: Predictor, code: str) -> str:
+    name = p.name(code)
+    return f"{name} ({code})" if name != code else code
+
+
+def diagnose_markdown(p: Predictor, result: dict[str, Any]) -> str:
+    """The banner under the prediction: referral, operating-point flags, disclaimer."""
+    lines = []
+    ref = result["referral"]
+    if ref["refer"]:
+        lines.append(f"### ⚠ {ref['message']}")
+        lines += [f"- {r}" for r in ref["reasons"]]
+    else:
+        top = result["top_k"][0]
+        lines.append(f"### Most likely: {top['name']} ({top['probability']:.0%})")
+    for c, f in result["flags"].items():
+        if f["flagged"]:
+            lines.append(f"**{_label(p, c)} flagged**: probability {f['probability']:.1%} reaches the threshold "
+                         f"{f['threshold']:.1%} chosen for {f['target_sensitivity']:.0%} sensitivity on validation.")
+        else:
+            lines.append(f"{_label(p, c)}: {f['probability']:.1%}, below its threshold {f['threshold']:.1%}.")
+    lines.append(f"\n*{DISCLAIMER}*")
+    return "\n\n".join(lines)
+
+
+def report_views(folder: str | Path) -> tuple[str, str | None, pd.DataFrame]:
+    """Headline markdown, confusion-matrix PNG path and per-class table of an evaluate folder."""
+    import json
+
+    folder = Path(folder)
+    path = folder / "report.json"
+    if not path.is_file():
+        raise UploadError(f"{folder}: no report.json here (run `dermaclass evaluate MODEL DATA --out {folder}`).")
+    r = json.loads(path.read_text(encoding="utf-8"))
+    iv = r["intervals"]["overall"]
+
+    def fig(k: str) -> str:
+        v = r.get(k)
+        ci = f" [{iv[k][0]:.3f}, {iv[k][1]:.3f}]" if iv.get(k) else ""
+        return "n/c" if v is None else f"{v:.3f}{ci}"
+
+    md = (f"**{r['data']['split']} split** of `{r['data']['root']}`: {r['n']} images, {r['data']['groups']} groups; "
+          f"model `{r['model']['bundle']}`\n\n"
+          f"balanced accuracy **{fig('balanced_accuracy')}** · macro-F1 {fig('macro_f1')} · "
+          f"macro AUROC {fig('macro_auroc')} · accuracy {fig('accuracy')} (misleading on imbalanced data)")
+    for c, op in (r.get("operating_points") or {}).items():
+        md += (f"\n\n{c} operating point P ≥ {op['threshold']:.3f}: sensitivity {op['sensitivity']:.3f}, "
+               f"specificity {op['specificity']:.3f}")
+    rows = []
+    names = r.get("class_names", {})
+    for c in r["classes"]:
+        m, civ = r["per_class"][c], r["intervals"]["per_class"][c]
+        rows.append({"class": f"{names.get(c, c)} ({c})", "support": m["support"],
+                     "sensitivity": _cell(m["sensitivity"], civ.get("sensitivity")),
+                     "specificity": _cell(m["specificity"], civ.get("specificity")),
+                     "precision": _cell(m["precision"]), "F1": _cell(m["f1"]), "AUROC": _cell(m["auroc"])})
+    png = folder / "confusion_matrix.png"
+    return md, str(png) if png.is_file() else None, pd.DataFrame(rows)
+
+
+def _cell(v: float | None, iv: list[float] | None = None) -> str:
+    if v is None:
+        return "n/c"
+    return f"{v:.3f}" + (f" [{iv[0]:.2f}, {iv[1]:.2f}]" if iv else "")
+
+
+def model_card(p: Predictor) -> str:
+    """The bundle's MODEL_CARD.md when present, else a card built from model.json."""
+    card = p.bundle / "MODEL_CARD.md"
+    if card.is_file():
+        return card.read_text(encoding="utf-8")
+    m = p.meta
+    valid = m.get("metrics_valid") or {}
+    cal = m.get("calibration") or {}
+    lines = [f"# Model `{p.bundle.name}`", f"> {DISCLAIMER}", "",
+             f"- architecture: {m['arch']}, input {m['input_size'][0]}x{m['input_size'][1]}",
+             f"- classes: {', '.join(_label(p, c) for c in p.classes)}",
+             f"- recipe: {m.get('recipe')}; trained {m.get('created')}; dermaclass {m.get('package_version')}",
+             f"- data: {', '.join((m.get('data') or {}).get('sources', []))}",
+             f"- validation balanced accuracy {valid.get('balanced_accuracy', float('nan')):.3f}, "
+             f"macro-F1 {valid.get('macro_f1', float('nan')):.3f}",
+             f"- temperature {cal.get('temperature', 1.0):.3f}; referral below "
+             f"{(cal.get('refer') or {}).get('min_top_probability', 0):.0%} top probability or an unusual image",
+             "", "Intended use: decision support for trained clinicians reviewing dermoscopic images. "
+             "Not for use on clinical (non-dermoscopic) photos, children, or skin types absent from the training data."]
+    return "\n".join(lines)
+
+
+def build_app(bundle: str | Path, *, review_dir: str | Path = "review") -> gr.Blocks:
+    """The Gradio Blocks app for one model bundle."""
+    predictor = Predictor.from_bundle(bundle)
+    review_dir = Path(review_dir)
+    choices = [(_label(predictor, c), c) for c in predictor.classes]
+    bundle_report = predictor.bundle / REPORT_DIR
+
+    def diagnose(path: str | None, tta: bool):
+        try:
+            image = check_upload(path)
+            result = predictor.predict(image, tta=tta)
+            _, overlay = predictor.gradcam(image)
+        except UploadError as exc:
+            return None, None, f"### Cannot read this upload\n\n{exc}", None, gr.update(interactive=False)
+        except DermaclassError as exc:
+            return None, None, f"### Cannot predict\n\n{exc}", None, gr.update(interactive=False)
+        label = {_label(predictor, c): prob for c, prob in result["probabilities"].items()}
+        state = {"path": path, "top": result["top"], "probability": result["top_k"][0]["probability"]}
+        return label, overlay, diagnose_markdown(predictor, result), state, gr.update(interactive=True)
+
+    def correct(state: dict | None, label: str | None, note: str):
+        if not state:
+            return "Diagnose an image first."
+        if not label:
+            return "Choose the right label first."
+        try:
+            row = save_correction(review_dir, state["path"], label=label, predicted=state["top"],
+                                  probability=state["probability"], model=str(predictor.bundle), note=note or "")
+        except (OSError, DermaclassError, ImageDecodeError) as exc:
+            return f"Not saved: {exc}"
+        return (f"Saved: {row['image']} as **{_label(predictor, label)}** (model said {_label(predictor, state['top'])}). "
+                f"{row['corrections']} correction(s) in `{review_dir / 'labels.csv'}`, ready for "
+                f"`dermaclass train ... {review_dir}`.")
+
+    def open_report(folder: str):
+        try:
+            return report_views(folder.strip())
+        except (UploadError, OSError, ValueError, KeyError) as exc:
+            return f"Cannot open: {exc}", None, pd.DataFrame()
+
+    def compare(old: str, new: str):
+        from dermaclass.report import compare_reports, difference_png
+
+        try:
+            c = compare_reports(old.strip(), new.strip())
+        except (DermaclassError, OSError) as exc:
+            return f"Cannot compare: {exc}", None, pd.DataFrame()
+        o = c["overall"]["balanced_accuracy"]
+        md = (f"balanced accuracy {o['old']:.3f} → {o['new']:.3f} ({o['delta']:+.3f}, interval "
+              f"[{o['delta_interval'][0]:+.3f}, {o['delta_interval'][1]:+.3f}])")
+        if c["sensitivity_drops"]:
+            md = f"## ⚠ SENSITIVITY DROP: {', '.join(c['sensitivity_drops'])}\nReview before replacing the model.\n\n" + md
+        rows = [{"class": k, "sensitivity old": _cell(v["sensitivity"]["old"]), "new": _cell(v["sensitivity"]["new"]),
+                 "delta": _cell(v["sensitivity"]["delta"], v["sensitivity"]["delta_interval"]),
+                 "drop": "YES" if v["sensitivity_drop"] else ""} for k, v in c["per_class"].items()]
+        import tempfile
+
+        fd, tmp = tempfile.mkstemp(suffix=".png")
+        os.close(fd)
+        Path(tmp).write_bytes(difference_png({"confusion_matrix": c["confusion_old"]},
+                                             {"confusion_matrix": c["confusion_new"]}, c["classes"], c["class_names"]))
+        return md, tmp, pd.DataFrame(rows)
+
+    with gr.Blocks(title="dermaclass", analytics_enabled=False) as app:
+        gr.Markdown(f"# dermaclass\n**Decision support, not a diagnostic device.** {DISCLAIMER}")
+        state = gr.State(None)
+        with gr.Tab("Diagnose"):
+            with gr.Row():
+                with gr.Column():
+                    image = _LenientImage(type="filepath", image_mode=None, sources=["upload", "clipboard", "webcam"],
+                                          label="Dermoscopic image")
+                    tta = gr.Checkbox(label="Test-time augmentation (flips; slower, steadier)", value=False)
+                    run = gr.Button("Diagnose", variant="primary")
+                with gr.Column():
+                    verdict = gr.Markdown(elem_id="verdict")
+                    probs = gr.Label(num_top_classes=len(predictor.classes), label="Calibrated probabilities")
+                    heat = gr.Image(label="Grad-CAM: regions behind the top class", interactive=False)
+            with gr.Accordion("The model is wrong? Save the right label for retraining", open=True):
+                with gr.Row():
+                    right = gr.Dropdown(choices=choices, label="Right label", value=None)
+                    note = gr.Textbox(label="Note (optional)", max_lines=2)
+                save = gr.Button("Save correction", interactive=False)
+                saved = gr.Markdown(elem_id="saved")
+            run.click(diagnose, [image, tta], [probs, heat, verdict, state, save], api_name="diagnose")
+            image.upload(diagnose, [image, tta], [probs, heat, verdict, state, save], api_name=False)
+            save.click(correct, [state, right, note], saved, api_name="correct")
+        with gr.Tab("Report"):
+            gr.Markdown("The loaded model's evaluation on its held-out test split, by lesion. Balanced accuracy "
+                        "(mean per-class sensitivity) matters here: plain accuracy is dominated by nevi.")
+            md0, png0, table0 = report_views(bundle_report) if (bundle_report / "report.json").is_file() else (
+                f"No report beside the model yet: `dermaclass evaluate {predictor.bundle} DATA --out {bundle_report}`",
+                None, pd.DataFrame())
+            rep_md = gr.Markdown(md0)
+            rep_png = gr.Image(png0, label="Confusion matrix", interactive=False)
+            rep_table = gr.Dataframe(table0, label="Per class (95% intervals)", interactive=False)
+            with gr.Row():
+                other = gr.Textbox(label="Open another report folder", placeholder="reports/NAME")
+                open_btn = gr.Button("Open")
+            open_btn.click(open_report, other, [rep_md, rep_png, rep_table], api_name="open_report")
+            gr.Markdown("### Compare two reports (old model in use → new candidate)")
+            with gr.Row():
+                old = gr.Textbox(label="Old report folder")
+                new = gr.Textbox(label="New report folder")
+                cmp_btn = gr.Button("Compare")
+            cmp_md = gr.Markdown()
+            cmp_png = gr.Image(label="Confusion difference (new − old)", interactive=False)
+            cmp_table = gr.Dataframe(label="Per-class sensitivity", interactive=False)
+            cmp_btn.click(compare, [old, new], [cmp_md, cmp_png, cmp_table], api_name="compare")
+        with gr.Tab("Model"):
+            gr.Markdown(model_card(predictor))
+    return app
+
+
+def launch(bundle: str | Path, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, review_dir: str | Path = "review",
+           block: bool = True) -> gr.Blocks:
+    """Serve the app (loopback by default, no share link)."""
+    app = build_app(bundle, review_dir=review_dir)
+    app.queue(default_concurrency_limit=2).launch(
+        server_name=host, server_port=port, share=False, prevent_thread_lock=not block, show_error=True,
+        max_file_size=MAX_BYTES, footer_links=["api"],
+    )
+    return app
