@@ -1,0 +1,91 @@
+"""The Gradio app: bad uploads, the banner, reports, and a launched app driven by gradio_client."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import noise_image
+from dermaclass import DISCLAIMER
+from dermaclass.inference import Predictor
+from dermaclass.ui import MAX_BYTES, UploadError, build_app, check_upload, diagnose_markdown, report_views
+
+
+def test_check_upload_names_each_problem(tmp_path: Path, colour_data: Path) -> None:
+    with pytest.raises(UploadError, match="No image yet"):
+        check_upload(None)
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    with pytest.raises(UploadError, match=r"empty.jpg: the file is empty"):
+        check_upload(str(empty))
+    text = tmp_path / "notes.jpg"
+    text.write_text("not an image")
+    with pytest.raises(UploadError, match=r"notes.jpg: not a readable image"):
+        check_upload(str(text))
+    good = colour_data / "mel" / "0.png"
+    truncated = tmp_path / "cut.png"
+    truncated.write_bytes(good.read_bytes()[:200])
+    with pytest.raises(UploadError, match=r"cut.png: not a readable image"):
+        check_upload(str(truncated))
+    huge = tmp_path / "huge.jpg"
+    with open(huge, "wb") as f:
+        f.truncate(MAX_BYTES + 1)  # sparse: no disk use
+    with pytest.raises(UploadError, match="too large"):
+        check_upload(str(huge))
+    assert check_upload(str(good)).shape == (24, 32, 3)
+
+
+def test_banner_says_refer_and_disclaimer(tiny_bundle: Path) -> None:
+    p = Predictor(tiny_bundle)
+    p.refer_below = 1.01  # force a referral
+    result = p.predict(np.full((24, 32, 3), 90, np.uint8))
+    md = diagnose_markdown(p, result)
+    assert "Refer to a dermatologist" in md and DISCLAIMER in md
+
+
+def test_report_views(tiny_bundle: Path, colour_data: Path, tmp_path: Path) -> None:
+    from dermaclass.config import load_config
+    from dermaclass.evaluate.run import evaluate_bundle
+    from dermaclass.report import write_report
+
+    write_report(evaluate_bundle(tiny_bundle, colour_data, cfg=load_config(cache_dir=str(tmp_path / "c")), n_boot=20),
+                 tmp_path / "rep")
+    md, png, table = report_views(tmp_path / "rep")
+    assert "balanced accuracy" in md and Path(png).is_file()
+    assert isinstance(table, pd.DataFrame) and len(table) == 3 and "sensitivity" in table
+    with pytest.raises(UploadError, match="no report.json"):
+        report_views(tmp_path)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_launched_app_diagnoses_refuses_and_saves_corrections(tiny_bundle: Path, colour_data: Path, tmp_path: Path) -> None:
+    from gradio_client import Client, handle_file
+
+    port = _free_port()
+    app = build_app(tiny_bundle, review_dir=tmp_path / "review")
+    app.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, share=False, quiet=True)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        label, overlay, verdict, *_ = client.predict(handle_file(str(colour_data / "mel" / "4.png")), False,
+                                                     api_name="/diagnose")
+        assert label["label"] in {"benign keratosis-like lesion (bkl)", "melanoma (mel)", "melanocytic nevus (nv)"}
+        assert DISCLAIMER in verdict and overlay is not None
+        msg = client.predict("nv", "second opinion", api_name="/correct")
+        assert msg.startswith("Saved") and (tmp_path / "review" / "labels.csv").is_file()
+        bad = tmp_path / "bad.png"
+        bad.write_bytes(b"\x89PNG garbage")
+        _, _, verdict, *_ = client.predict(handle_file(str(bad)), False, api_name="/diagnose")
+        assert "bad.png: not a readable image" in verdict
+    finally:
+        app.close()
+    table = pd.read_csv(tmp_path / "review" / "labels.csv")
+    assert table["label"].tolist() == ["nv"] and table["note"].tolist() == ["second opinion"]
