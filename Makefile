@@ -15,9 +15,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-## The main job. Until the Gradio app lands: validate the clinic data in $(DATA).
+## The main job: the Gradio app on the bundled model (http://127.0.0.1:7860).
 app: $(STAMP)
-	$(BIN)/dermaclass data validate $(DATA)
+	$(BIN)/python app.py
 
 ## The whole test suite (CI runs exactly this).
 test: $(STAMP)

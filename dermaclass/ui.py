@@ -241,13 +241,13 @@ def build_app(bundle: str | Path, *, review_dir: str | Path = "review") -> gr.Bl
             with gr.Row():
                 with gr.Column():
                     image = _LenientImage(type="filepath", image_mode=None, sources=["upload", "clipboard", "webcam"],
-                                          label="Dermoscopic image")
+                                          label="Dermoscopic image", height=320)
                     tta = gr.Checkbox(label="Test-time augmentation (flips; slower, steadier)", value=False)
                     run = gr.Button("Diagnose", variant="primary")
                 with gr.Column():
                     verdict = gr.Markdown(elem_id="verdict")
                     probs = gr.Label(num_top_classes=len(predictor.classes), label="Calibrated probabilities")
-                    heat = gr.Image(label="Grad-CAM: regions behind the top class", interactive=False)
+                    heat = gr.Image(label="Grad-CAM: regions behind the top class", interactive=False, height=320)
             with gr.Accordion("The model is wrong? Save the right label for retraining", open=True):
                 with gr.Row():
                     right = gr.Dropdown(choices=choices, label="Right label", value=None)
