@@ -115,6 +115,11 @@ class Predictor:
                                         batch_size=batch_size) for v in views], axis=0)
         if self.session is not None:
             return self.session.run(None, {"input": self._normalise(images)})[0]
+        if len(images) <= batch_size:  # one batch (the app's case): a plain forward, no DataLoader set-up
+            self.model.eval()
+            with torch.no_grad():
+                x = torch.from_numpy(self._normalise(images)).contiguous(memory_format=torch.channels_last)
+                return self.model(x).numpy()
         norm = self.meta["normalization"]
         dl = TfmdDL(
             Datasets(list(range(len(images))), tfms=[[ReadCached(images)]]), bs=batch_size, shuffle=False,
