@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -114,3 +115,10 @@ def tiny_bundle(colour_data: Path, tmp_path_factory) -> Path:
     run = tmp / "run"
     train(cfg, prepare_data(cfg, colour_data), run)
     return run
+
+
+def free_port() -> int:
+    """A free loopback port for a launched app."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

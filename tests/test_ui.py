@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import noise_image
+from conftest import free_port, noise_image
 from dermaclass import DISCLAIMER
 from dermaclass.inference import Predictor
 from dermaclass.ui import MAX_BYTES, UploadError, build_app, check_upload, diagnose_markdown, report_views
@@ -61,16 +60,10 @@ def test_report_views(tiny_bundle: Path, colour_data: Path, tmp_path: Path) -> N
         report_views(tmp_path)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_launched_app_diagnoses_refuses_and_saves_corrections(tiny_bundle: Path, colour_data: Path, tmp_path: Path) -> None:
     from gradio_client import Client, handle_file
 
-    port = _free_port()
+    port = free_port()
     app = build_app(tiny_bundle, review_dir=tmp_path / "review")
     app.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, share=False, quiet=True)
     try:

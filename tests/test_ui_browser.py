@@ -9,11 +9,12 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 from pathlib import Path
 
 import pandas as pd
 import pytest
+
+from conftest import free_port
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
@@ -22,18 +23,12 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--dis
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install chromium)")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_upload_label_correct_screenshot(tiny_bundle: Path, colour_data: Path, tmp_path: Path) -> None:
     from playwright.sync_api import expect, sync_playwright
 
     from dermaclass.ui import build_app
 
-    port = _free_port()
+    port = free_port()
     app = build_app(tiny_bundle, review_dir=tmp_path / "review")
     app.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, share=False, quiet=True)
     shots = Path(os.environ.get("DERMACLASS_SCREENSHOTS", tmp_path))
