@@ -99,3 +99,28 @@ def test_card_prints_markdown(manifest_dataset: Path, tmp_path: Path) -> None:
     assert result.output.startswith("## Statistics")
     assert "| mel | melanoma | 15 | 10 |" in result.output
     assert "| total |" in result.output
+
+
+def test_predict_command(tiny_bundle: Path, colour_data: Path, tmp_path: Path) -> None:
+    import json as _json
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["predict", str(colour_data / "mel" / "0.png"), "--model", str(tiny_bundle), "--json"])
+    assert res.exit_code == 0, res.output
+    first = _json.loads(res.output)
+    assert first["top"] in ("bkl", "mel", "nv") and abs(sum(first["probabilities"].values()) - 1) < 1e-4
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"x")
+    res = runner.invoke(app, ["predict", str(colour_data / "nv" / "0.png"), str(bad), "--model", str(tiny_bundle)])
+    assert res.exit_code == 3 and "bad.jpg" in res.output and "not a diagnostic device" in res.output
+
+
+def test_export_and_missing_bundle(tiny_bundle: Path, tmp_path: Path) -> None:
+    import shutil
+
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_bundle, bundle)
+    res = CliRunner().invoke(app, ["export", str(bundle), "--onnx"])
+    assert res.exit_code == 0 and (bundle / "model.onnx").is_file(), res.output
+    res = CliRunner().invoke(app, ["serve", "--model", str(tmp_path / "nowhere")])
+    assert res.exit_code == 4 and "no model bundle" in res.output
