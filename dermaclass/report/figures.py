@@ -1,0 +1,135 @@
+"""Figures for reports, rendered from report dicts: confusion matrices, reliability, differences.
+
+The confusion-matrix layout follows the 10-class dermatology matrix of seed 003: counts and
+row-normalised side by side, with full class names, readable at 7-10 classes.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from typing import Any
+
+import numpy as np
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    _plt().close(fig)
+    return buf.getvalue()
+
+
+def _labels(classes: list[str], names: dict[str, str]) -> list[str]:
+    return [f"{names.get(c, c)} ({c})" if names.get(c, c) != c else c for c in classes]
+
+
+def _matrix_panel(ax, mat: np.ndarray, labels: list[str], *, fmt, title: str, cmap: str, vmin=None, vmax=None) -> None:
+    k = len(labels)
+    im = ax.imshow(mat, cmap=cmap, vmin=vmin, vmax=vmax)
+    ax.set_xticks(range(k), labels, rotation=40, ha="right", fontsize=9)
+    ax.set_yticks(range(k), labels, fontsize=9)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    lo, hi = im.get_clim()
+    for i in range(k):
+        for j in range(k):
+            v = mat[i, j]
+            if np.isnan(v):
+                text, dark = "n/c", False
+            else:
+                text = fmt(v)
+                dark = abs(v - lo) > 0.6 * (hi - lo) if hi > lo else False
+            ax.text(j, i, text, ha="center", va="center", fontsize=8, color="white" if dark else "black")
+
+
+def confusion_png(report: dict[str, Any]) -> bytes:
+    """Counts and row-normalised confusion matrices side by side, full class names."""
+    plt = _plt()
+    classes = report["classes"]
+    labels = _labels(classes, report.get("class_names", {}))
+    cm = np.asarray(report["confusion_matrix"], dtype=float)
+    rows = cm.sum(axis=1, keepdims=True)
+    norm = np.divide(cm, rows, out=np.full_like(cm, np.nan), where=rows > 0)
+    side = 2.2 + 0.62 * len(classes)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(2 * side + 1.5, side))
+    _matrix_panel(a, cm, labels, fmt=lambda v: f"{int(v)}", title="counts", cmap="Blues")
+    _matrix_panel(b, norm, labels, fmt=lambda v: f"{v:.0%}", title="row-normalised (recall on the diagonal)",
+                  cmap="Blues", vmin=0, vmax=1)
+    fig.suptitle(f"{report['data']['split']} split, {report['n']} images; balanced accuracy "
+                 f"{fmt(report.get('balanced_accuracy'))}")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def reliability_png(report: dict[str, Any]) -> bytes:
+    """Reliability diagram before and after temperature scaling."""
+    plt = _plt()
+    cal = report["calibration"]
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--", label="perfect calibration")
+    for key, label, colour in (("reliability_uncalibrated", f"uncalibrated (ECE {fmt(cal['ece_uncalibrated'])})", "C1"),
+                               ("reliability_calibrated", f"T = {cal['temperature']:.2f} (ECE {fmt(cal['ece_calibrated'])})", "C0")):
+        bins = [b for b in cal[key] if b["count"]]
+        ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], marker="o", color=colour, label=label)
+    ax.set_xlabel("confidence (top-class probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def difference_png(old: dict, new: dict, classes: list[str], names: dict[str, str]) -> bytes:
+    """Row-normalised confusion matrix of NEW minus OLD (blue: more, red: fewer)."""
+    plt = _plt()
+
+    def norm(cm):
+        cm = np.asarray(cm, dtype=float)
+        rows = cm.sum(axis=1, keepdims=True)
+        return np.divide(cm, rows, out=np.full_like(cm, np.nan), where=rows > 0)
+
+    diff = norm(new["confusion_matrix"]) - norm(old["confusion_matrix"])
+    side = 2.5 + 0.62 * len(classes)
+    fig, ax = plt.subplots(figsize=(side + 1.5, side))
+    lim = max(0.05, float(np.nanmax(np.abs(diff))) if np.isfinite(diff).any() else 0.05)
+    _matrix_panel(ax, diff, _labels(classes, names), fmt=lambda v: f"{v:+.0%}", cmap="RdBu", vmin=-lim, vmax=lim,
+                  title="row-normalised, new minus old (diagonal: change in recall)")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def thumbnail_png(image: np.ndarray, *, width: int = 160) -> bytes:
+    from PIL import Image
+
+    img = Image.fromarray(np.asarray(image, dtype=np.uint8))
+    img = img.resize((width, max(1, round(img.height * width / img.width))), Image.Resampling.BILINEAR)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def fmt(v: Any, pct: bool = False) -> str:
+    if v is None or (isinstance(v, float) and np.isnan(v)):
+        return "n/c"
+    return f"{v:.1%}" if pct else f"{v:.3f}"
+
+
+def ci(iv: list[float] | None) -> str:
+    return "" if not iv else f"[{iv[0]:.3f}, {iv[1]:.3f}]"
+
+
