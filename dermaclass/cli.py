@@ -480,6 +480,32 @@ def report_compare(
         raise typer.Exit(6)
 
 
+@report_app.command("card", epilog=EXIT_CODES)
+@friendly
+def report_card(
+    model: Annotated[Path, typer.Argument(help="Model bundle folder.")],
+    report: Annotated[Path | None, Opt("--report", help="Its test-split evaluate folder [default: BUNDLE/report]")] = None,
+    name: Annotated[str | None, Opt("--name", help="Model name [default: the folder name]")] = None,
+    data_card: Annotated[str | None, Opt("--data-card", help="Path of the data card to cite.")] = None,
+    force: Annotated[bool, Opt("--force")] = False,
+) -> None:
+    """Write BUNDLE/MODEL_CARD.md from model.json and the test report."""
+    from dermaclass.fileio import write_text
+    from dermaclass.models import read_bundle_meta
+    from dermaclass.report import model_card_markdown
+
+    meta = read_bundle_meta(model)
+    folder = report or model / "report"
+    rep = json.loads((folder / "report.json").read_text(encoding="utf-8")) if (folder / "report.json").is_file() else None
+    if rep is None:
+        err.print(f"no report at {folder}: the card will have no test figures", highlight=False)
+    target = model / "MODEL_CARD.md"
+    if target.exists() and not force:
+        raise FileExistsError(f"{target}: a model card is already there")
+    write_text(target, model_card_markdown(meta, rep, name=name or model.name, data_card=data_card))
+    out.print(f"wrote {target}", highlight=False)
+
+
 def _default_bundle(model: Path | None) -> Path:
     from dermaclass.ui import DEFAULT_BUNDLE
 

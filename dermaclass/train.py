@@ -17,6 +17,7 @@ Side behaviour (history, best checkpoint, early stopping, log lines) lives in Ca
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -395,6 +396,7 @@ def bundle_meta(cfg: Config, data: TrainData, metrics: dict, stages: list[dict],
                  "split_reuse": data.split_reuse,
                  "split_file": "split.csv", "data_card": data_card},
         "package_version": dermaclass.__version__,
+        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
         "git_commit": _git_commit(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "disclaimer": dermaclass.DISCLAIMER,

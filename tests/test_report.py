@@ -122,3 +122,24 @@ def test_html_escapes_clinic_strings(tiny_bundle, colour_data, tmp_path: Path) -
     ev.report["class_names"]["mel"] = "<script>alert(1)</script>"
     html = render_html(ev.report, confusion=b"x", reliability=b"x", thumbnails={})
     assert "<script>" not in html and "&lt;script&gt;" in html
+
+
+def test_model_card_from_bundle_and_report(tiny_bundle, colour_data, tmp_path: Path) -> None:
+    import shutil
+
+    from dermaclass.config import load_config
+    from dermaclass.evaluate.run import evaluate_bundle
+    from dermaclass.report import write_report
+
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_bundle, bundle)
+    write_report(evaluate_bundle(bundle, colour_data, cfg=load_config(cache_dir=str(tmp_path / "c")), n_boot=20),
+                 bundle / "report")
+    res = CliRunner().invoke(app, ["report", "card", str(bundle), "--name", "tiny"])
+    assert res.exit_code == 0, res.output
+    card = (bundle / "MODEL_CARD.md").read_text()
+    report = json.loads((bundle / "report" / "report.json").read_text())
+    assert "Not a medical device" in card and "CC BY-NC 4.0" in card
+    assert f"| balanced accuracy (mean sensitivity) | {report['balanced_accuracy']:.3f}" in card
+    assert "melanoma (`mel`)" in card and "How to retrain" in card
+    assert CliRunner().invoke(app, ["report", "card", str(bundle)]).exit_code == 2  # never overwritten silently

@@ -13,6 +13,7 @@ so every string is escaped (Jinja2 autoescape). The confusion-matrix layout foll
 class names.
 """
 
+from dermaclass.report.card import model_card_markdown
 from dermaclass.report.compare import CompareError, compare_reports, load_report, write_compare
 from dermaclass.report.figures import confusion_png, difference_png, reliability_png, thumbnail_png
 from dermaclass.report.html import REPORT_FILES, render_html, write_report
@@ -24,6 +25,7 @@ __all__ = [
     "confusion_png",
     "difference_png",
     "load_report",
+    "model_card_markdown",
     "reliability_png",
     "render_html",
     "thumbnail_png",

@@ -1,0 +1,120 @@
+"""The model card (MODEL_CARD.md), rendered from a bundle's model.json and its test report.
+
+Every figure in the card comes from those two dicts, so the card can be regenerated after
+any retraining and never drifts from the model it describes. The card states the intended
+use, that this is not a medical device, the training data and its licence, metrics with
+intervals per class, the failure modes the report shows, and how to retrain.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dermaclass import DISCLAIMER
+
+
+def _f(v: Any, digits: int = 3) -> str:
+    return "n/c" if v is None else f"{v:.{digits}f}"
+
+
+def _iv(iv: list[float] | None) -> str:
+    return "" if not iv else f" [{iv[0]:.3f}, {iv[1]:.3f}]"
+
+
+def model_card_markdown(meta: dict[str, Any], report: dict[str, Any] | None, *, name: str,
+                        data_license: str = "CC BY-NC 4.0", data_card: str | None = None) -> str:
+    """The card as Markdown; ``report`` is the evaluate report.json of the test split (or None)."""
+    names = meta.get("class_names") or {}
+    classes = meta["classes"]
+    cfg = meta.get("config") or {}
+    train = meta.get("training") or {}
+    cal = meta.get("calibration") or {}
+    lines = [
+        f"# Model card: {name}",
+        "",
+        f"> **Not a medical device.** {DISCLAIMER}",
+        "",
+        "## Intended use",
+        "Decision support for clinicians who read dermoscopic images of pigmented skin lesions: a second look "
+        "that ranks the likely diagnoses, flags possible melanoma, and says when to refer. Out of scope: "
+        "diagnosis without a clinician, clinical (non-dermoscopic) photographs, mucosal or nail lesions, and "
+        "populations or skin types the training data does not cover (HAM10000 comes from two centres, "
+        "Vienna and Queensland, mostly light skin).",
+        "",
+        "## Model",
+        f"- architecture: `{meta['arch']}` (timm), ImageNet-pretrained, input {meta['input_size'][0]}x{meta['input_size'][1]} "
+        f"RGB, normalisation mean {meta['normalization']['mean']} std {meta['normalization']['std']}",
+        f"- classes ({len(classes)}): " + ", ".join(f"{names.get(c, c)} (`{c}`)" for c in classes),
+        f"- weights: `model.safetensors` ({meta.get('weights_dtype', 'float32')}), metadata `model.json`; never a pickle",
+        f"- recipe: `{meta.get('recipe')}` (seed 001 stepwise subsets, seed 003 SGDR + differential LRs), "
+        f"LR rule `{cfg.get('lr_rule')}`, imbalance `{cfg.get('imbalance')}`, augmentation `{cfg.get('augment')}`",
+        f"- training: {train.get('seconds', 0) / 60:.1f} min on {meta.get('machine', {}).get('cpus', '?')} CPU cores, "
+        f"{train.get('images_seen', 0):,} images seen ({train.get('epochs_equivalent', '?')} full-data epochs)",
+        f"- calibration: temperature {cal.get('temperature', 1.0):.3f} fitted on the validation split "
+        f"(ECE {_f(cal.get('ece_before'))} -> {_f(cal.get('ece_after'))})",
+    ]
+    for c, op in (meta.get("operating_points") or {}).items():
+        if op.get("threshold") is not None:
+            lines.append(f"- operating point `{c}`: flag when P({c}) >= {op['threshold']:.4f} "
+                         f"(validation sensitivity {_f(op.get('valid_sensitivity'))}, specificity {_f(op.get('valid_specificity'))}, "
+                         f"target {op.get('target_sensitivity')})")
+    refer = cal.get("refer") or {}
+    if refer:
+        lines.append(f"- referral: top probability below {refer.get('min_top_probability', 0):.0%}, or an energy score "
+                     f"below {(refer.get('ood') or {}).get('threshold', float('nan')):.3f} (passed by "
+                     f"{(refer.get('ood') or {}).get('keep', 0):.0%} of validation images); {refer.get('valid_referred', 0):.1%} "
+                     "of validation images are referred")
+    split = (meta.get("data") or {}).get("split_counts") or {}
+    lines += [
+        "",
+        "## Training data",
+        f"HAM10000 (Tschandl et al., Scientific Data 2018), licence **{data_license}**: this model inherits the "
+        "non-commercial restriction. Split by lesion (no lesion on two sides): "
+        + ", ".join(f"{k} {v:,}" for k, v in split.items()) + " images; the split file is `split.csv` "
+        "(image ids and split only)." + (f" Data card: `{data_card}`." if data_card else ""),
+    ]
+    if report:
+        r, iv = report, report["intervals"]
+        lines += [
+            "",
+            f"## Performance on the held-out test split ({r['n']:,} images, {r['data']['groups']:,} lesions)",
+            f"95 % intervals from {iv['n_boot']} bootstrap resamples of lesions. Plain accuracy is shown last "
+            "because it is dominated by nevi (67 % of the data).",
+            "",
+            "| figure | value |",
+            "|---|---|",
+        ]
+        for k, label in (("balanced_accuracy", "balanced accuracy (mean sensitivity)"), ("macro_f1", "macro-F1"),
+                         ("macro_auroc", "macro AUROC"), ("mAP", "mAP"), ("top2_accuracy", "top-2 accuracy"),
+                         ("ece", "expected calibration error"), ("accuracy", "accuracy")):
+            lines.append(f"| {label} | {_f(r.get(k))}{_iv(iv['overall'].get(k))} |")
+        lines += ["", "| class | support | sensitivity | specificity | precision | F1 | AUROC |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for c in r["classes"]:
+            m, civ = r["per_class"][c], iv["per_class"][c]
+            lines.append(f"| {names.get(c, c)} (`{c}`) | {m['support']} | {_f(m['sensitivity'])}{_iv(civ.get('sensitivity'))} | "
+                         f"{_f(m['specificity'])}{_iv(civ.get('specificity'))} | {_f(m['precision'])} | {_f(m['f1'])} | {_f(m['auroc'])} |")
+        for c, op in (r.get("operating_points") or {}).items():
+            lines.append(f"\nAt its operating point, `{c}` is flagged with sensitivity {_f(op.get('sensitivity'))} and "
+                         f"specificity {_f(op.get('specificity'))} on the test split ({op.get('flagged')} images flagged).")
+        weakest = sorted((c for c in r["classes"] if r["per_class"][c]["sensitivity"] is not None),
+                         key=lambda c: r["per_class"][c]["sensitivity"])[:3]
+        lines += ["", "## Known failure modes (from the test report)"]
+        for p in r.get("confused_pairs", [])[:5]:
+            lines.append(f"- {names.get(p['true'], p['true'])} read as {names.get(p['predicted'], p['predicted'])}: "
+                         f"{p['count']} images ({p['share_of_true']:.0%} of that class)")
+        lines.append("- lowest sensitivity: " + ", ".join(
+            f"{names.get(c, c)} {r['per_class'][c]['sensitivity']:.2f}" for c in weakest))
+        lines.append("- small classes (dermatofibroma, vascular lesions) have wide intervals: few test lesions")
+    lines += [
+        "",
+        "## How to retrain",
+        "```",
+        "dermaclass data validate NEW_DATA",
+        "dermaclass train NEW_DATA --out runs/NEW --split-file models/<this model>/split.csv",
+        "dermaclass evaluate runs/NEW NEW_DATA --out runs/NEW/report",
+        "dermaclass report compare models/<this model>/report runs/NEW/report --out runs/compare",
+        "```",
+        "Replace the model only when the comparison shows no sensitivity drop.",
+    ]
+    return "\n".join(lines) + "\n"
