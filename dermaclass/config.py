@@ -57,13 +57,17 @@ class Config:
     lr_ratio: float = 100.0  # discriminative LRs: slice(lr / lr_ratio, lr)
     head_epochs: int = 1  # coarse fit of the head with the body frozen (seed 003)
     epochs: int = 3  # baseline: unfrozen one-cycle epochs
-    n_cycles: int = 2  # SGDR cycles (seed 003)
+    n_cycles: int = 3  # SGDR cycles (seed 003): 1 + 2 + 4 = 7 epochs per stage
     cycle_len: int = 1  # epochs in the first cycle
     cycle_mult: int = 2  # cycle-length multiplication; an integer >= 2
     stage_fractions: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8, 1.0)  # seed 001's nested subsets
-    lr_rule: Literal["eq9", "constant", "linear"] = "eq9"  # LR per stepwise stage
+    # LR per stepwise stage. Default chosen by measurement on HAM10000 (valid balanced accuracy,
+    # 3 SGDR epochs per stage): linear 0.607, constant 0.490, eq9 0.401 (eq9 with --lr 2e-3: 0.555).
+    lr_rule: Literal["eq9", "constant", "linear"] = "linear"
     weight_sharing: bool = True  # False: each stage restarts from the initial weights (Table IV)
-    imbalance: Literal["none", "weights", "sqrt-weights", "sampler", "focal"] = "sqrt-weights"
+    # Default chosen by measurement (baseline recipe, LR 1e-2, valid balanced accuracy): sampler 0.705,
+    # weights 0.603, sqrt-weights 0.577, none 0.493 (focal: see the training issue's note).
+    imbalance: Literal["none", "weights", "sqrt-weights", "sampler", "focal"] = "sampler"
     augment: Literal["none", "basic", "augmix"] = "basic"
     early_stop_patience: int = 0  # epochs without balanced-accuracy gain before stopping; 0 = off
     wd: float = 0.01
