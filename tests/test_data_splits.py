@@ -102,3 +102,15 @@ def test_no_lesion_crosses_splits_on_full_ham10000() -> None:
     assert shares["valid"] == pytest.approx(0.15, abs=0.02) and shares["test"] == pytest.approx(0.15, abs=0.02)
     per_class = split.groupby(["label", "split"]).size().unstack()
     assert (per_class["test"] / per_class.sum(axis=1)).between(0.10, 0.20).all()  # every class, stratified
+
+
+def test_renamed_image_keeps_its_split_by_content_hash() -> None:
+
+    items = pd.DataFrame({"image": [f"i{k}" for k in range(40)], "label": ["a", "b"] * 20,
+                          "group": [f"g{k}" for k in range(40)], "hash": [f"h{k}" for k in range(40)]})
+    old = make_split(items, seed=1)
+    assert "hash" in old.columns
+    renamed = items.assign(image=[f"clinic/{i}" for i in items["image"]], group=[f"clinic:{g}" for g in items["group"]])
+    new, counts = assign_split(renamed, old, seed=1)
+    assert counts["kept"] == 40 and counts["assigned"] == 0 and counts["dropped"] == 0
+    assert new["split"].tolist() == old["split"].tolist()

@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "valid", "test")
 SPLIT_COLUMNS = ("image", "label", "group", "split")
+#: Optional: the content hash, so an old image keeps its split even when renamed or moved.
+HASH_COLUMN = "hash"
 #: When one unit of images has members in several old splits, the most protected wins.
 _PRIORITY = {"test": 0, "valid": 1, "train": 2}
 
@@ -122,6 +124,8 @@ def make_split(
     out = pd.DataFrame(
         {"image": items["image"].values, "label": items["label"].values, "group": items["group"].values, "split": split}
     )
+    if HASH_COLUMN in items.columns:
+        out[HASH_COLUMN] = items[HASH_COLUMN].values
     log.info("split %d images (%d units) into %s", len(out), n_units, out["split"].value_counts().to_dict())
     return out
 
@@ -140,20 +144,25 @@ def assign_split(
     in the data).
     """
     old = dict(zip(existing["image"].astype(str), existing["split"]))
+    # An old image found under a new name (another source order, a moved folder) keeps its split.
+    old_by_hash = (dict(zip(existing[HASH_COLUMN].astype(str), existing["split"]))
+                   if HASH_COLUMN in existing.columns else {})
+    old_by_hash.pop("", None)
+    hashes = items[HASH_COLUMN].astype(str).tolist() if HASH_COLUMN in items.columns else [""] * len(items)
     old_group_split: dict[str, str] = {}
     for g, s in zip(existing["group"].astype(str), existing["split"]):
         old_group_split.setdefault(g, s)
     units = split_units(items)
     unit_split: dict[str, str] = {}
-    for unit, image, group in zip(units, items["image"].astype(str), items["group"].astype(str)):
-        s = old.get(image) or old_group_split.get(group)
+    for unit, image, group, h in zip(units, items["image"].astype(str), items["group"].astype(str), hashes):
+        s = old.get(image) or old_by_hash.get(h) or old_group_split.get(group)
         if s is not None and (unit not in unit_split or _PRIORITY[s] < _PRIORITY[unit_split[unit]]):
             unit_split[unit] = s
     split = []
     counts = {"kept": 0, "followed": 0, "assigned": 0, "dropped": 0}
-    for unit, image in zip(units, items["image"].astype(str)):
-        if image in old:
-            split.append(old[image])
+    for unit, image, h in zip(units, items["image"].astype(str), hashes):
+        if image in old or h in old_by_hash:
+            split.append(old[image] if image in old else old_by_hash[h])
             counts["kept"] += 1
         elif unit in unit_split:
             split.append(unit_split[unit])
@@ -163,12 +172,17 @@ def assign_split(
     out = pd.DataFrame(
         {"image": items["image"].values, "label": items["label"].values, "group": items["group"].values, "split": split}
     )
+    if HASH_COLUMN in items.columns:
+        out[HASH_COLUMN] = items[HASH_COLUMN].values
     new = out["split"].isna().to_numpy()
     if new.any():
         fresh = make_split(items[new], fractions=fractions, seed=seed)
         out.loc[new, "split"] = fresh["split"].to_numpy()
         counts["assigned"] = int(new.sum())
-    counts["dropped"] = len(set(old) - set(out["image"].astype(str)))
+    present_images, present_hashes = set(out["image"].astype(str)), set(hashes)
+    old_hashes = existing[HASH_COLUMN].astype(str) if HASH_COLUMN in existing.columns else [""] * len(existing)
+    counts["dropped"] = sum(1 for image, h in zip(existing["image"].astype(str), old_hashes)
+                            if image not in present_images and (not h or h not in present_hashes))
     log.info("reused split: %s", counts)
     return out, counts
 
@@ -201,11 +215,11 @@ def read_split(path: str | Path) -> pd.DataFrame:
         )
     if df["image"].duplicated().any():
         raise DataError(f"{path}: image {df.loc[df['image'].duplicated(), 'image'].iloc[0]!r} is listed twice")
-    return df[list(SPLIT_COLUMNS)]
+    return df[list(SPLIT_COLUMNS) + ([HASH_COLUMN] if HASH_COLUMN in df.columns else [])]
 
 
 def write_split(split: pd.DataFrame, path: str | Path) -> Path:
     """Write a split file atomically."""
     with atomic_path(path) as tmp:
-        split[list(SPLIT_COLUMNS)].to_csv(tmp, index=False)
+        split[list(SPLIT_COLUMNS) + ([HASH_COLUMN] if HASH_COLUMN in split.columns else [])].to_csv(tmp, index=False)
     return Path(path)
