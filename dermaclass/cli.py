@@ -264,12 +264,13 @@ Opt = typer.Option
 @app.command("train", epilog=EXIT_CODES)
 @friendly
 def train_cmd(
-    data: DataPath,
+    data: Annotated[list[Path], typer.Argument(help="One or more datasets (the first keeps its image ids; e.g. an export plus review/).")],
     out_dir: Annotated[Path, Opt("--out", help="Run folder: config, split, history, plots and the model bundle.")],
     config: ConfigOpt = None,
     recipe: Annotated[str | None, Opt("--recipe", help="baseline | sgdr | stepwise [default: stepwise]")] = None,
     arch: Annotated[str | None, Opt("--arch", help="Any timm architecture [default: tf_efficientnet_lite0]")] = None,
     weights: Annotated[Path | None, Opt("--weights", help="Local body weights (.safetensors / .pth state dict).")] = None,
+    init_bundle: Annotated[Path | None, Opt("--from", help="Start from this model bundle (its classes kept, new ones added).")] = None,
     pretrained: Annotated[bool | None, Opt("--pretrained/--no-pretrained", help="ImageNet weights [default: on]")] = None,
     image_size: Annotated[str | None, Opt("--image-size", help="width,height [default: 128,96]")] = None,
     batch_size: Annotated[int | None, Opt("--batch-size", help="b (stepwise: b, 2b, 3b, 4b, b) [default: 32]")] = None,
@@ -304,7 +305,7 @@ def train_cmd(
     """Train a model bundle on a clinic's image folder (default recipe: stepwise, seed 001)."""
     from dermaclass import train as training
 
-    cfg = _config(config, recipe=recipe, arch=arch, weights=weights, pretrained=pretrained, image_size=image_size,
+    cfg = _config(config, recipe=recipe, arch=arch, weights=weights, init_bundle=init_bundle, pretrained=pretrained, image_size=image_size,
                   batch_size=batch_size, lr=lr, lr_suggestion=lr_suggestion, warm_epoch=warm_epoch,
                   head_epochs=head_epochs, epochs=epochs, n_cycles=n_cycles, cycle_len=cycle_len, cycle_mult=cycle_mult,
                   lr_ratio=lr_ratio, stage_fractions=stage_fractions, lr_rule=lr_rule, weight_sharing=weight_sharing,
@@ -313,6 +314,7 @@ def train_cmd(
                   seed=seed, threads=threads, manifest=manifest, image_col=image_col, label_col=label_col,
                   group_col=group_col, class_names=class_names, workers=workers)
     logging.getLogger("dermaclass").setLevel(logging.INFO)
+    cfg = training.inherit_bundle(cfg)
     training.check_run_dir(out_dir, force=force)
     progress, update = _progress("decoding")
     with progress:

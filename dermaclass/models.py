@@ -240,6 +240,38 @@ def load_bundle(folder: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     return model, meta
 
 
+def model_from_bundle(folder: str | Path, classes: list[str]) -> tuple[nn.Module, dict[str, Any]]:
+    """The bundle's network with a head for ``classes`` (a superset of the bundle's).
+
+    The body and the hidden head layers keep their weights; in the final linear layer the
+    rows of the bundle's classes are copied to their new positions, and rows for added
+    classes keep their fresh initialisation (the head grows, known classes keep what they
+    learnt).
+    """
+    old, meta = load_bundle(folder)
+    known = list(meta["classes"])
+    lost = [c for c in known if c not in classes]
+    if lost:
+        raise ModelError(f"{folder}: the new class list {classes} drops the bundle's classes {lost}")
+    info = {"parent_classes": known, "added": [c for c in classes if c not in known]}
+    if known == list(classes):
+        return old, info
+    new = build_model(meta["arch"], len(classes), pretrained=False, ps=meta.get("head", {}).get("ps", 0.5))
+    last = [name for name, m in new[1].named_modules() if isinstance(m, nn.Linear)][-1]
+    prefix = f"1.{last}."
+    rows = torch.tensor([classes.index(c) for c in known])
+    target = new.state_dict()
+    for key, value in old.state_dict().items():
+        if key.startswith(prefix):
+            grown = target[key].clone()
+            grown[rows] = value
+            target[key] = grown
+        else:
+            target[key] = value
+    new.load_state_dict(target, strict=True)
+    return new, info
+
+
 def freeze_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """A detached copy of the weights (for --no-weight-sharing restarts)."""
     return {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -41,7 +42,7 @@ from dermaclass import models, schedules
 from dermaclass.callbacks import MONITOR, BestModel, EpochLine, History
 from dermaclass.lr_find import RangeTest, range_test
 from dermaclass.config import Config
-from dermaclass.data import DecodeCache, assign_split, make_split, read_split, validate_source
+from dermaclass.data import DecodeCache, assign_split, make_split, read_split, validate_sources
 from dermaclass.data.augment import train_pipeline
 from dermaclass.data.cache import CachedImages
 from dermaclass.data.labels import full_name
@@ -93,24 +94,38 @@ class TrainData:
         )
 
 
-def prepare_data(cfg: Config, data: str | Path, *, progress=None) -> TrainData:
-    """Load, validate (skipping bad files), split by lesion/patient, and fill the decode cache."""
-    validation = validate_source(cfg, data, progress=progress)
-    dataset = validation.dataset
-    skipped = sum(p.action == "skipped" for p in validation.problems)
+def prepare_data(cfg: Config, data: str | Path | Sequence[str | Path], *, progress=None) -> TrainData:
+    """Load and validate one or more sources (skipping bad files), split by lesion/patient, fill the decode cache.
+
+    With ``cfg.init_bundle`` the vocabulary is the union of the bundle's classes and the
+    data's, so a class the new data lacks keeps its place (and weights) in the head.
+    """
+    paths = [data] if isinstance(data, (str, Path)) else list(data)
+    if not paths:
+        raise TrainingError("no data source given")
+    items, validations = validate_sources(cfg, paths, progress=progress)
+    skipped = sum(p.action == "skipped" for v in validations for p in v.problems)
     if skipped:
         log.warning("%d files skipped by validation (run `dermaclass data validate` for the list)", skipped)
-    items = validation.items
     counts: dict[str, int] = {}
     if cfg.split_file:
         split, counts = assign_split(items, read_split(cfg.split_file), fractions=cfg.split_fractions, seed=cfg.seed)
     else:
         split = make_split(items, fractions=cfg.split_fractions, seed=cfg.seed)
     items = items.assign(split=split["split"].to_numpy())
+    class_names: dict[str, str] = {}
+    for v in validations:
+        class_names.update({k: n for k, n in v.dataset.class_names.items() if k not in class_names})
     vocab = sorted(items["label"].unique().tolist())
+    if cfg.init_bundle:
+        parent = models.read_bundle_meta(cfg.init_bundle)
+        check_class_names(parent, class_names, source=str(cfg.init_bundle))
+        for c, n in (parent.get("class_names") or {}).items():
+            class_names.setdefault(c, n)
+        vocab = sorted(set(vocab) | set(parent["classes"]))
     for part in ("train", "valid"):
         if not (items["split"] == part).any():
-            raise TrainingError(f"{data}: the {part} split is empty; add images or change --split-fractions")
+            raise TrainingError(f"{', '.join(map(str, paths))}: the {part} split is empty; add images or change --split-fractions")
     images = DecodeCache(cfg.cache_dir, cfg.image_size).ensure(
         items["path"].tolist(), items["hash"].tolist(), workers=cfg.workers or None
     )
@@ -118,11 +133,44 @@ def prepare_data(cfg: Config, data: str | Path, *, progress=None) -> TrainData:
         items=items.reset_index(drop=True),
         images=images,
         vocab=vocab,
-        names={c: full_name(c, dataset.class_names) for c in vocab},
+        names={c: full_name(c, class_names) for c in vocab},
         split=split,
-        sources=[str(dataset.root)],
+        sources=[str(v.dataset.root) for v in validations],
         split_reuse=counts,
     )
+
+
+def inherit_bundle(cfg: Config) -> Config:
+    """With ``--from BUNDLE``: the bundle's architecture and input size (its weights need them)."""
+    if not cfg.init_bundle:
+        return cfg
+    meta = models.read_bundle_meta(cfg.init_bundle)
+    size = (int(meta["input_size"][0]), int(meta["input_size"][1]))
+    if cfg.arch != meta["arch"] or tuple(cfg.image_size) != size:
+        log.info("continuing %s: architecture %s, input %dx%d", cfg.init_bundle, meta["arch"], *size)
+    return cfg.replace(arch=meta["arch"], image_size=size, pretrained=False)
+
+
+def parent_record(cfg: Config, vocab: list[str]) -> dict[str, Any] | None:
+    """What the bundle records about the bundle it continued (None when trained from ImageNet)."""
+    if not cfg.init_bundle:
+        return None
+    import hashlib
+
+    meta = models.read_bundle_meta(cfg.init_bundle)
+    weights = Path(cfg.init_bundle) / models.BUNDLE_WEIGHTS
+    return {"bundle": str(cfg.init_bundle), "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+            "created": meta.get("created"), "classes": meta["classes"],
+            "classes_added": [c for c in vocab if c not in meta["classes"]], "sources": (meta.get("data") or {}).get("sources")}
+
+
+def check_class_names(parent: dict[str, Any], names: dict[str, str], *, source: str) -> None:
+    """Refuse to continue a bundle whose class codes mean something else in the new data."""
+    theirs = parent.get("class_names") or {}
+    clash = [c for c, n in names.items() if c in theirs and theirs[c].strip().lower() != n.strip().lower()]
+    if clash:
+        listed = "; ".join(f"{c!r} is {theirs[c]!r} in the bundle but {names[c]!r} in the data" for c in clash)
+        raise TrainingError(f"{source}: class codes conflict: {listed}. Rename the new class or relabel.")
 
 
 # ---- learner and LR range test ---------------------------------------------------------
@@ -141,9 +189,10 @@ def build_learner(cfg: Config, data: TrainData, run_dir: Path, *, dls) -> Learne
     from fastai.callback.channelslast import ChannelsLast
 
     if cfg.init_bundle:
-        model, meta = models.load_bundle(cfg.init_bundle)
-        if list(meta["classes"]) != data.vocab:
-            raise TrainingError(f"{cfg.init_bundle}: bundle classes {meta['classes']} differ from the data's {data.vocab}")
+        try:
+            model, _ = models.model_from_bundle(cfg.init_bundle, data.vocab)
+        except models.ModelError as exc:
+            raise TrainingError(str(exc)) from None
     else:
         model = models.build_model(cfg.arch, len(data.vocab), pretrained=cfg.pretrained, weights=cfg.weights)
     cbs = [ChannelsLast(), History(run_dir / "history.csv"), BestModel(run_dir / "checkpoints" / "best.safetensors")]
@@ -395,6 +444,7 @@ def bundle_meta(cfg: Config, data: TrainData, metrics: dict, stages: list[dict],
         "data": {"sources": data.sources, "split_counts": data.items["split"].value_counts().to_dict(),
                  "split_reuse": data.split_reuse,
                  "split_file": "split.csv", "data_card": data_card},
+        "parent": parent_record(cfg, data.vocab),
         "package_version": dermaclass.__version__,
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
         "git_commit": _git_commit(),

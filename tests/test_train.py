@@ -145,3 +145,66 @@ def test_cli_train_prints_the_plan(colour_data: Path, tmp_path: Path) -> None:
     assert again.exit_code == 2 and "already there" in again.output
 
 
+
+
+# ---- retraining on new clinic data ------------------------------------------------------------
+def _new_class_folder(root: Path, label: str = "bcc", n: int = 12) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(7)
+    (root / label).mkdir(parents=True)
+    for i in range(n):
+        arr = rng.integers(0, 60, (24, 32, 3)).astype(np.uint8)
+        arr[..., :2] += 150  # yellow: unlike the three colour classes
+        Image.fromarray(arr).save(root / label / f"new{i}.png")
+    return root
+
+
+def test_several_sources_merge_with_prefixed_ids(colour_data: Path, tmp_path: Path) -> None:
+    extra = _new_class_folder(tmp_path / "batch2")
+    data = prepare_data(_cfg(tmp_path), [colour_data, extra])
+    assert data.vocab == ["bcc", "bkl", "mel", "nv"] and len(data.items) == 72
+    new = data.items[data.items["label"] == "bcc"]
+    assert new["image"].str.startswith("batch2/").all() and new["group"].str.startswith("batch2:").all()
+    assert data.sources == [str(colour_data.resolve()), str(extra.resolve())]
+
+
+def test_model_from_bundle_grows_the_head(tiny_bundle: Path) -> None:
+    parent, meta = models.load_bundle(tiny_bundle)
+    grown, info = models.model_from_bundle(tiny_bundle, ["bcc", "bkl", "mel", "nv"])
+    assert info["added"] == ["bcc"]
+    linear = [m for m in parent[1].modules() if isinstance(m, torch.nn.Linear)][-1]
+    grown_linear = [m for m in grown[1].modules() if isinstance(m, torch.nn.Linear)][-1]
+    assert grown_linear.weight.shape[0] == 4
+    assert torch.equal(grown_linear.weight[1:], linear.weight)  # bkl, mel, nv moved one row down
+    assert linear.bias is None or torch.equal(grown_linear.bias[1:], linear.bias)
+    body_old, body_new = parent[0].state_dict(), grown[0].state_dict()
+    assert all(torch.equal(body_old[k], body_new[k]) for k in body_old)
+    with pytest.raises(models.ModelError, match="drops"):
+        models.model_from_bundle(tiny_bundle, ["bkl", "mel"])
+
+
+def test_retrain_from_bundle_keeps_the_old_split_and_adds_a_class(tiny_bundle: Path, colour_data: Path, tmp_path: Path) -> None:
+    from dermaclass.train import inherit_bundle
+
+    extra = _new_class_folder(tmp_path / "batch2")
+    cfg = inherit_bundle(_cfg(tmp_path, recipe="baseline", lr=1e-3, init_bundle=str(tiny_bundle),
+                              split_file=str(tiny_bundle / "split.csv")))
+    data = prepare_data(cfg, [colour_data, extra])
+    assert data.split_reuse["kept"] == 60 and data.split_reuse["assigned"] == 12
+    old = pd.read_csv(tiny_bundle / "split.csv").set_index("image")["split"]
+    merged = data.items.set_index("image")["split"]
+    assert (merged[old.index] == old).all()  # no old test image moved into training
+    out = tmp_path / "run"
+    train(cfg, data, out)
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["classes"] == ["bcc", "bkl", "mel", "nv"]
+    assert meta["parent"]["classes_added"] == ["bcc"] and len(meta["parent"]["weights_sha256"]) == 64
+
+
+def test_conflicting_class_names_are_refused(tiny_bundle: Path, colour_data: Path, tmp_path: Path) -> None:
+    names = tmp_path / "names.json"
+    names.write_text(json.dumps({"mel": "melasma", "nv": "melanocytic nevus", "bkl": "benign keratosis"}))
+    cfg = _cfg(tmp_path, init_bundle=str(tiny_bundle), class_names=str(names))
+    with pytest.raises(TrainingError, match="'mel' is 'melanoma' in the bundle but 'melasma'"):
+        prepare_data(cfg, colour_data)

@@ -16,7 +16,7 @@ from dermaclass.data.images import ImageDecodeError, load_rgb
 from dermaclass.data.labels import KNOWN_CLASS_NAMES, full_name, load_class_names
 from dermaclass.data.sources import PROBLEM_KINDS, Dataset, Problem, load_dataset
 from dermaclass.data.splits import assign_split, make_split, read_split, write_split
-from dermaclass.data.validate import Validation, validate, validate_source
+from dermaclass.data.validate import Validation, validate, validate_source, validate_sources
 
 __all__ = [
     "KNOWN_CLASS_NAMES",
@@ -38,5 +38,6 @@ __all__ = [
     "render_card",
     "validate",
     "validate_source",
+    "validate_sources",
     "write_split",
 ]

@@ -10,10 +10,11 @@ data card.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -207,3 +208,43 @@ def validate_source(cfg: Config, path: str | Path, *, progress: Callable[[int, i
         class_names=names,
     )
     return validate(dataset, min_per_class=cfg.min_per_class, workers=cfg.workers or None, progress=progress)
+
+
+def validate_sources(
+    cfg: Config, paths: Sequence[str | Path], *, progress: Callable[[int, int], None] | None = None
+) -> tuple[pd.DataFrame, list[Validation]]:
+    """Validate several sources (a clinic export, a new batch, the app's review folder) and merge them.
+
+    The first source is read with the data settings of ``cfg`` (manifest, column names) and
+    keeps its image ids, so a split file written for it still matches; later sources are
+    read with auto-detection, and their image ids and groups are prefixed with the source's
+    folder name so two sources can never collide. The same file in two sources is kept once
+    (the first); with conflicting labels it is dropped from both, with a warning.
+    """
+    frames, validations = [], []
+    for k, path in enumerate(paths):
+        vcfg = cfg if k == 0 else dataclasses.replace(cfg, manifest=None, image_col=None, label_col=None, group_col=None)
+        v = validate_source(vcfg, path, progress=progress)
+        items = v.items.copy()
+        if k > 0:
+            name = v.dataset.root.name
+            items["image"] = name + "/" + items["image"].astype(str)
+            items["group"] = name + ":" + items["group"].astype(str)
+        items["source"] = str(v.dataset.root)
+        frames.append(items)
+        validations.append(v)
+    items = pd.concat(frames, ignore_index=True)
+    if len(paths) > 1:
+        across = items.groupby("hash")["source"].transform("nunique") > 1
+        labels = items.groupby("hash")["label"].transform("nunique")
+        conflict = across & (labels > 1)
+        if conflict.any():
+            log.warning("%d files appear in several sources with different labels; dropped: %s", int(conflict.sum()),
+                        ", ".join(items.loc[conflict, "path"].astype(str).head(5)))
+            items = items[~conflict]
+        first_source = items.groupby("hash")["source"].transform("first")
+        repeat = (items["source"] != first_source) & items.duplicated("hash", keep=False)
+        if repeat.any():
+            log.info("%d files repeat an earlier source's file; kept once", int(repeat.sum()))
+            items = items[~repeat]
+    return items.reset_index(drop=True), validations
