@@ -208,3 +208,21 @@ def test_conflicting_class_names_are_refused(tiny_bundle: Path, colour_data: Pat
     cfg = _cfg(tmp_path, init_bundle=str(tiny_bundle), class_names=str(names))
     with pytest.raises(TrainingError, match="'mel' is 'melanoma' in the bundle but 'melasma'"):
         prepare_data(cfg, colour_data)
+
+
+def test_cli_retrain_compares_on_the_parent_test_split(tiny_bundle: Path, colour_data: Path, tmp_path: Path) -> None:
+    from dermaclass.cli import app
+
+    extra = _new_class_folder(tmp_path / "batch2")
+    out = tmp_path / "v2"
+    res = CliRunner().invoke(app, ["retrain", str(tiny_bundle), str(colour_data), str(extra), "--out", str(out),
+                                   "--n-boot", "50"])
+    assert res.exit_code in (0, 6), res.output  # 6: a flagged sensitivity drop, also a valid outcome
+    assert "classes added: bcc" in res.output and "12 new assigned" in res.output
+    for f in ("model.json", "report/report.html", "compare/compare.html", "compare/parent/report.json",
+              "compare/new/report.json"):
+        assert (out / f).is_file(), f
+    cmp = json.loads((out / "compare" / "compare.json").read_text())
+    assert cmp["same_test_set"] and cmp["classes_added"] == ["bcc"]
+    parent_test = pd.read_csv(tiny_bundle / "split.csv").query("split == 'test'")
+    assert cmp["new"]["data"]["n"] == len(parent_test)

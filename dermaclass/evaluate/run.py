@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -21,7 +22,7 @@ import pandas as pd
 
 import dermaclass
 from dermaclass.config import Config
-from dermaclass.data import DecodeCache, read_split, validate_source
+from dermaclass.data import DecodeCache, read_split, validate_sources
 from dermaclass.errors import DermaclassError
 from dermaclass.evaluate.metrics import (
     bootstrap_intervals, classification_metrics, confused_pairs, expected_calibration_error, flag_rates,
@@ -88,7 +89,7 @@ def select_split(items: pd.DataFrame, split_df: pd.DataFrame | None, split: str,
 
 def evaluate_bundle(
     bundle: str | Path,
-    data: str | Path,
+    data: str | Path | Sequence[str | Path],
     *,
     split: Split = "test",
     split_file: str | Path | None = None,
@@ -98,19 +99,18 @@ def evaluate_bundle(
     gallery: int = 12,
     progress: Any = None,
 ) -> Evaluation:
-    """Evaluate the bundle on ``split`` of ``data``; ``cfg`` supplies the data-layer settings."""
+    """Evaluate the bundle on ``split`` of ``data`` (one or more sources, merged as training merges them).
+
+    ``cfg`` supplies the data-layer settings.
+    """
     cfg = cfg or Config()
     bundle = Path(bundle)
     predictor = Predictor(bundle, threads=cfg.threads)
     classes = predictor.classes
-    validation = validate_source(cfg, data, progress=progress)
-    items = validation.items.reset_index(drop=True)
-
-    unknown = items.loc[~items["label"].isin(classes), "label"].value_counts()
-    if len(unknown):
-        listed = ", ".join(f"{lab!r} ({n} image{'s' if n > 1 else ''})" for lab, n in unknown.items())
-        raise EvaluationError(f"{data}: labels the model does not know: {listed}; the model's classes are "
-                              f"{', '.join(classes)}. Relabel, drop them, or train a model that has them.")
+    paths = [data] if isinstance(data, (str, Path)) else list(data)
+    items, validations = validate_sources(cfg, paths, progress=progress)
+    items = items.reset_index(drop=True)
+    data = ", ".join(str(p) for p in paths)
 
     split_path: Path | None = None
     split_df = None
@@ -121,6 +121,11 @@ def evaluate_bundle(
         split_df = read_split(split_path)
     chosen, split_counts = select_split(items, split_df, split, source=str(data))
     chosen = chosen.reset_index(drop=True)
+    unknown = chosen.loc[~chosen["label"].isin(classes), "label"].value_counts()
+    if len(unknown):
+        listed = ", ".join(f"{lab!r} ({n} image{'s' if n > 1 else ''})" for lab, n in unknown.items())
+        raise EvaluationError(f"{data}: labels the model does not know: {listed}; the model's classes are "
+                              f"{', '.join(classes)}. Relabel, drop them, or train a model that has them.")
 
     images = DecodeCache(cfg.cache_dir, predictor.input_size).ensure(
         chosen["path"].tolist(), chosen["hash"].tolist(), workers=cfg.workers or None
@@ -166,8 +171,8 @@ def evaluate_bundle(
                  "split_sha256": sha256_file(split_path) if split_path else None,
                  "images_sha256": images_identity(chosen["hash"], chosen["label"]),
                  "n": int(len(chosen)), "groups": int(len(set(groups))),
-                 "group_column": validation.dataset.columns.get("group") if has_groups else None,
-                 "counts": split_counts, "problems": len(validation.problems)},
+                 "group_column": validations[0].dataset.columns.get("group") if has_groups else None,
+                 "counts": split_counts, "problems": sum(len(v.problems) for v in validations)},
         "classes": classes,
         "class_names": predictor.class_names,
         **metrics,

@@ -50,11 +50,14 @@ def load_report(folder: str | Path) -> tuple[dict[str, Any], pd.DataFrame]:
 
 
 def _probs(preds: pd.DataFrame, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and probabilities over ``classes``; a class the model lacks has probability 0."""
     index = {c: i for i, c in enumerate(classes)}
     unknown = sorted(set(preds["label"]) - set(index))
     if unknown:
         raise CompareError(f"predictions hold labels {unknown} outside the classes {classes}")
-    return preds["label"].map(index).to_numpy(), preds[[f"p_{c}" for c in classes]].to_numpy(dtype=float)
+    probs = np.stack([preds[f"p_{c}"].to_numpy(dtype=float) if f"p_{c}" in preds else np.zeros(len(preds))
+                      for c in classes], axis=1)
+    return preds["label"].map(index).to_numpy(), probs
 
 
 def compare_reports(old_dir: str | Path, new_dir: str | Path, *, force: bool = False, n_boot: int = 1000,
@@ -66,9 +69,9 @@ def compare_reports(old_dir: str | Path, new_dir: str | Path, *, force: bool = F
     """
     old, old_p = load_report(old_dir)
     new, new_p = load_report(new_dir)
-    if old["classes"] != new["classes"]:
-        raise CompareError(f"{old_dir} and {new_dir} have different classes ({old['classes']} vs {new['classes']})")
-    classes = list(old["classes"])
+    # A retrained model may have grown classes: compare over the union; a model never
+    # predicts a class it lacks (probability 0), which is exactly how it behaves in use.
+    classes = list(new["classes"]) + [c for c in old["classes"] if c not in new["classes"]]
     same = old["data"]["images_sha256"] == new["data"]["images_sha256"]
     if not same and not force:
         raise CompareError(
@@ -119,7 +122,9 @@ def compare_reports(old_dir: str | Path, new_dir: str | Path, *, force: bool = F
         "new": {"folder": str(new_dir), "model": new["model"], "data": new["data"]},
         "same_test_set": same, "paired": paired, "forced": bool(force and not same),
         "bootstrap": {"n_boot": n_boot, "level": level, "resampled": "groups"},
-        "classes": classes, "class_names": new.get("class_names", {}),
+        "classes": classes, "class_names": {**old.get("class_names", {}), **new.get("class_names", {})},
+        "classes_added": [c for c in new["classes"] if c not in old["classes"]],
+        "classes_removed": [c for c in old["classes"] if c not in new["classes"]],
         "overall": overall, "per_class": per_class,
         "sensitivity_drops": flagged,
         "confusion_old": m_old["confusion_matrix"], "confusion_new": m_new["confusion_matrix"],
