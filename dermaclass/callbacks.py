@@ -4,7 +4,12 @@
   ``history.csv``, rewritten atomically after every epoch;
 - ``EpochLine``: a plain log line per epoch where fastai's progress bars would be noise (CI);
 - ``BestModel``: the weights with the best validation balanced accuracy over the whole run
-  (all stepwise stages), kept as safetensors, restored at the end.
+  (all stepwise stages), kept as safetensors, restored at the end;
+- ``Checkpoint``: after every epoch, the weights (safetensors), the optimizer state and
+  ``progress.json`` (which step of the recipe, how many of its epochs are done, RNG states),
+  so that ``--resume`` continues an interrupted run. Files are written in an order that a
+  crash at any point leaves a consistent checkpoint: numbered weights first, then the
+  progress file that points to them (atomically), then the old files are removed.
 
 They react to real training epochs only, never to a range test or ``get_preds``.
 """
@@ -101,6 +106,40 @@ class BestModel(_EpochCallback):
             from safetensors.torch import load_file
 
             self.learn.model.load_state_dict(load_file(str(self.path)))
+
+
+class Checkpoint(_EpochCallback):
+    """Everything ``--resume`` needs after every epoch; ``state`` supplies the run's own records."""
+
+    order = Recorder.order + 4
+
+    def __init__(self, folder: Path, state) -> None:  # noqa: ANN001 - a callable returning a dict
+        self.folder, self.state, self.count = Path(folder), state, 0
+
+    def epoch_done(self) -> None:
+        import torch
+        from safetensors.torch import save_file
+
+        from dermaclass.fileio import write_json
+
+        self.count += 1
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tag = f"{self.count:04d}-{time.time_ns()}"
+        weights, opt = self.folder / f"weights-{tag}.safetensors", self.folder / f"opt-{tag}.pt"
+        state = {k: v.detach().contiguous() for k, v in self.learn.model.state_dict().items()}
+        with atomic_path(weights) as tmp:
+            save_file(state, str(tmp))
+        with atomic_path(opt) as tmp:
+            torch.save(self.learn.opt.state_dict(), tmp)  # tensors and numbers only: loads with weights_only=True
+        write_json(self.folder.parent / PROGRESS, {**self.state(), "epoch_in_step": self.epoch + 1,
+                                                    "weights": weights.name, "optimizer": opt.name})
+        for old in self.folder.glob("*-*"):
+            if old.name not in (weights.name, opt.name) and old.suffix in (".safetensors", ".pt") and \
+                    old.name.startswith(("weights-", "opt-")):
+                old.unlink(missing_ok=True)
+
+
+PROGRESS = "progress.json"
 
 
 def as_float(v: Any) -> float | None:

@@ -16,7 +16,9 @@ Side behaviour (history, best checkpoint, early stopping, log lines) lives in Ca
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -39,7 +41,7 @@ from fastai.torch_core import set_seed
 
 import dermaclass
 from dermaclass import models, schedules
-from dermaclass.callbacks import MONITOR, BestModel, EpochLine, History
+from dermaclass.callbacks import MONITOR, PROGRESS, BestModel, Checkpoint, EpochLine, History
 from dermaclass.lr_find import RangeTest, range_test
 from dermaclass.config import Config
 from dermaclass.data import DecodeCache, assign_split, make_split, read_split, validate_sources
@@ -216,14 +218,40 @@ def build_learner(cfg: Config, data: TrainData, run_dir: Path, *, dls) -> Learne
 # ---- recipes ---------------------------------------------------------------------------
 @dataclass
 class Run:
-    """The state of a run that the recipes share: learner, data, config, records."""
+    """The state of a run that the recipes share: learner, data, config, records, resume point.
+
+    Every fit call of a recipe is a named *step* (``"2/sgdr"``: stage 2, its SGDR phase).
+    ``Checkpoint`` records after each epoch which step and how many of its epochs are done;
+    on ``--resume`` the recipe runs again from the top, completed steps are skipped, range
+    tests return their recorded LRs, and the interrupted step continues at its next epoch
+    (fastai's ``start_epoch``) with the saved weights, optimizer state and RNG state.
+    """
 
     learn: Learner
     data: TrainData
     cfg: Config
     run_dir: Path
     range_tests: list[RangeTest] = field(default_factory=list)
-    images_seen: int = 0
+    step_images: dict[str, int] = field(default_factory=dict)  # images processed per completed step
+    resume: dict[str, Any] | None = None  # the progress.json of an interrupted run
+    done_steps: list[str] = field(default_factory=list)
+    lrs: dict[str, float] = field(default_factory=dict)
+    step_name: str = ""
+    prior_range_tests: list[dict] = field(default_factory=list)  # from before an interruption
+    seconds_before: float = 0.0  # training time before an interruption
+    t0: float = field(default_factory=time.perf_counter)
+
+    def range_test_records(self) -> list[dict]:
+        return self.prior_range_tests + [t.to_dict() for t in self.range_tests]
+
+    @property
+    def images_seen(self) -> int:
+        """Seed 001's cost measure: images processed by training steps (epochs x images)."""
+        return sum(self.step_images.values())
+
+    @property
+    def seconds(self) -> float:
+        return self.seconds_before + time.perf_counter() - self.t0
 
     def set_phase(self, stage: str, phase: str) -> None:
         hist = self.learn.history if hasattr(self.learn, "history") else None
@@ -233,12 +261,72 @@ class Run:
     def base_lr(self, name: str) -> float:
         if self.cfg.lr is not None:
             return self.cfg.lr
+        if self.resume and name in self.resume.get("lrs", {}):
+            self.lrs[name] = self.resume["lrs"][name]
+            return self.lrs[name]
         hist = self.learn.history if hasattr(self.learn, "history") else None
         if hist is not None:
             hist.phase = "warm"  # seed 002's warm epoch, when configured, is real training
         test = range_test(self.learn, self.cfg, self.run_dir, name)
         self.range_tests.append(test)
+        self.lrs[name] = test.chosen
         return test.chosen
+
+    def step(self, name: str, n_epoch: int, n_train: int, fit) -> None:  # noqa: ANN001 - fit(start_epoch)
+        """Run one fit call of the recipe, or skip / continue it when resuming."""
+        start = 0
+        if self.resume is not None:
+            if name in self.resume["done_steps"]:
+                self.step_images[name] = self.resume["step_images"][name]
+                self.done_steps.append(name)
+                return
+            start = self.resume["epoch_in_step"] if self.resume["step"] == name else 0
+            self._restore(opt=start > 0)
+        self.step_name = name
+        if n_epoch > start:
+            fit(start)
+        self.step_images[name] = n_epoch * n_train
+        self.done_steps.append(name)
+
+    def _restore(self, *, opt: bool) -> None:
+        """Load the checkpoint of the interrupted run (once, at the first step not completed)."""
+        import random
+
+        from safetensors.torch import load_file
+
+        state, self.resume = self.resume, None
+        ckpt = self.run_dir / "checkpoints"
+        self.learn.model.load_state_dict(load_file(str(ckpt / state["weights"])))
+        if opt:
+            if self.learn.opt is None:
+                self.learn.create_opt()
+            self.learn.opt.load_state_dict(torch.load(ckpt / state["optimizer"], weights_only=True))
+        rng = state.get("rng") or {}
+        if rng:
+            random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
+            np.random.set_state((rng["numpy"][0], np.asarray(rng["numpy"][1], dtype=np.uint32), *rng["numpy"][2:]))
+            torch.set_rng_state(torch.tensor(rng["torch"], dtype=torch.uint8))
+        log.info("resumed at step %s, epoch %d", state["step"], state["epoch_in_step"])
+
+    def progress(self) -> dict[str, Any]:
+        """What Checkpoint writes to progress.json (with the epoch count it adds)."""
+        import random
+
+        py = random.getstate()
+        np_state = np.random.get_state()
+        return {
+            "recipe": self.cfg.recipe, "step": self.step_name,
+            "done_steps": list(self.done_steps), "lrs": dict(self.lrs),
+            "range_tests": self.range_test_records(),
+            "step_images": dict(self.step_images),  # completed steps only
+            "seconds": round(self.seconds, 1),
+            "history_rows": len(self.learn.history.rows),
+            "best": self.learn.best_model.best if math.isfinite(self.learn.best_model.best) else None,
+            "rng": {"python": [py[0], list(py[1]), py[2]],
+                    "numpy": [np_state[0], np_state[1].tolist(), *[int(v) if isinstance(v, (int, np.integer)) else float(v)
+                                                                   for v in np_state[2:]]],
+                    "torch": torch.get_rng_state().tolist()},
+        }
 
 
 def _sgdr_stage(run: Run, *, stage: str, lr: float, head_epochs: int, n_train: int) -> None:
@@ -247,21 +335,30 @@ def _sgdr_stage(run: Run, *, stage: str, lr: float, head_epochs: int, n_train: i
     if head_epochs:
         run.set_phase(stage, "head")
         learn.freeze()
-        learn.fit_one_cycle(head_epochs, lr)
-        run.images_seen += head_epochs * n_train
+        run.step(f"{stage}/head", head_epochs, n_train, lambda s: learn.fit_one_cycle(head_epochs, lr, start_epoch=s))
     run.set_phase(stage, "sgdr")
     learn.unfreeze()
-    learn.fit_sgdr(cfg.n_cycles, cfg.cycle_len, lr_max=slice(lr / cfg.lr_ratio, lr), cycle_mult=cfg.cycle_mult)
-    run.images_seen += schedules.sgdr_epochs(cfg.n_cycles, cfg.cycle_len, cfg.cycle_mult) * n_train
+    n = schedules.sgdr_epochs(cfg.n_cycles, cfg.cycle_len, cfg.cycle_mult)
+    run.step(f"{stage}/sgdr", n, n_train, lambda s: learn.fit_sgdr(
+        cfg.n_cycles, cfg.cycle_len, lr_max=slice(lr / cfg.lr_ratio, lr), cycle_mult=cfg.cycle_mult, start_epoch=s))
 
 
 def recipe_baseline(run: Run) -> list[dict]:
-    """fastai ``fine_tune``: frozen head fit, unfreeze, ``fit_one_cycle`` with discriminative LRs."""
-    cfg, n = run.cfg, len(run.data.train_rows)
+    """fastai ``fine_tune``, spelt out as its two ``fit_one_cycle`` calls so that each can resume:
+    a frozen head fit at the base LR, then unfreeze and one-cycle at half of it with
+    discriminative LRs (fastai's defaults: pct_start 0.99 then 0.3, div 5)."""
+    cfg, n, learn = run.cfg, len(run.data.train_rows), run.learn
     lr = run.base_lr("baseline")
+    run.set_phase("1", "head")
+    learn.freeze()
+    if cfg.head_epochs:
+        run.step("1/head", cfg.head_epochs, n, lambda s: learn.fit_one_cycle(
+            cfg.head_epochs, slice(lr), pct_start=0.99, start_epoch=s))
     run.set_phase("1", "fine_tune")
-    run.learn.fine_tune(cfg.epochs, base_lr=lr, freeze_epochs=cfg.head_epochs, lr_mult=cfg.lr_ratio)
-    run.images_seen += (cfg.head_epochs + cfg.epochs) * n
+    learn.unfreeze()
+    half = lr / 2
+    run.step("1/fine_tune", cfg.epochs, n, lambda s: learn.fit_one_cycle(
+        cfg.epochs, slice(half / cfg.lr_ratio, half), pct_start=0.3, div=5.0, start_epoch=s))
     return [{"stage": 1, "fraction": 1.0, "images": n, "batch_size": cfg.batch_size, "lr": lr,
              "epochs": cfg.head_epochs + cfg.epochs}]
 
@@ -348,26 +445,56 @@ def check_run_dir(run_dir: Path, *, force: bool) -> None:
     if (run_dir / models.BUNDLE_META).exists() or (run_dir / models.BUNDLE_WEIGHTS).exists():
         raise FileExistsError(f"{run_dir}: a model bundle is already there")
     if any(run_dir.iterdir()):
-        raise FileExistsError(f"{run_dir}: not empty (an earlier or interrupted run?)")
+        raise FileExistsError(f"{run_dir}: not empty (an interrupted run? continue it with --resume)")
 
 
-def train(cfg: Config, data: TrainData, run_dir: str | Path, *, force: bool = False, data_card: str | None = None) -> TrainResult:
-    """Run ``cfg.recipe`` on prepared data and write the run folder and the model bundle."""
+def read_progress(run_dir: Path) -> dict[str, Any]:
+    """The progress.json of an interrupted run, checked."""
+    path = run_dir / PROGRESS
+    if (run_dir / models.BUNDLE_META).exists():
+        raise TrainingError(f"{run_dir}: this run already finished (its bundle is there); nothing to resume")
+    if not path.is_file():
+        raise TrainingError(f"{run_dir}: no {PROGRESS} (the run stopped before its first epoch ended); start it again")
+    try:
+        progress = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise TrainingError(f"{path}: unreadable ({exc})") from None
+    if not (run_dir / "checkpoints" / progress.get("weights", "?")).is_file():
+        raise TrainingError(f"{path}: its checkpoint {progress.get('weights')} is missing")
+    return progress
+
+
+def train(cfg: Config, data: TrainData, run_dir: str | Path, *, force: bool = False, data_card: str | None = None,
+          resume: bool = False) -> TrainResult:
+    """Run ``cfg.recipe`` on prepared data and write the run folder and the model bundle.
+
+    ``resume``: continue the interrupted run in ``run_dir`` (same config and split) from its
+    last completed epoch.
+    """
     run_dir = Path(run_dir)
-    check_run_dir(run_dir, force=force)
+    progress = read_progress(run_dir) if resume else None
+    if not resume:
+        check_run_dir(run_dir, force=force)
     run_dir.mkdir(parents=True, exist_ok=True)
     models.set_threads(cfg.threads)
     set_seed(cfg.seed, reproducible=True)
-    cfg.save(run_dir / "config.yaml")
-    with atomic_path(run_dir / "split.csv") as tmp:
-        data.split.to_csv(tmp, index=False)
+    if not resume:
+        cfg.save(run_dir / "config.yaml")
+        with atomic_path(run_dir / "split.csv") as tmp:
+            data.split.to_csv(tmp, index=False)
 
     # stepwise swaps learn.dls at every stage; the others train on these.
     learn = build_learner(cfg, data, run_dir, dls=stage_dataloaders(cfg, data, data.train_rows, cfg.batch_size))
-    run = Run(learn, data, cfg, run_dir)
-    start = time.perf_counter()
+    run = Run(learn, data, cfg, run_dir, resume=progress)
+    if progress is not None:
+        history = pd.read_csv(run_dir / "history.csv") if (run_dir / "history.csv").is_file() else pd.DataFrame()
+        learn.history.rows = history.head(progress["history_rows"]).to_dict("records")
+        learn.best_model.best = progress["best"] if progress.get("best") is not None else -math.inf
+        run.prior_range_tests, run.seconds_before = progress.get("range_tests", []), progress.get("seconds", 0.0)
+    learn.add_cb(Checkpoint(run_dir / "checkpoints", run.progress))
     stages = RECIPES[cfg.recipe](run)
-    seconds = time.perf_counter() - start
+    seconds = run.seconds
+    learn.remove_cb(learn.checkpoint)
     learn.best_model.restore()
 
     logits, targets = learn.get_preds(dl=learn.dls.valid, act=lambda x: x)
@@ -375,10 +502,13 @@ def train(cfg: Config, data: TrainData, run_dir: str | Path, *, force: bool = Fa
     metrics = classification_metrics(targets.numpy(), probs, data.vocab)
     _plot_curves(run_dir)
     meta = bundle_meta(cfg, data, metrics, stages, run, seconds, data_card)
-    meta.update(calibration=calibration, operating_points=points)
-    models.save_bundle(learn.model, meta, run_dir, force=force)
+    meta.update(calibration=calibration, operating_points=points, resumed=progress is not None)
+    models.save_bundle(learn.model, meta, run_dir, force=force or resume)
+    for f in (run_dir / "checkpoints").glob("*-*"):
+        if f.name.startswith(("weights-", "opt-")):
+            f.unlink(missing_ok=True)  # resume files are not needed once the bundle exists
     log.info("bundle written to %s: valid balanced accuracy %.4f", run_dir, metrics["balanced_accuracy"])
-    return TrainResult(run_dir, metrics, stages, seconds, run.images_seen, [t.to_dict() for t in run.range_tests])
+    return TrainResult(run_dir, metrics, stages, seconds, run.images_seen, run.range_test_records())
 
 
 def calibrate(cfg: Config, logits: np.ndarray, labels: np.ndarray, vocab: list[str]) -> tuple[dict, dict, np.ndarray]:
@@ -436,7 +566,7 @@ def bundle_meta(cfg: Config, data: TrainData, metrics: dict, stages: list[dict],
         "metrics_valid": metrics,
         "recipe": cfg.recipe,
         "stages": stages,
-        "range_tests": [t.to_dict() for t in run.range_tests],
+        "range_tests": run.range_test_records(),
         "training": {"seconds": round(seconds, 1), "images_seen": run.images_seen,
                      "epochs_equivalent": round(run.images_seen / max(1, len(data.train_rows)), 2),
                      "best_valid_balanced_accuracy": run.learn.best_model.best},

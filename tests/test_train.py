@@ -55,7 +55,7 @@ def test_recipe_end_to_end(recipe: str, colour_data: Path, tmp_path: Path) -> No
 
 
 def test_stepwise_stages_follow_the_plan(colour_data: Path, tmp_path: Path) -> None:
-    cfg = _cfg(tmp_path, recipe="stepwise", lr=1e-3, stage_fractions="0.4,0.7,1.0")
+    cfg = _cfg(tmp_path, recipe="stepwise", lr=1e-3, stage_fractions="0.4,0.7,1.0", lr_rule="eq9")
     data = prepare_data(cfg, colour_data)
     result = train(cfg, data, tmp_path / "run")
     assert [s["batch_size"] for s in result.stages] == [8, 16, 8]
@@ -77,7 +77,7 @@ def test_no_weight_sharing_restarts_each_stage(colour_data: Path, tmp_path: Path
 
 
 def test_range_tests_record_all_suggestions_and_plots(colour_data: Path, tmp_path: Path) -> None:
-    cfg = _cfg(tmp_path, recipe="stepwise", warm_epoch=True)
+    cfg = _cfg(tmp_path, recipe="stepwise", warm_epoch=True, lr_rule="constant")
     result = train(cfg, prepare_data(cfg, colour_data), tmp_path / "run")
     assert [t["name"] for t in result.range_tests] == ["stage1", "stage2"]
     for t in result.range_tests:
