@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from fastai.callback.core import Callback
 from fastai.learner import Recorder
@@ -130,7 +131,7 @@ class Checkpoint(_EpochCallback):
         with atomic_path(weights) as tmp:
             save_file(state, str(tmp))
         with atomic_path(opt) as tmp:
-            torch.save(self.learn.opt.state_dict(), tmp)  # tensors and numbers only: loads with weights_only=True
+            torch.save(plain(self.learn.opt.state_dict()), tmp)  # tensors and numbers only: loads with weights_only=True
         write_json(self.folder.parent / PROGRESS, {**self.state(), "epoch_in_step": self.epoch + 1,
                                                     "weights": weights.name, "optimizer": opt.name})
         for old in self.folder.glob("*-*"):
@@ -140,6 +141,17 @@ class Checkpoint(_EpochCallback):
 
 
 PROGRESS = "progress.json"
+
+
+def plain(obj: Any) -> Any:
+    """fastai containers (``L``) as lists, so that ``torch.load(weights_only=True)`` can read them back."""
+    if isinstance(obj, dict):
+        return {k: plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)) or type(obj).__name__ == "L":
+        return [plain(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()  # numpy scalars (hyper-parameters from the LR schedule)
+    return obj
 
 
 def as_float(v: Any) -> float | None:

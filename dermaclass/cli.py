@@ -295,6 +295,7 @@ def train_cmd(
     seed: Annotated[int | None, Opt("--seed")] = None,
     threads: Annotated[int | None, Opt("--threads", help="torch threads (0 = all cores)")] = None,
     force: Annotated[bool, Opt("--force", help="Replace an existing run folder / bundle.")] = False,
+    resume: Annotated[bool, Opt("--resume", help="Continue the interrupted run in --out (its config and split).")] = False,
     manifest: ManifestOpt = None,
     image_col: ImageColOpt = None,
     label_col: LabelColOpt = None,
@@ -314,8 +315,19 @@ def train_cmd(
                   seed=seed, threads=threads, manifest=manifest, image_col=image_col, label_col=label_col,
                   group_col=group_col, class_names=class_names, workers=workers)
     logging.getLogger("dermaclass").setLevel(logging.INFO)
-    cfg = training.inherit_bundle(cfg)
-    training.check_run_dir(out_dir, force=force)
+    if resume:
+        # The interrupted run's own settings and split, whatever the flags say now.
+        saved = out_dir / "config.yaml"
+        if not saved.is_file():
+            from dermaclass.train import TrainingError
+
+            raise TrainingError(f"{out_dir}: no config.yaml, so no run to resume there")
+        cfg = load_config(saved, split_file=str(out_dir / "split.csv"))
+        training.read_progress(out_dir)
+        out.print(f"resuming {out_dir} with its saved config", highlight=False)
+    else:
+        cfg = training.inherit_bundle(cfg)
+        training.check_run_dir(out_dir, force=force)
     progress, update = _progress("decoding")
     with progress:
         prepared = training.prepare_data(cfg, data, progress=update)
@@ -323,7 +335,7 @@ def train_cmd(
     out.print(f"data: {len(prepared.items):,} images, {len(prepared.vocab)} classes; split "
               + ", ".join(f"{s} {int(counts.get(s, 0)):,}" for s in ("train", "valid", "test")), highlight=False)
     _print_plan(cfg, len(prepared.train_rows))
-    result = training.train(cfg, prepared, out_dir, force=force)
+    result = training.train(cfg, prepared, out_dir, force=force, resume=resume)
     training.write_summary(result)
     m = result.metrics
     out.print(f"[bold]valid balanced accuracy {m['balanced_accuracy']:.4f}[/], macro-F1 {m['macro_f1']:.4f} "

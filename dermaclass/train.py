@@ -300,7 +300,10 @@ class Run:
         if opt:
             if self.learn.opt is None:
                 self.learn.create_opt()
-            self.learn.opt.load_state_dict(torch.load(ckpt / state["optimizer"], weights_only=True))
+            from fastcore.foundation import L
+
+            sd = torch.load(ckpt / state["optimizer"], weights_only=True)
+            self.learn.opt.load_state_dict({"state": sd["state"], "hypers": L(sd["hypers"])})
         rng = state.get("rng") or {}
         if rng:
             random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))

@@ -226,3 +226,48 @@ def test_cli_retrain_compares_on_the_parent_test_split(tiny_bundle: Path, colour
     assert cmp["same_test_set"] and cmp["classes_added"] == ["bcc"]
     parent_test = pd.read_csv(tiny_bundle / "split.csv").query("split == 'test'")
     assert cmp["new"]["data"]["n"] == len(parent_test)
+
+
+# ---- resume ------------------------------------------------------------------------------------
+def test_killed_run_resumes_to_completion(colour_data: Path, tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "dermaclass", "train", str(colour_data), "--out", str(run), "--image-size", "32,24",
+            "--batch-size", "8", "--arch", "test_resnet", "--no-pretrained", "--head-epochs", "1", "--n-cycles", "3",
+            "--stage-fractions", "0.5,1.0", "--lr", "1e-3", "--threads", "1"]
+    env = {**os.environ, "DERMACLASS_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    progress = run / "progress.json"
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if progress.is_file() and json.loads(progress.read_text())["history_rows"] >= 3:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "training ended before it could be interrupted"
+        proc.send_signal(signal.SIGKILL)  # no clean-up: as a power loss would leave it
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    state = json.loads(progress.read_text())
+    assert not (run / "model.json").exists()
+    done_before = state["history_rows"]
+    # A second start without --resume refuses to overwrite the interrupted run and says how to continue.
+    again = subprocess.run(args, env=env, capture_output=True, text=True)
+    assert again.returncode == 2 and "--resume" in again.stderr
+    resumed = subprocess.run(args + ["--resume"], env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    meta = json.loads((run / "model.json").read_text())
+    assert meta["resumed"] is True
+    history = pd.read_csv(run / "history.csv")
+    assert len(history) == 1 + 7 + 7 and history["epoch"].tolist() == list(range(1, 16))  # nothing lost, nothing twice
+    assert history["stage"].tolist() == [1] * 8 + [2] * 7
+    assert done_before < len(history)
+    assert meta["training"]["images_seen"] == sum(s["images"] * s["epochs"] for s in meta["stages"])
+    assert not list((run / "checkpoints").glob("weights-*"))
