@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 from fastai.callback.core import Callback
 from fastai.learner import Recorder
+from fastai.torch_core import rank_distrib
 
 from dermaclass.fileio import atomic_path
 
@@ -68,8 +69,9 @@ class History(_EpochCallback):
                "stage_epoch": self.epoch + 1, "lr": float(self.opt.hypers[-1]["lr"]),
                **{k: as_float(v) for k, v in values.items()}, "seconds": round(time.perf_counter() - self.t0, 2)}
         self.rows.append(row)
-        with atomic_path(self.path) as tmp:
-            pd.DataFrame(self.rows).to_csv(tmp, index=False)
+        if rank_distrib() == 0:  # data-parallel runs: one writer
+            with atomic_path(self.path) as tmp:
+                pd.DataFrame(self.rows).to_csv(tmp, index=False)
 
 
 class EpochLine(_EpochCallback):
@@ -98,7 +100,9 @@ class BestModel(_EpochCallback):
             from safetensors.torch import save_file
 
             self.best = score
-            state = {k: v.detach().contiguous() for k, v in self.learn.model.state_dict().items()}
+            if rank_distrib() != 0:
+                return  # data-parallel runs: every rank tracks the score, rank 0 writes
+            state = {k: v.detach().contiguous() for k, v in unwrap(self.learn.model).state_dict().items()}
             with atomic_path(self.path) as tmp:
                 save_file(state, str(tmp))
 
@@ -127,7 +131,7 @@ class Checkpoint(_EpochCallback):
         self.folder.mkdir(parents=True, exist_ok=True)
         tag = f"{self.count:04d}-{time.time_ns()}"
         weights, opt = self.folder / f"weights-{tag}.safetensors", self.folder / f"opt-{tag}.pt"
-        state = {k: v.detach().contiguous() for k, v in self.learn.model.state_dict().items()}
+        state = {k: v.detach().contiguous() for k, v in unwrap(self.learn.model).state_dict().items()}
         with atomic_path(weights) as tmp:
             save_file(state, str(tmp))
         with atomic_path(opt) as tmp:
@@ -141,6 +145,11 @@ class Checkpoint(_EpochCallback):
 
 
 PROGRESS = "progress.json"
+
+
+def unwrap(model: Any) -> Any:
+    """The network inside a DistributedDataParallel wrapper (data-parallel runs), else itself."""
+    return getattr(model, "module", model)
 
 
 def plain(obj: Any) -> Any:

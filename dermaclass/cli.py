@@ -7,6 +7,7 @@ one clear line on stderr and a documented exit code, never a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -327,10 +328,14 @@ def train_cmd(
         out.print(f"resuming {out_dir} with its saved config", highlight=False)
     else:
         cfg = training.inherit_bundle(cfg)
-        training.check_run_dir(out_dir, force=force)
+        if _rank() == 0:
+            training.check_run_dir(out_dir, force=force)
     progress, update = _progress("decoding")
-    with progress:
+    with _main_first(), progress:
         prepared = training.prepare_data(cfg, data, progress=update)
+    if _rank() != 0:  # other data-parallel ranks train silently; rank 0 reports
+        training.train(cfg, prepared, out_dir, force=force, resume=resume)
+        return
     counts = prepared.items["split"].value_counts()
     out.print(f"data: {len(prepared.items):,} images, {len(prepared.vocab)} classes; split "
               + ", ".join(f"{s} {int(counts.get(s, 0)):,}" for s in ("train", "valid", "test")), highlight=False)
@@ -401,6 +406,27 @@ def retrain_cmd(
         err.print(f"[bold red]SENSITIVITY DROP[/] in {', '.join(comparison['sensitivity_drops'])}: review before "
                   "replacing the model in use.", highlight=False)
         raise typer.Exit(6)
+
+
+def _rank() -> int:
+    from fastai.torch_core import rank_distrib
+
+    return rank_distrib()
+
+
+@contextlib.contextmanager
+def _main_first():
+    """Under ``accelerate launch``: rank 0 validates and fills the decode cache first, the others then read it."""
+    from fastai.torch_core import num_distrib
+
+    if num_distrib() > 1:
+        import torch
+        from accelerate import PartialState
+
+        with PartialState(cpu=not torch.cuda.is_available()).main_process_first():
+            yield
+    else:
+        yield
 
 
 def _print_plan(cfg: Config, n_train: int) -> None:

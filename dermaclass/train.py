@@ -16,6 +16,7 @@ Side behaviour (history, best checkpoint, early stopping, log lines) lives in Ca
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -37,7 +38,8 @@ from fastai.callback.tracker import EarlyStoppingCallback
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat, FocalLossFlat
 from fastai.metrics import BalancedAccuracy, F1Score
-from fastai.torch_core import set_seed
+from fastai.distributed import distrib_barrier
+from fastai.torch_core import num_distrib, rank_distrib, set_seed
 
 import dermaclass
 from dermaclass import models, schedules
@@ -267,7 +269,19 @@ class Run:
         hist = self.learn.history if hasattr(self.learn, "history") else None
         if hist is not None:
             hist.phase = "warm"  # seed 002's warm epoch, when configured, is real training
-        test = range_test(self.learn, self.cfg, self.run_dir, name)
+        if num_distrib() > 1:
+            # Data-parallel: rank 0 alone runs the range test on its unwrapped model (a range test
+            # stops at a divergence that ranks would reach at different steps), the others wait for
+            # its LR. The next fit re-syncs the weights from rank 0 when DDP wraps the model.
+            chosen: list[Any] = [None]
+            if rank_distrib() == 0:
+                with self.learn.removed_cbs(self.learn.distributed_trainer), _single_process():
+                    test = range_test(self.learn, self.cfg, self.run_dir, name)
+                chosen = [test]
+            torch.distributed.broadcast_object_list(chosen, src=0)
+            test = chosen[0]
+        else:
+            test = range_test(self.learn, self.cfg, self.run_dir, name)
         self.range_tests.append(test)
         self.lrs[name] = test.chosen
         return test.chosen
@@ -451,6 +465,31 @@ def check_run_dir(run_dir: Path, *, force: bool) -> None:
         raise FileExistsError(f"{run_dir}: not empty (an interrupted run? continue it with --resume)")
 
 
+@contextlib.contextmanager
+def _single_process():
+    """fastai reads WORLD_SIZE to decide whether to sync (lr_find's save/load call a barrier):
+    while rank 0 runs a range test alone, it must see a world of one."""
+    saved = os.environ.get("WORLD_SIZE")
+    os.environ["WORLD_SIZE"] = "1"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("WORLD_SIZE", None)
+        else:
+            os.environ["WORLD_SIZE"] = saved
+
+
+def _gloo_broadcast(self, t, rank):  # noqa: ANN001 - fastai's DistributedDL._broadcast signature
+    """fastai's DistributedDL._broadcast moves the index tensor to CUDA because NCCL needs it;
+    gloo (CPU data-parallel) needs it on the CPU. Same contract otherwise."""
+    t = torch.LongTensor(t)
+    if torch.distributed.get_backend() == "nccl":
+        t = t.cuda()
+    torch.distributed.broadcast(t, rank)
+    return t.cpu().tolist()
+
+
 def read_progress(run_dir: Path) -> dict[str, Any]:
     """The progress.json of an interrupted run, checked."""
     path = run_dir / PROGRESS
@@ -475,13 +514,15 @@ def train(cfg: Config, data: TrainData, run_dir: str | Path, *, force: bool = Fa
     last completed epoch.
     """
     run_dir = Path(run_dir)
+    distributed, main = num_distrib() > 1, rank_distrib() == 0
     progress = read_progress(run_dir) if resume else None
-    if not resume:
+    if not resume and main:
         check_run_dir(run_dir, force=force)
     run_dir.mkdir(parents=True, exist_ok=True)
     models.set_threads(cfg.threads)
     set_seed(cfg.seed, reproducible=True)
-    if not resume:
+    commit = _git_commit()  # of the code that trains, read before a long run
+    if not resume and main:
         cfg.save(run_dir / "config.yaml")
         with atomic_path(run_dir / "split.csv") as tmp:
             data.split.to_csv(tmp, index=False)
@@ -494,18 +535,36 @@ def train(cfg: Config, data: TrainData, run_dir: str | Path, *, force: bool = Fa
         learn.history.rows = history.head(progress["history_rows"]).to_dict("records")
         learn.best_model.best = progress["best"] if progress.get("best") is not None else -math.inf
         run.prior_range_tests, run.seconds_before = progress.get("range_tests", []), progress.get("seconds", 0.0)
-    learn.add_cb(Checkpoint(run_dir / "checkpoints", run.progress))
-    stages = RECIPES[cfg.recipe](run)
-    seconds = run.seconds
-    learn.remove_cb(learn.checkpoint)
-    learn.best_model.restore()
+    if main:
+        learn.add_cb(Checkpoint(run_dir / "checkpoints", run.progress))
+    # Data-parallel (accelerate launch ...): fastai's DistributedTrainer wraps every fit of the
+    # recipe; on CPU the gloo backend, and no SyncBatchNorm (it needs CUDA).
+    cuda = torch.cuda.is_available()
+    if distributed and not cuda:
+        from fastai.distributed import DistributedDL
 
-    logits, targets = learn.get_preds(dl=learn.dls.valid, act=lambda x: x)
+        DistributedDL._broadcast = _gloo_broadcast
+    def parallel():  # noqa: ANN202
+        return learn.distrib_ctx(sync_bn=cuda, cpu=not cuda) if distributed else contextlib.nullcontext()
+
+    with parallel():
+        stages = RECIPES[cfg.recipe](run)
+    seconds = run.seconds
+    if distributed:
+        distrib_barrier()  # rank 0 has written the best weights
+    if main:
+        learn.remove_cb(learn.checkpoint)
+    learn.best_model.restore()
+    with parallel():  # every rank predicts its share; fastai gathers the whole validation split
+        logits, targets = learn.get_preds(dl=learn.dls.valid, act=lambda x: x)
+    if not main:
+        return TrainResult(run_dir, {}, stages, seconds, run.images_seen, run.range_test_records())
     calibration, points, probs = calibrate(cfg, logits.numpy(), targets.numpy(), data.vocab)
     metrics = classification_metrics(targets.numpy(), probs, data.vocab)
     _plot_curves(run_dir)
     meta = bundle_meta(cfg, data, metrics, stages, run, seconds, data_card)
-    meta.update(calibration=calibration, operating_points=points, resumed=progress is not None)
+    meta.update(calibration=calibration, operating_points=points, resumed=progress is not None, git_commit=commit,
+                processes=max(1, num_distrib()))
     models.save_bundle(learn.model, meta, run_dir, force=force or resume)
     for f in (run_dir / "checkpoints").glob("*-*"):
         if f.name.startswith(("weights-", "opt-")):

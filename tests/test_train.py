@@ -271,3 +271,28 @@ def test_killed_run_resumes_to_completion(colour_data: Path, tmp_path: Path) -> 
     assert done_before < len(history)
     assert meta["training"]["images_seen"] == sum(s["images"] * s["epochs"] for s in meta["stages"])
     assert not list((run / "checkpoints").glob("weights-*"))
+
+
+# ---- data-parallel -------------------------------------------------------------------------------
+def test_two_process_data_parallel_run(colour_data: Path, tmp_path: Path) -> None:
+    """fastai's distrib_ctx over two CPU processes (gloo), launched as users launch multi-GPU runs."""
+    import os
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+            "-m", "dermaclass", "train", str(colour_data), "--out", str(run), "--recipe", "sgdr", "--image-size", "32,24",
+            "--batch-size", "8", "--arch", "test_resnet", "--no-pretrained", "--head-epochs", "1", "--n-cycles", "1",
+            "--threads", "1"]
+    env = {**os.environ, "DERMACLASS_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(args, env=env, capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    meta = json.loads((run / "model.json").read_text())
+    assert meta["processes"] == 2
+    split = pd.read_csv(run / "split.csv")
+    assert meta["metrics_valid"]["n"] == int((split["split"] == "valid").sum())  # gathered from both ranks, once
+    history = pd.read_csv(run / "history.csv")
+    assert len(history) == 1 + 1  # one writer: head epoch + one SGDR epoch, not doubled
+    assert len(meta["range_tests"]) == 1 and meta["range_tests"][0]["chosen"] > 0  # rank 0's LR, broadcast
+    assert res.stdout.count("valid balanced accuracy") == 1  # rank 0 reports
