@@ -497,6 +497,8 @@ def evaluate_cmd(
     split: Annotated[str, Opt("--split", help="test | valid | train | all")] = "test",
     split_file: Annotated[Path | None, Opt("--split-file", help="[default: the split.csv beside the bundle]")] = None,
     n_boot: Annotated[int, Opt("--n-boot", help="Bootstrap resamples for the intervals.")] = 1000,
+    thumbnails: Annotated[bool, Opt("--thumbnails/--no-thumbnails", help="Embed thumbnails of the most confident "
+                                    "errors (--no-thumbnails for a report published without the dataset's images)")] = True,
     seed: Annotated[int, Opt("--seed")] = 0,
     force: Annotated[bool, Opt("--force", help="Replace an existing report.")] = False,
     config: ConfigOpt = None,
@@ -520,7 +522,7 @@ def evaluate_cmd(
     progress, update = _progress("decoding")
     with progress:
         ev = evaluate_bundle(model, data, split=split, split_file=split_file, cfg=cfg, n_boot=n_boot, seed=seed,
-                             progress=update)
+                             thumbnails=thumbnails, progress=update)
     write_report(ev, out_dir, force=force)
     r = ev.report
     iv = r["intervals"]["overall"]

@@ -87,3 +87,11 @@ def test_cli_evaluate(tiny_bundle: Path, colour_data: Path, tmp_path: Path, monk
     assert res.exit_code == 2 and "--force" in res.output
     res = CliRunner().invoke(app, [*args[:4], str(tmp_path / "rep2"), "--split", "nope"])
     assert res.exit_code == 2
+
+
+def test_report_without_thumbnails_lists_ids_only(tiny_bundle: Path, colour_data: Path, tmp_path: Path) -> None:
+    ev = evaluate_bundle(tiny_bundle, colour_data, cfg=_cfg(tmp_path), n_boot=10, split="all", thumbnails=False)
+    html = write_report(ev, tmp_path / "pub")["report.html"].read_text()
+    assert html.count("data:image/png;base64,") == 2  # the confusion matrix and the reliability diagram only
+    if ev.report["worst_errors"]:
+        assert ev.report["worst_errors"][0]["image"] in html and "not ours to publish" in html

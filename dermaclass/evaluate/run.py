@@ -97,6 +97,7 @@ def evaluate_bundle(
     n_boot: int = 1000,
     seed: int = 0,
     gallery: int = 12,
+    thumbnails: bool = True,
     progress: Any = None,
 ) -> Evaluation:
     """Evaluate the bundle on ``split`` of ``data`` (one or more sources, merged as training merges them).
@@ -186,6 +187,7 @@ def evaluate_bundle(
         "operating_points": points,
         "confused_pairs": confused_pairs(metrics["confusion_matrix"], classes),
         "worst_errors": worst,
+        "gallery_images": thumbnails,  # False: a report to publish without the dataset's images
     }
     log.info("evaluated %d images: balanced accuracy %.4f", len(chosen), metrics["balanced_accuracy"] or float("nan"))
     return Evaluation(report=report, predictions=predictions, images=images)

@@ -75,7 +75,11 @@ calibration error {{ fmt(r.calibration.ece_uncalibrated) }}.</p>{% endif %}
 <h2>Most confident errors</h2>
 <div class="gallery">{% for e in gallery %}<figure><img src="{{ e.uri }}" alt="{{ e.image }}" width="160">
 <figcaption><b>{{ e.image }}</b><br>true: {{ name(e.true) }}<br>predicted: {{ name(e.predicted) }} ({{ fmt(e.p_predicted, True) }})<br>
-P(true) {{ fmt(e.p_true, True) }}</figcaption></figure>{% else %}<p>No errors.</p>{% endfor %}</div>
+P(true) {{ fmt(e.p_true, True) }}</figcaption></figure>{% endfor %}</div>
+{% if r.worst_errors and not gallery %}<p class="muted">Thumbnails left out of this copy of the report (the images are not
+ours to publish); the images:</p><table class="text"><tr><th>image</th><th>true</th><th>predicted</th><th>P(predicted)</th></tr>
+{% for e in r.worst_errors %}<tr><td>{{ e.image }}</td><td>{{ name(e.true) }}</td><td>{{ name(e.predicted) }}</td><td>{{ fmt(e.p_predicted, True) }}</td></tr>{% endfor %}</table>
+{% elif not r.worst_errors %}<p>No errors.</p>{% endif %}
 </body></html>
 """
 
@@ -110,7 +114,8 @@ def write_report(evaluation: Any, out_dir: str | Path, *, force: bool = False) -
     out.mkdir(parents=True, exist_ok=True)
     report = evaluation.report
     confusion, reliability = confusion_png(report), reliability_png(report)
-    thumbs = {e["row"]: thumbnail_png(evaluation.images[e["row"]]) for e in report["worst_errors"]}
+    thumbs = ({e["row"]: thumbnail_png(evaluation.images[e["row"]]) for e in report["worst_errors"]}
+              if report.get("gallery_images", True) else {})
     paths = {name: out / name for name in (*REPORT_FILES, "reliability.png")}
     with atomic_path(paths["predictions.csv"]) as tmp:
         evaluation.predictions.to_csv(tmp, index=False, float_format="%.6f")
