@@ -74,7 +74,7 @@ def test_split_writes_refuses_overwrite_and_extends(manifest_dataset: Path, tmp_
     result = runner.invoke(app, ["data", "split", str(manifest_dataset), "--out", str(out), "--fractions", "0.6,0.2,0.2"])
     assert result.exit_code == 0, result.output
     split = pd.read_csv(out)
-    assert list(split.columns) == ["image", "label", "group", "split"] and len(split) == 45
+    assert list(split.columns) == ["image", "label", "group", "split", "hash"] and len(split) == 45
     assert "groups in more than one split: 0" in result.output
     again = runner.invoke(app, ["data", "split", str(manifest_dataset), "--out", str(out)])
     assert again.exit_code == 2 and "already exists" in again.output

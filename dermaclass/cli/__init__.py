@@ -1,0 +1,200 @@
+"""The ``dermaclass`` command line (typer + rich): the ML engineer's side of the tool.
+
+Shared pieces live here (the app, options, error handling); the commands are in
+``data`` (validate, split, card), ``training`` (train, retrain, lr-find), ``reports``
+(evaluate, report compare/card) and ``serving`` (predict, export, serve).
+
+Only this module prints; library modules log. Every command resolves its settings through
+``config.load_config`` (defaults < ``--config FILE`` < flags) and turns a DermaclassError into
+one clear line on stderr and a documented exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from dermaclass import DISCLAIMER, __version__
+from dermaclass.config import Config, load_config
+from dermaclass.errors import DermaclassError
+
+EXIT_CODES = (
+    "Exit codes: 0 success; 1 problems found with --strict; 2 usage or configuration error; "
+    "3 the data cannot be read (missing folder, unreadable manifest, no usable images); "
+    "4 a model cannot be built or loaded (unknown architecture, unreachable weights, bad bundle); "
+    "5 training cannot run on this data (e.g. an empty split); "
+    "6 report compare found a class whose sensitivity dropped beyond its interval."
+)
+
+app = typer.Typer(
+    name="dermaclass",
+    help=f"Dermoscopic skin-lesion classifier that a clinic retrains on its own data.\n\n{DISCLAIMER}",
+    epilog=EXIT_CODES,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+data_app = typer.Typer(help="Inspect, validate and split a clinic's image folder.", no_args_is_help=True, epilog=EXIT_CODES)
+app.add_typer(data_app, name="data")
+report_app = typer.Typer(help="Review and compare evaluation reports.", no_args_is_help=True, epilog=EXIT_CODES)
+app.add_typer(report_app, name="report")
+
+out = Console()
+err = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def friendly(func: F) -> F:
+    """Turn the errors a user can fix into one red line and the matching exit code."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except DermaclassError as exc:
+            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+        except FileExistsError as exc:
+            err.print(f"[bold red]error:[/] {exc} (pass --force to replace it)", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"dermaclass {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
+    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More log output (-v info, -vv debug).")] = 0,
+) -> None:
+    """Dermoscopic skin-lesion classifier (decision support, not a diagnostic device)."""
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+# ---- shared options ------------------------------------------------------------------
+DataPath = Annotated[Path, typer.Argument(help="Dataset folder: one folder per class, or a CSV manifest beside the images.")]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML file of settings; flags override it.")]
+ManifestOpt = Annotated[Path | None, typer.Option("--manifest", help="CSV manifest (default: the one CSV at the root).")]
+ImageColOpt = Annotated[str | None, typer.Option("--image-col", help="Manifest column with image ids or paths.")]
+LabelColOpt = Annotated[str | None, typer.Option("--label-col", help="Manifest column with labels.")]
+GroupColOpt = Annotated[str | None, typer.Option("--group-col", help="Manifest column with lesion/patient ids.")]
+ClassNamesOpt = Annotated[
+    Path | None, typer.Option("--class-names", help="Your class list: JSON/YAML mapping code->name, or CSV code,name.")
+]
+MinOpt = Annotated[int | None, typer.Option("--min-per-class", help="Report classes with fewer images. [default: 10]")]
+WorkersOpt = Annotated[int | None, typer.Option("--workers", help="Decoding processes (0 = all cores).")]
+
+
+def _config(config: Path | None, **flags: Any) -> Config:
+    return load_config(config, **{k: (str(v) if isinstance(v, Path) else v) for k, v in flags.items()})
+
+
+def _progress(label: str) -> tuple[Progress, Callable[[int, int], None]]:
+    progress = Progress(
+        TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err, transient=True,
+        disable=not err.is_terminal,
+    )
+    task = progress.add_task(label, total=None)
+
+    def update(done: int, total: int) -> None:
+        progress.update(task, completed=done, total=total)
+
+    return progress, update
+
+
+def _validate(path: Path, cfg: Config):
+    from dermaclass.data import validate_source
+
+    progress, update = _progress("decoding")
+    with progress:
+        return validate_source(cfg, path, progress=update)
+
+
+def _print_validation(stats: dict[str, Any], *, limit: int = 40) -> None:
+    group = stats["group_label"]
+    out.print(
+        f"[bold]{stats['root']}[/] ({stats['layout']} layout): [bold]{stats['images']:,}[/] usable images of "
+        f"{stats['files_checked']:,} checked, {stats['classes']} classes, {stats['groups']:,} {group}, "
+        f"imbalance ratio {stats['imbalance_ratio']:g}",
+        highlight=False,
+    )
+    table = Table("code", "class", "images", group, "share", title="Classes", title_justify="left")
+    for c in stats["per_class"]:
+        table.add_row(c["label"], c["name"], f"{c['images']:,}", f"{c['groups']:,}", f"{c['fraction'] * 100:.1f} %")
+    out.print(table)
+    modes = ", ".join(f"{m}: {n:,}" for m, n in stats["image_modes"].items())
+    sizes = ", ".join(f"{s['size']} ({s['images']:,})" for s in stats["sizes"]["most_common"][:3])
+    out.print(f"modes: {modes}; sizes: {sizes}; smallest {stats['sizes']['smallest']}, largest {stats['sizes']['largest']}")
+    for note in stats["notes"]:
+        out.print(f"[dim]note: {note}[/]", highlight=False)
+    problems = stats["problems"]
+    if not problems["total"]:
+        out.print("[green]no problems found[/]")
+        return
+    table = Table("problem", "file", "detail", "action", title=f"{problems['total']:,} problems", title_justify="left")
+    for p in problems["list"][:limit]:
+        table.add_row(p["kind"], p["file"], p["detail"], p["action"])
+    out.print(table)
+    if problems["total"] > limit:
+        out.print(f"... {problems['total'] - limit:,} more; --json lists them all")
+    out.print("by kind: " + ", ".join(f"{k} {n:,}" for k, n in problems["by_kind"].items()))
+
+
+Opt = typer.Option
+
+
+def _rank() -> int:
+    from fastai.torch_core import rank_distrib
+
+    return rank_distrib()
+
+
+@contextlib.contextmanager
+def _main_first():
+    """Under ``accelerate launch``: rank 0 validates and fills the decode cache first, the others then read it."""
+    from fastai.torch_core import num_distrib
+
+    if num_distrib() > 1:
+        import torch
+        from accelerate import PartialState
+
+        with PartialState(cpu=not torch.cuda.is_available()).main_process_first():
+            yield
+    else:
+        yield
+
+def _default_bundle(model: Path | None) -> Path:
+    from dermaclass.ui import DEFAULT_BUNDLE
+
+    path = model or DEFAULT_BUNDLE
+    if not (path / "model.json").is_file():
+        from dermaclass.models import ModelError
+
+        raise ModelError(f"{path}: no model bundle here" + ("" if model else " (the bundled default model); pass --model BUNDLE"))
+    return path
+
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+# The command modules register themselves on ``app`` (after everything they import exists).
+from dermaclass.cli import data, reports, serving, training  # noqa: E402,F401

@@ -1,0 +1,79 @@
+"""``dermaclass predict``, ``export`` and ``serve``: the model in use."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from dermaclass import DISCLAIMER
+from dermaclass.cli import (
+    EXIT_CODES, Opt, _default_bundle, app, err, friendly, out,
+)
+
+
+@app.command("predict", epilog=EXIT_CODES)
+@friendly
+def predict_cmd(
+    images: Annotated[list[Path], typer.Argument(help="Image files.")],
+    model: Annotated[Path | None, Opt("--model", help="Model bundle [default: the bundled model]")] = None,
+    top_k: Annotated[int, Opt("--top-k")] = 3,
+    tta: Annotated[bool, Opt("--tta", help="Average over flips.")] = False,
+    as_json: Annotated[bool, Opt("--json", help="One JSON object per image.")] = False,
+) -> None:
+    """Predict images: calibrated probabilities, operating-point flags, and referral."""
+    from dermaclass.data.images import ImageDecodeError
+    from dermaclass.inference import Predictor
+
+    pred = Predictor.from_bundle(_default_bundle(model))
+    failed = 0
+    for path in images:
+        try:
+            r = pred.predict(path, top_k=top_k, tta=tta)
+        except ImageDecodeError as exc:
+            failed += 1
+            err.print(f"[bold red]error:[/] {exc.detail}", highlight=False)
+            continue
+        if as_json:
+            out.print_json(json.dumps({"image": str(path), **r}))
+            continue
+        tops = ", ".join(f"{t['name']} ({t['class']}) {t['probability']:.1%}" for t in r["top_k"])
+        flags = "".join(f"  [{c} flagged]" for c, f in r["flags"].items() if f["flagged"])
+        refer = f"  [bold yellow]{r['referral']['message']}[/]: {'; '.join(r['referral']['reasons'])}" if r["referral"]["refer"] else ""
+        out.print(f"{path}: {tops}{flags}{refer}", highlight=False)
+    if not as_json:
+        out.print(f"[dim]{DISCLAIMER}[/]", highlight=False)
+    if failed:
+        raise typer.Exit(3)
+
+
+@app.command("export", epilog=EXIT_CODES)
+@friendly
+def export_cmd(
+    model: Annotated[Path, typer.Argument(help="Model bundle folder.")],
+    onnx: Annotated[bool, Opt("--onnx", help="Write model.onnx beside the weights (checked against torch).")] = True,
+    force: Annotated[bool, Opt("--force")] = False,
+) -> None:
+    """Export a bundle for onnxruntime; predictions then use it automatically."""
+    from dermaclass.inference import export_onnx
+
+    info = export_onnx(model, force=force)
+    out.print(f"wrote {info['path']} (max |logit difference| vs torch {info['max_abs_diff']:.1e})", highlight=False)
+
+
+@app.command("serve", epilog=EXIT_CODES)
+@friendly
+def serve_cmd(
+    model: Annotated[Path | None, Opt("--model", help="Model bundle [default: the bundled model]")] = None,
+    host: Annotated[str, Opt("--host", help="Interface; 127.0.0.1 keeps it on this machine.")] = "127.0.0.1",
+    port: Annotated[int, Opt("--port")] = 7860,
+    review_dir: Annotated[Path, Opt("--review-dir", help="Where corrections are saved (CSV-manifest layout).")] = Path("review"),
+) -> None:
+    """Open the Gradio app (decision support, not a diagnostic device)."""
+    from dermaclass.ui import launch
+
+    launch(_default_bundle(model), host=host, port=port, review_dir=review_dir)
+
+
