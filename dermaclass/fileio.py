@@ -16,6 +16,10 @@ from pathlib import Path
 from typing import Any
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path, *, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it over ``path``.
@@ -34,6 +38,8 @@ def atomic_path(path: str | Path, *, overwrite: bool = True) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb") as fh:  # flush to disk before the rename makes it visible
             os.fsync(fh.fileno())
+        if tmp_path.exists():
+            tmp_path.chmod(0o666 & ~_UMASK)  # mkstemp makes 0600; a written file gets the usual mode
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)

@@ -272,6 +272,26 @@ def model_from_bundle(folder: str | Path, classes: list[str]) -> tuple[nn.Module
     return new, info
 
 
+def publish_bundle(src: str | Path, dst: str | Path, *, float16: bool = True, force: bool = False) -> Path:
+    """A copy of a bundle fit to ship: weights (float16 halves the size), model.json, and the split
+    file reduced to image ids and split (no labels or lesion ids: those are the dataset's metadata)."""
+    import pandas as pd
+
+    from dermaclass.fileio import atomic_path
+
+    src, dst = Path(src), Path(dst)
+    model, meta = load_bundle(src)
+    meta = {k: v for k, v in meta.items() if k != "format"}
+    meta["weights_dtype"] = "float16" if float16 else "float32"
+    meta["published_from"] = str(src)
+    save_bundle(model, meta, dst, force=force, dtype=torch.float16 if float16 else None)
+    if (src / "split.csv").is_file():
+        split = pd.read_csv(src / "split.csv", dtype=str)[["image", "split"]]
+        with atomic_path(dst / "split.csv") as tmp:
+            split.to_csv(tmp, index=False)
+    return dst
+
+
 def freeze_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """A detached copy of the weights (for --no-weight-sharing restarts)."""
     return {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -53,14 +53,21 @@ def predict_cmd(
 @friendly
 def export_cmd(
     model: Annotated[Path, typer.Argument(help="Model bundle folder.")],
-    onnx: Annotated[bool, Opt("--onnx", help="Write model.onnx beside the weights (checked against torch).")] = True,
+    onnx: Annotated[bool, Opt("--onnx/--no-onnx", help="Write model.onnx beside the weights (checked against torch).")] = True,
+    publish: Annotated[Path | None, Opt("--publish", help="Also copy the bundle here, fit to ship (see --float16).")] = None,
+    float16: Annotated[bool, Opt("--float16/--float32", help="Weights precision of the --publish copy.")] = True,
     force: Annotated[bool, Opt("--force")] = False,
 ) -> None:
-    """Export a bundle for onnxruntime; predictions then use it automatically."""
+    """Export a bundle for onnxruntime (predictions then use it), or publish a copy to ship."""
     from dermaclass.inference import export_onnx
+    from dermaclass.models import publish_bundle
 
-    info = export_onnx(model, force=force)
-    out.print(f"wrote {info['path']} (max |logit difference| vs torch {info['max_abs_diff']:.1e})", highlight=False)
+    if publish is not None:
+        model = publish_bundle(model, publish, float16=float16, force=force)
+        out.print(f"published {model} ({'float16' if float16 else 'float32'} weights, split ids only)", highlight=False)
+    if onnx:
+        info = export_onnx(model, force=force)
+        out.print(f"wrote {info['path']} (max |logit difference| vs torch {info['max_abs_diff']:.1e})", highlight=False)
 
 
 @app.command("serve", epilog=EXIT_CODES)
