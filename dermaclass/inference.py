@@ -24,6 +24,7 @@ This is decision support, not a diagnostic device.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,9 @@ class Predictor:
         self.bundle = Path(bundle)
         self.model, self.meta = models.load_bundle(self.bundle)
         models.set_threads(threads)
+        # One model call at a time: Grad-CAM hooks and autograd on a shared module are not
+        # thread-safe (concurrent app requests crashed the process), and 2 cores gain nothing.
+        self._lock = threading.RLock()
         self.session = None
         onnx_path = self.bundle / ONNX_FILE
         if backend == "onnx" or (backend == "auto" and onnx_path.is_file()):
@@ -113,6 +117,10 @@ class Predictor:
             views = [lambda a: a, np.fliplr, np.flipud, lambda a: a[::-1, ::-1]]
             return np.mean([self.logits([np.ascontiguousarray(v(np.asarray(im))) for im in images],
                                         batch_size=batch_size) for v in views], axis=0)
+        with self._lock:
+            return self._logits(images, batch_size=batch_size)
+
+    def _logits(self, images: Sequence[np.ndarray], *, batch_size: int) -> np.ndarray:
         if self.session is not None:
             return self.session.run(None, {"input": self._normalise(images)})[0]
         if len(images) <= batch_size:  # one batch (the app's case): a plain forward, no DataLoader set-up
@@ -186,11 +194,9 @@ class Predictor:
 
         image = self.preprocess(source)
         x = torch.from_numpy(self._normalise([image]))
-        self.model.eval()
         if class_index is None:
-            with torch.no_grad():
-                class_index = int(self.model(x).argmax(1)[0])
-        with GradCAM(model=self.model, target_layers=[self.model[0]]) as cam:
+            class_index = int(self.logits([image]).argmax(1)[0])
+        with self._lock, GradCAM(model=self.model, target_layers=[self.model[0]]) as cam:
             heat = cam(input_tensor=x, targets=[ClassifierOutputTarget(class_index)])[0]
         overlay = show_cam_on_image(image.astype(np.float32) / 255.0, heat, use_rgb=True, image_weight=0.6)
         return heat, overlay
