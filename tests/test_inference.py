@@ -88,3 +88,18 @@ def test_onnx_export_matches_torch(tiny_bundle: Path, colour_data: Path, tmp_pat
     assert onnx_pred.backend == "onnx" and torch_pred.backend == "torch"
     x = [onnx_pred.preprocess(p) for p in sorted((colour_data / "mel").iterdir())[:5]]
     assert np.abs(onnx_pred.logits(x) - torch_pred.logits(x)).max() < 1e-4
+
+
+def test_concurrent_requests_are_safe(tiny_bundle: Path, colour_data: Path) -> None:
+    """The app serves several clinicians at once: predictions and Grad-CAM from threads must not crash."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pred = Predictor(tiny_bundle)
+    paths = sorted((colour_data / "mel").iterdir())[:8]
+
+    def job(p):
+        return pred.predict(p)["top"], pred.gradcam(p)[0].shape
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(job, paths))
+    assert len(results) == 8 and all(shape == (24, 32) for _, shape in results)
