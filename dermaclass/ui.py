@@ -247,7 +247,7 @@ def build_app(bundle: str | Path, *, review_dir: str | Path = "review") -> gr.Bl
                 with gr.Column():
                     verdict = gr.Markdown(elem_id="verdict")
                     probs = gr.Label(num_top_classes=len(predictor.classes), label="Calibrated probabilities")
-                    heat = gr.Image(label="Grad-CAM: regions behind the top class", interactive=False, height=320)
+                    heat = gr.Image(label="Grad-CAM: regions behind the top class", interactive=False, height=320, format="png")
             with gr.Accordion("The model is wrong? Save the right label for retraining", open=True):
                 with gr.Row():
                     right = gr.Dropdown(choices=choices, label="Right label", value=None)
@@ -277,7 +277,8 @@ def build_app(bundle: str | Path, *, review_dir: str | Path = "review") -> gr.Bl
                 cmp_btn = gr.Button("Compare")
             cmp_md = gr.Markdown()
             cmp_png = gr.Image(label="Confusion difference (new − old)", interactive=False)
-            cmp_table = gr.Dataframe(label="Per-class sensitivity", interactive=False)
+            cmp_table = gr.Dataframe(pd.DataFrame(columns=["class", "sensitivity old", "new", "delta", "drop"]),
+                                     label="Per-class sensitivity", interactive=False)
             cmp_btn.click(compare, [old, new], [cmp_md, cmp_png, cmp_table], api_name="compare")
         with gr.Tab("Model"):
             gr.Markdown(model_card(predictor))

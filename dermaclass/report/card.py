@@ -111,10 +111,11 @@ def model_card_markdown(meta: dict[str, Any], report: dict[str, Any] | None, *, 
         "## How to retrain",
         "```",
         "dermaclass data validate NEW_DATA",
-        "dermaclass train NEW_DATA --out runs/NEW --split-file models/<this model>/split.csv",
-        "dermaclass evaluate runs/NEW NEW_DATA --out runs/NEW/report",
-        "dermaclass report compare models/<this model>/report runs/NEW/report --out runs/compare",
+        f"dermaclass retrain models/{name} ORIGINAL_DATA NEW_DATA review/ --out runs/NEW",
         "```",
-        "Replace the model only when the comparison shows no sensitivity drop.",
+        "`retrain` starts from these weights with the same recipe and split (no test image enters training), "
+        "evaluates old and new on this model's test split and writes the comparison to `runs/NEW/compare/`; "
+        "it exits with code 6 when a class's sensitivity dropped beyond its interval. Replace the model only "
+        "when the comparison shows no drop.",
     ]
     return "\n".join(lines) + "\n"
