@@ -48,7 +48,10 @@ def _matrix_panel(ax, mat: np.ndarray, labels: list[str], *, fmt, title: str, cm
                 text, dark = "n/c", False
             else:
                 text = fmt(v)
-                dark = abs(v - lo) > 0.6 * (hi - lo) if hi > lo else False
+                if lo < 0 < hi:  # diverging map: both ends are dark
+                    dark = abs(v) > 0.55 * max(abs(lo), abs(hi))
+                else:
+                    dark = abs(v - lo) > 0.6 * (hi - lo) if hi > lo else False
             ax.text(j, i, text, ha="center", va="center", fontsize=8, color="white" if dark else "black")
 
 
