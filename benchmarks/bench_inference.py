@@ -35,7 +35,7 @@ import pandas as pd
 from PIL import Image
 
 from dermaclass.data.images import fit_to_size, load_rgb
-from dermaclass.evaluate.metrics import energy_score
+from dermaclass.evaluate.metrics import energy_score, softmax
 from dermaclass.fileio import write_json
 from dermaclass.inference import Predictor, export_onnx
 
@@ -130,8 +130,10 @@ def main() -> None:
     ids = [Path(i).stem for i in test_ids]
     ham = [pred.preprocess(data / "images" / f"{i}.jpg") for i in ids]
     ood, kinds = ood_images(size, args.n_ood)
-    s_in = energy_score(pred.logits(ham))
-    s_out = energy_score(pred.logits(ood))
+    z_in, z_out = pred.logits(ham), pred.logits(ood)
+    s_in, s_out = energy_score(z_in), energy_score(z_out)
+    top_in = softmax(z_in, pred.temperature).max(axis=1)
+    top_out = softmax(z_out, pred.temperature).max(axis=1)
     thr = pred.ood_threshold
     y = np.r_[np.ones(len(s_in)), np.zeros(len(s_out))]
     ood_res = {
@@ -144,6 +146,13 @@ def main() -> None:
         "out_referred_by_threshold": float(np.mean(s_out < thr)) if thr is not None else None,
         "out_referred_by_kind": {k: float(np.mean([s < thr for s, kk in zip(s_out, kinds) if kk == k]))
                                  for k in sorted(set(kinds))} if thr is not None else None,
+        # the whole referral rule of the app: low top probability OR a low energy score
+        "auroc_top_probability": float(roc_auc_score(y, np.r_[top_in, top_out])),
+        "in_referred_total": float(np.mean((top_in < pred.refer_below) | (s_in < (thr if thr is not None else -np.inf)))),
+        "out_referred_total": float(np.mean((top_out < pred.refer_below) | (s_out < (thr if thr is not None else -np.inf)))),
+        "out_referred_total_by_kind": {
+            k: float(np.mean([(t < pred.refer_below) or (thr is not None and s < thr)
+                              for t, s, kk in zip(top_out, s_out, kinds) if kk == k])) for k in sorted(set(kinds))},
     }
 
     rng = np.random.default_rng(0)
@@ -175,7 +184,9 @@ def main() -> None:
           f"onnxruntime {lat['onnxruntime']['batch64_images_per_s']:.0f} img/s; ONNX max |diff| {export['max_abs_diff']:.1e}")
     print(f"OOD (energy): AUROC {ood_res['auroc_in_vs_out']:.3f} on {len(s_in)} HAM10000 test vs {len(s_out)} non-dermoscopic; "
           f"referred by the bundle threshold: test {ood_res['in_referred_by_threshold']}, non-dermoscopic "
-          f"{ood_res['out_referred_by_threshold']} ({ood_res['out_referred_by_kind']})")
+          f"{ood_res['out_referred_by_threshold']} ({ood_res['out_referred_by_kind']}); whole referral rule (top "
+          f"probability < {pred.refer_below:.0%} or low energy): test {ood_res['in_referred_total']:.1%}, "
+          f"non-dermoscopic {ood_res['out_referred_total']:.1%} ({ood_res['out_referred_total_by_kind']})")
     print(f"Grad-CAM on {cam['n']} test images: {cam['mass_inside_lesion_mean']:.1%} of the mass inside the lesion "
           f"(lesion covers {cam['lesion_area_share_mean']:.1%} of the image); pointing game {cam['pointing_game_hit_rate']:.1%}")
     out = RESULTS / ("inference_quick.json" if args.quick else "inference.json")
