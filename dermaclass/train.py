@@ -639,7 +639,7 @@ def bundle_meta(cfg: Config, data: TrainData, metrics: dict, stages: list[dict],
         "parent": parent_record(cfg, data.vocab),
         "package_version": dermaclass.__version__,
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
-        "git_commit": _git_commit(),
+        "git_commit": None,  # set by train() from the commit read before training
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "disclaimer": dermaclass.DISCLAIMER,
     }

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import free_port, noise_image
+from conftest import free_port
 from dermaclass import DISCLAIMER
 from dermaclass.inference import Predictor
 from dermaclass.ui import MAX_BYTES, UploadError, build_app, check_upload, diagnose_markdown, report_views
