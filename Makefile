@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DATA   ?= ../shared/data/ham10000
 
-.PHONY: install app test clean
+.PHONY: install app test bench clean
 
 # The venv is (re)built when pyproject.toml changes; torch comes from this machine's disk.
 $(STAMP): pyproject.toml
@@ -22,6 +22,15 @@ app: $(STAMP)
 ## The whole test suite (CI runs exactly this).
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+## The benchmarks (about two hours on 2 cores; `make bench QUICK=--quick` for a smoke run).
+## Each prints a table and writes benchmarks/results/*.json; none is a test.
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_decode_cache.py $(QUICK)
+	$(BIN)/python benchmarks/bench_throughput.py $(QUICK)
+	$(BIN)/python benchmarks/bench_inference.py $(QUICK)
+	$(BIN)/python benchmarks/bench_app.py $(QUICK)
+	$(BIN)/python benchmarks/bench_recipes.py $(QUICK)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
