@@ -27,10 +27,11 @@ test: $(STAMP)
 ## Each prints a table and writes benchmarks/results/*.json; none is a test.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_decode_cache.py $(QUICK)
-	$(BIN)/python benchmarks/bench_throughput.py $(QUICK)
 	$(BIN)/python benchmarks/bench_inference.py $(QUICK)
+	$(BIN)/python benchmarks/bench_throughput.py $(QUICK)
 	$(BIN)/python benchmarks/bench_app.py $(QUICK)
 	$(BIN)/python benchmarks/bench_recipes.py $(QUICK)
+	test -n "$(QUICK)" || $(BIN)/python benchmarks/tables.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -158,7 +158,7 @@ def main() -> None:
         print(f"{'  training images/s':38}{r['train_images_per_s_jpeg']:>12.1f}{r['train_images_per_s_cache']:>12.1f}")
         print(f"  epoch time saved: {r['epoch_time_saved_pct']} %; one-off cache build: {r['cache_build_s']:.1f} s")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    write_json(RESULTS / "decode_cache.json", result)
+    write_json(RESULTS / ("decode_cache_quick.json" if args.quick else "decode_cache.json"), result)
     print(json.dumps(result))
 
 

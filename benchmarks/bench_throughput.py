@@ -13,14 +13,21 @@ cache, the same albumentations pipeline, channels_last), measured in the same ru
 
 Prints images/second for both and their ratio, stored under ``fastai_over_bare`` in
 benchmarks/results/throughput.json (target >= 0.9). Each side runs a warm-up pass first and
-the order alternates over ``--rounds`` to average out drift on a shared machine.
+the order alternates over ``--rounds`` to average out drift on a shared machine (single
+passes of the same loop differ by up to 10 % here, so one round is not enough).
 
-    python benchmarks/bench_throughput.py [--n 1536] [--rounds 2] [--quick]
+The same file carries the decode-cache gain (from decode_cache.json, bench_decode_cache.py)
+and inference throughput and single-image latency for torch against onnxruntime (from
+inference.json, bench_inference.py), each with the file it came from; ``make bench`` runs
+those two first.
+
+    python benchmarks/bench_throughput.py [--n 1536] [--rounds 4] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import time
@@ -103,11 +110,29 @@ def bare_pass(cfg, data, rows: np.ndarray) -> float:
     return n / (time.perf_counter() - start)
 
 
+def sibling_figures() -> dict:
+    """The decode-cache and inference figures measured by their own scripts, with their source."""
+    out: dict = {}
+    cache, infer = RESULTS / "decode_cache.json", RESULTS / "inference.json"
+    if cache.is_file():
+        c = json.loads(cache.read_text())
+        out["decode_cache"] = {"from": cache.name, **{k: {"epoch_time_saved_pct": v["epoch_time_saved_pct"],
+                                                          "train_images_per_s_jpeg": v["train_images_per_s_jpeg"],
+                                                          "train_images_per_s_cache": v["train_images_per_s_cache"]}
+                                                      for k, v in c.items() if isinstance(v, dict) and "epoch_time_saved_pct" in v}}
+    if infer.is_file():
+        i = json.loads(infer.read_text())
+        out["inference"] = {"from": infer.name, **{k: {"single_image_median_ms": v["median_ms"], "single_image_p90_ms": v["p90_ms"],
+                                                       "batch64_images_per_s": v["batch64_images_per_s"]}
+                                                   for k, v in i["latency"].items()}}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=str(ROOT / ".." / "shared" / "data" / "ham10000"))
     ap.add_argument("--n", type=int, default=1536, help="training images per measured pass")
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true")
@@ -144,8 +169,7 @@ def main() -> None:
         "augment": cfg.augment, "rounds": args.rounds,
         "fastai_images_per_s": fa, "bare_images_per_s": ba, "fastai_over_bare": fa / ba,
         "fastai_runs": fastai_s, "bare_runs": bare_s,
-        "decode_cache": "see decode_cache.json (bench_decode_cache.py)",
-        "inference": "see inference.json (bench_inference.py)",
+        **sibling_figures(),
     }
     print(f"fastai {fa:.1f} images/s, bare loop {ba:.1f} images/s: fastai_over_bare = {fa / ba:.3f}")
     out = RESULTS / ("throughput_quick.json" if args.quick else "throughput.json")

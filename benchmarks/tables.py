@@ -1,0 +1,186 @@
+"""Render the README's benchmark tables from benchmarks/results/*.json and the bundled report.
+
+Every figure in the README's "Latest results" section comes from this script, never from a
+hand edit: it reads the JSON the benchmark scripts wrote (and the bundled model's
+report.json), renders Markdown tables with the command and machine each came from, and
+replaces the text between the two marker comments in README.md (atomically). Missing
+result files are listed as "not run", not invented.
+
+    python benchmarks/tables.py            # rewrite README.md
+    python benchmarks/tables.py --print    # print the section only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from dermaclass.fileio import write_text
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+MODEL = ROOT / "models" / "ham10000-effnet-lite0"
+START, END = "<!-- bench-tables:start -->", "<!-- bench-tables:end -->"
+
+
+def _load(name: str) -> dict | None:
+    path = RESULTS / name
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _cores(d: dict) -> str:
+    m = d.get("machine", {})
+    return f"{m.get('cpus', m.get('cores', '?'))} cores"
+
+
+def _f(x: float | None, nd: int = 3) -> str:
+    return "-" if x is None else f"{x:.{nd}f}"
+
+
+def model_table() -> list[str]:
+    report_path = MODEL / "report" / "report.json"
+    if not report_path.is_file():
+        return ["The bundled model has no report yet."]
+    r = json.loads(report_path.read_text())
+    meta = json.loads((MODEL / "model.json").read_text())
+    iv = r["intervals"]["overall"]
+    ops = r.get("operating_points") or {}
+    mel = ops.get("mel", {})
+    minutes = meta["training"]["seconds"] / 60
+    rows = [
+        ("balanced accuracy", f"{r['balanced_accuracy']:.3f} [{iv['balanced_accuracy'][0]:.3f}, {iv['balanced_accuracy'][1]:.3f}]",
+         ">= 0.80", r["balanced_accuracy"] >= 0.80),
+        ("macro AUROC", f"{r['macro_auroc']:.3f} [{iv['macro_auroc'][0]:.3f}, {iv['macro_auroc'][1]:.3f}]", ">= 0.95",
+         r["macro_auroc"] >= 0.95),
+        ("melanoma sensitivity at its operating point",
+         f"{mel.get('sensitivity', float('nan')):.3f} (specificity {mel.get('specificity', float('nan')):.3f}, "
+         f"P(mel) >= {mel.get('threshold', float('nan')):.3f})", ">= 0.85", mel.get("sensitivity", 0) >= 0.85),
+        ("training time on 2 cores", f"{minutes:.1f} min", "<= 60 min", minutes <= 60),
+        ("macro-F1", f"{r['macro_f1']:.3f} [{iv['macro_f1'][0]:.3f}, {iv['macro_f1'][1]:.3f}]", "", None),
+    ]
+    out = [f"`models/ham10000-effnet-lite0` ({meta['recipe']} recipe, {meta['input_size'][0]}x{meta['input_size'][1]}, "
+           f"{meta['weights_dtype']}), on the HAM10000 test split ({r['n']:,} images, never seen in training); "
+           f"`dermaclass evaluate models/ham10000-effnet-lite0 ../shared/data/ham10000 --out models/ham10000-effnet-lite0/report "
+           f"--no-thumbnails`:", "",
+           "| figure | reached (95 % lesion bootstrap) | target | met |", "|---|---|---|---|"]
+    for name, value, target, met in rows:
+        out.append(f"| {name} | {value} | {target} | {'' if met is None else ('yes' if met else '**no**')} |")
+    out += ["", "| class | support | sensitivity | specificity | AUROC |", "|---|---|---|---|---|"]
+    for c in r["classes"]:
+        pc = r["per_class"][c]
+        out.append(f"| {c} | {pc['support']} | {_f(pc.get('sensitivity'))} | {_f(pc.get('specificity'))} | {_f(pc.get('auroc'))} |")
+    return out
+
+
+def recipes_table() -> list[str]:
+    d = _load("recipes.json")
+    if d is None:
+        return ["`bench_recipes.py`: not run yet (`results/recipes.json` is absent)."]
+    out = [f"`{d['command']}` ({_cores(d)}; SGDR cycles per stepwise stage: {d['n_cycles']}; seeds "
+           f"{', '.join(str(s) for s in d['seeds'])}{'' if d.get('complete') else '; **incomplete run**'}). "
+           "Test split, one lesion-grouped split for every run:", "",
+           "| variant | seeds | test bal. acc. mean ± sd | minus baseline-matched (paired by seed) | macro-F1 | macro AUROC "
+           "| full-data epochs | training min |",
+           "|---|---|---|---|---|---|---|---|"]
+    for name, s in d["summary"].items():
+        sd = f" ± {s['test_balanced_accuracy_sd']:.3f}" if s.get("test_balanced_accuracy_sd") is not None else ""
+        diff = s.get("minus_baseline_matched_mean")
+        per = ", ".join(f"{x:+.3f}" for x in s.get("minus_baseline_matched_per_seed", []))
+        delta = "-" if diff is None or name == "baseline-matched" else f"{diff:+.3f} ({per})"
+        out.append(f"| {name} | {s['seeds']} | {s['test_balanced_accuracy_mean']:.3f}{sd} | {delta} | "
+                   f"{s['test_macro_f1_mean']:.3f} | {s['test_macro_auroc_mean']:.3f} | {s['full_data_epochs_mean']:.1f} | "
+                   f"{s['training_minutes_mean']:.1f} |")
+    return out
+
+
+def training_table() -> list[str]:
+    out = ["`bench_train.py` (one seed each; validation split, as the trainer picks its best epoch on it):", "",
+           "| results file | run | recipe | imbalance | LR | valid bal. acc. | macro-F1 | training min |",
+           "|---|---|---|---|---|---|---|---|"]
+    found = False
+    for name in ("train_default_stepwise.json", "train_sgdr.json", "train_baseline.json", "train_imbalance.json",
+                 "train_lr_rules.json"):
+        d = _load(name)
+        if d is None:
+            continue
+        found = True
+        for r in d["runs"]:
+            lr = r["lr"] if r["lr"] is not None else f"range test ({r.get('lr_rule') or 'one-cycle'})"
+            out.append(f"| {name} | {Path(r['run']).name} | {r['recipe']} | {r['imbalance']} | {lr} | "
+                       f"{r['valid_balanced_accuracy']:.3f} | {r['valid_macro_f1']:.3f} | {r['training_minutes']:.1f} |")
+    return out if found else ["`bench_train.py`: not run yet."]
+
+
+def speed_table() -> list[str]:
+    out = ["| script | figure | value |", "|---|---|---|"]
+    t = _load("throughput.json")
+    if t:
+        out.append(f"| `bench_throughput.py` ({_cores(t)}, {t['machine']['threads']} threads, {t['rounds']} rounds) | "
+                   f"training images/s, fastai pipeline against a bare PyTorch loop ({t['model']}, "
+                   f"{t['input_size'][0]}x{t['input_size'][1]}, batch {t['batch_size']}) | "
+                   f"{t['fastai_images_per_s']:.1f} against {t['bare_images_per_s']:.1f}: "
+                   f"**fastai_over_bare {t['fastai_over_bare']:.3f}** (target >= 0.9) |")
+    c = _load("decode_cache.json")
+    if c:
+        for k, v in c.items():
+            if isinstance(v, dict) and "epoch_time_saved_pct" in v:
+                out.append(f"| `bench_decode_cache.py` ({_cores(c)}) | training epoch time saved by the decode cache, "
+                           f"{k} | {v['epoch_time_saved_pct']:.1f} % ({v['train_images_per_s_jpeg']:.1f} -> "
+                           f"{v['train_images_per_s_cache']:.1f} images/s) |")
+    i = _load("inference.json")
+    if i:
+        for k, v in i["latency"].items():
+            out.append(f"| `bench_inference.py` ({_cores(i)}) | {k}: single-image latency median (p90); batch-64 "
+                       f"throughput | {v['median_ms']:.1f} ms ({v['p90_ms']:.1f} ms); {v['batch64_images_per_s']:.0f} images/s |")
+        o, g = i["ood"], i["gradcam"]
+        out.append(f"| `bench_inference.py` | out-of-distribution: {o['n_out']} non-dermoscopic images against "
+                   f"{o['n_in']} test images | {o['score']} AUROC {o['auroc_in_vs_out']:.3f}; the referral rule refers "
+                   f"{100 * o['out_referred_total']:.1f} % of them and {100 * o['in_referred_total']:.1f} % of test images |")
+        out.append(f"| `bench_inference.py` | Grad-CAM mass inside the lesion mask ({g['n']} test images) | "
+                   f"{100 * g['mass_inside_lesion_mean']:.1f} % (uniform map: {100 * g['lesion_area_share_mean']:.1f} %); "
+                   f"pointing game {100 * g['pointing_game_hit_rate']:.1f} % |")
+    a = _load("app.json")
+    if a:
+        out.append(f"| `bench_app.py --clients {a['clients']}` ({_cores(a)}) | {a['endpoint']}, {a['seconds']:.0f} s | "
+                   f"{a['requests']} requests, {a['errors']} errors, p50 {a['p50_ms']:.0f} ms, p99 {a['p99_ms']:.0f} ms |")
+    r = _load("retrain_demo.json")
+    if r:
+        drops = ", ".join(x if isinstance(x, str) else x.get("class", str(x)) for x in r.get("sensitivity_drops", []))
+        out.append(f"| `retrain_demo.py` | retrain with a new class on HAM10000 | old split kept "
+                   f"{r['old_images_kept_split']:,}/{r['old_images']:,}; exit code {r['exit_code']} (sensitivity drop: "
+                   f"{drops or 'none'}) |")
+    return out
+
+
+def render() -> str:
+    parts = ["_Generated by `python benchmarks/tables.py` from `benchmarks/results/*.json` and the bundled "
+             "model's report; do not edit by hand._", "",
+             "#### The bundled model against its targets", "", *model_table(), "",
+             "#### Recipes: seed 001 (stepwise) and seed 003 (SGDR) on our data", "", *recipes_table(), "",
+             "#### Single training runs", "", *training_table(), "",
+             "#### Speed, serving and retraining", "", *speed_table()]
+    return "\n".join(parts)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--print", action="store_true", help="print the section instead of rewriting README.md")
+    ap.add_argument("--readme", default=str(ROOT / "README.md"))
+    args = ap.parse_args()
+    section = render()
+    if args.print:
+        print(section)
+        return
+    readme = Path(args.readme)
+    text = readme.read_text()
+    if START not in text or END not in text:
+        raise SystemExit(f"{readme}: the markers {START} and {END} are missing; add them where the tables go")
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    write_text(readme, f"{head}{START}\n{section}\n{END}{tail}")
+    print(f"rewrote the benchmark tables in {readme}")
+
+
+if __name__ == "__main__":
+    main()
