@@ -4,7 +4,8 @@ Runs ``dermaclass train`` once per named variant (a recipe plus flags) in a fres
 folder, sequentially (2 cores: runs in parallel would only slow each other), and records
 wall time, images seen, the stage plan and the validation balanced accuracy / macro-F1
 from the run's ``summary.json``. ``--collect`` instead gathers finished run folders (for
-runs started by hand with nohup). Nothing is asserted: the figures are printed and written
+runs started by hand with nohup), with their test figures when ``RUN/report`` holds a
+``dermaclass evaluate`` report. Nothing is asserted: the figures are printed and written
 to ``benchmarks/results/<name>.json``.
 
     python benchmarks/bench_train.py --name default --runs-dir runs -- --recipe stepwise
@@ -42,6 +43,8 @@ def summarise(run_dir: Path, wall: float | None = None) -> dict:
         "imbalance": cfg["imbalance"],
         "lr_rule": cfg["lr_rule"] if meta["recipe"] == "stepwise" else None,
         "lr": cfg["lr"],
+        "lr_suggestion": cfg.get("lr_suggestion"),
+        "seed": cfg.get("seed"),
         "image_size": cfg["image_size"],
         "valid_balanced_accuracy": summary["metrics_valid"]["balanced_accuracy"],
         "valid_macro_f1": summary["metrics_valid"]["macro_f1"],
@@ -53,7 +56,18 @@ def summarise(run_dir: Path, wall: float | None = None) -> dict:
         "range_tests": summary.get("range_tests", []),
         "temperature": (meta.get("calibration") or {}).get("temperature"),
         "operating_points": meta.get("operating_points"),
+        **_test_figures(run_dir),
     }
+
+
+def _test_figures(run_dir: Path) -> dict:
+    """Test-split figures when `dermaclass evaluate RUN DATA --out RUN/report` has been run."""
+    path = run_dir / "report" / "report.json"
+    if not path.is_file():
+        return {}
+    r = json.loads(path.read_text())
+    return {"test_balanced_accuracy": r["balanced_accuracy"], "test_macro_f1": r["macro_f1"],
+            "test_macro_auroc": r["macro_auroc"]}
 
 
 def main() -> None:

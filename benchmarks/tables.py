@@ -105,20 +105,26 @@ def recipes_table() -> list[str]:
 
 
 def training_table() -> list[str]:
-    out = ["`bench_train.py` (one seed each; validation split, as the trainer picks its best epoch on it):", "",
-           "| results file | run | recipe | imbalance | LR | valid bal. acc. | macro-F1 | training min |",
-           "|---|---|---|---|---|---|---|---|"]
+    out = ["`bench_train.py` (one run each; the validation split picks the best epoch; test figures where the run "
+           "was evaluated):", "",
+           "| results file | run | recipe | imbalance | LR | seed | valid bal. acc. | valid macro-F1 | test bal. acc. "
+           "| test macro AUROC | training min |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     found = False
     for name in ("train_default_stepwise.json", "train_sgdr.json", "train_baseline.json", "train_imbalance.json",
-                 "train_lr_rules.json"):
+                 "train_lr_rules.json", "train_lr_suggestion.json"):
         d = _load(name)
         if d is None:
             continue
         found = True
         for r in d["runs"]:
-            lr = r["lr"] if r["lr"] is not None else f"range test ({r.get('lr_rule') or 'one-cycle'})"
+            # runs recorded before lr_suggestion was stored all used the default, valley
+            how = ", ".join(x for x in (r.get("lr_rule"), r.get("lr_suggestion") or "valley") if x)
+            lr = r["lr"] if r["lr"] is not None else f"range test ({how})"
             out.append(f"| {name} | {Path(r['run']).name} | {r['recipe']} | {r['imbalance']} | {lr} | "
-                       f"{r['valid_balanced_accuracy']:.3f} | {r['valid_macro_f1']:.3f} | {r['training_minutes']:.1f} |")
+                       f"{r.get('seed', '-')} | {r['valid_balanced_accuracy']:.3f} | {r['valid_macro_f1']:.3f} | "
+                       f"{_f(r.get('test_balanced_accuracy'))} | {_f(r.get('test_macro_auroc'))} | "
+                       f"{r['training_minutes']:.1f} |")
     return out if found else ["`bench_train.py`: not run yet."]
 
 
