@@ -14,7 +14,7 @@ cache, the same albumentations pipeline, channels_last), measured in the same ru
 Prints images/second for both and their ratio, stored under ``fastai_over_bare`` in
 benchmarks/results/throughput.json (target >= 0.9). Each side runs a warm-up pass first and
 the order alternates over ``--rounds`` to average out drift on a shared machine (single
-passes of the same loop differ by up to 10 % here, so one round is not enough).
+passes of the same loop differ by up to 15 % here, so one round is not enough).
 
 The same file carries the decode-cache gain (from decode_cache.json, bench_decode_cache.py)
 and inference throughput and single-image latency for torch against onnxruntime (from
