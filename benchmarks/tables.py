@@ -162,7 +162,7 @@ def speed_table() -> list[str]:
                    f"{a['requests']} requests, {a['errors']} errors, p50 {a['p50_ms']:.0f} ms, p99 {a['p99_ms']:.0f} ms |")
     r = _load("retrain_demo.json")
     if r:
-        drops = ", ".join(x if isinstance(x, str) else x.get("class", str(x)) for x in r.get("sensitivity_drops", []))
+        drops = ", ".join(r.get("sensitivity_drops", []))  # class codes
         out.append(f"| `retrain_demo.py` | retrain with a new class on HAM10000 | old split kept "
                    f"{r['old_images_kept_split']:,}/{r['old_images']:,}; exit code {r['exit_code']} (sensitivity drop: "
                    f"{drops or 'none'}) |")
