@@ -69,6 +69,13 @@ class Config:
     # weights 0.603, sqrt-weights 0.577, none 0.493 (focal: see the training issue's note).
     imbalance: Literal["none", "weights", "sqrt-weights", "sampler", "focal"] = "sampler"
     augment: Literal["none", "basic", "augmix"] = "basic"
+    # Shades-of-Gray colour constancy, applied identically at training and inference (recorded
+    # in the bundle): dermatoscopes light and tint images differently from clinic to clinic.
+    colour_constancy: Literal["none", "shades-of-gray"] = "none"
+    label_smoothing: float = 0.0  # cross-entropy label smoothing (Szegedy et al. 2016); 0 = off
+    # Which weights the bundle keeps: the epoch with the best validation balanced accuracy over
+    # the run, or the weights at the end of the last (annealed) cycle.
+    keep: Literal["best", "last"] = "best"
     early_stop_patience: int = 0  # epochs without balanced-accuracy gain before stopping; 0 = off
     wd: float = 0.01
     threads: int = 0  # torch threads; 0 = all cores

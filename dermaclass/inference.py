@@ -37,8 +37,8 @@ from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
 
 from dermaclass import models
-from dermaclass.data.images import fit_to_size, load_rgb
-from dermaclass.data.loaders import ReadCached
+from dermaclass.data.images import COLOUR_CONSTANCY, apply_colour, fit_to_size, load_rgb
+from dermaclass.data.loaders import ColourConstancy, ReadCached
 from dermaclass.evaluate.metrics import energy_score, softmax
 
 log = logging.getLogger(__name__)
@@ -78,6 +78,10 @@ class Predictor:
         refer = calibration.get("refer") or {}
         self.refer_below = float(refer.get("min_top_probability", 0.0))
         self.ood_threshold: float | None = (refer.get("ood") or {}).get("threshold")
+        self.colour_constancy: str = (self.meta.get("preprocessing") or {}).get("colour_constancy") or "none"
+        if self.colour_constancy not in COLOUR_CONSTANCY:
+            raise models.ModelError(f"{self.bundle / models.BUNDLE_META}: unknown colour_constancy "
+                                    f"{self.colour_constancy!r}; this dermaclass knows {', '.join(COLOUR_CONSTANCY)}")
 
     @classmethod
     def from_bundle(cls, bundle: str | Path, **kwargs: Any) -> Predictor:
@@ -102,7 +106,7 @@ class Predictor:
     # ---- predictions ---------------------------------------------------------------------
     def _normalise(self, images: Sequence[np.ndarray]) -> np.ndarray:
         norm = self.meta["normalization"]
-        x = np.stack([np.asarray(im) for im in images]).astype(np.float32) / 255.0
+        x = np.stack([apply_colour(np.asarray(im), self.colour_constancy) for im in images]).astype(np.float32) / 255.0
         x = (x - np.asarray(norm["mean"], np.float32)) / np.asarray(norm["std"], np.float32)
         return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
@@ -130,7 +134,8 @@ class Predictor:
                 return self.model(x).numpy()
         norm = self.meta["normalization"]
         dl = TfmdDL(
-            Datasets(list(range(len(images))), tfms=[[ReadCached(images)]]), bs=batch_size, shuffle=False,
+            Datasets(list(range(len(images))), tfms=[[ReadCached(images), ColourConstancy(self.colour_constancy)]]),
+            bs=batch_size, shuffle=False,
             after_batch=[IntToFloatTensor(), Normalize.from_stats(list(norm["mean"]), list(norm["std"]))],
             device=torch.device("cpu"),
         )

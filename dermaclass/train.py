@@ -180,12 +180,15 @@ def check_class_names(parent: dict[str, Any], names: dict[str, str], *, source: 
 # ---- learner and LR range test ---------------------------------------------------------
 def loss_for(cfg: Config, train_labels: pd.Series, vocab: list[str]):
     """The loss for the imbalance option (weighted CE, focal, or plain CE with a balanced sampler)."""
+    smoothing = {"label_smoothing": cfg.label_smoothing} if cfg.label_smoothing else {}
     if cfg.imbalance in ("weights", "sqrt-weights"):
         w = class_weights(train_labels, vocab, power=1.0 if cfg.imbalance == "weights" else 0.5)
-        return CrossEntropyLossFlat(weight=torch.tensor(w, dtype=torch.float32))
+        return CrossEntropyLossFlat(weight=torch.tensor(w, dtype=torch.float32), **smoothing)
     if cfg.imbalance == "focal":
+        if cfg.label_smoothing:
+            raise TrainingError("label smoothing is not available with --imbalance focal; choose one")
         return FocalLossFlat(gamma=2.0)
-    return CrossEntropyLossFlat()
+    return CrossEntropyLossFlat(**smoothing)
 
 
 def build_learner(cfg: Config, data: TrainData, run_dir: Path, *, dls) -> Learner:
@@ -438,6 +441,7 @@ def stage_dataloaders(cfg: Config, data: TrainData, rows: np.ndarray, batch_size
     return make_dataloaders(
         data.table(rows), data.images, data.vocab, batch_size=batch_size, normalization=models.normalization(cfg.arch),
         augment=train_pipeline(cfg.augment, cfg.image_size), balanced_sampler=cfg.imbalance == "sampler",
+        colour_constancy=cfg.colour_constancy,
     )
 
 
@@ -554,7 +558,8 @@ def train(cfg: Config, data: TrainData, run_dir: str | Path, *, force: bool = Fa
         distrib_barrier()  # rank 0 has written the best weights
     if main:
         learn.remove_cb(learn.checkpoint)
-    learn.best_model.restore()
+    if cfg.keep == "best":
+        learn.best_model.restore()
     with parallel():  # every rank predicts its share; fastai gathers the whole validation split
         logits, targets = learn.get_preds(dl=learn.dls.valid, act=lambda x: x)
     if not main:
@@ -623,7 +628,9 @@ def bundle_meta(cfg: Config, data: TrainData, metrics: dict, stages: list[dict],
         "normalization": models.normalization(cfg.arch),
         "preprocessing": {"decode": "RGB (EXIF-upright; gray/RGBA/CMYK/16-bit converted)",
                           "resize": "cover (width, height) keeping aspect ratio, bilinear, centre crop",
+                          "colour_constancy": cfg.colour_constancy,
                           "scale": "uint8 / 255, then (x - mean) / std"},
+        "kept_weights": cfg.keep,
         "head": {"kind": "fastai", "ps": 0.5},
         "metrics_valid": metrics,
         "recipe": cfg.recipe,

@@ -103,3 +103,25 @@ def test_concurrent_requests_are_safe(tiny_bundle: Path, colour_data: Path) -> N
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(job, paths))
     assert len(results) == 8 and all(shape == (24, 32) for _, shape in results)
+
+
+def test_colour_constancy_from_the_bundle_is_applied(tiny_bundle: Path, colour_data: Path, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    from dermaclass.data.images import shades_of_gray
+
+    bundle = tmp_path / "cc"
+    shutil.copytree(tiny_bundle, bundle)
+    meta = json.loads((bundle / "model.json").read_text())
+    meta["preprocessing"]["colour_constancy"] = "shades-of-gray"
+    (bundle / "model.json").write_text(json.dumps(meta))
+    plain, cc = Predictor(tiny_bundle), Predictor(bundle)
+    images = [plain.preprocess(p) for p in sorted(colour_data.rglob("*.png"))[:70]]  # > 64: the batched path too
+    expected = plain.logits([shades_of_gray(im) for im in images])
+    assert np.allclose(cc.logits(images), expected, atol=1e-4)
+    assert not np.allclose(plain.logits(images), expected, atol=1e-3)
+    meta["preprocessing"]["colour_constancy"] = "retinex"
+    (bundle / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelError, match="colour_constancy"):
+        Predictor(bundle)

@@ -296,3 +296,47 @@ def test_two_process_data_parallel_run(colour_data: Path, tmp_path: Path) -> Non
     assert len(history) == 1 + 1  # one writer: head epoch + one SGDR epoch, not doubled
     assert len(meta["range_tests"]) == 1 and meta["range_tests"][0]["chosen"] > 0  # rank 0's LR, broadcast
     assert res.stdout.count("valid balanced accuracy") == 1  # rank 0 reports
+
+
+def test_label_smoothing_reaches_the_loss(colour_data: Path, tmp_path: Path) -> None:
+    from dermaclass.train import loss_for
+
+    labels = pd.Series(["bkl", "mel", "nv"])
+    logits, target = torch.tensor([[8.0, 0.0, 0.0]]), torch.tensor([0])
+    plain = loss_for(_cfg(tmp_path), labels, ["bkl", "mel", "nv"])(logits, target)
+    smooth = loss_for(_cfg(tmp_path, label_smoothing=0.1), labels, ["bkl", "mel", "nv"])(logits, target)
+    # a confident correct prediction costs more when the target is smoothed: 0.1 of the mass is spread
+    assert float(smooth) > float(plain) + 0.1
+    with pytest.raises(TrainingError, match="focal"):
+        loss_for(_cfg(tmp_path, label_smoothing=0.1, imbalance="focal"), labels, ["bkl", "mel", "nv"])
+
+
+def test_keep_last_skips_the_best_checkpoint(colour_data: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    cfg = _cfg(tmp_path, recipe="sgdr", lr=1e-3, head_epochs=0, keep="last")
+    train(cfg, prepare_data(cfg, colour_data), tmp_path / "run")
+    meta = json.loads((tmp_path / "run" / "model.json").read_text())
+    assert meta["kept_weights"] == "last"
+    bundle = load_file(str(tmp_path / "run" / "model.safetensors"))
+    best = load_file(str(tmp_path / "run" / "checkpoints" / "best.safetensors"))
+    history = pd.read_csv(tmp_path / "run" / "history.csv")
+    if history["balanced_accuracy_score"].idxmax() != len(history) - 1:  # the best epoch was not the last
+        assert any(not torch.equal(bundle[k], best[k]) for k in bundle)
+
+
+def test_colour_constancy_is_applied_in_training_and_recorded(colour_data: Path, tmp_path: Path) -> None:
+    from dermaclass.data.images import shades_of_gray
+
+    cfg = _cfg(tmp_path, recipe="baseline", lr=1e-3, head_epochs=0, colour_constancy="shades-of-gray", augment="none")
+    data = prepare_data(cfg, colour_data)
+    from dermaclass.train import stage_dataloaders
+
+    dls = stage_dataloaders(cfg, data, data.train_rows, 4)
+    x = dls.valid.decode((dls.valid.one_batch()[0],))[0][0]  # first valid image, denormalised to 0..255
+    row = data.valid_rows[0]
+    expected = shades_of_gray(np.asarray(data.images[row]))
+    assert np.abs(x.permute(1, 2, 0).numpy().round() - expected).max() <= 1
+    train(cfg, data, tmp_path / "run")
+    meta = json.loads((tmp_path / "run" / "model.json").read_text())
+    assert meta["preprocessing"]["colour_constancy"] == "shades-of-gray"

@@ -43,6 +43,11 @@ def train_cmd(
     weight_sharing: Annotated[bool | None, Opt("--weight-sharing/--no-weight-sharing", help="Carry weights between stages")] = None,
     imbalance: Annotated[str | None, Opt("--imbalance", help="none | weights | sqrt-weights | sampler | focal [default: sampler]")] = None,
     augment: Annotated[str | None, Opt("--augment", help="none | basic | augmix [default: basic]")] = None,
+    colour_constancy: Annotated[str | None, Opt("--colour-constancy", help="none | shades-of-gray: the same colour "
+                                                "normalisation at training and inference [default: none]")] = None,
+    label_smoothing: Annotated[float | None, Opt("--label-smoothing", help="Cross-entropy label smoothing, 0 = off [default: 0]")] = None,
+    keep: Annotated[str | None, Opt("--keep", help="best (best validation balanced accuracy) | last (end of "
+                                    "training) [default: best]")] = None,
     early_stop_patience: Annotated[int | None, Opt("--early-stop-patience", help="0 = off")] = None,
     operating_classes: Annotated[str | None, Opt("--operating-classes", help="Classes that get a sensitivity threshold [default: mel]")] = None,
     target_sensitivity: Annotated[float | None, Opt("--target-sensitivity", help="Validation sensitivity of the threshold [default: 0.9]")] = None,
@@ -65,7 +70,8 @@ def train_cmd(
                   batch_size=batch_size, lr=lr, lr_suggestion=lr_suggestion, warm_epoch=warm_epoch,
                   head_epochs=head_epochs, epochs=epochs, n_cycles=n_cycles, cycle_len=cycle_len, cycle_mult=cycle_mult,
                   lr_ratio=lr_ratio, stage_fractions=stage_fractions, lr_rule=lr_rule, weight_sharing=weight_sharing,
-                  imbalance=imbalance, augment=augment, early_stop_patience=early_stop_patience, split_file=split_file,
+                  imbalance=imbalance, augment=augment, colour_constancy=colour_constancy,
+                  label_smoothing=label_smoothing, keep=keep, early_stop_patience=early_stop_patience, split_file=split_file,
                   operating_classes=operating_classes, target_sensitivity=target_sensitivity,
                   seed=seed, threads=threads, manifest=manifest, image_col=image_col, label_col=label_col,
                   group_col=group_col, class_names=class_names, workers=workers)

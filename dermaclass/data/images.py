@@ -168,3 +168,32 @@ def fit_to_size(img: Image.Image, size: tuple[int, int]) -> np.ndarray:
     width, height = size
     # Pillow's resize filters are antialiased, so BILINEAR downscaling does not alias.
     return np.array(ImageOps.fit(img, (width, height), method=Image.Resampling.BILINEAR))  # writable copy
+
+
+COLOUR_CONSTANCY = ("none", "shades-of-gray")
+
+
+def shades_of_gray(image: np.ndarray, *, p: int = 6) -> np.ndarray:
+    """Shades-of-Gray colour constancy (Finlayson and Trezzi 2004) on an (H, W, 3) uint8 array.
+
+    Dermatoscopes and their lighting tint images differently from clinic to clinic; dividing
+    each channel by its Minkowski p-norm estimate of the illuminant (p = 6, as Barata et al.
+    2015 chose for dermoscopy) maps every image to a common neutral light. The same function
+    runs at training and at inference, so a model never sees a colour space it was not trained on.
+    """
+    x = np.asarray(image, dtype=np.float32)
+    illuminant = np.power(np.mean(np.power(x, p), axis=(0, 1)), 1.0 / p)  # per channel
+    norm = float(np.sqrt(np.sum(illuminant**2)))
+    if norm <= 0 or not np.all(illuminant > 0):
+        return np.asarray(image, dtype=np.uint8).copy()  # a black or single-channel image: nothing to estimate
+    gains = norm / (illuminant * np.sqrt(3.0))  # a neutral (grey) illuminant gives gains of 1
+    return np.clip(x * gains + 0.5, 0, 255).astype(np.uint8)
+
+
+def apply_colour(image: np.ndarray, method: str | None) -> np.ndarray:
+    """The bundle's colour step (``none`` / ``shades-of-gray``) on an (H, W, 3) uint8 array."""
+    if method in (None, "none"):
+        return image
+    if method == "shades-of-gray":
+        return shades_of_gray(image)
+    raise ValueError(f"unknown colour constancy {method!r}; choose one of {', '.join(COLOUR_CONSTANCY)}")

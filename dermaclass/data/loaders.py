@@ -24,6 +24,7 @@ from fasttransform import Transform
 
 import fastai.callback.data  # noqa: F401  (registers DataBlock.weighted_dataloaders)
 from dermaclass.data.cache import CachedImages
+from dermaclass.data.images import apply_colour
 
 
 class ReadCached(Transform):
@@ -35,6 +36,20 @@ class ReadCached(Transform):
 
     def encodes(self, i) -> TensorImage:  # noqa: ANN001 - fastai dispatches on annotations; rows are ints
         return TensorImage(torch.from_numpy(self.images[int(i)]).permute(2, 0, 1))
+
+
+class ColourConstancy(Transform):
+    """The bundle's colour step on every image (training and validation), before augmentation."""
+
+    order = 1
+
+    def __init__(self, method: str) -> None:
+        super().__init__()
+        self.method = method
+
+    def encodes(self, x: TensorImage) -> TensorImage:
+        out = apply_colour(np.ascontiguousarray(x.permute(1, 2, 0).numpy()), self.method)
+        return TensorImage(torch.from_numpy(out).permute(2, 0, 1))
 
 
 class Albumentations(Transform):
@@ -77,6 +92,7 @@ def make_dataloaders(
     augment: Any | None = None,
     balanced_sampler: bool = False,
     valid_batch_size: int | None = None,
+    colour_constancy: str = "none",
 ) -> DataLoaders:
     """DataLoaders for rows of ``table`` (columns ``row``, ``label``, ``is_valid``).
 
@@ -88,7 +104,8 @@ def make_dataloaders(
         get_x=ColReader("row"),
         get_y=ColReader("label"),
         splitter=ColSplitter("is_valid"),
-        item_tfms=[Albumentations(augment)] if augment is not None else None,
+        item_tfms=([ColourConstancy(colour_constancy)] if colour_constancy != "none" else [])
+        + ([Albumentations(augment)] if augment is not None else []),
         batch_tfms=[Normalize.from_stats(list(normalization["mean"]), list(normalization["std"]))],
     )
     # num_workers=0: on 2 cores, reading the memmap in the main process beats worker processes

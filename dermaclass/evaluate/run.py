@@ -98,11 +98,13 @@ def evaluate_bundle(
     seed: int = 0,
     gallery: int = 12,
     thumbnails: bool = True,
+    tta: bool = False,
     progress: Any = None,
 ) -> Evaluation:
     """Evaluate the bundle on ``split`` of ``data`` (one or more sources, merged as training merges them).
 
-    ``cfg`` supplies the data-layer settings.
+    ``cfg`` supplies the data-layer settings. ``tta``: average the logits over the four flips
+    (recorded in the report, since it changes every figure).
     """
     cfg = cfg or Config()
     bundle = Path(bundle)
@@ -131,7 +133,7 @@ def evaluate_bundle(
     images = DecodeCache(cfg.cache_dir, predictor.input_size).ensure(
         chosen["path"].tolist(), chosen["hash"].tolist(), workers=cfg.workers or None
     )
-    logits = predictor.logits(images)
+    logits = predictor.logits(images, tta=tta)
     raw, probs = softmax(logits), softmax(logits, predictor.temperature)
     y = chosen["label"].map({c: i for i, c in enumerate(classes)}).to_numpy()
     groups = chosen["group"].astype(str).to_numpy()
@@ -174,6 +176,7 @@ def evaluate_bundle(
                  "n": int(len(chosen)), "groups": int(len(set(groups))),
                  "group_column": validations[0].dataset.columns.get("group") if has_groups else None,
                  "counts": split_counts, "problems": sum(len(v.problems) for v in validations)},
+        "tta": "flips4" if tta else None,
         "classes": classes,
         "class_names": predictor.class_names,
         **metrics,

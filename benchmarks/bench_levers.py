@@ -1,0 +1,126 @@
+"""Benchmark: the levers that might make a model hold up on other clinics' images, over seeds.
+
+Each lever is a set of variants (``dermaclass train`` flags) trained at one matched
+screening budget on the bundled model's lesion-grouped split, for each of ``--seeds``.
+Every run is measured on the HAM10000 test split and on every image of the two external
+sets (derm7pt, isic2017), which rank the variants; they are never used to fit anything.
+``--tta`` also measures each run with flip test-time augmentation (a free lever: the same
+weights, evaluated twice).
+
+Screening budget (``--budget short``, about 5 minutes a run on 2 cores): the stepwise recipe
+with one SGDR cycle per stage (3.2 full-data epochs). ``--budget full`` runs the shipped
+default's budget (about 40 minutes) to confirm a screen.
+
+Results are rewritten after every run (an interrupted invocation keeps what it measured,
+and a re-run skips trained bundles) to benchmarks/results/levers_<lever>.json, with the
+mean +- sd over seeds per variant and the same-seed differences against the lever's
+reference variant.
+
+    python benchmarks/bench_levers.py --lever lr [--seeds 42 43 44] [--only fixed-1e-2] [--tta] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import HAM, RESULTS, ROOT, SPLIT, fmt, measure, run_facts, summarise_rows
+
+from dermaclass.fileio import write_json
+
+BUDGETS = {
+    "short": ["--recipe", "stepwise", "--n-cycles", "1"],
+    "full": ["--recipe", "stepwise"],
+    "quick": ["--recipe", "stepwise", "--n-cycles", "1", "--stage-fractions", "0.5,1.0", "--head-epochs", "0"],
+}
+
+# lever -> (reference variant, {variant: extra flags}); the first variant is the reference.
+LEVERS: dict[str, dict[str, list[str]]] = {
+    "lr": {
+        "valley": [],  # the range-test suggestion the default used until now
+        "minimum": ["--lr-suggestion", "minimum"],
+        "fixed-3e-3": ["--lr", "3e-3"],
+        "fixed-1e-2": ["--lr", "1e-2"],
+    },
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--lever", required=True, choices=sorted(LEVERS))
+    ap.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
+    ap.add_argument("--budget", choices=sorted(BUDGETS), default="short")
+    ap.add_argument("--only", nargs="*", help="variant names to run (default: all)")
+    ap.add_argument("--tta", action="store_true", help="also measure every run with flip TTA")
+    ap.add_argument("--data", default=str(HAM))
+    ap.add_argument("--split-file", default=str(SPLIT))
+    ap.add_argument("--runs-dir", default=str(ROOT / "runs" / "bench_levers"))
+    ap.add_argument("--n-boot", type=int, default=200)
+    ap.add_argument("--quick", action="store_true", help="smoke run: one seed, tiny budget, *_quick.json")
+    args = ap.parse_args()
+    if args.quick:
+        args.seeds, args.budget = args.seeds[:1], "quick"
+    variants = LEVERS[args.lever]
+    reference = next(iter(variants))
+    runs_dir = Path(args.runs_dir) / args.budget / args.lever
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    result_file = RESULTS / f"levers_{args.lever}{'_quick' if args.quick else ''}.json"
+    command = " ".join(["python", "benchmarks/bench_levers.py", *sys.argv[1:]])
+    rows: list[dict] = []
+
+    def save(complete: bool) -> None:
+        write_json(result_file, {
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "command": command,
+            "lever": args.lever, "budget": args.budget, "budget_flags": BUDGETS[args.budget], "seeds": args.seeds,
+            "split_file": str(Path(args.split_file).resolve().relative_to(ROOT.resolve())
+                              if Path(args.split_file).resolve().is_relative_to(ROOT.resolve()) else args.split_file),
+            "reference": reference, "variants": variants, "complete": complete, "runs": rows,
+            "summary": summarise_rows(rows, reference=reference),
+            **({"summary_tta": summarise_rows([{**r, **r["tta"]} for r in rows if r.get("tta")], reference=reference)}
+               if args.tta else {}),
+        })
+
+    for seed in args.seeds:  # seed-major: after each seed every variant has a paired figure
+        for name, flags in variants.items():
+            if args.only and name not in args.only:
+                continue
+            run = runs_dir / f"{name}-seed{seed}"
+            cmd = [sys.executable, "-m", "dermaclass", "train", args.data, "--out", str(run), "--seed", str(seed),
+                   "--split-file", args.split_file, *BUDGETS[args.budget], *flags]
+            wall = None
+            if not (run / "model.json").is_file():
+                print("$", " ".join(cmd), flush=True)
+                start = time.perf_counter()
+                with open(runs_dir / f"{name}-seed{seed}.log", "w") as logf:
+                    subprocess.run(cmd + (["--force"] if run.exists() else []), check=True, stdout=logf, stderr=logf)
+                wall = round((time.perf_counter() - start) / 60, 2)
+            row = {"variant": name, "seed": seed, "flags": flags, "run": str(run.relative_to(ROOT)),
+                   **run_facts(run), "wall_minutes": wall,
+                   **measure(run, split_file=Path(args.split_file), data=Path(args.data), n_boot=args.n_boot)}
+            if args.tta:
+                row["tta"] = measure(run, split_file=Path(args.split_file), data=Path(args.data), tta=True,
+                                     n_boot=args.n_boot)
+            rows.append(row)
+            ext = "  ".join(f"{k} {v['balanced_accuracy']:.4f}" for k, v in row["external"].items())
+            print(f"{name:16} seed {seed}: HAM test BA {row['test']['balanced_accuracy']:.4f}  {ext}  "
+                  f"({row['training_minutes']:.1f} min)", flush=True)
+            save(complete=False)
+    save(complete=True)
+    summary = summarise_rows(rows, reference=reference)
+    wheres = [w for w in next(iter(summary.values())) if isinstance(next(iter(summary.values()))[w], dict)
+              and "balanced_accuracy" in next(iter(summary.values()))[w]]
+    print(f"\nlever {args.lever}, budget {args.budget}: balanced accuracy, mean ± sd over seeds")
+    print(f"{'variant':16} seeds  " + "  ".join(f"{w:>15}" for w in wheres) + "   nv sens.   minutes")
+    for name, s in summary.items():
+        print(f"{name:16} {s['seeds']:5}  " + "  ".join(f"{fmt(s[w]['balanced_accuracy']):>15}" for w in wheres)
+              + f"   {fmt(s['nv_sensitivity_test']):>8}   {fmt(s['training_minutes']):>7}")
+    print(f"wrote {result_file}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""Shared pieces of the training benchmarks: where the data is, and how a finished run is measured.
+
+Every training benchmark measures a run the same way: the HAM10000 test split of the shared
+split file, and every image of the two external dermoscopy sets (``external`` key), which
+are used to compare recipes only, never to fit anything.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+SHARED = ROOT / ".." / "shared" / "data"
+HAM = SHARED / "ham10000"
+EXTERNAL = {"derm7pt": SHARED / "derm7pt", "isic2017": SHARED / "isic2017"}
+# The bundled model's lesion-grouped split: every benchmark run trains and tests on it.
+SPLIT = ROOT / "models" / "ham10000-effnet-lite0" / "split.csv"
+
+
+def measure(run: Path, *, split_file: Path, data: Path = HAM, tta: bool = False, n_boot: int = 200) -> dict[str, Any]:
+    """HAM test + external figures of a finished run folder (``headline`` dicts)."""
+    from dermaclass.config import load_config
+    from dermaclass.evaluate.external import evaluate_external, headline
+    from dermaclass.evaluate.run import evaluate_bundle
+
+    cfg = load_config()
+    test = evaluate_bundle(run, data, split_file=split_file, cfg=cfg, n_boot=n_boot, thumbnails=False, gallery=0, tta=tta)
+    sets = {k: v for k, v in EXTERNAL.items() if v.is_dir()}
+    return {"test": headline(test.report), "external": evaluate_external(run, sets, cfg=cfg, tta=tta, n_boot=n_boot)}
+
+
+def run_facts(run: Path) -> dict[str, Any]:
+    """Cost and validation figures a run recorded in its model.json."""
+    meta = json.loads((run / "model.json").read_text())
+    return {"valid_balanced_accuracy": meta["metrics_valid"]["balanced_accuracy"],
+            "images_processed": meta["training"]["images_seen"],
+            "full_data_epochs": meta["training"]["epochs_equivalent"],
+            "training_minutes": round(meta["training"]["seconds"] / 60, 2),
+            "lrs": [s.get("lr") for s in meta.get("stages", [])],
+            "temperature": (meta.get("calibration") or {}).get("temperature")}
+
+
+def mean_sd(values: list[float | None]) -> dict[str, float | None]:
+    v = [x for x in values if x is not None]
+    return {"mean": float(np.mean(v)) if v else None, "sd": float(np.std(v, ddof=1)) if len(v) > 1 else None,
+            "n": len(v)}
+
+
+def summarise_rows(rows: list[dict], *, group: str = "variant", reference: str | None = None) -> dict[str, dict]:
+    """Per variant: mean +- sd over seeds of balanced accuracy (HAM test, each external set),
+    macro AUROC, minutes; and the same-seed differences against ``reference``."""
+    def ba(r: dict, where: str) -> float | None:
+        m = r["test"] if where == "test" else r["external"].get(where, {})
+        return m.get("balanced_accuracy")
+
+    wheres = ["test", *sorted({k for r in rows for k in r.get("external", {})})]
+    ref = {r["seed"]: r for r in rows if r[group] == reference} if reference else {}
+    out: dict[str, dict] = {}
+    for name in dict.fromkeys(r[group] for r in rows):
+        mine = [r for r in rows if r[group] == name]
+        s: dict[str, Any] = {"seeds": len(mine)}
+        for w in wheres:
+            s[w] = {"balanced_accuracy": mean_sd([ba(r, w) for r in mine]),
+                    "macro_auroc": mean_sd([(r["test"] if w == "test" else r["external"].get(w, {})).get("macro_auroc")
+                                            for r in mine])}
+            if ref:
+                d = [ba(r, w) - ba(ref[r["seed"]], w) for r in mine if r["seed"] in ref
+                     and ba(r, w) is not None and ba(ref[r["seed"]], w) is not None]
+                s[w][f"minus_{reference}"] = {**mean_sd(d), "per_seed": d}
+        s["nv_sensitivity_test"] = mean_sd([r["test"]["per_class"].get("nv", {}).get("sensitivity") for r in mine])
+        s["training_minutes"] = mean_sd([r.get("training_minutes") for r in mine])
+        s["images_processed"] = mean_sd([r.get("images_processed") for r in mine])
+        out[name] = s
+    return out
+
+
+def fmt(ms: dict[str, float | None]) -> str:
+    if ms.get("mean") is None:
+        return "-"
+    return f"{ms['mean']:.3f}" + (f" ± {ms['sd']:.3f}" if ms.get("sd") is not None else "")
