@@ -95,3 +95,37 @@ def test_report_without_thumbnails_lists_ids_only(tiny_bundle: Path, colour_data
     assert html.count("data:image/png;base64,") == 2  # the confusion matrix and the reliability diagram only
     if ev.report["worst_errors"]:
         assert ev.report["worst_errors"][0]["image"] in html and "ours to publish" in html
+
+
+def test_cli_evaluate_with_external_sets(tiny_bundle: Path, colour_data: Path, tmp_path: Path, monkeypatch) -> None:
+    import json
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from dermaclass.cli import app
+    from dermaclass.report.card import model_card_markdown
+
+    monkeypatch.setenv("DERMACLASS_CACHE", str(tmp_path / "cache"))
+    other = tmp_path / "other_clinic"  # two of the three classes, as derm7pt lacks akiec
+    for c in ("mel", "nv"):
+        shutil.copytree(colour_data / c, other / c)
+    out = tmp_path / "rep"
+    res = CliRunner().invoke(app, ["evaluate", str(tiny_bundle), str(colour_data), "--out", str(out), "--n-boot", "20",
+                                   "--external", f"clinic_b={other}", "--tta"])
+    assert res.exit_code == 0, res.output
+    assert "external clinic_b: 40 images" in res.output
+    report = json.loads((out / "report.json").read_text())
+    ext = report["external"]["clinic_b"]
+    assert report["tta"] == "flips4" and ext["tta"] == "flips4" and ext["n"] == 40
+    assert ext["per_class"]["bkl"]["support"] == 0 and ext["per_class"]["bkl"]["sensitivity"] is None
+    present = [ext["per_class"][c]["sensitivity"] for c in ("mel", "nv")]
+    assert abs(ext["balanced_accuracy"] - sum(present) / 2) < 1e-9  # the mean over the classes the set has
+    assert len(ext["intervals"]["balanced_accuracy"]) == 2
+    html = (out / "report.html").read_text()
+    assert "External validation" in html and "clinic_b" in html
+    card = model_card_markdown(json.loads((tiny_bundle / "model.json").read_text()), report, name="tiny")
+    assert "## External validation" in card and "| clinic_b | 40 |" in card
+    res = CliRunner().invoke(app, ["evaluate", str(tiny_bundle), str(colour_data), "--out", str(tmp_path / "r2"),
+                                   "--external", str(tmp_path / "nowhere")])
+    assert res.exit_code == 3 and "nowhere" in res.output and not (tmp_path / "r2").exists()

@@ -27,6 +27,9 @@ def evaluate_cmd(
     thumbnails: Annotated[bool, Opt("--thumbnails/--no-thumbnails", help="Embed thumbnails of the most confident "
                                     "errors (--no-thumbnails for a report published without the dataset's images)")] = True,
     seed: Annotated[int, Opt("--seed")] = 0,
+    external: Annotated[list[str] | None, Opt("--external", help="NAME=FOLDER (repeatable): also evaluate every image of "
+                                              "a labelled set from other clinics and report it beside this split")] = None,
+    tta: Annotated[bool, Opt("--tta/--no-tta", help="Average the logits over the four flips")] = False,
     force: Annotated[bool, Opt("--force", help="Replace an existing report.")] = False,
     config: ConfigOpt = None,
     manifest: ManifestOpt = None,
@@ -46,10 +49,15 @@ def evaluate_cmd(
                   class_names=class_names, workers=workers)
     if not force and any((out_dir / f).exists() for f in REPORT_FILES):
         raise FileExistsError(f"{out_dir}: a report is already there")
+    from dermaclass.evaluate.external import evaluate_external, parse_sets
+
+    sets = parse_sets(external or [])  # a missing folder fails before any work
     progress, update = _progress("decoding")
     with progress:
         ev = evaluate_bundle(model, data, split=split, split_file=split_file, cfg=cfg, n_boot=n_boot, seed=seed,
-                             thumbnails=thumbnails, progress=update)
+                             thumbnails=thumbnails, tta=tta, progress=update)
+    if sets:
+        ev.report["external"] = evaluate_external(model, sets, cfg=cfg, tta=tta, n_boot=n_boot, seed=seed)
     write_report(ev, out_dir, force=force)
     r = ev.report
     iv = r["intervals"]["overall"]
@@ -71,6 +79,11 @@ def evaluate_cmd(
         out.print(f"operating point {c}: P >= {op['threshold']:.4f} -> sensitivity {op['sensitivity'] or 0:.3f}, "
                   f"specificity {op['specificity'] or 0:.3f} (target {op['target_sensitivity']:.2f} on valid)",
                   highlight=False)
+    for n, e in (r.get("external") or {}).items():
+        eiv = e.get("intervals") or {}
+        out.print(f"external {n}: {e['n']:,} images, balanced accuracy {e['balanced_accuracy']:.4f}"
+                  + (f" [{eiv['balanced_accuracy'][0]:.3f}, {eiv['balanced_accuracy'][1]:.3f}]" if eiv.get("balanced_accuracy") else "")
+                  + f"; macro AUROC {e['macro_auroc'] or float('nan'):.4f}", highlight=False)
     out.print(f"report: {out_dir / 'report.html'}", highlight=False)
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from dermaclass.config import Config
+from dermaclass.evaluate.run import EvaluationError
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +52,10 @@ def parse_sets(specs: list[str]) -> dict[str, Path]:
         if not sep:
             name, path = Path(spec).name, spec
         p = Path(path)
-        if not p.is_dir():
-            raise FileNotFoundError(f"{p}: external set folder not found")
+        if not name or not p.is_dir():
+            raise EvaluationError(f"{p}: external set folder not found (give NAME=FOLDER or FOLDER)")
         if name in sets:
-            raise ValueError(f"external set name {name!r} given twice")
+            raise EvaluationError(f"external set name {name!r} given twice")
         sets[name] = p
     return sets
 

@@ -97,6 +97,21 @@ def model_card_markdown(meta: dict[str, Any], report: dict[str, Any] | None, *, 
         for c, op in (r.get("operating_points") or {}).items():
             lines.append(f"\nAt its operating point, `{c}` is flagged with sensitivity {_f(op.get('sensitivity'))} and "
                          f"specificity {_f(op.get('specificity'))} on the test split ({op.get('flagged')} images flagged).")
+        if r.get("external"):
+            lines += ["", "## External validation (other clinics' images)",
+                      "Every image of labelled dermoscopy sets from outside HAM10000, same model and decision rule; nothing "
+                      "was fitted on them. Balanced accuracy is over the classes each set has. Expect figures nearer these "
+                      "than the internal test split on a new clinic's images.", "",
+                      "| set | images | balanced accuracy | macro AUROC | ECE | nevus sensitivity | melanoma sensitivity / "
+                      "specificity at the operating point |", "|---|---:|---|---|---:|---:|---|"]
+            rows = [("HAM10000 test split", r), *r["external"].items()]
+            for label, e in rows:
+                ivs = e["intervals"]["overall"] if label == "HAM10000 test split" else e.get("intervals", {})
+                op = (e.get("operating_points") or {}).get("mel") or {}
+                nv = (e.get("per_class") or {}).get("nv") or {}
+                lines.append(f"| {label} | {e['n']:,} | {_f(e.get('balanced_accuracy'))}{_iv(ivs.get('balanced_accuracy'))} | "
+                             f"{_f(e.get('macro_auroc'))}{_iv(ivs.get('macro_auroc'))} | {_f(e.get('ece'))} | "
+                             f"{_f(nv.get('sensitivity'))} | {_f(op.get('sensitivity'))} / {_f(op.get('specificity'))} |")
         weakest = sorted((c for c in r["classes"] if r["per_class"][c]["sensitivity"] is not None),
                          key=lambda c: r["per_class"][c]["sensitivity"])[:3]
         lines += ["", "## Known failure modes (from the test report)"]
