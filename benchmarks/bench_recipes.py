@@ -6,8 +6,9 @@ plan 20 epochs on each of the 20/40/60/80/100 % subsets). Seed 003 claims a larg
 reduction from SGDR + cycle-length multiplication + differential LRs. This script trains
 every variant on the same lesion-grouped split (the first run's split file is reused by
 every later run, so only the training seed changes), for each of ``--seeds``, evaluates
-every bundle on the test split, and records balanced accuracy, macro-F1, macro AUROC,
-images processed and wall time.
+every bundle on the test split and on every image of the two external sets (``external``:
+derm7pt and isic2017, compared on and never fitted on), and records balanced accuracy,
+macro-F1, macro AUROC, images processed and wall time.
 
 Budgets follow from ``--n-cycles`` N (SGDR cycles per stepwise stage; cycles of 1, 2, 4
 epochs, so E = 2^N - 1 epochs per stage):
@@ -43,6 +44,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from common import EXTERNAL, mean_sd
 
 from dermaclass import schedules
 from dermaclass.config import Config, load_config
@@ -88,6 +91,9 @@ def summarise(rows: list[dict]) -> dict[str, dict]:
         diffs = [r["test_balanced_accuracy"] - ref[r["seed"]] for r in mine if r["seed"] in ref]
         summary[name] = {
             "seeds": len(mine),
+            "external": {k: {"balanced_accuracy": mean_sd([r["external"][k]["balanced_accuracy"] for r in mine
+                                                           if k in r.get("external", {})])}
+                         for k in sorted({k for r in mine for k in r.get("external", {})})},
             "test_balanced_accuracy_mean": float(np.mean(ba)),
             "test_balanced_accuracy_sd": float(np.std(ba, ddof=1)) if len(ba) > 1 else None,
             "test_macro_f1_mean": float(np.mean(f1)),
@@ -113,6 +119,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.seeds = args.seeds[:1]
+    from dermaclass.evaluate.external import evaluate_external, headline
     from dermaclass.evaluate.run import evaluate_bundle
 
     runs_dir = Path(args.runs_dir) / ("quick" if args.quick else f"cycles{args.n_cycles}")
@@ -146,7 +153,10 @@ def main() -> None:
                 wall = None  # an earlier invocation trained it; its training time is in model.json
             split_file = split_file or run / "split.csv"
             meta = json.loads((run / "model.json").read_text())
-            report = evaluate_bundle(run, args.data, split_file=split_file, cfg=load_config(), n_boot=args.n_boot).report
+            report = evaluate_bundle(run, args.data, split_file=split_file, cfg=load_config(), n_boot=args.n_boot,
+                                     thumbnails=False, gallery=0).report
+            sets = {k: v for k, v in EXTERNAL.items() if v.is_dir()}
+            external = evaluate_external(run, sets, n_boot=args.n_boot)  # compared on, never fitted on
             rows.append({
                 "variant": name, "seed": seed, "flags": flags,
                 "test_balanced_accuracy": report["balanced_accuracy"],
@@ -157,10 +167,12 @@ def main() -> None:
                 "full_data_epochs": meta["training"]["epochs_equivalent"],
                 "training_minutes": round(meta["training"]["seconds"] / 60, 2),
                 "wall_minutes": round(wall / 60, 2) if wall else None,
+                "test": headline(report), "external": external,
             })
             r = rows[-1]
+            ext = "  ".join(f"{k} {v['balanced_accuracy']:.4f}" for k, v in external.items())
             print(f"{name:20} seed {seed}: test balanced accuracy {r['test_balanced_accuracy']:.4f} "
-                  f"macro-F1 {r['test_macro_f1']:.4f}; {r['images_processed']:,} images, "
+                  f"macro-F1 {r['test_macro_f1']:.4f}; external {ext}; {r['images_processed']:,} images, "
                   f"{r['training_minutes']:.1f} min", flush=True)
             save(rows, complete=False)
     summary = summarise(rows)

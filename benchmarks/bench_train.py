@@ -4,8 +4,8 @@ Runs ``dermaclass train`` once per named variant (a recipe plus flags) in a fres
 folder, sequentially (2 cores: runs in parallel would only slow each other), and records
 wall time, images seen, the stage plan and the validation balanced accuracy / macro-F1
 from the run's ``summary.json``. ``--collect`` instead gathers finished run folders (for
-runs started by hand with nohup), with their test figures when ``RUN/report`` holds a
-``dermaclass evaluate`` report. Nothing is asserted: the figures are printed and written
+runs started by hand with nohup). Every run is measured on the HAM10000 test split of its
+split file and on every image of the external sets (``external``: derm7pt, isic2017). Nothing is asserted: the figures are printed and written
 to ``benchmarks/results/<name>.json``.
 
     python benchmarks/bench_train.py --name default --runs-dir runs -- --recipe stepwise
@@ -26,6 +26,9 @@ import sys
 import time
 from pathlib import Path
 
+from common import measure
+
+from dermaclass.evaluate.external import headline
 from dermaclass.fileio import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,13 +64,18 @@ def summarise(run_dir: Path, wall: float | None = None) -> dict:
 
 
 def _test_figures(run_dir: Path) -> dict:
-    """Test-split figures when `dermaclass evaluate RUN DATA --out RUN/report` has been run."""
+    """Test-split figures (from `RUN/report/report.json` when `dermaclass evaluate` has been run, else
+    measured now) and the external sets' figures (``external``), measured now."""
     path = run_dir / "report" / "report.json"
-    if not path.is_file():
-        return {}
-    r = json.loads(path.read_text())
-    return {"test_balanced_accuracy": r["balanced_accuracy"], "test_macro_f1": r["macro_f1"],
-            "test_macro_auroc": r["macro_auroc"]}
+    split = run_dir / "split.csv"
+    if path.is_file():
+        r = json.loads(path.read_text())
+        figures = {"test": headline(r), "external": measure(run_dir, split_file=split)["external"]}
+    else:
+        figures = measure(run_dir, split_file=split)
+    t = figures["test"]
+    return {"test_balanced_accuracy": t["balanced_accuracy"], "test_macro_f1": t["macro_f1"],
+            "test_macro_auroc": t["macro_auroc"], **figures}
 
 
 def main() -> None:
