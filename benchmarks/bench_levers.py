@@ -11,7 +11,8 @@ Screening budget (``--budget short``, about 5 minutes a run on 2 cores): the ste
 with one SGDR cycle per stage (3.2 full-data epochs). ``--budget full`` runs the shipped
 default's budget (about 40 minutes) to confirm a screen.
 
-Results are rewritten after every run (an interrupted invocation keeps what it measured,
+Run folders are named by their flags, so a variant that two levers share (e.g. the fixed-LR
+reference) is trained once per seed. Results are rewritten after every run (an interrupted invocation keeps what it measured,
 and a re-run skips trained bundles) to benchmarks/results/levers_<lever>.json, with the
 mean +- sd over seeds per variant and the same-seed differences against the lever's
 reference variant.
@@ -22,6 +23,7 @@ reference variant.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import subprocess
@@ -44,10 +46,36 @@ LEVERS: dict[str, dict[str, list[str]]] = {
     "lr": {
         "valley": [],  # the range-test suggestion the default used until now
         "minimum": ["--lr-suggestion", "minimum"],
-        "fixed-3e-3": ["--lr", "3e-3"],
         "fixed-1e-2": ["--lr", "1e-2"],
+        "fixed-3e-3": ["--lr", "3e-3"],
+    },
+    "colour": {
+        "fixed-1e-2": ["--lr", "1e-2"],
+        "shades-of-gray": ["--lr", "1e-2", "--colour-constancy", "shades-of-gray"],
+    },
+    "regularise": {
+        "fixed-1e-2": ["--lr", "1e-2"],
+        "label-smoothing": ["--lr", "1e-2", "--label-smoothing", "0.1"],
+        "keep-last": ["--lr", "1e-2", "--keep", "last"],
     },
 }
+
+
+def run_name(flags: list[str]) -> str:
+    """A run folder named by its flags, so that levers sharing a variant share its runs."""
+    if not flags:
+        return "defaults"
+    return "_".join(f.lstrip("-") for f in flags).replace("/", "-")
+
+
+def measured(run: Path, args: argparse.Namespace, *, tta: bool) -> dict:
+    """``measure`` once per run folder (cached beside the bundle: a re-run or another lever reuses it)."""
+    cache = run / f"bench_measure{'_tta' if tta else ''}.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    figures = measure(run, split_file=Path(args.split_file), data=Path(args.data), tta=tta, n_boot=args.n_boot)
+    write_json(cache, figures)
+    return figures
 
 
 def main() -> None:
@@ -67,16 +95,26 @@ def main() -> None:
         args.seeds, args.budget = args.seeds[:1], "quick"
     variants = LEVERS[args.lever]
     reference = next(iter(variants))
-    runs_dir = Path(args.runs_dir) / args.budget / args.lever
+    runs_dir = Path(args.runs_dir) / args.budget
     runs_dir.mkdir(parents=True, exist_ok=True)
     result_file = RESULTS / f"levers_{args.lever}{'_quick' if args.quick else ''}.json"
     command = " ".join(["python", "benchmarks/bench_levers.py", *sys.argv[1:]])
+    # Rows of earlier invocations (other seeds or variants) are kept: one results file per lever.
     rows: list[dict] = []
+    if result_file.is_file():
+        old = json.loads(result_file.read_text())
+        if old.get("budget") == args.budget:
+            rows = [r for r in old["runs"] if r["variant"] in variants]
+    wanted = {(n, sd) for sd in args.seeds for n in variants if not args.only or n in args.only}
+    rows = [r for r in rows if (r["variant"], r["seed"]) not in wanted]
 
     def save(complete: bool) -> None:
+        rows.sort(key=lambda r: (r["seed"], list(variants).index(r["variant"])))
+        seeds = {r["seed"] for r in rows}
+        complete = complete and {(r["variant"], r["seed"]) for r in rows} >= {(n, sd) for n in variants for sd in seeds}
         write_json(result_file, {
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "command": command,
-            "lever": args.lever, "budget": args.budget, "budget_flags": BUDGETS[args.budget], "seeds": args.seeds,
+            "lever": args.lever, "budget": args.budget, "budget_flags": BUDGETS[args.budget], "seeds": sorted({r["seed"] for r in rows}),
             "split_file": str(Path(args.split_file).resolve().relative_to(ROOT.resolve())
                               if Path(args.split_file).resolve().is_relative_to(ROOT.resolve()) else args.split_file),
             "reference": reference, "variants": variants, "complete": complete, "runs": rows,
@@ -89,22 +127,20 @@ def main() -> None:
         for name, flags in variants.items():
             if args.only and name not in args.only:
                 continue
-            run = runs_dir / f"{name}-seed{seed}"
+            run = runs_dir / f"{run_name(flags)}-seed{seed}"
             cmd = [sys.executable, "-m", "dermaclass", "train", args.data, "--out", str(run), "--seed", str(seed),
                    "--split-file", args.split_file, *BUDGETS[args.budget], *flags]
             wall = None
             if not (run / "model.json").is_file():
                 print("$", " ".join(cmd), flush=True)
                 start = time.perf_counter()
-                with open(runs_dir / f"{name}-seed{seed}.log", "w") as logf:
+                with open(runs_dir / f"{run_name(flags)}-seed{seed}.log", "w") as logf:
                     subprocess.run(cmd + (["--force"] if run.exists() else []), check=True, stdout=logf, stderr=logf)
                 wall = round((time.perf_counter() - start) / 60, 2)
             row = {"variant": name, "seed": seed, "flags": flags, "run": str(run.relative_to(ROOT)),
-                   **run_facts(run), "wall_minutes": wall,
-                   **measure(run, split_file=Path(args.split_file), data=Path(args.data), n_boot=args.n_boot)}
+                   **run_facts(run), "wall_minutes": wall, **measured(run, args, tta=False)}
             if args.tta:
-                row["tta"] = measure(run, split_file=Path(args.split_file), data=Path(args.data), tta=True,
-                                     n_boot=args.n_boot)
+                row["tta"] = measured(run, args, tta=True)
             rows.append(row)
             ext = "  ".join(f"{k} {v['balanced_accuracy']:.4f}" for k, v in row["external"].items())
             print(f"{name:16} seed {seed}: HAM test BA {row['test']['balanced_accuracy']:.4f}  {ext}  "

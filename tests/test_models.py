@@ -19,14 +19,18 @@ def _real_image() -> Image.Image:
     return Image.open(path).convert("RGB") if path.is_file() else noise_image(0, (200, 150))
 
 
-def test_lite0_matches_reference_package_logits() -> None:
+@pytest.mark.parametrize("n", [0, 1, 2])
+def test_lite_matches_reference_package_logits(n: int) -> None:
     efficientnet_lite_pytorch = pytest.importorskip("efficientnet_lite_pytorch", reason="test extra not installed")
-    ours = models.create_body("tf_efficientnet_lite0", pretrained=True, num_classes=1000).eval()
+    arch = f"tf_efficientnet_lite{n}"
+    ours = models.create_body(arch, pretrained=True, num_classes=1000).eval()
     ref = efficientnet_lite_pytorch.EfficientNet.from_pretrained(
-        "efficientnet-lite0", weights_path=str(models.lite0_weights_path())
+        f"efficientnet-lite{n}", weights_path=str(models.lite_weights_path(arch))
     ).eval()
-    x = torch.from_numpy(np.asarray(_real_image().resize((224, 224)), dtype=np.float32)).permute(2, 0, 1)[None]
-    norm = models.normalization("tf_efficientnet_lite0")
+    # the reference pads statically for its native resolution; timm pads for whatever comes in
+    side = (224, 240, 260)[n]
+    x = torch.from_numpy(np.asarray(_real_image().resize((side, side)), dtype=np.float32)).permute(2, 0, 1)[None]
+    norm = models.normalization(arch)
     assert norm == {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
     x = (x / 255 - 0.5) / 0.5
     with torch.no_grad():

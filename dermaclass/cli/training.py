@@ -23,7 +23,7 @@ def train_cmd(
     out_dir: Annotated[Path, Opt("--out", help="Run folder: config, split, history, plots and the model bundle.")],
     config: ConfigOpt = None,
     recipe: Annotated[str | None, Opt("--recipe", help="baseline | sgdr | stepwise [default: stepwise]")] = None,
-    arch: Annotated[str | None, Opt("--arch", help="Any timm architecture [default: tf_efficientnet_lite0]")] = None,
+    arch: Annotated[str | None, Opt("--arch", help="Any timm architecture; tf_efficientnet_lite0/1/2 have offline ImageNet weights [default: tf_efficientnet_lite0]")] = None,
     weights: Annotated[Path | None, Opt("--weights", help="Local body weights (.safetensors / .pth state dict).")] = None,
     init_bundle: Annotated[Path | None, Opt("--from", help="Start from this model bundle (its classes kept, new ones added).")] = None,
     pretrained: Annotated[bool | None, Opt("--pretrained/--no-pretrained", help="ImageNet weights [default: on]")] = None,
