@@ -23,7 +23,7 @@ app: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-## The benchmarks (about two hours on 2 cores; `make bench QUICK=--quick` for a smoke run).
+## The benchmarks (about five hours on 2 cores; `make bench QUICK=--quick` for a smoke run).
 ## Each prints a table and writes benchmarks/results/*.json; none is a test.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_decode_cache.py $(QUICK)
@@ -31,6 +31,9 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_throughput.py $(QUICK)
 	$(BIN)/python benchmarks/bench_app.py $(QUICK)
 	$(BIN)/python benchmarks/bench_recipes.py $(QUICK)
+	$(BIN)/python benchmarks/bench_levers.py --lever lr $(QUICK)
+	$(BIN)/python benchmarks/bench_levers.py --lever colour $(QUICK)
+	$(BIN)/python benchmarks/bench_levers.py --lever regularise $(QUICK)
 	test -n "$(QUICK)" || $(BIN)/python benchmarks/tables.py
 
 clean:
