@@ -106,6 +106,10 @@ class BestModel(_EpochCallback):
             with atomic_path(self.path) as tmp:
                 save_file(state, str(tmp))
 
+    def reset(self) -> None:
+        """Forget the best so far (the next epoch becomes the best): a new input size starts."""
+        self.best = -math.inf
+
     def restore(self) -> None:
         if self.path.is_file():
             from safetensors.torch import load_file

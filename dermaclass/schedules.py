@@ -118,6 +118,7 @@ class Stage:
     range_test: bool
     head_epochs: int
     sgdr_epochs: int
+    size: tuple[int, int] | None = None  # (width, height) of this stage's images; None: the run's size
 
     @property
     def epochs(self) -> int:
@@ -135,6 +136,35 @@ def check_fractions(fractions: Sequence[float]) -> list[float]:
     return fr
 
 
+def parse_size(text: str | Sequence[int]) -> tuple[int, int]:
+    """``"128x96"`` (or a pair) -> (width, height); each side at least 16 pixels."""
+    try:
+        w, h = (int(v) for v in (text.lower().split("x") if isinstance(text, str) else text))
+    except (ValueError, TypeError):
+        raise ValueError(f"image size {text!r} is not WIDTHxHEIGHT (e.g. 128x96)") from None
+    if w < 16 or h < 16 or w > 4096 or h > 4096:
+        raise ValueError(f"image size {text!r}: each side must be between 16 and 4096 pixels")
+    return w, h
+
+
+def stage_sizes(sizes: Sequence[str | Sequence[int]], n_stages: int, final: Sequence[int]) -> list[tuple[int, int]]:
+    """Progressive resizing (fastbook): the input size of every stepwise stage.
+
+    Empty: every stage at ``final``. Otherwise one size per stage, the last equal to the run's
+    image size (the bundle's input size), so the model ends on what it will see in use.
+    """
+    final = parse_size(final)
+    if not sizes:
+        return [final] * n_stages
+    parsed = [parse_size(x) for x in sizes]
+    if len(parsed) != n_stages:
+        raise ValueError(f"{len(parsed)} stage sizes for {n_stages} stages; give one per stage")
+    if parsed[-1] != final:
+        raise ValueError(f"the last stage size {parsed[-1][0]}x{parsed[-1][1]} must equal the image size "
+                         f"{final[0]}x{final[1]} (the size the model is used at)")
+    return parsed
+
+
 def stage_plan(
     *,
     n_train: int,
@@ -147,6 +177,7 @@ def stage_plan(
     cycle_len: int = 1,
     cycle_mult: int = 2,
     weight_sharing: bool = True,
+    sizes: Sequence[tuple[int, int]] | None = None,
 ) -> list[Stage]:
     """The stepwise plan of seed 001 for a training set of ``n_train`` images.
 
@@ -159,6 +190,8 @@ def stage_plan(
     if lr_rule not in LR_RULES:
         raise ValueError(f"unknown LR rule {lr_rule!r}; choose one of {', '.join(LR_RULES)}")
     n = len(fr)
+    if sizes is not None and len(sizes) != n:
+        raise ValueError(f"{len(sizes)} stage sizes for {n} stages")
     mults = batch_size_multipliers(n)
     plan = []
     for i, (f, m) in enumerate(zip(fr, mults), start=1):
@@ -175,6 +208,7 @@ def stage_plan(
                 range_test=lr is None and (lr_rule != "linear" or i == 1),
                 head_epochs=head_epochs if (i == 1 or not weight_sharing) else 0,
                 sgdr_epochs=sgdr_epochs(n_cycles, cycle_len, cycle_mult),
+                size=tuple(sizes[i - 1]) if sizes is not None else None,
             )
         )
     return plan
@@ -212,4 +246,6 @@ def format_plan(plan: Sequence[Stage]) -> list[dict]:
         )
         rows.append({"stage": s.stage, "fraction": f"{s.fraction:.0%}", "images": s.images,
                      "batch size": s.batch_size, "LR": lr, "epochs": f"{s.head_epochs} head + {s.sgdr_epochs} SGDR"})
+        if len({p.size for p in plan}) > 1:  # progressive resizing: show each stage's input size
+            rows[-1]["size"] = f"{s.size[0]}x{s.size[1]}"
     return rows

@@ -74,12 +74,16 @@ class TrainData:
     """Everything a recipe needs from the data, prepared once per run."""
 
     items: pd.DataFrame  # usable items with a ``split`` column, aligned with ``images``
-    images: CachedImages
+    images: CachedImages  # at cfg.image_size
     vocab: list[str]
     names: dict[str, str]
     split: pd.DataFrame
     sources: list[str]
     split_reuse: dict[str, int] = field(default_factory=dict)  # kept/followed/assigned/dropped with --split-file
+    images_at: dict[tuple[int, int], CachedImages] = field(default_factory=dict)  # progressive resizing: per size
+
+    def images_of(self, size: tuple[int, int] | None) -> CachedImages:
+        return self.images if size is None else self.images_at.get(tuple(size), self.images)
 
     @property
     def train_rows(self) -> np.ndarray:
@@ -107,6 +111,7 @@ def prepare_data(cfg: Config, data: str | Path | Sequence[str | Path], *, progre
     paths = [data] if isinstance(data, (str, Path)) else list(data)
     if not paths:
         raise TrainingError("no data source given")
+    sizes = planned_sizes(cfg)  # a bad --stage-sizes fails before any decoding
     items, validations = validate_sources(cfg, paths, progress=progress)
     skipped = sum(p.action == "skipped" for v in validations for p in v.problems)
     if skipped:
@@ -133,6 +138,11 @@ def prepare_data(cfg: Config, data: str | Path | Sequence[str | Path], *, progre
     images = DecodeCache(cfg.cache_dir, cfg.image_size).ensure(
         items["path"].tolist(), items["hash"].tolist(), workers=cfg.workers or None
     )
+    images_at = {tuple(cfg.image_size): images}
+    for size in dict.fromkeys(sizes):
+        if size not in images_at:  # progressive resizing: each stage size decoded once, cached on disk
+            images_at[size] = DecodeCache(cfg.cache_dir, size).ensure(
+                items["path"].tolist(), items["hash"].tolist(), workers=cfg.workers or None)
     return TrainData(
         items=items.reset_index(drop=True),
         images=images,
@@ -141,7 +151,22 @@ def prepare_data(cfg: Config, data: str | Path | Sequence[str | Path], *, progre
         split=split,
         sources=[str(v.dataset.root) for v in validations],
         split_reuse=counts,
+        images_at=images_at,
     )
+
+
+def planned_sizes(cfg: Config) -> list[tuple[int, int]]:
+    """The input size of every stepwise stage (progressive resizing), checked; [] for other recipes."""
+    from dermaclass.errors import ConfigError
+
+    if cfg.recipe != "stepwise":
+        if cfg.stage_sizes:
+            raise ConfigError(f"--stage-sizes applies to the stepwise recipe, not {cfg.recipe}")
+        return []
+    try:
+        return schedules.stage_sizes(cfg.stage_sizes, len(schedules.check_fractions(cfg.stage_fractions)), cfg.image_size)
+    except ValueError as exc:
+        raise ConfigError(f"stage sizes: {exc}") from None
 
 
 def inherit_bundle(cfg: Config) -> Config:
@@ -289,6 +314,14 @@ class Run:
         self.lrs[name] = test.chosen
         return test.chosen
 
+    def stage_started(self, stage: int) -> bool:
+        """Whether the interrupted run being resumed had begun this stage (its records stand)."""
+        if self.resume is None:
+            return False
+        prefix = f"{stage}/"
+        return self.resume.get("step", "").startswith(prefix) or any(
+            d.startswith(prefix) for d in self.resume.get("done_steps", []))
+
     def step(self, name: str, n_epoch: int, n_train: int, fit) -> None:  # noqa: ANN001 - fit(start_epoch)
         """Run one fit call of the recipe, or skip / continue it when resuming."""
         start = 0
@@ -397,7 +430,7 @@ def plan_for(cfg: Config, n_train: int) -> list[schedules.Stage]:
     return schedules.stage_plan(
         n_train=n_train, fractions=cfg.stage_fractions, batch_size=cfg.batch_size, lr=cfg.lr, lr_rule=cfg.lr_rule,
         head_epochs=cfg.head_epochs, n_cycles=cfg.n_cycles, cycle_len=cfg.cycle_len, cycle_mult=cfg.cycle_mult,
-        weight_sharing=cfg.weight_sharing,
+        weight_sharing=cfg.weight_sharing, sizes=planned_sizes(cfg) if cfg.stage_sizes else None,
     )
 
 
@@ -410,9 +443,15 @@ def recipe_stepwise(run: Run) -> list[dict]:
     initial = models.freeze_state(learn.model) if not cfg.weight_sharing else None
     lr1 = None
     done = []
+    size = None
     for stage, subset in zip(plan, subsets):
         rows = train_rows[subset]
-        learn.dls = stage_dataloaders(cfg, data, rows, stage.batch_size)
+        learn.dls = stage_dataloaders(cfg, data, rows, stage.batch_size, size=stage.size)
+        if stage.size != size and size is not None and not run.stage_started(stage.stage):
+            # Progressive resizing: the best checkpoint is chosen among epochs at the final size only
+            # (validation figures at a smaller size are not comparable, and the bundle is used at the last).
+            learn.best_model.reset()
+        size = stage.size
         if initial is not None:
             learn.model.load_state_dict(initial)
             learn.opt = None
@@ -436,11 +475,14 @@ def _unfrozen_lr(run: Run, stage: int) -> float:
     return run.base_lr(f"stage{stage}")
 
 
-def stage_dataloaders(cfg: Config, data: TrainData, rows: np.ndarray, batch_size: int):
-    """DataLoaders for a training subset (rows of ``data.items``) and the full validation split."""
+def stage_dataloaders(cfg: Config, data: TrainData, rows: np.ndarray, batch_size: int,
+                      size: tuple[int, int] | None = None):
+    """DataLoaders for a training subset (rows of ``data.items``) and the full validation split,
+    at ``size`` (progressive resizing; default: the run's image size)."""
     return make_dataloaders(
-        data.table(rows), data.images, data.vocab, batch_size=batch_size, normalization=models.normalization(cfg.arch),
-        augment=train_pipeline(cfg.augment, cfg.image_size), balanced_sampler=cfg.imbalance == "sampler",
+        data.table(rows), data.images_of(size), data.vocab, batch_size=batch_size,
+        normalization=models.normalization(cfg.arch),
+        augment=train_pipeline(cfg.augment, tuple(size or cfg.image_size)), balanced_sampler=cfg.imbalance == "sampler",
         colour_constancy=cfg.colour_constancy,
     )
 

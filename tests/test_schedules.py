@@ -96,3 +96,21 @@ def test_format_plan_rows() -> None:
     rows = S.format_plan(S.stage_plan(n_train=100))
     assert rows[1]["LR"] == "range test x 0.02" and rows[0]["epochs"] == "1 head + 3 SGDR"
     assert math.isclose(S.lr_factor("linear", 3, 5, 96, 32), 3.0)
+
+
+def test_stage_sizes_progressive_resizing() -> None:
+    assert S.stage_sizes((), 3, (128, 96)) == [(128, 96)] * 3
+    assert S.stage_sizes(("96x72", "112x84", "128x96"), 3, (128, 96)) == [(96, 72), (112, 84), (128, 96)]
+    with pytest.raises(ValueError, match="must equal the image size"):
+        S.stage_sizes(("96x72", "112x84", "160x120"), 3, (128, 96))
+    with pytest.raises(ValueError, match="one per stage"):
+        S.stage_sizes(("96x72", "128x96"), 3, (128, 96))
+    with pytest.raises(ValueError, match="WIDTHxHEIGHT"):
+        S.parse_size("128by96")
+    with pytest.raises(ValueError, match="between 16 and 4096"):
+        S.parse_size("8x8")
+    plan = S.stage_plan(n_train=100, fractions=(0.5, 1.0), sizes=[(96, 72), (128, 96)], lr_rule="linear")
+    assert [s.size for s in plan] == [(96, 72), (128, 96)]
+    rows = S.format_plan(plan)
+    assert rows[0]["size"] == "96x72" and rows[1]["size"] == "128x96"
+    assert "size" not in S.format_plan(S.stage_plan(n_train=100, fractions=(0.5, 1.0)))[0]

@@ -340,3 +340,28 @@ def test_colour_constancy_is_applied_in_training_and_recorded(colour_data: Path,
     train(cfg, data, tmp_path / "run")
     meta = json.loads((tmp_path / "run" / "model.json").read_text())
     assert meta["preprocessing"]["colour_constancy"] == "shades-of-gray"
+
+
+def test_progressive_resizing_trains_each_stage_at_its_size(colour_data: Path, tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, recipe="stepwise", lr=1e-3, stage_fractions="0.5,1.0", stage_sizes="24x18,32x24")
+    data = prepare_data(cfg, colour_data)
+    assert set(data.images_at) == {(24, 18), (32, 24)}
+    assert data.images_of((24, 18))[0].shape == (18, 24, 3) and data.images_of(None)[0].shape == (24, 32, 3)
+    result = train(cfg, data, tmp_path / "run")
+    assert [tuple(s["size"]) for s in result.stages] == [(24, 18), (32, 24)]
+    meta = json.loads((tmp_path / "run" / "model.json").read_text())
+    assert meta["input_size"] == [32, 24]
+    history = pd.read_csv(tmp_path / "run" / "history.csv")
+    final = history[history["stage"].astype(str) == "2"]["balanced_accuracy_score"].max()
+    # the kept checkpoint is the best epoch at the final size, not one of the smaller stage
+    assert meta["training"]["best_valid_balanced_accuracy"] == pytest.approx(final)
+
+
+def test_bad_stage_sizes_fail_before_decoding(colour_data: Path, tmp_path: Path) -> None:
+    from dermaclass.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="must equal the image size"):
+        prepare_data(_cfg(tmp_path, recipe="stepwise", stage_sizes="24x18,40x30"), colour_data)
+    with pytest.raises(ConfigError, match="stepwise"):
+        prepare_data(_cfg(tmp_path, recipe="sgdr", stage_sizes="24x18,32x24"), colour_data)
+    assert not (tmp_path / "cache").exists()

@@ -39,6 +39,9 @@ def train_cmd(
     cycle_mult: Annotated[int | None, Opt("--cycle-mult", help="SGDR cycle-length multiplier, >= 2 [default: 2]")] = None,
     lr_ratio: Annotated[float | None, Opt("--lr-ratio", help="Differential LRs slice(lr/ratio, lr) [default: 100]")] = None,
     stage_fractions: Annotated[str | None, Opt("--stage-fractions", help="[default: 0.2,0.4,0.6,0.8,1.0]")] = None,
+    stage_sizes: Annotated[str | None, Opt("--stage-sizes", help="Progressive resizing: one WIDTHxHEIGHT per stepwise "
+                                           "stage, the last = --image-size (e.g. 96x72,112x84,128x96,128x96,128x96) "
+                                           "[default: every stage at --image-size]")] = None,
     lr_rule: Annotated[str | None, Opt("--lr-rule", help="eq9 | constant | linear [default: linear]")] = None,
     weight_sharing: Annotated[bool | None, Opt("--weight-sharing/--no-weight-sharing", help="Carry weights between stages")] = None,
     imbalance: Annotated[str | None, Opt("--imbalance", help="none | weights | sqrt-weights | sampler | focal [default: sampler]")] = None,
@@ -69,7 +72,7 @@ def train_cmd(
     cfg = _config(config, recipe=recipe, arch=arch, weights=weights, init_bundle=init_bundle, pretrained=pretrained, image_size=image_size,
                   batch_size=batch_size, lr=lr, lr_suggestion=lr_suggestion, warm_epoch=warm_epoch,
                   head_epochs=head_epochs, epochs=epochs, n_cycles=n_cycles, cycle_len=cycle_len, cycle_mult=cycle_mult,
-                  lr_ratio=lr_ratio, stage_fractions=stage_fractions, lr_rule=lr_rule, weight_sharing=weight_sharing,
+                  lr_ratio=lr_ratio, stage_fractions=stage_fractions, stage_sizes=stage_sizes, lr_rule=lr_rule, weight_sharing=weight_sharing,
                   imbalance=imbalance, augment=augment, colour_constancy=colour_constancy,
                   label_smoothing=label_smoothing, keep=keep, early_stop_patience=early_stop_patience, split_file=split_file,
                   operating_classes=operating_classes, target_sensitivity=target_sensitivity,
