@@ -17,7 +17,8 @@ and a re-run skips trained bundles) to benchmarks/results/levers_<lever>.json, w
 mean +- sd over seeds per variant and the same-seed differences against the lever's
 reference variant.
 
-    python benchmarks/bench_levers.py --lever lr [--seeds 42 43 44] [--only fixed-1e-2] [--tta] [--quick]
+    python benchmarks/bench_levers.py --lever lr|colour|regularise|ema|resize|backbone [--seeds 42 43 44]
+                                      [--only VARIANT ...] [--tta] [--quick]
 """
 
 from __future__ import annotations
@@ -52,6 +53,20 @@ LEVERS: dict[str, dict[str, list[str]]] = {
     "colour": {
         "fixed-1e-2": ["--lr", "1e-2"],
         "shades-of-gray": ["--lr", "1e-2", "--colour-constancy", "shades-of-gray"],
+    },
+    "ema": {
+        "fixed-1e-2": ["--lr", "1e-2"],
+        "ema-0.998": ["--lr", "1e-2", "--ema-decay", "0.998"],
+    },
+    "resize": {  # progressive resizing (fastbook) over seed 001's stages, same final size
+        "fixed-1e-2": ["--lr", "1e-2"],
+        "progressive-96-128": ["--lr", "1e-2", "--stage-sizes", "96x72,112x84,128x96,128x96,128x96"],
+        "final-160x120": ["--lr", "1e-2", "--image-size", "160,120"],
+    },
+    "backbone": {
+        "fixed-1e-2": ["--lr", "1e-2"],
+        "lite1": ["--lr", "1e-2", "--arch", "tf_efficientnet_lite1"],
+        "lite2": ["--lr", "1e-2", "--arch", "tf_efficientnet_lite2"],
     },
     "regularise": {
         "fixed-1e-2": ["--lr", "1e-2"],

@@ -5,6 +5,7 @@
 - ``EpochLine``: a plain log line per epoch where fastai's progress bars would be noise (CI);
 - ``BestModel``: the weights with the best validation balanced accuracy over the whole run
   (all stepwise stages), kept as safetensors, restored at the end;
+- ``WeightEMA``: an exponential moving average of the weights (timm's ``ModelEmaV3``);
 - ``Checkpoint``: after every epoch, the weights (safetensors), the optimizer state and
   ``progress.json`` (which step of the recipe, how many of its epochs are done, RNG states),
   so that ``--resume`` continues an interrupted run. Files are written in an order that a
@@ -140,12 +141,67 @@ class Checkpoint(_EpochCallback):
             save_file(state, str(tmp))
         with atomic_path(opt) as tmp:
             torch.save(plain(self.learn.opt.state_dict()), tmp)  # tensors and numbers only: loads with weights_only=True
+        extra: dict[str, Any] = {}
+        ema = getattr(self.learn, "weight_ema", None)
+        if ema is not None and ema.ema is not None:  # the weight average resumes too
+            ema_file = self.folder / f"ema-{tag}.safetensors"
+            with atomic_path(ema_file) as tmp:
+                save_file(ema.state(), str(tmp))
+            extra = {"ema": ema_file.name, "ema_steps": ema.steps}
         write_json(self.folder.parent / PROGRESS, {**self.state(), "epoch_in_step": self.epoch + 1,
-                                                    "weights": weights.name, "optimizer": opt.name})
+                                                    "weights": weights.name, "optimizer": opt.name, **extra})
+        keep = {weights.name, opt.name, extra.get("ema")}
         for old in self.folder.glob("*-*"):
-            if old.name not in (weights.name, opt.name) and old.suffix in (".safetensors", ".pt") and \
-                    old.name.startswith(("weights-", "opt-")):
+            if old.name not in keep and old.suffix in (".safetensors", ".pt") and \
+                    old.name.startswith(("weights-", "opt-", "ema-")):
                 old.unlink(missing_ok=True)
+
+
+class WeightEMA(Callback):
+    """An exponential moving average of the weights (timm's ``ModelEmaV3``), updated after every
+    training batch of every fit of the recipe (never in a range test or ``get_preds``).
+
+    A free ensemble: across SGDR's warm restarts the average spans several cycle ends, as
+    snapshot ensembles do, at the cost of one copy of the weights. With ``warmup``, the decay
+    grows from 0 with the step count (timm's warmup), so a short run is not dominated by the
+    ImageNet starting point. ``apply`` copies the average into the learner's model at the end.
+    """
+
+    order = Recorder.order + 5
+
+    def __init__(self, decay: float, *, warmup: bool = True) -> None:
+        self.decay, self.warmup, self.ema, self.steps = decay, warmup, None, 0
+
+    def after_batch(self) -> None:
+        if not self.training or getattr(self.learn, "lr_finder", None) is not None:
+            return
+        from timm.utils import ModelEmaV3
+
+        model = unwrap(self.learn.model)
+        if self.ema is None:
+            self.ema = ModelEmaV3(model, decay=self.decay, use_warmup=self.warmup, warmup_power=3 / 4)
+        self.steps += 1
+        self.ema.update(model, step=self.steps)
+
+    def state(self) -> dict[str, Any]:
+        """The averaged tensors (for the resume checkpoint); empty before the first update."""
+        if self.ema is None:
+            return {}
+        return {k: v.detach().contiguous() for k, v in self.ema.module.state_dict().items()}
+
+    def load(self, state: dict[str, Any], steps: int) -> None:
+        from timm.utils import ModelEmaV3
+
+        self.ema = ModelEmaV3(unwrap(self.learn.model), decay=self.decay, use_warmup=self.warmup, warmup_power=3 / 4)
+        self.ema.module.load_state_dict(state)
+        self.steps = steps
+
+    def apply(self) -> bool:
+        """Put the averaged weights into the model; False when there were no training steps."""
+        if self.ema is None:
+            return False
+        unwrap(self.learn.model).load_state_dict(self.ema.module.state_dict())
+        return True
 
 
 PROGRESS = "progress.json"

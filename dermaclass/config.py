@@ -79,6 +79,9 @@ class Config:
     # Which weights the bundle keeps: the epoch with the best validation balanced accuracy over
     # the run, or the weights at the end of the last (annealed) cycle.
     keep: Literal["best", "last"] = "best"
+    # Exponential moving average of the weights (timm ModelEmaV3, with warm-up): the bundle keeps
+    # the average at the end of training instead of a single epoch's weights. 0 = off.
+    ema_decay: float = 0.0
     early_stop_patience: int = 0  # epochs without balanced-accuracy gain before stopping; 0 = off
     wd: float = 0.01
     threads: int = 0  # torch threads; 0 = all cores

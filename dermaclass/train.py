@@ -43,7 +43,7 @@ from fastai.torch_core import num_distrib, rank_distrib, set_seed
 
 import dermaclass
 from dermaclass import models, schedules
-from dermaclass.callbacks import MONITOR, PROGRESS, BestModel, Checkpoint, EpochLine, History
+from dermaclass.callbacks import MONITOR, PROGRESS, BestModel, Checkpoint, EpochLine, History, WeightEMA
 from dermaclass.lr_find import RangeTest, range_test
 from dermaclass.config import Config
 from dermaclass.data import DecodeCache, assign_split, make_split, read_split, validate_sources
@@ -230,6 +230,10 @@ def build_learner(cfg: Config, data: TrainData, run_dir: Path, *, dls) -> Learne
     cbs = [ChannelsLast(), History(run_dir / "history.csv"), BestModel(run_dir / "checkpoints" / "best.safetensors")]
     if not sys.stderr.isatty():
         cbs.append(EpochLine())
+    if cfg.ema_decay:
+        if not 0 < cfg.ema_decay < 1:
+            raise TrainingError(f"--ema-decay must be in (0, 1) or 0 for off, not {cfg.ema_decay}")
+        cbs.append(WeightEMA(cfg.ema_decay))
     if cfg.early_stop_patience > 0:
         cbs.append(EarlyStoppingCallback(monitor=MONITOR, comp=np.greater, patience=cfg.early_stop_patience))
     learn = Learner(
@@ -354,6 +358,9 @@ class Run:
 
             sd = torch.load(ckpt / state["optimizer"], weights_only=True)
             self.learn.opt.load_state_dict({"state": sd["state"], "hypers": L(sd["hypers"])})
+        ema = getattr(self.learn, "weight_ema", None)
+        if ema is not None and state.get("ema") and (ckpt / state["ema"]).is_file():
+            ema.load(load_file(str(ckpt / state["ema"])), int(state.get("ema_steps", 0)))
         rng = state.get("rng") or {}
         if rng:
             random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
@@ -600,7 +607,10 @@ def train(cfg: Config, data: TrainData, run_dir: str | Path, *, force: bool = Fa
         distrib_barrier()  # rank 0 has written the best weights
     if main:
         learn.remove_cb(learn.checkpoint)
-    if cfg.keep == "best":
+    ema = getattr(learn, "weight_ema", None)
+    if ema is not None and ema.apply():
+        log.info("the bundle keeps the weight average (EMA decay %g, %d steps)", cfg.ema_decay, ema.steps)
+    elif cfg.keep == "best":
         learn.best_model.restore()
     with parallel():  # every rank predicts its share; fastai gathers the whole validation split
         logits, targets = learn.get_preds(dl=learn.dls.valid, act=lambda x: x)
@@ -614,7 +624,7 @@ def train(cfg: Config, data: TrainData, run_dir: str | Path, *, force: bool = Fa
                 processes=max(1, num_distrib()))
     models.save_bundle(learn.model, meta, run_dir, force=force or resume)
     for f in (run_dir / "checkpoints").glob("*-*"):
-        if f.name.startswith(("weights-", "opt-")):
+        if f.name.startswith(("weights-", "opt-", "ema-")):
             f.unlink(missing_ok=True)  # resume files are not needed once the bundle exists
     log.info("bundle written to %s: valid balanced accuracy %.4f", run_dir, metrics["balanced_accuracy"])
     return TrainResult(run_dir, metrics, stages, seconds, run.images_seen, run.range_test_records())
@@ -672,7 +682,7 @@ def bundle_meta(cfg: Config, data: TrainData, metrics: dict, stages: list[dict],
                           "resize": "cover (width, height) keeping aspect ratio, bilinear, centre crop",
                           "colour_constancy": cfg.colour_constancy,
                           "scale": "uint8 / 255, then (x - mean) / std"},
-        "kept_weights": cfg.keep,
+        "kept_weights": f"ema {cfg.ema_decay:g}" if cfg.ema_decay else cfg.keep,
         "head": {"kind": "fastai", "ps": 0.5},
         "metrics_valid": metrics,
         "recipe": cfg.recipe,

@@ -365,3 +365,36 @@ def test_bad_stage_sizes_fail_before_decoding(colour_data: Path, tmp_path: Path)
     with pytest.raises(ConfigError, match="stepwise"):
         prepare_data(_cfg(tmp_path, recipe="sgdr", stage_sizes="24x18,32x24"), colour_data)
     assert not (tmp_path / "cache").exists()
+
+
+def test_weight_ema_is_bundled_and_checkpointed(colour_data: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from dermaclass.callbacks import WeightEMA
+
+    cfg = _cfg(tmp_path, recipe="sgdr", lr=1e-3, head_epochs=0, ema_decay=0.9)
+    data = prepare_data(cfg, colour_data)
+    train(cfg, data, tmp_path / "run")
+    meta = json.loads((tmp_path / "run" / "model.json").read_text())
+    assert meta["kept_weights"] == "ema 0.9"
+    progress = json.loads((tmp_path / "run" / "progress.json").read_text())
+    steps = progress["ema_steps"]
+    assert progress["ema"].startswith("ema-") and steps >= len(data.train_rows) // cfg.batch_size
+    bundle = load_file(str(tmp_path / "run" / "model.safetensors"))
+    best = load_file(str(tmp_path / "run" / "checkpoints" / "best.safetensors"))
+    assert any(not torch.equal(bundle[k].float(), best[k].float()) for k in bundle if bundle[k].is_floating_point())
+    # the average round-trips through a checkpoint (what --resume loads)
+    learn = build_learner(cfg, data, tmp_path / "run2", dls=data_loaders(cfg, data))
+    cb = learn.weight_ema
+    assert isinstance(cb, WeightEMA) and cb.state() == {}
+    cb.load(bundle_state := {k: v.float() if v.is_floating_point() else v for k, v in bundle.items()}, steps)
+    assert cb.steps == steps and all(torch.equal(cb.state()[k], bundle_state[k]) for k in bundle_state)
+    assert cb.apply() and all(torch.equal(learn.model.state_dict()[k], bundle_state[k]) for k in bundle_state)
+    with pytest.raises(TrainingError, match="ema-decay"):
+        build_learner(_cfg(tmp_path, ema_decay=1.5), data, tmp_path / "run3", dls=data_loaders(cfg, data))
+
+
+def data_loaders(cfg, data):
+    from dermaclass.train import stage_dataloaders
+
+    return stage_dataloaders(cfg, data, data.train_rows, cfg.batch_size)
