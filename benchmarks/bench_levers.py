@@ -17,7 +17,7 @@ and a re-run skips trained bundles) to benchmarks/results/levers_<lever>.json, w
 mean +- sd over seeds per variant and the same-seed differences against the lever's
 reference variant.
 
-    python benchmarks/bench_levers.py --lever lr|colour|regularise|ema|resize|backbone [--seeds 42 43 44]
+    python benchmarks/bench_levers.py --lever lr|colour|regularise|ema|resize|backbone|precision [--seeds 42 43 44]
                                       [--only VARIANT ...] [--tta] [--quick]
 """
 
@@ -67,6 +67,10 @@ LEVERS: dict[str, dict[str, list[str]]] = {
         "fixed-1e-2": ["--lr", "1e-2"],
         "lite1": ["--lr", "1e-2", "--arch", "tf_efficientnet_lite1"],
         "lite2": ["--lr", "1e-2", "--arch", "tf_efficientnet_lite2"],
+    },
+    "precision": {
+        "fixed-1e-2": ["--lr", "1e-2"],
+        "bfloat16": ["--lr", "1e-2", "--precision", "bfloat16"],
     },
     "regularise": {
         "fixed-1e-2": ["--lr", "1e-2"],

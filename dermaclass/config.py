@@ -82,6 +82,7 @@ class Config:
     # Exponential moving average of the weights (timm ModelEmaV3, with warm-up): the bundle keeps
     # the average at the end of training instead of a single epoch's weights. 0 = off.
     ema_decay: float = 0.0
+    precision: Literal["float32", "bfloat16"] = "float32"  # bfloat16: autocast of forward + loss
     early_stop_patience: int = 0  # epochs without balanced-accuracy gain before stopping; 0 = off
     wd: float = 0.01
     threads: int = 0  # torch threads; 0 = all cores

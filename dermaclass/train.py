@@ -43,7 +43,9 @@ from fastai.torch_core import num_distrib, rank_distrib, set_seed
 
 import dermaclass
 from dermaclass import models, schedules
-from dermaclass.callbacks import MONITOR, PROGRESS, BestModel, Checkpoint, EpochLine, History, WeightEMA
+from dermaclass.callbacks import (
+    MONITOR, PROGRESS, BestModel, Checkpoint, CPUAutocast, EpochLine, History, WeightEMA,
+)
 from dermaclass.lr_find import RangeTest, range_test
 from dermaclass.config import Config
 from dermaclass.data import DecodeCache, assign_split, make_split, read_split, validate_sources
@@ -230,6 +232,13 @@ def build_learner(cfg: Config, data: TrainData, run_dir: Path, *, dls) -> Learne
     cbs = [ChannelsLast(), History(run_dir / "history.csv"), BestModel(run_dir / "checkpoints" / "best.safetensors")]
     if not sys.stderr.isatty():
         cbs.append(EpochLine())
+    if cfg.precision == "bfloat16":
+        if torch.cuda.is_available():
+            from fastai.callback.fp16 import MixedPrecision
+
+            cbs.append(MixedPrecision(amp_mode="bf16"))
+        else:
+            cbs.append(CPUAutocast())
     if cfg.ema_decay:
         if not 0 < cfg.ema_decay < 1:
             raise TrainingError(f"--ema-decay must be in (0, 1) or 0 for off, not {cfg.ema_decay}")

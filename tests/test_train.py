@@ -398,3 +398,19 @@ def data_loaders(cfg, data):
     from dermaclass.train import stage_dataloaders
 
     return stage_dataloaders(cfg, data, data.train_rows, cfg.batch_size)
+
+
+def test_bfloat16_autocast_trains_and_keeps_float32_weights(colour_data: Path, tmp_path: Path) -> None:
+    from dermaclass.callbacks import CPUAutocast
+
+    cfg = _cfg(tmp_path, recipe="baseline", lr=1e-3, head_epochs=0, precision="bfloat16")
+    data = prepare_data(cfg, colour_data)
+    learn = build_learner(cfg, data, tmp_path / "l", dls=data_loaders(cfg, data))
+    assert any(isinstance(cb, CPUAutocast) for cb in learn.cbs)
+    seen = []
+    learn.model.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    with learn.no_bar(), learn.no_logging():
+        learn.fit(1, 1e-3)
+    assert torch.bfloat16 in seen  # the forward ran under autocast
+    assert all(p.dtype == torch.float32 for p in learn.model.parameters())
+    assert torch.is_autocast_enabled("cpu") is False  # nothing left switched on

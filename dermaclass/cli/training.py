@@ -53,6 +53,8 @@ def train_cmd(
                                     "training) [default: best]")] = None,
     ema_decay: Annotated[float | None, Opt("--ema-decay", help="Keep an exponential moving average of the weights "
                                             "(e.g. 0.998) and bundle it; 0 = off [default: 0]")] = None,
+    precision: Annotated[str | None, Opt("--precision", help="float32 | bfloat16 (autocast; faster only on CPUs "
+                                          "with native bfloat16) [default: float32]")] = None,
     early_stop_patience: Annotated[int | None, Opt("--early-stop-patience", help="0 = off")] = None,
     operating_classes: Annotated[str | None, Opt("--operating-classes", help="Classes that get a sensitivity threshold [default: mel]")] = None,
     target_sensitivity: Annotated[float | None, Opt("--target-sensitivity", help="Validation sensitivity of the threshold [default: 0.9]")] = None,
@@ -76,7 +78,7 @@ def train_cmd(
                   head_epochs=head_epochs, epochs=epochs, n_cycles=n_cycles, cycle_len=cycle_len, cycle_mult=cycle_mult,
                   lr_ratio=lr_ratio, stage_fractions=stage_fractions, stage_sizes=stage_sizes, lr_rule=lr_rule, weight_sharing=weight_sharing,
                   imbalance=imbalance, augment=augment, colour_constancy=colour_constancy,
-                  label_smoothing=label_smoothing, keep=keep, ema_decay=ema_decay, early_stop_patience=early_stop_patience, split_file=split_file,
+                  label_smoothing=label_smoothing, keep=keep, ema_decay=ema_decay, precision=precision, early_stop_patience=early_stop_patience, split_file=split_file,
                   operating_classes=operating_classes, target_sensitivity=target_sensitivity,
                   seed=seed, threads=threads, manifest=manifest, image_col=image_col, label_col=label_col,
                   group_col=group_col, class_names=class_names, workers=workers)
