@@ -151,6 +151,8 @@ def main() -> None:
                    "--split-file", args.split_file, *BUDGETS[args.budget], *flags]
             wall = None
             if not (run / "model.json").is_file():
+                for stale in run.glob("bench_measure*.json"):  # figures of an earlier bundle in this folder
+                    stale.unlink()
                 print("$", " ".join(cmd), flush=True)
                 start = time.perf_counter()
                 with open(runs_dir / f"{run_name(flags)}-seed{seed}.log", "w") as logf:

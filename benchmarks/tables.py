@@ -142,6 +142,14 @@ def _ms(d: dict | None) -> str:
     return f"{d['mean']:.3f}" + (f" ± {d['sd']:.3f}" if d.get("sd") is not None else "")
 
 
+def _delta(d: dict | None) -> str:
+    """A same-seed difference: signed mean ± sd, and the per-seed values."""
+    if not d or d.get("mean") is None:
+        return "-"
+    per = ", ".join(f"{x:+.3f}" for x in d.get("per_seed", []))
+    return f"{d['mean']:+.3f}" + (f" ± {d['sd']:.3f}" if d.get("sd") is not None else "") + (f" ({per})" if per else "")
+
+
 def _ext_ba(r: dict, name: str) -> str:
     e = (r.get("external") or {}).get(name)
     return "-" if not e else f"{e['balanced_accuracy']:.3f}"
@@ -171,7 +179,7 @@ def levers_tables() -> list[str]:
                     m = s.get(w) or {}
                     delta = m.get(f"minus_{ref}") or {}
                     cells += [_ms(m.get("balanced_accuracy")),
-                              "-" if name == ref and not tag else _ms(delta)]
+                              "-" if name == ref and not tag else _delta(delta)]
                 flags = " ".join(d["variants"].get(name, [])) or "(reference)"
                 out.append(f"| {name}{tag} | `{flags}` | {s['seeds']} | " + " | ".join(cells)
                            + f" | {_ms(s.get('nv_sensitivity_test'))} | {_ms(s.get('training_minutes'))} |")

@@ -50,3 +50,53 @@ def test_missing_results_say_not_run(monkeypatch: pytest.MonkeyPatch, tmp_path: 
     monkeypatch.setattr(tables, "RESULTS", tmp_path)
     assert "not run" in "\n".join(tables.recipes_table())
     assert "not run" in "\n".join(tables.training_table())
+    assert "not run" in "\n".join(tables.levers_tables())
+
+
+def _common():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import common
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return common
+
+
+def _row(variant: str, seed: int, test: float, d7: float, isic: float) -> dict:
+    def fig(ba: float) -> dict:
+        return {"balanced_accuracy": ba, "macro_auroc": 0.9, "per_class": {"nv": {"sensitivity": 0.7}}}
+
+    return {"variant": variant, "seed": seed, "training_minutes": 5.0, "images_processed": 100, "test": fig(test),
+            "external": {"derm7pt": fig(d7), "isic2017": fig(isic)}}
+
+
+def test_lever_summary_is_mean_sd_and_same_seed_differences() -> None:
+    common = _common()
+    rows = [_row("ref", 1, 0.60, 0.40, 0.40), _row("ref", 2, 0.70, 0.50, 0.44),
+            _row("new", 1, 0.62, 0.45, 0.41), _row("new", 2, 0.69, 0.58, 0.46)]
+    s = common.summarise_rows(rows, reference="ref")
+    assert s["ref"]["seeds"] == 2 and s["ref"]["test"]["balanced_accuracy"]["mean"] == pytest.approx(0.65)
+    assert s["ref"]["test"]["balanced_accuracy"]["sd"] == pytest.approx(0.0707107, abs=1e-6)
+    d = s["new"]["derm7pt"]["minus_ref"]
+    assert d["per_seed"] == pytest.approx([0.05, 0.08]) and d["mean"] == pytest.approx(0.065)
+    assert s["new"]["isic2017"]["minus_ref"]["per_seed"] == pytest.approx([0.01, 0.02])
+    assert common.fmt(s["new"]["test"]["balanced_accuracy"]) == "0.655 ± 0.049"
+    assert common.fmt({"mean": None}) == "-"
+
+
+def test_lever_table_renders_from_a_results_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import json
+
+    tables, common = _tables(), _common()
+    rows = [_row("ref", 1, 0.60, 0.40, 0.40), _row("new", 1, 0.62, 0.45, 0.41)]
+    (tmp_path / "levers_demo.json").write_text(json.dumps({
+        "machine": {"cpus": 2}, "command": "python benchmarks/bench_levers.py --lever demo", "lever": "demo",
+        "budget": "short", "budget_flags": ["--recipe", "stepwise"], "split_file": "split.csv", "reference": "ref",
+        "variants": {"ref": [], "new": ["--lr", "1e-2"]}, "complete": False, "runs": rows,
+        "summary": common.summarise_rows(rows, reference="ref")}))
+    (tmp_path / "levers_demo_quick.json").write_text("{}")  # smoke runs are never tabled
+    monkeypatch.setattr(tables, "RESULTS", tmp_path)
+    text = "\n".join(tables.levers_tables())
+    assert "**Lever `demo`**" in text and "**incomplete run**" in text
+    assert "| new | `--lr 1e-2` | 1 | 0.620 | +0.020 (+0.020) | 0.450 | +0.050 (+0.050) | 0.410 | +0.010 (+0.010) |" in text
+    assert "| ref | `(reference)` | 1 | 0.600 | - |" in text
