@@ -183,6 +183,9 @@ def levers_tables() -> list[str]:
                 flags = " ".join(d["variants"].get(name, [])) or "(reference)"
                 out.append(f"| {name}{tag} | `{flags}` | {s['seeds']} | " + " | ".join(cells)
                            + f" | {_ms(s.get('nv_sensitivity_test'))} | {_ms(s.get('training_minutes'))} |")
+        missing = [n for n in d["variants"] if n not in d["summary"]]
+        if missing:
+            out.append(f"\nNot run yet: {', '.join(f'`{n}`' for n in missing)}.")
         out.append("")
     return out
 
