@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench_throughput import _Timer
+from bench_throughput import fastai_pass
 from common import HAM, RESULTS
 
 from dermaclass.config import load_config
@@ -38,19 +38,6 @@ def cpu_flags() -> list[str]:
         return []
     flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
     return sorted(f for f in flags if "bf16" in f or f.startswith("amx") or f in ("avx512f", "avx512_vnni"))
-
-
-def one_pass(cfg, data, rows: np.ndarray, run_dir: Path, *, compile_model: bool = False) -> float:
-    from dermaclass.train import build_learner, stage_dataloaders
-
-    learn = build_learner(cfg, data, run_dir, dls=stage_dataloaders(cfg, data, rows, cfg.batch_size))
-    learn.unfreeze()
-    if compile_model:
-        learn.model = torch.compile(learn.model)
-    timer = _Timer()
-    with learn.no_bar(), learn.no_logging():
-        learn.fit(1, 1e-3, cbs=[timer])
-    return (len(rows) // cfg.batch_size) * cfg.batch_size / timer.seconds
 
 
 def main() -> None:
@@ -83,7 +70,7 @@ def main() -> None:
         for name, (cfg, comp) in settings.items():  # warm-up (and compilation) outside the timing
             t0 = time.perf_counter()
             try:
-                one_pass(cfg, data, rows[: cfg.batch_size * 4], Path(tmp) / f"warm-{name}", compile_model=comp)
+                fastai_pass(cfg, data, rows[: cfg.batch_size * 4], Path(tmp) / f"warm-{name}", compile_model=comp)
             except Exception as exc:  # torch.compile can fail on a CPU toolchain: record, do not hide
                 errors[name] = f"{type(exc).__name__}: {str(exc)[:300]}"
             print(f"warm-up {name}: {time.perf_counter() - t0:.1f} s" + (f" ({errors[name]})" if name in errors else ""),
@@ -93,7 +80,7 @@ def main() -> None:
                 if name in errors:
                     continue
                 cfg, comp = settings[name]
-                speeds[name].append(one_pass(cfg, data, rows, Path(tmp) / f"r{r}-{name}", compile_model=comp))
+                speeds[name].append(fastai_pass(cfg, data, rows, Path(tmp) / f"r{r}-{name}", compile_model=comp))
                 print(f"round {r + 1} {name}: {speeds[name][-1]:.1f} images/s", flush=True)
     mean = {k: float(np.mean(v)) for k, v in speeds.items() if v}
     result = {

@@ -45,10 +45,10 @@ from pathlib import Path
 
 import numpy as np
 
-from common import EXTERNAL, mean_sd
+from common import mean_sd, measure
 
 from dermaclass import schedules
-from dermaclass.config import Config, load_config
+from dermaclass.config import Config
 from dermaclass.fileio import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,8 +119,6 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.seeds = args.seeds[:1]
-    from dermaclass.evaluate.external import evaluate_external, headline
-    from dermaclass.evaluate.run import evaluate_bundle
 
     runs_dir = Path(args.runs_dir) / ("quick" if args.quick else f"cycles{args.n_cycles}")
     runs_dir.mkdir(parents=True, exist_ok=True)
@@ -153,21 +151,19 @@ def main() -> None:
                 wall = None  # an earlier invocation trained it; its training time is in model.json
             split_file = split_file or run / "split.csv"
             meta = json.loads((run / "model.json").read_text())
-            report = evaluate_bundle(run, args.data, split_file=split_file, cfg=load_config(), n_boot=args.n_boot,
-                                     thumbnails=False, gallery=0).report
-            sets = {k: v for k, v in EXTERNAL.items() if v.is_dir()}
-            external = evaluate_external(run, sets, n_boot=args.n_boot)  # compared on, never fitted on
+            figures = measure(run, split_file=split_file, data=Path(args.data), n_boot=args.n_boot)
+            report, external = figures["test"], figures["external"]  # external: compared on, never fitted on
             rows.append({
                 "variant": name, "seed": seed, "flags": flags,
                 "test_balanced_accuracy": report["balanced_accuracy"],
-                "test_balanced_accuracy_interval": report["intervals"]["overall"]["balanced_accuracy"],
+                "test_balanced_accuracy_interval": report["intervals"].get("balanced_accuracy"),
                 "test_macro_f1": report["macro_f1"], "test_macro_auroc": report["macro_auroc"],
                 "valid_balanced_accuracy": meta["metrics_valid"]["balanced_accuracy"],
                 "images_processed": meta["training"]["images_seen"],
                 "full_data_epochs": meta["training"]["epochs_equivalent"],
                 "training_minutes": round(meta["training"]["seconds"] / 60, 2),
                 "wall_minutes": round(wall / 60, 2) if wall else None,
-                "test": headline(report), "external": external,
+                "test": report, "external": external,
             })
             r = rows[-1]
             ext = "  ".join(f"{k} {v['balanced_accuracy']:.4f}" for k, v in external.items())

@@ -63,12 +63,14 @@ class _Timer:
         return Timer()
 
 
-def fastai_pass(cfg, data, rows: np.ndarray, run_dir: Path) -> float:
+def fastai_pass(cfg, data, rows: np.ndarray, run_dir: Path, *, compile_model: bool = False) -> float:
     from dermaclass.train import build_learner, stage_dataloaders
 
     dls = stage_dataloaders(cfg, data, rows, cfg.batch_size)
     learn = build_learner(cfg, data, run_dir, dls=dls)
     learn.unfreeze()
+    if compile_model:
+        learn.model = torch.compile(learn.model)
     timer = _Timer()
     with learn.no_bar(), learn.no_logging():
         learn.fit(1, 1e-3, cbs=[timer])

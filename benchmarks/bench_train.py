@@ -26,9 +26,9 @@ import sys
 import time
 from pathlib import Path
 
-from common import measure
+from common import EXTERNAL, measure
 
-from dermaclass.evaluate.external import headline
+from dermaclass.evaluate.external import evaluate_external, headline
 from dermaclass.fileio import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,8 +69,8 @@ def _test_figures(run_dir: Path) -> dict:
     path = run_dir / "report" / "report.json"
     split = run_dir / "split.csv"
     if path.is_file():
-        r = json.loads(path.read_text())
-        figures = {"test": headline(r), "external": measure(run_dir, split_file=split)["external"]}
+        sets = {k: v for k, v in EXTERNAL.items() if v.is_dir()}
+        figures = {"test": headline(json.loads(path.read_text())), "external": evaluate_external(run_dir, sets, n_boot=200)}
     else:
         figures = measure(run_dir, split_file=split)
     t = figures["test"]

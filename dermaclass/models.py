@@ -64,11 +64,6 @@ def lite_weights_path(arch: str = DEFAULT_ARCH) -> Path:
     return Path(getattr(package, holder).get_model_file_path())
 
 
-def lite0_weights_path() -> Path:
-    """The EfficientNet-Lite0 checkpoint (kept for callers of the first release)."""
-    return lite_weights_path(DEFAULT_ARCH)
-
-
 def lite_imagenet_state(model: nn.Module, arch: str = DEFAULT_ARCH) -> dict[str, torch.Tensor]:
     """Map a lukemelas-style EfficientNet-Lite checkpoint onto the timm ``tf_efficientnet_liteN``'s keys.
 
@@ -94,9 +89,6 @@ def lite_imagenet_state(model: nn.Module, arch: str = DEFAULT_ARCH) -> dict[str,
         mapped[tk] = sv
     return mapped
 
-
-def lite0_imagenet_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return lite_imagenet_state(model, DEFAULT_ARCH)
 
 
 def _load_weights_file(path: Path) -> dict[str, torch.Tensor]:
