@@ -23,7 +23,7 @@ app: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-## The benchmarks (about five hours on 2 cores; `make bench QUICK=--quick` for a smoke run).
+## The benchmarks (about nine hours on 2 cores; `make bench QUICK=--quick` for a smoke run).
 ## Each prints a table and writes benchmarks/results/*.json; none is a test.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_decode_cache.py $(QUICK)
@@ -33,7 +33,12 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_recipes.py $(QUICK)
 	$(BIN)/python benchmarks/bench_levers.py --lever lr $(QUICK)
 	$(BIN)/python benchmarks/bench_levers.py --lever colour $(QUICK)
+	$(BIN)/python benchmarks/bench_levers.py --lever ema $(QUICK)
 	$(BIN)/python benchmarks/bench_levers.py --lever regularise $(QUICK)
+	$(BIN)/python benchmarks/bench_levers.py --lever smoothing $(QUICK)
+	$(BIN)/python benchmarks/bench_levers.py --lever resize $(QUICK)
+	$(BIN)/python benchmarks/bench_levers.py --lever backbone $(QUICK)
+	$(BIN)/python benchmarks/bench_precision.py $(QUICK)
 	test -n "$(QUICK)" || $(BIN)/python benchmarks/tables.py
 
 clean:

@@ -242,6 +242,12 @@ def speed_table() -> list[str]:
         out.append(f"| `bench_inference.py` | Grad-CAM mass inside the lesion mask ({g['n']} test images) | "
                    f"{100 * g['mass_inside_lesion_mean']:.1f} % (uniform map: {100 * g['lesion_area_share_mean']:.1f} %); "
                    f"pointing game {100 * g['pointing_game_hit_rate']:.1f} % |")
+    pr = _load("precision.json")
+    if pr:
+        ratios = ", ".join(f"{k} {v:.1f} img/s ({pr['over_float32'][k]:.2f}x)" for k, v in pr["images_per_s"].items())
+        out.append(f"| `bench_precision.py` ({_cores(pr)}; CPU flags {', '.join(pr['machine'].get('cpu_flags') or []) or 'none'}) "
+                   f"| training throughput, {pr['model']} at {pr['input_size'][0]}x{pr['input_size'][1]}, batch "
+                   f"{pr['batch_size']}, {pr['rounds']} rounds | {ratios} |")
     a = _load("app.json")
     if a:
         out.append(f"| `bench_app.py --clients {a['clients']}` ({_cores(a)}) | {a['endpoint']}, {a['seconds']:.0f} s | "

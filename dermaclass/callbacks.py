@@ -6,6 +6,8 @@
 - ``BestModel``: the weights with the best validation balanced accuracy over the whole run
   (all stepwise stages), kept as safetensors, restored at the end;
 - ``WeightEMA``: an exponential moving average of the weights (timm's ``ModelEmaV3``);
+- ``FlipInput``: flips every input batch, for test-time augmentation through ``get_preds``
+  (``flip_logits`` averages the four flips, as the Predictor does at inference);
 - ``Checkpoint``: after every epoch, the weights (safetensors), the optimizer state and
   ``progress.json`` (which step of the recipe, how many of its epochs are done, RNG states),
   so that ``--resume`` continues an interrupted run. Files are written in an order that a
@@ -230,6 +232,33 @@ class CPUAutocast(Callback):
 
 
 PROGRESS = "progress.json"
+
+
+class FlipInput(Callback):
+    """Flip each batch's images along ``dims`` (2 = vertical, 3 = horizontal) before the model
+    sees them: one view of flip test-time augmentation, for ``Learner.get_preds(cbs=...)``."""
+
+    order = 1  # after the batch transforms (normalisation commutes with a flip)
+
+    def __init__(self, dims: tuple[int, ...]) -> None:
+        self.dims = tuple(dims)
+
+    def before_batch(self) -> None:
+        if self.dims:
+            self.learn.xb = (self.xb[0].flip(self.dims), *self.xb[1:])
+
+
+FLIPS: tuple[tuple[int, ...], ...] = ((), (3,), (2,), (2, 3))  # identity, horizontal, vertical, both
+
+
+def flip_logits(learn: Any, dl: Any) -> tuple[Any, Any]:
+    """Logits averaged over the image and its three flips (the bundle's ``tta: flips``), and the
+    targets, for every item of ``dl``."""
+    views, targets = [], None
+    for dims in FLIPS:
+        logits, targets = learn.get_preds(dl=dl, act=lambda x: x, cbs=[FlipInput(dims)])
+        views.append(logits)
+    return sum(views) / len(views), targets
 
 
 def unwrap(model: Any) -> Any:

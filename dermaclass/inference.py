@@ -79,6 +79,8 @@ class Predictor:
         self.refer_below = float(refer.get("min_top_probability", 0.0))
         self.ood_threshold: float | None = (refer.get("ood") or {}).get("threshold")
         self.colour_constancy: str = (self.meta.get("preprocessing") or {}).get("colour_constancy") or "none"
+        # The bundle's test-time augmentation: its temperature and thresholds were fitted with it.
+        self.tta: bool = self.meta.get("tta") == "flips4"
         if self.colour_constancy not in COLOUR_CONSTANCY:
             raise models.ModelError(f"{self.bundle / models.BUNDLE_META}: unknown colour_constancy "
                                     f"{self.colour_constancy!r}; this dermaclass knows {', '.join(COLOUR_CONSTANCY)}")
@@ -110,17 +112,19 @@ class Predictor:
         x = (x - np.asarray(norm["mean"], np.float32)) / np.asarray(norm["std"], np.float32)
         return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
-    def logits(self, images: Sequence[np.ndarray], *, batch_size: int = 64, tta: bool = False) -> np.ndarray:
+    def logits(self, images: Sequence[np.ndarray], *, batch_size: int = 64, tta: bool | None = None) -> np.ndarray:
         """Raw logits for preprocessed (H, W, 3) uint8 arrays (e.g. a decode-cache view).
 
-        ``tta``: the mean of the logits of the image and its horizontal, vertical and double flips.
+        ``tta``: the mean of the logits of the image and its horizontal, vertical and double flips;
+        None: what the bundle records (``self.tta``).
         """
+        tta = self.tta if tta is None else tta
         if len(images) == 0:
             return np.zeros((0, len(self.classes)), dtype=np.float32)
         if tta:
             views = [lambda a: a, np.fliplr, np.flipud, lambda a: a[::-1, ::-1]]
             return np.mean([self.logits([np.ascontiguousarray(v(np.asarray(im))) for im in images],
-                                        batch_size=batch_size) for v in views], axis=0)
+                                        batch_size=batch_size, tta=False) for v in views], axis=0)
         with self._lock:
             return self._logits(images, batch_size=batch_size)
 
@@ -144,9 +148,18 @@ class Predictor:
         out, _ = learn.get_preds(dl=dl, act=lambda x: x)
         return out.numpy()
 
-    def probabilities(self, images: Sequence[np.ndarray], *, batch_size: int = 64, tta: bool = False) -> np.ndarray:
+    def probabilities(self, images: Sequence[np.ndarray], *, batch_size: int = 64,
+                      tta: bool | None = None) -> np.ndarray:
         """Calibrated class probabilities, (N, C)."""
-        return softmax(self.logits(images, batch_size=batch_size, tta=tta), self.temperature)
+        return self.checked(softmax(self.logits(images, batch_size=batch_size, tta=tta), self.temperature))
+
+    def checked(self, probs: np.ndarray, what: str = "these images") -> np.ndarray:
+        """Refuse to hand out a NaN or Inf probability: a broken model must fail loudly, not read
+        'actinic keratosis (nan %)'."""
+        if not np.isfinite(probs).all():
+            raise models.ModelError(f"{self.bundle}: the model gave non-finite probabilities for {what}; "
+                                    "the bundle is broken (retrain or restore it)")
+        return probs
 
     def flags(self, probs: np.ndarray) -> dict[str, np.ndarray]:
         """Per operating class, which rows reach its threshold."""
@@ -164,10 +177,12 @@ class Predictor:
                            f"(score {ood_score:.2f} below {self.ood_threshold:.2f})")
         return {"refer": bool(reasons), "message": REFER_MESSAGE if reasons else None, "reasons": reasons}
 
-    def predict(self, source: str | Path | bytes | Any, *, top_k: int = 3, tta: bool = False) -> dict[str, Any]:
+    def predict(self, source: str | Path | bytes | Any, *, top_k: int = 3, tta: bool | None = None) -> dict[str, Any]:
         """One image -> calibrated probabilities (sorted), top-k, operating-point flags and referral."""
+        tta = self.tta if tta is None else tta
         logits = self.logits([self.preprocess(source)], tta=tta)
-        probs = softmax(logits, self.temperature)[0]
+        what = str(source) if isinstance(source, (str, Path)) else "this image"
+        probs = self.checked(softmax(logits, self.temperature), what)[0]
         ood = float(energy_score(logits)[0])
         order = np.argsort(-probs, kind="stable")
         flags = {c: {"probability": float(probs[self.classes.index(c)]), "threshold": op["threshold"],
@@ -183,6 +198,7 @@ class Predictor:
             "ood_score": ood,
             "referral": self.referral(float(probs[order[0]]), ood),
             "backend": self.backend,
+            "tta": "flips4" if tta else None,
             "disclaimer": self.meta.get("disclaimer"),
         }
 

@@ -17,8 +17,10 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -210,28 +212,152 @@ def save_bundle(model: nn.Module, meta: dict[str, Any], folder: str | Path, *, f
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     with atomic_path(weights) as tmp:
         save_file(state, str(tmp), metadata={"format": "dermaclass", "version": str(BUNDLE_FORMAT)})
-    write_json(meta_path, {"format": BUNDLE_FORMAT, **meta})
+        digest = file_sha256(tmp)
+    # The JSON names the weights it belongs to: a crash between the two renames leaves a
+    # mismatch that load_bundle refuses, never new weights silently paired with old metadata.
+    write_json(meta_path, {"format": BUNDLE_FORMAT, **{k: v for k, v in meta.items() if k != "format"},
+                           "weights_sha256": digest})
     return folder
 
 
 def read_bundle_meta(folder: str | Path) -> dict[str, Any]:
-    """The JSON half of a bundle, checked for the keys every consumer needs."""
+    """The JSON half of a bundle, every field the consumers read checked for type and range."""
     folder = Path(folder)
     path = folder / BUNDLE_META
     if not path.is_file():
         raise ModelError(f"{folder}: not a model bundle (no {BUNDLE_META})")
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{path}: unreadable bundle metadata ({exc})") from exc
-    missing = [k for k in ("arch", "classes", "input_size", "normalization") if k not in meta]
-    if missing:
-        raise ModelError(f"{path}: bundle metadata lacks {', '.join(missing)}")
+    except (OSError, ValueError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
+        raise ModelError(f"{path}: unreadable bundle metadata ({type(exc).__name__}: {str(exc)[:200]})") from None
+    check_bundle_meta(meta, path)
     return meta
 
 
+MAX_INPUT_SIDE = 2048  # pixels; a larger input is a corrupt bundle, not a model for this tool
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_bundle_meta(meta: Any, path: str | Path) -> None:
+    """Refuse (``ModelError``, exit 4) bundle metadata that would give NaN or nonsense predictions:
+    wrong types, non-finite or out-of-range numbers, an unknown or newer format."""
+    def bad(field: str, problem: str) -> ModelError:
+        return ModelError(f"{path}: {field} {problem}; the bundle is corrupt or was edited by hand")
+
+    if not isinstance(meta, dict):
+        raise ModelError(f"{path}: bundle metadata must be a JSON object, not {type(meta).__name__}")
+    fmt = meta.get("format", BUNDLE_FORMAT)
+    if not isinstance(fmt, int) or isinstance(fmt, bool) or fmt < 1:
+        raise bad("format", f"is {fmt!r}, not a format version")
+    if fmt > BUNDLE_FORMAT:
+        raise ModelError(f"{path}: bundle format {fmt} is newer than this dermaclass reads ({BUNDLE_FORMAT}); "
+                         "upgrade dermaclass")
+    missing = [k for k in ("arch", "classes", "input_size", "normalization") if k not in meta]
+    if missing:
+        raise ModelError(f"{path}: bundle metadata lacks {', '.join(missing)}")
+    if not isinstance(meta["arch"], str) or not meta["arch"]:
+        raise bad("arch", f"is {meta['arch']!r}, not an architecture name")
+    classes = meta["classes"]
+    if (not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) and c for c in classes)
+            or len(set(classes)) != len(classes)):
+        raise bad("classes", "must be a list of at least two distinct class codes")
+    names = meta.get("class_names")
+    if names is not None and not (isinstance(names, dict) and all(isinstance(v, str) for v in names.values())):
+        raise bad("class_names", "must map class codes to names")
+    size = meta["input_size"]
+    if (not isinstance(size, list) or len(size) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and 8 <= v <= MAX_INPUT_SIDE for v in size)):
+        raise bad("input_size", f"is {str(size)[:60]}, not [width, height] in pixels between 8 and {MAX_INPUT_SIDE}")
+    norm = meta["normalization"]
+    if not isinstance(norm, dict):
+        raise bad("normalization", "must be an object with mean and std")
+    for key in ("mean", "std"):
+        v = norm.get(key)
+        if not (isinstance(v, list) and len(v) == 3 and all(_finite(x) for x in v)):
+            raise bad(f"normalization.{key}", f"is {str(v)[:60]}, not three finite numbers")
+    if not all(x > 0 for x in norm["std"]):
+        raise bad("normalization.std", "must be positive")
+    head = meta.get("head", {})
+    if not isinstance(head, dict) or not (_finite(head.get("ps", 0.5)) and 0 <= head.get("ps", 0.5) < 1):
+        raise bad("head", "must be an object with a dropout ps in [0, 1)")
+    calibration = meta.get("calibration")
+    if calibration is not None:
+        if not isinstance(calibration, dict):
+            raise bad("calibration", "must be an object")
+        t = calibration.get("temperature", 1.0)
+        if not (_finite(t) and t > 0):
+            raise bad("calibration.temperature", f"is {t!r}; it must be a finite number > 0")
+        refer = calibration.get("refer", {})
+        if not isinstance(refer, dict):
+            raise bad("calibration.refer", "must be an object")
+        floor = refer.get("min_top_probability", 0.0)
+        if not (_finite(floor) and 0 <= floor <= 1):
+            raise bad("calibration.refer.min_top_probability", f"is {floor!r}, not a probability")
+        ood = refer.get("ood") or {}
+        if not isinstance(ood, dict) or not (ood.get("threshold") is None or _finite(ood.get("threshold"))):
+            raise bad("calibration.refer.ood", "must have a finite threshold (or none)")
+    points = meta.get("operating_points")
+    if points is not None:
+        if not isinstance(points, dict) or not all(isinstance(op, dict) for op in points.values()):
+            raise bad("operating_points", "must map class codes to objects")
+        for cls, op in points.items():
+            th = op.get("threshold")
+            if th is not None and not (_finite(th) and 0 <= th <= 1):
+                raise bad(f"operating_points.{cls}.threshold", f"is {th!r}, not a probability")
+    pre = meta.get("preprocessing", {})
+    if not isinstance(pre, dict):
+        raise bad("preprocessing", "must be an object")
+    if meta.get("tta") not in (None, "flips4"):
+        raise bad("tta", f"is {meta.get('tta')!r}; this dermaclass knows flips4 or none")
+    digest = meta.get("weights_sha256")
+    if digest is not None and not (isinstance(digest, str) and len(digest) == 64):
+        raise bad("weights_sha256", "is not a sha256 hex digest")
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _check_weights_fit(weights: Path, meta: dict[str, Any]) -> None:
+    """Compare the weights file's tensor names and shapes with the architecture built on the meta
+    device (no memory, no time) before building it for real: a huge unknown ``arch`` or a class
+    count that does not match the weights is refused at once."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as exc:
+        raise ModelError(f"{weights}: cannot read weights ({exc})") from None
+    try:
+        with torch.device("meta"):
+            skeleton = build_model(meta["arch"], len(meta["classes"]), pretrained=False,
+                                   ps=meta.get("head", {}).get("ps", 0.5))
+    except ModelError:
+        raise
+    except Exception:  # an architecture that cannot be built on the meta device: the real build checks
+        return
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    if expected != shapes:
+        n_file, n_arch = sum(math.prod(s) for s in shapes.values()), sum(math.prod(s) for s in expected.values())
+        wrong = [k for k in expected if k in shapes and expected[k] != shapes[k]][:3]
+        raise ModelError(f"{weights}: weights do not fit {meta['arch']} with {len(meta['classes'])} classes "
+                         f"({n_file:,} values in the file, {n_arch:,} in the architecture; "
+                         f"{len(set(expected) - set(shapes))} tensors missing, {len(set(shapes) - set(expected))} "
+                         f"unexpected{', shape differs: ' + ', '.join(wrong) if wrong else ''})")
+
+
 def load_bundle(folder: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the network from ``model.json`` and load ``model.safetensors`` (strict)."""
+    """Rebuild the network from ``model.json`` and load ``model.safetensors`` (strict), refusing
+    weights that are torn from their metadata, non-floating or non-finite."""
     from safetensors.torch import load_file
 
     folder = Path(folder)
@@ -239,12 +365,23 @@ def load_bundle(folder: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     weights = folder / BUNDLE_WEIGHTS
     if not weights.is_file():
         raise ModelError(f"{folder}: bundle has no {BUNDLE_WEIGHTS}")
+    if meta.get("weights_sha256") and file_sha256(weights) != meta["weights_sha256"]:
+        raise ModelError(f"{weights}: the weights are not the ones {BUNDLE_META} was written for (sha256 "
+                         "mismatch: a torn or tampered bundle); retrain or restore the bundle")
+    _check_weights_fit(weights, meta)
     model = build_model(meta["arch"], len(meta["classes"]), pretrained=False, ps=meta.get("head", {}).get("ps", 0.5))
     try:
         state = load_file(str(weights))
     except Exception as exc:
         raise ModelError(f"{weights}: cannot read weights ({exc})") from exc
     own = model.state_dict()
+    for k, v in state.items():
+        if k in own and own[k].is_floating_point():
+            if not v.is_floating_point():
+                raise ModelError(f"{weights}: tensor {k} is {v.dtype}, not floating point; the bundle is corrupt "
+                                 "(quantised weights need their own export)")
+            if not bool(torch.isfinite(v).all()):
+                raise ModelError(f"{weights}: tensor {k} holds NaN or Inf; the model would predict nothing useful")
     state = {k: v.to(own[k].dtype) if k in own else v for k, v in state.items()}
     try:
         model.load_state_dict(state, strict=True)

@@ -44,7 +44,7 @@ from fastai.torch_core import num_distrib, rank_distrib, set_seed
 import dermaclass
 from dermaclass import models, schedules
 from dermaclass.callbacks import (
-    MONITOR, PROGRESS, BestModel, Checkpoint, CPUAutocast, EpochLine, History, WeightEMA,
+    MONITOR, PROGRESS, BestModel, Checkpoint, CPUAutocast, EpochLine, History, WeightEMA, flip_logits,
 )
 from dermaclass.lr_find import RangeTest, range_test
 from dermaclass.config import Config
@@ -622,7 +622,12 @@ def train(cfg: Config, data: TrainData, run_dir: str | Path, *, force: bool = Fa
     elif cfg.keep == "best":
         learn.best_model.restore()
     with parallel():  # every rank predicts its share; fastai gathers the whole validation split
-        logits, targets = learn.get_preds(dl=learn.dls.valid, act=lambda x: x)
+        # Calibration and thresholds are fitted on the logits the bundle will serve: with the
+        # bundle's test-time augmentation when it has one.
+        if cfg.tta == "flips":
+            logits, targets = flip_logits(learn, learn.dls.valid)
+        else:
+            logits, targets = learn.get_preds(dl=learn.dls.valid, act=lambda x: x)
     if not main:
         return TrainResult(run_dir, {}, stages, seconds, run.images_seen, run.range_test_records())
     calibration, points, probs = calibrate(cfg, logits.numpy(), targets.numpy(), data.vocab)
@@ -692,6 +697,7 @@ def bundle_meta(cfg: Config, data: TrainData, metrics: dict, stages: list[dict],
                           "colour_constancy": cfg.colour_constancy,
                           "scale": "uint8 / 255, then (x - mean) / std"},
         "kept_weights": f"ema {cfg.ema_decay:g}" if cfg.ema_decay else cfg.keep,
+        "tta": "flips4" if cfg.tta == "flips" else None,  # what the Predictor does by default
         "head": {"kind": "fastai", "ps": 0.5},
         "metrics_valid": metrics,
         "recipe": cfg.recipe,

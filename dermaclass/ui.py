@@ -242,7 +242,8 @@ def build_app(bundle: str | Path, *, review_dir: str | Path = "review") -> gr.Bl
                 with gr.Column():
                     image = _LenientImage(type="filepath", image_mode=None, sources=["upload", "clipboard", "webcam"],
                                           label="Dermoscopic image", height=320)
-                    tta = gr.Checkbox(label="Test-time augmentation (flips; slower, steadier)", value=False)
+                    tta = gr.Checkbox(label="Test-time augmentation (flips; slower, steadier; on when the model was calibrated with it)",
+                                      value=predictor.tta)
                     run = gr.Button("Diagnose", variant="primary")
                 with gr.Column():
                     verdict = gr.Markdown(elem_id="verdict")

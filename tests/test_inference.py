@@ -125,3 +125,31 @@ def test_colour_constancy_from_the_bundle_is_applied(tiny_bundle: Path, colour_d
     (bundle / "model.json").write_text(json.dumps(meta))
     with pytest.raises(ModelError, match="colour_constancy"):
         Predictor(bundle)
+
+
+def test_a_broken_model_never_hands_out_nan(tiny_bundle: Path, colour_data: Path, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from typer.testing import CliRunner
+
+    from dermaclass.cli import app
+
+    pred = Predictor(tiny_bundle)
+    monkeypatch.setattr(pred, "logits", lambda images, **kw: np.full((len(images), len(pred.classes)), np.nan))
+    with pytest.raises(ModelError, match="non-finite probabilities for .*0.png"):
+        pred.predict(colour_data / "mel" / "0.png")
+    with pytest.raises(ModelError, match="non-finite"):
+        pred.probabilities([np.zeros((24, 32, 3), np.uint8)])
+    # A bundle with NaN weights: predict refuses with exit 4 (it answered exit 0 and "nan %").
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_bundle, bad, ignore=shutil.ignore_patterns("checkpoints", "*.onnx"))
+    state = load_file(str(bad / "model.safetensors"))
+    key = next(k for k, v in state.items() if v.is_floating_point())
+    save_file({**state, key: state[key] * float("nan")}, str(bad / "model.safetensors"))
+    meta = json.loads((bad / "model.json").read_text())
+    (bad / "model.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "weights_sha256"}))
+    res = CliRunner().invoke(app, ["predict", str(colour_data / "mel" / "0.png"), "--model", str(bad)])
+    assert res.exit_code == 4 and "NaN or Inf" in res.output

@@ -108,3 +108,85 @@ def test_bad_bundles(tmp_path: Path) -> None:
     (tmp_path / "model.json").write_text('{"arch": "resnet18"}')
     with pytest.raises(ModelError, match="lacks classes"):
         models.load_bundle(tmp_path)
+
+
+@pytest.fixture()
+def small_bundle(tmp_path: Path) -> Path:
+    net = models.build_model("test_resnet", 3, pretrained=False).eval()
+    meta = {"arch": "test_resnet", "classes": ["a", "b", "c"], "input_size": [32, 24],
+            "normalization": models.normalization("test_resnet"),
+            "calibration": {"temperature": 1.5, "refer": {"min_top_probability": 0.5, "ood": {"threshold": -3.0}}},
+            "operating_points": {"a": {"threshold": 0.2}}, "tta": "flips4"}
+    return models.save_bundle(net, meta, tmp_path / "b")
+
+
+def _edit(bundle: Path, change) -> None:  # noqa: ANN001 - change(meta) -> meta
+    import json
+
+    path = bundle / "model.json"
+    path.write_text(json.dumps(change(json.loads(path.read_text()))))
+
+
+@pytest.mark.parametrize("change, problem", [
+    (lambda m: 5, "JSON object"),
+    (lambda m: None, "JSON object"),
+    (lambda m: "hello", "JSON object"),
+    (lambda m: {**m, "head": []}, "head"),
+    (lambda m: {**m, "normalization": {"mean": [0.5, 0.5], "std": [0.2, 0.2, 0.2]}}, "normalization.mean"),
+    (lambda m: {**m, "normalization": {**m["normalization"], "std": [0.2, 0.0, 0.2]}}, "std must be positive"),
+    (lambda m: {**m, "input_size": [-128, 96]}, "input_size"),
+    (lambda m: {**m, "input_size": [0, 0]}, "input_size"),
+    (lambda m: {**m, "input_size": "ab"}, "input_size"),
+    (lambda m: {**m, "input_size": [128]}, "input_size"),
+    (lambda m: {**m, "input_size": [20000, 20000]}, "input_size"),
+    (lambda m: {**m, "calibration": {"temperature": "hot"}}, "temperature"),
+    (lambda m: {**m, "calibration": {"temperature": 0}}, "temperature"),
+    (lambda m: {**m, "calibration": {"temperature": -1.0}}, "temperature"),
+    (lambda m: {**m, "operating_points": {"a": {"threshold": "high"}}}, "threshold"),
+    (lambda m: {**m, "classes": ["a", "a", "b"]}, "classes"),
+    (lambda m: {**m, "format": 99}, "newer"),
+    (lambda m: {**m, "tta": "rotate"}, "tta"),
+])
+def test_malformed_metadata_is_refused_with_exit_4(small_bundle: Path, change, problem: str) -> None:
+    _edit(small_bundle, change)
+    with pytest.raises(ModelError, match=problem) as info:
+        models.load_bundle(small_bundle)
+    assert info.value.exit_code == 4 and "model.json" in str(info.value)
+
+
+def test_non_finite_json_numbers_and_deep_nesting_are_refused(small_bundle: Path) -> None:
+    text = (small_bundle / "model.json").read_text()
+    (small_bundle / "model.json").write_text(text.replace('"temperature": 1.5', '"temperature": NaN'))
+    with pytest.raises(ModelError, match="temperature"):
+        models.load_bundle(small_bundle)
+    (small_bundle / "model.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ModelError, match="unreadable"):
+        models.load_bundle(small_bundle)
+
+
+def test_nan_or_integer_weights_and_torn_bundles_are_refused(small_bundle: Path) -> None:
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(small_bundle / "model.safetensors"))
+    key = next(k for k, v in state.items() if v.is_floating_point() and v.numel() > 1)
+    meta = json.loads((small_bundle / "model.json").read_text())
+    poisoned = {**state, key: torch.full_like(state[key], float("nan"))}
+    save_file(poisoned, str(small_bundle / "model.safetensors"))
+    with pytest.raises(ModelError, match="sha256"):  # new weights beside the old metadata: torn
+        models.load_bundle(small_bundle)
+    _edit(small_bundle, lambda m: {k: v for k, v in m.items() if k != "weights_sha256"})
+    with pytest.raises(ModelError, match="NaN or Inf"):
+        models.load_bundle(small_bundle)
+    save_file({**state, key: state[key].to(torch.int8)}, str(small_bundle / "model.safetensors"))
+    with pytest.raises(ModelError, match="not floating point"):
+        models.load_bundle(small_bundle)
+    assert len(meta["weights_sha256"]) == 64
+
+
+def test_an_architecture_that_does_not_fit_the_weights_is_refused_before_building(small_bundle: Path) -> None:
+    # built on the meta device and compared with the file's header: never allocated (it took 25 s and 3.4 GB)
+    _edit(small_bundle, lambda m: {**m, "arch": "vit_huge_patch14_224", "weights_sha256": None})
+    with pytest.raises(ModelError, match=r"do not fit vit_huge_patch14_224 .*631,\d{3},\d{3} in the architecture"):
+        models.load_bundle(small_bundle)

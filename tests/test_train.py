@@ -17,7 +17,8 @@ from dermaclass.data.loaders import class_weights, make_dataloaders
 from dermaclass.train import TrainingError, build_learner, prepare_data, train
 
 TINY = dict(image_size="32,24", batch_size=8, arch="test_resnet", pretrained=False, head_epochs=1, epochs=1,
-            n_cycles=1, cycle_len=1, cycle_mult=2, stage_fractions="0.5,1.0", lr_find_iters=30)
+            n_cycles=1, cycle_len=1, cycle_mult=2, stage_fractions="0.5,1.0", lr_find_iters=30,
+            colour_constancy="none")  # the generated classes differ only in colour
 
 
 def _cfg(tmp_path: Path, **kw):
@@ -77,7 +78,7 @@ def test_no_weight_sharing_restarts_each_stage(colour_data: Path, tmp_path: Path
 
 
 def test_range_tests_record_all_suggestions_and_plots(colour_data: Path, tmp_path: Path) -> None:
-    cfg = _cfg(tmp_path, recipe="stepwise", warm_epoch=True, lr_rule="constant")
+    cfg = _cfg(tmp_path, recipe="stepwise", warm_epoch=True, lr_rule="constant").replace(lr=None)
     result = train(cfg, prepare_data(cfg, colour_data), tmp_path / "run")
     assert [t["name"] for t in result.range_tests] == ["stage1", "stage2"]
     for t in result.range_tests:
@@ -284,7 +285,7 @@ def test_two_process_data_parallel_run(colour_data: Path, tmp_path: Path) -> Non
     args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
             "-m", "dermaclass", "train", str(colour_data), "--out", str(run), "--recipe", "sgdr", "--image-size", "32,24",
             "--batch-size", "8", "--arch", "test_resnet", "--no-pretrained", "--head-epochs", "1", "--n-cycles", "1",
-            "--threads", "1"]
+            "--threads", "1", "--lr-find", "--colour-constancy", "none"]
     env = {**os.environ, "DERMACLASS_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     res = subprocess.run(args, env=env, capture_output=True, text=True, timeout=180)
     assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
@@ -414,3 +415,32 @@ def test_bfloat16_autocast_trains_and_keeps_float32_weights(colour_data: Path, t
     assert torch.bfloat16 in seen  # the forward ran under autocast
     assert all(p.dtype == torch.float32 for p in learn.model.parameters())
     assert torch.is_autocast_enabled("cpu") is False  # nothing left switched on
+
+
+def test_flip_tta_is_recorded_and_calibrated_on_the_flipped_logits(tiny_bundle: Path, colour_data: Path,
+                                                                    tmp_path: Path) -> None:
+    """The bundle serves flip TTA by default, and its temperature was fitted on the very logits the
+    Predictor computes with it (fastai's FlipInput views == the Predictor's numpy flips)."""
+    from dermaclass.evaluate.metrics import fit_temperature
+    from dermaclass.inference import Predictor
+
+    meta = json.loads((tiny_bundle / "model.json").read_text())
+    assert meta["tta"] == "flips4"
+    cfg = load_config(tiny_bundle / "config.yaml", split_file=str(tiny_bundle / "split.csv"),
+                      cache_dir=str(tmp_path / "cache"))
+    data = prepare_data(cfg, colour_data)
+    images = [data.images[int(r)] for r in data.valid_rows]
+    labels = data.items["label"].map({c: i for i, c in enumerate(data.vocab)}).to_numpy()[data.valid_rows]
+    pred = Predictor(tiny_bundle)
+    assert pred.tta and pred.predict(colour_data / "mel" / "0.png")["tta"] == "flips4"
+    assert pred.predict(colour_data / "mel" / "0.png", tta=False)["tta"] is None
+    flipped = pred.logits(images)
+    assert np.allclose(flipped, pred.logits(images, tta=True)) and not np.allclose(flipped, pred.logits(images, tta=False))
+    assert fit_temperature(flipped, labels) == pytest.approx(meta["calibration"]["temperature"], rel=1e-3)
+
+
+def test_cli_lr_and_lr_find_exclude_each_other(colour_data: Path, tmp_path: Path) -> None:
+    from dermaclass.cli import app
+
+    res = CliRunner().invoke(app, ["train", str(colour_data), "--out", str(tmp_path / "run"), "--lr", "1e-3", "--lr-find"])
+    assert res.exit_code == 2 and "--lr-find" in res.output

@@ -29,7 +29,8 @@ def evaluate_cmd(
     seed: Annotated[int, Opt("--seed")] = 0,
     external: Annotated[list[str] | None, Opt("--external", help="NAME=FOLDER (repeatable): also evaluate every image of "
                                               "a labelled set from other clinics and report it beside this split")] = None,
-    tta: Annotated[bool, Opt("--tta/--no-tta", help="Average the logits over the four flips")] = False,
+    tta: Annotated[bool | None, Opt("--tta/--no-tta", help="Average the logits over the four flips "
+                                    "[default: as the bundle records]")] = None,
     force: Annotated[bool, Opt("--force", help="Replace an existing report.")] = False,
     config: ConfigOpt = None,
     manifest: ManifestOpt = None,

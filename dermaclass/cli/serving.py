@@ -20,7 +20,7 @@ def predict_cmd(
     images: Annotated[list[Path], typer.Argument(help="Image files.")],
     model: Annotated[Path | None, Opt("--model", help="Model bundle [default: the bundled model]")] = None,
     top_k: Annotated[int, Opt("--top-k")] = 3,
-    tta: Annotated[bool, Opt("--tta", help="Average over flips.")] = False,
+    tta: Annotated[bool | None, Opt("--tta/--no-tta", help="Average over flips [default: as the bundle records]")] = None,
     as_json: Annotated[bool, Opt("--json", help="One JSON object per image.")] = False,
 ) -> None:
     """Predict images: calibrated probabilities, operating-point flags, and referral."""

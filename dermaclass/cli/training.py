@@ -29,7 +29,9 @@ def train_cmd(
     pretrained: Annotated[bool | None, Opt("--pretrained/--no-pretrained", help="ImageNet weights [default: on]")] = None,
     image_size: Annotated[str | None, Opt("--image-size", help="width,height [default: 128,96]")] = None,
     batch_size: Annotated[int | None, Opt("--batch-size", help="b (stepwise: b, 2b, 3b, 4b, b) [default: 32]")] = None,
-    lr: Annotated[float | None, Opt("--lr", help="Fixed base LR [default: LR range test per stage]")] = None,
+    lr: Annotated[float | None, Opt("--lr", help="Fixed base LR [default: 1e-2]")] = None,
+    lr_find: Annotated[bool, Opt("--lr-find", help="Pick each stage's LR by a range test (fastai lr_find, "
+                                 "--lr-suggestion) instead of a fixed --lr")] = False,
     lr_suggestion: Annotated[str | None, Opt("--lr-suggestion", help="valley | slide | minimum | steep")] = None,
     warm_epoch: Annotated[bool | None, Opt("--warm-epoch/--no-warm-epoch", help="Seed 002: 1 epoch at a small LR before each range test")] = None,
     head_epochs: Annotated[int | None, Opt("--head-epochs", help="Coarse head-only epochs [default: 1]")] = None,
@@ -48,6 +50,8 @@ def train_cmd(
     augment: Annotated[str | None, Opt("--augment", help="none | basic | augmix [default: basic]")] = None,
     colour_constancy: Annotated[str | None, Opt("--colour-constancy", help="none | shades-of-gray: the same colour "
                                                 "normalisation at training and inference [default: none]")] = None,
+    tta: Annotated[str | None, Opt("--tta", help="none | flips: the test-time augmentation the bundle serves "
+                                  "with (calibrated with it) [default: flips]")] = None,
     label_smoothing: Annotated[float | None, Opt("--label-smoothing", help="Cross-entropy label smoothing, 0 = off [default: 0]")] = None,
     keep: Annotated[str | None, Opt("--keep", help="best (best validation balanced accuracy) | last (end of "
                                     "training) [default: best]")] = None,
@@ -77,11 +81,15 @@ def train_cmd(
                   batch_size=batch_size, lr=lr, lr_suggestion=lr_suggestion, warm_epoch=warm_epoch,
                   head_epochs=head_epochs, epochs=epochs, n_cycles=n_cycles, cycle_len=cycle_len, cycle_mult=cycle_mult,
                   lr_ratio=lr_ratio, stage_fractions=stage_fractions, stage_sizes=stage_sizes, lr_rule=lr_rule, weight_sharing=weight_sharing,
-                  imbalance=imbalance, augment=augment, colour_constancy=colour_constancy,
+                  imbalance=imbalance, augment=augment, colour_constancy=colour_constancy, tta=tta,
                   label_smoothing=label_smoothing, keep=keep, ema_decay=ema_decay, precision=precision, early_stop_patience=early_stop_patience, split_file=split_file,
                   operating_classes=operating_classes, target_sensitivity=target_sensitivity,
                   seed=seed, threads=threads, manifest=manifest, image_col=image_col, label_col=label_col,
                   group_col=group_col, class_names=class_names, workers=workers)
+    if lr_find:
+        if lr is not None:
+            raise typer.BadParameter("give either --lr or --lr-find, not both", param_hint="--lr-find")
+        cfg = cfg.replace(lr=None)
     logging.getLogger("dermaclass").setLevel(logging.INFO)
     if resume:
         # The interrupted run's own settings and split, whatever the flags say now.

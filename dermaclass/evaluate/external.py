@@ -61,7 +61,7 @@ def parse_sets(specs: list[str]) -> dict[str, Path]:
 
 
 def evaluate_external(bundle: str | Path, sets: Mapping[str, str | Path], *, cfg: Config | None = None,
-                      tta: bool = False, n_boot: int = 1000, seed: int = 0) -> dict[str, dict[str, Any]]:
+                      tta: bool | None = None, n_boot: int = 1000, seed: int = 0) -> dict[str, dict[str, Any]]:
     """``headline`` figures of the bundle on every image of each external set (no split file)."""
     from dermaclass.evaluate.run import evaluate_bundle
 

@@ -98,13 +98,13 @@ def evaluate_bundle(
     seed: int = 0,
     gallery: int = 12,
     thumbnails: bool = True,
-    tta: bool = False,
+    tta: bool | None = None,
     progress: Any = None,
 ) -> Evaluation:
     """Evaluate the bundle on ``split`` of ``data`` (one or more sources, merged as training merges them).
 
     ``cfg`` supplies the data-layer settings. ``tta``: average the logits over the four flips
-    (recorded in the report, since it changes every figure).
+    (recorded in the report, since it changes every figure); None: as the bundle records.
     """
     cfg = cfg or Config()
     bundle = Path(bundle)
@@ -133,8 +133,9 @@ def evaluate_bundle(
     images = DecodeCache(cfg.cache_dir, predictor.input_size).ensure(
         chosen["path"].tolist(), chosen["hash"].tolist(), workers=cfg.workers or None
     )
+    tta = predictor.tta if tta is None else tta
     logits = predictor.logits(images, tta=tta)
-    raw, probs = softmax(logits), softmax(logits, predictor.temperature)
+    raw, probs = softmax(logits), predictor.checked(softmax(logits, predictor.temperature), f"the images of {data}")
     y = chosen["label"].map({c: i for i, c in enumerate(classes)}).to_numpy()
     groups = chosen["group"].astype(str).to_numpy()
     has_groups = chosen["group"].astype(str).ne(chosen["image"].astype(str)).any()
