@@ -6,6 +6,8 @@
 - ``BestModel``: the weights with the best validation balanced accuracy over the whole run
   (all stepwise stages), kept as safetensors, restored at the end;
 - ``WeightEMA``: an exponential moving average of the weights (timm's ``ModelEmaV3``);
+- ``StopOnNaN``: a non-finite training loss stops the run at once with exit 5 (no bundle is
+  written from a diverged model), as fastai's ``TerminateOnNaNCallback`` but loud;
 - ``FlipInput``: flips every input batch, for test-time augmentation through ``get_preds``
   (``flip_logits`` averages the four flips, as the Predictor does at inference);
 - ``Checkpoint``: after every epoch, the weights (safetensors), the optimizer state and
@@ -27,10 +29,12 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 from fastai.callback.core import Callback
 from fastai.learner import Recorder
 from fastai.torch_core import rank_distrib
 
+from dermaclass.errors import DermaclassError
 from dermaclass.fileio import atomic_path
 
 log = logging.getLogger(__name__)
@@ -232,6 +236,29 @@ class CPUAutocast(Callback):
 
 
 PROGRESS = "progress.json"
+
+
+class NonFiniteLoss(DermaclassError):
+    """Training diverged: the loss became NaN or Inf."""
+
+    exit_code = 5
+
+
+class StopOnNaN(Callback):
+    """Raise ``NonFiniteLoss`` on the first non-finite training loss (fastai's TerminateOnNaNCallback
+    only cancels the fit quietly, after which an untrained bundle would be written with exit 0).
+    Range tests are left alone: their loss is meant to blow up at the high end."""
+
+    order = 9  # fastai's TerminateOnNaNCallback order
+
+    def after_batch(self) -> None:
+        if not self.training or hasattr(self.learn, "lr_finder"):
+            return
+        loss = self.learn.loss
+        if not bool(torch.isfinite(loss).all()):
+            raise NonFiniteLoss(f"the training loss became {float(loss.detach().float().mean())} at epoch "
+                                f"{self.epoch + 1}, batch {self.iter + 1}: training diverged and no bundle was written. "
+                                "Lower --lr, or check the data (e.g. too few images for the batch size)")
 
 
 class FlipInput(Callback):

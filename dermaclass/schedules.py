@@ -87,6 +87,39 @@ def batch_size_multipliers(n_stages: int) -> list[int]:
     return list(range(1, n_stages)) + [1]
 
 
+MIN_BATCHES = 2  # full training batches per epoch in the smallest stage (fastai drops the last partial one)
+MIN_BATCH_SIZE = 4  # below this, BatchNorm statistics are noise
+
+
+def largest_batch_size(*, n_train: int, batch_size: int, fractions: Sequence[float] | None = None,
+                       min_batches: int = MIN_BATCHES) -> int:
+    """The largest batch size <= ``batch_size`` that gives every stage ``min_batches`` full batches.
+
+    ``fractions``: seed 001's stepwise subsets (stage i trains ``round(f_i * n_train)`` images at
+    batch ``b * batch_size_multipliers[i]``); None for a single stage on all the images. 0 when
+    not even batch size 1 fits. Pure, so the small-data rule is tested without a model.
+    """
+    stages = ([(max(1, round(f * n_train)), m) for f, m in zip(fractions, batch_size_multipliers(len(fractions)))]
+              if fractions else [(n_train, 1)])
+    fits = [b for b in range(batch_size, 0, -1) if all(n // (b * m) >= min_batches for n, m in stages)]
+    return fits[0] if fits else 0
+
+
+def images_needed(*, batch_size: int, fractions: Sequence[float] | None = None, min_batches: int = MIN_BATCHES) -> int:
+    """The fewest training images for which ``batch_size`` gives every stage ``min_batches`` batches."""
+    n = 1
+    while largest_batch_size(n_train=n, batch_size=batch_size, fractions=fractions, min_batches=min_batches) < batch_size:
+        n = n * 2 if n < 64 else n + max(1, n // 16)
+    lo = n // 2
+    while lo < n:  # bisect down to the exact count
+        mid = (lo + n) // 2
+        if largest_batch_size(n_train=mid, batch_size=batch_size, fractions=fractions, min_batches=min_batches) >= batch_size:
+            n = mid
+        else:
+            lo = mid + 1
+    return n
+
+
 def eq9_factor(stage: int, n_stages: int) -> float:
     """Eq. 9 in mean-loss form: 1 for the first and last stage, 1 / (10 n) in between (stage is 1-based)."""
     if not 1 <= stage <= n_stages:

@@ -44,7 +44,7 @@ from fastai.torch_core import num_distrib, rank_distrib, set_seed
 import dermaclass
 from dermaclass import models, schedules
 from dermaclass.callbacks import (
-    MONITOR, PROGRESS, BestModel, Checkpoint, CPUAutocast, EpochLine, History, WeightEMA, flip_logits,
+    MONITOR, PROGRESS, BestModel, Checkpoint, CPUAutocast, EpochLine, History, StopOnNaN, WeightEMA, flip_logits,
 )
 from dermaclass.lr_find import RangeTest, range_test
 from dermaclass.config import Config
@@ -229,7 +229,8 @@ def build_learner(cfg: Config, data: TrainData, run_dir: Path, *, dls) -> Learne
             raise TrainingError(str(exc)) from None
     else:
         model = models.build_model(cfg.arch, len(data.vocab), pretrained=cfg.pretrained, weights=cfg.weights)
-    cbs = [ChannelsLast(), History(run_dir / "history.csv"), BestModel(run_dir / "checkpoints" / "best.safetensors")]
+    cbs = [ChannelsLast(), StopOnNaN(), History(run_dir / "history.csv"),
+           BestModel(run_dir / "checkpoints" / "best.safetensors")]
     if not sys.stderr.isatty():
         cbs.append(EpochLine())
     if cfg.precision == "bfloat16":
@@ -441,6 +442,30 @@ def recipe_sgdr(run: Run) -> list[dict]:
              "epochs": cfg.head_epochs + schedules.sgdr_epochs(cfg.n_cycles, cfg.cycle_len, cfg.cycle_mult)}]
 
 
+def fit_batch_size(cfg: Config, n_train: int) -> Config:
+    """The config with a batch size this training split can fill (small clinic datasets), or a
+    TrainingError (exit 5) that says how many images are needed.
+
+    Every stage must get ``schedules.MIN_BATCHES`` full batches per epoch: with fewer, fastai's
+    range test divides by zero and training runs on nothing (a NaN loss, an untrained bundle).
+    """
+    fractions = cfg.stage_fractions if cfg.recipe == "stepwise" else None
+    b = schedules.largest_batch_size(n_train=n_train, batch_size=cfg.batch_size, fractions=fractions)
+    if b >= cfg.batch_size:
+        return cfg
+    smallest = f"its smallest stage ({cfg.stage_fractions[0]:.0%} of them)" if fractions else "it"
+    if b < schedules.MIN_BATCH_SIZE:
+        need = schedules.images_needed(batch_size=schedules.MIN_BATCH_SIZE, fractions=fractions)
+        raise TrainingError(
+            f"{n_train} training images are too few for the {cfg.recipe} recipe: {smallest} needs "
+            f"{schedules.MIN_BATCHES} batches of at least {schedules.MIN_BATCH_SIZE} images. Add images (at least "
+            f"{need} in the training split, i.e. about {math.ceil(need / 0.7)} in all with the default 70 % split)"
+            + (" or use --recipe baseline" if fractions else ""))
+    log.warning("batch size %d -> %d: %d training images give %s fewer than %d full batches of %d",
+                cfg.batch_size, b, n_train, smallest, schedules.MIN_BATCHES, cfg.batch_size)
+    return cfg.replace(batch_size=b)
+
+
 def plan_for(cfg: Config, n_train: int) -> list[schedules.Stage]:
     """The stepwise stage plan for this config (a pure function, printed before training)."""
     return schedules.stage_plan(
@@ -523,8 +548,13 @@ def check_run_dir(run_dir: Path, *, force: bool) -> None:
         return
     if (run_dir / models.BUNDLE_META).exists() or (run_dir / models.BUNDLE_WEIGHTS).exists():
         raise FileExistsError(f"{run_dir}: a model bundle is already there")
+    if (run_dir / PROGRESS).is_file():
+        raise FileExistsError(f"{run_dir}: holds an interrupted run; continue it with --resume")
+    if (run_dir / "config.yaml").is_file():
+        raise FileExistsError(f"{run_dir}: holds a run that stopped before its first epoch ended, so there is "
+                              "nothing to resume; start it again")
     if any(run_dir.iterdir()):
-        raise FileExistsError(f"{run_dir}: not empty (an interrupted run? continue it with --resume)")
+        raise FileExistsError(f"{run_dir}: not empty, and not a run folder")
 
 
 @contextlib.contextmanager
@@ -578,6 +608,8 @@ def train(cfg: Config, data: TrainData, run_dir: str | Path, *, force: bool = Fa
     run_dir = Path(run_dir)
     distributed, main = num_distrib() > 1, rank_distrib() == 0
     progress = read_progress(run_dir) if resume else None
+    if not resume:
+        cfg = fit_batch_size(cfg, len(data.train_rows))  # before the config is saved with the run
     if not resume and main:
         check_run_dir(run_dir, force=force)
     run_dir.mkdir(parents=True, exist_ok=True)

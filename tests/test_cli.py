@@ -124,3 +124,21 @@ def test_export_and_missing_bundle(tiny_bundle: Path, tmp_path: Path) -> None:
     assert res.exit_code == 0 and (bundle / "model.onnx").is_file(), res.output
     res = CliRunner().invoke(app, ["serve", "--model", str(tmp_path / "nowhere")])
     assert res.exit_code == 4 and "no model bundle" in res.output
+
+
+def test_predict_text_keeps_the_melanoma_flag_and_help_keeps_defaults(tiny_bundle: Path, colour_data: Path) -> None:
+    """Rich read "[mel flagged]" and "[default: ...]" as markup and deleted them."""
+    import json as _json
+
+    runner = CliRunner()
+    flagged = None
+    for path in sorted((colour_data / "mel").glob("*.png")):
+        r = _json.loads(runner.invoke(app, ["predict", str(path), "--model", str(tiny_bundle), "--json"]).output)
+        if r["flags"]["mel"]["flagged"]:
+            flagged = path
+            break
+    assert flagged is not None
+    res = runner.invoke(app, ["predict", str(flagged), "--model", str(tiny_bundle)])
+    assert res.exit_code == 0 and "[mel flagged: P " in res.output
+    res = runner.invoke(app, ["predict", "--help"], env={"COLUMNS": "200"})
+    assert "[default: the bundled model]" in res.output

@@ -114,3 +114,16 @@ def test_stage_sizes_progressive_resizing() -> None:
     rows = S.format_plan(plan)
     assert rows[0]["size"] == "96x72" and rows[1]["size"] == "128x96"
     assert "size" not in S.format_plan(S.stage_plan(n_train=100, fractions=(0.5, 1.0)))[0]
+
+
+def test_largest_batch_size_gives_every_stage_two_full_batches() -> None:
+    fractions = (0.2, 0.4, 0.6, 0.8, 1.0)
+    assert S.largest_batch_size(n_train=7009, batch_size=32, fractions=fractions) == 32
+    # 45 images: stage 1 has 9 (b = 4 gives 2 batches), stage 4 has 36 at 4b = 16 (2 batches)
+    assert S.largest_batch_size(n_train=45, batch_size=32, fractions=fractions) == 4
+    assert S.largest_batch_size(n_train=45, batch_size=32) == 22  # one stage: 45 // 22 == 2
+    assert S.largest_batch_size(n_train=3, batch_size=32, fractions=fractions) == 0
+    for b, fr in ((32, fractions), (4, fractions), (32, None)):
+        need = S.images_needed(batch_size=b, fractions=fr)
+        assert S.largest_batch_size(n_train=need, batch_size=b, fractions=fr) == b
+        assert S.largest_batch_size(n_train=need - 1, batch_size=b, fractions=fr) < b

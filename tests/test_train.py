@@ -444,3 +444,54 @@ def test_cli_lr_and_lr_find_exclude_each_other(colour_data: Path, tmp_path: Path
 
     res = CliRunner().invoke(app, ["train", str(colour_data), "--out", str(tmp_path / "run"), "--lr", "1e-3", "--lr-find"])
     assert res.exit_code == 2 and "--lr-find" in res.output
+
+
+def test_small_data_shrinks_the_batch_or_stops_with_exit_5(colour_data: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    from dermaclass.train import fit_batch_size
+
+    # 60 images (about 42 for training): stepwise at 20 % has 8 images, so batch 32 becomes 4.
+    cfg = _cfg(tmp_path, recipe="stepwise", batch_size=32, stage_fractions="0.2,0.4,0.6,0.8,1.0", lr=1e-3)
+    data = prepare_data(cfg, colour_data)
+    assert fit_batch_size(cfg, len(data.train_rows)).batch_size == 4
+    train(cfg, data, tmp_path / "run")
+    assert load_config(tmp_path / "run" / "config.yaml").batch_size == 4  # the run records what it used
+    # 5 images per class: no batch size works; exit 5 with the number of images needed.
+    few = tmp_path / "few"
+    for c, label in enumerate(("bkl", "mel", "nv")):
+        (few / label).mkdir(parents=True)
+        for i in range(5):
+            arr = np.full((24, 32, 3), 40, np.uint8)
+            arr[..., c] = 200 - i
+            Image.fromarray(arr).save(few / label / f"{i}.png")
+    small = prepare_data(cfg, few)
+    with pytest.raises(TrainingError, match=r"too few .*at least \d+ in the training split") as info:
+        train(cfg, small, tmp_path / "run2")
+    assert info.value.exit_code == 5 and not (tmp_path / "run2" / "model.json").exists()
+
+
+def test_a_non_finite_loss_stops_training_loudly() -> None:
+    from fastai.test_utils import synth_learner
+
+    from dermaclass.callbacks import NonFiniteLoss, StopOnNaN
+
+    learn = synth_learner(cbs=StopOnNaN())
+    learn.loss_func = lambda pred, y: (pred - y).pow(2).mean() * float("nan")
+    with pytest.raises(NonFiniteLoss, match="became nan") as info:
+        learn.fit(1)
+    assert info.value.exit_code == 5
+    learn.lr_find(num_it=5, show_plot=False)  # a range test's blown-up loss is not an error
+
+
+def test_a_run_folder_says_whether_it_can_be_resumed(tmp_path: Path) -> None:
+    from dermaclass.train import check_run_dir
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("seed: 1\n")
+    with pytest.raises(FileExistsError, match="nothing to resume; start it again"):
+        check_run_dir(run, force=False)
+    (run / "progress.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="continue it with --resume"):
+        check_run_dir(run, force=False)

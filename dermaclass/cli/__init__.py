@@ -21,6 +21,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -43,10 +44,14 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    # Help texts are plain text: "[default: ...]" must not be read as Rich markup and vanish.
+    rich_markup_mode=None,
 )
-data_app = typer.Typer(help="Inspect, validate and split a clinic's image folder.", no_args_is_help=True, epilog=EXIT_CODES)
+data_app = typer.Typer(help="Inspect, validate and split a clinic's image folder.", no_args_is_help=True, epilog=EXIT_CODES,
+                       rich_markup_mode=None)
 app.add_typer(data_app, name="data")
-report_app = typer.Typer(help="Review and compare evaluation reports.", no_args_is_help=True, epilog=EXIT_CODES)
+report_app = typer.Typer(help="Review and compare evaluation reports.", no_args_is_help=True, epilog=EXIT_CODES,
+                         rich_markup_mode=None)
 app.add_typer(report_app, name="report")
 
 out = Console()
@@ -62,10 +67,10 @@ def friendly(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except DermaclassError as exc:
-            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except FileExistsError as exc:
-            err.print(f"[bold red]error:[/] {exc} (pass --force to replace it)", highlight=False, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {escape(str(exc))} (pass --force to replace it)", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from dermaclass import DISCLAIMER
 from dermaclass.cli import (
@@ -34,15 +35,18 @@ def predict_cmd(
             r = pred.predict(path, top_k=top_k, tta=tta)
         except ImageDecodeError as exc:
             failed += 1
-            err.print(f"[bold red]error:[/] {exc.detail}", highlight=False)
+            err.print(f"[bold red]error:[/] {escape(exc.detail)}", highlight=False)
             continue
         if as_json:
             out.print_json(json.dumps({"image": str(path), **r}))
             continue
+        # Every piece that can hold brackets is escaped: Rich would read "[mel flagged]" as markup and drop it.
         tops = ", ".join(f"{t['name']} ({t['class']}) {t['probability']:.1%}" for t in r["top_k"])
-        flags = "".join(f"  [{c} flagged]" for c, f in r["flags"].items() if f["flagged"])
-        refer = f"  [bold yellow]{r['referral']['message']}[/]: {'; '.join(r['referral']['reasons'])}" if r["referral"]["refer"] else ""
-        out.print(f"{path}: {tops}{flags}{refer}", highlight=False)
+        flags = "".join(f"  [{c} flagged: P {f['probability']:.2f} >= {f['threshold']:.2f}]"
+                        for c, f in r["flags"].items() if f["flagged"])
+        refer = (f"  [bold yellow]{escape(r['referral']['message'])}[/]: {escape('; '.join(r['referral']['reasons']))}"
+                 if r["referral"]["refer"] else "")
+        out.print(f"{escape(str(path))}: {escape(tops)}[bold red]{escape(flags)}[/]{refer}", highlight=False)
     if not as_json:
         out.print(f"[dim]{DISCLAIMER}[/]", highlight=False)
     if failed:
