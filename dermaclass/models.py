@@ -209,7 +209,9 @@ def save_bundle(model: nn.Module, meta: dict[str, Any], folder: str | Path, *, f
         raise FileExistsError(f"{folder}: a model bundle is already there")
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     if dtype is not None:
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+        # A tensor that would overflow the smaller type (e.g. a BatchNorm running variance above
+        # float16's 65,504, which became Inf once) stays in float32.
+        state = {k: _narrow(v, dtype) if v.is_floating_point() else v for k, v in state.items()}
     with atomic_path(weights) as tmp:
         save_file(state, str(tmp), metadata={"format": "dermaclass", "version": str(BUNDLE_FORMAT)})
         digest = file_sha256(tmp)
@@ -218,6 +220,11 @@ def save_bundle(model: nn.Module, meta: dict[str, Any], folder: str | Path, *, f
     write_json(meta_path, {"format": BUNDLE_FORMAT, **{k: v for k, v in meta.items() if k != "format"},
                            "weights_sha256": digest})
     return folder
+
+
+def _narrow(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    narrow = t.to(dtype)
+    return narrow if bool(torch.isfinite(narrow).all()) or not bool(torch.isfinite(t).all()) else t
 
 
 def read_bundle_meta(folder: str | Path) -> dict[str, Any]:

@@ -52,6 +52,7 @@ from dermaclass.data import DecodeCache, assign_split, make_split, read_split, v
 from dermaclass.data.augment import train_pipeline
 from dermaclass.data.cache import CachedImages
 from dermaclass.data.labels import full_name
+from dermaclass.data.splits import MIN_PER_CLASS, thin_classes
 from dermaclass.data.loaders import class_weights, make_dataloaders
 from dermaclass.errors import DermaclassError
 from dermaclass.evaluate import (
@@ -134,6 +135,10 @@ def prepare_data(cfg: Config, data: str | Path | Sequence[str | Path], *, progre
         for c, n in (parent.get("class_names") or {}).items():
             class_names.setdefault(c, n)
         vocab = sorted(set(vocab) | set(parent["classes"]))
+    for part, thin in thin_classes(items).items():
+        log.warning("%s has fewer than %d images of %s: %s", part, MIN_PER_CLASS,
+                    ", ".join(f"{c} ({n})" for c, n in thin.items()),
+                    "the model can hardly learn them" if part == "train" else "their figures there are too noisy to judge")
     for part in ("train", "valid"):
         if not (items["split"] == part).any():
             raise TrainingError(f"{', '.join(map(str, paths))}: the {part} split is empty; add images or change --split-fractions")
@@ -687,9 +692,14 @@ def calibrate(cfg: Config, logits: np.ndarray, labels: np.ndarray, vocab: list[s
     """
     t = fit_temperature(logits, labels)
     raw, probs = softmax(logits), softmax(logits, t)
+    before, after = expected_calibration_error(labels, raw), expected_calibration_error(labels, probs)
+    refused = before is not None and after is not None and after > before
+    if refused:  # NLL and ECE can disagree on a small validation split: never ship a worse calibration
+        log.warning("temperature %.3f would make validation ECE worse (%.4f -> %.4f); keeping T = 1", t, before, after)
+        t, probs, after = 1.0, raw, before
     calibration = {"method": "temperature", "temperature": t, "fitted_on": "valid", "n": int(len(labels)),
-                   "ece_before": expected_calibration_error(labels, raw),
-                   "ece_after": expected_calibration_error(labels, probs)}
+                   "ece_before": before, "ece_after": after,
+                   **({"refused": "the fitted temperature made validation ECE worse; T = 1 kept"} if refused else {})}
     log.info("temperature %.3f: valid ECE %.4f -> %.4f", t, calibration["ece_before"] or 0, calibration["ece_after"] or 0)
     energy = energy_score(logits)
     top = probs.max(axis=1)

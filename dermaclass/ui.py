@@ -37,6 +37,10 @@ from dermaclass.inference import Predictor  # noqa: E402
 log = logging.getLogger(__name__)
 
 MAX_BYTES = 25 * 1024 * 1024  # a dermoscopy photo is a few MB; anything bigger is not one
+MAX_PIXELS = 40_000_000  # decoded pixels: a 257 KB PNG of 9400x9400 once held the server for 18 s and 4 GB
+# Gradio's upload cache holds patients' images: files older than an hour are deleted, checked hourly.
+DELETE_CACHE = (3600, 3600)
+CHANCE_MARGIN = 0.10  # a bundle within this of chance balanced accuracy (1 / classes) is flagged as weak
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 7860
 DEFAULT_BUNDLE = Path(__file__).resolve().parents[1] / "models" / "ham10000-effnet-lite0"
 REPORT_DIR = "report"  # where `dermaclass evaluate BUNDLE DATA --out BUNDLE/report` puts the bundle's report
@@ -76,6 +80,16 @@ def check_upload(path: str | None) -> np.ndarray:
         raise UploadError(f"{name}: the file is empty (0 bytes).")
     if size > MAX_BYTES:
         raise UploadError(f"{name}: {size / 2**20:.0f} MB is too large (limit {MAX_BYTES // 2**20} MB).")
+    try:
+        from PIL import Image
+
+        with Image.open(p) as im:  # the header only: refuse a huge canvas before decoding it
+            w, h = im.size
+    except Exception:  # noqa: BLE001 - unreadable files get load_rgb's precise reason below
+        w = h = 0
+    if w * h > MAX_PIXELS:
+        raise UploadError(f"{name}: {w}x{h} pixels is too large to analyse (limit {MAX_PIXELS // 10**6} megapixels); "
+                          "export a smaller copy.")
     try:
         return np.asarray(load_rgb(p))  # full decode; also refuses decompression bombs
     except ImageDecodeError as exc:
@@ -171,34 +185,73 @@ def model_card(p: Predictor) -> str:
     return "\n".join(lines)
 
 
+def model_status(p: Predictor) -> tuple[str, str | None]:
+    """One line naming the loaded model (name, date, test balanced accuracy), and a warning when
+    it is weak (validation balanced accuracy near chance) or has no evaluation report."""
+    import json
+
+    m = p.meta
+    created = str(m.get("created") or "?")[:10]
+    report = p.bundle / REPORT_DIR / "report.json"
+    test = None
+    if report.is_file():
+        try:
+            test = json.loads(report.read_text(encoding="utf-8")).get("balanced_accuracy")
+        except (OSError, ValueError):
+            test = None
+    valid = (m.get("metrics_valid") or {}).get("balanced_accuracy")
+    line = (f"Model **{p.bundle.name}** ({m.get('arch')}, {len(p.classes)} classes, trained {created}); "
+            + (f"test balanced accuracy **{test:.3f}**" if test is not None else "no test report"))
+    chance = 1 / len(p.classes)
+    problems = []
+    if valid is None or valid < chance + CHANCE_MARGIN:
+        problems.append(f"its validation balanced accuracy is {'unknown' if valid is None else f'{valid:.2f}'}, "
+                        f"close to chance ({chance:.2f} for {len(p.classes)} classes)")
+    if not report.is_file():
+        problems.append(f"it has no evaluation report (`dermaclass evaluate {p.bundle} DATA --out {p.bundle / REPORT_DIR}`)")
+    warning = ("**⚠ Weak or unchecked model: " + "; ".join(problems) + ". Do not rely on its predictions.**"
+               if problems else None)
+    return line, warning
+
+
 def build_app(bundle: str | Path, *, review_dir: str | Path = "review") -> gr.Blocks:
     """The Gradio Blocks app for one model bundle."""
     predictor = Predictor.from_bundle(bundle)
     review_dir = Path(review_dir)
     choices = [(_label(predictor, c), c) for c in predictor.classes]
     bundle_report = predictor.bundle / REPORT_DIR
+    status, weak = model_status(predictor)
+    if weak:
+        log.warning("%s: %s", predictor.bundle, weak.strip("*⚠ "))
+    model_id = predictor.bundle.name + (f"@{predictor.meta['weights_sha256'][:12]}"
+                                        if predictor.meta.get("weights_sha256") else "")
 
     def diagnose(path: str | None, tta: bool):
+        # Every new image resets the correction form: a stale label or note once went with the
+        # next image.
+        reset = (gr.update(value=None), gr.update(value=""), gr.update(value=""), "")
         try:
             image = check_upload(path)
             result = predictor.predict(image, tta=tta)
             _, overlay = predictor.gradcam(image)
         except UploadError as exc:
-            return None, None, f"### Cannot read this upload\n\n{exc}", None, gr.update(interactive=False)
+            return None, None, f"### Cannot read this upload\n\n{exc}", None, gr.update(interactive=False), *reset
         except DermaclassError as exc:
-            return None, None, f"### Cannot predict\n\n{exc}", None, gr.update(interactive=False)
+            return None, None, f"### Cannot predict\n\n{exc}", None, gr.update(interactive=False), *reset
         label = {_label(predictor, c): prob for c, prob in result["probabilities"].items()}
-        state = {"path": path, "top": result["top"], "probability": result["top_k"][0]["probability"]}
-        return label, overlay, diagnose_markdown(predictor, result), state, gr.update(interactive=True)
+        state = {"path": path, "name": Path(path).name, "top": result["top"],
+                 "probability": result["top_k"][0]["probability"]}
+        return label, overlay, diagnose_markdown(predictor, result), state, gr.update(interactive=True), *reset
 
-    def correct(state: dict | None, label: str | None, note: str):
+    def correct(state: dict | None, label: str | None, note: str, lesion: str):
         if not state:
             return "Diagnose an image first."
         if not label:
             return "Choose the right label first."
         try:
             row = save_correction(review_dir, state["path"], label=label, predicted=state["top"],
-                                  probability=state["probability"], model=str(predictor.bundle), note=note or "")
+                                  probability=state["probability"], model=model_id, note=note or "",
+                                  original_name=state.get("name"), lesion=lesion or "")
         except (OSError, DermaclassError, ImageDecodeError) as exc:
             return f"Not saved: {exc}"
         return (f"Saved: {row['image']} as **{_label(predictor, label)}** (model said {_label(predictor, state['top'])}). "
@@ -226,18 +279,22 @@ def build_app(bundle: str | Path, *, review_dir: str | Path = "review") -> gr.Bl
         rows = [{"class": k, "sensitivity old": _cell(v["sensitivity"]["old"]), "new": _cell(v["sensitivity"]["new"]),
                  "delta": _cell(v["sensitivity"]["delta"], v["sensitivity"]["delta_interval"]),
                  "drop": "YES" if v["sensitivity_drop"] else ""} for k, v in c["per_class"].items()]
-        import tempfile
+        from io import BytesIO
 
-        fd, tmp = tempfile.mkstemp(suffix=".png")
-        os.close(fd)
-        Path(tmp).write_bytes(difference_png({"confusion_matrix": c["confusion_old"]},
-                                             {"confusion_matrix": c["confusion_new"]}, c["classes"], c["class_names"]))
-        return md, tmp, pd.DataFrame(rows)
+        from PIL import Image
 
-    with gr.Blocks(title="dermaclass", analytics_enabled=False) as app:
+        # In memory, not a temporary file left behind in /tmp (Gradio's own cache is cleaned).
+        png = difference_png({"confusion_matrix": c["confusion_old"]}, {"confusion_matrix": c["confusion_new"]},
+                             c["classes"], c["class_names"])
+        return md, Image.open(BytesIO(png)), pd.DataFrame(rows)
+
+    with gr.Blocks(title="dermaclass", analytics_enabled=False, delete_cache=DELETE_CACHE) as app:
         gr.Markdown(f"# dermaclass\n**Decision support, not a diagnostic device.** {DISCLAIMER}")
+        if weak:
+            gr.Markdown(weak, elem_id="weak-model")  # above the tabs: seen on every tab
         state = gr.State(None)
         with gr.Tab("Diagnose"):
+            gr.Markdown(status, elem_id="model-status")
             with gr.Row():
                 with gr.Column():
                     image = _LenientImage(type="filepath", image_mode=None, sources=["upload", "clipboard", "webcam"],
@@ -252,12 +309,14 @@ def build_app(bundle: str | Path, *, review_dir: str | Path = "review") -> gr.Bl
             with gr.Accordion("The model is wrong? Save the right label for retraining", open=True):
                 with gr.Row():
                     right = gr.Dropdown(choices=choices, label="Right label", value=None)
-                    note = gr.Textbox(label="Note (optional)", max_lines=2)
+                    note = gr.Textbox(label="Note (optional)", max_lines=2, max_length=2000)
+                    lesion = gr.Textbox(label="Lesion / patient id (optional)", max_lines=1, max_length=200)
                 save = gr.Button("Save correction", interactive=False)
                 saved = gr.Markdown(elem_id="saved")
-            run.click(diagnose, [image, tta], [probs, heat, verdict, state, save], api_name="diagnose")
-            image.upload(diagnose, [image, tta], [probs, heat, verdict, state, save], api_name=False)
-            save.click(correct, [state, right, note], saved, api_name="correct")
+            outputs = [probs, heat, verdict, state, save, right, note, lesion, saved]
+            run.click(diagnose, [image, tta], outputs, api_name="diagnose")
+            image.upload(diagnose, [image, tta], outputs, api_name=False)
+            save.click(correct, [state, right, note, lesion], saved, api_name="correct")
         with gr.Tab("Report"):
             gr.Markdown("The loaded model's evaluation on its held-out test split, by lesion. Balanced accuracy "
                         "(mean per-class sensitivity) matters here: plain accuracy is dominated by nevi.")

@@ -49,3 +49,23 @@ def test_refuses_non_images_and_empty_labels(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="right label"):
         save_correction(tmp_path / "r", good, label=" ")
     assert not (tmp_path / "r" / "labels.csv").exists()
+
+
+def test_notes_cannot_break_the_manifest(tmp_path: Path) -> None:
+    from dermaclass.data.review import MAX_NOTE
+
+    review = tmp_path / "r"
+    src = tmp_path / "a.png"
+    noise_image(3).save(src)
+    with pytest.raises(DataError, match="note is .* characters long"):
+        save_correction(review, src, label="mel", note="x" * (MAX_NOTE + 1))
+    save_correction(review, src, label="mel", note="first line\rsecond, \"quoted\"\r\nthird", original_name="IMG 1.jpg",
+                    lesion="L-9")
+    other = tmp_path / "b.png"
+    noise_image(4).save(other)
+    save_correction(review, other, label="nv")
+    table = pd.read_csv(review / "labels.csv", dtype=str, keep_default_na=False)
+    assert len(table) == 2 and table["note"][0] == 'first line\nsecond, "quoted"\nthird'
+    assert table["original_name"][0] == "IMG 1.jpg" and table["lesion"].tolist() == ["L-9", ""]
+    v = validate_source(load_config(), review)
+    assert len(v.items) == 2

@@ -114,3 +114,14 @@ def test_renamed_image_keeps_its_split_by_content_hash() -> None:
     new, counts = assign_split(renamed, old, seed=1)
     assert counts["kept"] == 40 and counts["assigned"] == 0 and counts["dropped"] == 0
     assert new["split"].tolist() == old["split"].tolist()
+
+
+def test_thin_classes_are_listed_per_part() -> None:
+    import pandas as pd
+
+    from dermaclass.data.splits import thin_classes
+
+    split = pd.DataFrame({"label": ["a"] * 20 + ["b"] * 8, "split": ["train"] * 10 + ["valid"] * 5 + ["test"] * 5
+                          + ["train"] * 6 + ["valid"] * 1 + ["test"] * 1})
+    assert thin_classes(split) == {"valid": {"b": 1}, "test": {"b": 1}}
+    assert thin_classes(split, minimum=6) == {"valid": {"a": 5, "b": 1}, "test": {"a": 5, "b": 1}}

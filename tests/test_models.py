@@ -95,6 +95,8 @@ def test_bundle_round_trip_and_no_silent_overwrite(tmp_path: Path) -> None:
     assert back["classes"] == ["a", "b", "c"]
     with pytest.raises(FileExistsError):
         models.save_bundle(net, meta, tmp_path / "b")
+    bn = next(m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    bn.running_var[0] = 1e5  # above float16's range: kept in float32, not turned into Inf
     models.save_bundle(net, meta, tmp_path / "b", force=True, dtype=torch.float16)
     half, _ = models.load_bundle(tmp_path / "b")
     assert next(half.parameters()).dtype == torch.float32  # stored as float16, served as float32

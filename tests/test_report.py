@@ -143,3 +143,17 @@ def test_model_card_from_bundle_and_report(tiny_bundle, colour_data, tmp_path: P
     assert f"| balanced accuracy (mean sensitivity) | {report['balanced_accuracy']:.3f}" in card
     assert "melanoma (`mel`)" in card and "How to retrain" in card
     assert CliRunner().invoke(app, ["report", "card", str(bundle)]).exit_code == 2  # never overwritten silently
+
+
+def test_a_class_with_too_few_test_images_is_never_flagged(tmp_path: Path) -> None:
+    """One bkl test image wrong in the new model gave "SENSITIVITY DROP in bkl" and exit 6."""
+    y = np.r_[np.zeros(1, int), np.ones(60, int), np.full(60, 2)]
+    old = fake_report(tmp_path / "old", y, _probs(y, np.ones(len(y), bool)))
+    wrong = np.ones(len(y), bool)
+    wrong[0] = False
+    new = fake_report(tmp_path / "new", y, _probs(y, wrong))
+    result = compare_reports(old, new, n_boot=100)
+    assert result["per_class"]["bkl"]["sensitivity"]["delta"] == -1.0
+    assert result["sensitivity_drops"] == [] and result["too_few_to_judge"] == ["bkl"]
+    html = write_compare(result, tmp_path / "cmp")["html"].read_text()
+    assert "too few test images to judge" in html

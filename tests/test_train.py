@@ -56,10 +56,11 @@ def test_recipe_end_to_end(recipe: str, colour_data: Path, tmp_path: Path) -> No
 
 
 def test_stepwise_stages_follow_the_plan(colour_data: Path, tmp_path: Path) -> None:
-    cfg = _cfg(tmp_path, recipe="stepwise", lr=1e-3, stage_fractions="0.4,0.7,1.0", lr_rule="eq9")
+    # batch 6: about 42 training images give every stage two full batches (no small-data shrink)
+    cfg = _cfg(tmp_path, recipe="stepwise", lr=1e-3, stage_fractions="0.4,0.7,1.0", lr_rule="eq9", batch_size=6)
     data = prepare_data(cfg, colour_data)
     result = train(cfg, data, tmp_path / "run")
-    assert [s["batch_size"] for s in result.stages] == [8, 16, 8]
+    assert [s["batch_size"] for s in result.stages] == [6, 12, 6]
     assert [s["lr"] for s in result.stages] == pytest.approx([1e-3, 1e-3 / 30, 1e-3])
     n_train = len(data.train_rows)
     assert result.stages[-1]["images"] == n_train and result.stages[0]["images"] < result.stages[1]["images"]
@@ -481,7 +482,8 @@ def test_a_non_finite_loss_stops_training_loudly() -> None:
     with pytest.raises(NonFiniteLoss, match="became nan") as info:
         learn.fit(1)
     assert info.value.exit_code == 5
-    learn.lr_find(num_it=5, show_plot=False)  # a range test's blown-up loss is not an error
+    learn.lr_finder = object()  # during a range test a blown-up loss is expected, not an error
+    learn.cbs.filter(lambda cb: isinstance(cb, StopOnNaN))[0].after_batch()
 
 
 def test_a_run_folder_says_whether_it_can_be_resumed(tmp_path: Path) -> None:
@@ -495,3 +497,14 @@ def test_a_run_folder_says_whether_it_can_be_resumed(tmp_path: Path) -> None:
     (run / "progress.json").write_text("{}")
     with pytest.raises(FileExistsError, match="continue it with --resume"):
         check_run_dir(run, force=False)
+
+
+def test_a_temperature_that_worsens_ece_is_refused(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from dermaclass import train as training
+
+    labels = np.repeat([0, 1, 2], 30)
+    logits = np.eye(3)[labels] * 8.0  # confident and right: T = 1 is already calibrated
+    monkeypatch.setattr(training, "fit_temperature", lambda z, y: 20.0)  # as if NLL had chosen a flat T
+    calibration, _, probs = training.calibrate(_cfg(tmp_path), logits, labels, ["bkl", "mel", "nv"])
+    assert calibration["temperature"] == 1.0 and "refused" in calibration
+    assert calibration["ece_after"] == calibration["ece_before"] and probs.max(1).min() > 0.99

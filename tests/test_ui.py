@@ -72,13 +72,39 @@ def test_launched_app_diagnoses_refuses_and_saves_corrections(tiny_bundle: Path,
                                                      api_name="/diagnose")
         assert label["label"] in {"benign keratosis-like lesion (bkl)", "melanoma (mel)", "melanocytic nevus (nv)"}
         assert DISCLAIMER in verdict and overlay is not None
-        msg = client.predict("nv", "second opinion", api_name="/correct")
+        msg = client.predict("nv", "second opinion", "L-17", api_name="/correct")
         assert msg.startswith("Saved") and (tmp_path / "review" / "labels.csv").is_file()
+        # The server limits the note whatever the browser sends (a 1 MB note broke the manifest).
+        msg = client.predict("mel", "x" * 5000, "", api_name="/correct")
+        assert msg.startswith("Not saved") and "note" in msg
+        # A new image resets the correction form: no stale label, note or lesion id.
+        out = client.predict(handle_file(str(colour_data / "nv" / "3.png")), False, api_name="/diagnose")
+        values = [v.get("value") if isinstance(v, dict) else v for v in out[-4:]]
+        assert values == [None, "", "", ""]
         bad = tmp_path / "bad.png"
         bad.write_bytes(b"\x89PNG garbage")
         _, _, verdict, *_ = client.predict(handle_file(str(bad)), False, api_name="/diagnose")
         assert "bad.png: not a readable image" in verdict
     finally:
         app.close()
-    table = pd.read_csv(tmp_path / "review" / "labels.csv")
+    table = pd.read_csv(tmp_path / "review" / "labels.csv", dtype=str)
     assert table["label"].tolist() == ["nv"] and table["note"].tolist() == ["second opinion"]
+    assert table["original_name"].tolist() == ["4.png"] and table["lesion"].tolist() == ["L-17"]
+
+
+def test_pixel_limit_and_weak_model_warning(tiny_bundle: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    from dermaclass.ui import MAX_PIXELS, model_status
+
+    big = tmp_path / "big.png"
+    Image.new("L", (7000, 7000)).save(big)  # 49 Mpx in a small file
+    assert 7000 * 7000 > MAX_PIXELS
+    with pytest.raises(UploadError, match="7000x7000 pixels is too large"):
+        check_upload(str(big))
+    p = Predictor(tiny_bundle)
+    line, _ = model_status(p)
+    assert p.bundle.name in line and "trained" in line
+    p.meta = {**p.meta, "metrics_valid": {"balanced_accuracy": 0.36}}  # 3 classes: chance is 0.33
+    _, warning = model_status(p)
+    assert warning is not None and "close to chance" in warning and "no evaluation report" in warning

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from dermaclass.cli import (
@@ -87,6 +88,13 @@ def data_split(
     totals = split["split"].value_counts()
     table.add_row("[bold]total[/]", *(f"{int(totals.get(s, 0)):,}" for s in ("train", "valid", "test")))
     out.print(table)
+    from dermaclass.data.splits import MIN_PER_CLASS, thin_classes
+
+    for part, thin in thin_classes(split).items():
+        err.print(f"[yellow]warning:[/] {part} has fewer than {MIN_PER_CLASS} images of "
+                  + ", ".join(f"{escape(c)} ({n})" for c, n in thin.items())
+                  + ("; their figures there will be too noisy to judge" if part != "train"
+                     else "; the model can hardly learn them"), highlight=False)
     crossing = int((split.groupby("group")["split"].nunique() > 1).sum())
     out.print(f"groups in more than one split: {crossing}", highlight=False)
 

@@ -46,7 +46,7 @@ def predict_cmd(
                         for c, f in r["flags"].items() if f["flagged"])
         refer = (f"  [bold yellow]{escape(r['referral']['message'])}[/]: {escape('; '.join(r['referral']['reasons']))}"
                  if r["referral"]["refer"] else "")
-        out.print(f"{escape(str(path))}: {escape(tops)}[bold red]{escape(flags)}[/]{refer}", highlight=False)
+        out.print(f"{escape(str(path))}: {escape(tops)}[bold red]{escape(flags)}[/]{refer}", highlight=False, soft_wrap=True)
     if not as_json:
         out.print(f"[dim]{DISCLAIMER}[/]", highlight=False)
     if failed:

@@ -162,8 +162,7 @@ def retrain_cmd(
     out.print(f"split reused from {split_file}: {reuse.get('kept', 0):,} images kept their split, "
               f"{reuse.get('followed', 0):,} joined their lesion's split, {reuse.get('assigned', 0):,} new assigned",
               highlight=False)
-    if not resume:
-        cfg = training.fit_batch_size(cfg, len(prepared.train_rows))  # small data: a smaller batch, or exit 5
+    cfg = training.fit_batch_size(cfg, len(prepared.train_rows))  # small data: a smaller batch, or exit 5
     _print_plan(cfg, len(prepared.train_rows))
     result = training.train(cfg, prepared, out_dir, force=force)
     training.write_summary(result)

@@ -187,6 +187,20 @@ def assign_split(
     return out, counts
 
 
+MIN_PER_CLASS = 5  # valid/test images of a class below which its figures are too noisy to judge
+
+
+def thin_classes(split: pd.DataFrame, *, minimum: int = MIN_PER_CLASS) -> dict[str, dict[str, int]]:
+    """Per split part (train, valid, test), the classes with fewer than ``minimum`` images there
+    (0 included): their sensitivity on that part is one or two images' worth."""
+    counts = split.groupby(["split", "label"]).size().unstack(fill_value=0)
+    labels = sorted(split["label"].unique())
+    return {part: {c: int(counts.loc[part, c]) if part in counts.index else 0 for c in labels
+                   if (int(counts.loc[part, c]) if part in counts.index else 0) < minimum}
+            for part in ("train", "valid", "test")
+            if any((int(counts.loc[part, c]) if part in counts.index else 0) < minimum for c in labels)}
+
+
 def read_split(path: str | Path) -> pd.DataFrame:
     """Read and check a split file (image, label, group, split)."""
     path = Path(path)

@@ -47,7 +47,13 @@ def model_card_markdown(meta: dict[str, Any], report: dict[str, Any] | None, *, 
         f"- classes ({len(classes)}): " + ", ".join(f"{names.get(c, c)} (`{c}`)" for c in classes),
         f"- weights: `model.safetensors` ({meta.get('weights_dtype', 'float32')}), metadata `model.json`; never a pickle",
         f"- recipe: `{meta.get('recipe')}` (seed 001 stepwise subsets, seed 003 SGDR + differential LRs), "
-        f"LR rule `{cfg.get('lr_rule')}`, imbalance `{cfg.get('imbalance')}`, augmentation `{cfg.get('augment')}`",
+        f"LR rule `{cfg.get('lr_rule')}`, base LR "
+        f"{'range test (' + str(cfg.get('lr_suggestion')) + ')' if cfg.get('lr') is None else cfg.get('lr')}, "
+        f"imbalance `{cfg.get('imbalance')}`, augmentation `{cfg.get('augment')}`",
+        f"- preprocessing: colour constancy `{(meta.get('preprocessing') or {}).get('colour_constancy') or 'none'}` "
+        f"(the same at training and inference); test-time augmentation "
+        + ("`flips4` (the mean of the logits of the image and its three flips; calibration, referral and "
+           "operating points were fitted on the same averaged logits)" if meta.get("tta") == "flips4" else "none"),
         f"- training: {train.get('seconds', 0) / 60:.1f} min on {meta.get('machine', {}).get('cpus', '?')} CPU cores, "
         f"{train.get('images_seen', 0):,} images seen ({train.get('epochs_equivalent', '?')} full-data epochs)",
         f"- calibration: temperature {cal.get('temperature', 1.0):.3f} fitted on the validation split "

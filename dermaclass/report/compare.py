@@ -25,6 +25,9 @@ from dermaclass.report.figures import ci, difference_png, fmt, uri
 from dermaclass.report.html import CSS, jinja_env
 
 
+MIN_SUPPORT = 10  # test images of a class below which no sensitivity drop is flagged from it
+
+
 class CompareError(DermaclassError):
     """Two reports cannot be compared (different test sets or classes)."""
 
@@ -111,7 +114,11 @@ def compare_reports(old_dir: str | Path, new_dir: str | Path, *, force: bool = F
             a, b = m_old["per_class"][c][k], m_new["per_class"][c][k]
             row[k] = {"old": a, "new": b, "delta": delta(a, b)}
         sens = row["sensitivity"]
-        row["sensitivity_drop"] = bool(sens["delta_interval"] is not None and sens["delta_interval"][1] < 0)
+        # A class with a handful of test images cannot show a drop: one image moves its
+        # sensitivity by 1.0 and its bootstrap interval collapses to a point.
+        row["too_few"] = min(row["support_old"], row["support_new"]) < MIN_SUPPORT
+        row["sensitivity_drop"] = bool(not row["too_few"] and sens["delta_interval"] is not None
+                                       and sens["delta_interval"][1] < 0)
         if row["sensitivity_drop"]:
             flagged.append(c)
         per_class[c] = row
@@ -127,6 +134,7 @@ def compare_reports(old_dir: str | Path, new_dir: str | Path, *, force: bool = F
         "classes_removed": [c for c in old["classes"] if c not in new["classes"]],
         "overall": overall, "per_class": per_class,
         "sensitivity_drops": flagged,
+        "too_few_to_judge": [c for c, r in per_class.items() if r["too_few"]], "min_support": MIN_SUPPORT,
         "confusion_old": m_old["confusion_matrix"], "confusion_new": m_new["confusion_matrix"],
     }
 
@@ -145,7 +153,7 @@ The new model misses more of these lesions than resampling explains. Do not repl
 <h2>Overall</h2><table><tr><th>figure</th><th>old</th><th>new</th><th>delta</th><th>delta interval</th></tr>
 {% for k, v in c.overall.items() %}<tr><td>{{ k }}</td><td>{{ fmt(v.old) }}</td><td>{{ fmt(v.new) }}</td><td>{{ sgn(v.delta) }}</td><td>{{ ci(v.delta_interval) }}</td></tr>{% endfor %}</table>
 <h2>Per class</h2><table><tr><th>class</th><th>sensitivity old</th><th>new</th><th>delta [interval]</th><th>specificity old</th><th>new</th><th>delta [interval]</th><th>F1 delta</th><th>AUROC delta</th></tr>
-{% for k, v in c.per_class.items() %}<tr{% if v.sensitivity_drop %} class="drop"{% endif %}><td>{{ name(k) }}{% if v.sensitivity_drop %} &#9888;{% endif %}</td>
+{% for k, v in c.per_class.items() %}<tr{% if v.sensitivity_drop %} class="drop"{% endif %}><td>{{ name(k) }}{% if v.sensitivity_drop %} &#9888;{% endif %}{% if v.too_few %} <i>(too few test images to judge: {{ v.support_old }} / {{ v.support_new }})</i>{% endif %}</td>
 <td>{{ fmt(v.sensitivity.old) }}</td><td>{{ fmt(v.sensitivity.new) }}</td><td>{{ sgn(v.sensitivity.delta) }} {{ ci(v.sensitivity.delta_interval) }}</td>
 <td>{{ fmt(v.specificity.old) }}</td><td>{{ fmt(v.specificity.new) }}</td><td>{{ sgn(v.specificity.delta) }} {{ ci(v.specificity.delta_interval) }}</td>
 <td>{{ sgn(v.f1.delta) }}</td><td>{{ sgn(v.auroc.delta) }}</td></tr>{% endfor %}</table>
