@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -547,6 +548,27 @@ class TrainResult:
     range_tests: list[dict]
 
 
+REPLACED = "replaced"  # a finished run that --force is replacing waits here until the new bundle exists
+RUN_FILES = (models.BUNDLE_META, models.BUNDLE_WEIGHTS, "model.onnx", "config.yaml", "split.csv", "history.csv",
+             "summary.json", PROGRESS)
+
+
+def set_aside_finished_run(run_dir: Path) -> None:
+    """Before ``--force`` retrains over a finished run, move its bundle, config and split into
+    ``replaced/``: a run killed halfway then leaves no old model beside a new split (evaluate
+    would score the old model on a test split holding its own training images), and nothing is
+    lost. ``replaced/`` is removed once the new bundle is written."""
+    if not (run_dir / models.BUNDLE_META).exists() and not (run_dir / models.BUNDLE_WEIGHTS).exists():
+        return
+    keep = run_dir / REPLACED
+    shutil.rmtree(keep, ignore_errors=True)
+    keep.mkdir(parents=True)
+    for name in RUN_FILES:  # the metadata first: from then on the folder holds no usable old bundle
+        if (run_dir / name).exists():
+            os.replace(run_dir / name, keep / name)
+    log.warning("%s: the finished run there is kept in %s until the new bundle is written", run_dir, keep)
+
+
 def check_run_dir(run_dir: Path, *, force: bool) -> None:
     """Refuse to write into a folder that holds a bundle or another run, unless ``force``."""
     if force or not run_dir.exists():
@@ -622,6 +644,7 @@ def train(cfg: Config, data: TrainData, run_dir: str | Path, *, force: bool = Fa
     set_seed(cfg.seed, reproducible=True)
     commit = _git_commit()  # of the code that trains, read before a long run
     if not resume and main:
+        set_aside_finished_run(run_dir)
         cfg.save(run_dir / "config.yaml")
         with atomic_path(run_dir / "split.csv") as tmp:
             data.split.to_csv(tmp, index=False)
@@ -674,6 +697,7 @@ def train(cfg: Config, data: TrainData, run_dir: str | Path, *, force: bool = Fa
     meta.update(calibration=calibration, operating_points=points, resumed=progress is not None, git_commit=commit,
                 processes=max(1, num_distrib()))
     models.save_bundle(learn.model, meta, run_dir, force=force or resume)
+    shutil.rmtree(run_dir / REPLACED, ignore_errors=True)  # the new bundle is complete: the old one can go
     for f in (run_dir / "checkpoints").glob("*-*"):
         if f.name.startswith(("weights-", "opt-", "ema-")):
             f.unlink(missing_ok=True)  # resume files are not needed once the bundle exists

@@ -508,3 +508,26 @@ def test_a_temperature_that_worsens_ece_is_refused(monkeypatch: pytest.MonkeyPat
     calibration, _, probs = training.calibrate(_cfg(tmp_path), logits, labels, ["bkl", "mel", "nv"])
     assert calibration["temperature"] == 1.0 and "refused" in calibration
     assert calibration["ece_after"] == calibration["ece_before"] and probs.max(1).min() > 0.99
+
+
+def test_force_over_a_finished_run_never_leaves_the_old_model_beside_a_new_split(
+        colour_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dermaclass import train as training
+
+    cfg = _cfg(tmp_path, recipe="baseline", lr=1e-3, head_epochs=0)
+    data = prepare_data(cfg, colour_data)
+    run = tmp_path / "run"
+    train(cfg, data, run)
+    old_weights = (run / "model.safetensors").read_bytes()
+
+    def killed(run_):  # noqa: ANN001 - the recipe dies halfway, as under kill -9
+        raise RuntimeError("killed")
+
+    monkeypatch.setitem(training.RECIPES, "baseline", killed)
+    with pytest.raises(RuntimeError, match="killed"):
+        train(cfg.replace(seed=7), data, run, force=True)
+    assert not (run / "model.json").exists() and not (run / "model.safetensors").exists()
+    assert (run / "replaced" / "model.safetensors").read_bytes() == old_weights  # nothing lost
+    monkeypatch.undo()
+    train(cfg.replace(seed=7), data, run, force=True)
+    assert (run / "model.json").is_file() and not (run / "replaced").exists()
