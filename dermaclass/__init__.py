@@ -5,7 +5,13 @@ Decision support, not a diagnostic device. The package is organised one module p
 caching clinic image sets), ``cli`` (the ``dermaclass`` command).
 """
 
+import warnings
 from importlib.metadata import PackageNotFoundError, version
+
+# fastai calls torch.jit.script when it is imported (fastai/layers.py) and sets a pandas option
+# that pandas 3 deprecates: two warnings on every command that a user can do nothing about.
+warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+warnings.filterwarnings("ignore", message=r"The 'mode\.chained_assignment' option is deprecated")
 
 try:
     __version__ = version("dermaclass")

@@ -89,7 +89,9 @@ class EpochLine(_EpochCallback):
     def epoch_done(self) -> None:
         rec = self.learn.recorder
         parts = [f"{n}={_fmt(v)}" for n, v in zip(rec.metric_names[1:], rec.log[1:])]
-        log.info("epoch %d/%d %s", self.epoch + 1, self.n_epoch, " ".join(parts))
+        hist = getattr(self.learn, "history", None)  # which stage and phase: "epoch 1/1" alone was ambiguous
+        where = f"stage {hist.stage} {hist.phase} " if hist is not None and hist.stage != "" else ""
+        log.info("%sepoch %d/%d %s", where, self.epoch + 1, self.n_epoch, " ".join(parts))
 
 
 class BestModel(_EpochCallback):

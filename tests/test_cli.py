@@ -142,3 +142,13 @@ def test_predict_text_keeps_the_melanoma_flag_and_help_keeps_defaults(tiny_bundl
     assert res.exit_code == 0 and "[mel flagged: P " in res.output
     res = runner.invoke(app, ["predict", "--help"], env={"COLUMNS": "200"})
     assert "[default: the bundled model]" in res.output
+
+
+def test_importing_the_trainer_prints_no_foreign_warnings() -> None:
+    """fastai's torch.jit.script FutureWarning (and a pandas option warning) appeared on every command."""
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-W", "default", "-c", "import dermaclass.train"], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0 and "jit.script" not in res.stderr and "chained_assignment" not in res.stderr

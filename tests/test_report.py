@@ -157,3 +157,12 @@ def test_a_class_with_too_few_test_images_is_never_flagged(tmp_path: Path) -> No
     assert result["sensitivity_drops"] == [] and result["too_few_to_judge"] == ["bkl"]
     html = write_compare(result, tmp_path / "cmp")["html"].read_text()
     assert "too few test images to judge" in html
+
+
+def test_the_difference_map_colours_a_new_confusion_as_worse() -> None:
+    from dermaclass.report.figures import improvement
+
+    diff = np.array([[-0.2, 0.2], [0.0, 0.0]])  # class 0 lost recall to a new confusion with class 1
+    good = improvement(diff)
+    assert good[0, 0] < 0 and good[0, 1] < 0  # both red: the off-diagonal rise is not painted blue
+    assert improvement(-diff)[0, 1] > 0

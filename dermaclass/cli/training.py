@@ -33,14 +33,14 @@ def train_cmd(
     lr_find: Annotated[bool, Opt("--lr-find", help="Pick each stage's LR by a range test (fastai lr_find, "
                                  "--lr-suggestion) instead of a fixed --lr")] = False,
     lr_suggestion: Annotated[str | None, Opt("--lr-suggestion", help="valley | slide | minimum | steep")] = None,
-    warm_epoch: Annotated[bool | None, Opt("--warm-epoch/--no-warm-epoch", help="Seed 002: 1 epoch at a small LR before each range test")] = None,
+    warm_epoch: Annotated[bool | None, Opt("--warm-epoch/--no-warm-epoch", help="With --lr-find: one epoch at a small LR (--warm-lr) before each range test")] = None,
     head_epochs: Annotated[int | None, Opt("--head-epochs", help="Coarse head-only epochs [default: 1]")] = None,
     epochs: Annotated[int | None, Opt("--epochs", help="baseline: unfrozen epochs [default: 3]")] = None,
     n_cycles: Annotated[int | None, Opt("--n-cycles", help="SGDR cycles [default: 3]")] = None,
     cycle_len: Annotated[int | None, Opt("--cycle-len", help="SGDR first cycle length [default: 1]")] = None,
     cycle_mult: Annotated[int | None, Opt("--cycle-mult", help="SGDR cycle-length multiplier, >= 2 [default: 2]")] = None,
     lr_ratio: Annotated[float | None, Opt("--lr-ratio", help="Differential LRs slice(lr/ratio, lr) [default: 100]")] = None,
-    stage_fractions: Annotated[str | None, Opt("--stage-fractions", help="[default: 0.2,0.4,0.6,0.8,1.0]")] = None,
+    stage_fractions: Annotated[str | None, Opt("--stage-fractions", help="Stepwise: the nested share of the training images each stage trains on [default: 0.2,0.4,0.6,0.8,1.0]")] = None,
     stage_sizes: Annotated[str | None, Opt("--stage-sizes", help="Progressive resizing: one WIDTHxHEIGHT per stepwise "
                                            "stage, the last = --image-size (e.g. 96x72,112x84,128x96,128x96,128x96) "
                                            "[default: every stage at --image-size]")] = None,
@@ -74,7 +74,7 @@ def train_cmd(
     class_names: ClassNamesOpt = None,
     workers: WorkersOpt = None,
 ) -> None:
-    """Train a model bundle on a clinic's image folder (default recipe: stepwise, seed 001)."""
+    """Train a model bundle on a clinic's image folder (default recipe: stepwise subsets, SGDR stages)."""
     from dermaclass import train as training
 
     cfg = _config(config, recipe=recipe, arch=arch, weights=weights, init_bundle=init_bundle, pretrained=pretrained, image_size=image_size,
@@ -213,7 +213,7 @@ def lr_find_cmd(
     config: ConfigOpt = None,
     arch: Annotated[str | None, Opt("--arch")] = None,
     batch_size: Annotated[int | None, Opt("--batch-size")] = None,
-    warm_epoch: Annotated[bool | None, Opt("--warm-epoch/--no-warm-epoch", help="Seed 002: 1 epoch at --warm-lr first")] = None,
+    warm_epoch: Annotated[bool | None, Opt("--warm-epoch/--no-warm-epoch", help="One epoch at --warm-lr before the range test")] = None,
     warm_lr: Annotated[float | None, Opt("--warm-lr")] = None,
     unfrozen: Annotated[bool, Opt("--unfrozen", help="Range-test the whole net, not the head alone.")] = False,
     iters: Annotated[int | None, Opt("--iters", help="Batches in the range test [default: 60]")] = None,

@@ -32,9 +32,12 @@ def _labels(classes: list[str], names: dict[str, str]) -> list[str]:
     return [f"{names.get(c, c)} ({c})" if names.get(c, c) != c else c for c in classes]
 
 
-def _matrix_panel(ax, mat: np.ndarray, labels: list[str], *, fmt, title: str, cmap: str, vmin=None, vmax=None) -> None:
+def _matrix_panel(ax, mat: np.ndarray, labels: list[str], *, fmt, title: str, cmap: str, vmin=None, vmax=None,
+                  colours: np.ndarray | None = None) -> None:
+    """``colours``: what the colour shows when it differs from the printed values."""
     k = len(labels)
-    im = ax.imshow(mat, cmap=cmap, vmin=vmin, vmax=vmax)
+    colours = mat if colours is None else colours
+    im = ax.imshow(colours, cmap=cmap, vmin=vmin, vmax=vmax)
     ax.set_xticks(range(k), labels, rotation=40, ha="right", fontsize=9)
     ax.set_yticks(range(k), labels, fontsize=9)
     ax.set_xlabel("predicted")
@@ -43,15 +46,15 @@ def _matrix_panel(ax, mat: np.ndarray, labels: list[str], *, fmt, title: str, cm
     lo, hi = im.get_clim()
     for i in range(k):
         for j in range(k):
-            v = mat[i, j]
+            v, c = mat[i, j], colours[i, j]
             if np.isnan(v):
                 text, dark = "n/c", False
             else:
                 text = fmt(v)
                 if lo < 0 < hi:  # diverging map: both ends are dark
-                    dark = abs(v) > 0.55 * max(abs(lo), abs(hi))
+                    dark = abs(c) > 0.55 * max(abs(lo), abs(hi))
                 else:
-                    dark = abs(v - lo) > 0.6 * (hi - lo) if hi > lo else False
+                    dark = abs(c - lo) > 0.6 * (hi - lo) if hi > lo else False
             ax.text(j, i, text, ha="center", va="center", fontsize=8, color="white" if dark else "black")
 
 
@@ -93,8 +96,16 @@ def reliability_png(report: dict[str, Any]) -> bytes:
     return _png(fig)
 
 
+def improvement(diff: np.ndarray) -> np.ndarray:
+    """Signed goodness of a confusion-matrix change: a rise on the diagonal (recall) is good, a
+    rise off it (a new confusion) is bad. The difference map is coloured by this (red < 0)."""
+    diff = np.asarray(diff, dtype=float)
+    return np.where(np.eye(len(diff), dtype=bool), diff, -diff)
+
+
 def difference_png(old: dict, new: dict, classes: list[str], names: dict[str, str]) -> bytes:
-    """Row-normalised confusion matrix of NEW minus OLD (blue: more, red: fewer)."""
+    """Row-normalised confusion matrix of NEW minus OLD; red is worse, blue better (a rise on the
+    diagonal is better, a rise off it is worse), whatever the sign of the printed change."""
     plt = _plt()
 
     def norm(cm):
@@ -106,8 +117,9 @@ def difference_png(old: dict, new: dict, classes: list[str], names: dict[str, st
     side = 2.5 + 0.62 * len(classes)
     fig, ax = plt.subplots(figsize=(side + 1.5, side))
     lim = max(0.05, float(np.nanmax(np.abs(diff))) if np.isfinite(diff).any() else 0.05)
+    better = improvement(diff)
     _matrix_panel(ax, diff, _labels(classes, names), fmt=lambda v: f"{v:+.0%}", cmap="RdBu", vmin=-lim, vmax=lim,
-                  title="row-normalised, new minus old (diagonal: change in recall)")
+                  colours=better, title="row-normalised, new minus old (red: worse, blue: better)")
     fig.tight_layout()
     return _png(fig)
 
