@@ -17,6 +17,7 @@ decision support, not a diagnostic device, and says so on every tab.
 
 from __future__ import annotations
 
+import html
 import logging
 import os
 from pathlib import Path
@@ -106,9 +107,11 @@ def diagnose_markdown(p: Predictor, result: dict[str, Any]) -> str:
     """The banner under the prediction: referral, operating-point flags, disclaimer."""
     lines = []
     ref = result["referral"]
-    if ref["refer"]:
-        lines.append(f"### ⚠ {ref['message']}")
-        lines += [f"- {r}" for r in ref["reasons"]]
+    if ref["refer"]:  # a distinct warning block, not a heading that reads like any other
+        reasons = "".join(f"<li>{html.escape(r)}</li>" for r in ref["reasons"])
+        lines.append(f'<div class="refer-banner" role="alert" style="border:2px solid #b91c1c;background:#fef2f2;'
+                     f'color:#7f1d1d;padding:0.6em 1em;border-radius:6px"><strong>⚠ {html.escape(ref["message"])}</strong>'
+                     f"<ul>{reasons}</ul></div>")
     else:
         top = result["top_k"][0]
         lines.append(f"### Most likely: {top['name']} ({top['probability']:.0%})")
@@ -349,8 +352,10 @@ def launch(bundle: str | Path, *, host: str = DEFAULT_HOST, port: int = DEFAULT_
            block: bool = True) -> gr.Blocks:
     """Serve the app (loopback by default, no share link)."""
     app = build_app(bundle, review_dir=review_dir)
+    # quiet: Gradio's own banner suggests share=True; this app is private on purpose.
+    log.warning("dermaclass app on http://%s:%d (private on purpose: no share link, analytics off)", host, port)
     app.queue(default_concurrency_limit=2).launch(
         server_name=host, server_port=port, share=False, prevent_thread_lock=not block, show_error=True,
-        max_file_size=MAX_BYTES, footer_links=["api"],
+        max_file_size=MAX_BYTES, footer_links=["api"], quiet=True,
     )
     return app

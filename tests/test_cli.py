@@ -152,3 +152,10 @@ def test_importing_the_trainer_prints_no_foreign_warnings() -> None:
     res = subprocess.run([sys.executable, "-W", "default", "-c", "import dermaclass.train"], capture_output=True,
                          text=True, timeout=120)
     assert res.returncode == 0 and "jit.script" not in res.stderr and "chained_assignment" not in res.stderr
+
+
+def test_piped_validate_output_keeps_whole_file_names(folder_dataset: Path) -> None:
+    long = "a_very_long_file_name_from_the_clinic_export_" * 3 + "broken.jpg"
+    (folder_dataset / "acne" / long).write_bytes(b"\xff\xd8\xff garbage")
+    result = runner.invoke(app, ["data", "validate", str(folder_dataset)])  # CliRunner: not a terminal
+    assert result.exit_code == 0 and f"acne/{long}" in result.output

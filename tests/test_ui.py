@@ -44,6 +44,7 @@ def test_banner_says_refer_and_disclaimer(tiny_bundle: Path) -> None:
     result = p.predict(np.full((24, 32, 3), 90, np.uint8))
     md = diagnose_markdown(p, result)
     assert "Refer to a dermatologist" in md and DISCLAIMER in md
+    assert 'class="refer-banner" role="alert"' in md  # a warning block, not an ordinary heading
 
 
 def test_report_views(tiny_bundle: Path, colour_data: Path, tmp_path: Path) -> None:

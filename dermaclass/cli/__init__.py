@@ -152,10 +152,16 @@ def _print_validation(stats: dict[str, Any], *, limit: int = 40) -> None:
     if not problems["total"]:
         out.print("[green]no problems found[/]")
         return
-    table = Table("problem", "file", "detail", "action", title=f"{problems['total']:,} problems", title_justify="left")
-    for p in problems["list"][:limit]:
-        table.add_row(p["kind"], p["file"], p["detail"], p["action"])
-    out.print(table)
+    if out.is_terminal:
+        table = Table("problem", "file", "detail", "action", title=f"{problems['total']:,} problems", title_justify="left")
+        for p in problems["list"][:limit]:
+            table.add_row(escape(p["kind"]), escape(p["file"]), escape(p["detail"]), escape(p["action"]))
+        out.print(table)
+    else:  # piped or redirected: one tab-separated line per problem, never cut to a terminal's width
+        out.print(f"{problems['total']:,} problems (problem, file, detail, action):", highlight=False)
+        for p in problems["list"][:limit]:
+            out.print("\t".join((p["kind"], p["file"], p["detail"], p["action"])), markup=False, highlight=False,
+                      soft_wrap=True)
     if problems["total"] > limit:
         out.print(f"... {problems['total'] - limit:,} more; --json lists them all")
     out.print("by kind: " + ", ".join(f"{k} {n:,}" for k, n in problems["by_kind"].items()))
