@@ -122,6 +122,7 @@ def test_html_escapes_clinic_strings(tiny_bundle, colour_data, tmp_path: Path) -
     ev.report["class_names"]["mel"] = "<script>alert(1)</script>"
     html = render_html(ev.report, confusion=b"x", reliability=b"x", thumbnails={})
     assert "<script>" not in html and "&lt;script&gt;" in html
+    assert "(too few to judge)" in html  # 3 test images a class: no verdict from them
 
 
 def test_model_card_from_bundle_and_report(tiny_bundle, colour_data, tmp_path: Path) -> None:
@@ -141,7 +142,7 @@ def test_model_card_from_bundle_and_report(tiny_bundle, colour_data, tmp_path: P
     report = json.loads((bundle / "report" / "report.json").read_text())
     assert "Not a medical device" in card and "CC BY-NC 4.0" in card
     assert f"| balanced accuracy (mean sensitivity) | {report['balanced_accuracy']:.3f}" in card
-    assert "melanoma (`mel`)" in card and "How to retrain" in card
+    assert "melanoma (`mel`)" in card and "How to retrain" in card and "(too few to judge)" in card
     assert CliRunner().invoke(app, ["report", "card", str(bundle)]).exit_code == 2  # never overwritten silently
 
 

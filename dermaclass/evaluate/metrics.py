@@ -45,6 +45,10 @@ def _check(labels: Sequence[int], probs: np.ndarray, classes: Sequence[str]) -> 
         raise ValueError(f"labels outside 0..{len(classes) - 1}")
     return y, p
 
+# A class with fewer test images than this gets no verdict: one image moves its sensitivity by
+# 1 / support and its bootstrap interval collapses (reports mark it, compare flags no drop from it).
+MIN_SUPPORT = 10
+
 
 def _confusion(y: np.ndarray, pred: np.ndarray, k: int, w: np.ndarray | None = None) -> np.ndarray:
     """k x k confusion matrix (rows true, columns predicted), optionally with sample weights."""

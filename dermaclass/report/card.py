@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from dermaclass import DISCLAIMER
+from dermaclass.evaluate.metrics import MIN_SUPPORT
 
 
 def _f(v: Any, digits: int = 3) -> str:
@@ -98,7 +99,8 @@ def model_card_markdown(meta: dict[str, Any], report: dict[str, Any] | None, *, 
                   "|---|---:|---:|---:|---:|---:|---:|"]
         for c in r["classes"]:
             m, civ = r["per_class"][c], iv["per_class"][c]
-            lines.append(f"| {names.get(c, c)} (`{c}`) | {m['support']} | {_f(m['sensitivity'])}{_iv(civ.get('sensitivity'))} | "
+            few = " (too few to judge)" if m["support"] and m["support"] < MIN_SUPPORT else ""
+            lines.append(f"| {names.get(c, c)} (`{c}`){few} | {m['support']} | {_f(m['sensitivity'])}{_iv(civ.get('sensitivity'))} | "
                          f"{_f(m['specificity'])}{_iv(civ.get('specificity'))} | {_f(m['precision'])} | {_f(m['f1'])} | {_f(m['auroc'])} |")
         for c, op in (r.get("operating_points") or {}).items():
             lines.append(f"\nAt its operating point, `{c}` is flagged with sensitivity {_f(op.get('sensitivity'))} and "

@@ -18,14 +18,11 @@ import pandas as pd
 import dermaclass
 from dermaclass.errors import DermaclassError
 from dermaclass.evaluate.metrics import (
-    INTERVAL_KEYS, PER_CLASS_INTERVAL_KEYS, classification_metrics, metric_draws, percentile_interval, resample_weights,
+    INTERVAL_KEYS, MIN_SUPPORT, PER_CLASS_INTERVAL_KEYS, classification_metrics, metric_draws, percentile_interval, resample_weights,
 )
 from dermaclass.fileio import atomic_path, write_json, write_text
 from dermaclass.report.figures import ci, difference_png, fmt, uri
 from dermaclass.report.html import CSS, jinja_env
-
-
-MIN_SUPPORT = 10  # test images of a class below which no sensitivity drop is flagged from it
 
 
 class CompareError(DermaclassError):

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from dermaclass.evaluate.metrics import MIN_SUPPORT
 from dermaclass.fileio import atomic_path, write_json, write_text
 from dermaclass.report.figures import ci, confusion_png, fmt, reliability_png, thumbnail_png, uri
 
@@ -74,7 +75,7 @@ The threshold was chosen on the validation split for the target sensitivity; bel
 <h2>Per class</h2>
 <table class="num"><tr><th>class</th><th>support</th><th>precision</th><th>sensitivity</th><th>95% CI</th><th>specificity</th><th>95% CI</th>
 <th>F1</th><th>AUROC</th><th>AP</th></tr>
-{% for c in r.classes %}{% set m = r.per_class[c] %}{% set iv = r.intervals.per_class[c] %}<tr><td>{{ name(c) }}</td><td>{{ m.support }}</td>
+{% for c in r.classes %}{% set m = r.per_class[c] %}{% set iv = r.intervals.per_class[c] %}<tr><td>{{ name(c) }}{% if m.support and m.support < min_support %} <i class="muted">(too few to judge)</i>{% endif %}</td><td>{{ m.support }}</td>
 <td>{{ fmt(m.precision) }}</td><td>{{ fmt(m.sensitivity) }}</td><td>{{ ci(iv.sensitivity) }}</td><td>{{ fmt(m.specificity) }}</td>
 <td>{{ ci(iv.specificity) }}</td><td>{{ fmt(m.f1) }}</td><td>{{ fmt(m.auroc) }}</td><td>{{ fmt(m.average_precision) }}</td></tr>{% endfor %}</table>
 <p class="muted">n/c: not computable (for example, a class with no images in these data has no sensitivity).</p>
@@ -117,7 +118,7 @@ def render_html(report: dict[str, Any], *, confusion: bytes, reliability: bytes,
     return jinja_env().from_string(_REPORT_TEMPLATE).render(
         r=report, css=CSS, headline=_HEADLINE, extra=_EXTRA, fmt=fmt, ci=ci, gallery=gallery,
         name=lambda c: f"{names.get(c, c)} ({c})" if names.get(c, c) != c else c,
-        confusion=uri(confusion), reliability=uri(reliability),
+        confusion=uri(confusion), reliability=uri(reliability), min_support=MIN_SUPPORT,
     )
 
 
