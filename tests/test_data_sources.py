@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from conftest import HAM10000, save_image
+from dermaclass.config import load_config
 from dermaclass.data import load_class_names, load_dataset
 from dermaclass.errors import DataError
 
@@ -126,3 +127,38 @@ def test_ham10000_loads_without_flags() -> None:
         "nv": 6705, "mel": 1113, "bkl": 1099, "bcc": 514, "akiec": 327, "vasc": 142, "df": 115
     }
     assert not ds.problems  # the masks/ folder is recognised as not data
+
+
+def test_odd_manifests_symlinks_and_frames_are_reported(tmp_path: Path) -> None:
+    """A one-column CSV split on a letter, a repeated header used silently, a symlinked class
+    folder ignored silently, an animated GIF reduced to frame 1 silently."""
+    from PIL import Image
+
+    from dermaclass.data import validate_source
+    from dermaclass.data.sources import _delimiter
+
+    assert _delimiter("image\nimg_1.jpg\nimg_2.jpg\n") == ","
+    assert _delimiter("image;label\na.jpg;mel\n") == ";" and _delimiter("image\tlabel\na.jpg\tmel\n") == "\t"
+    root = tmp_path / "m"
+    root.mkdir()
+    for i in range(4):
+        Image.new("RGB", (32, 24), (40 * i, 90, 120)).save(root / f"img{i}.png")
+    (root / "labels.csv").write_text("image,label,label\n" + "".join(f"img{i}.png,{'mel' if i % 2 else 'nv'},x\n"
+                                                                     for i in range(4)))
+    v = validate_source(load_config(), root)
+    assert sorted(v.items["label"]) == ["mel", "mel", "nv", "nv"]
+    assert any("'label' appears more than once" in n for n in v.dataset.notes)
+
+    folders = tmp_path / "f"
+    for label in ("mel", "nv"):
+        (folders / label).mkdir(parents=True)
+        Image.new("RGB", (32, 24), (200, 10, 10)).save(folders / label / "a.png")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    Image.new("RGB", (32, 24), (10, 200, 10)).save(elsewhere / "b.png")
+    (folders / "bkl").symlink_to(elsewhere, target_is_directory=True)
+    frames = [Image.new("RGB", (32, 24), (c, c, c)) for c in (10, 200)]
+    frames[0].save(folders / "nv" / "anim.gif", save_all=True, append_images=frames[1:])
+    v = validate_source(load_config(), folders)
+    kinds = {(p.kind, p.file) for p in v.problems}
+    assert ("symlink", "bkl") in kinds and ("multi_frame", "nv/anim.gif") in kinds

@@ -83,6 +83,7 @@ class ImageInfo:
     problem: str | None = None  # a problem kind; None when the image decoded
     detail: str = ""
     extension_ok: bool = True
+    frames: int = 1  # animated GIF/TIFF stacks: only the first frame is used
 
 
 def _open(data: bytes, *, draft: tuple[int, int] | None = None) -> Image.Image:
@@ -136,6 +137,7 @@ def inspect_file(path: str | Path) -> ImageInfo:
         width=img.width,
         height=img.height,
         extension_ok=allowed is None or path.suffix.lower() in allowed,
+        frames=int(getattr(img, "n_frames", 1) or 1),
     )
 
 

@@ -96,11 +96,15 @@ class Dataset:
         return {c: full_name(c, self.class_names) for c in self.classes}
 
 
-def _walk(root: Path, skip: set[Path]) -> list[Path]:
-    """All regular files under root, skipping hidden files/folders and OS litter."""
+def _walk(root: Path, skip: set[Path], linked: list[Path] | None = None) -> list[Path]:
+    """All regular files under root, skipping hidden files/folders and OS litter. Symbolic links
+    to folders are not followed (they could leave the dataset); ``linked`` collects them so the
+    caller can say so."""
     out: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "__MACOSX")
+        if linked is not None:
+            linked += [Path(dirpath) / d for d in dirnames if (Path(dirpath) / d).is_symlink()]
         for name in sorted(filenames):
             if name.startswith(".") or name in {"Thumbs.db", "desktop.ini"}:
                 continue
@@ -130,11 +134,25 @@ def _find_column(
     return None
 
 
+DELIMITERS = ",;\t|"  # European spreadsheet exports use ';'
+
+
+def _delimiter(sample: str) -> str:
+    """The manifest's delimiter, sniffed among ``DELIMITERS`` only: an open sniff once split a
+    one-column file on a letter ('mage_', 'd'). Falls back to ','."""
+    header = sample.splitlines()[0] if sample else ""
+    try:
+        return csv.Sniffer().sniff(sample, delimiters=DELIMITERS).delimiter
+    except csv.Error:
+        return max(DELIMITERS, key=header.count) if any(d in header for d in DELIMITERS) else ","
+
+
 def _read_csv(path: Path) -> pd.DataFrame:
     for encoding in ("utf-8-sig", "latin-1"):
         try:
-            # sep=None sniffs ',' ';' or tab: European spreadsheet exports use ';'.
-            return pd.read_csv(path, dtype=str, keep_default_na=False, sep=None, engine="python", encoding=encoding)
+            with open(path, encoding=encoding, newline="") as f:
+                sep = _delimiter(f.read(65536))
+            return pd.read_csv(path, dtype=str, keep_default_na=False, sep=sep, encoding=encoding)
         except UnicodeDecodeError:
             continue
         except (pd.errors.ParserError, pd.errors.EmptyDataError, csv.Error) as exc:
@@ -188,7 +206,12 @@ def _load_folders(root: Path) -> tuple[pd.DataFrame, list[Problem], list[str]]:
             f"{root}: looks like a pre-split layout ({', '.join(sorted(names))}); dermaclass splits by "
             "lesion/patient itself. Merge the splits into one folder per class, or point at one of them."
         )
-    for path in _walk(root, skip=set()):
+    linked: list[Path] = []
+    files = _walk(root, skip=set(), linked=linked)
+    for link in linked:
+        problems.append(Problem("symlink", _rel(link, root), "a symbolic link to a folder: not followed (its images "
+                                "are not read); copy them in or point at the real folder", "skipped"))
+    for path in files:
         rel = _rel(path, root)
         parts = rel.split("/")
         if len(parts) == 1:
@@ -212,6 +235,10 @@ def _load_manifest(
     notes: list[str] = []
     table = _read_csv(manifest)
     cols = list(table.columns)
+    for c in cols:  # pandas renames a repeated header "label" to "label.1"
+        base, _, n = c.rpartition(".")
+        if base in cols and n.isdigit():
+            notes.append(f"{manifest.name}: column {base!r} appears more than once; the first one is used")
     icol = _find_column(cols, image_col, IMAGE_COLUMNS, "image", manifest)
     lcol = _find_column(cols, label_col, LABEL_COLUMNS, "label", manifest)
     gcol = _find_column(cols, group_col, GROUP_COLUMNS, "group", manifest)

@@ -176,6 +176,9 @@ def validate(
             problems.append(
                 Problem("wrong_extension", image, f"content is {info.format} but the extension says otherwise", "kept")
             )
+        if info.problem is None and info.frames > 1:
+            problems.append(Problem("multi_frame", image, f"{info.format} with {info.frames} frames; only the first "
+                                    "is used", "kept"))
     items = items.drop(index=bad)
 
     dup_problems, drop = _duplicates(items)
