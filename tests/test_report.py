@@ -167,3 +167,10 @@ def test_the_difference_map_colours_a_new_confusion_as_worse() -> None:
     good = improvement(diff)
     assert good[0, 0] < 0 and good[0, 1] < 0  # both red: the off-diagonal rise is not painted blue
     assert improvement(-diff)[0, 1] > 0
+
+
+def test_a_published_report_without_predictions_says_how_to_recreate_it(two_reports) -> None:
+    old, new, _ = two_reports
+    (old / "predictions.csv").unlink()
+    with pytest.raises(CompareError, match="published without predictions.csv .*`dermaclass evaluate"):
+        compare_reports(old, new, n_boot=10)

@@ -35,6 +35,17 @@ def load_report(folder: str | Path) -> tuple[dict[str, Any], pd.DataFrame]:
     """A report folder's report.json and predictions.csv, checked."""
     folder = Path(folder)
     paths = [folder / "report.json", folder / "predictions.csv"]
+    if paths[0].is_file() and not paths[1].is_file():
+        # A published report (e.g. the bundled model's) leaves out per-image predictions: their labels
+        # are the dataset's metadata, which is not redistributed.
+        try:
+            published = json.loads(paths[0].read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            published = {}
+        data, bundle = published.get("data") or {}, (published.get("model") or {}).get("bundle", "MODEL")
+        raise CompareError(f"{folder}: this report was published without predictions.csv (the per-image labels are "
+                           f"the dataset's, not redistributed), so it cannot be compared; recreate it with `dermaclass "
+                           f"evaluate {bundle} {data.get('root', 'DATA')} --out {folder} --force`")
     for p in paths:
         if not p.is_file():
             raise CompareError(f"{folder}: not an evaluate output folder (no {p.name}); run `dermaclass evaluate` first")
