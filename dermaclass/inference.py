@@ -94,16 +94,19 @@ class Predictor:
         return self.class_names.get(code, code)
 
     # ---- preprocessing -------------------------------------------------------------------
-    def preprocess(self, source: str | Path | bytes | Any) -> np.ndarray:
-        """Any image (path, bytes, PIL image or HxWx3 uint8 array) -> (H, W, 3) uint8 at the input size."""
+    @staticmethod
+    def _rgb(source: str | Path | bytes | Any) -> Any:
         from PIL import Image
 
         from dermaclass.data.images import to_rgb
 
         if isinstance(source, np.ndarray):
             source = Image.fromarray(np.asarray(source).astype(np.uint8))
-        img = to_rgb(source) if isinstance(source, Image.Image) else load_rgb(source)
-        return fit_to_size(img, self.input_size)
+        return to_rgb(source) if isinstance(source, Image.Image) else load_rgb(source)
+
+    def preprocess(self, source: str | Path | bytes | Any) -> np.ndarray:
+        """Any image (path, bytes, PIL image or HxWx3 uint8 array) -> (H, W, 3) uint8 at the input size."""
+        return fit_to_size(self._rgb(source), self.input_size)
 
     # ---- predictions ---------------------------------------------------------------------
     def _normalise(self, images: Sequence[np.ndarray]) -> np.ndarray:
@@ -203,23 +206,36 @@ class Predictor:
         }
 
     # ---- explanation -----------------------------------------------------------------------
-    def gradcam(self, source: str | Path | bytes | Any, *, class_index: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def gradcam(self, source: str | Path | bytes | Any, *, class_index: int | None = None,
+                display_width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Grad-CAM of the predicted (or given) class: (heatmap in [0, 1] at input size, RGB overlay uint8).
 
         The target layer is the whole body (its output is the last feature map), which works
-        for any timm architecture.
+        for any timm architecture. ``display_width``: draw the overlay on the uploaded image
+        itself (the same centre crop the model saw) at up to this width, instead of on the
+        128x96 model input, so a clinician can check the heat against the lesion.
         """
+        from PIL import Image
         from pytorch_grad_cam import GradCAM
         from pytorch_grad_cam.utils.image import show_cam_on_image
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-        image = self.preprocess(source)
+        original = self._rgb(source)
+        image = fit_to_size(original, self.input_size)
         x = torch.from_numpy(self._normalise([image]))
         if class_index is None:
             class_index = int(self.logits([image]).argmax(1)[0])
         with self._lock, GradCAM(model=self.model, target_layers=[self.model[0]]) as cam:
             heat = cam(input_tensor=x, targets=[ClassifierOutputTarget(class_index)])[0]
-        overlay = show_cam_on_image(image.astype(np.float32) / 255.0, heat, use_rgb=True, image_weight=0.6)
+        shown, shown_heat = image, heat
+        if display_width:
+            w_in, h_in = self.input_size
+            w = max(w_in, min(int(display_width), original.width))
+            size = (w, max(1, round(w * h_in / w_in)))
+            shown = fit_to_size(original, size)
+            shown_heat = np.asarray(Image.fromarray(heat.astype(np.float32), mode="F").resize(size, Image.Resampling.BILINEAR))
+            shown_heat = np.clip(shown_heat, 0.0, 1.0)
+        overlay = show_cam_on_image(shown.astype(np.float32) / 255.0, shown_heat, use_rgb=True, image_weight=0.6)
         return heat, overlay
 
 

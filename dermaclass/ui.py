@@ -41,6 +41,7 @@ MAX_BYTES = 25 * 1024 * 1024  # a dermoscopy photo is a few MB; anything bigger 
 MAX_PIXELS = 40_000_000  # decoded pixels: a 257 KB PNG of 9400x9400 once held the server for 18 s and 4 GB
 # Gradio's upload cache holds patients' images: files older than an hour are deleted, checked hourly.
 DELETE_CACHE = (3600, 3600)
+OVERLAY_WIDTH = 600  # the Grad-CAM overlay is drawn on the upload at up to this width
 CHANCE_MARGIN = 0.10  # a bundle within this of chance balanced accuracy (1 / classes) is flagged as weak
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 7860
 DEFAULT_BUNDLE = Path(__file__).resolve().parents[1] / "models" / "ham10000-effnet-lite0"
@@ -236,7 +237,7 @@ def build_app(bundle: str | Path, *, review_dir: str | Path = "review") -> gr.Bl
         try:
             image = check_upload(path)
             result = predictor.predict(image, tta=tta)
-            _, overlay = predictor.gradcam(image)
+            _, overlay = predictor.gradcam(image, display_width=OVERLAY_WIDTH)
         except UploadError as exc:
             return None, None, f"### Cannot read this upload\n\n{exc}", None, gr.update(interactive=False), *reset
         except DermaclassError as exc:

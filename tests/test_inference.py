@@ -71,6 +71,12 @@ def test_gradcam_heatmap_and_overlay(tiny_bundle: Path, colour_data: Path) -> No
     heat, overlay = pred.gradcam(colour_data / "bkl" / "0.png")
     assert heat.shape == (24, 32) and 0 <= heat.min() and heat.max() <= 1
     assert overlay.shape == (24, 32, 3) and overlay.dtype == np.uint8
+    # On a large upload the overlay is drawn on the upload itself (same centre crop), up to the display width.
+    big = np.asarray(Image.open(colour_data / "bkl" / "0.png").convert("RGB").resize((640, 480)))
+    heat2, shown = pred.gradcam(big, display_width=600)
+    assert heat2.shape == (24, 32) and shown.shape == (450, 600, 3)
+    _, small = pred.gradcam(colour_data / "bkl" / "0.png", display_width=600)  # never upscaled past the upload
+    assert small.shape == (24, 32, 3)
 
 
 def test_onnx_export_matches_torch(tiny_bundle: Path, colour_data: Path, tmp_path: Path) -> None:

@@ -65,7 +65,10 @@ def test_launched_app_diagnoses_refuses_and_saves_corrections(tiny_bundle: Path,
     from gradio_client import Client, handle_file
 
     port = free_port()
+    from dermaclass.ui import DELETE_CACHE
+
     app = build_app(tiny_bundle, review_dir=tmp_path / "review")
+    assert app.delete_cache == DELETE_CACHE  # uploads (patients' images) do not stay in Gradio's cache
     app.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, share=False, quiet=True)
     try:
         client = Client(f"http://127.0.0.1:{port}/", verbose=False)
@@ -78,6 +81,8 @@ def test_launched_app_diagnoses_refuses_and_saves_corrections(tiny_bundle: Path,
         # The server limits the note whatever the browser sends (a 1 MB note broke the manifest).
         msg = client.predict("mel", "x" * 5000, "", api_name="/correct")
         assert msg.startswith("Not saved") and "note" in msg
+        msg = client.predict("nv", "line one\rline two", "L-17", api_name="/correct")  # a bare CR split the row once
+        assert msg.startswith("Saved")
         # A new image resets the correction form: no stale label, note or lesion id.
         out = client.predict(handle_file(str(colour_data / "nv" / "3.png")), False, api_name="/diagnose")
         values = [v.get("value") if isinstance(v, dict) else v for v in out[-4:]]
@@ -89,7 +94,7 @@ def test_launched_app_diagnoses_refuses_and_saves_corrections(tiny_bundle: Path,
     finally:
         app.close()
     table = pd.read_csv(tmp_path / "review" / "labels.csv", dtype=str)
-    assert table["label"].tolist() == ["nv"] and table["note"].tolist() == ["second opinion"]
+    assert table["label"].tolist() == ["nv"] and table["note"].tolist() == ["line one\nline two"]
     assert table["original_name"].tolist() == ["4.png"] and table["lesion"].tolist() == ["L-17"]
 
 
