@@ -230,10 +230,12 @@ def build_app(bundle: str | Path, *, review_dir: str | Path = "review") -> gr.Bl
     model_id = predictor.bundle.name + (f"@{predictor.meta['weights_sha256'][:12]}"
                                         if predictor.meta.get("weights_sha256") else "")
 
-    def diagnose(path: str | None, tta: bool):
+    def diagnose(path: str | None, tta: bool, previous: dict | None = None):
         # Every new image resets the correction form: a stale label or note once went with the
-        # next image.
-        reset = (gr.update(value=None), gr.update(value=""), gr.update(value=""), "")
+        # next image. The same image diagnosed again (upload, then the button) keeps the form.
+        same = bool(previous) and path is not None and previous.get("path") == path
+        reset = ((gr.update(), gr.update(), gr.update(), gr.update()) if same
+                 else (gr.update(value=None), gr.update(value=""), gr.update(value=""), ""))
         try:
             image = check_upload(path)
             result = predictor.predict(image, tta=tta)
@@ -318,8 +320,8 @@ def build_app(bundle: str | Path, *, review_dir: str | Path = "review") -> gr.Bl
                 save = gr.Button("Save correction", interactive=False)
                 saved = gr.Markdown(elem_id="saved")
             outputs = [probs, heat, verdict, state, save, right, note, lesion, saved]
-            run.click(diagnose, [image, tta], outputs, api_name="diagnose")
-            image.upload(diagnose, [image, tta], outputs, api_name=False)
+            run.click(diagnose, [image, tta, state], outputs, api_name="diagnose")
+            image.upload(diagnose, [image, tta, state], outputs, api_name=False)
             save.click(correct, [state, right, note, lesion], saved, api_name="correct")
         with gr.Tab("Report"):
             gr.Markdown("The loaded model's evaluation on its held-out test split, by lesion. Balanced accuracy "
