@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_levers.py --lever smoothing $(QUICK)
 	$(BIN)/python benchmarks/bench_levers.py --lever resize $(QUICK)
 	$(BIN)/python benchmarks/bench_levers.py --lever backbone $(QUICK)
+	$(BIN)/python benchmarks/bench_levers.py --lever loss $(QUICK)
 	$(BIN)/python benchmarks/bench_precision.py $(QUICK)
 	test -n "$(QUICK)" || $(BIN)/python benchmarks/tables.py
 

@@ -17,7 +17,7 @@ and a re-run skips trained bundles) to benchmarks/results/levers_<lever>.json, w
 mean +- sd over seeds per variant and the same-seed differences against the lever's
 reference variant.
 
-    python benchmarks/bench_levers.py --lever lr|colour|ema|regularise|smoothing|resize|backbone|precision [--seeds 42 43 44]
+    python benchmarks/bench_levers.py --lever lr|colour|ema|regularise|smoothing|resize|backbone|loss|precision [--seeds 42 43 44]
                                       [--only VARIANT ...] [--tta] [--quick]
 """
 
@@ -81,6 +81,10 @@ LEVERS: dict[str, dict[str, list[str]]] = {
         "default": [],
         "lite1": ["--arch", "tf_efficientnet_lite1"],
         "lite2": ["--arch", "tf_efficientnet_lite2"],
+    },
+    "loss": {  # issue 12 lever 7: logit adjustment (Menon et al. 2021) on the data as it comes, no sampler
+        "default": [],
+        "logit-adjusted": ["--imbalance", "logit-adjusted"],
     },
     "precision": {
         "default": [],

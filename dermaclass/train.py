@@ -47,6 +47,7 @@ from dermaclass import models, schedules
 from dermaclass.callbacks import (
     MONITOR, PROGRESS, BestModel, Checkpoint, CPUAutocast, EpochLine, History, StopOnNaN, WeightEMA, flip_logits,
 )
+from dermaclass.losses import LogitAdjustedLoss
 from dermaclass.lr_find import RangeTest, range_test
 from dermaclass.config import Config
 from dermaclass.data import DecodeCache, assign_split, make_split, read_split, validate_sources
@@ -212,11 +213,14 @@ def check_class_names(parent: dict[str, Any], names: dict[str, str], *, source: 
 
 # ---- learner and LR range test ---------------------------------------------------------
 def loss_for(cfg: Config, train_labels: pd.Series, vocab: list[str]):
-    """The loss for the imbalance option (weighted CE, focal, or plain CE with a balanced sampler)."""
+    """The loss for the imbalance option (weighted CE, focal, logit-adjusted, or plain CE with a balanced sampler)."""
     smoothing = {"label_smoothing": cfg.label_smoothing} if cfg.label_smoothing else {}
     if cfg.imbalance in ("weights", "sqrt-weights"):
         w = class_weights(train_labels, vocab, power=1.0 if cfg.imbalance == "weights" else 0.5)
         return CrossEntropyLossFlat(weight=torch.tensor(w, dtype=torch.float32), **smoothing)
+    if cfg.imbalance == "logit-adjusted":
+        counts = train_labels.value_counts()
+        return LogitAdjustedLoss([int(counts.get(c, 0)) for c in vocab], tau=1.0, label_smoothing=cfg.label_smoothing)
     if cfg.imbalance == "focal":
         if cfg.label_smoothing:
             raise TrainingError("label smoothing is not available with --imbalance focal; choose one")

@@ -46,7 +46,7 @@ def train_cmd(
                                            "[default: every stage at --image-size]")] = None,
     lr_rule: Annotated[str | None, Opt("--lr-rule", help="eq9 | constant | linear [default: linear]")] = None,
     weight_sharing: Annotated[bool | None, Opt("--weight-sharing/--no-weight-sharing", help="Carry weights between stages")] = None,
-    imbalance: Annotated[str | None, Opt("--imbalance", help="none | weights | sqrt-weights | sampler | focal [default: sampler]")] = None,
+    imbalance: Annotated[str | None, Opt("--imbalance", help="none | weights | sqrt-weights | sampler | focal | logit-adjusted [default: sampler]")] = None,
     augment: Annotated[str | None, Opt("--augment", help="none | basic | augmix [default: basic]")] = None,
     colour_constancy: Annotated[str | None, Opt("--colour-constancy", help="none | shades-of-gray: the same colour "
                                                 "normalisation at training and inference [default: none]")] = None,
