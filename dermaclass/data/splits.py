@@ -194,11 +194,9 @@ def thin_classes(split: pd.DataFrame, *, minimum: int = MIN_PER_CLASS) -> dict[s
     """Per split part (train, valid, test), the classes with fewer than ``minimum`` images there
     (0 included): their sensitivity on that part is one or two images' worth."""
     counts = split.groupby(["split", "label"]).size().unstack(fill_value=0)
-    labels = sorted(split["label"].unique())
-    return {part: {c: int(counts.loc[part, c]) if part in counts.index else 0 for c in labels
-                   if (int(counts.loc[part, c]) if part in counts.index else 0) < minimum}
-            for part in ("train", "valid", "test")
-            if any((int(counts.loc[part, c]) if part in counts.index else 0) < minimum for c in labels)}
+    counts = counts.reindex(index=["train", "valid", "test"], columns=sorted(split["label"].unique()), fill_value=0)
+    thin = {part: {c: int(n) for c, n in row.items() if n < minimum} for part, row in counts.iterrows()}
+    return {part: classes for part, classes in thin.items() if classes}
 
 
 def read_split(path: str | Path) -> pd.DataFrame:

@@ -29,6 +29,7 @@ from dermaclass.evaluate.metrics import (
     reliability_bins, softmax,
 )
 from dermaclass.inference import Predictor
+from dermaclass.models import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +50,6 @@ class Evaluation:
     report: dict[str, Any]
     predictions: pd.DataFrame
     images: Any  # preprocessed (H, W, 3) uint8 arrays aligned with ``predictions`` (gallery thumbnails)
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def images_identity(hashes: pd.Series, labels: pd.Series) -> str:
@@ -167,12 +160,12 @@ def evaluate_bundle(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "dermaclass_version": dermaclass.__version__,
         "disclaimer": dermaclass.DISCLAIMER,
-        "model": {"bundle": str(bundle), "weights_sha256": sha256_file(bundle / "model.safetensors"),
+        "model": {"bundle": str(bundle), "weights_sha256": file_sha256(bundle / "model.safetensors"),
                   "arch": meta["arch"], "recipe": meta.get("recipe"), "created": meta.get("created"),
                   "input_size": meta["input_size"], "git_commit": meta.get("git_commit"),
                   "metrics_valid": {k: (meta.get("metrics_valid") or {}).get(k) for k in ("balanced_accuracy", "macro_f1")}},
         "data": {"root": str(data), "split": split, "split_file": str(split_path) if split_path else None,
-                 "split_sha256": sha256_file(split_path) if split_path else None,
+                 "split_sha256": file_sha256(split_path) if split_path else None,
                  "images_sha256": images_identity(chosen["hash"], chosen["label"]),
                  "n": int(len(chosen)), "groups": int(len(set(groups))),
                  "group_column": validations[0].dataset.columns.get("group") if has_groups else None,
