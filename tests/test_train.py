@@ -422,8 +422,8 @@ def test_flip_tta_is_recorded_and_calibrated_on_the_flipped_logits(tiny_bundle: 
                                                                     tmp_path: Path) -> None:
     """The bundle serves flip TTA by default, and its temperature was fitted on the very logits the
     Predictor computes with it (fastai's FlipInput views == the Predictor's numpy flips)."""
-    from dermaclass.evaluate.metrics import fit_temperature
     from dermaclass.inference import Predictor
+    from dermaclass.train import calibrate
 
     meta = json.loads((tiny_bundle / "model.json").read_text())
     assert meta["tta"] == "flips4"
@@ -437,7 +437,9 @@ def test_flip_tta_is_recorded_and_calibrated_on_the_flipped_logits(tiny_bundle: 
     assert pred.predict(colour_data / "mel" / "0.png", tta=False)["tta"] is None
     flipped = pred.logits(images)
     assert np.allclose(flipped, pred.logits(images, tta=True)) and not np.allclose(flipped, pred.logits(images, tta=False))
-    assert fit_temperature(flipped, labels) == pytest.approx(meta["calibration"]["temperature"], rel=1e-3)
+    # calibrate() on these logits reproduces the bundle's temperature (fitted, or T = 1 when refused)
+    calibration, _, _ = calibrate(cfg, flipped, labels, data.vocab)
+    assert calibration["temperature"] == pytest.approx(meta["calibration"]["temperature"], rel=1e-3)
 
 
 def test_cli_lr_and_lr_find_exclude_each_other(colour_data: Path, tmp_path: Path) -> None:
