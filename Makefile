@@ -39,6 +39,9 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_levers.py --lever resize $(QUICK)
 	$(BIN)/python benchmarks/bench_levers.py --lever backbone $(QUICK)
 	$(BIN)/python benchmarks/bench_levers.py --lever loss $(QUICK)
+	$(BIN)/python benchmarks/bench_levers.py --lever imbalance $(QUICK)
+	$(BIN)/python benchmarks/bench_levers.py --lever lr-rule $(QUICK)
+	$(BIN)/python benchmarks/bench_levers.py --lever budget $(QUICK)
 	$(BIN)/python benchmarks/bench_precision.py $(QUICK)
 	test -n "$(QUICK)" || $(BIN)/python benchmarks/tables.py
 

@@ -17,7 +17,7 @@ and a re-run skips trained bundles) to benchmarks/results/levers_<lever>.json, w
 mean +- sd over seeds per variant and the same-seed differences against the lever's
 reference variant.
 
-    python benchmarks/bench_levers.py --lever lr|colour|ema|regularise|smoothing|resize|backbone|loss|precision [--seeds 42 43 44]
+    python benchmarks/bench_levers.py --lever lr|colour|ema|regularise|smoothing|resize|backbone|loss|imbalance|lr-rule|budget|precision [--seeds 42 43 44]
                                       [--only VARIANT ...] [--tta] [--quick]
 """
 
@@ -85,6 +85,22 @@ LEVERS: dict[str, dict[str, list[str]]] = {
     "loss": {  # issue 12 lever 7: logit adjustment (Menon et al. 2021) on the data as it comes, no sampler
         "default": [],
         "logit-adjusted": ["--imbalance", "logit-adjusted"],
+    },
+    "imbalance": {  # the sampler against the other --imbalance options, on today's defaults
+        "default": [],
+        "none": ["--imbalance", "none"],
+        "weights": ["--imbalance", "weights"],
+        "sqrt-weights": ["--imbalance", "sqrt-weights"],
+        "focal": ["--imbalance", "focal"],
+    },
+    "lr-rule": {  # seed 001's Eq. 9 and a constant LR against the linear batch-size rule (the default)
+        "default": [],
+        "eq9": ["--lr-rule", "eq9"],
+        "constant": ["--lr-rule", "constant"],
+    },
+    "budget": {  # issue 12 lever 3: more SGDR cycles per stage (1 -> 3 -> 7 epochs per stage)
+        "default": [],
+        "n-cycles-2": ["--n-cycles", "2"],
     },
     "precision": {
         "default": [],

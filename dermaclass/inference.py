@@ -121,24 +121,39 @@ class Predictor:
         ``tta``: the mean of the logits of the image and its horizontal, vertical and double flips;
         None: what the bundle records (``self.tta``).
         """
+        return self.forward(images, batch_size=batch_size, tta=tta)[0]
+
+    def forward(self, images: Sequence[np.ndarray], *, batch_size: int = 64,
+                tta: bool | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """(logits (N, C), penultimate-layer features (N, D) or None) for preprocessed images.
+
+        With ``tta`` both are the means over the four flips. Features are None only from an
+        ONNX export made before features were exported and when the torch model is not wanted.
+        """
         tta = self.tta if tta is None else tta
         if len(images) == 0:
-            return np.zeros((0, len(self.classes)), dtype=np.float32)
+            return np.zeros((0, len(self.classes)), dtype=np.float32), None
         if tta:
             views = [lambda a: a, np.fliplr, np.flipud, lambda a: a[::-1, ::-1]]
-            return np.mean([self.logits([np.ascontiguousarray(v(np.asarray(im))) for im in images],
-                                        batch_size=batch_size, tta=False) for v in views], axis=0)
+            outs = [self.forward([np.ascontiguousarray(v(np.asarray(im))) for im in images],
+                                 batch_size=batch_size, tta=False) for v in views]
+            feats = None if any(o[1] is None for o in outs) else np.mean([o[1] for o in outs], axis=0)
+            return np.mean([o[0] for o in outs], axis=0), feats
         with self._lock:
-            return self._logits(images, batch_size=batch_size)
+            return self._forward(images, batch_size=batch_size)
 
-    def _logits(self, images: Sequence[np.ndarray], *, batch_size: int) -> np.ndarray:
+    def _forward(self, images: Sequence[np.ndarray], *, batch_size: int) -> tuple[np.ndarray, np.ndarray | None]:
+        n_classes = len(self.classes)
         if self.session is not None:
-            return self.session.run(None, {"input": self._normalise(images)})[0]
+            out = self.session.run(None, {"input": self._normalise(images)})
+            return out[0], (out[1] if len(out) > 1 else None)
+        net = models.WithFeatures(self.model)
         if len(images) <= batch_size:  # one batch (the app's case): a plain forward, no DataLoader set-up
-            self.model.eval()
+            net.eval()
             with torch.no_grad():
                 x = torch.from_numpy(self._normalise(images)).contiguous(memory_format=torch.channels_last)
-                return self.model(x).numpy()
+                both = net(x).numpy()
+            return both[:, :n_classes], both[:, n_classes:]
         norm = self.meta["normalization"]
         dl = TfmdDL(
             Datasets(list(range(len(images))), tfms=[[ReadCached(images), ColourConstancy(self.colour_constancy)]]),
@@ -146,10 +161,11 @@ class Predictor:
             after_batch=[IntToFloatTensor(), Normalize.from_stats(list(norm["mean"]), list(norm["std"]))],
             device=torch.device("cpu"),
         )
-        learn = Learner(DataLoaders(dl, dl), self.model, loss_func=CrossEntropyLossFlat())
+        learn = Learner(DataLoaders(dl, dl), net, loss_func=CrossEntropyLossFlat())
         learn.remove_cbs([cb for cb in learn.cbs if type(cb).__name__ == "ProgressCallback"])
         out, _ = learn.get_preds(dl=dl, act=lambda x: x)
-        return out.numpy()
+        both = out.numpy()
+        return both[:, :n_classes], both[:, n_classes:]
 
     def probabilities(self, images: Sequence[np.ndarray], *, batch_size: int = 64,
                       tta: bool | None = None) -> np.ndarray:
@@ -270,15 +286,19 @@ def export_onnx(bundle: str | Path, *, force: bool = False, atol: float = 1e-4) 
     model, meta = models.load_bundle(bundle)
     w, h = meta["input_size"]
     x = torch.randn(4, 3, int(h), int(w))
+    # Two outputs: the logits, and the penultimate features that the out-of-distribution score reads.
+    net = models.WithFeatures(model, split=True).eval()
     with atomic_path(out) as tmp:
-        torch.onnx.export(model, (x,), str(tmp), input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False)
+        torch.onnx.export(net, (x,), str(tmp), input_names=["input"], output_names=["logits", "features"],
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}, "features": {0: "batch"}},
+                          opset_version=17, dynamo=False)
         import onnxruntime as ort
 
         sess = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
         with torch.no_grad():
-            ref = model(x).numpy()
-        diff = float(np.abs(sess.run(None, {"input": x.numpy()})[0] - ref).max())
+            ref = [t.numpy() for t in net(x)]
+        got = sess.run(None, {"input": x.numpy()})
+        diff = max(float(np.abs(g - r).max()) for g, r in zip(got, ref))
         if diff > atol:
-            raise models.ModelError(f"{out}: ONNX logits differ from torch by {diff:.2e} (> {atol:g}); not written")
+            raise models.ModelError(f"{out}: ONNX outputs differ from torch by {diff:.2e} (> {atol:g}); not written")
     return {"path": str(out), "max_abs_diff": diff}

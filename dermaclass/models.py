@@ -450,6 +450,23 @@ def publish_bundle(src: str | Path, dst: str | Path, *, float16: bool = True, fo
     return dst
 
 
+class WithFeatures(nn.Module):
+    """The bundle's network returning ``cat(logits, penultimate features)`` in one tensor (so
+    fastai's ``get_preds`` collects both): the input of the head's last Linear, the feature
+    space of the out-of-distribution scores (refer.py). ``split=True`` returns the two as a
+    tuple instead (the ONNX export's two outputs)."""
+
+    def __init__(self, model: nn.Module, *, split: bool = False) -> None:
+        super().__init__()
+        self.body, self.neck, self.last = model[0], model[1][:-1], model[1][-1]
+        self.split = split
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        f = self.neck(self.body(x))
+        logits = self.last(f)
+        return (logits, f) if self.split else torch.cat([logits, f], dim=1)
+
+
 def freeze_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """A detached copy of the weights (for --no-weight-sharing restarts)."""
     return {k: v.detach().clone() for k, v in model.state_dict().items()}

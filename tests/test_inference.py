@@ -94,6 +94,8 @@ def test_onnx_export_matches_torch(tiny_bundle: Path, colour_data: Path, tmp_pat
     assert onnx_pred.backend == "onnx" and torch_pred.backend == "torch"
     x = [onnx_pred.preprocess(p) for p in sorted((colour_data / "mel").iterdir())[:5]]
     assert np.abs(onnx_pred.logits(x) - torch_pred.logits(x)).max() < 1e-4
+    (lo, fo), (lt, ft) = onnx_pred.forward(x), torch_pred.forward(x)
+    assert fo is not None and ft is not None and fo.shape == ft.shape and np.abs(fo - ft).max() < 1e-4
 
 
 def test_concurrent_requests_are_safe(tiny_bundle: Path, colour_data: Path) -> None:
@@ -159,3 +161,12 @@ def test_a_broken_model_never_hands_out_nan(tiny_bundle: Path, colour_data: Path
     (bad / "model.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "weights_sha256"}))
     res = CliRunner().invoke(app, ["predict", str(colour_data / "mel" / "0.png"), "--model", str(bad)])
     assert res.exit_code == 4 and "NaN or Inf" in res.output
+
+
+def test_features_agree_between_the_one_batch_and_the_batched_paths(tiny_bundle: Path, colour_data: Path) -> None:
+    pred = Predictor(tiny_bundle, backend="torch")
+    x = [pred.preprocess(p) for p in sorted((colour_data / "nv").iterdir())[:6]]
+    (l1, f1), (l2, f2) = pred.forward(x, batch_size=64), pred.forward(x, batch_size=2)
+    assert f1.shape[0] == 6 and f1.shape[1] > 0
+    assert np.abs(l1 - l2).max() < 1e-4 and np.abs(f1 - f2).max() < 1e-4
+    assert np.allclose(pred.logits(x), l1, atol=1e-5)
