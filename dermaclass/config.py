@@ -102,6 +102,9 @@ class Config:
     target_sensitivity: float = 0.90  # the threshold is the highest one reaching this on validation
     refer_below: float = 0.5  # refer to a dermatologist when the top calibrated probability is lower
     ood_keep: float = 0.95  # the out-of-distribution cut-off passes this share of validation images
+    # out-of-distribution score (refer.py), fitted on the train split's features after training;
+    # knn: referred the most non-dermoscopic images at <= 5 % of HAM test (benchmarks/bench_refer.py)
+    ood: Literal["knn", "mahalanobis", "energy"] = "knn"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (tuples as lists) for YAML/JSON."""

@@ -12,9 +12,12 @@ Batches go through fastai's ``Learner.get_preds`` on a ``TfmdDL``: the library's
 ours. When the bundle folder holds ``model.onnx`` (``dermaclass export``) and onnxruntime is
 installed, predictions run there instead (faster single-image latency on CPU).
 
-Referral: the result says "refer to a dermatologist" when the top calibrated probability is
-below the bundle's floor, or when the image's energy score (Liu et al. 2020) is below the
-cut-off that 95 % of validation images pass, i.e. it looks unlike the training data.
+Referral (refer.py): an image too small to judge is refused before the model sees it; the
+result says "refer to a dermatologist" when the image is mostly one colour, when its
+out-of-distribution score (the bundle's method: kNN on features, Sun et al. 2022;
+Mahalanobis, Lee et al. 2018; or energy, Liu et al. 2020) is below the cut-off that 95 % of
+validation images pass, i.e. it looks unlike the training data, or when the top calibrated
+probability is below the bundle's floor.
 Test-time augmentation averages the logits over flips (a dermoscopic image has no canonical
 orientation). Grad-CAM (the grad-cam package) explains the predicted class.
 
@@ -36,16 +39,32 @@ from fastai.data.transforms import IntToFloatTensor, Normalize
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
 
-from dermaclass import models
+from dermaclass import models, refer
 from dermaclass.data.images import COLOUR_CONSTANCY, apply_colour, fit_to_size, load_rgb
 from dermaclass.data.loaders import ColourConstancy, ReadCached
-from dermaclass.evaluate.metrics import energy_score, softmax
+from dermaclass.evaluate.metrics import softmax
 
 log = logging.getLogger(__name__)
 
 
 ONNX_FILE = "model.onnx"
 REFER_MESSAGE = "Refer to a dermatologist"
+
+
+def _cam(name: str) -> Any:
+    import pytorch_grad_cam
+
+    return getattr(pytorch_grad_cam, name)
+
+
+#: The class-activation maps on offer (pytorch-grad-cam), loaded lazily.
+CAM_METHODS: dict[str, Any] = {
+    "gradcam": lambda: _cam("GradCAM"), "gradcam++": lambda: _cam("GradCAMPlusPlus"),
+    "layercam": lambda: _cam("LayerCAM"), "eigencam": lambda: _cam("EigenCAM"),
+}
+#: Picked by measurement (benchmarks/results/refer.json, "cam"): see the README.
+CAM_METHOD = "layercam"
+CAM_STRIDE: int | None = 16
 
 
 class Predictor:
@@ -68,6 +87,9 @@ class Predictor:
         self.classes: list[str] = list(self.meta["classes"])
         self.class_names: dict[str, str] = dict(self.meta.get("class_names") or {c: c for c in self.classes})
         self.input_size: tuple[int, int] = (int(self.meta["input_size"][0]), int(self.meta["input_size"][1]))
+        # An image as large as the network's input is never too small to judge (a model trained
+        # at 32x24 accepts 32x24); at 128x96, refer.MIN_SIDE (64 px) applies.
+        self.min_side = min(refer.MIN_SIDE, min(self.input_size))
         calibration = self.meta.get("calibration") or {}
         self.temperature = float(calibration.get("temperature", 1.0))
         if not calibration:
@@ -75,9 +97,20 @@ class Predictor:
         self.operating_points: dict[str, dict[str, Any]] = {
             c: op for c, op in (self.meta.get("operating_points") or {}).items() if op.get("threshold") is not None
         }
-        refer = calibration.get("refer") or {}
-        self.refer_below = float(refer.get("min_top_probability", 0.0))
-        self.ood_threshold: float | None = (refer.get("ood") or {}).get("threshold")
+        refer_cfg = calibration.get("refer") or {}
+        self.refer_below = float(refer_cfg.get("min_top_probability", 0.0))
+        ood = refer_cfg.get("ood") or {}
+        self.ood_threshold: float | None = ood.get("threshold")
+        self.ood_method: str = ood.get("method", "energy")
+        if self.ood_method not in refer.OOD_METHODS:
+            raise models.ModelError(f"{self.bundle / models.BUNDLE_META}: unknown out-of-distribution method "
+                                    f"{self.ood_method!r}; this dermaclass knows {', '.join(refer.OOD_METHODS)}")
+        self.ood_stats = refer.load_stats(self.bundle, self.ood_method) if self.ood_threshold is not None else {}
+        if self.session is not None and self.ood_method != "energy" and len(self.session.get_outputs()) < 2:
+            log.warning("%s: the ONNX export has no features output (made before features were exported); "
+                        "using torch (re-export with `dermaclass export %s --force`)", onnx_path, self.bundle)
+            self.session = None
+            self.backend = "torch"
         self.colour_constancy: str = (self.meta.get("preprocessing") or {}).get("colour_constancy") or "none"
         # The bundle's test-time augmentation: its temperature and thresholds were fitted with it.
         self.tta: bool = self.meta.get("tta") == "flips4"
@@ -125,7 +158,7 @@ class Predictor:
 
     def forward(self, images: Sequence[np.ndarray], *, batch_size: int = 64,
                 tta: bool | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-        """(logits (N, C), penultimate-layer features (N, D) or None) for preprocessed images.
+        """(logits (N, C), pooled backbone features (N, D) or None) for preprocessed images.
 
         With ``tta`` both are the means over the four flips. Features are None only from an
         ONNX export made before features were exported and when the torch model is not wanted.
@@ -185,24 +218,39 @@ class Predictor:
         return {c: probs[:, self.classes.index(c)] >= op["threshold"] for c, op in self.operating_points.items()
                 if c in self.classes}
 
-    def referral(self, top_probability: float, ood_score: float) -> dict[str, Any]:
-        """Whether to refer instead of trusting the top class, and why (plain words for the UI)."""
+    def ood_scores(self, logits: np.ndarray, features: np.ndarray | None) -> np.ndarray:
+        """The bundle's out-of-distribution score per image (higher = more like the training data)."""
+        return refer.score(self.ood_method, logits=logits, features=features, stats=self.ood_stats)
+
+    def referral(self, top_probability: float, ood_score: float, input_reason: str | None = None) -> dict[str, Any]:
+        """Whether to refer instead of trusting the top class, and why (plain words for the UI).
+
+        The reasons come in the order a clinician should read them: what is wrong with the
+        image first, the model's uncertainty last.
+        """
         reasons = []
+        if input_reason:
+            reasons.append(input_reason)
+        if self.ood_threshold is not None and ood_score < self.ood_threshold:
+            reasons.append(f"{refer.NOT_DERMOSCOPY} like those the model was trained on "
+                           f"(out-of-distribution score {ood_score:.2f}, below the cut-off {self.ood_threshold:.2f})")
         if top_probability < self.refer_below:
             reasons.append(f"the most likely class has only {top_probability:.0%} probability "
                            f"(below the {self.refer_below:.0%} floor)")
-        if self.ood_threshold is not None and ood_score < self.ood_threshold:
-            reasons.append("the image looks unlike the dermoscopic images the model was trained on "
-                           f"(score {ood_score:.2f} below {self.ood_threshold:.2f})")
         return {"refer": bool(reasons), "message": REFER_MESSAGE if reasons else None, "reasons": reasons}
 
     def predict(self, source: str | Path | bytes | Any, *, top_k: int = 3, tta: bool | None = None) -> dict[str, Any]:
         """One image -> calibrated probabilities (sorted), top-k, operating-point flags and referral."""
         tta = self.tta if tta is None else tta
-        logits = self.logits([self.preprocess(source)], tta=tta)
         what = str(source) if isinstance(source, (str, Path)) else "this image"
+        rgb = self._rgb(source)
+        try:
+            input_reason = refer.input_problem(rgb, min_side=self.min_side)  # before the model: raises for an image too small to judge
+        except refer.InputProblem as exc:
+            raise refer.InputProblem(f"{what}: {exc}" if isinstance(source, (str, Path)) else str(exc)) from None
+        logits, features = self.forward([fit_to_size(rgb, self.input_size)], tta=tta)
         probs = self.checked(softmax(logits, self.temperature), what)[0]
-        ood = float(energy_score(logits)[0])
+        ood = float(self.ood_scores(logits, features)[0])
         order = np.argsort(-probs, kind="stable")
         flags = {c: {"probability": float(probs[self.classes.index(c)]), "threshold": op["threshold"],
                      "flagged": bool(probs[self.classes.index(c)] >= op["threshold"]),
@@ -215,33 +263,49 @@ class Predictor:
             "probabilities": {self.classes[i]: float(probs[i]) for i in order},
             "flags": flags,
             "ood_score": ood,
-            "referral": self.referral(float(probs[order[0]]), ood),
+            "ood_method": self.ood_method,
+            "referral": self.referral(float(probs[order[0]]), ood, input_reason),
             "backend": self.backend,
             "tta": "flips4" if tta else None,
             "disclaimer": self.meta.get("disclaimer"),
         }
 
     # ---- explanation -----------------------------------------------------------------------
-    def gradcam(self, source: str | Path | bytes | Any, *, class_index: int | None = None,
-                display_width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Grad-CAM of the predicted (or given) class: (heatmap in [0, 1] at input size, RGB overlay uint8).
+    def cam_layers(self, stride: int | None = CAM_STRIDE) -> list[torch.nn.Module]:
+        """The layer a class-activation map reads: the backbone stage at ``stride`` (timm's
+        ``feature_info``; 8x6 at 128x96 for stride 16), or the whole body (its last feature map)
+        when ``stride`` is None or the architecture has no such stage."""
+        body = self.model[0]
+        net = getattr(body, "model", None)
+        for f in (getattr(net, "feature_info", None) or []) if stride else []:
+            if f.get("reduction") == stride:
+                return [net.get_submodule(f["module"])]
+        return [body]
 
-        The target layer is the whole body (its output is the last feature map), which works
-        for any timm architecture. ``display_width``: draw the overlay on the uploaded image
+    def gradcam(self, source: str | Path | bytes | Any, *, class_index: int | None = None,
+                display_width: int | None = None, method: str = CAM_METHOD,
+                stride: int | None = CAM_STRIDE) -> tuple[np.ndarray, np.ndarray]:
+        """Class-activation map of the predicted (or given) class: (heatmap in [0, 1] at input
+        size, RGB overlay uint8).
+
+        ``method`` (``CAM_METHODS``, all pytorch-grad-cam) at the backbone stage of ``stride``:
+        the default was picked by the pointing game against HAM10000's lesion masks
+        (benchmarks/bench_refer.py). ``display_width``: draw the overlay on the uploaded image
         itself (the same centre crop the model saw) at up to this width, instead of on the
         128x96 model input, so a clinician can check the heat against the lesion.
         """
         from PIL import Image
-        from pytorch_grad_cam import GradCAM
         from pytorch_grad_cam.utils.image import show_cam_on_image
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
+        if method not in CAM_METHODS:
+            raise ValueError(f"unknown CAM method {method!r}; choose from {', '.join(CAM_METHODS)}")
         original = self._rgb(source)
         image = fit_to_size(original, self.input_size)
         x = torch.from_numpy(self._normalise([image]))
         if class_index is None:
             class_index = int(self.logits([image]).argmax(1)[0])
-        with self._lock, GradCAM(model=self.model, target_layers=[self.model[0]]) as cam:
+        with self._lock, CAM_METHODS[method]()(model=self.model, target_layers=self.cam_layers(stride)) as cam:
             heat = cam(input_tensor=x, targets=[ClassifierOutputTarget(class_index)])[0]
         shown, shown_heat = image, heat
         if display_width:
@@ -253,6 +317,8 @@ class Predictor:
             shown_heat = np.clip(shown_heat, 0.0, 1.0)
         overlay = show_cam_on_image(shown.astype(np.float32) / 255.0, shown_heat, use_rgb=True, image_weight=0.6)
         return heat, overlay
+
+
 
 
 # ---- ONNX ----------------------------------------------------------------------------------
@@ -286,7 +352,7 @@ def export_onnx(bundle: str | Path, *, force: bool = False, atol: float = 1e-4) 
     model, meta = models.load_bundle(bundle)
     w, h = meta["input_size"]
     x = torch.randn(4, 3, int(h), int(w))
-    # Two outputs: the logits, and the penultimate features that the out-of-distribution score reads.
+    # Two outputs: the logits, and the pooled backbone features that the out-of-distribution score reads.
     net = models.WithFeatures(model, split=True).eval()
     with atomic_path(out) as tmp:
         torch.onnx.export(net, (x,), str(tmp), input_names=["input"], output_names=["logits", "features"],
@@ -302,3 +368,61 @@ def export_onnx(bundle: str | Path, *, force: bool = False, atol: float = 1e-4) 
         if diff > atol:
             raise models.ModelError(f"{out}: ONNX outputs differ from torch by {diff:.2e} (> {atol:g}); not written")
     return {"path": str(out), "max_abs_diff": diff}
+
+
+# ---- out-of-distribution score -------------------------------------------------------------------
+def fit_ood(bundle: str | Path, *, train_images: Sequence[np.ndarray], train_labels: Sequence[str],
+            valid_images: Sequence[np.ndarray], valid_labels: Sequence[str], method: str = "knn",
+            keep: float = 0.95, force: bool = False) -> dict[str, Any]:
+    """Fit the bundle's out-of-distribution score and its cut-off, and store both in the bundle.
+
+    The score is fitted on the training split's features (one view, no test-time augmentation:
+    cheaper, and the cut-off absorbs the difference) and its cut-off is set so that ``keep`` of
+    the validation split passes, scored as the app scores (with the bundle's TTA). Writes
+    ``ood.safetensors`` (arrays only) and rewrites ``calibration.refer`` in ``model.json``
+    atomically, with the validation referral rate of the whole rule. Images are preprocessed
+    arrays at the bundle's input size (as the decode cache holds them). A bundle that already
+    has a fitted score keeps it unless ``force``.
+    """
+    from dermaclass.fileio import write_json
+
+    bundle = Path(bundle)
+    if (bundle / refer.OOD_FILE).exists() and not force:
+        raise FileExistsError(f"{bundle / refer.OOD_FILE}: the bundle already has a fitted out-of-distribution score")
+    if method not in refer.OOD_METHODS:
+        raise ValueError(f"unknown out-of-distribution method {method!r}; choose from {', '.join(refer.OOD_METHODS)}")
+    pred = Predictor(bundle, backend="torch")
+    index = {c: i for i, c in enumerate(pred.classes)}
+    unknown = sorted({str(y) for y in [*train_labels, *valid_labels]} - set(index))
+    if unknown:
+        raise models.ModelError(f"{bundle}: labels {unknown} are not among the bundle's classes {pred.classes}")
+    if len(valid_images) == 0:
+        raise models.ModelError(f"{bundle}: no validation images to set the out-of-distribution cut-off on")
+    stats: dict[str, np.ndarray] = {}
+    if method != "energy":
+        _, train_features = pred.forward(list(train_images), tta=False)
+        stats = refer.fit(method, train_features, np.array([index[str(y)] for y in train_labels]), len(pred.classes))
+    logits, features = pred.forward(list(valid_images))
+    scores = refer.score(method, logits=logits, features=features, stats=stats)
+    cut = refer.threshold(scores, keep=keep)
+    probs = softmax(logits, pred.temperature)
+    kept = (probs.max(axis=1) >= pred.refer_below) & (scores >= cut)
+    y = np.array([index[str(v)] for v in valid_labels])
+    (bundle / refer.OOD_FILE).unlink(missing_ok=True)  # an energy bundle keeps no stale arrays
+    refer.save_stats(bundle, stats)
+    meta = dict(pred.meta)
+    calibration = dict(meta.get("calibration") or {})
+    calibration["refer"] = {
+        **(calibration.get("refer") or {}), "min_top_probability": pred.refer_below,
+        "ood": {"method": method, "threshold": cut, "keep": keep, "file": refer.OOD_FILE if stats else None,
+                "features": "backbone embedding (global average pool of the last feature map)" if stats else None,
+                "fitted_on": f"train split, {len(train_images)} images" if stats else None,
+                "threshold_set_on": f"valid split, {len(valid_images)} images"},
+        "valid_referred": float(np.mean(~kept)),
+        "valid_accuracy_kept": float(np.mean((probs.argmax(1) == y)[kept])) if kept.any() else None,
+    }
+    meta["calibration"] = calibration
+    write_json(bundle / models.BUNDLE_META, meta)
+    log.info("%s: out-of-distribution score %s, cut-off %.4f; the whole rule refers %.1f %% of validation images",
+             bundle, method, cut, 100 * float(np.mean(~kept)))
+    return calibration["refer"]

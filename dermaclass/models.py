@@ -451,19 +451,21 @@ def publish_bundle(src: str | Path, dst: str | Path, *, float16: bool = True, fo
 
 
 class WithFeatures(nn.Module):
-    """The bundle's network returning ``cat(logits, penultimate features)`` in one tensor (so
-    fastai's ``get_preds`` collects both): the input of the head's last Linear, the feature
-    space of the out-of-distribution scores (refer.py). ``split=True`` returns the two as a
-    tuple instead (the ONNX export's two outputs)."""
+    """The bundle's network returning ``cat(logits, features)`` in one tensor (so fastai's
+    ``get_preds`` collects both). The features are the backbone's global-average-pooled last
+    feature map (1280-d for EfficientNet-Lite0, timm's image embedding): the space of the
+    out-of-distribution scores (refer.py), chosen over the head's 512-d penultimate layer
+    because it separated non-dermoscopic images better (benchmarks/results/refer.json).
+    ``split=True`` returns the two as a tuple instead (the ONNX export's two outputs)."""
 
     def __init__(self, model: nn.Module, *, split: bool = False) -> None:
         super().__init__()
-        self.body, self.neck, self.last = model[0], model[1][:-1], model[1][-1]
+        self.body, self.head = model[0], model[1]
         self.split = split
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        f = self.neck(self.body(x))
-        logits = self.last(f)
+        fmap = self.body(x)
+        logits, f = self.head(fmap), fmap.mean(dim=(2, 3))
         return (logits, f) if self.split else torch.cat([logits, f], dim=1)
 
 

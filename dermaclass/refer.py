@@ -4,14 +4,15 @@ A classifier trained on dermoscopy answers with a class for any picture, so the 
 "refer" when an image is not something the model can judge. Three layers, cheapest first:
 
 1. input checks before the model (``input_problem``): an image too small to judge is
-   refused; an image that is mostly one colour (a flat field, a blank frame) is referred;
+   refused; an image that is mostly one colour (a flat field, a blank frame) or has almost
+   no colour (a greyscale picture, most screenshots) is referred;
 2. a feature-space out-of-distribution score fitted at the end of training on the training
-   split's penultimate-layer features, with the cut-off that ``keep`` of the validation
-   images pass:
+   split's features (the backbone's pooled embedding, ``models.WithFeatures``), with the
+   cut-off that ``keep`` of the validation images pass:
    - ``mahalanobis``: Lee et al. 2018, "A simple unified framework for detecting
      out-of-distribution samples and adversarial attacks": the smallest Mahalanobis distance
      to a class mean under one shared covariance (Ledoit-Wolf shrinkage, scikit-learn, since
-     512 dimensions from a few thousand images need it);
+     1280 dimensions from a few thousand images need it);
    - ``knn``: Sun et al. 2022, "Out-of-distribution detection with deep nearest neighbors":
      the distance to the k-th nearest training feature after L2 normalisation;
 3. ``energy`` (Liu et al. 2020) on the logits, the earlier default, kept as an option.
@@ -31,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from dermaclass.errors import DermaclassError
+
 log = logging.getLogger(__name__)
 
 OOD_METHODS: tuple[str, ...] = ("mahalanobis", "knn", "energy")
@@ -43,11 +46,18 @@ MIN_SIDE = 64
 #: measured maximum over all 10,015 HAM10000 images is in benchmarks/results/refer.json.
 ONE_COLOUR_SHARE = 0.9
 
+#: Mean per-pixel colourfulness (max - min over R, G, B) below which an image is referred:
+#: dermoscopy is colour (HAM10000's minimum is about 14, the external sets' about 9); greyscale
+#: pictures score 0 and screenshots of documents 0-10. Measured in benchmarks/results/refer.json.
+MIN_COLOURFULNESS = 5.0
+
 NOT_DERMOSCOPY = "this does not look like a dermoscopic image of a skin lesion"
 
 
-class InputProblem(ValueError):
+class InputProblem(DermaclassError, ValueError):
     """An image the model must not judge at all (e.g. too small); the message is for a clinician."""
+
+    exit_code = 3
 
 
 # ---- input checks ------------------------------------------------------------------------------
@@ -65,7 +75,20 @@ def one_colour_share(image: np.ndarray, *, levels: int = 8, side: int = 64) -> f
     return float(np.bincount(codes.ravel(), minlength=levels**3).max() / codes.size)
 
 
-def input_problem(image: Any, *, min_side: int = MIN_SIDE, one_colour: float = ONE_COLOUR_SHARE) -> str | None:
+def colourfulness(image: np.ndarray, *, side: int = 64) -> float:
+    """Mean over pixels of (max - min) of R, G, B on a thumbnail: 0 for a greyscale image."""
+    from PIL import Image
+
+    a = np.asarray(image, dtype=np.uint8)
+    h, w = a.shape[:2]
+    if w > side:
+        a = np.asarray(Image.fromarray(a).resize((side, max(1, round(side * h / w))), Image.Resampling.BOX))
+    a = a[..., :3].astype(np.int16)
+    return float(np.mean(a.max(axis=-1) - a.min(axis=-1)))
+
+
+def input_problem(image: Any, *, min_side: int = MIN_SIDE, one_colour: float = ONE_COLOUR_SHARE,
+                  min_colourfulness: float = MIN_COLOURFULNESS) -> str | None:
     """Plain-words reason to refer an RGB image (PIL or HxWx3 array) before the model sees it,
     or None. Raises ``InputProblem`` for an image too small to judge."""
     a = np.asarray(image)
@@ -76,6 +99,8 @@ def input_problem(image: Any, *, min_side: int = MIN_SIDE, one_colour: float = O
     share = one_colour_share(a)
     if share >= one_colour:
         return f"{NOT_DERMOSCOPY} (one colour covers {share:.0%} of it)"
+    if colourfulness(a) < min_colourfulness:
+        return f"{NOT_DERMOSCOPY} (it has almost no colour; dermoscopic images are in colour)"
     return None
 
 
@@ -112,10 +137,11 @@ def _unit(f: np.ndarray) -> np.ndarray:
     return f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
 
 
-def fit_knn(features: np.ndarray, *, k: int = 10, max_bank: int = 4000, seed: int = 0) -> dict[str, np.ndarray]:
+def fit_knn(features: np.ndarray, *, k: int = 5, max_bank: int = 2000, seed: int = 0) -> dict[str, np.ndarray]:
     """A bank of L2-normalised training features (a random subset of at most ``max_bank``, to keep
     the bundle small) and k. Sun et al. scale k with the bank (k = 50 at 100 % of ImageNet's
-    1.2 M images, k = 1 at 1 %); a few thousand images call for a small k."""
+    1.2 M images, k = 1 at 1 %); a few thousand images call for a small k. A bank of 2,000
+    (2.6 MB of float16 at 1280-d) referred as much as 2,500 in the screen of bench_refer."""
     f = _unit(features)
     if len(f) > max_bank:
         f = f[np.sort(np.random.default_rng(seed).choice(len(f), max_bank, replace=False))]
@@ -152,7 +178,7 @@ def score(method: str, *, logits: np.ndarray, features: np.ndarray | None, stats
 
         return energy_score(logits)
     if features is None:
-        raise ValueError(f"the {method} score needs penultimate-layer features")
+        raise ValueError(f"the {method} score needs the backbone features")
     if method == "mahalanobis":
         return mahalanobis_score(features, stats)
     if method == "knn":

@@ -701,6 +701,13 @@ def train(cfg: Config, data: TrainData, run_dir: str | Path, *, force: bool = Fa
     meta.update(calibration=calibration, operating_points=points, resumed=progress is not None, git_commit=commit,
                 processes=max(1, num_distrib()))
     models.save_bundle(learn.model, meta, run_dir, force=force or resume)
+    # The out-of-distribution score reads the saved bundle exactly as the app will.
+    from dermaclass.inference import fit_ood
+
+    labels = data.items["label"].astype(str).to_numpy()
+    fit_ood(run_dir, train_images=[data.images[i] for i in data.train_rows], train_labels=labels[data.train_rows],
+            valid_images=[data.images[i] for i in data.valid_rows], valid_labels=labels[data.valid_rows],
+            method=cfg.ood, keep=cfg.ood_keep, force=True)  # the bundle was just written
     shutil.rmtree(run_dir / REPLACED, ignore_errors=True)  # the new bundle is complete: the old one can go
     for f in (run_dir / "checkpoints").glob("*-*"):
         if f.name.startswith(("weights-", "opt-", "ema-")):

@@ -99,6 +99,33 @@ def check_upload(path: str | None) -> np.ndarray:
         raise UploadError(f"{name}: not a readable image ({detail}).") from None
 
 
+def side_by_side(image: np.ndarray, overlay: np.ndarray) -> np.ndarray:
+    """The upload (the centre crop the model saw) beside its heat overlay at the same size, and
+    a colour scale, so a clinician can compare the heat with the lesion point by point."""
+    import cv2
+    from PIL import Image, ImageDraw
+
+    from dermaclass.data.images import fit_to_size
+
+    h, w = overlay.shape[:2]
+    crop = fit_to_size(Image.fromarray(np.asarray(image, dtype=np.uint8)), (w, h))
+    # The overlay's colour map (pytorch-grad-cam: OpenCV's JET), from high (top) to low.
+    ramp = np.linspace(255, 0, h).astype(np.uint8)[:, None].repeat(16, axis=1)
+    bar = cv2.cvtColor(cv2.applyColorMap(ramp, cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
+    gap, label_w, title_h = 10, 44, 18
+    canvas = Image.new("RGB", (2 * w + 2 * gap + bar.shape[1] + label_w, h + title_h), "white")
+    canvas.paste(Image.fromarray(crop), (0, title_h))
+    canvas.paste(Image.fromarray(overlay), (w + gap, title_h))
+    x_bar = 2 * w + 2 * gap
+    canvas.paste(Image.fromarray(bar), (x_bar, title_h))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((2, 2), "image (as the model saw it)", fill="black")
+    draw.text((w + gap + 2, 2), "where the model looked", fill="black")
+    draw.text((x_bar + bar.shape[1] + 4, title_h), "high", fill="black")
+    draw.text((x_bar + bar.shape[1] + 4, title_h + h - 12), "low", fill="black")
+    return np.asarray(canvas)
+
+
 def _label(p: Predictor, code: str) -> str:
     name = p.name(code)
     return f"{name} ({code})" if name != code else code
@@ -240,6 +267,7 @@ def build_app(bundle: str | Path, *, review_dir: str | Path = "review") -> gr.Bl
             image = check_upload(path)
             result = predictor.predict(image, tta=tta)
             _, overlay = predictor.gradcam(image, display_width=OVERLAY_WIDTH)
+            overlay = side_by_side(image, overlay)
         except UploadError as exc:
             return None, None, f"### Cannot read this upload\n\n{exc}", None, gr.update(interactive=False), *reset
         except DermaclassError as exc:
@@ -311,7 +339,8 @@ def build_app(bundle: str | Path, *, review_dir: str | Path = "review") -> gr.Bl
                 with gr.Column():
                     verdict = gr.Markdown(elem_id="verdict")
                     probs = gr.Label(num_top_classes=len(predictor.classes), label="Calibrated probabilities")
-                    heat = gr.Image(label="Grad-CAM: regions behind the top class", interactive=False, height=320, format="png")
+                    heat = gr.Image(label="Class-activation map (LayerCAM): regions behind the top class, beside the image",
+                                    interactive=False, height=320, format="png")
             with gr.Accordion("The model is wrong? Save the right label for retraining", open=True):
                 with gr.Row():
                     right = gr.Dropdown(choices=choices, label="Right label", value=None)

@@ -146,7 +146,7 @@ def test_a_broken_model_never_hands_out_nan(tiny_bundle: Path, colour_data: Path
     from dermaclass.cli import app
 
     pred = Predictor(tiny_bundle)
-    monkeypatch.setattr(pred, "logits", lambda images, **kw: np.full((len(images), len(pred.classes)), np.nan))
+    monkeypatch.setattr(pred, "forward", lambda images, **kw: (np.full((len(images), len(pred.classes)), np.nan), None))
     with pytest.raises(ModelError, match="non-finite probabilities for .*0.png"):
         pred.predict(colour_data / "mel" / "0.png")
     with pytest.raises(ModelError, match="non-finite"):
@@ -170,3 +170,51 @@ def test_features_agree_between_the_one_batch_and_the_batched_paths(tiny_bundle:
     assert f1.shape[0] == 6 and f1.shape[1] > 0
     assert np.abs(l1 - l2).max() < 1e-4 and np.abs(f1 - f2).max() < 1e-4
     assert np.allclose(pred.logits(x), l1, atol=1e-5)
+
+
+def test_training_fits_the_feature_space_referral(tiny_bundle: Path) -> None:
+    from dermaclass import refer
+
+    pred = Predictor(tiny_bundle, backend="torch")
+    ood = pred.meta["calibration"]["refer"]["ood"]
+    assert ood["method"] == "knn" == pred.ood_method and (tiny_bundle / refer.OOD_FILE).is_file()
+    assert ood["keep"] == 0.95 and "train split" in ood["fitted_on"]
+    assert set(pred.ood_stats) == {"bank", "k"} and pred.ood_stats["bank"].dtype == np.float16
+
+
+def test_too_small_is_refused_and_a_flat_field_is_referred(tiny_bundle: Path, tmp_path: Path) -> None:
+    from dermaclass.refer import InputProblem
+
+    pred = Predictor(tiny_bundle)
+    tiny = tmp_path / "dot.png"
+    Image.fromarray(np.zeros((1, 1, 3), np.uint8)).save(tiny)
+    with pytest.raises(InputProblem, match=r"dot.png: too small to judge: the image is 1x1 pixels"):
+        pred.predict(tiny)
+    flat = pred.predict(np.full((48, 64, 3), (200, 150, 120), np.uint8))
+    assert flat["referral"]["refer"] and "does not look like a dermoscopic image" in flat["referral"]["reasons"][0]
+    assert flat["ood_method"] == "knn"
+
+
+def test_fit_ood_refits_only_with_force_and_records_the_method(tiny_bundle: Path, colour_data: Path,
+                                                               tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    from dermaclass import refer
+    from dermaclass.config import load_config
+    from dermaclass.evaluate.run import refit_ood
+
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_bundle, bundle, ignore=shutil.ignore_patterns("checkpoints", "*.onnx"))
+    cfg = load_config(cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(FileExistsError, match="already has a fitted out-of-distribution score"):
+        refit_ood(bundle, colour_data, cfg=cfg, method="mahalanobis")
+    r = refit_ood(bundle, colour_data, cfg=cfg, method="mahalanobis", force=True)
+    meta = json.loads((bundle / "model.json").read_text())
+    assert meta["calibration"]["refer"] == r and r["ood"]["method"] == "mahalanobis"
+    assert 0.0 <= r["valid_referred"] <= 1.0
+    pred = Predictor(bundle)
+    assert pred.ood_method == "mahalanobis" and set(pred.ood_stats) == {"means", "precision"}
+    # energy needs no arrays: the stale file goes, so a reader never mistakes it for the score in use
+    refit_ood(bundle, colour_data, cfg=cfg, method="energy", force=True)
+    assert not (bundle / refer.OOD_FILE).exists() and Predictor(bundle).ood_method == "energy"

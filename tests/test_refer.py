@@ -84,7 +84,7 @@ def test_energy_needs_no_stats_and_unknown_method_is_named() -> None:
     assert s[0] > s[1]
     with pytest.raises(ValueError, match="unknown out-of-distribution method 'odin'"):
         refer.fit("odin", np.zeros((2, 2)), np.zeros(2, int), 2)
-    with pytest.raises(ValueError, match="needs penultimate-layer features"):
+    with pytest.raises(ValueError, match="needs the backbone features"):
         refer.score("knn", logits=logits, features=None, stats={})
 
 
@@ -102,3 +102,16 @@ def test_stats_round_trip_through_safetensors(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="fit-ood"):
         refer.load_stats(tmp_path / "nowhere", "knn")
     assert refer.save_stats(tmp_path, {}) is None
+
+
+def test_greyscale_image_is_referred_for_having_no_colour() -> None:
+    rng = np.random.default_rng(3)
+    grey = np.repeat(rng.integers(0, 256, size=(150, 200, 1), dtype=np.uint8), 3, axis=2)
+    assert refer.colourfulness(grey) == 0.0
+    reason = refer.input_problem(grey)
+    assert reason is not None and "almost no colour" in reason
+    lesion_like = np.zeros((150, 200, 3), dtype=np.uint8)
+    lesion_like[..., 0] = rng.integers(150, 230, size=(150, 200))  # skin: red well above blue
+    lesion_like[..., 1] = rng.integers(90, 150, size=(150, 200))
+    lesion_like[..., 2] = rng.integers(60, 120, size=(150, 200))
+    assert refer.colourfulness(lesion_like) > refer.MIN_COLOURFULNESS and refer.input_problem(lesion_like) is None

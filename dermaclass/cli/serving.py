@@ -11,7 +11,8 @@ from rich.markup import escape
 
 from dermaclass import DISCLAIMER
 from dermaclass.cli import (
-    EXIT_CODES, Opt, _default_bundle, app, err, friendly, out,
+    EXIT_CODES, ClassNamesOpt, ConfigOpt, DataPath, GroupColOpt, ImageColOpt, LabelColOpt, ManifestOpt, Opt,
+    WorkersOpt, _config, _default_bundle, app, err, friendly, out,
 )
 
 
@@ -27,6 +28,7 @@ def predict_cmd(
     """Predict images: calibrated probabilities, operating-point flags, and referral."""
     from dermaclass.data.images import ImageDecodeError
     from dermaclass.inference import Predictor
+    from dermaclass.refer import InputProblem
 
     pred = Predictor.from_bundle(_default_bundle(model))
     failed = 0
@@ -36,6 +38,10 @@ def predict_cmd(
         except ImageDecodeError as exc:
             failed += 1
             err.print(f"[bold red]error:[/] {escape(exc.detail)}", highlight=False)
+            continue
+        except InputProblem as exc:  # e.g. too small to judge: this image only, the others go on
+            failed += 1
+            err.print(f"[bold red]refused:[/] {escape(str(exc))}", highlight=False)
             continue
         if as_json:
             out.print_json(json.dumps({"image": str(path), **r}))
@@ -72,6 +78,41 @@ def export_cmd(
     if onnx:
         info = export_onnx(model, force=force)
         out.print(f"wrote {info['path']} (max |logit difference| vs torch {info['max_abs_diff']:.1e})", highlight=False)
+
+
+@app.command("fit-ood", epilog=EXIT_CODES)
+@friendly
+def fit_ood_cmd(
+    model: Annotated[Path, typer.Argument(help="Model bundle folder.")],
+    data: DataPath,
+    method: Annotated[str, Opt("--ood", help="knn | mahalanobis | energy")] = "knn",
+    keep: Annotated[float, Opt("--keep", help="Share of the valid split the cut-off passes.")] = 0.95,
+    split_file: Annotated[Path | None, Opt("--split-file", help="[default: the split.csv beside the bundle]")] = None,
+    force: Annotated[bool, Opt("--force", help="Replace a score the bundle already has.")] = False,
+    config: ConfigOpt = None,
+    manifest: ManifestOpt = None,
+    image_col: ImageColOpt = None,
+    label_col: LabelColOpt = None,
+    group_col: GroupColOpt = None,
+    class_names: ClassNamesOpt = None,
+    workers: WorkersOpt = None,
+) -> None:
+    """Fit a bundle's out-of-distribution score on the train split of DATA (cut-off on its valid split).
+
+    For bundles trained before the feature-space scores; `train` fits one itself.
+    """
+    from dermaclass.evaluate.run import refit_ood
+
+    if method not in ("knn", "mahalanobis", "energy"):
+        raise typer.BadParameter(f"--ood must be knn, mahalanobis or energy, not {method!r}")
+    if not 0 < keep < 1:
+        raise typer.BadParameter(f"--keep must be between 0 and 1, not {keep}")
+    cfg = _config(config, manifest=manifest, image_col=image_col, label_col=label_col, group_col=group_col,
+                  class_names=class_names, workers=workers)
+    r = refit_ood(model, data, split_file=split_file, cfg=cfg, method=method, keep=keep, force=force)
+    ood = r["ood"]
+    out.print(f"{model}: {ood['method']} score, cut-off {ood['threshold']:.4f} (passes {ood['keep']:.0%} of the valid "
+              f"split); the whole referral rule refers {r['valid_referred']:.1%} of valid images", highlight=False)
 
 
 @app.command("serve", epilog=EXIT_CODES)

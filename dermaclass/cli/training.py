@@ -62,6 +62,8 @@ def train_cmd(
     early_stop_patience: Annotated[int | None, Opt("--early-stop-patience", help="0 = off")] = None,
     operating_classes: Annotated[str | None, Opt("--operating-classes", help="Classes that get a sensitivity threshold [default: mel]")] = None,
     target_sensitivity: Annotated[float | None, Opt("--target-sensitivity", help="Validation sensitivity of the threshold [default: 0.9]")] = None,
+    ood: Annotated[str | None, Opt("--ood", help="knn | mahalanobis | energy: the out-of-distribution score that refers "
+                                   "images unlike the training data [default: knn]")] = None,
     split_file: Annotated[Path | None, Opt("--split-file", help="Reuse this split (new images are added).")] = None,
     seed: Annotated[int | None, Opt("--seed")] = None,
     threads: Annotated[int | None, Opt("--threads", help="torch threads (0 = all cores)")] = None,
@@ -83,7 +85,7 @@ def train_cmd(
                   lr_ratio=lr_ratio, stage_fractions=stage_fractions, stage_sizes=stage_sizes, lr_rule=lr_rule, weight_sharing=weight_sharing,
                   imbalance=imbalance, augment=augment, colour_constancy=colour_constancy, tta=tta,
                   label_smoothing=label_smoothing, keep=keep, ema_decay=ema_decay, precision=precision, early_stop_patience=early_stop_patience, split_file=split_file,
-                  operating_classes=operating_classes, target_sensitivity=target_sensitivity,
+                  operating_classes=operating_classes, target_sensitivity=target_sensitivity, ood=ood,
                   seed=seed, threads=threads, manifest=manifest, image_col=image_col, label_col=label_col,
                   group_col=group_col, class_names=class_names, workers=workers)
     if lr_find:

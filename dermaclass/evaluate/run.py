@@ -22,7 +22,7 @@ import pandas as pd
 
 import dermaclass
 from dermaclass.config import Config
-from dermaclass.data import DecodeCache, read_split, validate_sources
+from dermaclass.data import CachedImages, DecodeCache, read_split, validate_sources
 from dermaclass.errors import DermaclassError
 from dermaclass.evaluate.metrics import (
     bootstrap_intervals, classification_metrics, confused_pairs, expected_calibration_error, flag_rates,
@@ -80,6 +80,51 @@ def select_split(items: pd.DataFrame, split_df: pd.DataFrame | None, split: str,
     return items[mask], counts
 
 
+def _split_images(predictor: Predictor, items: pd.DataFrame, *, split: Split, split_path: Path | None, cfg: Config,
+                  source: str) -> tuple[pd.DataFrame, dict, CachedImages]:
+    """The rows of ``split`` (by the split file) and their images at the bundle's input size,
+    refusing labels the bundle does not know."""
+    items = items.reset_index(drop=True)
+    split_df = None
+    if split != "all":
+        if split_path is None or not split_path.is_file():
+            raise EvaluationError(f"{predictor.bundle}: no split file at {split_path}; pass --split-file or --split all")
+        split_df = read_split(split_path)
+    chosen, split_counts = select_split(items, split_df, split, source=source)
+    chosen = chosen.reset_index(drop=True)
+    unknown = chosen.loc[~chosen["label"].isin(predictor.classes), "label"].value_counts()
+    if len(unknown):
+        listed = ", ".join(f"{lab!r} ({n} image{'s' if n > 1 else ''})" for lab, n in unknown.items())
+        raise EvaluationError(f"{source}: labels the model does not know: {listed}; the model's classes are "
+                              f"{', '.join(predictor.classes)}. Relabel, drop them, or train a model that has them.")
+    images = DecodeCache(cfg.cache_dir, predictor.input_size).ensure(
+        chosen["path"].tolist(), chosen["hash"].tolist(), workers=cfg.workers or None
+    )
+    return chosen, split_counts, images
+
+
+def refit_ood(bundle: str | Path, data: str | Path | Sequence[str | Path], *, split_file: str | Path | None = None,
+              cfg: Config | None = None, method: str | None = None, keep: float | None = None,
+              force: bool = False) -> dict[str, Any]:
+    """Fit (or refit) a bundle's out-of-distribution score on the train split of ``data`` and
+    set its cut-off on the valid split (``dermaclass fit-ood``: bundles trained before the
+    feature-space scores, or a new method). Never on test or external images."""
+    from dermaclass.inference import fit_ood
+
+    cfg = cfg or Config()
+    bundle = Path(bundle)
+    predictor = Predictor(bundle, backend="torch", threads=cfg.threads)
+    paths = [data] if isinstance(data, (str, Path)) else list(data)
+    items, _ = validate_sources(cfg, paths, progress=None)
+    source = ", ".join(str(p) for p in paths)
+    split_path = Path(split_file) if split_file else bundle / "split.csv"
+    parts = {s: _split_images(predictor, items, split=s, split_path=split_path, cfg=cfg, source=source)
+             for s in ("train", "valid")}
+    return fit_ood(bundle, train_images=parts["train"][2], train_labels=parts["train"][0]["label"].tolist(),
+                   valid_images=parts["valid"][2], valid_labels=parts["valid"][0]["label"].tolist(),
+                   method=method or cfg.ood, keep=keep if keep is not None else cfg.ood_keep, force=force)
+
+
 def evaluate_bundle(
     bundle: str | Path,
     data: str | Path | Sequence[str | Path],
@@ -105,27 +150,10 @@ def evaluate_bundle(
     classes = predictor.classes
     paths = [data] if isinstance(data, (str, Path)) else list(data)
     items, validations = validate_sources(cfg, paths, progress=progress)
-    items = items.reset_index(drop=True)
     data = ", ".join(str(p) for p in paths)
-
-    split_path: Path | None = None
-    split_df = None
-    if split != "all":
-        split_path = Path(split_file) if split_file else bundle / "split.csv"
-        if not split_path.is_file():
-            raise EvaluationError(f"{bundle}: no split file at {split_path}; pass --split-file or --split all")
-        split_df = read_split(split_path)
-    chosen, split_counts = select_split(items, split_df, split, source=str(data))
-    chosen = chosen.reset_index(drop=True)
-    unknown = chosen.loc[~chosen["label"].isin(classes), "label"].value_counts()
-    if len(unknown):
-        listed = ", ".join(f"{lab!r} ({n} image{'s' if n > 1 else ''})" for lab, n in unknown.items())
-        raise EvaluationError(f"{data}: labels the model does not know: {listed}; the model's classes are "
-                              f"{', '.join(classes)}. Relabel, drop them, or train a model that has them.")
-
-    images = DecodeCache(cfg.cache_dir, predictor.input_size).ensure(
-        chosen["path"].tolist(), chosen["hash"].tolist(), workers=cfg.workers or None
-    )
+    split_path = None if split == "all" else (Path(split_file) if split_file else bundle / "split.csv")
+    chosen, split_counts, images = _split_images(predictor, items, split=split, split_path=split_path, cfg=cfg,
+                                                 source=data)
     tta = predictor.tta if tta is None else tta
     logits = predictor.logits(images, tta=tta)
     raw, probs = softmax(logits), predictor.checked(softmax(logits, predictor.temperature), f"the images of {data}")
