@@ -10,7 +10,7 @@ DATA   ?= ../shared/data/ham10000
 # The venv is (re)built when pyproject.toml changes; torch comes from this machine's disk.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --disable-pip-version-check -e '.[test]'
+	$(BIN)/python -m pip install --disable-pip-version-check -e '.[test,bench]'
 	touch $@
 
 install: $(STAMP)
@@ -28,6 +28,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_decode_cache.py $(QUICK)
 	$(BIN)/python benchmarks/bench_inference.py $(QUICK)
+	$(BIN)/python benchmarks/bench_refer.py $(QUICK)
 	$(BIN)/python benchmarks/bench_throughput.py $(QUICK)
 	$(BIN)/python benchmarks/bench_app.py $(QUICK)
 	$(BIN)/python benchmarks/bench_recipes.py $(QUICK)

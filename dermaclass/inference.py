@@ -232,8 +232,8 @@ class Predictor:
         if input_reason:
             reasons.append(input_reason)
         if self.ood_threshold is not None and ood_score < self.ood_threshold:
-            reasons.append(f"{refer.NOT_DERMOSCOPY} like those the model was trained on "
-                           f"(out-of-distribution score {ood_score:.2f}, below the cut-off {self.ood_threshold:.2f})")
+            reasons.append(f"{refer.NOT_DERMOSCOPY} that the model can judge: it is unlike the images it was trained "
+                           f"on (out-of-distribution score {ood_score:.2f}, below the cut-off {self.ood_threshold:.2f})")
         if top_probability < self.refer_below:
             reasons.append(f"the most likely class has only {top_probability:.0%} probability "
                            f"(below the {self.refer_below:.0%} floor)")

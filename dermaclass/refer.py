@@ -141,7 +141,7 @@ def fit_knn(features: np.ndarray, *, k: int = 5, max_bank: int = 2000, seed: int
     """A bank of L2-normalised training features (a random subset of at most ``max_bank``, to keep
     the bundle small) and k. Sun et al. scale k with the bank (k = 50 at 100 % of ImageNet's
     1.2 M images, k = 1 at 1 %); a few thousand images call for a small k. A bank of 2,000
-    (2.6 MB of float16 at 1280-d) referred as much as 2,500 in the screen of bench_refer."""
+    (5 MB of float16 at 1280-d) referred as much as 2,500 in the screen of bench_refer."""
     f = _unit(features)
     if len(f) > max_bank:
         f = f[np.sort(np.random.default_rng(seed).choice(len(f), max_bank, replace=False))]

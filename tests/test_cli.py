@@ -113,6 +113,30 @@ def test_predict_command(tiny_bundle: Path, colour_data: Path, tmp_path: Path) -
     bad.write_bytes(b"x")
     res = runner.invoke(app, ["predict", str(colour_data / "nv" / "0.png"), str(bad), "--model", str(tiny_bundle)])
     assert res.exit_code == 3 and "bad.jpg" in res.output and "not a diagnostic device" in res.output
+    # An image too small to judge is refused by name; the others are still predicted.
+    from PIL import Image
+
+    dot = tmp_path / "dot.png"
+    Image.new("RGB", (1, 1)).save(dot)
+    res = runner.invoke(app, ["predict", str(dot), str(colour_data / "nv" / "0.png"), "--model", str(tiny_bundle)])
+    text = " ".join(res.output.split())  # Rich wraps long lines
+    assert res.exit_code == 3 and "dot.png: too small to judge" in text and "0.png:" in text
+
+
+def test_fit_ood_command(tiny_bundle: Path, colour_data: Path, tmp_path: Path) -> None:
+    import json as _json
+    import shutil
+
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_bundle, bundle)
+    runner = CliRunner()
+    res = runner.invoke(app, ["fit-ood", str(bundle), str(colour_data), "--ood", "odin"])
+    assert res.exit_code == 2 and "--ood must be knn, mahalanobis or energy" in " ".join(res.output.split())
+    res = runner.invoke(app, ["fit-ood", str(bundle), str(colour_data)])
+    assert res.exit_code != 0 and "already has a fitted out-of-distribution score" in " ".join(res.output.split())
+    res = runner.invoke(app, ["fit-ood", str(bundle), str(colour_data), "--ood", "mahalanobis", "--force"])
+    assert res.exit_code == 0 and "mahalanobis score, cut-off" in " ".join(res.output.split()), res.output
+    assert _json.loads((bundle / "model.json").read_text())["calibration"]["refer"]["ood"]["method"] == "mahalanobis"
 
 
 def test_export_and_missing_bundle(tiny_bundle: Path, tmp_path: Path) -> None:

@@ -218,3 +218,38 @@ def test_fit_ood_refits_only_with_force_and_records_the_method(tiny_bundle: Path
     # energy needs no arrays: the stale file goes, so a reader never mistakes it for the score in use
     refit_ood(bundle, colour_data, cfg=cfg, method="energy", force=True)
     assert not (bundle / refer.OOD_FILE).exists() and Predictor(bundle).ood_method == "energy"
+
+
+BUNDLED = Path(__file__).resolve().parents[1] / "models" / "ham10000-effnet-lite0"
+
+
+def _screenshot() -> np.ndarray:
+    """A page as a screenshot shows it: white, a coloured header and button, lines of text."""
+    from PIL import ImageDraw
+
+    page = Image.new("RGB", (900, 600), "white")
+    d = ImageDraw.Draw(page)
+    d.rectangle((0, 0, 900, 60), fill=(249, 115, 22))
+    d.rectangle((40, 480, 200, 520), fill=(37, 99, 235))
+    for i in range(14):
+        d.text((40, 90 + 26 * i), "Calibrated probabilities: melanocytic nevus 57 % - decision support only " * 2,
+               fill=(30, 30, 30))
+    return np.asarray(page)
+
+
+@pytest.mark.skipif(not (BUNDLED / "model.json").is_file(), reason="the bundled model is not in this checkout")
+def test_the_bundled_model_refers_what_is_not_dermoscopy() -> None:
+    """The issue's examples, read as a clinician would: each referred with a plain reason."""
+    from dermaclass.refer import InputProblem
+
+    pred = Predictor(BUNDLED)
+    w, h = 400, 300
+    gradient = (np.linspace(0, 1, w)[None, :, None] * np.array([230, 120, 60]) + 20).astype(np.uint8)
+    gradient = np.ascontiguousarray(np.broadcast_to(gradient, (h, w, 3)))
+    skin = np.full((h, w, 3), (224, 172, 150), np.uint8)
+    for image in (gradient, skin, _screenshot()):
+        r = pred.predict(image)
+        assert r["referral"]["refer"], r["referral"]
+        assert any("does not look like a dermoscopic image" in reason for reason in r["referral"]["reasons"])
+    with pytest.raises(InputProblem, match="too small to judge"):
+        pred.predict(np.zeros((1, 1, 3), np.uint8))

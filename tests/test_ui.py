@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 from conftest import free_port
 from dermaclass import DISCLAIMER
@@ -91,6 +92,10 @@ def test_launched_app_diagnoses_refuses_and_saves_corrections(tiny_bundle: Path,
         bad.write_bytes(b"\x89PNG garbage")
         _, _, verdict, *_ = client.predict(handle_file(str(bad)), False, api_name="/diagnose")
         assert "bad.png: not a readable image" in verdict
+        dot = tmp_path / "dot.png"
+        Image.fromarray(np.zeros((1, 1, 3), np.uint8)).save(dot)
+        label, _, verdict, *_ = client.predict(handle_file(str(dot)), False, api_name="/diagnose")
+        assert not label and "too small to judge: the image is 1x1 pixels" in verdict
     finally:
         app.close()
     table = pd.read_csv(tmp_path / "review" / "labels.csv", dtype=str)
@@ -114,3 +119,16 @@ def test_pixel_limit_and_weak_model_warning(tiny_bundle: Path, tmp_path: Path) -
     p.meta = {**p.meta, "metrics_valid": {"balanced_accuracy": 0.36}}  # 3 classes: chance is 0.33
     _, warning = model_status(p)
     assert warning is not None and "close to chance" in warning and "no evaluation report" in warning
+
+
+def test_side_by_side_shows_the_image_its_overlay_and_a_colour_scale(tiny_bundle: Path, colour_data: Path) -> None:
+    from dermaclass.ui import side_by_side
+
+    p = Predictor(tiny_bundle)
+    image = np.asarray(Image.open(colour_data / "mel" / "2.png").convert("RGB"))
+    _, overlay = p.gradcam(image, display_width=600)
+    shown = side_by_side(image, overlay)
+    h, w = overlay.shape[:2]
+    assert shown.shape[0] > h and shown.shape[1] > 2 * w  # a title row, two panels, the scale
+    top, bottom = shown[-h, 2 * w + 20 + 4], shown[-1, 2 * w + 20 + 4]
+    assert top[0] > top[2] and bottom[2] > bottom[0]  # jet: red at the top (high), blue at the bottom (low)

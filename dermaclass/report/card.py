@@ -67,10 +67,14 @@ def model_card_markdown(meta: dict[str, Any], report: dict[str, Any] | None, *, 
                          f"target {op.get('target_sensitivity')})")
     refer = cal.get("refer") or {}
     if refer:
-        lines.append(f"- referral: top probability below {refer.get('min_top_probability', 0):.0%}, or an energy score "
-                     f"below {(refer.get('ood') or {}).get('threshold', float('nan')):.3f} (passed by "
-                     f"{(refer.get('ood') or {}).get('keep', 0):.0%} of validation images); {refer.get('valid_referred', 0):.1%} "
-                     "of validation images are referred")
+        ood = refer.get("ood") or {}
+        score = {"knn": "a k-nearest-neighbour out-of-distribution score on the backbone embedding (Sun et al. 2022)",
+                 "mahalanobis": "a Mahalanobis out-of-distribution score on the backbone embedding (Lee et al. 2018)",
+                 "energy": "an energy score (Liu et al. 2020)"}.get(ood.get("method", "energy"), ood.get("method"))
+        lines.append(f"- referral: images under 64 px refused; images mostly of one colour or with almost no colour "
+                     f"referred; then top probability below {refer.get('min_top_probability', 0):.0%}, or {score} "
+                     f"below {ood.get('threshold', float('nan')):.3f} (passed by {ood.get('keep', 0):.0%} of validation "
+                     f"images); {refer.get('valid_referred', 0):.1%} of validation images are referred")
     split = (meta.get("data") or {}).get("split_counts") or {}
     lines += [
         "",
