@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 DEFAULT_ARCH = "tf_efficientnet_lite0"
 BUNDLE_WEIGHTS = "model.safetensors"
 BUNDLE_META = "model.json"
+#: The bundled model: what `dermaclass predict`, `serve` and the app load when no --model is given.
+DEFAULT_BUNDLE = Path(__file__).resolve().parents[1] / "models" / "ham10000-effnet-lite0"
 BUNDLE_FORMAT = 1
 
 

@@ -34,6 +34,7 @@ from dermaclass.data.images import ImageDecodeError, load_rgb  # noqa: E402
 from dermaclass.data.review import save_correction  # noqa: E402
 from dermaclass.errors import DermaclassError  # noqa: E402
 from dermaclass.inference import Predictor  # noqa: E402
+from dermaclass.models import DEFAULT_BUNDLE  # noqa: E402,F401 - the app's default, re-exported
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,6 @@ DELETE_CACHE = (3600, 3600)
 OVERLAY_WIDTH = 600  # the Grad-CAM overlay is drawn on the upload at up to this width
 CHANCE_MARGIN = 0.10  # a bundle within this of chance balanced accuracy (1 / classes) is flagged as weak
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 7860
-DEFAULT_BUNDLE = Path(__file__).resolve().parents[1] / "models" / "ham10000-effnet-lite0"
 REPORT_DIR = "report"  # where `dermaclass evaluate BUNDLE DATA --out BUNDLE/report` puts the bundle's report
 
 

@@ -183,3 +183,13 @@ def test_piped_validate_output_keeps_whole_file_names(folder_dataset: Path) -> N
     (folder_dataset / "acne" / long).write_bytes(b"\xff\xd8\xff garbage")
     result = runner.invoke(app, ["data", "validate", str(folder_dataset)])  # CliRunner: not a terminal
     assert result.exit_code == 0 and f"acne/{long}" in result.output
+
+
+def test_the_cli_and_predict_do_not_import_gradio() -> None:
+    """`dermaclass predict` on a clinic workstation must not pay for (or depend on) the web stack."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import dermaclass.cli, dermaclass.inference, dermaclass.refer; "
+            "sys.exit(1 if 'gradio' in sys.modules else 0)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0

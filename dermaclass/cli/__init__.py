@@ -191,7 +191,7 @@ def _main_first():
         yield
 
 def _default_bundle(model: Path | None) -> Path:
-    from dermaclass.ui import DEFAULT_BUNDLE
+    from dermaclass.models import DEFAULT_BUNDLE
 
     path = model or DEFAULT_BUNDLE
     if not (path / "model.json").is_file():
