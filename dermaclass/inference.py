@@ -42,13 +42,19 @@ from fastai.losses import CrossEntropyLossFlat
 from dermaclass import models, refer
 from dermaclass.data.images import COLOUR_CONSTANCY, apply_colour, fit_to_size, load_rgb
 from dermaclass.data.loaders import ColourConstancy, ReadCached
-from dermaclass.evaluate.metrics import softmax
 
 log = logging.getLogger(__name__)
 
 
 ONNX_FILE = "model.onnx"
 REFER_MESSAGE = "Refer to a dermatologist"
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Probabilities of logits divided by the bundle's temperature (scipy's stable softmax)."""
+    from scipy.special import softmax as _softmax
+
+    return _softmax(np.asarray(logits, dtype=np.float64) / temperature, axis=1)
 
 
 def _cam(name: str) -> Any:

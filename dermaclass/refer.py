@@ -159,6 +159,15 @@ def knn_score(features: np.ndarray, stats: dict[str, np.ndarray]) -> np.ndarray:
     return -np.sqrt(np.maximum(2.0 - 2.0 * kth, 0.0))
 
 
+# ---- energy (Liu et al. 2020) -----------------------------------------------------------------------
+def energy_score(logits: np.ndarray) -> np.ndarray:
+    """The negative free energy logsumexp(logits) per image (Liu et al. 2020, "Energy-based
+    out-of-distribution detection"): higher means more like the training data."""
+    from scipy.special import logsumexp
+
+    return logsumexp(np.asarray(logits, dtype=np.float64), axis=1)
+
+
 # ---- one entry point -------------------------------------------------------------------------------
 def fit(method: str, features: np.ndarray, labels: np.ndarray, n_classes: int) -> dict[str, np.ndarray]:
     """The arrays ``score`` needs for ``method`` (energy needs none)."""
@@ -174,8 +183,6 @@ def fit(method: str, features: np.ndarray, labels: np.ndarray, n_classes: int) -
 def score(method: str, *, logits: np.ndarray, features: np.ndarray | None, stats: dict[str, np.ndarray]) -> np.ndarray:
     """The out-of-distribution score of ``method`` for a batch (higher = more like the training data)."""
     if method == "energy":
-        from dermaclass.evaluate.metrics import energy_score
-
         return energy_score(logits)
     if features is None:
         raise ValueError(f"the {method} score needs the backbone features")

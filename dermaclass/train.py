@@ -58,8 +58,7 @@ from dermaclass.data.splits import MIN_PER_CLASS, thin_classes
 from dermaclass.data.loaders import class_weights, make_dataloaders
 from dermaclass.errors import DermaclassError
 from dermaclass.evaluate import (
-    classification_metrics, energy_score, expected_calibration_error, fit_temperature, operating_point,
-    score_threshold, softmax,
+    classification_metrics, expected_calibration_error, fit_temperature, operating_point, softmax,
 )
 from dermaclass.fileio import atomic_path, write_json
 
@@ -719,11 +718,10 @@ def train(cfg: Config, data: TrainData, run_dir: str | Path, *, force: bool = Fa
 def calibrate(cfg: Config, logits: np.ndarray, labels: np.ndarray, vocab: list[str]) -> tuple[dict, dict, np.ndarray]:
     """Temperature scaling, operating points and the referral rule, fitted on the validation split.
 
-    Returns the bundle's ``calibration`` (with ``refer``) and ``operating_points`` entries and
-    the calibrated validation probabilities. Every later prediction divides the logits by
-    this temperature; an image is referred when its top probability is below
-    ``refer_below`` or its energy score is below the cut-off that ``ood_keep`` of the
-    validation images pass.
+    Returns the bundle's ``calibration`` and ``operating_points`` entries and the calibrated
+    validation probabilities. Every later prediction divides the logits by this temperature.
+    The referral rule (``calibration.refer``) is fitted on the saved bundle by
+    ``inference.fit_ood``, since its score reads the bundle's features as the app does.
     """
     t = fit_temperature(logits, labels)
     raw, probs = softmax(logits), softmax(logits, t)
@@ -736,16 +734,6 @@ def calibrate(cfg: Config, logits: np.ndarray, labels: np.ndarray, vocab: list[s
                    "ece_before": before, "ece_after": after,
                    **({"refused": "the fitted temperature made validation ECE worse; T = 1 kept"} if refused else {})}
     log.info("temperature %.3f: valid ECE %.4f -> %.4f", t, calibration["ece_before"] or 0, calibration["ece_after"] or 0)
-    energy = energy_score(logits)
-    top = probs.max(axis=1)
-    cut = score_threshold(energy, keep=cfg.ood_keep)
-    calibration["refer"] = {
-        "min_top_probability": cfg.refer_below,
-        "ood": {"method": "energy", "threshold": cut, "keep": cfg.ood_keep},
-        "valid_referred": float(np.mean((top < cfg.refer_below) | (energy < cut))),
-        "valid_accuracy_kept": float(np.mean((probs.argmax(1) == labels)[(top >= cfg.refer_below) & (energy >= cut)]))
-        if np.any((top >= cfg.refer_below) & (energy >= cut)) else None,
-    }
     points = {}
     for cls in cfg.operating_classes:
         if cls not in vocab:

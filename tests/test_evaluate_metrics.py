@@ -146,13 +146,3 @@ def test_reliability_bins_cover_all_images():
     y = rng.integers(0, 3, 100)
     bins = ev.reliability_bins(y, p, n_bins=10)
     assert sum(b["count"] for b in bins) == 100 and len(bins) == 10
-
-
-def test_energy_score_and_threshold():
-    logits = np.array([[10.0, 0, 0], [0.1, 0, 0], [1000.0, 999.0, 0]])
-    e = ev.energy_score(logits)
-    assert e[0] > e[1]
-    assert e[2] == pytest.approx(1000 + np.log(1 + np.exp(-1)))  # stable for large logits
-    scores = np.arange(100.0)
-    assert ev.score_threshold(scores, keep=0.95) == pytest.approx(4.95)
-    assert (scores >= ev.score_threshold(scores, keep=0.95)).mean() == 0.95

@@ -115,3 +115,10 @@ def test_greyscale_image_is_referred_for_having_no_colour() -> None:
     lesion_like[..., 1] = rng.integers(90, 150, size=(150, 200))
     lesion_like[..., 2] = rng.integers(60, 120, size=(150, 200))
     assert refer.colourfulness(lesion_like) > refer.MIN_COLOURFULNESS and refer.input_problem(lesion_like) is None
+
+
+def test_energy_score_is_a_stable_logsumexp() -> None:
+    logits = np.array([[10.0, 0, 0], [0.1, 0, 0], [1000.0, 999.0, 0]])
+    e = refer.energy_score(logits)
+    assert e[0] > e[1]
+    assert e[2] == pytest.approx(1000 + np.log(1 + np.exp(-1)))  # stable for large logits

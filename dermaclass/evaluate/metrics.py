@@ -306,24 +306,6 @@ def fit_temperature(logits: np.ndarray, labels: Sequence[int], *, bounds: tuple[
 
 
 # ---- out-of-distribution score --------------------------------------------------------------
-def energy_score(logits: np.ndarray) -> np.ndarray:
-    """The negative free energy logsumexp(logits) per image (Liu et al. 2020, "Energy-based OOD detection").
-
-    Higher means more like the training data; images unlike any class (not skin, not
-    dermoscopy) tend to have low scores even when their softmax is peaked.
-    """
-    z = np.asarray(logits, dtype=np.float64)
-    m = z.max(axis=1, keepdims=True)
-    return (m + np.log(np.exp(z - m).sum(axis=1, keepdims=True)))[:, 0]
-
-
-def score_threshold(scores: np.ndarray, *, keep: float = 0.95) -> float:
-    """The score that ``keep`` of in-distribution (validation) images reach: the OOD cut-off."""
-    if not 0 < keep <= 1:
-        raise ValueError(f"keep must be in (0, 1], got {keep}")
-    return float(np.quantile(np.asarray(scores, dtype=np.float64), 1 - keep))
-
-
 # ---- operating points ----------------------------------------------------------------------
 def operating_point(labels: Sequence[int], probs: np.ndarray, class_index: int, *, target_sensitivity: float = 0.9) -> dict:
     """The highest threshold on P(class) whose sensitivity on these data reaches ``target_sensitivity``.
