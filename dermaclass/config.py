@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
-from dermaclass.errors import ConfigError
+from dermaclass.errors import ConfigError, DermaclassError
 from dermaclass.fileio import write_text
 
 
@@ -139,7 +139,7 @@ def _coerce(name: str, value: Any, source: str) -> Any:
             choices = typing.get_args(base)
             if value not in choices:
                 raise ValueError(f"choose one of {', '.join(map(str, choices))}")
-            return value
+            return value  # a choice needs no range check
         if origin is tuple:
             items = value.split(",") if isinstance(value, str) else list(value)
             kinds = typing.get_args(base)
@@ -153,10 +153,55 @@ def _coerce(name: str, value: Any, source: str) -> Any:
                 kinds = (kinds[0],) * len(items)
             if len(items) != len(kinds):
                 raise ValueError(f"expected {len(kinds)} values")
-            return tuple(_scalar(k, v) for k, v in zip(kinds, items))
-        return _scalar(base, value)
+            out = tuple(_scalar(k, v) for k, v in zip(kinds, items))
+        else:
+            out = _scalar(base, value)
+        problem = _range_problem(name, out)
+        if problem:
+            raise ConfigError(f"{source}: {name}={value!r}: {problem}")
+        return out
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{source}: {name}={value!r} is not a valid {_type_name(base)} ({exc})") from None
+
+
+def _range_problem(name: str, v: Any) -> str | None:
+    """Why a typed value is out of range, checked before any work (as scikit-learn checks a
+    model's parameters at the start of ``fit``): a bad flag fails in a second, not after the
+    whole dataset is decoded or the model trained."""
+    from dermaclass import schedules
+    from dermaclass.data.splits import check_fractions as check_split
+
+    positive = {"batch_size", "epochs", "n_cycles", "cycle_len", "lr_find_iters"}
+    non_negative = {"head_epochs", "min_per_class", "workers", "threads", "early_stop_patience"}
+    if name in positive and v < 1:
+        return "must be at least 1"
+    if name in non_negative and v < 0:
+        return "must be 0 or more"
+    if name == "cycle_mult" and v < 2:
+        return "must be at least 2 (SGDR cycle-length multiplication; 1 would repeat equal cycles)"
+    if name in {"lr", "warm_lr"} and v is not None and not v > 0:
+        return "must be positive"
+    if name == "wd" and v < 0:
+        return "must be 0 or more"
+    if name == "lr_ratio" and v < 1:
+        return "must be at least 1 (the body's LR is lr / lr_ratio)"
+    if name in {"target_sensitivity", "ood_keep"} and not 0 < v < 1:
+        return "must be between 0 and 1 (exclusive)"
+    if name in {"refer_below", "label_smoothing", "ema_decay"} and not 0 <= v < 1:
+        return "must be in [0, 1)"
+    if name == "image_size" and min(v) < 16:
+        return "each side must be at least 16 pixels"
+    try:
+        if name == "stage_fractions":
+            schedules.check_fractions(v)
+        elif name == "split_fractions":
+            check_split(v)
+        elif name == "stage_sizes":
+            for size in v:
+                schedules.parse_size(size)
+    except (ValueError, DermaclassError) as exc:
+        return str(exc)
+    return None
 
 
 def _scalar(kind: type, value: Any) -> Any:

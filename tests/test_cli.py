@@ -193,3 +193,10 @@ def test_the_cli_and_predict_do_not_import_gradio() -> None:
     code = ("import sys; import dermaclass.cli, dermaclass.inference, dermaclass.refer; "
             "sys.exit(1 if 'gradio' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
+
+
+def test_a_bad_schedule_flag_exits_2_before_the_data_is_read(tmp_path: Path) -> None:
+    res = CliRunner().invoke(app, ["train", str(tmp_path / "no-such-data"), "--out", str(tmp_path / "run"),
+                                   "--cycle-mult", "1"])
+    assert res.exit_code == 2 and "cycle_mult=1: must be at least 2" in " ".join(res.output.split()), res.output
+    assert not (tmp_path / "run").exists()
