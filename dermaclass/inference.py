@@ -81,7 +81,8 @@ class Predictor:
             raise ValueError(f"backend must be auto, torch or onnx, not {backend!r}")
         self.bundle = Path(bundle)
         self.model, self.meta = models.load_bundle(self.bundle)
-        models.set_threads(threads)
+        if threads:  # only when asked: a library object must not change the process's torch settings
+            models.set_threads(threads)
         # One model call at a time: Grad-CAM hooks and autograd on a shared module are not
         # thread-safe (concurrent app requests crashed the process), and 2 cores gain nothing.
         self._lock = threading.RLock()
@@ -123,11 +124,6 @@ class Predictor:
         if self.colour_constancy not in COLOUR_CONSTANCY:
             raise models.ModelError(f"{self.bundle / models.BUNDLE_META}: unknown colour_constancy "
                                     f"{self.colour_constancy!r}; this dermaclass knows {', '.join(COLOUR_CONSTANCY)}")
-
-    @classmethod
-    def from_bundle(cls, bundle: str | Path, **kwargs: Any) -> Predictor:
-        """Load ``model.safetensors`` + ``model.json`` (never a pickle) and, when present, ``model.onnx``."""
-        return cls(bundle, **kwargs)
 
     def name(self, code: str) -> str:
         return self.class_names.get(code, code)
@@ -218,11 +214,6 @@ class Predictor:
             raise models.ModelError(f"{self.bundle}: the model gave non-finite probabilities for {what}; "
                                     "the bundle is broken (retrain or restore it)")
         return probs
-
-    def flags(self, probs: np.ndarray) -> dict[str, np.ndarray]:
-        """Per operating class, which rows reach its threshold."""
-        return {c: probs[:, self.classes.index(c)] >= op["threshold"] for c, op in self.operating_points.items()
-                if c in self.classes}
 
     def ood_scores(self, logits: np.ndarray, features: np.ndarray | None) -> np.ndarray:
         """The bundle's out-of-distribution score per image (higher = more like the training data)."""

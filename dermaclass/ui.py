@@ -247,7 +247,7 @@ def model_status(p: Predictor) -> tuple[str, str | None]:
 
 def build_app(bundle: str | Path, *, review_dir: str | Path = "review") -> gr.Blocks:
     """The Gradio Blocks app for one model bundle."""
-    predictor = Predictor.from_bundle(bundle)
+    predictor = Predictor(bundle)
     review_dir = Path(review_dir)
     choices = [(_label(predictor, c), c) for c in predictor.classes]
     bundle_report = predictor.bundle / REPORT_DIR

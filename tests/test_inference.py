@@ -45,7 +45,7 @@ def test_not_a_bundle(tmp_path: Path) -> None:
 
 
 def test_topk_referral_and_tta(tiny_bundle: Path, colour_data: Path) -> None:
-    pred = Predictor.from_bundle(tiny_bundle)
+    pred = Predictor(tiny_bundle)
     out = pred.predict(colour_data / "mel" / "1.png", top_k=2, tta=True)
     assert len(out["top_k"]) == 2 and out["top_k"][0]["class"] == out["top"]
     assert out["top_k"][0]["name"] == pred.name(out["top"])

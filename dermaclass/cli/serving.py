@@ -30,7 +30,7 @@ def predict_cmd(
     from dermaclass.inference import Predictor
     from dermaclass.refer import InputProblem
 
-    pred = Predictor.from_bundle(_default_bundle(model))
+    pred = Predictor(_default_bundle(model))
     failed = 0
     for path in images:
         try:
