@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import HAM_CLASSES, jpeg_bytes, noise_image, save_image
+from conftest import HAM_CLASSES, jpeg_bytes, save_image
 from dermaclass.data import load_dataset, validate
 
 
@@ -130,6 +130,3 @@ def test_real_ham10000_subset(ham_subset: Path) -> None:
     assert stats["sizes"]["most_common"][0]["size"] == "200x150"
     assert stats["problems"]["total"] == 0
 
-
-def test_noise_images_are_unique() -> None:
-    assert noise_image(1).tobytes() != noise_image(2).tobytes()
