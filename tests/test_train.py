@@ -125,8 +125,32 @@ def test_class_weights() -> None:
 @pytest.mark.parametrize("imbalance", ["none", "weights", "sampler", "focal"])
 def test_imbalance_options_train(imbalance: str, colour_data: Path, tmp_path: Path) -> None:
     cfg = _cfg(tmp_path, recipe="sgdr", lr=1e-3, imbalance=imbalance, head_epochs=0, augment="augmix")
-    result = train(cfg, prepare_data(cfg, colour_data), tmp_path / "run")
+    data = prepare_data(cfg, colour_data)
+    result = train(cfg, data, tmp_path / "run")
     assert 0 <= result.metrics["balanced_accuracy"] <= 1
+    # What each option does to an imbalanced subset (every nv, two of each other class):
+    # the loss weighs or focuses, or the sampler evens the class mix the network sees.
+    from dermaclass.train import loss_for, stage_dataloaders
+
+    labels = data.items["label"].to_numpy()
+    train_rows = data.train_rows
+    rows = np.concatenate([train_rows[labels[train_rows] == "nv"],
+                           *[train_rows[labels[train_rows] == c][:2] for c in ("bkl", "mel")]])
+    loss = loss_for(cfg, pd.Series(labels[rows]), data.vocab)
+    kind = type(loss).__name__
+    weight = getattr(getattr(loss, "func", None), "weight", None)
+    assert (weight is not None) == (imbalance == "weights") and (kind == "FocalLossFlat") == (imbalance == "focal")
+    if weight is not None:
+        assert weight[data.vocab.index("bkl")] > weight[data.vocab.index("nv")]
+    torch.manual_seed(0)
+    dl = stage_dataloaders(cfg, data, rows, batch_size=4).train
+    seen = np.concatenate([y.numpy() for _ in range(5) for _, y in dl])
+    nv_share = float(np.mean(seen == data.vocab.index("nv")))
+    natural = float(np.mean(labels[rows] == "nv"))
+    if imbalance == "sampler":
+        assert nv_share < natural - 0.15, (nv_share, natural)  # about 1/3 instead of most
+    else:
+        assert abs(nv_share - natural) < 0.1, (nv_share, natural)
 
 
 def test_empty_valid_split_is_a_clear_error(colour_data: Path, tmp_path: Path) -> None:
