@@ -327,12 +327,9 @@ def check_bundle_meta(meta: Any, path: str | Path) -> None:
 
 
 def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    h = hashlib.sha256()
+    """Hex sha256 of a file (hashlib reads it in chunks)."""
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _check_weights_fit(weights: Path, meta: dict[str, Any]) -> None:

@@ -146,3 +146,13 @@ def test_reliability_bins_cover_all_images():
     y = rng.integers(0, 3, 100)
     bins = ev.reliability_bins(y, p, n_bins=10)
     assert sum(b["count"] for b in bins) == 100 and len(bins) == 10
+
+
+def test_the_fast_confusion_matrix_equals_sklearns_with_weights():
+    from sklearn.metrics import confusion_matrix
+
+    from dermaclass.evaluate.metrics import _confusion
+
+    rng = np.random.default_rng(0)
+    y, pred, w = rng.integers(0, 5, 300), rng.integers(0, 5, 300), rng.poisson(1.0, 300).astype(float)
+    assert np.allclose(_confusion(y, pred, 5, w), confusion_matrix(y, pred, labels=range(5), sample_weight=w))
