@@ -236,17 +236,16 @@ def test_conflicting_class_names_are_refused(tiny_bundle: Path, colour_data: Pat
         prepare_data(cfg, colour_data)
 
 
-def test_cli_retrain_compares_on_the_parent_test_split(tiny_bundle: Path, colour_data: Path, tmp_path: Path) -> None:
-    from dermaclass.cli import app
+def test_retrain_compares_on_the_parent_test_split(tiny_bundle: Path, colour_data: Path, tmp_path: Path) -> None:
+    from dermaclass.retrain import retrain
 
     extra = _new_class_folder(tmp_path / "batch2")
     out = tmp_path / "v2"
-    res = CliRunner().invoke(app, ["retrain", str(tiny_bundle), str(colour_data), str(extra), "--out", str(out),
-                                   "--n-boot", "50"])
-    # 6 means a flagged sensitivity drop, also a valid outcome, but then the output must say so.
-    assert res.exit_code in (0, 6), res.output
-    assert (res.exit_code == 6) == ("sensitivity drop" in " ".join(res.output.split()).lower()), res.output
-    assert "classes added: bcc" in res.output and "12 new assigned" in res.output
+    seen = []
+    done = retrain(tiny_bundle, [colour_data, extra], out, n_boot=50,
+                   on_prepared=lambda cfg, prepared: seen.append(prepared.split_reuse))
+    assert seen and seen[0]["assigned"] == 12 and done.split_reuse == seen[0]
+    assert done.new_classes == ["bcc"] and done.cfg.init_bundle == str(tiny_bundle)
     for f in ("model.json", "report/report.html", "compare/compare.html", "compare/parent/report.json",
               "compare/new/report.json"):
         assert (out / f).is_file(), f
@@ -254,6 +253,22 @@ def test_cli_retrain_compares_on_the_parent_test_split(tiny_bundle: Path, colour
     assert cmp["same_test_set"] and cmp["classes_added"] == ["bcc"]
     parent_test = pd.read_csv(tiny_bundle / "split.csv").query("split == 'test'")
     assert cmp["new"]["data"]["n"] == len(parent_test)
+    assert done.sensitivity_drops == cmp["sensitivity_drops"]
+
+
+def test_cli_retrain_exits_6_and_says_so_on_a_sensitivity_drop(tiny_bundle: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from dermaclass import retrain as retraining
+    from dermaclass.cli import app
+
+    comparison = {"overall": {"balanced_accuracy": {"old": 0.8, "new": 0.7, "delta": -0.1}},
+                  "new": {"data": {"n": 30}}, "sensitivity_drops": ["mel"]}
+    fake = retraining.Retrained(result=None, cfg=None, split_file=tiny_bundle / "split.csv", split_reuse={},
+                                new_classes=[], comparison=comparison, compare_dir=tmp_path / "compare")
+    monkeypatch.setattr(retraining, "retrain", lambda *a, **k: fake)
+    res = CliRunner().invoke(app, ["retrain", str(tiny_bundle), str(tmp_path), "--out", str(tmp_path / "v2")])
+    text = " ".join(res.output.split())
+    assert res.exit_code == 6 and "SENSITIVITY DROP in mel" in text and "0.8000 -> 0.7000" in text
 
 
 # ---- resume ------------------------------------------------------------------------------------

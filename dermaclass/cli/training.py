@@ -138,54 +138,31 @@ def retrain_cmd(
     force: Annotated[bool, Opt("--force")] = False,
 ) -> None:
     """Retrain a bundle on new data with its recipe and split, then compare old and new on the old test split."""
-    from dataclasses import fields
+    from dermaclass.retrain import retrain
 
-    from dermaclass import train as training
-    from dermaclass.evaluate.run import evaluate_bundle
-    from dermaclass.models import read_bundle_meta
-    from dermaclass.report import compare_reports, write_compare, write_report
+    def announce(cfg: Config, prepared) -> None:  # noqa: ANN001 - TrainData
+        reuse = prepared.split_reuse
+        out.print(f"split reused from {bundle / 'split.csv'}: {reuse.get('kept', 0):,} images kept their split, "
+                  f"{reuse.get('followed', 0):,} joined their lesion's split, {reuse.get('assigned', 0):,} new assigned",
+                  highlight=False)
+        _print_plan(cfg, len(prepared.train_rows))
 
-    parent = read_bundle_meta(bundle)
-    split_file = bundle / "split.csv"
-    if not split_file.is_file():
-        from dermaclass.errors import DataError
-
-        raise DataError(f"{bundle}: no split.csv beside the bundle; retrain needs the parent's split to keep its test set")
-    known = {f.name for f in fields(Config)}
-    inherited = {k: v for k, v in (parent.get("config") or {}).items() if k in known}
-    cfg = load_config(**{**inherited, "init_bundle": str(bundle), "split_file": str(split_file)})
-    cfg = training.inherit_bundle(cfg)
     logging.getLogger("dermaclass").setLevel(logging.INFO)
-    training.check_run_dir(out_dir, force=force)
     progress, update = _progress("decoding")
     with progress:
-        prepared = training.prepare_data(cfg, data, progress=update)
-    reuse = prepared.split_reuse
-    out.print(f"split reused from {split_file}: {reuse.get('kept', 0):,} images kept their split, "
-              f"{reuse.get('followed', 0):,} joined their lesion's split, {reuse.get('assigned', 0):,} new assigned",
-              highlight=False)
-    cfg = training.fit_batch_size(cfg, len(prepared.train_rows))  # small data: a smaller batch, or exit 5
-    _print_plan(cfg, len(prepared.train_rows))
-    result = training.train(cfg, prepared, out_dir, force=force)
-    training.write_summary(result)
-    new_classes = [c for c in prepared.vocab if c not in parent["classes"]]
-    if new_classes:
-        out.print(f"classes added: {', '.join(new_classes)}", highlight=False)
-    write_report(evaluate_bundle(out_dir, data, cfg=cfg, n_boot=n_boot), out_dir / "report", force=force)
-    cmp_dir = out_dir / "compare"
-    for name, model in (("parent", bundle), ("new", out_dir)):
-        ev = evaluate_bundle(model, data, split="test", split_file=split_file, cfg=cfg, n_boot=n_boot)
-        write_report(ev, cmp_dir / name, force=force)
-    comparison = compare_reports(cmp_dir / "parent", cmp_dir / "new", n_boot=n_boot)
-    write_compare(comparison, cmp_dir, force=force)
+        done = retrain(bundle, data, out_dir, n_boot=n_boot, force=force, progress=update, on_prepared=announce)
+    if done.new_classes:
+        out.print(f"classes added: {', '.join(done.new_classes)}", highlight=False)
+    comparison = done.comparison
     o = comparison["overall"]["balanced_accuracy"]
     out.print(f"on the parent's test split ({comparison['new']['data']['n']:,} images): balanced accuracy "
-              f"{o['old']:.4f} -> {o['new']:.4f} ({o['delta']:+.4f}); comparison: {cmp_dir / 'compare.html'}",
+              f"{o['old']:.4f} -> {o['new']:.4f} ({o['delta']:+.4f}); comparison: {done.compare_dir / 'compare.html'}",
               highlight=False)
-    if comparison["sensitivity_drops"]:
-        err.print(f"[bold red]SENSITIVITY DROP[/] in {', '.join(comparison['sensitivity_drops'])}: review before "
+    if done.sensitivity_drops:
+        err.print(f"[bold red]SENSITIVITY DROP[/] in {', '.join(done.sensitivity_drops)}: review before "
                   "replacing the model in use.", highlight=False)
         raise typer.Exit(6)
+
 
 def _print_plan(cfg: Config, n_train: int) -> None:
     from dermaclass import schedules
