@@ -195,25 +195,18 @@ def _cell(v: float | None, iv: list[float] | None = None) -> str:
 
 
 def model_card(p: Predictor) -> str:
-    """The bundle's MODEL_CARD.md when present, else a card built from model.json."""
+    """The bundle's MODEL_CARD.md when present, else the same card rendered from model.json
+    (and the bundle's test report when there is one): one renderer, report.card."""
+    import json
+
+    from dermaclass.report import model_card_markdown
+
     card = p.bundle / "MODEL_CARD.md"
     if card.is_file():
         return card.read_text(encoding="utf-8")
-    m = p.meta
-    valid = m.get("metrics_valid") or {}
-    cal = m.get("calibration") or {}
-    lines = [f"# Model `{p.bundle.name}`", f"> {DISCLAIMER}", "",
-             f"- architecture: {m['arch']}, input {m['input_size'][0]}x{m['input_size'][1]}",
-             f"- classes: {', '.join(_label(p, c) for c in p.classes)}",
-             f"- recipe: {m.get('recipe')}; trained {m.get('created')}; dermaclass {m.get('package_version')}",
-             f"- data: {', '.join((m.get('data') or {}).get('sources', []))}",
-             f"- validation balanced accuracy {valid.get('balanced_accuracy', float('nan')):.3f}, "
-             f"macro-F1 {valid.get('macro_f1', float('nan')):.3f}",
-             f"- temperature {cal.get('temperature', 1.0):.3f}; referral below "
-             f"{(cal.get('refer') or {}).get('min_top_probability', 0):.0%} top probability or an unusual image",
-             "", "Intended use: decision support for trained clinicians reviewing dermoscopic images. "
-             "Not for use on clinical (non-dermoscopic) photos, children, or skin types absent from the training data."]
-    return "\n".join(lines)
+    report_json = p.bundle / REPORT_DIR / "report.json"
+    report = json.loads(report_json.read_text(encoding="utf-8")) if report_json.is_file() else None
+    return model_card_markdown(p.meta, report, name=p.bundle.name)
 
 
 def model_status(p: Predictor) -> tuple[str, str | None]:

@@ -132,3 +132,13 @@ def test_side_by_side_shows_the_image_its_overlay_and_a_colour_scale(tiny_bundle
     assert shown.shape[0] > h and shown.shape[1] > 2 * w  # a title row, two panels, the scale
     top, bottom = shown[-h, 2 * w + 20 + 4], shown[-1, 2 * w + 20 + 4]
     assert top[0] > top[2] and bottom[2] > bottom[0]  # jet: red at the top (high), blue at the bottom (low)
+
+
+def test_model_card_without_a_card_file_is_the_rendered_card(tiny_bundle: Path) -> None:
+    from dermaclass.report import model_card_markdown
+    from dermaclass.ui import model_card
+
+    p = Predictor(tiny_bundle)
+    assert not (tiny_bundle / "MODEL_CARD.md").exists()
+    card = model_card(p)
+    assert card == model_card_markdown(p.meta, None, name=tiny_bundle.name) and DISCLAIMER in card
