@@ -189,9 +189,9 @@ def report_views(folder: str | Path) -> tuple[str, str | None, pd.DataFrame]:
 
 
 def _cell(v: float | None, iv: list[float] | None = None) -> str:
-    if v is None:
-        return "n/c"
-    return f"{v:.3f}" + (f" [{iv[0]:.2f}, {iv[1]:.2f}]" if iv else "")
+    from dermaclass.report.figures import ci, fmt
+
+    return fmt(v) + (f" {ci(iv, digits=2)}" if iv else "")
 
 
 def model_card(p: Predictor) -> str:

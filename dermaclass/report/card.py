@@ -12,14 +12,15 @@ from typing import Any
 
 from dermaclass import DISCLAIMER
 from dermaclass.evaluate.metrics import MIN_SUPPORT
+from dermaclass.report.figures import ci, fmt
 
 
 def _f(v: Any, digits: int = 3) -> str:
-    return "n/c" if v is None else f"{v:.{digits}f}"
+    return fmt(v, digits=digits)
 
 
 def _iv(iv: list[float] | None) -> str:
-    return "" if not iv else f" [{iv[0]:.3f}, {iv[1]:.3f}]"
+    return f" {ci(iv)}" if iv else ""
 
 
 def model_card_markdown(meta: dict[str, Any], report: dict[str, Any] | None, *, name: str,

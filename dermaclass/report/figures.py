@@ -138,13 +138,15 @@ def uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
-def fmt(v: Any, pct: bool = False) -> str:
+def fmt(v: Any, pct: bool = False, digits: int = 3) -> str:
+    """A figure as every report, card and app table shows it: 'n/c' when not computable."""
     if v is None or (isinstance(v, float) and np.isnan(v)):
         return "n/c"
-    return f"{v:.1%}" if pct else f"{v:.3f}"
+    return f"{v:.1%}" if pct else f"{v:.{digits}f}"
 
 
-def ci(iv: list[float] | None) -> str:
-    return "" if not iv else f"[{iv[0]:.3f}, {iv[1]:.3f}]"
+def ci(iv: list[float] | None, digits: int = 3) -> str:
+    """A bootstrap interval as '[lo, hi]', or '' when there is none."""
+    return "" if not iv else f"[{iv[0]:.{digits}f}, {iv[1]:.{digits}f}]"
 
 
