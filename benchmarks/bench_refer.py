@@ -4,8 +4,8 @@ Part ``ood`` (issue 14, "Refer"). On a model bundle and its ``split.csv``:
 
 - fits every out-of-distribution score of ``dermaclass.refer`` (Mahalanobis, Lee et al.
   2018; k-nearest neighbours, Sun et al. 2022; energy, Liu et al. 2020) on the training
-  split's features (``models.WithFeatures``: the backbone's pooled embedding; one view, as
-  ``inference.fit_ood`` does), and sets each cut-off so that 95 % of the validation split
+  split's features (``models.WithFeatures``: a pooled inner backbone layer,
+  ``models.feature_layer``; one view, as ``inference.fit_ood`` does), and sets each cut-off so that 95 % of the validation split
   passes, scored with the bundle's TTA as the app scores;
 - scores HAM10000 test (in distribution), both external dermoscopy sets (other clinics:
   dermoscopy that should mostly pass), and images that are not dermoscopy, by kind: colour
@@ -327,7 +327,7 @@ def ood_part(pred: Predictor, args: argparse.Namespace) -> dict[str, Any]:
             "threshold_set_on": f"valid split ({len(ids['valid'])} images)", "n_test": len(ids["test"]),
             "non_dermoscopy_kinds": {k: od_kinds.count(k) for k in NON_DERMOSCOPY},
             "artefact_kinds": {k: art_kinds.count(k) for k in sorted(set(art_kinds))},
-            "features": "backbone embedding (global average pool of the last feature map)",
+            "features": f"global average pool of {pred.feature_layer or 'the body output'}",
             "one_colour": one_colour, "colourfulness": colourfulness, "methods": methods}
 
 

@@ -113,6 +113,10 @@ class Predictor:
             raise models.ModelError(f"{self.bundle / models.BUNDLE_META}: unknown out-of-distribution method "
                                     f"{self.ood_method!r}; this dermaclass knows {', '.join(refer.OOD_METHODS)}")
         self.ood_stats = refer.load_stats(self.bundle, self.ood_method) if self.ood_threshold is not None else {}
+        # One feature tap for the life of the Predictor, at the layer the score was fitted on.
+        self.feature_layer: str | None = ood.get("layer", "auto")
+        self._net = models.WithFeatures(self.model, layer=self.feature_layer)
+        self.feature_layer = self._net.layer
         if self.session is not None and self.ood_method != "energy" and len(self.session.get_outputs()) < 2:
             log.warning("%s: the ONNX export has no features output (made before features were exported); "
                         "using torch (re-export with `dermaclass export %s --force`)", onnx_path, self.bundle)
@@ -182,7 +186,7 @@ class Predictor:
         if self.session is not None:
             out = self.session.run(None, {"input": self._normalise(images)})
             return out[0], (out[1] if len(out) > 1 else None)
-        net = models.WithFeatures(self.model)
+        net = self._net
         if len(images) <= batch_size:  # one batch (the app's case): a plain forward, no DataLoader set-up
             net.eval()
             with torch.no_grad():
@@ -350,7 +354,8 @@ def export_onnx(bundle: str | Path, *, force: bool = False, atol: float = 1e-4) 
     w, h = meta["input_size"]
     x = torch.randn(4, 3, int(h), int(w))
     # Two outputs: the logits, and the pooled backbone features that the out-of-distribution score reads.
-    net = models.WithFeatures(model, split=True).eval()
+    ood = ((meta.get("calibration") or {}).get("refer") or {}).get("ood") or {}
+    net = models.WithFeatures(model, split=True, layer=ood.get("layer", "auto")).eval()
     with atomic_path(out) as tmp:
         torch.onnx.export(net, (x,), str(tmp), input_names=["input"], output_names=["logits", "features"],
                           dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}, "features": {0: "batch"}},
@@ -412,7 +417,8 @@ def fit_ood(bundle: str | Path, *, train_images: Sequence[np.ndarray], train_lab
     calibration["refer"] = {
         **(calibration.get("refer") or {}), "min_top_probability": pred.refer_below,
         "ood": {"method": method, "threshold": cut, "keep": keep, "file": refer.OOD_FILE if stats else None,
-                "features": "backbone embedding (global average pool of the last feature map)" if stats else None,
+                "layer": pred.feature_layer,
+                "features": (f"global average pool of {pred.feature_layer or 'the body output'}") if stats else None,
                 "fitted_on": f"train split, {len(train_images)} images" if stats else None,
                 "threshold_set_on": f"valid split, {len(valid_images)} images"},
         "valid_referred": float(np.mean(~kept)),

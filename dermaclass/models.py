@@ -449,22 +449,64 @@ def publish_bundle(src: str | Path, dst: str | Path, *, float16: bool = True, fo
     return dst
 
 
+def feature_layer(model: nn.Module) -> str | None:
+    """The backbone layer whose pooled output the out-of-distribution score reads, as a
+    submodule name of the timm network: the block group before the last (``blocks.5`` of
+    EfficientNet-Lite0, 192 channels at stride 32), else the second-to-last stage timm lists
+    in ``feature_info``; None: the body's own output.
+
+    Measured (benchmarks/results/refer.json and the README): at <= 5 % of HAM10000 test
+    referred, the pooled ``blocks.5`` features referred 98 % of natural photographs where the
+    final embedding referred 29 %, with as few external dermoscopy images referred; earlier
+    blocks (stride 8) also flagged a third of the other clinics' dermoscopy.
+    """
+    net = getattr(model[0], "model", None)
+    blocks = getattr(net, "blocks", None)
+    if blocks is not None and len(blocks) >= 2:
+        return f"blocks.{len(blocks) - 2}"
+    info = list(getattr(net, "feature_info", None) or [])
+    return info[-2]["module"] if len(info) >= 2 else None
+
+
 class WithFeatures(nn.Module):
     """The bundle's network returning ``cat(logits, features)`` in one tensor (so fastai's
-    ``get_preds`` collects both). The features are the backbone's global-average-pooled last
-    feature map (1280-d for EfficientNet-Lite0, timm's image embedding): the space of the
-    out-of-distribution scores (refer.py), chosen over the head's 512-d penultimate layer
-    because it separated non-dermoscopic images better (benchmarks/results/refer.json).
-    ``split=True`` returns the two as a tuple instead (the ONNX export's two outputs)."""
+    ``get_preds`` collects both): the features are the global-average-pooled output of
+    ``layer`` (a submodule name of the timm network, ``feature_layer`` by default; None: the
+    body's output), the space of the out-of-distribution scores (refer.py). ``split=True``
+    returns the two as a tuple instead (the ONNX export's two outputs).
 
-    def __init__(self, model: nn.Module, *, split: bool = False) -> None:
+    The layer's output is caught by a forward hook on the shared model: make one WithFeatures
+    per model and keep it (the Predictor does), or ``close()`` it.
+    """
+
+    def __init__(self, model: nn.Module, *, split: bool = False, layer: str | None = "auto") -> None:
         super().__init__()
         self.body, self.head = model[0], model[1]
         self.split = split
+        self.layer = feature_layer(model) if layer == "auto" else layer
+        self._tap: torch.Tensor | None = None
+        self._hook = None
+        if self.layer:
+            try:
+                target = self.body.model.get_submodule(self.layer)
+            except AttributeError:
+                raise ModelError(f"the network has no layer {self.layer!r} to read features from") from None
+            self._hook = target.register_forward_hook(self._catch)
+
+    def _catch(self, module: nn.Module, args: Any, output: torch.Tensor) -> None:
+        self._tap = output
+
+    def close(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         fmap = self.body(x)
-        logits, f = self.head(fmap), fmap.mean(dim=(2, 3))
+        logits = self.head(fmap)
+        inner = fmap if self._tap is None or not self.layer else self._tap
+        f = inner.mean(dim=(2, 3))
+        self._tap = None
         return (logits, f) if self.split else torch.cat([logits, f], dim=1)
 
 

@@ -192,3 +192,20 @@ def test_an_architecture_that_does_not_fit_the_weights_is_refused_before_buildin
     _edit(small_bundle, lambda m: {**m, "arch": "vit_huge_patch14_224", "weights_sha256": None})
     with pytest.raises(ModelError, match=r"do not fit vit_huge_patch14_224 .*631,\d{3},\d{3} in the architecture"):
         models.load_bundle(small_bundle)
+
+
+def test_feature_layer_is_the_block_before_the_last_and_the_tap_is_one_hook() -> None:
+    from dermaclass.models import WithFeatures, feature_layer
+
+    model = models.build_model(models.DEFAULT_ARCH, 7, pretrained=False)
+    assert feature_layer(model) == "blocks.5"
+    net = WithFeatures(model).eval()
+    target = model[0].model.get_submodule("blocks.5")
+    assert len(target._forward_hooks) == 1
+    with torch.no_grad():
+        out = net(torch.randn(2, 3, 96, 128))
+    assert out.shape == (2, 7 + 192)  # logits, then the 192 pooled channels of blocks.5
+    logits, feats = WithFeatures(model, split=True, layer=None)(torch.randn(1, 3, 96, 128))
+    assert feats.shape == (1, 1280)  # layer None: the body's own output, pooled
+    net.close()
+    assert len(target._forward_hooks) == 0  # closed; the layer=None tap hooks nothing

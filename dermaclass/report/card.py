@@ -69,8 +69,8 @@ def model_card_markdown(meta: dict[str, Any], report: dict[str, Any] | None, *, 
     refer = cal.get("refer") or {}
     if refer:
         ood = refer.get("ood") or {}
-        score = {"knn": "a k-nearest-neighbour out-of-distribution score on the backbone embedding (Sun et al. 2022)",
-                 "mahalanobis": "a Mahalanobis out-of-distribution score on the backbone embedding (Lee et al. 2018)",
+        score = {"knn": "a k-nearest-neighbour out-of-distribution score on pooled backbone features (Sun et al. 2022)",
+                 "mahalanobis": "a Mahalanobis out-of-distribution score on pooled backbone features (Lee et al. 2018)",
                  "energy": "an energy score (Liu et al. 2020)"}.get(ood.get("method", "energy"), ood.get("method"))
         lines.append(f"- referral: images under 64 px refused; images mostly of one colour or with almost no colour "
                      f"referred; then top probability below {refer.get('min_top_probability', 0):.0%}, or {score} "
