@@ -4,8 +4,8 @@ Seed 001 claims that stepwise subset training beats the baseline at about 40 % l
 cost (cost = epochs x images; its baseline trains 100 epochs on all the data, its stepwise
 plan 20 epochs on each of the 20/40/60/80/100 % subsets). Seed 003 claims a large time
 reduction from SGDR + cycle-length multiplication + differential LRs. This script trains
-every variant on the same lesion-grouped split (the first run's split file is reused by
-every later run, so only the training seed changes), for each of ``--seeds``, evaluates
+every variant on the same lesion-grouped split (the bundled model's ``split.csv``, so only
+the training seed changes), for each of ``--seeds``, evaluates
 every bundle on the test split and on every image of the two external sets (``external``:
 derm7pt and isic2017, compared on and never fitted on), and records balanced accuracy,
 macro-F1, macro AUROC, images processed and wall time.
@@ -24,8 +24,9 @@ epochs, so E = 2^N - 1 epochs per stage):
 The default N = 1 keeps five variants x three seeds within about 90 minutes on 2 cores;
 the shipped default (N = 3, 21 full-data epochs for stepwise) is measured once by
 bench_train.py. ``--quick`` is a smoke run (one seed, one short epoch per phase). Results
-are rewritten after every run, so an interrupted invocation keeps what it measured and a
-re-run skips the bundles already trained.
+are rewritten after every run, and a re-run keeps the measured rows of an unfinished
+results file with the same budget (``--fresh`` starts over) and skips the bundles already
+trained, so the benchmark can be finished over several sessions.
 
 Prints a table and writes benchmarks/results/recipes.json (recipes_quick.json for --quick).
 
@@ -45,7 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import mean_sd, measure
+from common import SPLIT, mean_sd, measure
 
 from dermaclass import schedules
 from dermaclass.config import Config
@@ -116,31 +117,37 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", help="variant names to run (default: all)")
     ap.add_argument("--n-boot", type=int, default=200)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--fresh", action="store_true", help="ignore the rows of an unfinished results file")
     args = ap.parse_args()
     if args.quick:
         args.seeds = args.seeds[:1]
 
     runs_dir = Path(args.runs_dir) / ("quick" if args.quick else f"cycles{args.n_cycles}")
     runs_dir.mkdir(parents=True, exist_ok=True)
-    split_file: Path | None = None
-    rows: list[dict] = []
+    split_file: Path = SPLIT
     result_file = RESULTS / ("recipes_quick.json" if args.quick else "recipes.json")
+    rows: list[dict] = []
+    if result_file.is_file() and not args.fresh:
+        old = json.loads(result_file.read_text())
+        if old.get("n_cycles") == args.n_cycles and not old.get("complete"):
+            rows = [r for r in old["runs"] if r.get("external")]  # measured on the external sets too
+            print(f"keeping {len(rows)} measured runs of {result_file}", flush=True)
+    done = {(r["variant"], r["seed"]) for r in rows}
 
     def save(rows: list[dict], complete: bool) -> None:
         write_json(result_file, {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
                          "command": " ".join(["python", "benchmarks/bench_recipes.py", *sys.argv[1:]]),
                          "n_cycles": args.n_cycles, "seeds": args.seeds, "complete": complete,
-                         "variants": variants(args.n_cycles, args.quick), "split_file": str(split_file),
+                         "variants": variants(args.n_cycles, args.quick), "split_file": str(split_file.relative_to(ROOT)),
                          "runs": rows, "summary": summarise(rows)})
 
     for seed in args.seeds:
         for name, flags in variants(args.n_cycles, args.quick).items():
-            if args.only and name not in args.only:
+            if (args.only and name not in args.only) or (name, seed) in done:
                 continue
             run = runs_dir / f"{name}-seed{seed}"
-            cmd = [sys.executable, "-m", "dermaclass", "train", args.data, "--out", str(run), "--seed", str(seed), *flags]
-            if split_file is not None:
-                cmd += ["--split-file", str(split_file)]
+            cmd = [sys.executable, "-m", "dermaclass", "train", args.data, "--out", str(run), "--seed", str(seed), *flags,
+                   "--split-file", str(split_file)]
             if not (run / "model.json").is_file():
                 print("$", " ".join(cmd), flush=True)
                 start = time.perf_counter()
@@ -149,7 +156,6 @@ def main() -> None:
                 wall = time.perf_counter() - start
             else:
                 wall = None  # an earlier invocation trained it; its training time is in model.json
-            split_file = split_file or run / "split.csv"
             meta = json.loads((run / "model.json").read_text())
             figures = measure(run, split_file=split_file, data=Path(args.data), n_boot=args.n_boot)
             report, external = figures["test"], figures["external"]  # external: compared on, never fitted on
