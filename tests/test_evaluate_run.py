@@ -128,6 +128,10 @@ def test_cli_evaluate_with_external_sets(tiny_bundle: Path, colour_data: Path, t
     assert "External validation" in html and "clinic_b" in html
     card = model_card_markdown(json.loads((tiny_bundle / "model.json").read_text()), report, name="tiny")
     assert "## External validation" in card and "| clinic_b | 40 |" in card
+    # A clinic's own data and a tiny random-init network: the card says so, and nothing about HAM10000.
+    assert "HAM10000" not in card and "Vienna" not in card and "CC BY-NC" not in card
+    assert "trained from random initialisation" in card and "licence not recorded" in card
+    assert "one-cycle fit" in card and "seed 001" not in card
     res = CliRunner().invoke(app, ["evaluate", str(tiny_bundle), str(colour_data), "--out", str(tmp_path / "r2"),
                                    "--external", str(tmp_path / "nowhere")])
     assert res.exit_code == 3 and "nowhere" in res.output and not (tmp_path / "r2").exists()

@@ -136,11 +136,14 @@ def test_model_card_from_bundle_and_report(tiny_bundle, colour_data, tmp_path: P
     shutil.copytree(tiny_bundle, bundle)
     write_report(evaluate_bundle(bundle, colour_data, cfg=load_config(cache_dir=str(tmp_path / "c")), n_boot=20),
                  bundle / "report")
-    res = CliRunner().invoke(app, ["report", "card", str(bundle), "--name", "tiny"])
+    data_card = tmp_path / "clinic.md"
+    data_card.write_text("# Data card: clinic\n\n## License\n**CC BY 4.0** (the clinic's own images)\n")
+    res = CliRunner().invoke(app, ["report", "card", str(bundle), "--name", "tiny", "--data-card", str(data_card)])
     assert res.exit_code == 0, res.output
     card = (bundle / "MODEL_CARD.md").read_text()
     report = json.loads((bundle / "report" / "report.json").read_text())
-    assert "Not a medical device" in card and "CC BY-NC 4.0" in card
+    # The licence comes from the data card the run names, not from HAM10000.
+    assert "Not a medical device" in card and "licence **CC BY 4.0**" in card and "non-commercial" not in card
     assert f"| balanced accuracy (mean sensitivity) | {report['balanced_accuracy']:.3f}" in card
     assert "melanoma (`mel`)" in card and "How to retrain" in card and "(too few to judge)" in card
     assert CliRunner().invoke(app, ["report", "card", str(bundle)]).exit_code == 2  # never overwritten silently

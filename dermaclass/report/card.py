@@ -23,12 +23,42 @@ def _iv(iv: list[float] | None) -> str:
     return f" {ci(iv)}" if iv else ""
 
 
+HAM10000_LICENSE = "CC BY-NC 4.0"
+RECIPES = {"stepwise": "seed 001 stepwise subsets, seed 003 SGDR + differential LRs",
+           "sgdr": "seed 003 SGDR + differential LRs", "baseline": "one-cycle fit after a frozen head fit"}
+
+
+def _data_facts(meta: dict[str, Any], data_card: str | None) -> dict[str, Any]:
+    """What the card may say about the training data: from the data card the run names (its
+    licence line), and HAM10000's published facts only when the data are HAM10000."""
+    import re
+    from pathlib import Path
+
+    data = meta.get("data") or {}
+    card = data_card or data.get("data_card")
+    sources = [str(s) for s in data.get("sources") or []]
+    ham = any("ham10000" in s.lower() for s in [*sources, card or ""])
+    licence = HAM10000_LICENSE if ham else None
+    if card and Path(card).is_file():
+        found = re.search(r"^##\s*Licen[cs]e\s*\n+\*\*(.+?)\*\*", Path(card).read_text(encoding="utf-8"), re.M)
+        licence = found.group(1).strip() if found else licence
+    return {"ham10000": ham, "licence": licence, "card": card, "sources": sources}
+
+
+def _largest(r: dict[str, Any], names: dict[str, str]) -> str:
+    support = {c: (r["per_class"][c].get("support") or 0) for c in r["classes"]}
+    c = max(support, key=support.get)
+    return f"{names.get(c, c)}, {support[c] / max(1, sum(support.values())):.0%} of this split"
+
+
 def model_card_markdown(meta: dict[str, Any], report: dict[str, Any] | None, *, name: str,
-                        data_license: str = "CC BY-NC 4.0", data_card: str | None = None) -> str:
-    """The card as Markdown; ``report`` is the evaluate report.json of the test split (or None)."""
+                        data_card: str | None = None) -> str:
+    """The card as Markdown, from the bundle's records only; ``report`` is the evaluate
+    report.json of the test split (or None)."""
     names = meta.get("class_names") or {}
     classes = meta["classes"]
     cfg = meta.get("config") or {}
+    facts = _data_facts(meta, data_card)
     train = meta.get("training") or {}
     cal = meta.get("calibration") or {}
     lines = [
@@ -40,15 +70,19 @@ def model_card_markdown(meta: dict[str, Any], report: dict[str, Any] | None, *, 
         "Decision support for clinicians who read dermoscopic images of pigmented skin lesions: a second look "
         "that ranks the likely diagnoses, flags possible melanoma, and says when to refer. Out of scope: "
         "diagnosis without a clinician, clinical (non-dermoscopic) photographs, mucosal or nail lesions, and "
-        "populations or skin types the training data does not cover (HAM10000 comes from two centres, "
-        "Vienna and Queensland, mostly light skin).",
+        "populations or skin types the training data does not cover"
+        + (" (HAM10000 comes from two centres, Vienna and Queensland, mostly light skin)." if facts["ham10000"]
+           else " (see the data card for who the training images come from)."),
         "",
         "## Model",
-        f"- architecture: `{meta['arch']}` (timm), ImageNet-pretrained, input {meta['input_size'][0]}x{meta['input_size'][1]} "
+        f"- architecture: `{meta['arch']}` (timm), "
+        + (f"started from the bundle `{cfg['init_bundle']}`" if cfg.get("init_bundle")
+           else "ImageNet-pretrained" if cfg.get("pretrained", True) else "trained from random initialisation")
+        + f", input {meta['input_size'][0]}x{meta['input_size'][1]} "
         f"RGB, normalisation mean {meta['normalization']['mean']} std {meta['normalization']['std']}",
         f"- classes ({len(classes)}): " + ", ".join(f"{names.get(c, c)} (`{c}`)" for c in classes),
         f"- weights: `model.safetensors` ({meta.get('weights_dtype', 'float32')}), metadata `model.json`; never a pickle",
-        f"- recipe: `{meta.get('recipe')}` (seed 001 stepwise subsets, seed 003 SGDR + differential LRs), "
+        f"- recipe: `{meta.get('recipe')}` ({RECIPES.get(str(meta.get('recipe')), 'see model.json')}), "
         f"LR rule `{cfg.get('lr_rule')}`, base LR "
         f"{'range test (' + str(cfg.get('lr_suggestion')) + ')' if cfg.get('lr') is None else cfg.get('lr')}, "
         f"imbalance `{cfg.get('imbalance')}`, augmentation `{cfg.get('augment')}`",
@@ -80,10 +114,14 @@ def model_card_markdown(meta: dict[str, Any], report: dict[str, Any] | None, *, 
     lines += [
         "",
         "## Training data",
-        f"HAM10000 (Tschandl et al., Scientific Data 2018), licence **{data_license}**: this model inherits the "
-        "non-commercial restriction. Split by lesion (no lesion on two sides): "
+        ("HAM10000 (Tschandl et al., Scientific Data 2018)" if facts["ham10000"]
+         else "The clinic's data: " + ", ".join(f"`{src}`" for src in facts["sources"]))
+        + (f", licence **{facts['licence']}**" + (": this model inherits the non-commercial restriction"
+                                                 if "NC" in facts["licence"] else "") if facts["licence"]
+           else "; licence not recorded (state it in a data card: `dermaclass data card`)")
+        + ". Split by lesion (no lesion on two sides): "
         + ", ".join(f"{k} {v:,}" for k, v in split.items()) + " images; the split file is `split.csv` "
-        "(image ids and split only)." + (f" Data card: `{data_card}`." if data_card else ""),
+        "(image ids and split only)." + (f" Data card: `{facts['card']}`." if facts["card"] else ""),
     ]
     if report:
         r, iv = report, report["intervals"]
@@ -91,7 +129,7 @@ def model_card_markdown(meta: dict[str, Any], report: dict[str, Any] | None, *, 
             "",
             f"## Performance on the held-out test split ({r['n']:,} images, {r['data']['groups']:,} lesions)",
             f"95 % intervals from {iv['n_boot']} bootstrap resamples of lesions. Plain accuracy is shown last "
-            "because it is dominated by nevi (67 % of the data).",
+            f"because it is dominated by the largest class ({_largest(r, names)}).",
             "",
             "| figure | value |",
             "|---|---|",
@@ -112,14 +150,15 @@ def model_card_markdown(meta: dict[str, Any], report: dict[str, Any] | None, *, 
                          f"specificity {_f(op.get('specificity'))} on the test split ({op.get('flagged')} images flagged).")
         if r.get("external"):
             lines += ["", "## External validation (other clinics' images)",
-                      "Every image of labelled dermoscopy sets from outside HAM10000, same model and decision rule; nothing "
+                      "Every image of labelled dermoscopy sets from outside the training data, same model and decision rule; nothing "
                       "was fitted on them. Balanced accuracy is over the classes each set has. Expect figures nearer these "
                       "than the internal test split on a new clinic's images.", "",
                       "| set | images | balanced accuracy | macro AUROC | ECE | nevus sensitivity | melanoma sensitivity / "
                       "specificity at the operating point |", "|---|---:|---|---|---:|---:|---|"]
-            rows = [("HAM10000 test split", r), *r["external"].items()]
+            own = "HAM10000 test split" if facts["ham10000"] else "test split"
+            rows = [(own, r), *r["external"].items()]
             for label, e in rows:
-                ivs = e["intervals"]["overall"] if label == "HAM10000 test split" else e.get("intervals", {})
+                ivs = e["intervals"]["overall"] if label == own else e.get("intervals", {})
                 op = (e.get("operating_points") or {}).get("mel") or {}
                 nv = (e.get("per_class") or {}).get("nv") or {}
                 lines.append(f"| {label} | {e['n']:,} | {_f(e.get('balanced_accuracy'))}{_iv(ivs.get('balanced_accuracy'))} | "
