@@ -308,6 +308,11 @@ def check_bundle_meta(meta: Any, path: str | Path) -> None:
         ood = refer.get("ood") or {}
         if not isinstance(ood, dict) or not (ood.get("threshold") is None or _finite(ood.get("threshold"))):
             raise bad("calibration.refer.ood", "must have a finite threshold (or none)")
+        if ood.get("method", "energy") not in ("knn", "mahalanobis", "energy"):
+            raise bad("calibration.refer.ood.method", f"is {ood.get('method')!r}; this dermaclass knows knn, "
+                      "mahalanobis or energy")
+        if not (ood.get("layer") is None or ood.get("layer") == "auto" or isinstance(ood.get("layer"), str)):
+            raise bad("calibration.refer.ood.layer", "must be a layer name")
     points = meta.get("operating_points")
     if points is not None:
         if not isinstance(points, dict) or not all(isinstance(op, dict) for op in points.values()):
