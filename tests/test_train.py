@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from dermaclass import models, schedules
 from dermaclass.config import load_config
+from dermaclass.errors import ConfigError
 from dermaclass.data.loaders import class_weights, make_dataloaders
 from dermaclass.train import TrainingError, build_learner, prepare_data, train
 
@@ -433,8 +434,8 @@ def test_weight_ema_is_bundled_and_checkpointed(colour_data: Path, tmp_path: Pat
     cb.load(bundle_state := {k: v.float() if v.is_floating_point() else v for k, v in bundle.items()}, steps)
     assert cb.steps == steps and all(torch.equal(cb.state()[k], bundle_state[k]) for k in bundle_state)
     assert cb.apply() and all(torch.equal(learn.model.state_dict()[k], bundle_state[k]) for k in bundle_state)
-    with pytest.raises(TrainingError, match="ema-decay"):
-        build_learner(_cfg(tmp_path, ema_decay=1.5), data, tmp_path / "run3", dls=data_loaders(cfg, data))
+    with pytest.raises(ConfigError, match=r"ema_decay=1.5: must be in \[0, 1\)"):  # refused before any work
+        _cfg(tmp_path, ema_decay=1.5)
 
 
 def data_loaders(cfg, data):
@@ -464,7 +465,7 @@ def test_flip_tta_is_recorded_and_calibrated_on_the_flipped_logits(tiny_bundle: 
     """The bundle serves flip TTA by default, and its temperature was fitted on the very logits the
     Predictor computes with it (fastai's FlipInput views == the Predictor's numpy flips)."""
     from dermaclass.inference import Predictor
-    from dermaclass.train import calibrate
+    from dermaclass.evaluate.calibration import calibrate
 
     meta = json.loads((tiny_bundle / "model.json").read_text())
     assert meta["tta"] == "flips4"
@@ -543,12 +544,12 @@ def test_a_run_folder_says_whether_it_can_be_resumed(tmp_path: Path) -> None:
 
 
 def test_a_temperature_that_worsens_ece_is_refused(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from dermaclass import train as training
+    from dermaclass.evaluate import calibration as calibrating
 
     labels = np.repeat([0, 1, 2], 30)
     logits = np.eye(3)[labels] * 8.0  # confident and right: T = 1 is already calibrated
-    monkeypatch.setattr(training, "fit_temperature", lambda z, y: 20.0)  # as if NLL had chosen a flat T
-    calibration, _, probs = training.calibrate(_cfg(tmp_path), logits, labels, ["bkl", "mel", "nv"])
+    monkeypatch.setattr(calibrating, "fit_temperature", lambda z, y: 20.0)  # as if NLL had chosen a flat T
+    calibration, _, probs = calibrating.calibrate(_cfg(tmp_path), logits, labels, ["bkl", "mel", "nv"])
     assert calibration["temperature"] == 1.0 and "refused" in calibration
     assert calibration["ece_after"] == calibration["ece_before"] and probs.max(1).min() > 0.99
 

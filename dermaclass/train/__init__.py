@@ -1,0 +1,27 @@
+"""Training: fastai recipes (baseline; SGDR, seed 003; stepwise subsets, seed 001) and the run.
+
+- ``data``: the run's data prepared once (sources, lesion-grouped split, decode cache, vocab);
+- ``recipes``: the learner and the three recipes, short compositions of fastai calls;
+- ``run``: one run end to end (folder, resume, calibration, out-of-distribution score, bundle).
+
+The names below are the package's public surface.
+"""
+
+from dermaclass.train.data import (
+    TrainData, TrainingError, check_class_names, inherit_bundle, parent_record, planned_sizes, prepare_data,
+)
+from dermaclass.train.recipes import (
+    RECIPES, Run, build_learner, fit_batch_size, loss_for, plan_for, recipe_baseline, recipe_sgdr,
+    recipe_stepwise, stage_dataloaders,
+)
+from dermaclass.train.run import (
+    REPLACED, RUN_FILES, TrainResult, bundle_meta, check_run_dir, read_progress, set_aside_finished_run, train,
+    write_summary,
+)
+
+__all__ = [
+    "RECIPES", "REPLACED", "RUN_FILES", "Run", "TrainData", "TrainResult", "TrainingError", "build_learner",
+    "bundle_meta", "check_class_names", "check_run_dir", "fit_batch_size", "inherit_bundle", "loss_for",
+    "parent_record", "plan_for", "planned_sizes", "prepare_data", "read_progress", "recipe_baseline",
+    "recipe_sgdr", "recipe_stepwise", "set_aside_finished_run", "stage_dataloaders", "train", "write_summary",
+]

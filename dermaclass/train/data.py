@@ -1,0 +1,174 @@
+"""The data of a training run, prepared once: sources validated and merged, a lesion-grouped
+split (made, or reused from a split file so a clinic's test set stays fixed across
+retrainings), the decode cache at every planned input size, the class vocabulary pinned
+(``CategoryBlock(vocab=...)``) so a stepwise subset missing a class keeps the head's size,
+and what a parent bundle (``--init-bundle``) says about classes and settings.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from dermaclass import models, schedules
+from dermaclass.config import Config
+from dermaclass.data import DecodeCache, assign_split, make_split, read_split, validate_sources
+from dermaclass.data.cache import CachedImages
+from dermaclass.data.labels import full_name
+from dermaclass.data.splits import MIN_PER_CLASS, thin_classes
+from dermaclass.errors import DermaclassError
+
+log = logging.getLogger(__name__)
+
+
+
+class TrainingError(DermaclassError):
+    """Training cannot run on this data (an empty split, mismatched classes)."""
+
+    exit_code = 5
+
+
+# ---- data --------------------------------------------------------------------------------
+@dataclass
+class TrainData:
+    """Everything a recipe needs from the data, prepared once per run."""
+
+    items: pd.DataFrame  # usable items with a ``split`` column, aligned with ``images``
+    images: CachedImages  # at cfg.image_size
+    vocab: list[str]
+    names: dict[str, str]
+    split: pd.DataFrame
+    sources: list[str]
+    split_reuse: dict[str, int] = field(default_factory=dict)  # kept/followed/assigned/dropped with --split-file
+    images_at: dict[tuple[int, int], CachedImages] = field(default_factory=dict)  # progressive resizing: per size
+
+    def images_of(self, size: tuple[int, int] | None) -> CachedImages:
+        return self.images if size is None else self.images_at.get(tuple(size), self.images)
+
+    @property
+    def train_rows(self) -> np.ndarray:
+        return np.flatnonzero(self.items["split"].to_numpy() == "train")
+
+    @property
+    def valid_rows(self) -> np.ndarray:
+        return np.flatnonzero(self.items["split"].to_numpy() == "valid")
+
+    def table(self, train_rows: np.ndarray) -> pd.DataFrame:
+        """The (row, label, is_valid) table fastai reads, for a training subset + the full valid split."""
+        rows = np.concatenate([train_rows, self.valid_rows])
+        return pd.DataFrame(
+            {"row": rows, "label": self.items["label"].to_numpy()[rows], "is_valid": np.r_[
+                np.zeros(len(train_rows), bool), np.ones(len(self.valid_rows), bool)]}
+        )
+
+
+def prepare_data(cfg: Config, data: str | Path | Sequence[str | Path], *, progress=None) -> TrainData:
+    """Load and validate one or more sources (skipping bad files), split by lesion/patient, fill the decode cache.
+
+    With ``cfg.init_bundle`` the vocabulary is the union of the bundle's classes and the
+    data's, so a class the new data lacks keeps its place (and weights) in the head.
+    """
+    paths = [data] if isinstance(data, (str, Path)) else list(data)
+    if not paths:
+        raise TrainingError("no data source given")
+    sizes = planned_sizes(cfg)  # a bad --stage-sizes fails before any decoding
+    items, validations = validate_sources(cfg, paths, progress=progress)
+    skipped = sum(p.action == "skipped" for v in validations for p in v.problems)
+    if skipped:
+        log.warning("%d files skipped by validation (run `dermaclass data validate` for the list)", skipped)
+    counts: dict[str, int] = {}
+    if cfg.split_file:
+        split, counts = assign_split(items, read_split(cfg.split_file), fractions=cfg.split_fractions, seed=cfg.seed)
+    else:
+        split = make_split(items, fractions=cfg.split_fractions, seed=cfg.seed)
+    items = items.assign(split=split["split"].to_numpy())
+    class_names: dict[str, str] = {}
+    for v in validations:
+        class_names.update({k: n for k, n in v.dataset.class_names.items() if k not in class_names})
+    vocab = sorted(items["label"].unique().tolist())
+    if cfg.init_bundle:
+        parent = models.read_bundle_meta(cfg.init_bundle)
+        check_class_names(parent, class_names, source=str(cfg.init_bundle))
+        for c, n in (parent.get("class_names") or {}).items():
+            class_names.setdefault(c, n)
+        vocab = sorted(set(vocab) | set(parent["classes"]))
+    for part, thin in thin_classes(items).items():
+        log.warning("%s has fewer than %d images of %s: %s", part, MIN_PER_CLASS,
+                    ", ".join(f"{c} ({n})" for c, n in thin.items()),
+                    "the model can hardly learn them" if part == "train" else "their figures there are too noisy to judge")
+    for part in ("train", "valid"):
+        if not (items["split"] == part).any():
+            raise TrainingError(f"{', '.join(map(str, paths))}: the {part} split is empty; add images or change --split-fractions")
+    images = DecodeCache(cfg.cache_dir, cfg.image_size).ensure(
+        items["path"].tolist(), items["hash"].tolist(), workers=cfg.workers or None
+    )
+    images_at = {tuple(cfg.image_size): images}
+    for size in dict.fromkeys(sizes):
+        if size not in images_at:  # progressive resizing: each stage size decoded once, cached on disk
+            images_at[size] = DecodeCache(cfg.cache_dir, size).ensure(
+                items["path"].tolist(), items["hash"].tolist(), workers=cfg.workers or None)
+    return TrainData(
+        items=items.reset_index(drop=True),
+        images=images,
+        vocab=vocab,
+        names={c: full_name(c, class_names) for c in vocab},
+        split=split,
+        sources=[str(v.dataset.root) for v in validations],
+        split_reuse=counts,
+        images_at=images_at,
+    )
+
+
+def planned_sizes(cfg: Config) -> list[tuple[int, int]]:
+    """The input size of every stepwise stage (progressive resizing), checked; [] for other recipes."""
+    from dermaclass.errors import ConfigError
+
+    if cfg.recipe != "stepwise":
+        if cfg.stage_sizes:
+            raise ConfigError(f"--stage-sizes applies to the stepwise recipe, not {cfg.recipe}")
+        return []
+    try:
+        return schedules.stage_sizes(cfg.stage_sizes, len(schedules.check_fractions(cfg.stage_fractions)), cfg.image_size)
+    except ValueError as exc:
+        raise ConfigError(f"stage sizes: {exc}") from None
+
+
+def inherit_bundle(cfg: Config) -> Config:
+    """With ``--from BUNDLE``: the bundle's architecture and input size (its weights need them)."""
+    if not cfg.init_bundle:
+        return cfg
+    meta = models.read_bundle_meta(cfg.init_bundle)
+    size = (int(meta["input_size"][0]), int(meta["input_size"][1]))
+    if cfg.arch != meta["arch"] or tuple(cfg.image_size) != size:
+        log.info("continuing %s: architecture %s, input %dx%d", cfg.init_bundle, meta["arch"], *size)
+    return cfg.replace(arch=meta["arch"], image_size=size, pretrained=False)
+
+
+def parent_record(cfg: Config, vocab: list[str]) -> dict[str, Any] | None:
+    """What the bundle records about the bundle it continued (None when trained from ImageNet)."""
+    if not cfg.init_bundle:
+        return None
+    import hashlib
+
+    meta = models.read_bundle_meta(cfg.init_bundle)
+    weights = Path(cfg.init_bundle) / models.BUNDLE_WEIGHTS
+    return {"bundle": str(cfg.init_bundle), "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+            "created": meta.get("created"), "classes": meta["classes"],
+            "classes_added": [c for c in vocab if c not in meta["classes"]], "sources": (meta.get("data") or {}).get("sources")}
+
+
+def check_class_names(parent: dict[str, Any], names: dict[str, str], *, source: str) -> None:
+    """Refuse to continue a bundle whose class codes mean something else in the new data."""
+    theirs = parent.get("class_names") or {}
+    clash = [c for c, n in names.items() if c in theirs and theirs[c].strip().lower() != n.strip().lower()]
+    if clash:
+        listed = "; ".join(f"{c!r} is {theirs[c]!r} in the bundle but {names[c]!r} in the data" for c in clash)
+        raise TrainingError(f"{source}: class codes conflict: {listed}. Rename the new class or relabel.")
+
+

@@ -1,0 +1,282 @@
+"""One training run end to end: the run folder (never overwritten silently; an interrupted
+run resumes), the recipe, calibration on the validation split, the out-of-distribution
+score, and the bundle (safetensors weights + JSON metadata, never a pickle).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from fastai.distributed import distrib_barrier
+from fastai.torch_core import num_distrib, rank_distrib, set_seed
+
+import dermaclass
+from dermaclass import models
+from dermaclass.callbacks import MONITOR, PROGRESS, Checkpoint, flip_logits
+from dermaclass.config import Config
+from dermaclass.evaluate import classification_metrics
+from dermaclass.fileio import atomic_path, write_json
+
+log = logging.getLogger(__name__)
+
+from dermaclass.evaluate.calibration import calibrate
+from dermaclass.train.data import TrainData, TrainingError, parent_record
+from dermaclass.train.recipes import RECIPES, Run, build_learner, fit_batch_size, stage_dataloaders
+
+
+# ---- the run ---------------------------------------------------------------------------
+@dataclass
+class TrainResult:
+    run_dir: Path
+    metrics: dict[str, Any]
+    stages: list[dict]
+    seconds: float
+    images_seen: int
+    range_tests: list[dict]
+
+
+REPLACED = "replaced"  # a finished run that --force is replacing waits here until the new bundle exists
+RUN_FILES = (models.BUNDLE_META, models.BUNDLE_WEIGHTS, "model.onnx", "config.yaml", "split.csv", "history.csv",
+             "summary.json", PROGRESS)
+
+
+def set_aside_finished_run(run_dir: Path) -> None:
+    """Before ``--force`` retrains over a finished run, move its bundle, config and split into
+    ``replaced/``: a run killed halfway then leaves no old model beside a new split (evaluate
+    would score the old model on a test split holding its own training images), and nothing is
+    lost. ``replaced/`` is removed once the new bundle is written."""
+    if not (run_dir / models.BUNDLE_META).exists() and not (run_dir / models.BUNDLE_WEIGHTS).exists():
+        return
+    keep = run_dir / REPLACED
+    shutil.rmtree(keep, ignore_errors=True)
+    keep.mkdir(parents=True)
+    for name in RUN_FILES:  # the metadata first: from then on the folder holds no usable old bundle
+        if (run_dir / name).exists():
+            os.replace(run_dir / name, keep / name)
+    log.warning("%s: the finished run there is kept in %s until the new bundle is written", run_dir, keep)
+
+
+def check_run_dir(run_dir: Path, *, force: bool) -> None:
+    """Refuse to write into a folder that holds a bundle or another run, unless ``force``."""
+    if force or not run_dir.exists():
+        return
+    if (run_dir / models.BUNDLE_META).exists() or (run_dir / models.BUNDLE_WEIGHTS).exists():
+        raise FileExistsError(f"{run_dir}: a model bundle is already there")
+    if (run_dir / PROGRESS).is_file():
+        raise FileExistsError(f"{run_dir}: holds an interrupted run; continue it with --resume")
+    if (run_dir / "config.yaml").is_file():
+        raise FileExistsError(f"{run_dir}: holds a run that stopped before its first epoch ended, so there is "
+                              "nothing to resume; start it again")
+    if any(run_dir.iterdir()):
+        raise FileExistsError(f"{run_dir}: not empty, and not a run folder")
+
+
+def _gloo_broadcast(self, t, rank):  # noqa: ANN001 - fastai's DistributedDL._broadcast signature
+    """fastai's DistributedDL._broadcast moves the index tensor to CUDA because NCCL needs it;
+    gloo (CPU data-parallel) needs it on the CPU. Same contract otherwise."""
+    t = torch.LongTensor(t)
+    if torch.distributed.get_backend() == "nccl":
+        t = t.cuda()
+    torch.distributed.broadcast(t, rank)
+    return t.cpu().tolist()
+
+
+def read_progress(run_dir: Path) -> dict[str, Any]:
+    """The progress.json of an interrupted run, checked."""
+    path = run_dir / PROGRESS
+    if (run_dir / models.BUNDLE_META).exists():
+        raise TrainingError(f"{run_dir}: this run already finished (its bundle is there); nothing to resume")
+    if not path.is_file():
+        raise TrainingError(f"{run_dir}: no {PROGRESS} (the run stopped before its first epoch ended); start it again")
+    try:
+        progress = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise TrainingError(f"{path}: unreadable ({exc})") from None
+    if not (run_dir / "checkpoints" / progress.get("weights", "?")).is_file():
+        raise TrainingError(f"{path}: its checkpoint {progress.get('weights')} is missing")
+    return progress
+
+
+def train(cfg: Config, data: TrainData, run_dir: str | Path, *, force: bool = False, data_card: str | None = None,
+          resume: bool = False) -> TrainResult:
+    """Run ``cfg.recipe`` on prepared data and write the run folder and the model bundle.
+
+    ``resume``: continue the interrupted run in ``run_dir`` (same config and split) from its
+    last completed epoch.
+    """
+    run_dir = Path(run_dir)
+    distributed, main = num_distrib() > 1, rank_distrib() == 0
+    progress = read_progress(run_dir) if resume else None
+    if not resume:
+        cfg = fit_batch_size(cfg, len(data.train_rows))  # before the config is saved with the run
+    if not resume and main:
+        check_run_dir(run_dir, force=force)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    models.set_threads(cfg.threads)
+    set_seed(cfg.seed, reproducible=True)
+    commit = _git_commit()  # of the code that trains, read before a long run
+    if not resume and main:
+        set_aside_finished_run(run_dir)
+        cfg.save(run_dir / "config.yaml")
+        with atomic_path(run_dir / "split.csv") as tmp:
+            data.split.to_csv(tmp, index=False)
+
+    # stepwise swaps learn.dls at every stage; the others train on these.
+    learn = build_learner(cfg, data, run_dir, dls=stage_dataloaders(cfg, data, data.train_rows, cfg.batch_size))
+    run = Run(learn, data, cfg, run_dir, resume=progress)
+    if progress is not None:
+        history = pd.read_csv(run_dir / "history.csv") if (run_dir / "history.csv").is_file() else pd.DataFrame()
+        learn.history.rows = history.head(progress["history_rows"]).to_dict("records")
+        learn.best_model.best = progress["best"] if progress.get("best") is not None else -math.inf
+        run.prior_range_tests, run.seconds_before = progress.get("range_tests", []), progress.get("seconds", 0.0)
+    if main:
+        learn.add_cb(Checkpoint(run_dir / "checkpoints", run.progress))
+    # Data-parallel (accelerate launch ...): fastai's DistributedTrainer wraps every fit of the
+    # recipe; on CPU the gloo backend, and no SyncBatchNorm (it needs CUDA).
+    cuda = torch.cuda.is_available()
+    if distributed and not cuda:
+        from fastai.distributed import DistributedDL
+
+        DistributedDL._broadcast = _gloo_broadcast
+    def parallel():  # noqa: ANN202
+        return learn.distrib_ctx(sync_bn=cuda, cpu=not cuda) if distributed else contextlib.nullcontext()
+
+    with parallel():
+        stages = RECIPES[cfg.recipe](run)
+    seconds = run.seconds
+    if distributed:
+        distrib_barrier()  # rank 0 has written the best weights
+    if main:
+        learn.remove_cb(learn.checkpoint)
+    ema = getattr(learn, "weight_ema", None)
+    if ema is not None and ema.apply():
+        log.info("the bundle keeps the weight average (EMA decay %g, %d steps)", cfg.ema_decay, ema.steps)
+    elif cfg.keep == "best":
+        learn.best_model.restore()
+    with parallel():  # every rank predicts its share; fastai gathers the whole validation split
+        # Calibration and thresholds are fitted on the logits the bundle will serve: with the
+        # bundle's test-time augmentation when it has one.
+        if cfg.tta == "flips":
+            logits, targets = flip_logits(learn, learn.dls.valid)
+        else:
+            logits, targets = learn.get_preds(dl=learn.dls.valid, act=lambda x: x)
+    if not main:
+        return TrainResult(run_dir, {}, stages, seconds, run.images_seen, run.range_test_records())
+    calibration, points, probs = calibrate(cfg, logits.numpy(), targets.numpy(), data.vocab)
+    metrics = classification_metrics(targets.numpy(), probs, data.vocab)
+    _plot_curves(run_dir)
+    meta = bundle_meta(cfg, data, metrics, stages, run, seconds, data_card)
+    meta.update(calibration=calibration, operating_points=points, resumed=progress is not None, git_commit=commit,
+                processes=max(1, num_distrib()))
+    models.save_bundle(learn.model, meta, run_dir, force=force or resume)
+    # The out-of-distribution score reads the saved bundle exactly as the app will.
+    from dermaclass.inference import fit_ood
+
+    labels = data.items["label"].astype(str).to_numpy()
+    fit_ood(run_dir, train_images=[data.images[i] for i in data.train_rows], train_labels=labels[data.train_rows],
+            valid_images=[data.images[i] for i in data.valid_rows], valid_labels=labels[data.valid_rows],
+            method=cfg.ood, keep=cfg.ood_keep, force=True)  # the bundle was just written
+    shutil.rmtree(run_dir / REPLACED, ignore_errors=True)  # the new bundle is complete: the old one can go
+    for f in (run_dir / "checkpoints").glob("*-*"):
+        if f.name.startswith(("weights-", "opt-", "ema-")):
+            f.unlink(missing_ok=True)  # resume files are not needed once the bundle exists
+    log.info("bundle written to %s: valid balanced accuracy %.4f", run_dir, metrics["balanced_accuracy"])
+    return TrainResult(run_dir, metrics, stages, seconds, run.images_seen, run.range_test_records())
+
+
+def bundle_meta(cfg: Config, data: TrainData, metrics: dict, stages: list[dict], run: Run, seconds: float,
+                data_card: str | None) -> dict[str, Any]:
+    """The JSON half of the bundle: everything needed to rebuild, use and judge the model."""
+    return {
+        "arch": cfg.arch,
+        "classes": data.vocab,
+        "class_names": data.names,
+        "input_size": list(cfg.image_size),
+        "normalization": models.normalization(cfg.arch),
+        "preprocessing": {"decode": "RGB (EXIF-upright; gray/RGBA/CMYK/16-bit converted)",
+                          "resize": "cover (width, height) keeping aspect ratio, bilinear, centre crop",
+                          "colour_constancy": cfg.colour_constancy,
+                          "scale": "uint8 / 255, then (x - mean) / std"},
+        "kept_weights": f"ema {cfg.ema_decay:g}" if cfg.ema_decay else cfg.keep,
+        "tta": "flips4" if cfg.tta == "flips" else None,  # what the Predictor does by default
+        "head": {"kind": "fastai", "ps": 0.5},
+        "metrics_valid": metrics,
+        "recipe": cfg.recipe,
+        "stages": stages,
+        "range_tests": run.range_test_records(),
+        "training": {"seconds": round(seconds, 1), "images_seen": run.images_seen,
+                     "epochs_equivalent": round(run.images_seen / max(1, len(data.train_rows)), 2),
+                     "best_valid_balanced_accuracy": run.learn.best_model.best},
+        "config": cfg.to_dict(),
+        "data": {"sources": data.sources, "split_counts": data.items["split"].value_counts().to_dict(),
+                 "split_reuse": data.split_reuse,
+                 "split_file": "split.csv", "data_card": data_card},
+        "parent": parent_record(cfg, data.vocab),
+        "package_version": dermaclass.__version__,
+        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+        "git_commit": None,  # set by train() from the commit read before training
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "disclaimer": dermaclass.DISCLAIMER,
+    }
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True,
+                             timeout=5, check=True)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _plot_curves(run_dir: Path) -> None:
+    """Training curves (losses and validation balanced accuracy per epoch, stage boundaries marked)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = run_dir / "history.csv"
+    if not path.is_file():
+        return
+    h = pd.read_csv(path)
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    a1.plot(h["epoch"], h["train_loss"], label="train loss")
+    a1.plot(h["epoch"], h["valid_loss"], label="valid loss")
+    if MONITOR in h:
+        a2.plot(h["epoch"], h[MONITOR], label="valid balanced accuracy", color="C2")
+    if "f1_score" in h:
+        a2.plot(h["epoch"], h["f1_score"], label="valid macro-F1", color="C3")
+    for ax in (a1, a2):
+        for e in h.loc[h["stage"].astype(str).ne(h["stage"].astype(str).shift()), "epoch"].iloc[1:]:
+            ax.axvline(e - 0.5, color="grey", lw=0.7, ls=":")
+        ax.set_xlabel("epoch")
+        ax.legend(fontsize=8)
+    a1.set_title("loss")
+    a2.set_title("validation (dotted lines: stage boundaries)")
+    fig.tight_layout()
+    with atomic_path(run_dir / "curves.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=90)
+    plt.close(fig)
+
+
+def write_summary(result: TrainResult) -> Path:
+    """A small JSON summary beside the bundle (what the CLI prints)."""
+    return write_json(result.run_dir / "summary.json", {
+        "metrics_valid": {k: result.metrics[k] for k in ("balanced_accuracy", "macro_f1", "accuracy")},
+        "seconds": round(result.seconds, 1), "images_seen": result.images_seen, "stages": result.stages,
+        "range_tests": result.range_tests,
+    })
+
