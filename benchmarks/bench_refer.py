@@ -5,7 +5,7 @@ Part ``ood`` (issue 14, "Refer"). On a model bundle and its ``split.csv``:
 - fits every out-of-distribution score of ``dermaclass.refer`` (Mahalanobis, Lee et al.
   2018; k-nearest neighbours, Sun et al. 2022; energy, Liu et al. 2020) on the training
   split's features (``models.WithFeatures``: a pooled inner backbone layer,
-  ``models.feature_layer``; one view, as ``inference.fit_ood`` does), and sets each cut-off so that 95 % of the validation split
+  ``models.feature_layer``; one view, as ``refer.fit_ood`` does), and sets each cut-off so that 95 % of the validation split
   passes, scored with the bundle's TTA as the app scores;
 - scores HAM10000 test (in distribution), both external dermoscopy sets (other clinics:
   dermoscopy that should mostly pass), and images that are not dermoscopy, by kind: colour
@@ -215,7 +215,7 @@ def ood_part(pred: Predictor, args: argparse.Namespace) -> dict[str, Any]:
         return [np.asarray(load_rgb(data / "images" / f"{i}.jpg")) for i in which]
 
     raw = {s: ham(v) for s, v in ids.items()}
-    # As inference.fit_ood does: the fit on one view of the training images, the rest as the app scores.
+    # As refer.fit_ood does: the fit on one view of the training images, the rest as the app scores.
     out = {s: run_model(pred, raw[s], tta=tta and s != "train") for s in raw}
     labels = np.array([pred.classes.index(meta.loc[i, "dx"]) for i in ids["train"]])
     print(f"HAM10000 features: {sum(len(v) for v in ids.values())} images in {time.perf_counter() - t0:.0f} s")

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -234,3 +235,64 @@ def load_stats(folder: str | Path, method: str) -> dict[str, np.ndarray]:
     if not need <= set(stats):
         raise ValueError(f"{path}: holds {sorted(stats)}, but {method} needs {sorted(need)}")
     return stats
+
+
+# ---- fitting a bundle's score ------------------------------------------------------------------
+def fit_ood(bundle: str | Path, *, train_images: Sequence[np.ndarray], train_labels: Sequence[str],
+            valid_images: Sequence[np.ndarray], valid_labels: Sequence[str], method: str = "knn",
+            keep: float = 0.95, force: bool = False) -> dict[str, Any]:
+    """Fit the bundle's out-of-distribution score and its cut-off, and store both in the bundle.
+
+    The score is fitted on the training split's features (one view, no test-time augmentation:
+    cheaper, and the cut-off absorbs the difference) and its cut-off is set so that ``keep`` of
+    the validation split passes, scored as the app scores (with the bundle's TTA). Writes
+    ``ood.safetensors`` (arrays only) and rewrites ``calibration.refer`` in ``model.json``
+    atomically, with the validation referral rate of the whole rule. Images are preprocessed
+    arrays at the bundle's input size (as the decode cache holds them). A bundle that already
+    has a fitted score keeps it unless ``force``.
+    """
+    from dermaclass import models
+    from dermaclass.fileio import write_json
+    from dermaclass.inference import Predictor, softmax
+
+    bundle = Path(bundle)
+    if (bundle / OOD_FILE).exists() and not force:
+        raise FileExistsError(f"{bundle / OOD_FILE}: the bundle already has a fitted out-of-distribution score")
+    if method not in OOD_METHODS:
+        raise ValueError(f"unknown out-of-distribution method {method!r}; choose from {', '.join(OOD_METHODS)}")
+    pred = Predictor(bundle, backend="torch")
+    index = {c: i for i, c in enumerate(pred.classes)}
+    unknown = sorted({str(y) for y in [*train_labels, *valid_labels]} - set(index))
+    if unknown:
+        raise models.ModelError(f"{bundle}: labels {unknown} are not among the bundle's classes {pred.classes}")
+    if len(valid_images) == 0:
+        raise models.ModelError(f"{bundle}: no validation images to set the out-of-distribution cut-off on")
+    stats: dict[str, np.ndarray] = {}
+    if method != "energy":
+        _, train_features = pred.forward(list(train_images), tta=False)
+        stats = fit(method, train_features, np.array([index[str(y)] for y in train_labels]), len(pred.classes))
+    logits, features = pred.forward(list(valid_images))
+    scores = score(method, logits=logits, features=features, stats=stats)
+    cut = threshold(scores, keep=keep)
+    probs = softmax(logits, pred.temperature)
+    kept = (probs.max(axis=1) >= pred.refer_below) & (scores >= cut)
+    y = np.array([index[str(v)] for v in valid_labels])
+    (bundle / OOD_FILE).unlink(missing_ok=True)  # an energy bundle keeps no stale arrays
+    save_stats(bundle, stats)
+    meta = dict(pred.meta)
+    calibration = dict(meta.get("calibration") or {})
+    calibration["refer"] = {
+        **(calibration.get("refer") or {}), "min_top_probability": pred.refer_below,
+        "ood": {"method": method, "threshold": cut, "keep": keep, "file": OOD_FILE if stats else None,
+                "layer": pred.feature_layer,
+                "features": (f"global average pool of {pred.feature_layer or 'the body output'}") if stats else None,
+                "fitted_on": f"train split, {len(train_images)} images" if stats else None,
+                "threshold_set_on": f"valid split, {len(valid_images)} images"},
+        "valid_referred": float(np.mean(~kept)),
+        "valid_accuracy_kept": float(np.mean((probs.argmax(1) == y)[kept])) if kept.any() else None,
+    }
+    meta["calibration"] = calibration
+    write_json(bundle / models.BUNDLE_META, meta)
+    log.info("%s: out-of-distribution score %s, cut-off %.4f; the whole rule refers %.1f %% of validation images",
+             bundle, method, cut, 100 * float(np.mean(~kept)))
+    return calibration["refer"]

@@ -22,7 +22,7 @@ def calibrate(cfg: Config, logits: np.ndarray, labels: np.ndarray, vocab: list[s
     Returns the bundle's ``calibration`` and ``operating_points`` entries and the calibrated
     validation probabilities. Every later prediction divides the logits by this temperature.
     The referral rule (``calibration.refer``) is fitted on the saved bundle by
-    ``inference.fit_ood``, since its score reads the bundle's features as the app does.
+    ``refer.fit_ood``, since its score reads the bundle's features as the app does.
     """
     t = fit_temperature(logits, labels)
     raw, probs = softmax(logits), softmax(logits, t)

@@ -109,7 +109,7 @@ def refit_ood(bundle: str | Path, data: str | Path | Sequence[str | Path], *, sp
     """Fit (or refit) a bundle's out-of-distribution score on the train split of ``data`` and
     set its cut-off on the valid split (``dermaclass fit-ood``: bundles trained before the
     feature-space scores, or a new method). Never on test or external images."""
-    from dermaclass.inference import fit_ood
+    from dermaclass.refer import fit_ood
 
     cfg = cfg or Config()
     bundle = Path(bundle)

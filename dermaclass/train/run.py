@@ -182,7 +182,7 @@ def train(cfg: Config, data: TrainData, run_dir: str | Path, *, force: bool = Fa
                 processes=max(1, num_distrib()))
     models.save_bundle(learn.model, meta, run_dir, force=force or resume)
     # The out-of-distribution score reads the saved bundle exactly as the app will.
-    from dermaclass.inference import fit_ood
+    from dermaclass.refer import fit_ood
 
     labels = data.items["label"].astype(str).to_numpy()
     fit_ood(run_dir, train_images=[data.images[i] for i in data.train_rows], train_labels=labels[data.train_rows],
