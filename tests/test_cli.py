@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
 from typer.testing import CliRunner
 
 from conftest import save_image
@@ -200,3 +201,12 @@ def test_a_bad_schedule_flag_exits_2_before_the_data_is_read(tmp_path: Path) -> 
                                    "--cycle-mult", "1"])
     assert res.exit_code == 2 and "cycle_mult=1: must be at least 2" in " ".join(res.output.split()), res.output
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("command", [["train"], ["lr-find"], ["evaluate"], ["fit-ood"], ["data", "validate"],
+                                     ["data", "split"], ["data", "card"]])
+def test_every_command_that_reads_a_dataset_takes_the_same_data_options(command: list[str]) -> None:
+    """Declared once (cli.DATA_OPTIONS): lr-find once lacked --image-col, --label-col, --group-col and --workers."""
+    text = CliRunner().invoke(app, [*command, "--help"], terminal_width=200).output
+    for flag in ("--config", "--manifest", "--image-col", "--label-col", "--group-col", "--class-names", "--workers"):
+        assert flag in text, (command, flag)

@@ -110,6 +110,42 @@ def _config(config: Path | None, **flags: Any) -> Config:
     return load_config(config, **{k: (str(v) if isinstance(v, Path) else v) for k, v in flags.items()})
 
 
+# The options every command that reads a dataset takes, declared once (they were repeated in
+# six commands and had drifted: lr-find lacked three of them).
+DATA_OPTIONS: dict[str, Any] = {"config": ConfigOpt, "manifest": ManifestOpt, "image_col": ImageColOpt,
+                                "label_col": LabelColOpt, "group_col": GroupColOpt, "class_names": ClassNamesOpt,
+                                "workers": WorkersOpt}
+
+
+class DataOptions(dict):
+    """The shared dataset options a command received (``config`` and the data-layer flags)."""
+
+    def config(self, **flags: Any) -> Config:
+        """The resolved configuration: defaults < --config YAML < these data flags and ``flags``."""
+        given = {k: v for k, v in self.items() if k != "config"}
+        return _config(self.get("config"), **given, **flags)
+
+
+def data_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Add the shared dataset options (``DATA_OPTIONS``) to a command's signature, as typer reads
+    it, and hand them to the command as one ``data_opts: DataOptions`` argument."""
+    import functools
+    import inspect
+
+    sig = inspect.signature(fn, eval_str=True)  # typer reads a given __signature__ as it is: no strings
+    own = [p for p in sig.parameters.values() if p.name != "data_opts"]
+    extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=kind, default=None)
+             for name, kind in DATA_OPTIONS.items()]
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        opts = DataOptions({name: kwargs.pop(name, None) for name in DATA_OPTIONS})
+        return fn(*args, data_opts=opts, **kwargs)
+
+    wrapper.__signature__ = sig.replace(parameters=own + extra)  # type: ignore[attr-defined]
+    return wrapper
+
+
 def _progress(label: str) -> tuple[Progress, Callable[[int, int], None]]:
     progress = Progress(
         TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err, transient=True,

@@ -11,23 +11,17 @@ from rich.markup import escape
 from rich.table import Table
 
 from dermaclass.cli import (
-    EXIT_CODES, ClassNamesOpt, ConfigOpt, DataPath, GroupColOpt, ImageColOpt, LabelColOpt, ManifestOpt, MinOpt,
-    WorkersOpt, _config, _print_validation, _validate, data_app, err, friendly, out,
+    EXIT_CODES, DataOptions, DataPath, MinOpt, _print_validation, data_options, _validate, data_app, err, friendly, out,
 )
 
 
 @data_app.command("validate", epilog=EXIT_CODES)
 @friendly
+@data_options
 def data_validate(
     path: DataPath,
-    config: ConfigOpt = None,
-    manifest: ManifestOpt = None,
-    image_col: ImageColOpt = None,
-    label_col: LabelColOpt = None,
-    group_col: GroupColOpt = None,
-    class_names: ClassNamesOpt = None,
     min_per_class: MinOpt = None,
-    workers: WorkersOpt = None,
+    data_opts: DataOptions = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the full report as JSON.")] = False,
     strict: Annotated[bool, typer.Option("--strict", help="Exit with code 1 when any problem is found.")] = False,
 ) -> None:
@@ -35,8 +29,7 @@ def data_validate(
 
     Bad files are skipped and listed; --strict makes any problem an error (exit code 1).
     """
-    cfg = _config(config, manifest=manifest, image_col=image_col, label_col=label_col, group_col=group_col,
-                  class_names=class_names, min_per_class=min_per_class, workers=workers)
+    cfg = data_opts.config(min_per_class=min_per_class)
     stats = _validate(path, cfg).to_dict()
     if as_json:
         typer.echo(json.dumps(stats, indent=2, ensure_ascii=False))
@@ -49,6 +42,7 @@ def data_validate(
 
 @data_app.command("split", epilog=EXIT_CODES)
 @friendly
+@data_options
 def data_split(
     path: DataPath,
     out_file: Annotated[Path, typer.Option("--out", help="Where to write the split CSV (image, label, group, split).")],
@@ -58,19 +52,12 @@ def data_split(
     fractions: Annotated[str | None, typer.Option("--fractions", help="train,valid,test [default: 0.7,0.15,0.15]")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Random seed. [default: 42]")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out file.")] = False,
-    config: ConfigOpt = None,
-    manifest: ManifestOpt = None,
-    image_col: ImageColOpt = None,
-    label_col: LabelColOpt = None,
-    group_col: GroupColOpt = None,
-    class_names: ClassNamesOpt = None,
-    workers: WorkersOpt = None,
+    data_opts: DataOptions = None,
 ) -> None:
     """Split into train/valid/test, stratified by label and grouped by lesion/patient (no group on two sides)."""
     from dermaclass.data import assign_split, make_split, read_split, write_split
 
-    cfg = _config(config, manifest=manifest, image_col=image_col, label_col=label_col, group_col=group_col,
-                  class_names=class_names, workers=workers, split_fractions=fractions, seed=seed, split_file=split_file)
+    cfg = data_opts.config(split_fractions=fractions, seed=seed, split_file=split_file)
     reuse = Path(cfg.split_file) if cfg.split_file else None
     if out_file.exists() and not force and (reuse is None or reuse.resolve() != out_file.resolve()):
         raise FileExistsError(f"{out_file}: already exists; a split defines the test set")
@@ -101,22 +88,16 @@ def data_split(
 
 @data_app.command("card", epilog=EXIT_CODES)
 @friendly
+@data_options
 def data_card(
     path: DataPath,
     split_file: Annotated[Path | None, typer.Option("--split-file", help="Add per-split counts from this split.")] = None,
-    config: ConfigOpt = None,
-    manifest: ManifestOpt = None,
-    image_col: ImageColOpt = None,
-    label_col: LabelColOpt = None,
-    group_col: GroupColOpt = None,
-    class_names: ClassNamesOpt = None,
-    workers: WorkersOpt = None,
+    data_opts: DataOptions = None,
 ) -> None:
     """Print the statistics section of a data card in Markdown (see data_cards/TEMPLATE.md)."""
     from dermaclass.data import read_split, render_card
 
-    cfg = _config(config, manifest=manifest, image_col=image_col, label_col=label_col, group_col=group_col,
-                  class_names=class_names, workers=workers)
+    cfg = data_opts.config()
     stats = _validate(path, cfg).to_dict()
     split_counts = None
     if split_file is not None:

@@ -10,13 +10,13 @@ import typer
 from rich.table import Table
 
 from dermaclass.cli import (
-    EXIT_CODES, ClassNamesOpt, ConfigOpt, DataPath, GroupColOpt, ImageColOpt, LabelColOpt, ManifestOpt, Opt,
-    WorkersOpt, _config, _progress, app, err, friendly, out, report_app,
+    EXIT_CODES, DataOptions, DataPath, Opt, _progress, data_options, app, err, friendly, out, report_app,
 )
 
 
 @app.command("evaluate", epilog=EXIT_CODES)
 @friendly
+@data_options
 def evaluate_cmd(
     model: Annotated[Path, typer.Argument(help="Model bundle folder (model.safetensors + model.json).")],
     data: DataPath,
@@ -32,13 +32,7 @@ def evaluate_cmd(
     tta: Annotated[bool | None, Opt("--tta/--no-tta", help="Average the logits over the four flips "
                                     "[default: as the bundle records]")] = None,
     force: Annotated[bool, Opt("--force", help="Replace an existing report.")] = False,
-    config: ConfigOpt = None,
-    manifest: ManifestOpt = None,
-    image_col: ImageColOpt = None,
-    label_col: LabelColOpt = None,
-    group_col: GroupColOpt = None,
-    class_names: ClassNamesOpt = None,
-    workers: WorkersOpt = None,
+    data_opts: DataOptions = None,
 ) -> None:
     """Evaluate a model bundle on a labelled split: predictions, figures with intervals, HTML report."""
     from dermaclass.evaluate.run import evaluate_bundle
@@ -46,8 +40,7 @@ def evaluate_cmd(
 
     if split not in ("test", "valid", "train", "all"):
         raise typer.BadParameter(f"--split must be test, valid, train or all, not {split!r}")
-    cfg = _config(config, manifest=manifest, image_col=image_col, label_col=label_col, group_col=group_col,
-                  class_names=class_names, workers=workers)
+    cfg = data_opts.config()
     if not force and any((out_dir / f).exists() for f in REPORT_FILES):
         raise FileExistsError(f"{out_dir}: a report is already there")
     from dermaclass.evaluate.external import evaluate_external, parse_sets

@@ -11,8 +11,7 @@ from rich.markup import escape
 
 from dermaclass import DISCLAIMER
 from dermaclass.cli import (
-    EXIT_CODES, ClassNamesOpt, ConfigOpt, DataPath, GroupColOpt, ImageColOpt, LabelColOpt, ManifestOpt, Opt,
-    WorkersOpt, _config, _default_bundle, app, err, friendly, out,
+    EXIT_CODES, DataOptions, DataPath, Opt, _default_bundle, data_options, app, err, friendly, out,
 )
 
 
@@ -82,6 +81,7 @@ def export_cmd(
 
 @app.command("fit-ood", epilog=EXIT_CODES)
 @friendly
+@data_options
 def fit_ood_cmd(
     model: Annotated[Path, typer.Argument(help="Model bundle folder.")],
     data: DataPath,
@@ -89,13 +89,7 @@ def fit_ood_cmd(
     keep: Annotated[float, Opt("--keep", help="Share of the valid split the cut-off passes.")] = 0.95,
     split_file: Annotated[Path | None, Opt("--split-file", help="[default: the split.csv beside the bundle]")] = None,
     force: Annotated[bool, Opt("--force", help="Replace a score the bundle already has.")] = False,
-    config: ConfigOpt = None,
-    manifest: ManifestOpt = None,
-    image_col: ImageColOpt = None,
-    label_col: LabelColOpt = None,
-    group_col: GroupColOpt = None,
-    class_names: ClassNamesOpt = None,
-    workers: WorkersOpt = None,
+    data_opts: DataOptions = None,
 ) -> None:
     """Fit a bundle's out-of-distribution score on the train split of DATA (cut-off on its valid split).
 
@@ -107,8 +101,7 @@ def fit_ood_cmd(
         raise typer.BadParameter(f"--ood must be knn, mahalanobis or energy, not {method!r}")
     if not 0 < keep < 1:
         raise typer.BadParameter(f"--keep must be between 0 and 1, not {keep}")
-    cfg = _config(config, manifest=manifest, image_col=image_col, label_col=label_col, group_col=group_col,
-                  class_names=class_names, workers=workers)
+    cfg = data_opts.config()
     r = refit_ood(model, data, split_file=split_file, cfg=cfg, method=method, keep=keep, force=force)
     ood = r["ood"]
     out.print(f"{model}: {ood['method']} score, cut-off {ood['threshold']:.4f} (passes {ood['keep']:.0%} of the valid "

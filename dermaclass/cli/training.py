@@ -10,18 +10,17 @@ import typer
 from rich.table import Table
 
 from dermaclass.cli import (
-    EXIT_CODES, ClassNamesOpt, ConfigOpt, DataPath, GroupColOpt, ImageColOpt, LabelColOpt, ManifestOpt, Opt,
-    WorkersOpt, _config, _main_first, _progress, _rank, app, err, friendly, out,
+    EXIT_CODES, DataOptions, DataPath, Opt, data_options, _main_first, _progress, _rank, app, err, friendly, out,
 )
 from dermaclass.config import Config, load_config
 
 
 @app.command("train", epilog=EXIT_CODES)
 @friendly
+@data_options
 def train_cmd(
     data: Annotated[list[Path], typer.Argument(help="One or more datasets (the first keeps its image ids; e.g. an export plus review/).")],
     out_dir: Annotated[Path, Opt("--out", help="Run folder: config, split, history, plots and the model bundle.")],
-    config: ConfigOpt = None,
     recipe: Annotated[str | None, Opt("--recipe", help="baseline | sgdr | stepwise [default: stepwise]")] = None,
     arch: Annotated[str | None, Opt("--arch", help="Any timm architecture; tf_efficientnet_lite0/1/2 have offline ImageNet weights [default: tf_efficientnet_lite0]")] = None,
     weights: Annotated[Path | None, Opt("--weights", help="Local body weights (.safetensors / .pth state dict).")] = None,
@@ -69,25 +68,19 @@ def train_cmd(
     threads: Annotated[int | None, Opt("--threads", help="torch threads (0 = all cores)")] = None,
     force: Annotated[bool, Opt("--force", help="Replace an existing run folder / bundle.")] = False,
     resume: Annotated[bool, Opt("--resume", help="Continue the interrupted run in --out (its config and split).")] = False,
-    manifest: ManifestOpt = None,
-    image_col: ImageColOpt = None,
-    label_col: LabelColOpt = None,
-    group_col: GroupColOpt = None,
-    class_names: ClassNamesOpt = None,
-    workers: WorkersOpt = None,
+    data_opts: DataOptions = None,
 ) -> None:
     """Train a model bundle on a clinic's image folder (default recipe: stepwise subsets, SGDR stages)."""
     from dermaclass import train as training
 
-    cfg = _config(config, recipe=recipe, arch=arch, weights=weights, init_bundle=init_bundle, pretrained=pretrained, image_size=image_size,
+    cfg = data_opts.config(recipe=recipe, arch=arch, weights=weights, init_bundle=init_bundle, pretrained=pretrained, image_size=image_size,
                   batch_size=batch_size, lr=lr, lr_suggestion=lr_suggestion, warm_epoch=warm_epoch,
                   head_epochs=head_epochs, epochs=epochs, n_cycles=n_cycles, cycle_len=cycle_len, cycle_mult=cycle_mult,
                   lr_ratio=lr_ratio, stage_fractions=stage_fractions, stage_sizes=stage_sizes, lr_rule=lr_rule, weight_sharing=weight_sharing,
                   imbalance=imbalance, augment=augment, colour_constancy=colour_constancy, tta=tta,
                   label_smoothing=label_smoothing, keep=keep, ema_decay=ema_decay, precision=precision, early_stop_patience=early_stop_patience, split_file=split_file,
                   operating_classes=operating_classes, target_sensitivity=target_sensitivity, ood=ood,
-                  seed=seed, threads=threads, manifest=manifest, image_col=image_col, label_col=label_col,
-                  group_col=group_col, class_names=class_names, workers=workers)
+                  seed=seed, threads=threads)
     if lr_find:
         if lr is not None:
             raise typer.BadParameter("give either --lr or --lr-find, not both", param_hint="--lr-find")
@@ -186,10 +179,10 @@ def _print_plan(cfg: Config, n_train: int) -> None:
 
 @app.command("lr-find", epilog=EXIT_CODES)
 @friendly
+@data_options
 def lr_find_cmd(
     data: DataPath,
     out_dir: Annotated[Path, Opt("--out", help="Folder for the plot and lr_find.json.")],
-    config: ConfigOpt = None,
     arch: Annotated[str | None, Opt("--arch")] = None,
     batch_size: Annotated[int | None, Opt("--batch-size")] = None,
     warm_epoch: Annotated[bool | None, Opt("--warm-epoch/--no-warm-epoch", help="One epoch at --warm-lr before the range test")] = None,
@@ -198,17 +191,15 @@ def lr_find_cmd(
     iters: Annotated[int | None, Opt("--iters", help="Batches in the range test [default: 60]")] = None,
     image_size: Annotated[str | None, Opt("--image-size")] = None,
     split_file: Annotated[Path | None, Opt("--split-file")] = None,
-    manifest: ManifestOpt = None,
-    class_names: ClassNamesOpt = None,
+    data_opts: DataOptions = None,
 ) -> None:
     """LR range test (fastai lr_find): all four suggestions, the plot, and the chosen one."""
     from dermaclass import train as training
     from dermaclass.fileio import write_json
     from dermaclass.lr_find import range_test
 
-    cfg = _config(config, arch=arch, batch_size=batch_size, warm_epoch=warm_epoch, warm_lr=warm_lr,
-                  lr_find_iters=iters, image_size=image_size, split_file=split_file, manifest=manifest,
-                  class_names=class_names)
+    cfg = data_opts.config(arch=arch, batch_size=batch_size, warm_epoch=warm_epoch, warm_lr=warm_lr,
+                           lr_find_iters=iters, image_size=image_size, split_file=split_file)
     out_dir.mkdir(parents=True, exist_ok=True)
     prepared = training.prepare_data(cfg, data)
     learn = training.build_learner(cfg, prepared, out_dir, dls=training.stage_dataloaders(cfg, prepared, prepared.train_rows,
