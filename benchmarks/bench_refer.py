@@ -409,10 +409,6 @@ def main() -> None:
     result: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
                               "model": str(Path(args.model).resolve().relative_to(ROOT)), "quick": args.quick}
     out = RESULTS / ("refer_quick.json" if args.quick else "refer.json")
-    if out.is_file() and not args.quick:  # keep the other part's figures when only one part is re-run
-        import json
-
-        result = {**json.loads(out.read_text()), **result}
     if "ood" in args.part:
         r = result["ood"] = ood_part(pred, args)
         oc = r["one_colour"]
@@ -443,6 +439,10 @@ def main() -> None:
         for k, v in c["variants"].items():
             ms = f"{v['ms_per_image']:.0f} ms" if v["ms_per_image"] is not None else ""
             print(f"{k:30} pointing {v['pointing']:.3f}  mass inside {v['mass_inside_lesion']:.3f}  {ms}")
+    if out.is_file() and not args.quick:  # keep the other part's figures when only one part is re-run
+        import json
+
+        result = {**json.loads(out.read_text()), **result}
     write_json(out, result)
     print(f"wrote {out}")
 

@@ -177,9 +177,9 @@ def test_training_fits_the_feature_space_referral(tiny_bundle: Path) -> None:
 
     pred = Predictor(tiny_bundle, backend="torch")
     ood = pred.meta["calibration"]["refer"]["ood"]
-    assert ood["method"] == "knn" == pred.ood_method and (tiny_bundle / refer.OOD_FILE).is_file()
-    assert ood["keep"] == 0.95 and "train split" in ood["fitted_on"]
-    assert set(pred.ood_stats) == {"bank", "k"} and pred.ood_stats["bank"].dtype == np.float16
+    assert ood["method"] == "mahalanobis" == pred.ood_method and (tiny_bundle / refer.OOD_FILE).is_file()
+    assert ood["keep"] == 0.95 and "train split" in ood["fitted_on"] and ood["layer"] == pred.feature_layer
+    assert set(pred.ood_stats) == {"means", "precision"} and pred.ood_stats["means"].shape[0] == len(pred.classes)
 
 
 def test_too_small_is_refused_and_a_flat_field_is_referred(tiny_bundle: Path, tmp_path: Path) -> None:
@@ -192,7 +192,7 @@ def test_too_small_is_refused_and_a_flat_field_is_referred(tiny_bundle: Path, tm
         pred.predict(tiny)
     flat = pred.predict(np.full((48, 64, 3), (200, 150, 120), np.uint8))
     assert flat["referral"]["refer"] and "does not look like a dermoscopic image" in flat["referral"]["reasons"][0]
-    assert flat["ood_method"] == "knn"
+    assert flat["ood_method"] == "mahalanobis"
 
 
 def test_fit_ood_refits_only_with_force_and_records_the_method(tiny_bundle: Path, colour_data: Path,
@@ -208,13 +208,13 @@ def test_fit_ood_refits_only_with_force_and_records_the_method(tiny_bundle: Path
     shutil.copytree(tiny_bundle, bundle, ignore=shutil.ignore_patterns("checkpoints", "*.onnx"))
     cfg = load_config(cache_dir=str(tmp_path / "cache"))
     with pytest.raises(FileExistsError, match="already has a fitted out-of-distribution score"):
-        refit_ood(bundle, colour_data, cfg=cfg, method="mahalanobis")
-    r = refit_ood(bundle, colour_data, cfg=cfg, method="mahalanobis", force=True)
+        refit_ood(bundle, colour_data, cfg=cfg, method="knn")
+    r = refit_ood(bundle, colour_data, cfg=cfg, method="knn", force=True)
     meta = json.loads((bundle / "model.json").read_text())
-    assert meta["calibration"]["refer"] == r and r["ood"]["method"] == "mahalanobis"
+    assert meta["calibration"]["refer"] == r and r["ood"]["method"] == "knn"
     assert 0.0 <= r["valid_referred"] <= 1.0
     pred = Predictor(bundle)
-    assert pred.ood_method == "mahalanobis" and set(pred.ood_stats) == {"means", "precision"}
+    assert pred.ood_method == "knn" and set(pred.ood_stats) == {"bank", "k"} and pred.ood_stats["bank"].dtype == np.float16
     # energy needs no arrays: the stale file goes, so a reader never mistakes it for the score in use
     refit_ood(bundle, colour_data, cfg=cfg, method="energy", force=True)
     assert not (bundle / refer.OOD_FILE).exists() and Predictor(bundle).ood_method == "energy"

@@ -42,7 +42,7 @@ def test_recipe_end_to_end(recipe: str, colour_data: Path, tmp_path: Path) -> No
     mel = meta["operating_points"]["mel"]
     assert mel["target_sensitivity"] == 0.9 and mel["valid_sensitivity"] >= 0.9
     refer = meta["calibration"]["refer"]
-    assert refer["ood"]["method"] == "knn" and 0 <= refer["valid_referred"] <= 1
+    assert refer["ood"]["method"] == "mahalanobis" and 0 <= refer["valid_referred"] <= 1
     history = pd.read_csv(out / "history.csv")
     expected_epochs = {"baseline": 2, "sgdr": 2, "stepwise": 3}[recipe]
     assert len(history) == expected_epochs

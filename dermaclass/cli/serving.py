@@ -85,7 +85,7 @@ def export_cmd(
 def fit_ood_cmd(
     model: Annotated[Path, typer.Argument(help="Model bundle folder.")],
     data: DataPath,
-    method: Annotated[str, Opt("--ood", help="knn | mahalanobis | energy")] = "knn",
+    method: Annotated[str, Opt("--ood", help="mahalanobis | knn | energy")] = "mahalanobis",
     keep: Annotated[float, Opt("--keep", help="Share of the valid split the cut-off passes.")] = 0.95,
     split_file: Annotated[Path | None, Opt("--split-file", help="[default: the split.csv beside the bundle]")] = None,
     force: Annotated[bool, Opt("--force", help="Replace a score the bundle already has.")] = False,

@@ -61,8 +61,8 @@ def train_cmd(
     early_stop_patience: Annotated[int | None, Opt("--early-stop-patience", help="0 = off")] = None,
     operating_classes: Annotated[str | None, Opt("--operating-classes", help="Classes that get a sensitivity threshold [default: mel]")] = None,
     target_sensitivity: Annotated[float | None, Opt("--target-sensitivity", help="Validation sensitivity of the threshold [default: 0.9]")] = None,
-    ood: Annotated[str | None, Opt("--ood", help="knn | mahalanobis | energy: the out-of-distribution score that refers "
-                                   "images unlike the training data [default: knn]")] = None,
+    ood: Annotated[str | None, Opt("--ood", help="mahalanobis | knn | energy: the out-of-distribution score that refers "
+                                   "images unlike the training data [default: mahalanobis]")] = None,
     split_file: Annotated[Path | None, Opt("--split-file", help="Reuse this split (new images are added).")] = None,
     seed: Annotated[int | None, Opt("--seed")] = None,
     threads: Annotated[int | None, Opt("--threads", help="torch threads (0 = all cores)")] = None,
