@@ -68,7 +68,10 @@ CAM_METHODS: dict[str, Any] = {
     "gradcam": lambda: _cam("GradCAM"), "gradcam++": lambda: _cam("GradCAMPlusPlus"),
     "layercam": lambda: _cam("LayerCAM"), "eigencam": lambda: _cam("EigenCAM"),
 }
-#: Picked by measurement (benchmarks/results/refer.json, "cam"): see the README.
+#: Picked by measurement (benchmarks/results/refer.json, "cam"; 300 HAM10000 test images with
+#: lesion masks): LayerCAM at stride 16 (8x6 at 128x96) put its peak inside the lesion in
+#: 86 % of images and 55 % of its mass there, against Grad-CAM at the last block's 44 % and
+#: 39 %; EigenCAM at the same layer scored 81 % / 57 % but is class-agnostic.
 CAM_METHOD = "layercam"
 CAM_STRIDE: int | None = 16
 
