@@ -2,8 +2,10 @@
 
 Tabs:
 - Diagnose: upload, paste or photograph an image; calibrated probabilities with full class
-  names, a Grad-CAM heatmap, operating-point flags, a "refer to a dermatologist" banner when
-  the model is unsure or the image looks unlike its training data, and a correction form
+  names, a class-activation map (LayerCAM) beside the image with a colour scale,
+  operating-point flags, a "refer to a dermatologist" banner with plain reasons when the
+  image is too small, not dermoscopy-like, unlike the training data (refer.py), or the
+  model is unsure, and a correction form
   that saves the image and the right label to the review folder (``data.review``) for the
   next retraining;
 - Report: the loaded model's evaluation report (confusion matrix, per-class table with
@@ -42,7 +44,7 @@ MAX_BYTES = 25 * 1024 * 1024  # a dermoscopy photo is a few MB; anything bigger 
 MAX_PIXELS = 40_000_000  # decoded pixels: a 257 KB PNG of 9400x9400 once held the server for 18 s and 4 GB
 # Gradio's upload cache holds patients' images: files older than an hour are deleted, checked hourly.
 DELETE_CACHE = (3600, 3600)
-OVERLAY_WIDTH = 600  # the Grad-CAM overlay is drawn on the upload at up to this width
+OVERLAY_WIDTH = 600  # the class-activation overlay is drawn on the upload at up to this width
 CHANCE_MARGIN = 0.10  # a bundle within this of chance balanced accuracy (1 / classes) is flagged as weak
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 7860
 REPORT_DIR = "report"  # where `dermaclass evaluate BUNDLE DATA --out BUNDLE/report` puts the bundle's report
