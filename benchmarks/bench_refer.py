@@ -114,7 +114,7 @@ def screenshots(out_dir: Path, *, quick: bool) -> list[np.ndarray]:
     return shots
 
 
-def non_dermoscopy(size: tuple[int, int], *, crops: int, n_synthetic: int, shot_dir: Path, quick: bool,
+def non_dermoscopy(*, crops: int, n_synthetic: int, shot_dir: Path, quick: bool,
                    seed: int = 0) -> tuple[list[np.ndarray], list[str]]:
     """Images that are clearly not dermoscopy, at their own resolution, with their kind."""
     import skimage.data as skd
@@ -228,7 +228,7 @@ def ood_part(pred: Predictor, args: argparse.Namespace) -> dict[str, Any]:
     ext = {k: run_model(pred, v, tta=tta) for k, v in ext_raw.items()}
 
     with tempfile.TemporaryDirectory() as tmp:
-        od_raw, od_kinds = non_dermoscopy(pred.input_size, crops=4 if args.quick else 8,
+        od_raw, od_kinds = non_dermoscopy(crops=4 if args.quick else 8,
                                           n_synthetic=8 if args.quick else 24, shot_dir=Path(tmp), quick=args.quick)
     art_raw, art_kinds = artefacts(raw["test"][: 80 if args.quick else 400], np.random.default_rng(1))
     # Tiny images never reach the model (the input check refuses them): score the rest.
@@ -286,11 +286,12 @@ def ood_part(pred: Predictor, args: argparse.Namespace) -> dict[str, Any]:
         test_rule = np.array([c is not None or sc < thr for c, sc in zip(test_checks, test_s)])
         art_rule = np.array([c is not None or sc < thr for c, sc in zip(art_checks, art_s)])
         per_kind = {}
+        passed = set(od_pass)
         for kind in NON_DERMOSCOPY:
             idx = [i for i, k in enumerate(od_kinds) if k == kind]
             if not idx:
                 continue
-            scored = [i for i in idx if i in set(od_pass)]
+            scored = [i for i in idx if i in passed]
             sk = full[scored]
             per_kind[kind] = {
                 "n": len(idx),

@@ -65,29 +65,31 @@ class InputProblem(DermaclassError, ValueError):
 
 
 # ---- input checks ------------------------------------------------------------------------------
-def one_colour_share(image: np.ndarray, *, levels: int = 8, side: int = 64) -> float:
-    """Share of pixels in the most common colour after quantising each channel to ``levels`` bins,
-    on a thumbnail (``side`` px wide): 1.0 for a flat field, about 0.1-0.6 for dermoscopy."""
+THUMBNAIL_SIDE = 64  # px wide: the input checks judge the whole picture, not its fine detail
+
+
+def thumbnail(image: Any, *, side: int = THUMBNAIL_SIDE) -> np.ndarray:
+    """The RGB image as uint8 at most ``side`` px wide (box-averaged), for the input checks."""
     from PIL import Image
 
     a = np.asarray(image, dtype=np.uint8)
     h, w = a.shape[:2]
     if w > side:
         a = np.asarray(Image.fromarray(a).resize((side, max(1, round(side * h / w))), Image.Resampling.BOX))
-    q = (a[..., :3].astype(np.int32) * levels) // 256
+    return a[..., :3]
+
+
+def one_colour_share(image: np.ndarray, *, levels: int = 8) -> float:
+    """Share of pixels in the most common colour after quantising each channel to ``levels`` bins,
+    on the thumbnail: 1.0 for a flat field, about 0.1-0.6 for dermoscopy."""
+    q = (thumbnail(image).astype(np.int32) * levels) // 256
     codes = (q[..., 0] * levels + q[..., 1]) * levels + q[..., 2]
     return float(np.bincount(codes.ravel(), minlength=levels**3).max() / codes.size)
 
 
-def colourfulness(image: np.ndarray, *, side: int = 64) -> float:
-    """Mean over pixels of (max - min) of R, G, B on a thumbnail: 0 for a greyscale image."""
-    from PIL import Image
-
-    a = np.asarray(image, dtype=np.uint8)
-    h, w = a.shape[:2]
-    if w > side:
-        a = np.asarray(Image.fromarray(a).resize((side, max(1, round(side * h / w))), Image.Resampling.BOX))
-    a = a[..., :3].astype(np.int16)
+def colourfulness(image: np.ndarray) -> float:
+    """Mean over pixels of (max - min) of R, G, B on the thumbnail: 0 for a greyscale image."""
+    a = thumbnail(image).astype(np.int16)
     return float(np.mean(a.max(axis=-1) - a.min(axis=-1)))
 
 
@@ -100,10 +102,11 @@ def input_problem(image: Any, *, min_side: int = MIN_SIDE, one_colour: float = O
     if min(h, w) < min_side:
         raise InputProblem(f"too small to judge: the image is {w}x{h} pixels; a dermoscopic image needs at least "
                            f"{min_side} pixels on its shorter side")
-    share = one_colour_share(a)
+    small = thumbnail(a)  # once: both checks read the same thumbnail (a thumbnail of it is itself)
+    share = one_colour_share(small)
     if share >= one_colour:
         return f"{NOT_DERMOSCOPY} (one colour covers {share:.0%} of it)"
-    if colourfulness(a) < min_colourfulness:
+    if colourfulness(small) < min_colourfulness:
         return f"{NOT_DERMOSCOPY} (it has almost no colour; dermoscopic images are in colour)"
     return None
 

@@ -34,9 +34,9 @@ def test_flat_field_is_referred_and_texture_is_not() -> None:
 
 
 def test_one_colour_share_counts_the_largest_colour() -> None:
-    a = np.zeros((100, 100, 3), dtype=np.uint8)
-    a[:, 70:] = 255  # 70 % black, 30 % white
-    assert refer.one_colour_share(a, side=100) == pytest.approx(0.7)
+    a = np.zeros((50, 60, 3), dtype=np.uint8)  # under the thumbnail width: no resampling
+    a[:, 42:] = 255  # 70 % black, 30 % white
+    assert refer.one_colour_share(a) == pytest.approx(0.7)
 
 
 @pytest.mark.parametrize("method", ["mahalanobis", "knn"])
