@@ -10,7 +10,7 @@ DATA   ?= ../shared/data/ham10000
 # The venv is (re)built when pyproject.toml changes; torch comes from this machine's disk.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --disable-pip-version-check -e '.[test,bench]'
+	$(BIN)/python -m pip install --disable-pip-version-check -e '.[test,bench,openvino]'
 	touch $@
 
 install: $(STAMP)

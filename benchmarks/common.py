@@ -7,7 +7,6 @@ are used to compare recipes only, never to fit anything.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +35,15 @@ def measure(run: Path, *, split_file: Path, data: Path = HAM, tta: bool = False,
 
 def run_facts(run: Path) -> dict[str, Any]:
     """Cost and validation figures a run recorded in its model.json."""
-    meta = json.loads((run / "model.json").read_text())
-    return {"valid_balanced_accuracy": meta["metrics_valid"]["balanced_accuracy"],
-            "images_processed": meta["training"]["images_seen"],
-            "full_data_epochs": meta["training"]["epochs_equivalent"],
-            "training_minutes": round(meta["training"]["seconds"] / 60, 2),
-            "lrs": [s.get("lr") for s in meta.get("stages", [])],
-            "temperature": (meta.get("calibration") or {}).get("temperature")}
+    from dermaclass.models import read_bundle_meta
+
+    meta = read_bundle_meta(run)
+    return {"valid_balanced_accuracy": meta.metrics_valid["balanced_accuracy"],
+            "images_processed": meta.training["images_seen"],
+            "full_data_epochs": meta.training["epochs_equivalent"],
+            "training_minutes": round(meta.training["seconds"] / 60, 2),
+            "lrs": [s.get("lr") for s in meta.stages],
+            "temperature": meta.temperature}
 
 
 def mean_sd(values: list[float | None]) -> dict[str, float | None]:

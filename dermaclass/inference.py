@@ -8,9 +8,14 @@ the bundle's statistics, and turns logits into probabilities with the bundle's t
 bundle (e.g. a melanoma threshold for 90 % validation sensitivity) flag images whatever
 the argmax says.
 
-Batches go through fastai's ``Learner.get_preds`` on a ``TfmdDL``: the library's loop, not
-ours. When the bundle folder holds ``model.onnx`` (``dermaclass export``) and onnxruntime is
-installed, predictions run there instead (faster single-image latency on CPU).
+One forward path, whatever the number of images: the same normalisation (``normalise``)
+feeds the network in chunks of ``batch_size`` (bounded memory for a whole test split) on the
+serving backend: torch, or an export beside the weights (export.py): onnxruntime
+(``model.onnx``), OpenVINO float (``model.xml``) or OpenVINO int8 (``model-int8.xml``, used
+only when asked: it passed its accuracy check, but float is the default). ``auto`` takes
+the first export present in ``AUTO_ORDER``, fastest first by measurement
+(benchmarks/results/inference.json). Evaluation during training uses fastai's ``get_preds``
+on the training DataLoaders; this module serves bundles.
 
 Referral (refer.py): an image too small to judge is refused before the model sees it; the
 result says "refer to a dermatologist" when the image is mostly one colour, when its
@@ -26,6 +31,7 @@ This is decision support, not a diagnostic device.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import threading
 from collections.abc import Sequence
@@ -34,27 +40,20 @@ from typing import Any
 
 import numpy as np
 import torch
-from fastai.data.core import DataLoaders, Datasets, TfmdDL
-from fastai.data.transforms import IntToFloatTensor, Normalize
-from fastai.learner import Learner
-from fastai.losses import CrossEntropyLossFlat
 
 from dermaclass import models, refer
-from dermaclass.data.images import COLOUR_CONSTANCY, apply_colour, fit_to_size, load_rgb
-from dermaclass.data.loaders import ColourConstancy, ReadCached
+from dermaclass.export import ONNX_FILE, OPENVINO_FILE, OPENVINO_INT8_FILE, compile_openvino, run_openvino
+from dermaclass.data.images import apply_colour, fit_to_size, load_rgb
 
 log = logging.getLogger(__name__)
 
 
-ONNX_FILE = "model.onnx"
+#: Serving backends; ``auto`` takes the first of ``AUTO_ORDER`` whose export the bundle has.
+BACKENDS = ("torch", "onnx", "openvino", "openvino-int8")
+EXPORT_FILES = {"onnx": ONNX_FILE, "openvino": OPENVINO_FILE, "openvino-int8": OPENVINO_INT8_FILE}
+RUNTIMES = {"onnx": "onnxruntime", "openvino": "openvino", "openvino-int8": "openvino"}
+AUTO_ORDER = ("openvino", "onnx", "torch")
 REFER_MESSAGE = "Refer to a dermatologist"
-
-
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """Probabilities of logits divided by the bundle's temperature (scipy's stable softmax)."""
-    from scipy.special import softmax as _softmax
-
-    return _softmax(np.asarray(logits, dtype=np.float64) / temperature, axis=1)
 
 
 def _cam(name: str) -> Any:
@@ -80,41 +79,42 @@ class Predictor:
     """A loaded bundle: classes, input size, normalisation, temperature and operating points."""
 
     def __init__(self, bundle: str | Path, *, threads: int = 0, backend: str = "auto") -> None:
-        if backend not in ("auto", "torch", "onnx"):
-            raise ValueError(f"backend must be auto, torch or onnx, not {backend!r}")
+        if backend not in ("auto", *BACKENDS):
+            raise ValueError(f"backend must be auto or one of {', '.join(BACKENDS)}, not {backend!r}")
         self.bundle = Path(bundle)
         self.model, self.meta = models.load_bundle(self.bundle)
+        self.threads = threads
         if threads:  # only when asked: a library object must not change the process's torch settings
             models.set_threads(threads)
         # One model call at a time: Grad-CAM hooks and autograd on a shared module are not
         # thread-safe (concurrent app requests crashed the process), and 2 cores gain nothing.
         self._lock = threading.RLock()
         self.session = None
-        onnx_path = self.bundle / ONNX_FILE
-        if backend == "onnx" or (backend == "auto" and onnx_path.is_file()):
-            self.session = _onnx_session(onnx_path, threads)
-        self.backend = "onnx" if self.session is not None else "torch"
-        self.classes: list[str] = list(self.meta["classes"])
-        self.class_names: dict[str, str] = dict(self.meta.get("class_names") or {c: c for c in self.classes})
-        self.input_size: tuple[int, int] = (int(self.meta["input_size"][0]), int(self.meta["input_size"][1]))
+        self._ov = None
+        if backend == "auto":
+            backend = next(b for b in AUTO_ORDER if b == "torch" or (
+                (self.bundle / EXPORT_FILES[b]).is_file() and importlib.util.find_spec(RUNTIMES[b]) is not None))
+        if backend == "onnx":
+            self.session = _onnx_session(self.bundle / ONNX_FILE, threads)
+        elif backend.startswith("openvino"):
+            self.use_openvino(self.bundle / EXPORT_FILES[backend], name=backend)
+        self.backend = backend if (self.session is not None or self._ov is not None) else "torch"
+        self.classes: list[str] = list(self.meta.classes)
+        self.class_names: dict[str, str] = self.meta.names
+        self.input_size: tuple[int, int] = self.meta.input_size
         # An image as large as the network's input is never too small to judge (a model trained
         # at 32x24 accepts 32x24); at 128x96, refer.MIN_SIDE (64 px) applies.
         self.min_side = min(refer.MIN_SIDE, min(self.input_size))
-        calibration = self.meta.get("calibration") or {}
-        self.temperature = float(calibration.get("temperature", 1.0))
-        if not calibration:
+        self.temperature = self.meta.temperature
+        if not self.meta.calibration:
             log.warning("%s: bundle has no calibration; probabilities are the uncalibrated softmax", self.bundle)
         self.operating_points: dict[str, dict[str, Any]] = {
-            c: op for c, op in (self.meta.get("operating_points") or {}).items() if op.get("threshold") is not None
+            c: op for c, op in self.meta.operating_points.items() if op.get("threshold") is not None
         }
-        refer_cfg = calibration.get("refer") or {}
-        self.refer_below = float(refer_cfg.get("min_top_probability", 0.0))
-        ood = refer_cfg.get("ood") or {}
+        self.refer_below = float(self.meta.refer.get("min_top_probability", 0.0))
+        ood = self.meta.ood
         self.ood_threshold: float | None = ood.get("threshold")
         self.ood_method: str = ood.get("method", "energy")
-        if self.ood_method not in refer.OOD_METHODS:
-            raise models.ModelError(f"{self.bundle / models.BUNDLE_META}: unknown out-of-distribution method "
-                                    f"{self.ood_method!r}; this dermaclass knows {', '.join(refer.OOD_METHODS)}")
         self.ood_stats = refer.load_stats(self.bundle, self.ood_method) if self.ood_threshold is not None else {}
         # One feature tap for the life of the Predictor, at the layer the score was fitted on.
         self.feature_layer: str | None = ood.get("layer", "auto")
@@ -122,15 +122,13 @@ class Predictor:
         self.feature_layer = self._net.layer
         if self.session is not None and self.ood_method != "energy" and len(self.session.get_outputs()) < 2:
             log.warning("%s: the ONNX export has no features output (made before features were exported); "
-                        "using torch (re-export with `dermaclass export %s --force`)", onnx_path, self.bundle)
+                        "using torch (re-export with `dermaclass export %s --force`)", self.bundle / ONNX_FILE,
+                        self.bundle)
             self.session = None
             self.backend = "torch"
-        self.colour_constancy: str = (self.meta.get("preprocessing") or {}).get("colour_constancy") or "none"
+        self.colour_constancy: str = self.meta.colour_constancy
         # The bundle's test-time augmentation: its temperature and thresholds were fitted with it.
-        self.tta: bool = self.meta.get("tta") == "flips4"
-        if self.colour_constancy not in COLOUR_CONSTANCY:
-            raise models.ModelError(f"{self.bundle / models.BUNDLE_META}: unknown colour_constancy "
-                                    f"{self.colour_constancy!r}; this dermaclass knows {', '.join(COLOUR_CONSTANCY)}")
+        self.tta: bool = self.meta.tta == "flips4"
 
     def name(self, code: str) -> str:
         return self.class_names.get(code, code)
@@ -151,8 +149,16 @@ class Predictor:
         return fit_to_size(self._rgb(source), self.input_size)
 
     # ---- predictions ---------------------------------------------------------------------
-    def _normalise(self, images: Sequence[np.ndarray]) -> np.ndarray:
-        norm = self.meta["normalization"]
+    def use_openvino(self, xml: str | Path, *, name: str = "openvino") -> None:
+        """Serve from this OpenVINO IR from now on (``dermaclass export --openvino`` / ``--int8``)."""
+        xml = Path(xml)
+        if not (xml.is_file() and xml.with_suffix(".bin").is_file()):
+            raise models.ModelError(f"{xml}: no OpenVINO export; run `dermaclass export {self.bundle} --openvino` first")
+        self._ov, self.session, self.backend = compile_openvino(xml, threads=self.threads), None, name
+
+    def normalise(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """Preprocessed (H, W, 3) uint8 images -> the normalised NCHW float32 batch every backend reads."""
+        norm = self.meta.normalization
         x = np.stack([apply_colour(np.asarray(im), self.colour_constancy) for im in images]).astype(np.float32) / 255.0
         x = (x - np.asarray(norm["mean"], np.float32)) / np.asarray(norm["std"], np.float32)
         return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
@@ -185,34 +191,34 @@ class Predictor:
             return self._forward(images, batch_size=batch_size)
 
     def _forward(self, images: Sequence[np.ndarray], *, batch_size: int) -> tuple[np.ndarray, np.ndarray | None]:
-        n_classes = len(self.classes)
+        # Chunks of batch_size keep the memory of a whole test split bounded; one image (the
+        # app) is one chunk with no DataLoader set-up.
+        outs = [self._run(self.normalise(images[i:i + batch_size])) for i in range(0, len(images), batch_size)]
+        features = None if any(f is None for _, f in outs) else np.concatenate([f for _, f in outs])
+        return np.concatenate([lo for lo, _ in outs]), features
+
+    def _run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(logits, features) of one normalised NCHW float32 batch on the serving backend."""
+        if self._ov is not None:
+            return run_openvino(self._ov, x)
         if self.session is not None:
-            out = self.session.run(None, {"input": self._normalise(images)})
+            out = self.session.run(None, {"input": x})
             return out[0], (out[1] if len(out) > 1 else None)
-        net = self._net
-        if len(images) <= batch_size:  # one batch (the app's case): a plain forward, no DataLoader set-up
-            net.eval()
-            with torch.no_grad():
-                x = torch.from_numpy(self._normalise(images)).contiguous(memory_format=torch.channels_last)
-                both = net(x).numpy()
-            return both[:, :n_classes], both[:, n_classes:]
-        norm = self.meta["normalization"]
-        dl = TfmdDL(
-            Datasets(list(range(len(images))), tfms=[[ReadCached(images), ColourConstancy(self.colour_constancy)]]),
-            bs=batch_size, shuffle=False,
-            after_batch=[IntToFloatTensor(), Normalize.from_stats(list(norm["mean"]), list(norm["std"]))],
-            device=torch.device("cpu"),
-        )
-        learn = Learner(DataLoaders(dl, dl), net, loss_func=CrossEntropyLossFlat())
-        learn.remove_cbs([cb for cb in learn.cbs if type(cb).__name__ == "ProgressCallback"])
-        out, _ = learn.get_preds(dl=dl, act=lambda x: x)
-        both = out.numpy()
-        return both[:, :n_classes], both[:, n_classes:]
+        self._net.eval()
+        with torch.no_grad():
+            both = self._net(torch.from_numpy(x).contiguous(memory_format=torch.channels_last)).numpy()
+        return both[:, :len(self.classes)], both[:, len(self.classes):]
 
     def probabilities(self, images: Sequence[np.ndarray], *, batch_size: int = 64,
                       tta: bool | None = None) -> np.ndarray:
         """Calibrated class probabilities, (N, C)."""
-        return self.checked(softmax(self.logits(images, batch_size=batch_size, tta=tta), self.temperature))
+        return self.checked(self.calibrated(self.logits(images, batch_size=batch_size, tta=tta)))
+
+    def calibrated(self, logits: np.ndarray) -> np.ndarray:
+        """Probabilities of logits divided by the bundle's temperature (scipy's stable softmax)."""
+        from scipy.special import softmax
+
+        return softmax(np.asarray(logits, dtype=np.float64) / self.temperature, axis=1)
 
     def checked(self, probs: np.ndarray, what: str = "these images") -> np.ndarray:
         """Refuse to hand out a NaN or Inf probability: a broken model must fail loudly, not read
@@ -253,7 +259,7 @@ class Predictor:
         except refer.InputProblem as exc:
             raise refer.InputProblem(f"{what}: {exc}" if isinstance(source, (str, Path)) else str(exc)) from None
         logits, features = self.forward([fit_to_size(rgb, self.input_size)], tta=tta)
-        probs = self.checked(softmax(logits, self.temperature), what)[0]
+        probs = self.checked(self.calibrated(logits), what)[0]
         ood = float(self.ood_scores(logits, features)[0])
         order = np.argsort(-probs, kind="stable")
         flags = {c: {"probability": float(probs[self.classes.index(c)]), "threshold": op["threshold"],
@@ -271,7 +277,7 @@ class Predictor:
             "referral": self.referral(float(probs[order[0]]), ood, input_reason),
             "backend": self.backend,
             "tta": "flips4" if tta else None,
-            "disclaimer": self.meta.get("disclaimer"),
+            "disclaimer": self.meta.disclaimer,
         }
 
     # ---- explanation -----------------------------------------------------------------------
@@ -306,7 +312,7 @@ class Predictor:
             raise ValueError(f"unknown CAM method {method!r}; choose from {', '.join(CAM_METHODS)}")
         original = self._rgb(source)
         image = fit_to_size(original, self.input_size)
-        x = torch.from_numpy(self._normalise([image]))
+        x = torch.from_numpy(self.normalise([image]))
         if class_index is None:
             class_index = int(self.logits([image]).argmax(1)[0])
         with self._lock, CAM_METHODS[method]()(model=self.model, target_layers=self.cam_layers(stride)) as cam:
@@ -338,38 +344,3 @@ def _onnx_session(path: Path, threads: int):
     if threads:
         opts.intra_op_num_threads = threads
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-
-
-def export_onnx(bundle: str | Path, *, force: bool = False, atol: float = 1e-4) -> dict[str, Any]:
-    """Write ``model.onnx`` beside the bundle's weights and check it against torch.
-
-    Returns the path and the largest absolute logit difference on random inputs; refuses to
-    replace an existing export unless ``force`` and fails when the outputs differ by more
-    than ``atol``.
-    """
-    from dermaclass.fileio import atomic_path
-
-    bundle = Path(bundle)
-    out = bundle / ONNX_FILE
-    if out.exists() and not force:
-        raise FileExistsError(f"{out}: an ONNX export is already there")
-    model, meta = models.load_bundle(bundle)
-    w, h = meta["input_size"]
-    x = torch.randn(4, 3, int(h), int(w))
-    # Two outputs: the logits, and the pooled backbone features that the out-of-distribution score reads.
-    ood = ((meta.get("calibration") or {}).get("refer") or {}).get("ood") or {}
-    net = models.WithFeatures(model, split=True, layer=ood.get("layer", "auto")).eval()
-    with atomic_path(out) as tmp:
-        torch.onnx.export(net, (x,), str(tmp), input_names=["input"], output_names=["logits", "features"],
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}, "features": {0: "batch"}},
-                          opset_version=17, dynamo=False)
-        import onnxruntime as ort
-
-        sess = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-        with torch.no_grad():
-            ref = [t.numpy() for t in net(x)]
-        got = sess.run(None, {"input": x.numpy()})
-        diff = max(float(np.abs(g - r).max()) for g, r in zip(got, ref))
-        if diff > atol:
-            raise models.ModelError(f"{out}: ONNX outputs differ from torch by {diff:.2e} (> {atol:g}); not written")
-    return {"path": str(out), "max_abs_diff": diff}

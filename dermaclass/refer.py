@@ -258,8 +258,7 @@ def fit_ood(bundle: str | Path, *, train_images: Sequence[np.ndarray], train_lab
     has a fitted score keeps it unless ``force``.
     """
     from dermaclass import models
-    from dermaclass.fileio import write_json
-    from dermaclass.inference import Predictor, softmax
+    from dermaclass.inference import Predictor
 
     bundle = Path(bundle)
     if (bundle / OOD_FILE).exists() and not force:
@@ -280,15 +279,14 @@ def fit_ood(bundle: str | Path, *, train_images: Sequence[np.ndarray], train_lab
     logits, features = pred.forward(list(valid_images))
     scores = score(method, logits=logits, features=features, stats=stats)
     cut = threshold(scores, keep=keep)
-    probs = softmax(logits, pred.temperature)
+    probs = pred.calibrated(logits)
     kept = (probs.max(axis=1) >= pred.refer_below) & (scores >= cut)
     y = np.array([index[str(v)] for v in valid_labels])
     (bundle / OOD_FILE).unlink(missing_ok=True)  # an energy bundle keeps no stale arrays
     save_stats(bundle, stats)
-    meta = dict(pred.meta)
-    calibration = dict(meta.get("calibration") or {})
+    calibration = dict(pred.meta.calibration)
     calibration["refer"] = {
-        **(calibration.get("refer") or {}), "min_top_probability": pred.refer_below,
+        **pred.meta.refer, "min_top_probability": pred.refer_below,
         "ood": {"method": method, "threshold": cut, "keep": keep, "file": OOD_FILE if stats else None,
                 "layer": pred.feature_layer,
                 "features": (f"global average pool of {pred.feature_layer or 'the body output'}") if stats else None,
@@ -297,8 +295,7 @@ def fit_ood(bundle: str | Path, *, train_images: Sequence[np.ndarray], train_lab
         "valid_referred": float(np.mean(~kept)),
         "valid_accuracy_kept": float(np.mean((probs.argmax(1) == y)[kept])) if kept.any() else None,
     }
-    meta["calibration"] = calibration
-    write_json(bundle / models.BUNDLE_META, meta)
+    models.write_bundle_meta(bundle, pred.meta.with_(calibration=calibration))
     log.info("%s: out-of-distribution score %s, cut-off %.4f; the whole rule refers %.1f %% of validation images",
              bundle, method, cut, 100 * float(np.mean(~kept)))
     return calibration["refer"]

@@ -63,7 +63,7 @@ def retrain(bundle: str | Path, data: Sequence[str | Path], out_dir: str | Path,
     if not split_file.is_file():
         raise DataError(f"{bundle}: no split.csv beside the bundle; retrain needs the parent's split to keep its test set")
     known = {f.name for f in fields(Config)}
-    inherited = {k: v for k, v in (parent.get("config") or {}).items() if k in known}
+    inherited = {k: v for k, v in parent.config.items() if k in known}
     cfg = training.inherit_bundle(load_config(**{**inherited, "init_bundle": str(bundle), "split_file": str(split_file)}))
     training.check_run_dir(out_dir, force=force)
     prepared = training.prepare_data(cfg, list(data), progress=progress)
@@ -79,7 +79,7 @@ def retrain(bundle: str | Path, data: Sequence[str | Path], out_dir: str | Path,
         write_report(ev, cmp_dir / name, force=force)
     comparison = compare_reports(cmp_dir / "parent", cmp_dir / "new", n_boot=n_boot)
     write_compare(comparison, cmp_dir, force=force)
-    new_classes = [c for c in prepared.vocab if c not in parent["classes"]]
+    new_classes = [c for c in prepared.vocab if c not in parent.classes]
     if comparison.get("sensitivity_drops"):
         log.warning("%s: sensitivity drop in %s on the parent's test split", out_dir, ", ".join(comparison["sensitivity_drops"]))
     return Retrained(result=result, cfg=cfg, split_file=split_file, split_reuse=dict(prepared.split_reuse),

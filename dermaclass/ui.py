@@ -23,7 +23,7 @@ import html
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported: no outside look-ups
 
@@ -37,6 +37,10 @@ from dermaclass.data.review import save_correction  # noqa: E402
 from dermaclass.errors import DermaclassError  # noqa: E402
 from dermaclass.inference import Predictor  # noqa: E402
 from dermaclass.models import DEFAULT_BUNDLE  # noqa: E402,F401 - the app's default, re-exported
+from dermaclass.report.figures import fmt_ci  # noqa: E402
+
+if TYPE_CHECKING:
+    from dermaclass.evaluate.record import Report
 
 log = logging.getLogger(__name__)
 
@@ -151,106 +155,94 @@ def diagnose_markdown(p: Predictor, result: dict[str, Any]) -> str:
                          f"{f['threshold']:.1%} chosen for {f['target_sensitivity']:.0%} sensitivity on validation.")
         else:
             lines.append(f"{_label(p, c)}: {f['probability']:.1%}, below its threshold {f['threshold']:.1%}.")
+    tta = " with flip TTA" if result.get("tta") else ""
+    lines.append(f"<small>served by {html.escape(str(result.get('backend')))}{tta}</small>")
     lines.append(f"\n*{DISCLAIMER}*")
     return "\n\n".join(lines)
 
 
 def report_views(folder: str | Path) -> tuple[str, str | None, pd.DataFrame]:
     """Headline markdown, confusion-matrix PNG path and per-class table of an evaluate folder."""
-    import json
+    from dermaclass.evaluate.record import read_report
 
     folder = Path(folder)
-    path = folder / "report.json"
-    if not path.is_file():
+    if not (folder / "report.json").is_file():
         raise UploadError(f"{folder}: no report.json here (run `dermaclass evaluate MODEL DATA --out {folder}`).")
-    r = json.loads(path.read_text(encoding="utf-8"))
-    iv = r["intervals"]["overall"]
+    r = read_report(folder)
+    iv = r.overall_intervals
 
     def fig(k: str) -> str:
-        v = r.get(k)
-        ci = f" [{iv[k][0]:.3f}, {iv[k][1]:.3f}]" if iv.get(k) else ""
-        return "n/c" if v is None else f"{v:.3f}{ci}"
+        return fmt_ci(r.metrics.get(k), iv.get(k))
 
-    md = (f"**{r['data']['split']} split** of `{r['data']['root']}`: {r['n']} images, {r['data']['groups']} groups; "
-          f"model `{r['model']['bundle']}`\n\n"
+    md = (f"**{r.data.get('split')} split** of `{r.data.get('root')}`: {r.n} images, {r.data.get('groups')} groups; "
+          f"model `{r.model.get('bundle')}`\n\n"
           f"balanced accuracy **{fig('balanced_accuracy')}** · macro-F1 {fig('macro_f1')} · "
           f"macro AUROC {fig('macro_auroc')} · accuracy {fig('accuracy')} (misleading on imbalanced data)")
-    for c, op in (r.get("operating_points") or {}).items():
+    for c, op in r.operating_points.items():
         md += (f"\n\n{c} operating point P ≥ {op['threshold']:.3f}: sensitivity {op['sensitivity']:.3f}, "
                f"specificity {op['specificity']:.3f}")
     rows = []
-    names = r.get("class_names", {})
-    for c in r["classes"]:
-        m, civ = r["per_class"][c], r["intervals"]["per_class"][c]
-        rows.append({"class": f"{names.get(c, c)} ({c})", "support": m["support"],
-                     "sensitivity": _cell(m["sensitivity"], civ.get("sensitivity")),
-                     "specificity": _cell(m["specificity"], civ.get("specificity")),
-                     "precision": _cell(m["precision"]), "F1": _cell(m["f1"]), "AUROC": _cell(m["auroc"])})
+    for c in r.classes:
+        m, civ = r.per_class[c], (r.intervals.get("per_class") or {}).get(c) or {}
+        rows.append({"class": f"{r.names[c]} ({c})", "support": m["support"],
+                     "sensitivity": fmt_ci(m["sensitivity"], civ.get("sensitivity"), iv_digits=2),
+                     "specificity": fmt_ci(m["specificity"], civ.get("specificity"), iv_digits=2),
+                     "precision": fmt_ci(m["precision"]), "F1": fmt_ci(m["f1"]), "AUROC": fmt_ci(m["auroc"])})
     png = folder / "confusion_matrix.png"
     return md, str(png) if png.is_file() else None, pd.DataFrame(rows)
 
 
-def _cell(v: float | None, iv: list[float] | None = None) -> str:
-    from dermaclass.report.figures import ci, fmt
+def _bundle_report(p: Predictor) -> Report | None:
+    """The bundle's own test report (BUNDLE/report), or None when it has none."""
+    from dermaclass.evaluate.record import read_report
 
-    return fmt(v) + (f" {ci(iv, digits=2)}" if iv else "")
+    folder = p.bundle / REPORT_DIR
+    return read_report(folder) if (folder / "report.json").is_file() else None
 
 
 def model_card(p: Predictor) -> str:
-    """The bundle's MODEL_CARD.md when present, else the same card rendered from model.json
-    (and the bundle's test report when there is one): one renderer, report.card."""
-    import json
-
+    """The bundle's MODEL_CARD.md when present, else the same card rendered from the bundle's
+    records (and its test report when there is one): one renderer, report.card."""
     from dermaclass.report import model_card_markdown
 
     card = p.bundle / "MODEL_CARD.md"
     if card.is_file():
         return card.read_text(encoding="utf-8")
-    report_json = p.bundle / REPORT_DIR / "report.json"
-    report = json.loads(report_json.read_text(encoding="utf-8")) if report_json.is_file() else None
-    return model_card_markdown(p.meta, report, name=p.bundle.name)
+    return model_card_markdown(p.meta, _bundle_report(p), name=p.bundle.name)
 
 
 def model_status(p: Predictor) -> tuple[str, str | None]:
     """One line naming the loaded model (name, date, test balanced accuracy), and a warning when
     it is weak (validation balanced accuracy near chance) or has no evaluation report."""
-    import json
-
     m = p.meta
-    created = str(m.get("created") or "?")[:10]
-    report = p.bundle / REPORT_DIR / "report.json"
-    test = None
-    if report.is_file():
-        try:
-            test = json.loads(report.read_text(encoding="utf-8")).get("balanced_accuracy")
-        except (OSError, ValueError):
-            test = None
-    valid = (m.get("metrics_valid") or {}).get("balanced_accuracy")
-    line = (f"Model **{p.bundle.name}** ({m.get('arch')}, {len(p.classes)} classes, trained {created}); "
+    created = str(m.created or "?")[:10]
+    report = _bundle_report(p)
+    test = report.balanced_accuracy if report is not None else None
+    valid = m.metrics_valid.get("balanced_accuracy")
+    line = (f"Model **{p.bundle.name}** ({m.arch}, {len(p.classes)} classes, trained {created}); "
             + (f"test balanced accuracy **{test:.3f}**" if test is not None else "no test report"))
     chance = 1 / len(p.classes)
     problems = []
     if valid is None or valid < chance + CHANCE_MARGIN:
         problems.append(f"its validation balanced accuracy is {'unknown' if valid is None else f'{valid:.2f}'}, "
                         f"close to chance ({chance:.2f} for {len(p.classes)} classes)")
-    if not report.is_file():
+    if report is None:
         problems.append(f"it has no evaluation report (`dermaclass evaluate {p.bundle} DATA --out {p.bundle / REPORT_DIR}`)")
     warning = ("**⚠ Weak or unchecked model: " + "; ".join(problems) + ". Do not rely on its predictions.**"
                if problems else None)
     return line, warning
 
 
-def build_app(bundle: str | Path, *, review_dir: str | Path = "review") -> gr.Blocks:
+def build_app(bundle: str | Path, *, review_dir: str | Path = "review", backend: str = "auto") -> gr.Blocks:
     """The Gradio Blocks app for one model bundle."""
-    predictor = Predictor(bundle)
+    predictor = Predictor(bundle, backend=backend)
     review_dir = Path(review_dir)
     choices = [(_label(predictor, c), c) for c in predictor.classes]
     bundle_report = predictor.bundle / REPORT_DIR
     status, weak = model_status(predictor)
     if weak:
         log.warning("%s: %s", predictor.bundle, weak.strip("*⚠ "))
-    model_id = predictor.bundle.name + (f"@{predictor.meta['weights_sha256'][:12]}"
-                                        if predictor.meta.get("weights_sha256") else "")
+    model_id = predictor.bundle.name + (f"@{predictor.meta.weights_sha256[:12]}" if predictor.meta.weights_sha256 else "")
 
     def diagnose(path: str | None, tta: bool, previous: dict | None = None):
         # Every new image resets the correction form: a stale label or note once went with the
@@ -294,7 +286,7 @@ def build_app(bundle: str | Path, *, review_dir: str | Path = "review") -> gr.Bl
             return f"Cannot open: {exc}", None, pd.DataFrame()
 
     def compare(old: str, new: str):
-        from dermaclass.report import compare_reports, difference_png
+        from dermaclass.report import compare_reports, difference_png, drop_alert
 
         try:
             c = compare_reports(old.strip(), new.strip())
@@ -303,10 +295,11 @@ def build_app(bundle: str | Path, *, review_dir: str | Path = "review") -> gr.Bl
         o = c["overall"]["balanced_accuracy"]
         md = (f"balanced accuracy {o['old']:.3f} → {o['new']:.3f} ({o['delta']:+.3f}, interval "
               f"[{o['delta_interval'][0]:+.3f}, {o['delta_interval'][1]:+.3f}])")
-        if c["sensitivity_drops"]:
-            md = f"## ⚠ SENSITIVITY DROP: {', '.join(c['sensitivity_drops'])}\nReview before replacing the model.\n\n" + md
-        rows = [{"class": k, "sensitivity old": _cell(v["sensitivity"]["old"]), "new": _cell(v["sensitivity"]["new"]),
-                 "delta": _cell(v["sensitivity"]["delta"], v["sensitivity"]["delta_interval"]),
+        alert = drop_alert(c)
+        if alert:
+            md = f"## ⚠ {alert}\n\n" + md
+        rows = [{"class": k, "sensitivity old": fmt_ci(v["sensitivity"]["old"]), "new": fmt_ci(v["sensitivity"]["new"]),
+                 "delta": fmt_ci(v["sensitivity"]["delta"], v["sensitivity"]["delta_interval"], iv_digits=2),
                  "drop": "YES" if v["sensitivity_drop"] else ""} for k, v in c["per_class"].items()]
         from io import BytesIO
 
@@ -376,9 +369,9 @@ def build_app(bundle: str | Path, *, review_dir: str | Path = "review") -> gr.Bl
 
 
 def launch(bundle: str | Path, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, review_dir: str | Path = "review",
-           block: bool = True) -> gr.Blocks:
+           block: bool = True, backend: str = "auto") -> gr.Blocks:
     """Serve the app (loopback by default, no share link)."""
-    app = build_app(bundle, review_dir=review_dir)
+    app = build_app(bundle, review_dir=review_dir, backend=backend)
     # quiet: Gradio's own banner suggests share=True; this app is private on purpose.
     log.warning("dermaclass app on http://%s:%d (private on purpose: no share link, analytics off)", host, port)
     app.queue(default_concurrency_limit=2).launch(

@@ -9,8 +9,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from dermaclass import models
 from dermaclass.config import load_config
 from conftest import noise_image
+from dermaclass.evaluate.record import Report, read_report
 from dermaclass.evaluate.run import EvaluationError, evaluate_bundle, select_split
 from dermaclass.report import write_report
 
@@ -25,15 +27,15 @@ def test_evaluate_test_split_writes_all_files(tiny_bundle: Path, colour_data: Pa
     test_images = set(split.loc[split["split"] == "test", "image"])
     assert set(ev.predictions["image"]) == test_images  # exactly the images training never saw
     r = ev.report
-    assert r["n"] == len(test_images) and r["data"]["split"] == "test"
-    assert 0 <= r["balanced_accuracy"] <= 1 and len(r["model"]["weights_sha256"]) == 64
-    probs = ev.predictions[[f"p_{c}" for c in r["classes"]]].to_numpy()
+    assert r.n == len(test_images) and r.data["split"] == "test"
+    assert 0 <= r.balanced_accuracy <= 1 and len(r.model["weights_sha256"]) == 64
+    probs = ev.predictions[[f"p_{c}" for c in r.classes]].to_numpy()
     assert abs(probs.sum(axis=1) - 1).max() < 1e-5
     paths = write_report(ev, tmp_path / "out")
     for name in ("predictions.csv", "report.json", "report.html", "confusion_matrix.png"):
         assert paths[name].is_file() and paths[name].stat().st_size > 0, name
     saved = json.loads(paths["report.json"].read_text())
-    assert saved["balanced_accuracy"] == r["balanced_accuracy"]
+    assert saved["balanced_accuracy"] == r.balanced_accuracy and Report.from_dict(saved) == r
     html = paths["report.html"].read_text()
     assert "not a diagnostic device" in html and "data:image/png;base64," in html
     assert "http://" not in html and "https://" not in html and "<script" not in html  # self-contained, offline
@@ -45,7 +47,7 @@ def test_same_images_give_the_same_identity(tiny_bundle: Path, colour_data: Path
     a = evaluate_bundle(tiny_bundle, colour_data, cfg=_cfg(tmp_path), n_boot=10).report
     b = evaluate_bundle(tiny_bundle, colour_data, cfg=_cfg(tmp_path), n_boot=10, split="valid").report
     c = evaluate_bundle(tiny_bundle, colour_data, cfg=_cfg(tmp_path), n_boot=10).report
-    assert a["data"]["images_sha256"] == c["data"]["images_sha256"] != b["data"]["images_sha256"]
+    assert a.data["images_sha256"] == c.data["images_sha256"] != b.data["images_sha256"]
 
 
 def test_unknown_labels_are_listed(tiny_bundle: Path, colour_data: Path, tmp_path: Path) -> None:
@@ -94,9 +96,9 @@ def test_report_without_thumbnails_lists_ids_only(tiny_bundle: Path, colour_data
     html = write_report(ev, tmp_path / "pub")["report.html"].read_text()
     assert html.count("data:image/png;base64,") == 2  # the confusion matrix and the reliability diagram only
     # No listed error only when there is no error at all; otherwise the worst is named by id.
-    assert ev.report["worst_errors"] or ev.report["accuracy"] == 1.0
-    if ev.report["worst_errors"]:
-        assert ev.report["worst_errors"][0]["image"] in html and "ours to publish" in html
+    assert ev.report.worst_errors or ev.report.metrics["accuracy"] == 1.0
+    if ev.report.worst_errors:
+        assert ev.report.worst_errors[0]["image"] in html and "ours to publish" in html
 
 
 def test_cli_evaluate_with_external_sets(tiny_bundle: Path, colour_data: Path, tmp_path: Path, monkeypatch) -> None:
@@ -126,7 +128,7 @@ def test_cli_evaluate_with_external_sets(tiny_bundle: Path, colour_data: Path, t
     assert len(ext["intervals"]["balanced_accuracy"]) == 2
     html = (out / "report.html").read_text()
     assert "External validation" in html and "clinic_b" in html
-    card = model_card_markdown(json.loads((tiny_bundle / "model.json").read_text()), report, name="tiny")
+    card = model_card_markdown(models.read_bundle_meta(tiny_bundle), read_report(out), name="tiny")
     assert "## External validation" in card and "| clinic_b | 40 |" in card
     # A clinic's own data and a tiny random-init network: the card says so, and nothing about HAM10000.
     assert "HAM10000" not in card and "Vienna" not in card and "CC BY-NC" not in card

@@ -36,7 +36,7 @@ def test_temperature_divides_the_logits(tiny_bundle: Path, colour_data: Path) ->
     x = [pred.preprocess(colour_data / "bkl" / f"{i}.png") for i in range(4)]
     logits = pred.logits(x)
     assert np.allclose(pred.probabilities(x), softmax(logits, pred.temperature))
-    assert pred.temperature == pytest.approx(pred.meta["calibration"]["temperature"])
+    assert pred.temperature == pytest.approx(pred.meta.calibration["temperature"])
 
 
 def test_not_a_bundle(tmp_path: Path) -> None:
@@ -77,25 +77,6 @@ def test_gradcam_heatmap_and_overlay(tiny_bundle: Path, colour_data: Path) -> No
     assert heat2.shape == (24, 32) and shown.shape == (450, 600, 3)
     _, small = pred.gradcam(colour_data / "bkl" / "0.png", display_width=600)  # never upscaled past the upload
     assert small.shape == (24, 32, 3)
-
-
-def test_onnx_export_matches_torch(tiny_bundle: Path, colour_data: Path, tmp_path: Path) -> None:
-    import shutil
-
-    from dermaclass.inference import export_onnx
-
-    bundle = tmp_path / "b"
-    shutil.copytree(tiny_bundle, bundle)
-    info = export_onnx(bundle)
-    assert info["max_abs_diff"] < 1e-4 and (bundle / "model.onnx").is_file()
-    with pytest.raises(FileExistsError):
-        export_onnx(bundle)
-    onnx_pred, torch_pred = Predictor(bundle), Predictor(bundle, backend="torch")
-    assert onnx_pred.backend == "onnx" and torch_pred.backend == "torch"
-    x = [onnx_pred.preprocess(p) for p in sorted((colour_data / "mel").iterdir())[:5]]
-    assert np.abs(onnx_pred.logits(x) - torch_pred.logits(x)).max() < 1e-4
-    (lo, fo), (lt, ft) = onnx_pred.forward(x), torch_pred.forward(x)
-    assert fo is not None and ft is not None and fo.shape == ft.shape and np.abs(fo - ft).max() < 1e-4
 
 
 def test_concurrent_requests_are_safe(tiny_bundle: Path, colour_data: Path) -> None:
@@ -176,7 +157,7 @@ def test_training_fits_the_feature_space_referral(tiny_bundle: Path) -> None:
     from dermaclass import refer
 
     pred = Predictor(tiny_bundle, backend="torch")
-    ood = pred.meta["calibration"]["refer"]["ood"]
+    ood = pred.meta.ood
     assert ood["method"] == "mahalanobis" == pred.ood_method and (tiny_bundle / refer.OOD_FILE).is_file()
     assert ood["keep"] == 0.95 and "train split" in ood["fitted_on"] and ood["layer"] == pred.feature_layer
     assert set(pred.ood_stats) == {"means", "precision"} and pred.ood_stats["means"].shape[0] == len(pred.classes)

@@ -84,15 +84,15 @@ def test_local_weights_file(tmp_path: Path) -> None:
 
 def test_bundle_round_trip_and_no_silent_overwrite(tmp_path: Path) -> None:
     net = models.build_model("resnet18", 3, pretrained=False).eval()
-    meta = {"arch": "resnet18", "classes": ["a", "b", "c"], "input_size": [32, 24],
-            "normalization": models.normalization("resnet18")}
+    meta = models.BundleMeta(arch="resnet18", classes=("a", "b", "c"), input_size=(32, 24),
+                             normalization=models.normalization("resnet18"))
     models.save_bundle(net, meta, tmp_path / "b")
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["model.json", "model.safetensors"]
     loaded, back = models.load_bundle(tmp_path / "b")
     x = torch.randn(2, 3, 24, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), net(x))
-    assert back["classes"] == ["a", "b", "c"]
+    assert back.classes == ("a", "b", "c") and back == meta.with_(weights_sha256=back.weights_sha256)
     with pytest.raises(FileExistsError):
         models.save_bundle(net, meta, tmp_path / "b")
     bn = next(m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d))
@@ -115,10 +115,10 @@ def test_bad_bundles(tmp_path: Path) -> None:
 @pytest.fixture()
 def small_bundle(tmp_path: Path) -> Path:
     net = models.build_model("test_resnet", 3, pretrained=False).eval()
-    meta = {"arch": "test_resnet", "classes": ["a", "b", "c"], "input_size": [32, 24],
-            "normalization": models.normalization("test_resnet"),
-            "calibration": {"temperature": 1.5, "refer": {"min_top_probability": 0.5, "ood": {"threshold": -3.0}}},
-            "operating_points": {"a": {"threshold": 0.2}}, "tta": "flips4"}
+    meta = models.BundleMeta(
+        arch="test_resnet", classes=("a", "b", "c"), input_size=(32, 24), normalization=models.normalization("test_resnet"),
+        calibration={"temperature": 1.5, "refer": {"min_top_probability": 0.5, "ood": {"threshold": -3.0}}},
+        operating_points={"a": {"threshold": 0.2}}, tta="flips4")
     return models.save_bundle(net, meta, tmp_path / "b")
 
 
@@ -135,7 +135,7 @@ def _edit(bundle: Path, change) -> None:  # noqa: ANN001 - change(meta) -> meta
     (lambda m: "hello", "JSON object"),
     (lambda m: {**m, "head": []}, "head"),
     (lambda m: {**m, "normalization": {"mean": [0.5, 0.5], "std": [0.2, 0.2, 0.2]}}, "normalization.mean"),
-    (lambda m: {**m, "normalization": {**m["normalization"], "std": [0.2, 0.0, 0.2]}}, "std must be positive"),
+    (lambda m: {**m, "normalization": {**m["normalization"], "std": [0.2, 0.0, 0.2]}}, "normalization.std is \\[0.2, 0.0, 0.2\\]"),
     (lambda m: {**m, "input_size": [-128, 96]}, "input_size"),
     (lambda m: {**m, "input_size": [0, 0]}, "input_size"),
     (lambda m: {**m, "input_size": "ab"}, "input_size"),
@@ -210,3 +210,36 @@ def test_feature_layer_is_the_block_before_the_last_and_the_tap_is_one_hook() ->
     assert feats.shape == (1, 1280)  # layer None: the body's own output, pooled
     net.close()
     assert len(target._forward_hooks) == 0  # closed; the layer=None tap hooks nothing
+
+
+def test_a_class_list_that_does_not_fit_the_weights_names_the_field(small_bundle: Path) -> None:
+    _edit(small_bundle, lambda m: {**m, "classes": ["a", "b", "c", "d"], "weights_sha256": None})
+    with pytest.raises(ModelError, match=r"model.json: classes lists 4 classes but the weights' output layer has 3") as info:
+        models.load_bundle(small_bundle)
+    assert info.value.exit_code == 4
+
+
+def test_bundle_meta_round_trips_and_keeps_keys_it_does_not_know(small_bundle: Path) -> None:
+    import json
+
+    _edit(small_bundle, lambda m: {**m, "note_from_a_newer_minor_version": {"x": 1}})
+    meta = models.read_bundle_meta(small_bundle)
+    assert meta.extra == {"note_from_a_newer_minor_version": {"x": 1}}
+    assert meta.to_dict() == json.loads((small_bundle / "model.json").read_text())
+    assert meta.temperature == 1.5 and meta.ood == {"threshold": -3.0} and meta.n_classes == 3
+    assert meta.names == {"a": "a", "b": "b", "c": "c"}  # no class names recorded: the codes
+    models.write_bundle_meta(small_bundle, meta.with_(calibration={"temperature": 2.0}))
+    assert models.load_bundle(small_bundle)[1].temperature == 2.0  # the weights' sha256 still matches
+
+
+def test_every_bundle_in_the_repository_loads_through_the_records() -> None:
+    from dermaclass.evaluate.record import read_report
+
+    root = Path(__file__).resolve().parents[1] / "models"
+    bundles = [p.parent for p in root.glob("*/model.json")]
+    assert bundles, "the repository ships a model bundle"
+    for bundle in bundles:
+        meta = models.read_bundle_meta(bundle)
+        assert meta.format <= models.BUNDLE_FORMAT and meta.n_classes >= 2
+        for report in bundle.glob("**/report.json"):
+            assert read_report(report).classes == meta.classes

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from dermaclass.cli import app
 from dermaclass.evaluate.metrics import classification_metrics
+from dermaclass.evaluate.record import Report
 from dermaclass.report import CompareError, compare_reports, confusion_png, render_html, write_compare
 
 CLASSES = ["bkl", "mel", "nv"]
@@ -27,10 +28,11 @@ def fake_report(folder: Path, labels: np.ndarray, probs: np.ndarray, *, images_s
     for i, c in enumerate(CLASSES):
         preds[f"p_{c}"] = probs[:, i]
     preds.to_csv(folder / "predictions.csv", index=False)
-    report = {"classes": CLASSES, "class_names": {"mel": "melanoma"},
-              "model": {"bundle": str(folder), "weights_sha256": "0" * 64},
-              "data": {"images_sha256": images_sha, "n": n, "split": "test", "root": "data"}}
-    (folder / "report.json").write_text(json.dumps(report))
+    report = Report(classes=tuple(CLASSES), class_names={"mel": "melanoma"},
+                    metrics=classification_metrics(labels, probs, CLASSES),
+                    model={"bundle": str(folder), "weights_sha256": "0" * 64},
+                    data={"images_sha256": images_sha, "n": n, "split": "test", "root": "data"})
+    (folder / "report.json").write_text(json.dumps(report.to_dict()))
     return folder
 
 
@@ -119,8 +121,9 @@ def test_html_escapes_clinic_strings(tiny_bundle, colour_data, tmp_path: Path) -
     from dermaclass.evaluate.run import evaluate_bundle
 
     ev = evaluate_bundle(tiny_bundle, colour_data, cfg=load_config(cache_dir=str(tmp_path / "c")), n_boot=10)
-    ev.report["class_names"]["mel"] = "<script>alert(1)</script>"
-    html = render_html(ev.report, confusion=b"x", reliability=b"x", thumbnails={})
+    report = ev.report.to_dict()
+    report["class_names"]["mel"] = "<script>alert(1)</script>"
+    html = render_html(report, confusion=b"x", reliability=b"x", thumbnails={})
     assert "<script>" not in html and "&lt;script&gt;" in html
     assert "(too few to judge)" in html  # 3 test images a class: no verdict from them
 

@@ -116,7 +116,7 @@ def test_pixel_limit_and_weak_model_warning(tiny_bundle: Path, tmp_path: Path) -
     p = Predictor(tiny_bundle)
     line, _ = model_status(p)
     assert p.bundle.name in line and "trained" in line
-    p.meta = {**p.meta, "metrics_valid": {"balanced_accuracy": 0.36}}  # 3 classes: chance is 0.33
+    p.meta = p.meta.with_(metrics_valid={"balanced_accuracy": 0.36})  # 3 classes: chance is 0.33
     _, warning = model_status(p)
     assert warning is not None and "close to chance" in warning and "no evaluation report" in warning
 

@@ -17,7 +17,7 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import typer
 from rich.console import Console
@@ -94,6 +94,10 @@ def root(
 
 # ---- shared options ------------------------------------------------------------------
 DataPath = Annotated[Path, typer.Argument(help="Dataset folder: one folder per class, or a CSV manifest beside the images.")]
+BundlePath = Annotated[Path, typer.Argument(help="Model bundle folder (model.safetensors + model.json).")]
+BackendOpt = Annotated[str, typer.Option("--backend", help="auto | torch | onnx | openvino | openvino-int8: what runs "
+                                         "the network (auto: the fastest export the bundle has)")]
+BundleSplitOpt = Annotated[Path | None, typer.Option("--split-file", help="[default: the split.csv beside the bundle]")]
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML file of settings; flags override it.")]
 ManifestOpt = Annotated[Path | None, typer.Option("--manifest", help="CSV manifest (default: the one CSV at the root).")]
 ImageColOpt = Annotated[str | None, typer.Option("--image-col", help="Manifest column with image ids or paths.")]
@@ -102,7 +106,6 @@ GroupColOpt = Annotated[str | None, typer.Option("--group-col", help="Manifest c
 ClassNamesOpt = Annotated[
     Path | None, typer.Option("--class-names", help="Your class list: JSON/YAML mapping code->name, or CSV code,name.")
 ]
-MinOpt = Annotated[int | None, typer.Option("--min-per-class", help="Report classes with fewer images. [default: 10]")]
 WorkersOpt = Annotated[int | None, typer.Option("--workers", help="Decoding processes (0 = all cores).")]
 
 
@@ -126,20 +129,108 @@ class DataOptions(dict):
         return _config(self.get("config"), **given, **flags)
 
 
-def data_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Add the shared dataset options (``DATA_OPTIONS``) to a command's signature, as typer reads
-    it, and hand them to the command as one ``data_opts: DataOptions`` argument."""
-    import functools
+# The Config fields that commands take as flags: only the help text is written here. The type,
+# the choices and the default come from Config itself, so a default lives in one place and
+# `--help` shows the one in force (help strings that repeated them had drifted).
+FLAG_HELP: dict[str, str] = {
+    "recipe": "Training recipe",
+    "arch": "Any timm architecture; tf_efficientnet_lite0/1/2 have offline ImageNet weights",
+    "weights": "Local body weights (.safetensors / .pth state dict)",
+    "init_bundle": "Start from this model bundle (its classes kept, new ones added)",
+    "pretrained": "ImageNet weights",
+    "image_size": "Network input width,height",
+    "batch_size": "b (stepwise: b, 2b, 3b, 4b, b)",
+    "lr": "Fixed base LR",
+    "lr_suggestion": "With --lr-find: which range-test suggestion picks the LR",
+    "lr_find_iters": "Batches in each range test",
+    "warm_epoch": "With --lr-find: one epoch at --warm-lr before each range test (seed 002)",
+    "warm_lr": "LR of the warm epoch",
+    "head_epochs": "Coarse head-only epochs",
+    "epochs": "baseline: unfrozen one-cycle epochs",
+    "n_cycles": "SGDR cycles",
+    "cycle_len": "SGDR first cycle length in epochs",
+    "cycle_mult": "SGDR cycle-length multiplier, >= 2",
+    "lr_ratio": "Differential LRs slice(lr/ratio, lr)",
+    "stage_fractions": "Stepwise: the nested share of the training images each stage trains on",
+    "stage_sizes": "Progressive resizing: one WIDTHxHEIGHT per stepwise stage, the last = --image-size "
+                   "(e.g. 96x72,112x84,128x96,128x96,128x96); none = every stage at --image-size",
+    "lr_rule": "LR per stepwise stage",
+    "weight_sharing": "Carry weights between stepwise stages",
+    "imbalance": "How the class imbalance is handled",
+    "augment": "Training augmentation",
+    "colour_constancy": "Colour normalisation, the same at training and inference",
+    "tta": "The test-time augmentation the bundle serves with (calibrated with it)",
+    "label_smoothing": "Cross-entropy label smoothing, 0 = off",
+    "keep": "best (best validation balanced accuracy) or last (end of training) weights",
+    "ema_decay": "Keep an exponential moving average of the weights (e.g. 0.998) and bundle it; 0 = off",
+    "precision": "bfloat16 autocast is faster only on CPUs with native bfloat16",
+    "early_stop_patience": "Epochs without balanced-accuracy gain before stopping; 0 = off",
+    "operating_classes": "Classes that get a sensitivity threshold",
+    "target_sensitivity": "Validation sensitivity of the threshold",
+    "ood": "The out-of-distribution score that refers images unlike the training data",
+    "split_file": "Reuse this split (new images are added)",
+    "split_fractions": "train,valid,test shares",
+    "min_per_class": "Report classes with fewer images",
+    "ood_keep": "Share of the valid split the out-of-distribution cut-off passes",
+    "seed": "Seed of the split and the training",
+    "threads": "torch threads (0 = all cores)",
+}
+FLAG_DECLS = {"init_bundle": "--from", "lr_find_iters": "--iters", "split_fractions": "--fractions", "ood_keep": "--keep"}
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, tuple):
+        return ",".join(map(str, value)) or "none"
+    return "none" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def config_flag(name: str) -> Any:
+    """The typer option of Config field ``name``: its type, choices and default read from Config."""
+    import types
+    import typing
+
+    hint = typing.get_type_hints(Config)[name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)] if isinstance(hint, types.UnionType) else [hint]
+    base = args[0]
+    flag = FLAG_DECLS.get(name, "--" + name.replace("_", "-"))
+    choices = typing.get_args(base) if typing.get_origin(base) is Literal else ()
+    if base is bool:
+        kind: Any = bool | None
+        flag = f"{flag}/--no-{flag[2:]}"
+    elif base in (int, float):
+        kind = base | None
+    else:  # strings, choices, and tuples written as comma-separated text (config._coerce parses them)
+        kind = str | None
+    text = FLAG_HELP[name] + (f": {' | '.join(choices)}" if choices else "")
+    return Annotated[kind, typer.Option(flag, help=f"{text} [default: {_shown(getattr(Config(), name))}]")]
+
+
+def data_options(*args: Any) -> Any:
+    """Add the shared dataset options (``DATA_OPTIONS``), and the flags of the Config fields
+    named, to a command's signature as typer reads it, and hand them all to the command as one
+    ``data_opts: DataOptions`` argument (``data_opts.config(**more)`` resolves the layers).
+
+    ``@data_options`` alone, or ``@data_options("recipe", "lr", ...)``.
+    """
+    if len(args) == 1 and callable(args[0]):
+        return _with_options(args[0], ())
+    return lambda fn: _with_options(fn, args)
+
+
+def _with_options(fn: Callable[..., Any], config_fields: tuple[str, ...]) -> Callable[..., Any]:
     import inspect
 
     sig = inspect.signature(fn, eval_str=True)  # typer reads a given __signature__ as it is: no strings
     own = [p for p in sig.parameters.values() if p.name != "data_opts"]
+    options = {**DATA_OPTIONS, **{name: config_flag(name) for name in config_fields}}
     extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=kind, default=None)
-             for name, kind in DATA_OPTIONS.items()]
+             for name, kind in options.items()]
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        opts = DataOptions({name: kwargs.pop(name, None) for name in DATA_OPTIONS})
+        opts = DataOptions({name: kwargs.pop(name, None) for name in options})
         return fn(*args, data_opts=opts, **kwargs)
 
     wrapper.__signature__ = sig.replace(parameters=own + extra)  # type: ignore[attr-defined]

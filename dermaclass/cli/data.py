@@ -11,16 +11,15 @@ from rich.markup import escape
 from rich.table import Table
 
 from dermaclass.cli import (
-    EXIT_CODES, DataOptions, DataPath, MinOpt, _print_validation, data_options, _validate, data_app, err, friendly, out,
+    EXIT_CODES, DataOptions, DataPath, _print_validation, data_options, _validate, data_app, err, friendly, out,
 )
 
 
 @data_app.command("validate", epilog=EXIT_CODES)
 @friendly
-@data_options
+@data_options("min_per_class")
 def data_validate(
     path: DataPath,
-    min_per_class: MinOpt = None,
     data_opts: DataOptions = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the full report as JSON.")] = False,
     strict: Annotated[bool, typer.Option("--strict", help="Exit with code 1 when any problem is found.")] = False,
@@ -29,7 +28,7 @@ def data_validate(
 
     Bad files are skipped and listed; --strict makes any problem an error (exit code 1).
     """
-    cfg = data_opts.config(min_per_class=min_per_class)
+    cfg = data_opts.config()
     stats = _validate(path, cfg).to_dict()
     if as_json:
         typer.echo(json.dumps(stats, indent=2, ensure_ascii=False))
@@ -42,22 +41,20 @@ def data_validate(
 
 @data_app.command("split", epilog=EXIT_CODES)
 @friendly
-@data_options
+@data_options("split_fractions", "seed")
 def data_split(
     path: DataPath,
     out_file: Annotated[Path, typer.Option("--out", help="Where to write the split CSV (image, label, group, split).")],
     split_file: Annotated[
         Path | None, typer.Option("--split-file", help="Previous split to extend: old images keep their split.")
     ] = None,
-    fractions: Annotated[str | None, typer.Option("--fractions", help="train,valid,test [default: 0.7,0.15,0.15]")] = None,
-    seed: Annotated[int | None, typer.Option("--seed", help="Random seed. [default: 42]")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out file.")] = False,
     data_opts: DataOptions = None,
 ) -> None:
     """Split into train/valid/test, stratified by label and grouped by lesion/patient (no group on two sides)."""
     from dermaclass.data import assign_split, make_split, read_split, write_split
 
-    cfg = data_opts.config(split_fractions=fractions, seed=seed, split_file=split_file)
+    cfg = data_opts.config(split_file=split_file)
     reuse = Path(cfg.split_file) if cfg.split_file else None
     if out_file.exists() and not force and (reuse is None or reuse.resolve() != out_file.resolve()):
         raise FileExistsError(f"{out_file}: already exists; a split defines the test set")

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from dermaclass.cli import (
-    EXIT_CODES, DataOptions, DataPath, Opt, _progress, data_options, app, err, friendly, out, report_app,
+    EXIT_CODES, BundlePath, BundleSplitOpt, DataOptions, DataPath, Opt, _progress, data_options, app, err, friendly, out,
+    report_app,
 )
 
 
@@ -18,11 +19,11 @@ from dermaclass.cli import (
 @friendly
 @data_options
 def evaluate_cmd(
-    model: Annotated[Path, typer.Argument(help="Model bundle folder (model.safetensors + model.json).")],
+    model: BundlePath,
     data: DataPath,
     out_dir: Annotated[Path, Opt("--out", help="Folder for predictions.csv, report.json, report.html, PNGs.")],
     split: Annotated[str, Opt("--split", help="test | valid | train | all")] = "test",
-    split_file: Annotated[Path | None, Opt("--split-file", help="[default: the split.csv beside the bundle]")] = None,
+    split_file: BundleSplitOpt = None,
     n_boot: Annotated[int, Opt("--n-boot", help="Bootstrap resamples for the intervals.")] = 1000,
     thumbnails: Annotated[bool, Opt("--thumbnails/--no-thumbnails", help="Embed thumbnails of the most confident "
                                     "errors (--no-thumbnails for a report published without the dataset's images)")] = True,
@@ -37,6 +38,7 @@ def evaluate_cmd(
     """Evaluate a model bundle on a labelled split: predictions, figures with intervals, HTML report."""
     from dermaclass.evaluate.run import evaluate_bundle
     from dermaclass.report import REPORT_FILES, write_report
+    from dermaclass.report.figures import fmt, fmt_ci
 
     if split not in ("test", "valid", "train", "all"):
         raise typer.BadParameter(f"--split must be test, valid, train or all, not {split!r}")
@@ -51,33 +53,27 @@ def evaluate_cmd(
         ev = evaluate_bundle(model, data, split=split, split_file=split_file, cfg=cfg, n_boot=n_boot, seed=seed,
                              thumbnails=thumbnails, tta=tta, progress=update)
     if sets:
-        ev.report["external"] = evaluate_external(model, sets, cfg=cfg, tta=tta, n_boot=n_boot, seed=seed)
+        ev.report = ev.report.with_(external=evaluate_external(model, sets, cfg=cfg, tta=tta, n_boot=n_boot, seed=seed))
     write_report(ev, out_dir, force=force)
     r = ev.report
-    iv = r["intervals"]["overall"]
-
-    def ci(k: str) -> str:
-        return f" [{iv[k][0]:.3f}, {iv[k][1]:.3f}]" if iv.get(k) else ""
-
-    out.print(f"{r['data']['split']} split: {r['n']:,} images, {r['data']['groups']:,} groups", highlight=False)
-    out.print(f"[bold]balanced accuracy {r['balanced_accuracy']:.4f}{ci('balanced_accuracy')}[/]; macro-F1 "
-              f"{r['macro_f1']:.4f}{ci('macro_f1')}; macro AUROC {r['macro_auroc'] or float('nan'):.4f}; "
-              f"accuracy {r['accuracy']:.4f}", highlight=False)
+    m, iv = r.metrics, r.overall_intervals
+    out.print(f"{r.data['split']} split: {r.n:,} images, {r.data['groups']:,} groups", highlight=False)
+    out.print(f"[bold]balanced accuracy {fmt_ci(m['balanced_accuracy'], iv.get('balanced_accuracy'), digits=4, iv_digits=3)}[/]; "
+              f"macro-F1 {fmt_ci(m['macro_f1'], iv.get('macro_f1'), digits=4, iv_digits=3)}; macro AUROC "
+              f"{fmt(m['macro_auroc'], digits=4)}; accuracy {fmt(m['accuracy'], digits=4)}", highlight=False)
     table = Table("class", "support", "sensitivity", "specificity", "AUROC")
-    for c in r["classes"]:
-        m = r["per_class"][c]
-        table.add_row(c, str(m["support"]), *(f"{m[k]:.3f}" if m[k] is not None else "n/c"
-                                             for k in ("sensitivity", "specificity", "auroc")))
+    for c in r.classes:
+        pc = r.per_class[c]
+        table.add_row(c, str(pc["support"]), *(fmt(pc[k]) for k in ("sensitivity", "specificity", "auroc")))
     out.print(table)
-    for c, op in r["operating_points"].items():
+    for c, op in r.operating_points.items():
         out.print(f"operating point {c}: P >= {op['threshold']:.4f} -> sensitivity {op['sensitivity'] or 0:.3f}, "
                   f"specificity {op['specificity'] or 0:.3f} (target {op['target_sensitivity']:.2f} on valid)",
                   highlight=False)
-    for n, e in (r.get("external") or {}).items():
-        eiv = e.get("intervals") or {}
-        out.print(f"external {n}: {e['n']:,} images, balanced accuracy {e['balanced_accuracy']:.4f}"
-                  + (f" [{eiv['balanced_accuracy'][0]:.3f}, {eiv['balanced_accuracy'][1]:.3f}]" if eiv.get("balanced_accuracy") else "")
-                  + f"; macro AUROC {e['macro_auroc'] or float('nan'):.4f}", highlight=False)
+    for n, e in r.external.items():
+        out.print(f"external {n}: {e['n']:,} images, balanced accuracy "
+                  f"{fmt_ci(e['balanced_accuracy'], (e.get('intervals') or {}).get('balanced_accuracy'), digits=4, iv_digits=3)}; "
+                  f"macro AUROC {fmt(e['macro_auroc'], digits=4)}", highlight=False)
     out.print(f"report: {out_dir / 'report.html'}", highlight=False)
 
 
@@ -92,7 +88,7 @@ def report_compare(
     force: Annotated[bool, Opt("--force", help="Compare reports on different test sets / replace outputs.")] = False,
 ) -> None:
     """What a retraining changed: deltas with paired intervals; exit 6 when a sensitivity drops."""
-    from dermaclass.report import compare_reports, write_compare
+    from dermaclass.report import compare_reports, drop_alert, write_compare
 
     result = compare_reports(old, new, force=force, n_boot=n_boot, seed=seed)
     write_compare(result, out_dir, force=force)
@@ -109,29 +105,30 @@ def report_compare(
             mark = "  [bold red]DROP[/]" if v["sensitivity_drop"] else ""
             out.print(f"{c:6} sensitivity {s['old']:.3f} -> {s['new']:.3f} ({s['delta']:+.3f}){mark}", highlight=False)
     out.print(f"comparison: {out_dir / 'compare.html'}", highlight=False)
-    if result["sensitivity_drops"]:
-        err.print(f"[bold red]SENSITIVITY DROP[/] in {', '.join(result['sensitivity_drops'])}: the new model misses more "
-                  "of these lesions than resampling explains; review before replacing the old model.", highlight=False)
+    alert = drop_alert(result)
+    if alert:
+        err.print(f"[bold red]{escape(alert)}[/]", highlight=False)
         raise typer.Exit(6)
 
 
 @report_app.command("card", epilog=EXIT_CODES)
 @friendly
 def report_card(
-    model: Annotated[Path, typer.Argument(help="Model bundle folder.")],
+    model: BundlePath,
     report: Annotated[Path | None, Opt("--report", help="Its test-split evaluate folder [default: BUNDLE/report]")] = None,
     name: Annotated[str | None, Opt("--name", help="Model name [default: the folder name]")] = None,
     data_card: Annotated[str | None, Opt("--data-card", help="Path of the data card to cite.")] = None,
     force: Annotated[bool, Opt("--force")] = False,
 ) -> None:
     """Write BUNDLE/MODEL_CARD.md from model.json and the test report."""
+    from dermaclass.evaluate.record import read_report
     from dermaclass.fileio import write_text
     from dermaclass.models import read_bundle_meta
     from dermaclass.report import model_card_markdown
 
     meta = read_bundle_meta(model)
     folder = report or model / "report"
-    rep = json.loads((folder / "report.json").read_text(encoding="utf-8")) if (folder / "report.json").is_file() else None
+    rep = read_report(folder) if (folder / "report.json").is_file() else None
     if rep is None:
         err.print(f"no report at {folder}: the card will have no test figures", highlight=False)
     target = model / "MODEL_CARD.md"

@@ -11,7 +11,8 @@ from rich.markup import escape
 
 from dermaclass import DISCLAIMER
 from dermaclass.cli import (
-    EXIT_CODES, DataOptions, DataPath, Opt, _default_bundle, data_options, app, err, friendly, out,
+    EXIT_CODES, BackendOpt, BundlePath, _progress, BundleSplitOpt, DataOptions, DataPath, Opt, _default_bundle, data_options, app, err, friendly,
+    out,
 )
 
 
@@ -22,14 +23,15 @@ def predict_cmd(
     model: Annotated[Path | None, Opt("--model", help="Model bundle [default: the bundled model]")] = None,
     top_k: Annotated[int, Opt("--top-k")] = 3,
     tta: Annotated[bool | None, Opt("--tta/--no-tta", help="Average over flips [default: as the bundle records]")] = None,
-    as_json: Annotated[bool, Opt("--json", help="One JSON object per image.")] = False,
+    as_json: Annotated[bool, Opt("--json", help="One JSON object per image (its \"backend\" says what served it).")] = False,
+    backend: BackendOpt = "auto",
 ) -> None:
     """Predict images: calibrated probabilities, operating-point flags, and referral."""
     from dermaclass.data.images import ImageDecodeError
     from dermaclass.inference import Predictor
     from dermaclass.refer import InputProblem
 
-    pred = Predictor(_default_bundle(model))
+    pred = Predictor(_default_bundle(model), backend=backend)
     failed = 0
     for path in images:
         try:
@@ -53,41 +55,64 @@ def predict_cmd(
                  if r["referral"]["refer"] else "")
         out.print(f"{escape(str(path))}: {escape(tops)}[bold red]{escape(flags)}[/]{refer}", highlight=False, soft_wrap=True)
     if not as_json:
-        out.print(f"[dim]{DISCLAIMER}[/]", highlight=False)
+        out.print(f"[dim]served by {pred.backend}{' with flip TTA' if (pred.tta if tta is None else tta) else ''}. "
+                  f"{DISCLAIMER}[/]", highlight=False)
     if failed:
         raise typer.Exit(3)
 
 
 @app.command("export", epilog=EXIT_CODES)
 @friendly
+@data_options
 def export_cmd(
-    model: Annotated[Path, typer.Argument(help="Model bundle folder.")],
+    model: BundlePath,
     onnx: Annotated[bool, Opt("--onnx/--no-onnx", help="Write model.onnx beside the weights (checked against torch).")] = True,
+    openvino: Annotated[bool, Opt("--openvino", help="Write the OpenVINO IR model.xml + model.bin (float32, "
+                                  "checked against torch).")] = False,
+    int8: Annotated[bool, Opt("--int8", help="Write model-int8.xml: NNCF int8 quantisation calibrated on the train "
+                              "split of --calibration; refused when it loses more valid balanced accuracy against "
+                              "float than the limit the message states")] = False,
+    calibration: Annotated[Path | None, Opt("--calibration", help="The bundle's training data (with --int8).")] = None,
+    n_calibration: Annotated[int, Opt("--n-calibration", help="Training-split images that calibrate int8.")] = 300,
+    split_file: BundleSplitOpt = None,
     publish: Annotated[Path | None, Opt("--publish", help="Also copy the bundle here, fit to ship (see --float16).")] = None,
     float16: Annotated[bool, Opt("--float16/--float32", help="Weights precision of the --publish copy.")] = True,
     force: Annotated[bool, Opt("--force")] = False,
+    data_opts: DataOptions = None,
 ) -> None:
-    """Export a bundle for onnxruntime (predictions then use it), or publish a copy to ship."""
-    from dermaclass.inference import export_onnx
+    """Export a bundle for onnxruntime or OpenVINO (predictions then use it), or publish a copy to ship."""
+    from dermaclass.export import export_onnx, export_openvino, quantize_bundle
     from dermaclass.models import publish_bundle
 
+    if int8 and calibration is None:
+        raise typer.BadParameter("--int8 needs --calibration DATA (the bundle's training data; its train split "
+                                 "calibrates, its valid split checks)", param_hint="--calibration")
     if publish is not None:
         model = publish_bundle(model, publish, float16=float16, force=force)
         out.print(f"published {model} ({'float16' if float16 else 'float32'} weights, split ids only)", highlight=False)
     if onnx:
         info = export_onnx(model, force=force)
-        out.print(f"wrote {info['path']} (max |logit difference| vs torch {info['max_abs_diff']:.1e})", highlight=False)
+        out.print(f"wrote {info['path']} (max |output difference| vs torch {info['max_abs_diff']:.1e})", highlight=False)
+    if openvino or (int8 and not (model / "model.xml").is_file()):
+        info = export_openvino(model, force=force)
+        out.print(f"wrote {info['path']} (max |output difference| vs torch {info['max_abs_diff']:.1e})", highlight=False)
+    if int8:
+        progress, _ = _progress("decoding")
+        with progress:
+            info = quantize_bundle(model, calibration, cfg=data_opts.config(), split_file=split_file,
+                                   n_calibration=n_calibration, force=force)
+        out.print(f"wrote {info['path']}: valid balanced accuracy {info['valid_balanced_accuracy_int8']:.4f} "
+                  f"(float {info['valid_balanced_accuracy_float']:.4f}, drop {info['drop']:+.4f}; limit "
+                  f"{info['max_drop']:g}); serve it with --backend openvino-int8", highlight=False)
 
 
 @app.command("fit-ood", epilog=EXIT_CODES)
 @friendly
-@data_options
+@data_options("ood", "ood_keep")
 def fit_ood_cmd(
-    model: Annotated[Path, typer.Argument(help="Model bundle folder.")],
+    model: BundlePath,
     data: DataPath,
-    method: Annotated[str, Opt("--ood", help="mahalanobis | knn | energy")] = "mahalanobis",
-    keep: Annotated[float, Opt("--keep", help="Share of the valid split the cut-off passes.")] = 0.95,
-    split_file: Annotated[Path | None, Opt("--split-file", help="[default: the split.csv beside the bundle]")] = None,
+    split_file: BundleSplitOpt = None,
     force: Annotated[bool, Opt("--force", help="Replace a score the bundle already has.")] = False,
     data_opts: DataOptions = None,
 ) -> None:
@@ -97,12 +122,8 @@ def fit_ood_cmd(
     """
     from dermaclass.evaluate.run import refit_ood
 
-    if method not in ("knn", "mahalanobis", "energy"):
-        raise typer.BadParameter(f"--ood must be knn, mahalanobis or energy, not {method!r}")
-    if not 0 < keep < 1:
-        raise typer.BadParameter(f"--keep must be between 0 and 1, not {keep}")
-    cfg = data_opts.config()
-    r = refit_ood(model, data, split_file=split_file, cfg=cfg, method=method, keep=keep, force=force)
+    cfg = data_opts.config()  # --ood and --keep are checked with the rest of the config (exit 2)
+    r = refit_ood(model, data, split_file=split_file, cfg=cfg, force=force)
     ood = r["ood"]
     out.print(f"{model}: {ood['method']} score, cut-off {ood['threshold']:.4f} (passes {ood['keep']:.0%} of the valid "
               f"split); the whole referral rule refers {r['valid_referred']:.1%} of valid images", highlight=False)
@@ -115,10 +136,11 @@ def serve_cmd(
     host: Annotated[str, Opt("--host", help="Interface; 127.0.0.1 keeps it on this machine.")] = "127.0.0.1",
     port: Annotated[int, Opt("--port")] = 7860,
     review_dir: Annotated[Path, Opt("--review-dir", help="Where corrections are saved (CSV-manifest layout).")] = Path("review"),
+    backend: BackendOpt = "auto",
 ) -> None:
     """Open the Gradio app (decision support, not a diagnostic device)."""
     from dermaclass.ui import launch
 
-    launch(_default_bundle(model), host=host, port=port, review_dir=review_dir)
+    launch(_default_bundle(model), host=host, port=port, review_dir=review_dir, backend=backend)
 
 

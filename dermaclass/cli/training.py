@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from dermaclass.cli import (
@@ -15,57 +16,24 @@ from dermaclass.cli import (
 from dermaclass.config import Config, load_config
 
 
+#: The Config fields `dermaclass train` takes as flags (help, type and default: cli.FLAG_HELP and Config).
+TRAIN_FLAGS = (
+    "recipe", "arch", "weights", "init_bundle", "pretrained", "image_size", "batch_size", "lr", "lr_suggestion",
+    "warm_epoch", "head_epochs", "epochs", "n_cycles", "cycle_len", "cycle_mult", "lr_ratio", "stage_fractions",
+    "stage_sizes", "lr_rule", "weight_sharing", "imbalance", "augment", "colour_constancy", "tta", "label_smoothing",
+    "keep", "ema_decay", "precision", "early_stop_patience", "operating_classes", "target_sensitivity", "ood",
+    "split_file", "seed", "threads",
+)
+
+
 @app.command("train", epilog=EXIT_CODES)
 @friendly
-@data_options
+@data_options(*TRAIN_FLAGS)
 def train_cmd(
     data: Annotated[list[Path], typer.Argument(help="One or more datasets (the first keeps its image ids; e.g. an export plus review/).")],
     out_dir: Annotated[Path, Opt("--out", help="Run folder: config, split, history, plots and the model bundle.")],
-    recipe: Annotated[str | None, Opt("--recipe", help="baseline | sgdr | stepwise [default: stepwise]")] = None,
-    arch: Annotated[str | None, Opt("--arch", help="Any timm architecture; tf_efficientnet_lite0/1/2 have offline ImageNet weights [default: tf_efficientnet_lite0]")] = None,
-    weights: Annotated[Path | None, Opt("--weights", help="Local body weights (.safetensors / .pth state dict).")] = None,
-    init_bundle: Annotated[Path | None, Opt("--from", help="Start from this model bundle (its classes kept, new ones added).")] = None,
-    pretrained: Annotated[bool | None, Opt("--pretrained/--no-pretrained", help="ImageNet weights [default: on]")] = None,
-    image_size: Annotated[str | None, Opt("--image-size", help="width,height [default: 128,96]")] = None,
-    batch_size: Annotated[int | None, Opt("--batch-size", help="b (stepwise: b, 2b, 3b, 4b, b) [default: 32]")] = None,
-    lr: Annotated[float | None, Opt("--lr", help="Fixed base LR [default: 1e-2]")] = None,
     lr_find: Annotated[bool, Opt("--lr-find", help="Pick each stage's LR by a range test (fastai lr_find, "
                                  "--lr-suggestion) instead of a fixed --lr")] = False,
-    lr_suggestion: Annotated[str | None, Opt("--lr-suggestion", help="valley | slide | minimum | steep")] = None,
-    warm_epoch: Annotated[bool | None, Opt("--warm-epoch/--no-warm-epoch", help="With --lr-find: one epoch at a small LR (--warm-lr) before each range test")] = None,
-    head_epochs: Annotated[int | None, Opt("--head-epochs", help="Coarse head-only epochs [default: 1]")] = None,
-    epochs: Annotated[int | None, Opt("--epochs", help="baseline: unfrozen epochs [default: 3]")] = None,
-    n_cycles: Annotated[int | None, Opt("--n-cycles", help="SGDR cycles [default: 3]")] = None,
-    cycle_len: Annotated[int | None, Opt("--cycle-len", help="SGDR first cycle length [default: 1]")] = None,
-    cycle_mult: Annotated[int | None, Opt("--cycle-mult", help="SGDR cycle-length multiplier, >= 2 [default: 2]")] = None,
-    lr_ratio: Annotated[float | None, Opt("--lr-ratio", help="Differential LRs slice(lr/ratio, lr) [default: 100]")] = None,
-    stage_fractions: Annotated[str | None, Opt("--stage-fractions", help="Stepwise: the nested share of the training images each stage trains on [default: 0.2,0.4,0.6,0.8,1.0]")] = None,
-    stage_sizes: Annotated[str | None, Opt("--stage-sizes", help="Progressive resizing: one WIDTHxHEIGHT per stepwise "
-                                           "stage, the last = --image-size (e.g. 96x72,112x84,128x96,128x96,128x96) "
-                                           "[default: every stage at --image-size]")] = None,
-    lr_rule: Annotated[str | None, Opt("--lr-rule", help="eq9 | constant | linear [default: linear]")] = None,
-    weight_sharing: Annotated[bool | None, Opt("--weight-sharing/--no-weight-sharing", help="Carry weights between stages")] = None,
-    imbalance: Annotated[str | None, Opt("--imbalance", help="none | weights | sqrt-weights | sampler | focal | logit-adjusted [default: sampler]")] = None,
-    augment: Annotated[str | None, Opt("--augment", help="none | basic | augmix [default: basic]")] = None,
-    colour_constancy: Annotated[str | None, Opt("--colour-constancy", help="none | shades-of-gray: the same colour "
-                                                "normalisation at training and inference [default: none]")] = None,
-    tta: Annotated[str | None, Opt("--tta", help="none | flips: the test-time augmentation the bundle serves "
-                                  "with (calibrated with it) [default: flips]")] = None,
-    label_smoothing: Annotated[float | None, Opt("--label-smoothing", help="Cross-entropy label smoothing, 0 = off [default: 0]")] = None,
-    keep: Annotated[str | None, Opt("--keep", help="best (best validation balanced accuracy) | last (end of "
-                                    "training) [default: best]")] = None,
-    ema_decay: Annotated[float | None, Opt("--ema-decay", help="Keep an exponential moving average of the weights "
-                                            "(e.g. 0.998) and bundle it; 0 = off [default: 0]")] = None,
-    precision: Annotated[str | None, Opt("--precision", help="float32 | bfloat16 (autocast; faster only on CPUs "
-                                          "with native bfloat16) [default: float32]")] = None,
-    early_stop_patience: Annotated[int | None, Opt("--early-stop-patience", help="0 = off")] = None,
-    operating_classes: Annotated[str | None, Opt("--operating-classes", help="Classes that get a sensitivity threshold [default: mel]")] = None,
-    target_sensitivity: Annotated[float | None, Opt("--target-sensitivity", help="Validation sensitivity of the threshold [default: 0.9]")] = None,
-    ood: Annotated[str | None, Opt("--ood", help="mahalanobis | knn | energy: the out-of-distribution score that refers "
-                                   "images unlike the training data [default: mahalanobis]")] = None,
-    split_file: Annotated[Path | None, Opt("--split-file", help="Reuse this split (new images are added).")] = None,
-    seed: Annotated[int | None, Opt("--seed")] = None,
-    threads: Annotated[int | None, Opt("--threads", help="torch threads (0 = all cores)")] = None,
     force: Annotated[bool, Opt("--force", help="Replace an existing run folder / bundle.")] = False,
     resume: Annotated[bool, Opt("--resume", help="Continue the interrupted run in --out (its config and split).")] = False,
     data_opts: DataOptions = None,
@@ -73,16 +41,9 @@ def train_cmd(
     """Train a model bundle on a clinic's image folder (default recipe: stepwise subsets, SGDR stages)."""
     from dermaclass import train as training
 
-    cfg = data_opts.config(recipe=recipe, arch=arch, weights=weights, init_bundle=init_bundle, pretrained=pretrained, image_size=image_size,
-                  batch_size=batch_size, lr=lr, lr_suggestion=lr_suggestion, warm_epoch=warm_epoch,
-                  head_epochs=head_epochs, epochs=epochs, n_cycles=n_cycles, cycle_len=cycle_len, cycle_mult=cycle_mult,
-                  lr_ratio=lr_ratio, stage_fractions=stage_fractions, stage_sizes=stage_sizes, lr_rule=lr_rule, weight_sharing=weight_sharing,
-                  imbalance=imbalance, augment=augment, colour_constancy=colour_constancy, tta=tta,
-                  label_smoothing=label_smoothing, keep=keep, ema_decay=ema_decay, precision=precision, early_stop_patience=early_stop_patience, split_file=split_file,
-                  operating_classes=operating_classes, target_sensitivity=target_sensitivity, ood=ood,
-                  seed=seed, threads=threads)
+    cfg = data_opts.config()
     if lr_find:
-        if lr is not None:
+        if data_opts.get("lr") is not None:
             raise typer.BadParameter("give either --lr or --lr-find, not both", param_hint="--lr-find")
         cfg = cfg.replace(lr=None)
     logging.getLogger("dermaclass").setLevel(logging.INFO)
@@ -131,6 +92,7 @@ def retrain_cmd(
     force: Annotated[bool, Opt("--force")] = False,
 ) -> None:
     """Retrain a bundle on new data with its recipe and split, then compare old and new on the old test split."""
+    from dermaclass.report import drop_alert
     from dermaclass.retrain import retrain
 
     def announce(cfg: Config, prepared) -> None:  # noqa: ANN001 - TrainData
@@ -151,9 +113,9 @@ def retrain_cmd(
     out.print(f"on the parent's test split ({comparison['new']['data']['n']:,} images): balanced accuracy "
               f"{o['old']:.4f} -> {o['new']:.4f} ({o['delta']:+.4f}); comparison: {done.compare_dir / 'compare.html'}",
               highlight=False)
-    if done.sensitivity_drops:
-        err.print(f"[bold red]SENSITIVITY DROP[/] in {', '.join(done.sensitivity_drops)}: review before "
-                  "replacing the model in use.", highlight=False)
+    alert = drop_alert(comparison)
+    if alert:
+        err.print(f"[bold red]{escape(alert)}[/]", highlight=False)
         raise typer.Exit(6)
 
 
@@ -179,18 +141,11 @@ def _print_plan(cfg: Config, n_train: int) -> None:
 
 @app.command("lr-find", epilog=EXIT_CODES)
 @friendly
-@data_options
+@data_options("arch", "batch_size", "warm_epoch", "warm_lr", "lr_find_iters", "image_size", "split_file")
 def lr_find_cmd(
     data: DataPath,
     out_dir: Annotated[Path, Opt("--out", help="Folder for the plot and lr_find.json.")],
-    arch: Annotated[str | None, Opt("--arch")] = None,
-    batch_size: Annotated[int | None, Opt("--batch-size")] = None,
-    warm_epoch: Annotated[bool | None, Opt("--warm-epoch/--no-warm-epoch", help="One epoch at --warm-lr before the range test")] = None,
-    warm_lr: Annotated[float | None, Opt("--warm-lr")] = None,
     unfrozen: Annotated[bool, Opt("--unfrozen", help="Range-test the whole net, not the head alone.")] = False,
-    iters: Annotated[int | None, Opt("--iters", help="Batches in the range test [default: 60]")] = None,
-    image_size: Annotated[str | None, Opt("--image-size")] = None,
-    split_file: Annotated[Path | None, Opt("--split-file")] = None,
     data_opts: DataOptions = None,
 ) -> None:
     """LR range test (fastai lr_find): all four suggestions, the plot, and the chosen one."""
@@ -198,8 +153,7 @@ def lr_find_cmd(
     from dermaclass.fileio import write_json
     from dermaclass.lr_find import range_test
 
-    cfg = data_opts.config(arch=arch, batch_size=batch_size, warm_epoch=warm_epoch, warm_lr=warm_lr,
-                           lr_find_iters=iters, image_size=image_size, split_file=split_file)
+    cfg = data_opts.config()
     out_dir.mkdir(parents=True, exist_ok=True)
     prepared = training.prepare_data(cfg, data)
     learn = training.build_learner(cfg, prepared, out_dir, dls=training.stage_dataloaders(cfg, prepared, prepared.train_rows,

@@ -6,7 +6,7 @@ A clinic retrains to get a model that works on *its* patients, so every benchmar
 bundled model's report carry figures on whole external sets beside the internal test split.
 
 External sets are for measuring only: nothing (temperature, thresholds, checkpoints, early
-stopping) is ever fitted on them. ``headline`` is a pure function of a report dict;
+stopping) is ever fitted on them. ``headline`` is a pure function of a ``Report``;
 ``evaluate_external`` runs ``evaluate_bundle`` on every image of each set (``--split all``).
 """
 
@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from dermaclass.config import Config
+from dermaclass.evaluate.record import Report
 from dermaclass.evaluate.run import EvaluationError
 
 log = logging.getLogger(__name__)
@@ -26,21 +27,21 @@ log = logging.getLogger(__name__)
 HEADLINE_KEYS = ("balanced_accuracy", "macro_f1", "macro_auroc", "accuracy", "ece", "log_loss")
 
 
-def headline(report: Mapping[str, Any]) -> dict[str, Any]:
+def headline(report: Report) -> dict[str, Any]:
     """The compact figures of one evaluation: headline metrics with intervals, per-class
     sensitivity/specificity/support, and the stored operating points' rates."""
-    iv = (report.get("intervals") or {}).get("overall") or {}
-    per_class = report.get("per_class") or {}
+    iv = report.overall_intervals
+    per_class = report.per_class
     return {
-        "n": report.get("n"),
-        "tta": report.get("tta"),
-        **{k: report.get(k) for k in HEADLINE_KEYS},
+        "n": report.n,
+        "tta": report.tta,
+        **{k: report.metrics.get(k) for k in HEADLINE_KEYS},
         "intervals": {k: iv.get(k) for k in ("balanced_accuracy", "macro_f1", "macro_auroc") if iv.get(k)},
         "per_class": {c: {"support": m.get("support"), "sensitivity": m.get("sensitivity"),
                           "specificity": m.get("specificity"), "auroc": m.get("auroc")}
                       for c, m in per_class.items()},
         "operating_points": {c: {k: op.get(k) for k in ("threshold", "sensitivity", "specificity")}
-                             for c, op in (report.get("operating_points") or {}).items()},
+                             for c, op in report.operating_points.items()},
     }
 
 
@@ -70,6 +71,6 @@ def evaluate_external(bundle: str | Path, sets: Mapping[str, str | Path], *, cfg
         ev = evaluate_bundle(bundle, path, split="all", cfg=cfg or Config(), n_boot=n_boot, seed=seed,
                              thumbnails=False, gallery=0, tta=tta)
         out[name] = {"data": str(path), **headline(ev.report)}
-        log.info("external %s: %d images, balanced accuracy %.4f", name, ev.report["n"],
-                 ev.report["balanced_accuracy"] or float("nan"))
+        log.info("external %s: %d images, balanced accuracy %.4f", name, ev.report.n,
+                 ev.report.balanced_accuracy or float("nan"))
     return out

@@ -282,10 +282,10 @@ def bootstrap_intervals(
 
 # ---- calibration ---------------------------------------------------------------------------
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    z = np.asarray(logits, dtype=np.float64) / temperature
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
+    """Row-wise probabilities of ``logits / temperature`` (scipy's stable softmax)."""
+    from scipy.special import softmax as _softmax
+
+    return _softmax(np.asarray(logits, dtype=np.float64) / temperature, axis=1)
 
 
 def fit_temperature(logits: np.ndarray, labels: Sequence[int], *, bounds: tuple[float, float] = (0.05, 20.0)) -> float:

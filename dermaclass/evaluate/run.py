@@ -1,4 +1,4 @@
-"""Run a model bundle on a labelled dataset split and assemble the report dict.
+"""Run a model bundle on a labelled dataset split and assemble its ``Report`` (evaluate/record.py).
 
 The data are read by the same data layer as training (any layout, validated, decoded once
 into the cache at the bundle's input size). The split comes from a split file, by default
@@ -24,6 +24,7 @@ import dermaclass
 from dermaclass.config import Config
 from dermaclass.data import CachedImages, DecodeCache, read_split, validate_sources
 from dermaclass.errors import DermaclassError
+from dermaclass.evaluate.record import Report
 from dermaclass.evaluate.metrics import (
     bootstrap_intervals, classification_metrics, confused_pairs, expected_calibration_error, flag_rates,
     reliability_bins, softmax,
@@ -33,7 +34,6 @@ from dermaclass.models import file_sha256
 
 log = logging.getLogger(__name__)
 
-REPORT_FORMAT = 1
 Split = Literal["test", "valid", "train", "all"]
 
 
@@ -45,9 +45,9 @@ class EvaluationError(DermaclassError):
 
 @dataclass
 class Evaluation:
-    """A finished evaluation: the report dict, the per-image predictions and the images."""
+    """A finished evaluation: the report, the per-image predictions and the images."""
 
-    report: dict[str, Any]
+    report: Report
     predictions: pd.DataFrame
     images: Any  # preprocessed (H, W, 3) uint8 arrays aligned with ``predictions`` (gallery thumbnails)
 
@@ -103,6 +103,25 @@ def _split_images(predictor: Predictor, items: pd.DataFrame, *, split: Split, sp
     return chosen, split_counts, images
 
 
+def split_images(bundle: str | Path, data: str | Path | Sequence[str | Path], *, splits: Sequence[Split],
+                 split_file: str | Path | None = None, cfg: Config | None = None,
+                 ) -> dict[str, tuple[list[str], CachedImages]]:
+    """The labels and preprocessed images of each of ``splits`` of ``data``, by the bundle's
+    split file (default: the ``split.csv`` beside it), at the bundle's input size."""
+    cfg = cfg or Config()
+    bundle = Path(bundle)
+    predictor = Predictor(bundle, backend="torch", threads=cfg.threads)
+    paths = [data] if isinstance(data, (str, Path)) else list(data)
+    items, _ = validate_sources(cfg, paths, progress=None)
+    source = ", ".join(str(p) for p in paths)
+    split_path = Path(split_file) if split_file else bundle / "split.csv"
+    out = {}
+    for s in splits:
+        rows, _, images = _split_images(predictor, items, split=s, split_path=split_path, cfg=cfg, source=source)
+        out[s] = (rows["label"].astype(str).tolist(), images)
+    return out
+
+
 def refit_ood(bundle: str | Path, data: str | Path | Sequence[str | Path], *, split_file: str | Path | None = None,
               cfg: Config | None = None, method: str | None = None, keep: float | None = None,
               force: bool = False) -> dict[str, Any]:
@@ -112,16 +131,9 @@ def refit_ood(bundle: str | Path, data: str | Path | Sequence[str | Path], *, sp
     from dermaclass.refer import fit_ood
 
     cfg = cfg or Config()
-    bundle = Path(bundle)
-    predictor = Predictor(bundle, backend="torch", threads=cfg.threads)
-    paths = [data] if isinstance(data, (str, Path)) else list(data)
-    items, _ = validate_sources(cfg, paths, progress=None)
-    source = ", ".join(str(p) for p in paths)
-    split_path = Path(split_file) if split_file else bundle / "split.csv"
-    parts = {s: _split_images(predictor, items, split=s, split_path=split_path, cfg=cfg, source=source)
-             for s in ("train", "valid")}
-    return fit_ood(bundle, train_images=parts["train"][2], train_labels=parts["train"][0]["label"].tolist(),
-                   valid_images=parts["valid"][2], valid_labels=parts["valid"][0]["label"].tolist(),
+    parts = split_images(bundle, data, splits=("train", "valid"), split_file=split_file, cfg=cfg)
+    return fit_ood(bundle, train_images=parts["train"][1], train_labels=parts["train"][0],
+                   valid_images=parts["valid"][1], valid_labels=parts["valid"][0],
                    method=method or cfg.ood, keep=keep if keep is not None else cfg.ood_keep, force=force)
 
 
@@ -156,7 +168,7 @@ def evaluate_bundle(
                                                  source=data)
     tta = predictor.tta if tta is None else tta
     logits = predictor.logits(images, tta=tta)
-    raw, probs = softmax(logits), predictor.checked(softmax(logits, predictor.temperature), f"the images of {data}")
+    raw, probs = softmax(logits), predictor.checked(predictor.calibrated(logits), f"the images of {data}")
     y = chosen["label"].map({c: i for i, c in enumerate(classes)}).to_numpy()
     groups = chosen["group"].astype(str).to_numpy()
     has_groups = chosen["group"].astype(str).ne(chosen["image"].astype(str)).any()
@@ -183,36 +195,35 @@ def evaluate_bundle(
               "p_predicted": float(probs[r, pred[r]]), "p_true": float(probs[r, y[r]])} for r in wrong]
 
     meta = predictor.meta
-    report = {
-        "format": REPORT_FORMAT,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "dermaclass_version": dermaclass.__version__,
-        "disclaimer": dermaclass.DISCLAIMER,
-        "model": {"bundle": str(bundle), "weights_sha256": file_sha256(bundle / "model.safetensors"),
-                  "arch": meta["arch"], "recipe": meta.get("recipe"), "created": meta.get("created"),
-                  "input_size": meta["input_size"], "git_commit": meta.get("git_commit"),
-                  "metrics_valid": {k: (meta.get("metrics_valid") or {}).get(k) for k in ("balanced_accuracy", "macro_f1")}},
-        "data": {"root": str(data), "split": split, "split_file": str(split_path) if split_path else None,
-                 "split_sha256": file_sha256(split_path) if split_path else None,
-                 "images_sha256": images_identity(chosen["hash"], chosen["label"]),
-                 "n": int(len(chosen)), "groups": int(len(set(groups))),
-                 "group_column": validations[0].dataset.columns.get("group") if has_groups else None,
-                 "counts": split_counts, "problems": sum(len(v.problems) for v in validations)},
-        "tta": "flips4" if tta else None,
-        "classes": classes,
-        "class_names": predictor.class_names,
-        **metrics,
-        "intervals": intervals,
-        "calibration": {"method": "temperature", "temperature": predictor.temperature,
-                        "fitted_on": (meta.get("calibration") or {}).get("fitted_on"),
-                        "ece_uncalibrated": expected_calibration_error(y, raw),
-                        "ece_calibrated": expected_calibration_error(y, probs),
-                        "reliability_uncalibrated": reliability_bins(y, raw),
-                        "reliability_calibrated": reliability_bins(y, probs)},
-        "operating_points": points,
-        "confused_pairs": confused_pairs(metrics["confusion_matrix"], classes),
-        "worst_errors": worst,
-        "gallery_images": thumbnails,  # False: a report to publish without the dataset's images
-    }
+    report = Report(
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        dermaclass_version=dermaclass.__version__,
+        disclaimer=dermaclass.DISCLAIMER,
+        model={"bundle": str(bundle), "weights_sha256": file_sha256(bundle / "model.safetensors"),
+               "arch": meta.arch, "recipe": meta.recipe, "created": meta.created,
+               "input_size": list(meta.input_size), "git_commit": meta.git_commit,
+               "metrics_valid": {k: meta.metrics_valid.get(k) for k in ("balanced_accuracy", "macro_f1")}},
+        data={"root": str(data), "split": split, "split_file": str(split_path) if split_path else None,
+              "split_sha256": file_sha256(split_path) if split_path else None,
+              "images_sha256": images_identity(chosen["hash"], chosen["label"]),
+              "n": int(len(chosen)), "groups": int(len(set(groups))),
+              "group_column": validations[0].dataset.columns.get("group") if has_groups else None,
+              "counts": split_counts, "problems": sum(len(v.problems) for v in validations)},
+        tta="flips4" if tta else None,
+        classes=tuple(classes),
+        class_names=predictor.class_names,
+        metrics=metrics,
+        intervals=intervals,
+        calibration={"method": "temperature", "temperature": predictor.temperature,
+                     "fitted_on": meta.calibration.get("fitted_on"),
+                     "ece_uncalibrated": expected_calibration_error(y, raw),
+                     "ece_calibrated": expected_calibration_error(y, probs),
+                     "reliability_uncalibrated": reliability_bins(y, raw),
+                     "reliability_calibrated": reliability_bins(y, probs)},
+        operating_points=points,
+        confused_pairs=confused_pairs(metrics["confusion_matrix"], classes),
+        worst_errors=worst,
+        gallery_images=thumbnails,  # False: a report to publish without the dataset's images
+    )
     log.info("evaluated %d images: balanced accuracy %.4f", len(chosen), metrics["balanced_accuracy"] or float("nan"))
     return Evaluation(report=report, predictions=predictions, images=images)

@@ -14,7 +14,7 @@ class names.
 """
 
 from dermaclass.report.card import model_card_markdown
-from dermaclass.report.compare import CompareError, compare_reports, load_report, write_compare
+from dermaclass.report.compare import CompareError, compare_reports, drop_alert, load_report, write_compare
 from dermaclass.report.figures import confusion_png, difference_png, reliability_png, thumbnail_png
 from dermaclass.report.html import REPORT_FILES, render_html, write_report
 
@@ -24,6 +24,7 @@ __all__ = [
     "compare_reports",
     "confusion_png",
     "difference_png",
+    "drop_alert",
     "load_report",
     "model_card_markdown",
     "reliability_png",

@@ -1,6 +1,6 @@
-"""The model card (MODEL_CARD.md), rendered from a bundle's model.json and its test report.
+"""The model card (MODEL_CARD.md), rendered from a bundle's ``BundleMeta`` and its test ``Report``.
 
-Every figure in the card comes from those two dicts, so the card can be regenerated after
+Every figure in the card comes from those two records, so the card can be regenerated after
 any retraining and never drifts from the model it describes. The card states the intended
 use, that this is not a medical device, the training data and its licence, metrics with
 intervals per class, the failure modes the report shows, and how to retrain.
@@ -8,19 +8,15 @@ intervals per class, the failure modes the report shows, and how to retrain.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dermaclass import DISCLAIMER
+from dermaclass.evaluate.record import Report
 from dermaclass.evaluate.metrics import MIN_SUPPORT
-from dermaclass.report.figures import ci, fmt
+from dermaclass.report.figures import fmt, fmt_ci
 
-
-def _f(v: Any, digits: int = 3) -> str:
-    return fmt(v, digits=digits)
-
-
-def _iv(iv: list[float] | None) -> str:
-    return f" {ci(iv)}" if iv else ""
+if TYPE_CHECKING:  # the card renders records; it needs no torch
+    from dermaclass.models.bundle import BundleMeta
 
 
 HAM10000_LICENSE = "CC BY-NC 4.0"
@@ -28,13 +24,13 @@ RECIPES = {"stepwise": "seed 001 stepwise subsets, seed 003 SGDR + differential 
            "sgdr": "seed 003 SGDR + differential LRs", "baseline": "one-cycle fit after a frozen head fit"}
 
 
-def _data_facts(meta: dict[str, Any], data_card: str | None) -> dict[str, Any]:
+def _data_facts(meta: BundleMeta, data_card: str | None) -> dict[str, Any]:
     """What the card may say about the training data: from the data card the run names (its
     licence line), and HAM10000's published facts only when the data are HAM10000."""
     import re
     from pathlib import Path
 
-    data = meta.get("data") or {}
+    data = meta.data
     card = data_card or data.get("data_card")
     sources = [str(s) for s in data.get("sources") or []]
     ham = any("ham10000" in s.lower() for s in [*sources, card or ""])
@@ -45,22 +41,22 @@ def _data_facts(meta: dict[str, Any], data_card: str | None) -> dict[str, Any]:
     return {"ham10000": ham, "licence": licence, "card": card, "sources": sources}
 
 
-def _largest(r: dict[str, Any], names: dict[str, str]) -> str:
-    support = {c: (r["per_class"][c].get("support") or 0) for c in r["classes"]}
+def _largest(r: Report, names: dict[str, str]) -> str:
+    support = {c: (r.per_class[c].get("support") or 0) for c in r.classes}
     c = max(support, key=support.get)
     return f"{names.get(c, c)}, {support[c] / max(1, sum(support.values())):.0%} of this split"
 
 
-def model_card_markdown(meta: dict[str, Any], report: dict[str, Any] | None, *, name: str,
+def model_card_markdown(meta: BundleMeta, report: Report | None, *, name: str,
                         data_card: str | None = None) -> str:
-    """The card as Markdown, from the bundle's records only; ``report`` is the evaluate
-    report.json of the test split (or None)."""
-    names = meta.get("class_names") or {}
-    classes = meta["classes"]
-    cfg = meta.get("config") or {}
+    """The card as Markdown, from the bundle's records only; ``report`` is the evaluation of
+    the test split (or None)."""
+    names = meta.names
+    classes = meta.classes
+    cfg = meta.config
     facts = _data_facts(meta, data_card)
-    train = meta.get("training") or {}
-    cal = meta.get("calibration") or {}
+    train = meta.training
+    cal = meta.calibration
     lines = [
         f"# Model card: {name}",
         "",
@@ -75,34 +71,34 @@ def model_card_markdown(meta: dict[str, Any], report: dict[str, Any] | None, *, 
            else " (see the data card for who the training images come from)."),
         "",
         "## Model",
-        f"- architecture: `{meta['arch']}` (timm), "
+        f"- architecture: `{meta.arch}` (timm), "
         + (f"started from the bundle `{cfg['init_bundle']}`" if cfg.get("init_bundle")
            else "ImageNet-pretrained" if cfg.get("pretrained", True) else "trained from random initialisation")
-        + f", input {meta['input_size'][0]}x{meta['input_size'][1]} "
-        f"RGB, normalisation mean {meta['normalization']['mean']} std {meta['normalization']['std']}",
+        + f", input {meta.input_size[0]}x{meta.input_size[1]} "
+        f"RGB, normalisation mean {meta.normalization['mean']} std {meta.normalization['std']}",
         f"- classes ({len(classes)}): " + ", ".join(f"{names.get(c, c)} (`{c}`)" for c in classes),
-        f"- weights: `model.safetensors` ({meta.get('weights_dtype', 'float32')}), metadata `model.json`; never a pickle",
-        f"- recipe: `{meta.get('recipe')}` ({RECIPES.get(str(meta.get('recipe')), 'see model.json')}), "
+        f"- weights: `model.safetensors` ({meta.weights_dtype}), metadata `model.json`; never a pickle",
+        f"- recipe: `{meta.recipe}` ({RECIPES.get(str(meta.recipe), 'see model.json')}), "
         f"LR rule `{cfg.get('lr_rule')}`, base LR "
         f"{'range test (' + str(cfg.get('lr_suggestion')) + ')' if cfg.get('lr') is None else cfg.get('lr')}, "
         f"imbalance `{cfg.get('imbalance')}`, augmentation `{cfg.get('augment')}`",
-        f"- preprocessing: colour constancy `{(meta.get('preprocessing') or {}).get('colour_constancy') or 'none'}` "
+        f"- preprocessing: colour constancy `{meta.colour_constancy}` "
         f"(the same at training and inference); test-time augmentation "
         + ("`flips4` (the mean of the logits of the image and its three flips; calibration, referral and "
-           "operating points were fitted on the same averaged logits)" if meta.get("tta") == "flips4" else "none"),
-        f"- training: {train.get('seconds', 0) / 60:.1f} min on {meta.get('machine', {}).get('cpus', '?')} CPU cores, "
+           "operating points were fitted on the same averaged logits)" if meta.tta == "flips4" else "none"),
+        f"- training: {train.get('seconds', 0) / 60:.1f} min on {meta.machine.get('cpus', '?')} CPU cores, "
         f"{train.get('images_seen', 0):,} images seen ({train.get('epochs_equivalent', '?')} full-data epochs)",
-        f"- calibration: temperature {cal.get('temperature', 1.0):.3f} fitted on the validation split "
-        f"(ECE {_f(cal.get('ece_before'))} -> {_f(cal.get('ece_after'))})",
+        f"- calibration: temperature {meta.temperature:.3f} fitted on the validation split "
+        f"(ECE {fmt(cal.get('ece_before'))} -> {fmt(cal.get('ece_after'))})",
     ]
-    for c, op in (meta.get("operating_points") or {}).items():
+    for c, op in meta.operating_points.items():
         if op.get("threshold") is not None:
             lines.append(f"- operating point `{c}`: flag when P({c}) >= {op['threshold']:.4f} "
-                         f"(validation sensitivity {_f(op.get('valid_sensitivity'))}, specificity {_f(op.get('valid_specificity'))}, "
+                         f"(validation sensitivity {fmt(op.get('valid_sensitivity'))}, specificity {fmt(op.get('valid_specificity'))}, "
                          f"target {op.get('target_sensitivity')})")
-    refer = cal.get("refer") or {}
+    refer = meta.refer
     if refer:
-        ood = refer.get("ood") or {}
+        ood = meta.ood
         score = {"knn": "a k-nearest-neighbour out-of-distribution score on pooled backbone features (Sun et al. 2022)",
                  "mahalanobis": "a Mahalanobis out-of-distribution score on pooled backbone features (Lee et al. 2018)",
                  "energy": "an energy score (Liu et al. 2020)"}.get(ood.get("method", "energy"), ood.get("method"))
@@ -110,7 +106,7 @@ def model_card_markdown(meta: dict[str, Any], report: dict[str, Any] | None, *, 
                      f"referred; then top probability below {refer.get('min_top_probability', 0):.0%}, or {score} "
                      f"below {ood.get('threshold', float('nan')):.3f} (passed by {ood.get('keep', 0):.0%} of validation "
                      f"images); {refer.get('valid_referred', 0):.1%} of validation images are referred")
-    split = (meta.get("data") or {}).get("split_counts") or {}
+    split = meta.data.get("split_counts") or {}
     lines += [
         "",
         "## Training data",
@@ -124,10 +120,10 @@ def model_card_markdown(meta: dict[str, Any], report: dict[str, Any] | None, *, 
         "(image ids and split only)." + (f" Data card: `{facts['card']}`." if facts["card"] else ""),
     ]
     if report:
-        r, iv = report, report["intervals"]
+        r, iv, m = report, report.intervals, report.metrics
         lines += [
             "",
-            f"## Performance on the held-out test split ({r['n']:,} images, {r['data']['groups']:,} lesions)",
+            f"## Performance on the held-out test split ({r.n:,} images, {r.data.get('groups', 0):,} lesions)",
             f"95 % intervals from {iv['n_boot']} bootstrap resamples of lesions. Plain accuracy is shown last "
             f"because it is dominated by the largest class ({_largest(r, names)}).",
             "",
@@ -137,18 +133,18 @@ def model_card_markdown(meta: dict[str, Any], report: dict[str, Any] | None, *, 
         for k, label in (("balanced_accuracy", "balanced accuracy (mean sensitivity)"), ("macro_f1", "macro-F1"),
                          ("macro_auroc", "macro AUROC"), ("mAP", "mAP"), ("top2_accuracy", "top-2 accuracy"),
                          ("ece", "expected calibration error"), ("accuracy", "accuracy")):
-            lines.append(f"| {label} | {_f(r.get(k))}{_iv(iv['overall'].get(k))} |")
+            lines.append(f"| {label} | {fmt_ci(m.get(k), r.overall_intervals.get(k))} |")
         lines += ["", "| class | support | sensitivity | specificity | precision | F1 | AUROC |",
                   "|---|---:|---:|---:|---:|---:|---:|"]
-        for c in r["classes"]:
-            m, civ = r["per_class"][c], iv["per_class"][c]
-            few = " (too few to judge)" if m["support"] and m["support"] < MIN_SUPPORT else ""
-            lines.append(f"| {names.get(c, c)} (`{c}`){few} | {m['support']} | {_f(m['sensitivity'])}{_iv(civ.get('sensitivity'))} | "
-                         f"{_f(m['specificity'])}{_iv(civ.get('specificity'))} | {_f(m['precision'])} | {_f(m['f1'])} | {_f(m['auroc'])} |")
-        for c, op in (r.get("operating_points") or {}).items():
-            lines.append(f"\nAt its operating point, `{c}` is flagged with sensitivity {_f(op.get('sensitivity'))} and "
-                         f"specificity {_f(op.get('specificity'))} on the test split ({op.get('flagged')} images flagged).")
-        if r.get("external"):
+        for c in r.classes:
+            pc, civ = r.per_class[c], (iv.get("per_class") or {}).get(c) or {}
+            few = " (too few to judge)" if pc["support"] and pc["support"] < MIN_SUPPORT else ""
+            lines.append(f"| {names.get(c, c)} (`{c}`){few} | {pc['support']} | {fmt_ci(pc['sensitivity'], civ.get('sensitivity'))} | "
+                         f"{fmt_ci(pc['specificity'], civ.get('specificity'))} | {fmt(pc['precision'])} | {fmt(pc['f1'])} | {fmt(pc['auroc'])} |")
+        for c, op in r.operating_points.items():
+            lines.append(f"\nAt its operating point, `{c}` is flagged with sensitivity {fmt(op.get('sensitivity'))} and "
+                         f"specificity {fmt(op.get('specificity'))} on the test split ({op.get('flagged')} images flagged).")
+        if r.external:
             lines += ["", "## External validation (other clinics' images)",
                       "Every image of labelled dermoscopy sets from outside the training data, same model and decision rule; nothing "
                       "was fitted on them. Balanced accuracy is over the classes each set has. Expect figures nearer these "
@@ -156,22 +152,22 @@ def model_card_markdown(meta: dict[str, Any], report: dict[str, Any] | None, *, 
                       "| set | images | balanced accuracy | macro AUROC | ECE | nevus sensitivity | melanoma sensitivity / "
                       "specificity at the operating point |", "|---|---:|---|---|---:|---:|---|"]
             own = "HAM10000 test split" if facts["ham10000"] else "test split"
-            rows = [(own, r), *r["external"].items()]
+            rows = [(own, {**m, "operating_points": r.operating_points}), *r.external.items()]
             for label, e in rows:
-                ivs = e["intervals"]["overall"] if label == own else e.get("intervals", {})
+                ivs = r.overall_intervals if label == own else e.get("intervals", {})
                 op = (e.get("operating_points") or {}).get("mel") or {}
                 nv = (e.get("per_class") or {}).get("nv") or {}
-                lines.append(f"| {label} | {e['n']:,} | {_f(e.get('balanced_accuracy'))}{_iv(ivs.get('balanced_accuracy'))} | "
-                             f"{_f(e.get('macro_auroc'))}{_iv(ivs.get('macro_auroc'))} | {_f(e.get('ece'))} | "
-                             f"{_f(nv.get('sensitivity'))} | {_f(op.get('sensitivity'))} / {_f(op.get('specificity'))} |")
-        weakest = sorted((c for c in r["classes"] if r["per_class"][c]["sensitivity"] is not None),
-                         key=lambda c: r["per_class"][c]["sensitivity"])[:3]
+                lines.append(f"| {label} | {e['n']:,} | {fmt_ci(e.get('balanced_accuracy'), ivs.get('balanced_accuracy'))} | "
+                             f"{fmt_ci(e.get('macro_auroc'), ivs.get('macro_auroc'))} | {fmt(e.get('ece'))} | "
+                             f"{fmt(nv.get('sensitivity'))} | {fmt(op.get('sensitivity'))} / {fmt(op.get('specificity'))} |")
+        weakest = sorted((c for c in r.classes if r.per_class[c]["sensitivity"] is not None),
+                         key=lambda c: r.per_class[c]["sensitivity"])[:3]
         lines += ["", "## Known failure modes (from the test report)"]
-        for p in r.get("confused_pairs", [])[:5]:
+        for p in r.confused_pairs[:5]:
             lines.append(f"- {names.get(p['true'], p['true'])} read as {names.get(p['predicted'], p['predicted'])}: "
                          f"{p['count']} images ({p['share_of_true']:.0%} of that class)")
         lines.append("- lowest sensitivity: " + ", ".join(
-            f"{names.get(c, c)} {r['per_class'][c]['sensitivity']:.2f}" for c in weakest))
+            f"{names.get(c, c)} {r.per_class[c]['sensitivity']:.2f}" for c in weakest))
         lines.append("- small classes (dermatofibroma, vascular lesions) have wide intervals: few test lesions")
     lines += [
         "",

@@ -8,7 +8,6 @@ class's sensitivity drop is flagged when its whole delta interval lies below zer
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from dermaclass.errors import DermaclassError
 from dermaclass.evaluate.metrics import (
     INTERVAL_KEYS, MIN_SUPPORT, PER_CLASS_INTERVAL_KEYS, classification_metrics, metric_draws, percentile_interval, resample_weights,
 )
+from dermaclass.evaluate.record import REPORT_FILE, Report, read_report
 from dermaclass.fileio import atomic_path, write_json, write_text
 from dermaclass.report.figures import ci, difference_png, fmt, uri
 from dermaclass.report.html import CSS, jinja_env
@@ -31,31 +31,26 @@ class CompareError(DermaclassError):
     exit_code = 3
 
 
-def load_report(folder: str | Path) -> tuple[dict[str, Any], pd.DataFrame]:
-    """A report folder's report.json and predictions.csv, checked."""
+def load_report(folder: str | Path) -> tuple[Report, pd.DataFrame]:
+    """A report folder's checked ``Report`` and its predictions.csv."""
     folder = Path(folder)
-    paths = [folder / "report.json", folder / "predictions.csv"]
-    if paths[0].is_file() and not paths[1].is_file():
+    paths = [folder / REPORT_FILE, folder / "predictions.csv"]
+    if not paths[0].is_file():
+        raise CompareError(f"{folder}: not an evaluate output folder (no {REPORT_FILE}); run `dermaclass evaluate` first")
+    report = read_report(folder)
+    if not paths[1].is_file():
         # A published report (e.g. the bundled model's) leaves out per-image predictions: their labels
         # are the dataset's metadata, which is not redistributed.
-        try:
-            published = json.loads(paths[0].read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            published = {}
-        data, bundle = published.get("data") or {}, (published.get("model") or {}).get("bundle", "MODEL")
         raise CompareError(f"{folder}: this report was published without predictions.csv (the per-image labels are "
                            f"the dataset's, not redistributed), so it cannot be compared; recreate it with `dermaclass "
-                           f"evaluate {bundle} {data.get('root', 'DATA')} --out {folder} --force`")
-    for p in paths:
-        if not p.is_file():
-            raise CompareError(f"{folder}: not an evaluate output folder (no {p.name}); run `dermaclass evaluate` first")
+                           f"evaluate {report.model.get('bundle', 'MODEL')} {report.data.get('root', 'DATA')} "
+                           f"--out {folder} --force`")
     try:
-        report = json.loads(paths[0].read_text(encoding="utf-8"))
         preds = pd.read_csv(paths[1], dtype={"image": str, "group": str, "label": str, "predicted": str})
     except (OSError, ValueError, pd.errors.ParserError) as exc:
-        raise CompareError(f"{folder}: unreadable report ({exc})") from exc
-    missing = [f"p_{c}" for c in report.get("classes", []) if f"p_{c}" not in preds.columns]
-    if missing or "classes" not in report:
+        raise CompareError(f"{paths[1]}: unreadable predictions ({exc})") from exc
+    missing = [f"p_{c}" for c in report.classes if f"p_{c}" not in preds.columns]
+    if missing:
         raise CompareError(f"{paths[1]}: lacks probability columns {missing}")
     return report, preds
 
@@ -82,12 +77,12 @@ def compare_reports(old_dir: str | Path, new_dir: str | Path, *, force: bool = F
     new, new_p = load_report(new_dir)
     # A retrained model may have grown classes: compare over the union; a model never
     # predicts a class it lacks (probability 0), which is exactly how it behaves in use.
-    classes = list(new["classes"]) + [c for c in old["classes"] if c not in new["classes"]]
-    same = old["data"]["images_sha256"] == new["data"]["images_sha256"]
+    classes = list(new.classes) + [c for c in old.classes if c not in new.classes]
+    same = old.data.get("images_sha256") == new.data.get("images_sha256")
     if not same and not force:
         raise CompareError(
-            f"{old_dir} ({old['data']['n']} images, {old['data']['split']} split of {old['data']['root']}) and {new_dir} "
-            f"({new['data']['n']} images, {new['data']['split']} split of {new['data']['root']}) are on different test "
+            f"{old_dir} ({old.n} images, {old.data.get('split')} split of {old.data.get('root')}) and {new_dir} "
+            f"({new.n} images, {new.data.get('split')} split of {new.data.get('root')}) are on different test "
             "sets, so a difference in the figures would mix the model change with the data change; evaluate both "
             "models on the same split, or pass --force")
     old_p = old_p.sort_values("image").reset_index(drop=True)
@@ -133,13 +128,13 @@ def compare_reports(old_dir: str | Path, new_dir: str | Path, *, force: bool = F
     return {
         "format": 1,
         "dermaclass_version": dermaclass.__version__,
-        "old": {"folder": str(old_dir), "model": old["model"], "data": old["data"]},
-        "new": {"folder": str(new_dir), "model": new["model"], "data": new["data"]},
+        "old": {"folder": str(old_dir), "model": old.model, "data": old.data},
+        "new": {"folder": str(new_dir), "model": new.model, "data": new.data},
         "same_test_set": same, "paired": paired, "forced": bool(force and not same),
         "bootstrap": {"n_boot": n_boot, "level": level, "resampled": "groups"},
-        "classes": classes, "class_names": {**old.get("class_names", {}), **new.get("class_names", {})},
-        "classes_added": [c for c in new["classes"] if c not in old["classes"]],
-        "classes_removed": [c for c in old["classes"] if c not in new["classes"]],
+        "classes": classes, "class_names": {**old.class_names, **new.class_names},
+        "classes_added": [c for c in new.classes if c not in old.classes],
+        "classes_removed": [c for c in old.classes if c not in new.classes],
         "overall": overall, "per_class": per_class,
         "sensitivity_drops": flagged,
         "too_few_to_judge": [c for c, r in per_class.items() if r["too_few"]], "min_support": MIN_SUPPORT,
@@ -151,8 +146,7 @@ _COMPARE_TEMPLATE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>dermaclass: model comparison</title><style>{{ css }}</style></head><body>
 <h1>What the retraining changed</h1>
 <div class="banner"><b>Decision support, not a diagnostic device.</b> Compare before replacing a model in use.</div>
-{% if c.sensitivity_drops %}<div class="alert">SENSITIVITY DROP: {% for k in c.sensitivity_drops %}{{ name(k) }}{{ ", " if not loop.last }}{% endfor %}.
-The new model misses more of these lesions than resampling explains. Do not replace the old model without review.</div>
+{% if alert %}<div class="alert">{{ alert }}</div>
 {% else %}<p>No class's sensitivity dropped beyond its {{ (c.bootstrap.level*100)|round|int }}% interval.</p>{% endif %}
 {% if not c.same_test_set %}<div class="alert">The two reports are on different test sets (compared with --force): deltas mix model and data changes.</div>{% endif %}
 <table><tr><th></th><th>old</th><th>new</th></tr>
@@ -168,6 +162,18 @@ The new model misses more of these lesions than resampling explains. Do not repl
 <h2>Confusion matrix difference</h2><img class="fig" alt="confusion matrix difference" src="{{ diff }}">
 </body></html>
 """
+
+
+def drop_alert(result: dict[str, Any]) -> str | None:
+    """The one warning every surface shows (CLI, app, HTML) when a class's sensitivity dropped
+    beyond its interval; None when none did."""
+    drops = result.get("sensitivity_drops") or []
+    if not drops:
+        return None
+    names = result.get("class_names") or {}
+    listed = ", ".join(f"{names.get(c, c)} ({c})" if names.get(c, c) != c else c for c in drops)
+    return (f"SENSITIVITY DROP in {listed}: the new model misses more of these lesions than resampling explains. "
+            "Review before replacing the model in use.")
 
 
 def _sgn(v: Any) -> str:
@@ -187,7 +193,7 @@ def write_compare(result: dict[str, Any], out_dir: str | Path, *, force: bool = 
     with atomic_path(names["png"]) as tmp:
         Path(tmp).write_bytes(diff)
     html = jinja_env().from_string(_COMPARE_TEMPLATE).render(
-        c=result, css=CSS, fmt=fmt, ci=ci, sgn=_sgn, diff=uri(diff),
+        c=result, css=CSS, fmt=fmt, ci=ci, sgn=_sgn, diff=uri(diff), alert=drop_alert(result),
         name=lambda c: f"{cn.get(c, c)} ({c})" if cn.get(c, c) != c else c)
     write_text(names["html"], html)
     write_json(names["json"], result)

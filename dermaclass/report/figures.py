@@ -150,3 +150,8 @@ def ci(iv: list[float] | None, digits: int = 3) -> str:
     return "" if not iv else f"[{iv[0]:.{digits}f}, {iv[1]:.{digits}f}]"
 
 
+def fmt_ci(v: Any, iv: list[float] | None = None, *, digits: int = 3, iv_digits: int | None = None) -> str:
+    """A figure and its interval, '0.694 [0.650, 0.731]' (the figure alone when there is none)."""
+    return fmt(v, digits=digits) + (f" {ci(iv, iv_digits or digits)}" if iv else "")
+
+

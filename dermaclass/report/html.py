@@ -128,7 +128,7 @@ def write_report(evaluation: Any, out_dir: str | Path, *, force: bool = False) -
     if not force and any((out / f).exists() for f in REPORT_FILES):
         raise FileExistsError(f"{out}: a report is already there")
     out.mkdir(parents=True, exist_ok=True)
-    report = evaluation.report
+    report = evaluation.report.to_dict()  # the typed record, rendered (and written) as its JSON dict
     confusion, reliability = confusion_png(report), reliability_png(report)
     thumbs = ({e["row"]: thumbnail_png(evaluation.images[e["row"]]) for e in report["worst_errors"]}
               if report.get("gallery_images", True) else {})

@@ -95,9 +95,9 @@ def prepare_data(cfg: Config, data: str | Path | Sequence[str | Path], *, progre
     if cfg.init_bundle:
         parent = models.read_bundle_meta(cfg.init_bundle)
         check_class_names(parent, class_names, source=str(cfg.init_bundle))
-        for c, n in (parent.get("class_names") or {}).items():
+        for c, n in parent.class_names.items():
             class_names.setdefault(c, n)
-        vocab = sorted(set(vocab) | set(parent["classes"]))
+        vocab = sorted(set(vocab) | set(parent.classes))
     for part, thin in thin_classes(items).items():
         log.warning("%s has fewer than %d images of %s: %s", part, MIN_PER_CLASS,
                     ", ".join(f"{c} ({n})" for c, n in thin.items()),
@@ -144,28 +144,25 @@ def inherit_bundle(cfg: Config) -> Config:
     if not cfg.init_bundle:
         return cfg
     meta = models.read_bundle_meta(cfg.init_bundle)
-    size = (int(meta["input_size"][0]), int(meta["input_size"][1]))
-    if cfg.arch != meta["arch"] or tuple(cfg.image_size) != size:
-        log.info("continuing %s: architecture %s, input %dx%d", cfg.init_bundle, meta["arch"], *size)
-    return cfg.replace(arch=meta["arch"], image_size=size, pretrained=False)
+    if cfg.arch != meta.arch or tuple(cfg.image_size) != meta.input_size:
+        log.info("continuing %s: architecture %s, input %dx%d", cfg.init_bundle, meta.arch, *meta.input_size)
+    return cfg.replace(arch=meta.arch, image_size=meta.input_size, pretrained=False)
 
 
 def parent_record(cfg: Config, vocab: list[str]) -> dict[str, Any] | None:
     """What the bundle records about the bundle it continued (None when trained from ImageNet)."""
     if not cfg.init_bundle:
         return None
-    import hashlib
-
     meta = models.read_bundle_meta(cfg.init_bundle)
     weights = Path(cfg.init_bundle) / models.BUNDLE_WEIGHTS
-    return {"bundle": str(cfg.init_bundle), "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
-            "created": meta.get("created"), "classes": meta["classes"],
-            "classes_added": [c for c in vocab if c not in meta["classes"]], "sources": (meta.get("data") or {}).get("sources")}
+    return {"bundle": str(cfg.init_bundle), "weights_sha256": models.file_sha256(weights),
+            "created": meta.created, "classes": list(meta.classes),
+            "classes_added": [c for c in vocab if c not in meta.classes], "sources": meta.data.get("sources")}
 
 
-def check_class_names(parent: dict[str, Any], names: dict[str, str], *, source: str) -> None:
+def check_class_names(parent: models.BundleMeta, names: dict[str, str], *, source: str) -> None:
     """Refuse to continue a bundle whose class codes mean something else in the new data."""
-    theirs = parent.get("class_names") or {}
+    theirs = parent.class_names
     clash = [c for c, n in names.items() if c in theirs and theirs[c].strip().lower() != n.strip().lower()]
     if clash:
         listed = "; ".join(f"{c!r} is {theirs[c]!r} in the bundle but {names[c]!r} in the data" for c in clash)

@@ -16,10 +16,8 @@ Side behaviour (history, best checkpoint, early stopping, log lines) lives in Ca
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -34,7 +32,6 @@ from fastai.callback.tracker import EarlyStoppingCallback
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat, FocalLossFlat
 from fastai.metrics import BalancedAccuracy, F1Score
-from fastai.torch_core import num_distrib, rank_distrib
 
 from dermaclass import models, schedules
 from dermaclass.callbacks import (
@@ -48,6 +45,7 @@ from dermaclass.data.loaders import class_weights, make_dataloaders
 
 log = logging.getLogger(__name__)
 
+from dermaclass.train.distributed import on_rank0
 from dermaclass.train.data import TrainData, TrainingError, planned_sizes
 
 
@@ -161,19 +159,8 @@ class Run:
         hist = self.learn.history if hasattr(self.learn, "history") else None
         if hist is not None:
             hist.phase = "warm"  # seed 002's warm epoch, when configured, is real training
-        if num_distrib() > 1:
-            # Data-parallel: rank 0 alone runs the range test on its unwrapped model (a range test
-            # stops at a divergence that ranks would reach at different steps), the others wait for
-            # its LR. The next fit re-syncs the weights from rank 0 when DDP wraps the model.
-            chosen: list[Any] = [None]
-            if rank_distrib() == 0:
-                with self.learn.removed_cbs(self.learn.distributed_trainer), _single_process():
-                    test = range_test(self.learn, self.cfg, self.run_dir, name)
-                chosen = [test]
-            torch.distributed.broadcast_object_list(chosen, src=0)
-            test = chosen[0]
-        else:
-            test = range_test(self.learn, self.cfg, self.run_dir, name)
+        # Data-parallel: rank 0 alone runs the range test, the others wait for its LR.
+        test = on_rank0(self.learn, lambda: range_test(self.learn, self.cfg, self.run_dir, name))
         self.range_tests.append(test)
         self.lrs[name] = test.chosen
         return test.chosen
@@ -376,21 +363,6 @@ def stage_dataloaders(cfg: Config, data: TrainData, rows: np.ndarray, batch_size
         augment=train_pipeline(cfg.augment, tuple(size or cfg.image_size)), balanced_sampler=cfg.imbalance == "sampler",
         colour_constancy=cfg.colour_constancy,
     )
-
-
-@contextlib.contextmanager
-def _single_process():
-    """fastai reads WORLD_SIZE to decide whether to sync (lr_find's save/load call a barrier):
-    while rank 0 runs a range test alone, it must see a world of one."""
-    saved = os.environ.get("WORLD_SIZE")
-    os.environ["WORLD_SIZE"] = "1"
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop("WORLD_SIZE", None)
-        else:
-            os.environ["WORLD_SIZE"] = saved
 
 
 RECIPES = {"baseline": recipe_baseline, "sgdr": recipe_sgdr, "stepwise": recipe_stepwise}

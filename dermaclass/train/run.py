@@ -5,7 +5,6 @@ score, and the bundle (safetensors weights + JSON metadata, never a pickle).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -33,6 +32,7 @@ log = logging.getLogger(__name__)
 
 from dermaclass.evaluate.calibration import calibrate
 from dermaclass.train.data import TrainData, TrainingError, parent_record
+from dermaclass.train.distributed import parallel
 from dermaclass.train.recipes import RECIPES, Run, build_learner, fit_batch_size, stage_dataloaders
 
 
@@ -81,16 +81,6 @@ def check_run_dir(run_dir: Path, *, force: bool) -> None:
                               "nothing to resume; start it again")
     if any(run_dir.iterdir()):
         raise FileExistsError(f"{run_dir}: not empty, and not a run folder")
-
-
-def _gloo_broadcast(self, t, rank):  # noqa: ANN001 - fastai's DistributedDL._broadcast signature
-    """fastai's DistributedDL._broadcast moves the index tensor to CUDA because NCCL needs it;
-    gloo (CPU data-parallel) needs it on the CPU. Same contract otherwise."""
-    t = torch.LongTensor(t)
-    if torch.distributed.get_backend() == "nccl":
-        t = t.cuda()
-    torch.distributed.broadcast(t, rank)
-    return t.cpu().tolist()
 
 
 def read_progress(run_dir: Path) -> dict[str, Any]:
@@ -143,17 +133,8 @@ def train(cfg: Config, data: TrainData, run_dir: str | Path, *, force: bool = Fa
         run.prior_range_tests, run.seconds_before = progress.get("range_tests", []), progress.get("seconds", 0.0)
     if main:
         learn.add_cb(Checkpoint(run_dir / "checkpoints", run.progress))
-    # Data-parallel (accelerate launch ...): fastai's DistributedTrainer wraps every fit of the
-    # recipe; on CPU the gloo backend, and no SyncBatchNorm (it needs CUDA).
-    cuda = torch.cuda.is_available()
-    if distributed and not cuda:
-        from fastai.distributed import DistributedDL
-
-        DistributedDL._broadcast = _gloo_broadcast
-    def parallel():  # noqa: ANN202
-        return learn.distrib_ctx(sync_bn=cuda, cpu=not cuda) if distributed else contextlib.nullcontext()
-
-    with parallel():
+    # Data-parallel (accelerate launch ...): fastai's DistributedTrainer wraps every fit of the recipe.
+    with parallel(learn):
         stages = RECIPES[cfg.recipe](run)
     seconds = run.seconds
     if distributed:
@@ -165,7 +146,7 @@ def train(cfg: Config, data: TrainData, run_dir: str | Path, *, force: bool = Fa
         log.info("the bundle keeps the weight average (EMA decay %g, %d steps)", cfg.ema_decay, ema.steps)
     elif cfg.keep == "best":
         learn.best_model.restore()
-    with parallel():  # every rank predicts its share; fastai gathers the whole validation split
+    with parallel(learn):  # every rank predicts its share; fastai gathers the whole validation split
         # Calibration and thresholds are fitted on the logits the bundle will serve: with the
         # bundle's test-time augmentation when it has one.
         if cfg.tta == "flips":
@@ -177,9 +158,8 @@ def train(cfg: Config, data: TrainData, run_dir: str | Path, *, force: bool = Fa
     calibration, points, probs = calibrate(cfg, logits.numpy(), targets.numpy(), data.vocab)
     metrics = classification_metrics(targets.numpy(), probs, data.vocab)
     _plot_curves(run_dir)
-    meta = bundle_meta(cfg, data, metrics, stages, run, seconds, data_card)
-    meta.update(calibration=calibration, operating_points=points, resumed=progress is not None, git_commit=commit,
-                processes=max(1, num_distrib()))
+    meta = bundle_meta(cfg, data, metrics=metrics, stages=stages, run=run, seconds=seconds, data_card=data_card,
+                       calibration=calibration, operating_points=points, resumed=progress is not None, git_commit=commit)
     models.save_bundle(learn.model, meta, run_dir, force=force or resume)
     # The out-of-distribution score reads the saved bundle exactly as the app will.
     from dermaclass.refer import fit_ood
@@ -196,40 +176,44 @@ def train(cfg: Config, data: TrainData, run_dir: str | Path, *, force: bool = Fa
     return TrainResult(run_dir, metrics, stages, seconds, run.images_seen, run.range_test_records())
 
 
-def bundle_meta(cfg: Config, data: TrainData, metrics: dict, stages: list[dict], run: Run, seconds: float,
-                data_card: str | None) -> dict[str, Any]:
+def bundle_meta(cfg: Config, data: TrainData, *, metrics: dict, stages: list[dict], run: Run, seconds: float,
+                data_card: str | None, calibration: dict[str, Any], operating_points: dict[str, Any],
+                resumed: bool, git_commit: str | None) -> models.BundleMeta:
     """The JSON half of the bundle: everything needed to rebuild, use and judge the model."""
-    return {
-        "arch": cfg.arch,
-        "classes": data.vocab,
-        "class_names": data.names,
-        "input_size": list(cfg.image_size),
-        "normalization": models.normalization(cfg.arch),
-        "preprocessing": {"decode": "RGB (EXIF-upright; gray/RGBA/CMYK/16-bit converted)",
-                          "resize": "cover (width, height) keeping aspect ratio, bilinear, centre crop",
-                          "colour_constancy": cfg.colour_constancy,
-                          "scale": "uint8 / 255, then (x - mean) / std"},
-        "kept_weights": f"ema {cfg.ema_decay:g}" if cfg.ema_decay else cfg.keep,
-        "tta": "flips4" if cfg.tta == "flips" else None,  # what the Predictor does by default
-        "head": {"kind": "fastai", "ps": 0.5},
-        "metrics_valid": metrics,
-        "recipe": cfg.recipe,
-        "stages": stages,
-        "range_tests": run.range_test_records(),
-        "training": {"seconds": round(seconds, 1), "images_seen": run.images_seen,
-                     "epochs_equivalent": round(run.images_seen / max(1, len(data.train_rows)), 2),
-                     "best_valid_balanced_accuracy": run.learn.best_model.best},
-        "config": cfg.to_dict(),
-        "data": {"sources": data.sources, "split_counts": data.items["split"].value_counts().to_dict(),
-                 "split_reuse": data.split_reuse,
-                 "split_file": "split.csv", "data_card": data_card},
-        "parent": parent_record(cfg, data.vocab),
-        "package_version": dermaclass.__version__,
-        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
-        "git_commit": None,  # set by train() from the commit read before training
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "disclaimer": dermaclass.DISCLAIMER,
-    }
+    return models.BundleMeta(
+        arch=cfg.arch,
+        classes=tuple(data.vocab),
+        class_names=data.names,
+        input_size=tuple(cfg.image_size),
+        normalization=models.normalization(cfg.arch),
+        preprocessing={"decode": "RGB (EXIF-upright; gray/RGBA/CMYK/16-bit converted)",
+                       "resize": "cover (width, height) keeping aspect ratio, bilinear, centre crop",
+                       "colour_constancy": cfg.colour_constancy,
+                       "scale": "uint8 / 255, then (x - mean) / std"},
+        kept_weights=f"ema {cfg.ema_decay:g}" if cfg.ema_decay else cfg.keep,
+        tta="flips4" if cfg.tta == "flips" else None,  # what the Predictor does by default
+        head={"kind": "fastai", "ps": 0.5},
+        metrics_valid=metrics,
+        recipe=cfg.recipe,
+        stages=stages,
+        range_tests=run.range_test_records(),
+        training={"seconds": round(seconds, 1), "images_seen": run.images_seen,
+                  "epochs_equivalent": round(run.images_seen / max(1, len(data.train_rows)), 2),
+                  "best_valid_balanced_accuracy": run.learn.best_model.best},
+        config=cfg.to_dict(),
+        data={"sources": data.sources, "split_counts": data.items["split"].value_counts().to_dict(),
+              "split_reuse": data.split_reuse, "split_file": "split.csv", "data_card": data_card},
+        parent=parent_record(cfg, data.vocab),
+        package_version=dermaclass.__version__,
+        machine={"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+        git_commit=git_commit,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        disclaimer=dermaclass.DISCLAIMER,
+        calibration=calibration,
+        operating_points=operating_points,
+        resumed=resumed,
+        processes=max(1, num_distrib()),
+    )
 
 
 def _git_commit() -> str | None:

@@ -1,0 +1,242 @@
+"""Deployment exports of a bundle for a clinic's CPU: ONNX, and OpenVINO IR in float and int8.
+
+Seed 002's training pipeline ends in OpenVINO on a CPU, and a clinic's workstation is a
+CPU. Each export is written beside the bundle's weights, checked before it is kept, and
+then served by the ``Predictor`` (inference.py) when present:
+
+- ``model.onnx`` (``export_onnx``): the torch network traced to ONNX with two outputs
+  (logits, and the pooled backbone features the out-of-distribution score reads), kept
+  only when onnxruntime's outputs match torch within ``atol``.
+- ``model.xml`` + ``model.bin`` (``export_openvino``): the ONNX graph converted by
+  ``openvino.convert_model``, compiled at float32 precision (this CPU would otherwise pick
+  bfloat16), kept only when its outputs match torch within ``atol``.
+- ``model-int8.xml`` + ``.bin`` (``export_int8``): NNCF post-training quantisation
+  (``nncf.quantize``) calibrated on training-split images only (never test images), kept
+  only when balanced accuracy on the valid split, with the bundle's test-time augmentation,
+  drops by no more than ``max_drop`` (0.01) against the float model. The check is recorded
+  in ``model.json`` (``exports.openvino-int8``).
+
+Every file is written to a temporary name and renamed; an existing export is replaced only
+with ``force``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dermaclass import models
+from dermaclass.errors import DermaclassError
+from dermaclass.fileio import atomic_path
+
+log = logging.getLogger(__name__)
+
+ONNX_FILE = "model.onnx"
+OPENVINO_FILE = "model.xml"  # + model.bin
+OPENVINO_INT8_FILE = "model-int8.xml"  # + model-int8.bin
+#: The largest drop in valid balanced accuracy an int8 export may cost (issue 16).
+INT8_MAX_DROP = 0.01
+
+
+class ExportError(DermaclassError):
+    """An export cannot be made or does not match the model it came from."""
+
+    exit_code = 4
+
+
+def _features_net(bundle: Path) -> tuple[torch.nn.Module, models.BundleMeta]:
+    model, meta = models.load_bundle(bundle)
+    # Two outputs: the logits, and the pooled backbone features that the out-of-distribution score reads.
+    return models.WithFeatures(model, split=True, layer=meta.ood.get("layer", "auto")).eval(), meta
+
+
+def _probe(meta: models.BundleMeta, n: int = 4) -> torch.Tensor:
+    w, h = meta.input_size
+    return torch.randn(n, 3, h, w, generator=torch.Generator().manual_seed(0))
+
+
+def _max_diff(got: Sequence[np.ndarray], ref: Sequence[np.ndarray]) -> float:
+    return max(float(np.abs(np.asarray(g) - np.asarray(r)).max()) for g, r in zip(got, ref))
+
+
+def export_onnx(bundle: str | Path, *, force: bool = False, atol: float = 1e-4) -> dict[str, Any]:
+    """Write ``model.onnx`` beside the bundle's weights and check it against torch.
+
+    Returns the path and the largest absolute output difference on random inputs; refuses to
+    replace an existing export unless ``force`` and fails when the outputs differ by more
+    than ``atol``.
+    """
+    bundle = Path(bundle)
+    out = bundle / ONNX_FILE
+    if out.exists() and not force:
+        raise FileExistsError(f"{out}: an ONNX export is already there")
+    net, meta = _features_net(bundle)
+    x = _probe(meta)
+    with atomic_path(out) as tmp:
+        torch.onnx.export(net, (x,), str(tmp), input_names=["input"], output_names=["logits", "features"],
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}, "features": {0: "batch"}},
+                          opset_version=17, dynamo=False)
+        import onnxruntime as ort
+
+        sess = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+        with torch.no_grad():
+            ref = [t.numpy() for t in net(x)]
+        diff = _max_diff(sess.run(None, {"input": x.numpy()}), ref)
+        if diff > atol:
+            raise ExportError(f"{out}: ONNX outputs differ from torch by {diff:.2e} (> {atol:g}); not written")
+    return {"path": str(out), "max_abs_diff": diff}
+
+
+# ---- OpenVINO ------------------------------------------------------------------------------
+def _openvino() -> Any:
+    try:
+        import openvino as ov
+    except ImportError:
+        raise ExportError("the openvino package is not installed; pip install 'dermaclass[openvino]'") from None
+    return ov
+
+
+def compile_openvino(xml: str | Path, *, threads: int = 0) -> Any:
+    """The IR compiled for this CPU at float32 inference precision (OpenVINO would otherwise run
+    float models in bfloat16 on CPUs that have it, and the outputs would no longer match torch;
+    an int8 IR keeps its int8 layers either way)."""
+    ov = _openvino()
+    config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32"}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = int(threads)
+    return ov.Core().compile_model(str(xml), "CPU", config)
+
+
+def run_openvino(compiled: Any, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(logits, features) of a compiled IR for one normalised NCHW float32 batch."""
+    out = compiled(x)
+    return np.asarray(out[compiled.output("logits")]), np.asarray(out[compiled.output("features")])
+
+
+def _save_ir(ov_model: Any, target: Path, *, force: bool) -> None:
+    """Write ``target`` (.xml) and its .bin beside it through a temporary folder; the .xml is
+    renamed last, so its presence marks a complete export."""
+    ov = _openvino()
+    if target.exists() and not force:
+        raise FileExistsError(f"{target}: an OpenVINO export is already there")
+    tmp = Path(tempfile.mkdtemp(prefix=".openvino-", dir=target.parent))
+    try:
+        ov.save_model(ov_model, str(tmp / target.name), compress_to_fp16=False)
+        target.unlink(missing_ok=True)  # the old .xml goes first: never a new .bin read by an old .xml
+        os.replace(tmp / target.with_suffix(".bin").name, target.with_suffix(".bin"))
+        os.replace(tmp / target.name, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _convert(bundle: Path, net: torch.nn.Module, meta: models.BundleMeta) -> Any:
+    """The bundle's network as an OpenVINO model, from its ONNX export (made in a temporary
+    folder when the bundle has none)."""
+    ov = _openvino()
+    onnx = bundle / ONNX_FILE
+    with tempfile.TemporaryDirectory() as tmp:
+        if not onnx.is_file():
+            onnx = Path(tmp) / ONNX_FILE
+            torch.onnx.export(net, (_probe(meta),), str(onnx), input_names=["input"],
+                              output_names=["logits", "features"],
+                              dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}, "features": {0: "batch"}},
+                              opset_version=17, dynamo=False)
+        return ov.convert_model(str(onnx))
+
+
+def export_openvino(bundle: str | Path, *, force: bool = False, atol: float = 1e-4) -> dict[str, Any]:
+    """Write the float OpenVINO IR (``model.xml`` + ``model.bin``) and check it against torch."""
+    bundle = Path(bundle)
+    target = bundle / OPENVINO_FILE
+    if target.exists() and not force:
+        raise FileExistsError(f"{target}: an OpenVINO export is already there")
+    net, meta = _features_net(bundle)
+    ov_model = _convert(bundle, net, meta)
+    x = _probe(meta)
+    with tempfile.TemporaryDirectory(dir=bundle) as tmp:
+        probe_xml = Path(tmp) / OPENVINO_FILE
+        _openvino().save_model(ov_model, str(probe_xml), compress_to_fp16=False)
+        with torch.no_grad():
+            ref = [t.numpy() for t in net(x)]
+        diff = _max_diff(run_openvino(compile_openvino(probe_xml), x.numpy()), ref)
+    if diff > atol:
+        raise ExportError(f"{target}: OpenVINO outputs differ from torch by {diff:.2e} (> {atol:g}); not written")
+    _save_ir(ov_model, target, force=force)
+    return {"path": str(target), "max_abs_diff": diff}
+
+
+def _balanced_accuracy(logits: np.ndarray, labels: Sequence[str], classes: Sequence[str]) -> float:
+    from sklearn.metrics import balanced_accuracy_score
+
+    y = np.array([list(classes).index(str(c)) for c in labels])
+    return float(balanced_accuracy_score(y, logits.argmax(axis=1)))
+
+
+def export_int8(bundle: str | Path, *, calibration_images: Sequence[np.ndarray], valid_images: Sequence[np.ndarray],
+                valid_labels: Sequence[str], max_drop: float = INT8_MAX_DROP, force: bool = False) -> dict[str, Any]:
+    """Quantise the float IR to int8 with NNCF and keep it only if it holds up.
+
+    ``calibration_images``: preprocessed (H, W, 3) uint8 training-split images (a few hundred);
+    ``valid_images``/``valid_labels``: the valid split, on which balanced accuracy of the
+    float and int8 models is compared with the bundle's test-time augmentation. A drop above
+    ``max_drop`` raises ``ExportError`` and writes nothing.
+    """
+    import nncf
+
+    from dermaclass.inference import Predictor
+
+    bundle = Path(bundle)
+    target = bundle / OPENVINO_INT8_FILE
+    if target.exists() and not force:
+        raise FileExistsError(f"{target}: an int8 export is already there")
+    if not (bundle / OPENVINO_FILE).is_file():
+        export_openvino(bundle)
+    if len(calibration_images) == 0 or len(valid_images) == 0:
+        raise ExportError(f"{bundle}: int8 calibration needs training-split images and a valid split to check on")
+    ov = _openvino()
+    pred = Predictor(bundle, backend="openvino")
+    dataset = nncf.Dataset(list(calibration_images), lambda im: pred.normalise([im]))
+    quantized = nncf.quantize(ov.Core().read_model(str(bundle / OPENVINO_FILE)), dataset,
+                              subset_size=len(calibration_images), preset=nncf.QuantizationPreset.PERFORMANCE)
+    float_ba = _balanced_accuracy(pred.logits(valid_images), valid_labels, pred.classes)
+    with tempfile.TemporaryDirectory(dir=bundle) as tmp:
+        probe = Path(tmp) / OPENVINO_INT8_FILE
+        ov.save_model(quantized, str(probe), compress_to_fp16=False)
+        pred.use_openvino(probe)
+        int8_ba = _balanced_accuracy(pred.logits(valid_images), valid_labels, pred.classes)
+    drop = float_ba - int8_ba
+    record = {"file": OPENVINO_INT8_FILE, "calibration": f"train split, {len(calibration_images)} images",
+              "checked_on": f"valid split, {len(valid_images)} images, tta {'flips4' if pred.tta else 'none'}",
+              "valid_balanced_accuracy_float": float_ba, "valid_balanced_accuracy_int8": int8_ba,
+              "drop": drop, "max_drop": max_drop}
+    if drop > max_drop:
+        raise ExportError(f"{target}: int8 loses {drop:.4f} balanced accuracy on the valid split ({float_ba:.4f} -> "
+                          f"{int8_ba:.4f}; the limit is {max_drop:g}); not written. Serve the float export instead.")
+    _save_ir(quantized, target, force=force)
+    meta = models.read_bundle_meta(bundle)
+    models.write_bundle_meta(bundle, meta.with_(exports={**meta.exports, "openvino-int8": record}))
+    log.info("%s: int8 valid balanced accuracy %.4f (float %.4f)", target, int8_ba, float_ba)
+    return {"path": str(target), **record}
+
+
+def quantize_bundle(bundle: str | Path, data: str | Path | Sequence[str | Path], *, cfg: Any = None,
+                    split_file: str | Path | None = None, n_calibration: int = 300, max_drop: float = INT8_MAX_DROP,
+                    force: bool = False) -> dict[str, Any]:
+    """``dermaclass export --int8 --calibration DATA``: ``n_calibration`` images drawn from the
+    train split of ``data`` (by the bundle's split file) calibrate the int8 model, and the
+    valid split checks it (``export_int8``). Test images are never read."""
+    from dermaclass.evaluate.run import split_images
+
+    parts = split_images(bundle, data, splits=("train", "valid"), split_file=split_file, cfg=cfg)
+    train_labels, train_images = parts["train"]
+    pick = np.sort(np.random.default_rng(0).permutation(len(train_labels))[:n_calibration])
+    return export_int8(bundle, calibration_images=[train_images[int(i)] for i in pick],
+                       valid_images=parts["valid"][1], valid_labels=parts["valid"][0], max_drop=max_drop, force=force)

@@ -1,0 +1,90 @@
+"""Deployment exports: ONNX and OpenVINO (float and int8) round trips on a tiny bundle, and
+the int8 refusal when it costs accuracy. Each backend's test is skipped, with the reason,
+where its package is absent."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dermaclass.config import load_config
+from dermaclass.export import ExportError, export_onnx, export_openvino, quantize_bundle
+from dermaclass.inference import Predictor
+
+needs_onnxruntime = pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None, reason="onnxruntime is not installed")
+needs_openvino = pytest.mark.skipif(importlib.util.find_spec("openvino") is None or importlib.util.find_spec("nncf") is None,
+                                    reason="openvino and nncf are not installed (pip install 'dermaclass[openvino]')")
+
+
+@pytest.fixture()
+def bundle(tiny_bundle: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "b"
+    shutil.copytree(tiny_bundle, copy)
+    return copy
+
+
+def _images(pred: Predictor, colour_data: Path) -> list[np.ndarray]:
+    return [pred.preprocess(p) for c in ("mel", "nv") for p in sorted((colour_data / c).iterdir())[:3]]
+
+
+def _same(a: Predictor, b: Predictor, x: list[np.ndarray], atol: float = 1e-4) -> None:
+    (la, fa), (lb, fb) = a.forward(x, tta=False), b.forward(x, tta=False)
+    assert fa is not None and fb is not None and fa.shape == fb.shape
+    assert np.abs(la - lb).max() < atol and np.abs(fa - fb).max() < atol
+
+
+@needs_onnxruntime
+def test_onnx_export_matches_torch(bundle: Path, colour_data: Path) -> None:
+    info = export_onnx(bundle)
+    assert info["max_abs_diff"] < 1e-4 and (bundle / "model.onnx").is_file()
+    with pytest.raises(FileExistsError):
+        export_onnx(bundle)
+    onnx_pred, torch_pred = Predictor(bundle), Predictor(bundle, backend="torch")
+    assert onnx_pred.backend == "onnx" and torch_pred.backend == "torch"
+    _same(onnx_pred, torch_pred, _images(torch_pred, colour_data))
+
+
+@needs_openvino
+def test_openvino_export_matches_torch_and_serves(bundle: Path, colour_data: Path) -> None:
+    info = export_openvino(bundle)
+    assert info["max_abs_diff"] < 1e-4
+    assert (bundle / "model.xml").is_file() and (bundle / "model.bin").is_file()
+    assert not any(p.name.startswith(".") for p in bundle.iterdir())  # no temporary folder left behind
+    with pytest.raises(FileExistsError):
+        export_openvino(bundle)
+    ov_pred, torch_pred = Predictor(bundle), Predictor(bundle, backend="torch")
+    assert ov_pred.backend == "openvino"  # auto: the OpenVINO export is used when present
+    x = _images(torch_pred, colour_data)
+    _same(ov_pred, torch_pred, x)
+    r = ov_pred.predict(x[0])
+    assert r["backend"] == "openvino" and abs(sum(r["probabilities"].values()) - 1) < 1e-6
+
+
+@needs_openvino
+def test_int8_is_refused_when_it_costs_accuracy_and_kept_when_it_does_not(bundle: Path, colour_data: Path,
+                                                                          tmp_path: Path) -> None:
+    cfg = load_config(cache_dir=str(tmp_path / "cache"))
+    # A limit no model can meet: the export must refuse and write nothing.
+    with pytest.raises(ExportError, match=r"int8 loses .* balanced accuracy on the valid split .* not written"):
+        quantize_bundle(bundle, colour_data, cfg=cfg, n_calibration=20, max_drop=-1.0)
+    assert not (bundle / "model-int8.xml").exists() and not (bundle / "model-int8.bin").exists()
+    assert "openvino-int8" not in json.loads((bundle / "model.json").read_text()).get("exports", {})
+    info = quantize_bundle(bundle, colour_data, cfg=cfg, n_calibration=20, max_drop=1.0)
+    assert (bundle / "model-int8.xml").is_file() and info["calibration"] == "train split, 20 images"
+    record = json.loads((bundle / "model.json").read_text())["exports"]["openvino-int8"]
+    assert record["drop"] == pytest.approx(record["valid_balanced_accuracy_float"] - record["valid_balanced_accuracy_int8"])
+    pred = Predictor(bundle, backend="openvino-int8")
+    assert pred.backend == "openvino-int8" and Predictor(bundle).backend == "openvino"  # int8 only when asked
+    assert pred.predict(_images(pred, colour_data)[0])["backend"] == "openvino-int8"
+
+
+def test_a_missing_export_is_a_clear_error(bundle: Path) -> None:
+    from dermaclass.models import ModelError
+
+    with pytest.raises(ModelError, match="no OpenVINO export"):
+        Predictor(bundle, backend="openvino")
