@@ -132,7 +132,7 @@ def test_fit_ood_command(tiny_bundle: Path, colour_data: Path, tmp_path: Path) -
     shutil.copytree(tiny_bundle, bundle)
     runner = CliRunner()
     res = runner.invoke(app, ["fit-ood", str(bundle), str(colour_data), "--ood", "odin"])
-    assert res.exit_code == 2 and "--ood must be knn, mahalanobis or energy" in " ".join(res.output.split())
+    assert res.exit_code == 2 and "ood='odin' is not a valid choice" in " ".join(res.output.split()), res.output
     res = runner.invoke(app, ["fit-ood", str(bundle), str(colour_data)])
     assert res.exit_code != 0 and "already has a fitted out-of-distribution score" in " ".join(res.output.split())
     res = runner.invoke(app, ["fit-ood", str(bundle), str(colour_data), "--ood", "knn", "--force"])
@@ -210,3 +210,16 @@ def test_every_command_that_reads_a_dataset_takes_the_same_data_options(command:
     text = CliRunner().invoke(app, [*command, "--help"], terminal_width=200).output
     for flag in ("--config", "--manifest", "--image-col", "--label-col", "--group-col", "--class-names", "--workers"):
         assert flag in text, (command, flag)
+
+
+def test_train_flags_come_from_the_config_with_its_defaults() -> None:
+    from dermaclass.cli.training import TRAIN_FLAGS
+    from dermaclass.config import Config
+
+    text = " ".join(CliRunner().invoke(app, ["train", "--help"]).output.split())
+    for name in TRAIN_FLAGS:
+        flag = {"init_bundle": "--from"}.get(name, "--" + name.replace("_", "-"))
+        assert flag in text, flag
+    # the defaults in force, read from Config (a hand-written "[default: none]" had drifted here)
+    assert f"Colour normalisation, the same at training and inference: none | shades-of-gray [default: {Config().colour_constancy}]" in text
+    assert "--batch-size <int> b (stepwise: b, 2b, 3b, 4b, b) [default: 32]" in text
