@@ -73,11 +73,13 @@ def class_weights(labels: Sequence[str], vocab: Sequence[str], *, power: float =
     power 1 is inverse frequency, 0.5 its square root; a class absent from ``labels`` gets
     the largest weight seen rather than infinity.
     """
-    counts = pd.Series(list(labels)).value_counts()
-    freq = np.array([counts.get(c, 0) for c in vocab], dtype=np.float64)
+    from sklearn.utils.class_weight import compute_class_weight
+
+    labels = np.asarray([str(v) for v in labels])
+    present = np.array([c in set(labels) for c in vocab])
     w = np.zeros(len(vocab))
-    present = freq > 0
-    w[present] = (freq[present].sum() / freq[present]) ** power
+    if present.any():  # scikit-learn's "balanced" weights are n / (k * count): inverse frequency
+        w[present] = compute_class_weight("balanced", classes=np.array(vocab)[present], y=labels) ** power
     w[~present] = w[present].max() if present.any() else 1.0
     return w / w.mean()
 

@@ -125,7 +125,11 @@ def expected_calibration_error(labels: Sequence[int], probs: np.ndarray, *, n_bi
 
 
 def reliability_bins(labels: Sequence[int], probs: np.ndarray, *, n_bins: int = ECE_BINS) -> list[dict]:
-    """Equal-width bins of top-label confidence with their accuracy (the reliability diagram's data)."""
+    """Equal-width bins of top-label confidence with their accuracy (the reliability diagram's data).
+
+    Not sklearn's ``calibration_curve``: it drops empty bins and returns no counts, and the ECE
+    weights bins by their counts and the diagram draws every bin.
+    """
     y = np.asarray(labels, dtype=int)
     p = np.asarray(probs, dtype=np.float64)
     conf = p.max(axis=1) if len(y) else np.zeros(0)
@@ -142,12 +146,14 @@ def reliability_bins(labels: Sequence[int], probs: np.ndarray, *, n_bins: int = 
 
 
 def top_k_accuracy(labels: Sequence[int], probs: np.ndarray, k: int = 2) -> float | None:
-    """Share of images whose true class is among the k most probable (ties: lowest index first)."""
+    """Share of images whose true class is among the k most probable (scikit-learn's ``top_k_accuracy_score``)."""
     y = np.asarray(labels, dtype=int)
+    p = np.asarray(probs, dtype=np.float64)
     if not len(y):
         return None
-    top = np.argsort(-np.asarray(probs), axis=1, kind="stable")[:, :k]
-    return float((top == y[:, None]).any(axis=1).mean())
+    if k >= p.shape[1]:  # every class is in the top k (sklearn wants 1-d scores for two classes)
+        return 1.0
+    return float(skm.top_k_accuracy_score(y, p, k=k, labels=np.arange(p.shape[1])))
 
 
 def classification_metrics(labels: Sequence[int], probs: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:
@@ -173,7 +179,6 @@ def classification_metrics(labels: Sequence[int], probs: np.ndarray, classes: Se
         }
         for i, c in enumerate(classes)
     }
-    eps = 1e-12
     return {
         "n": int(len(y)),
         "accuracy": h["accuracy"],
@@ -182,7 +187,7 @@ def classification_metrics(labels: Sequence[int], probs: np.ndarray, classes: Se
         "macro_auroc": h["macro_auroc"],
         "mAP": _mean(ap),
         "top2_accuracy": top_k_accuracy(y, p, 2),
-        "log_loss": float(-np.mean(np.log(np.clip(p[np.arange(len(y)), y], eps, 1.0)))) if len(y) else None,
+        "log_loss": float(skm.log_loss(y, p, labels=np.arange(k))) if len(y) else None,
         "ece": expected_calibration_error(y, p),
         "per_class": per_class,
         "confusion_matrix": h["cm"].astype(int).tolist(),
