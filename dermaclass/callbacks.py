@@ -62,8 +62,8 @@ class History(_EpochCallback):
     """One row per epoch (stage, phase, losses, metrics, LR, seconds) in ``history.csv``, atomically.
 
     Not fastai's ``CSVLogger``: it appends to an open file (a crash can leave half a row), knows
-    nothing of the recipe's stage and phase, and (unless ``append=True``) restarts its file at every ``fit``, while
-    a stepwise run makes a dozen fits and ``--resume`` must keep the rows written before.
+    nothing of the recipe's stage and phase, and restarts its file at every ``fit`` unless
+    ``append=True``, while a stepwise run makes a dozen fits and ``--resume`` must keep the rows written before.
     """
 
     order = Recorder.order + 1
@@ -103,8 +103,8 @@ class BestModel(_EpochCallback):
     """Keep the weights with the best validation balanced accuracy over the whole run (all stages).
 
     Not fastai's ``SaveModelCallback``: it pickles with ``torch.save`` (this tool never writes a
-    pickle a stranger could hand over: safetensors here), resets its best at every ``fit`` (unless ``reset_on_fit=False``)
-    call (a stepwise run's later stages would forget the earlier best), and cannot be told to
+    pickle a stranger could hand over: safetensors here), resets its best at every ``fit`` call
+    unless ``reset_on_fit=False`` (a stepwise run's later stages would forget the earlier best), and cannot be told to
     forget the best when a new input size starts (``reset``).
     """
 
