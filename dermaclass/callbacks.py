@@ -10,13 +10,8 @@
   written from a diverged model), as fastai's ``TerminateOnNaNCallback`` but loud;
 - ``FlipInput``: flips every input batch, for test-time augmentation through ``get_preds``
   (``flip_logits`` averages the four flips, as the Predictor does at inference);
-- ``Checkpoint``: after every epoch, the weights (safetensors), the optimizer state and
-  ``progress.json`` (which step of the recipe, how many of its epochs are done, RNG states),
-  so that ``--resume`` continues an interrupted run. Files are written in an order that a
-  crash at any point leaves a consistent checkpoint: numbered weights first, then the
-  progress file that points to them (atomically), then the old files are removed.
-
-They react to real training epochs only, never to a range test or ``get_preds``.
+They react to real training epochs only, never to a range test or ``get_preds``. The
+checkpoints of ``--resume`` are ``train.resume.Resume``.
 """
 
 from __future__ import annotations
@@ -137,45 +132,6 @@ class BestModel(_EpochCallback):
             self.learn.model.load_state_dict(load_file(str(self.path)))
 
 
-class Checkpoint(_EpochCallback):
-    """Everything ``--resume`` needs after every epoch; ``state`` supplies the run's own records."""
-
-    order = Recorder.order + 4
-
-    def __init__(self, folder: Path, state) -> None:  # noqa: ANN001 - a callable returning a dict
-        self.folder, self.state, self.count = Path(folder), state, 0
-
-    def epoch_done(self) -> None:
-        import torch
-        from safetensors.torch import save_file
-
-        from dermaclass.fileio import write_json
-
-        self.count += 1
-        self.folder.mkdir(parents=True, exist_ok=True)
-        tag = f"{self.count:04d}-{time.time_ns()}"
-        weights, opt = self.folder / f"weights-{tag}.safetensors", self.folder / f"opt-{tag}.pt"
-        state = {k: v.detach().contiguous() for k, v in unwrap(self.learn.model).state_dict().items()}
-        with atomic_path(weights) as tmp:
-            save_file(state, str(tmp))
-        with atomic_path(opt) as tmp:
-            torch.save(plain(self.learn.opt.state_dict()), tmp)  # tensors and numbers only: loads with weights_only=True
-        extra: dict[str, Any] = {}
-        ema = getattr(self.learn, "weight_ema", None)
-        if ema is not None and ema.ema is not None:  # the weight average resumes too
-            ema_file = self.folder / f"ema-{tag}.safetensors"
-            with atomic_path(ema_file) as tmp:
-                save_file(ema.state(), str(tmp))
-            extra = {"ema": ema_file.name, "ema_steps": ema.steps}
-        write_json(self.folder.parent / PROGRESS, {**self.state(), "epoch_in_step": self.epoch + 1,
-                                                    "weights": weights.name, "optimizer": opt.name, **extra})
-        keep = {weights.name, opt.name, extra.get("ema")}
-        for old in self.folder.glob("*-*"):
-            if old.name not in keep and old.suffix in (".safetensors", ".pt") and \
-                    old.name.startswith(("weights-", "opt-", "ema-")):
-                old.unlink(missing_ok=True)
-
-
 class WeightEMA(Callback):
     """An exponential moving average of the weights (timm's ``ModelEmaV3``), updated after every
     training batch of every fit of the recipe (never in a range test or ``get_preds``).
@@ -246,9 +202,6 @@ class CPUAutocast(Callback):
     def after_cancel_batch(self) -> None:
         if getattr(self, "autocast", None) is not None:
             self.autocast.__exit__(None, None, None)
-
-
-PROGRESS = "progress.json"
 
 
 class NonFiniteLoss(DermaclassError):

@@ -55,7 +55,7 @@ def train_cmd(
 
             raise TrainingError(f"{out_dir}: no config.yaml, so no run to resume there")
         cfg = load_config(saved, split_file=str(out_dir / "split.csv"))
-        training.read_progress(out_dir)
+        training.Resume.read(out_dir)
         out.print(f"resuming {out_dir} with its saved config", highlight=False)
     else:
         cfg = training.inherit_bundle(cfg)

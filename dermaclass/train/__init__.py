@@ -2,7 +2,9 @@
 
 - ``data``: the run's data prepared once (sources, lesion-grouped split, decode cache, vocab);
 - ``recipes``: the learner and the three recipes, short compositions of fastai calls;
-- ``run``: one run end to end (folder, resume, calibration, out-of-distribution score, bundle).
+- ``resume``: ``--resume`` as one fastai Callback (checkpoints after every epoch, and the restore);
+- ``distributed``: the data-parallel pieces, scoped to the run;
+- ``run``: one run end to end (folder, calibration, out-of-distribution score, bundle).
 
 The names below are the package's public surface.
 """
@@ -15,13 +17,13 @@ from dermaclass.train.recipes import (
     recipe_stepwise, stage_dataloaders,
 )
 from dermaclass.train.run import (
-    REPLACED, RUN_FILES, TrainResult, bundle_meta, check_run_dir, read_progress, set_aside_finished_run, train,
-    write_summary,
+    REPLACED, RUN_FILES, TrainResult, bundle_meta, check_run_dir, set_aside_finished_run, train, write_summary,
 )
+from dermaclass.train.resume import Resume
 
 __all__ = [
     "RECIPES", "REPLACED", "RUN_FILES", "Run", "TrainData", "TrainResult", "TrainingError", "build_learner",
     "bundle_meta", "check_class_names", "check_run_dir", "fit_batch_size", "inherit_bundle", "loss_for",
-    "parent_record", "plan_for", "planned_sizes", "prepare_data", "read_progress", "recipe_baseline",
+    "parent_record", "plan_for", "planned_sizes", "prepare_data", "Resume", "recipe_baseline",
     "recipe_sgdr", "recipe_stepwise", "set_aside_finished_run", "stage_dataloaders", "train", "write_summary",
 ]

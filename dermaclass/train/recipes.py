@@ -113,7 +113,7 @@ class Run:
     """The state of a run that the recipes share: learner, data, config, records, resume point.
 
     Every fit call of a recipe is a named *step* (``"2/sgdr"``: stage 2, its SGDR phase).
-    ``Checkpoint`` records after each epoch which step and how many of its epochs are done;
+    ``Resume`` records after each epoch which step and how many of its epochs are done;
     on ``--resume`` the recipe runs again from the top, completed steps are skipped, range
     tests return their recorded LRs, and the interrupted step continues at its next epoch
     (fastai's ``start_epoch``) with the saved weights, optimizer state and RNG state.
@@ -126,6 +126,7 @@ class Run:
     range_tests: list[RangeTest] = field(default_factory=list)
     step_images: dict[str, int] = field(default_factory=dict)  # images processed per completed step
     resume: dict[str, Any] | None = None  # the progress.json of an interrupted run
+    resumer: Any = None  # train.resume.Resume: restores the interrupted run's weights and state
     done_steps: list[str] = field(default_factory=list)
     lrs: dict[str, float] = field(default_factory=dict)
     step_name: str = ""
@@ -182,45 +183,18 @@ class Run:
                 self.done_steps.append(name)
                 return
             start = self.resume["epoch_in_step"] if self.resume["step"] == name else 0
-            self._restore(opt=start > 0)
+            self.resume = None  # from here on the run goes on as a fresh one would
+            if self.resumer is not None:
+                self.resumer.restore(self.learn, opt=start > 0)
         self.step_name = name
         if n_epoch > start:
             fit(start)
         self.step_images[name] = n_epoch * n_train
         self.done_steps.append(name)
 
-    def _restore(self, *, opt: bool) -> None:
-        """Load the checkpoint of the interrupted run (once, at the first step not completed)."""
-        import random
-
-        from safetensors.torch import load_file
-
-        state, self.resume = self.resume, None
-        ckpt = self.run_dir / "checkpoints"
-        self.learn.model.load_state_dict(load_file(str(ckpt / state["weights"])))
-        if opt:
-            if self.learn.opt is None:
-                self.learn.create_opt()
-            from fastcore.foundation import L
-
-            sd = torch.load(ckpt / state["optimizer"], weights_only=True)
-            self.learn.opt.load_state_dict({"state": sd["state"], "hypers": L(sd["hypers"])})
-        ema = getattr(self.learn, "weight_ema", None)
-        if ema is not None and state.get("ema") and (ckpt / state["ema"]).is_file():
-            ema.load(load_file(str(ckpt / state["ema"])), int(state.get("ema_steps", 0)))
-        rng = state.get("rng") or {}
-        if rng:
-            random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
-            np.random.set_state((rng["numpy"][0], np.asarray(rng["numpy"][1], dtype=np.uint32), *rng["numpy"][2:]))
-            torch.set_rng_state(torch.tensor(rng["torch"], dtype=torch.uint8))
-        log.info("resumed at step %s, epoch %d", state["step"], state["epoch_in_step"])
-
-    def progress(self) -> dict[str, Any]:
-        """What Checkpoint writes to progress.json (with the epoch count it adds)."""
-        import random
-
-        py = random.getstate()
-        np_state = np.random.get_state()
+    def position(self) -> dict[str, Any]:
+        """Where the recipe is (what ``Resume`` writes to progress.json, with the RNG states and
+        the epoch count it adds)."""
         return {
             "recipe": self.cfg.recipe, "step": self.step_name,
             "done_steps": list(self.done_steps), "lrs": dict(self.lrs),
@@ -229,10 +203,6 @@ class Run:
             "seconds": round(self.seconds, 1),
             "history_rows": len(self.learn.history.rows),
             "best": self.learn.best_model.best if math.isfinite(self.learn.best_model.best) else None,
-            "rng": {"python": [py[0], list(py[1]), py[2]],
-                    "numpy": [np_state[0], np_state[1].tolist(), *[int(v) if isinstance(v, (int, np.integer)) else float(v)
-                                                                   for v in np_state[2:]]],
-                    "torch": torch.get_rng_state().tolist()},
         }
 
 

@@ -5,9 +5,7 @@ score, and the bundle (safetensors weights + JSON metadata, never a pickle).
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 import shutil
 import subprocess
@@ -23,7 +21,7 @@ from fastai.torch_core import num_distrib, rank_distrib, set_seed
 
 import dermaclass
 from dermaclass import models
-from dermaclass.callbacks import MONITOR, PROGRESS, Checkpoint, flip_logits
+from dermaclass.callbacks import MONITOR, flip_logits
 from dermaclass.config import Config
 from dermaclass.evaluate import classification_metrics
 from dermaclass.fileio import atomic_path, write_json
@@ -31,8 +29,9 @@ from dermaclass.fileio import atomic_path, write_json
 log = logging.getLogger(__name__)
 
 from dermaclass.evaluate.calibration import calibrate
-from dermaclass.train.data import TrainData, TrainingError, parent_record
+from dermaclass.train.data import TrainData, parent_record
 from dermaclass.train.distributed import parallel
+from dermaclass.train.resume import PROGRESS, Resume
 from dermaclass.train.recipes import RECIPES, Run, build_learner, fit_batch_size, stage_dataloaders
 
 
@@ -83,22 +82,6 @@ def check_run_dir(run_dir: Path, *, force: bool) -> None:
         raise FileExistsError(f"{run_dir}: not empty, and not a run folder")
 
 
-def read_progress(run_dir: Path) -> dict[str, Any]:
-    """The progress.json of an interrupted run, checked."""
-    path = run_dir / PROGRESS
-    if (run_dir / models.BUNDLE_META).exists():
-        raise TrainingError(f"{run_dir}: this run already finished (its bundle is there); nothing to resume")
-    if not path.is_file():
-        raise TrainingError(f"{run_dir}: no {PROGRESS} (the run stopped before its first epoch ended); start it again")
-    try:
-        progress = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise TrainingError(f"{path}: unreadable ({exc})") from None
-    if not (run_dir / "checkpoints" / progress.get("weights", "?")).is_file():
-        raise TrainingError(f"{path}: its checkpoint {progress.get('weights')} is missing")
-    return progress
-
-
 def train(cfg: Config, data: TrainData, run_dir: str | Path, *, force: bool = False, data_card: str | None = None,
           resume: bool = False) -> TrainResult:
     """Run ``cfg.recipe`` on prepared data and write the run folder and the model bundle.
@@ -108,7 +91,7 @@ def train(cfg: Config, data: TrainData, run_dir: str | Path, *, force: bool = Fa
     """
     run_dir = Path(run_dir)
     distributed, main = num_distrib() > 1, rank_distrib() == 0
-    progress = read_progress(run_dir) if resume else None
+    progress = Resume.read(run_dir) if resume else None
     if not resume:
         cfg = fit_batch_size(cfg, len(data.train_rows))  # before the config is saved with the run
     if not resume and main:
@@ -126,21 +109,16 @@ def train(cfg: Config, data: TrainData, run_dir: str | Path, *, force: bool = Fa
     # stepwise swaps learn.dls at every stage; the others train on these.
     learn = build_learner(cfg, data, run_dir, dls=stage_dataloaders(cfg, data, data.train_rows, cfg.batch_size))
     run = Run(learn, data, cfg, run_dir, resume=progress)
-    if progress is not None:
-        history = pd.read_csv(run_dir / "history.csv") if (run_dir / "history.csv").is_file() else pd.DataFrame()
-        learn.history.rows = history.head(progress["history_rows"]).to_dict("records")
-        learn.best_model.best = progress["best"] if progress.get("best") is not None else -math.inf
-        run.prior_range_tests, run.seconds_before = progress.get("range_tests", []), progress.get("seconds", 0.0)
-    if main:
-        learn.add_cb(Checkpoint(run_dir / "checkpoints", run.progress))
+    run.resumer = Resume(run_dir, position=run.position, saved=progress, write=main)
+    run.resumer.restore_records(learn, run)
+    learn.add_cb(run.resumer)
     # Data-parallel (accelerate launch ...): fastai's DistributedTrainer wraps every fit of the recipe.
     with parallel(learn):
         stages = RECIPES[cfg.recipe](run)
     seconds = run.seconds
     if distributed:
         distrib_barrier()  # rank 0 has written the best weights
-    if main:
-        learn.remove_cb(learn.checkpoint)
+    learn.remove_cb(run.resumer)  # no more checkpoints: what follows is not training
     ema = getattr(learn, "weight_ema", None)
     if ema is not None and ema.apply():
         log.info("the bundle keeps the weight average (EMA decay %g, %d steps)", cfg.ema_decay, ema.steps)
@@ -169,9 +147,7 @@ def train(cfg: Config, data: TrainData, run_dir: str | Path, *, force: bool = Fa
             valid_images=[data.images[i] for i in data.valid_rows], valid_labels=labels[data.valid_rows],
             method=cfg.ood, keep=cfg.ood_keep, force=True)  # the bundle was just written
     shutil.rmtree(run_dir / REPLACED, ignore_errors=True)  # the new bundle is complete: the old one can go
-    for f in (run_dir / "checkpoints").glob("*-*"):
-        if f.name.startswith(("weights-", "opt-", "ema-")):
-            f.unlink(missing_ok=True)  # resume files are not needed once the bundle exists
+    run.resumer.clean()  # resume files are not needed once the bundle exists
     log.info("bundle written to %s: valid balanced accuracy %.4f", run_dir, metrics["balanced_accuracy"])
     return TrainResult(run_dir, metrics, stages, seconds, run.images_seen, run.range_test_records())
 
