@@ -171,7 +171,7 @@ def _range_problem(name: str, v: Any) -> str | None:
     model's parameters at the start of ``fit``): a bad flag fails in a second, not after the
     whole dataset is decoded or the model trained."""
     from dermaclass import schedules
-    from dermaclass.data.splits import check_fractions as check_split
+    from dermaclass.data.splits import check_split_fractions as check_split
 
     positive = {"batch_size", "epochs", "n_cycles", "cycle_len", "lr_find_iters"}
     non_negative = {"head_epochs", "min_per_class", "workers", "threads", "early_stop_patience"}
@@ -195,7 +195,7 @@ def _range_problem(name: str, v: Any) -> str | None:
         return "each side must be at least 16 pixels"
     try:
         if name == "stage_fractions":
-            schedules.check_fractions(v)
+            schedules.check_stage_fractions(v)
         elif name == "split_fractions":
             check_split(v)
         elif name == "stage_sizes":

@@ -161,7 +161,7 @@ class Stage:
         return {**asdict(self), "epochs": self.epochs}
 
 
-def check_fractions(fractions: Sequence[float]) -> list[float]:
+def check_stage_fractions(fractions: Sequence[float]) -> list[float]:
     """Stage fractions: increasing, in (0, 1], ending at 1 (the last stage sees all the data)."""
     fr = [float(f) for f in fractions]
     if not fr or any(not 0 < f <= 1 for f in fr) or any(b <= a for a, b in zip(fr, fr[1:])) or fr[-1] != 1.0:
@@ -218,7 +218,7 @@ def stage_plan(
     (each stage then restarts from the initial weights). The stage image count is the size
     of the nested subset (``nested_subsets`` rounds per class, so it can differ by a few).
     """
-    fr = check_fractions(fractions)
+    fr = check_stage_fractions(fractions)
     check_sgdr(n_cycles, cycle_len, cycle_mult)
     if lr_rule not in LR_RULES:
         raise ValueError(f"unknown LR rule {lr_rule!r}; choose one of {', '.join(LR_RULES)}")
@@ -259,7 +259,7 @@ def nested_subsets(labels: Sequence[str], fractions: Sequence[float], seed: int 
     lengths), and every class with at least one image is present from the first subset on,
     so a 20 % subset keeps rare classes such as dermatofibroma.
     """
-    fr = check_fractions(fractions)
+    fr = check_stage_fractions(fractions)
     labels = np.asarray(labels)
     rng = np.random.default_rng(seed)
     orders = {c: rng.permutation(np.flatnonzero(labels == c)) for c in sorted(set(labels.tolist()))}

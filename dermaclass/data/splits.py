@@ -73,7 +73,7 @@ def n_folds(fractions: tuple[float, ...]) -> int:
     return 20
 
 
-def check_fractions(fractions: tuple[float, float, float]) -> tuple[float, float, float]:
+def check_split_fractions(fractions: tuple[float, float, float]) -> tuple[float, float, float]:
     """Validate (train, valid, test) fractions: three non-negative numbers summing to 1."""
     if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6 or fractions[0] <= 0:
         raise DataError(f"split fractions must be three numbers train,valid,test summing to 1; got {fractions}")
@@ -105,7 +105,7 @@ def make_split(
 
     Returns a DataFrame with the columns image, label, group, split (in the items' order).
     """
-    fractions = check_fractions(fractions)
+    fractions = check_split_fractions(fractions)
     units = split_units(items)
     n_units = units.nunique()
     k = min(n_folds(fractions), n_units)

@@ -134,7 +134,7 @@ def planned_sizes(cfg: Config) -> list[tuple[int, int]]:
             raise ConfigError(f"--stage-sizes applies to the stepwise recipe, not {cfg.recipe}")
         return []
     try:
-        return schedules.stage_sizes(cfg.stage_sizes, len(schedules.check_fractions(cfg.stage_fractions)), cfg.image_size)
+        return schedules.stage_sizes(cfg.stage_sizes, len(schedules.check_stage_fractions(cfg.stage_fractions)), cfg.image_size)
     except ValueError as exc:
         raise ConfigError(f"stage sizes: {exc}") from None
 

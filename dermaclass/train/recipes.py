@@ -151,7 +151,10 @@ class Run:
         if hist is not None:
             hist.stage, hist.phase = stage, phase
 
-    def base_lr(self, name: str) -> float:
+    def lr_or_range_test(self, name: str) -> float:
+        """The fixed LR, or one picked by a range test (fastai ``lr_find``), which trains: with
+        ``warm_epoch`` a whole epoch at a small LR first (seed 002), then the test's own batches
+        (fastai restores the weights afterwards). On resume, the LR the interrupted run chose."""
         if self.cfg.lr is not None:
             return self.cfg.lr
         if self.resume and name in self.resume.get("lrs", {}):
@@ -225,7 +228,7 @@ def recipe_baseline(run: Run) -> list[dict]:
     a frozen head fit at the base LR, then unfreeze and one-cycle at half of it with
     discriminative LRs (fastai's defaults: pct_start 0.99 then 0.3, div 5)."""
     cfg, n, learn = run.cfg, len(run.data.train_rows), run.learn
-    lr = run.base_lr("baseline")
+    lr = run.lr_or_range_test("baseline")
     run.set_phase("1", "head")
     learn.freeze()
     if cfg.head_epochs:
@@ -243,7 +246,7 @@ def recipe_baseline(run: Run) -> list[dict]:
 def recipe_sgdr(run: Run) -> list[dict]:
     """Seed 003 on the whole training split."""
     cfg, n = run.cfg, len(run.data.train_rows)
-    lr = run.base_lr("sgdr")
+    lr = run.lr_or_range_test("sgdr")
     _sgdr_stage(run, stage="1", lr=lr, head_epochs=cfg.head_epochs, n_train=n)
     return [{"stage": 1, "fraction": 1.0, "images": n, "batch_size": cfg.batch_size, "lr": lr,
              "epochs": cfg.head_epochs + schedules.sgdr_epochs(cfg.n_cycles, cfg.cycle_len, cfg.cycle_mult)}]
@@ -306,7 +309,7 @@ def recipe_stepwise(run: Run) -> list[dict]:
         if cfg.pretrained or cfg.weights or cfg.init_bundle:
             learn.freeze()  # the range test before a head fit measures the head alone
         if stage.range_test:
-            base = run.base_lr(f"stage{stage.stage}") if stage.head_epochs else _unfrozen_lr(run, stage.stage)
+            base = run.lr_or_range_test(f"stage{stage.stage}") if stage.head_epochs else _unfreeze_then_lr(run, stage.stage)
         else:
             base = cfg.lr if cfg.lr is not None else lr1
         if lr1 is None:
@@ -318,9 +321,10 @@ def recipe_stepwise(run: Run) -> list[dict]:
     return done
 
 
-def _unfrozen_lr(run: Run, stage: int) -> float:
+def _unfreeze_then_lr(run: Run, stage: int) -> float:
+    """Unfreeze the whole network, then its LR (a range test of the unfrozen net when asked)."""
     run.learn.unfreeze()
-    return run.base_lr(f"stage{stage}")
+    return run.lr_or_range_test(f"stage{stage}")
 
 
 def stage_dataloaders(cfg: Config, data: TrainData, rows: np.ndarray, batch_size: int,
