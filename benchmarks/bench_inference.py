@@ -1,11 +1,18 @@
-"""Benchmark: single-image latency and batch throughput, torch against onnxruntime.
+"""Benchmark: every serving backend side by side (issue 16): torch, onnxruntime, OpenVINO
+float32 and OpenVINO int8.
 
-On a model bundle: one preprocessed HAM10000 test image through the Predictor, torch and
-onnxruntime (an ONNX export is made in a temporary copy of the bundle), median and p90 over
-``--repeats`` calls after warm-up, with the threads given; plus images/second for a batch of
-64. The referral and class-activation-map figures are bench_refer.py's.
+On a model bundle (a temporary copy, so the bundle itself is untouched): the ONNX and
+OpenVINO exports are made and checked as `dermaclass export` makes them; the int8 model is
+calibrated on 300 images of the bundle's train split (never test images) and its valid-split
+check is recorded (here it is measured whatever the drop; the export command refuses a drop
+above 0.01). For each backend, with the threads given: single-image latency (one
+preprocessed HAM10000 test image, median and p90 over ``--repeats`` calls after warm-up),
+images/second for a batch of 64, the size of what it loads, and balanced accuracy with the
+bundle's test-time augmentation on the HAM10000 test split and on every image of the
+external sets (over the classes each has). The referral and class-activation-map figures
+are bench_refer.py's.
 
-Prints a line and writes benchmarks/results/inference.json. Nothing is asserted.
+Prints a table and writes benchmarks/results/inference.json. Nothing is asserted.
 
     python benchmarks/bench_inference.py --model models/ham10000-effnet-lite0 [--quick]
 """
@@ -16,6 +23,7 @@ import argparse
 import os
 import platform
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,13 +31,21 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import EXTERNAL  # noqa: E402
 
-from dermaclass.fileio import write_json
-from dermaclass.inference import Predictor, export_onnx
+from dermaclass.config import load_config  # noqa: E402
+from dermaclass.evaluate.metrics import classification_metrics  # noqa: E402
+from dermaclass.evaluate.run import split_images  # noqa: E402
+from dermaclass.export import export_onnx, export_openvino, quantize_bundle  # noqa: E402
+from dermaclass.fileio import write_json  # noqa: E402
+from dermaclass.inference import Predictor  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 DATA = ROOT / ".." / "shared" / "data" / "ham10000"
+BACKENDS = {"torch": ["model.safetensors"], "onnx": ["model.onnx"], "openvino": ["model.xml", "model.bin"],
+            "openvino-int8": ["model-int8.xml", "model-int8.bin"]}
 
 
 def latency(pred: Predictor, image: np.ndarray, repeats: int) -> dict:
@@ -48,38 +64,61 @@ def latency(pred: Predictor, image: np.ndarray, repeats: int) -> dict:
     return {"median_ms": float(np.median(times)), "p90_ms": float(np.percentile(times, 90)), "batch64_images_per_s": per_s}
 
 
+def balanced_accuracy(pred: Predictor, labels: list[str], images) -> float | None:  # noqa: ANN001
+    probs = pred.probabilities(images)  # the bundle's TTA, as the app serves it
+    y = np.array([pred.classes.index(c) for c in labels])
+    return classification_metrics(y, probs, pred.classes)["balanced_accuracy"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(ROOT / "models" / "ham10000-effnet-lite0"))
     ap.add_argument("--data", default=str(DATA))
     ap.add_argument("--repeats", type=int, default=100)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--n-calibration", type=int, default=300)
+    ap.add_argument("--quick", action="store_true", help="20 repeats, 40 calibration images, no accuracy figures")
     args = ap.parse_args()
     if args.quick:
-        args.repeats = 20
+        args.repeats, args.n_calibration = 20, 40
 
     data = Path(args.data)
     model = Path(args.model)
+    cfg = load_config()
     split = pd.read_csv(model / "split.csv")
     test_ids = split.loc[split["split"] == "test", "image"].astype(str).tolist()
-
+    rows: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         copy = Path(tmp) / "bundle"
-        shutil.copytree(model, copy, ignore=shutil.ignore_patterns("report", "*.onnx"))
-        export = export_onnx(copy)
-        torch_pred = Predictor(copy, backend="torch", threads=args.threads)
-        onnx_pred = Predictor(copy, backend="onnx", threads=args.threads)
-        first = torch_pred.preprocess(data / "images" / f"{Path(test_ids[0]).stem}.jpg")
-        lat = {"torch": latency(torch_pred, first, args.repeats), "onnxruntime": latency(onnx_pred, first, args.repeats)}
+        shutil.copytree(model, copy, ignore=shutil.ignore_patterns("report", "*.onnx", "*.xml", "*.bin"))
+        exports = {"onnx": export_onnx(copy), "openvino": export_openvino(copy)}
+        t = time.perf_counter()
+        exports["openvino-int8"] = quantize_bundle(copy, data, cfg=cfg, n_calibration=args.n_calibration, max_drop=1.0)
+        exports["openvino-int8"]["seconds"] = round(time.perf_counter() - t, 1)
+        sets = {}
+        if not args.quick:
+            sets["ham10000_test"] = split_images(copy, data, splits=("test",), cfg=cfg)["test"]
+            for name, folder in EXTERNAL.items():
+                if folder.is_dir():
+                    sets[name] = split_images(copy, folder, splits=("all",), cfg=cfg)["all"]
+        for backend, files in BACKENDS.items():
+            pred = Predictor(copy, backend=backend, threads=args.threads)
+            assert pred.backend == backend, (backend, pred.backend)
+            first = pred.preprocess(data / "images" / f"{Path(test_ids[0]).stem}.jpg")
+            rows[backend] = {**latency(pred, first, args.repeats),
+                             "size_mb": round(sum((copy / f).stat().st_size for f in files) / 1e6, 2),
+                             "balanced_accuracy": {k: balanced_accuracy(pred, labels, images)
+                                                   for k, (labels, images) in sets.items()}}
+            lat = rows[backend]
+            print(f"{backend:14} {lat['median_ms']:6.2f} ms (p90 {lat['p90_ms']:.2f}); batch 64 "
+                  f"{lat['batch64_images_per_s']:5.0f} img/s; {lat['size_mb']:.1f} MB; balanced accuracy "
+                  + ", ".join(f"{k} {v:.4f}" for k, v in lat["balanced_accuracy"].items()), flush=True)
 
     result = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "threads": args.threads},
-              "model": str(model), "input_size": list(torch_pred.input_size), "onnx_max_abs_diff": export["max_abs_diff"],
-              "latency": lat, "quick": args.quick}
-    print(f"single image latency, {args.threads} threads: torch {lat['torch']['median_ms']:.1f} ms "
-          f"(p90 {lat['torch']['p90_ms']:.1f}), onnxruntime {lat['onnxruntime']['median_ms']:.1f} ms "
-          f"(p90 {lat['onnxruntime']['p90_ms']:.1f}); batch 64: torch {lat['torch']['batch64_images_per_s']:.0f} img/s, "
-          f"onnxruntime {lat['onnxruntime']['batch64_images_per_s']:.0f} img/s; ONNX max |diff| {export['max_abs_diff']:.1e}")
+              "command": " ".join(["python", "benchmarks/bench_inference.py", *sys.argv[1:]]),
+              "model": str(model), "input_size": list(pred.input_size), "tta": "flips4" if pred.tta else None,
+              "exports": {k: {kk: vv for kk, vv in v.items() if kk != "path"} for k, v in exports.items()},
+              "backends": rows, "quick": args.quick}
     out = RESULTS / ("inference_quick.json" if args.quick else "inference.json")
     write_json(out, result)
     print(f"wrote {out}")
