@@ -55,3 +55,32 @@ def write_text(path: str | Path, text: str, *, overwrite: bool = True) -> Path:
 def write_json(path: str | Path, data: Any, *, overwrite: bool = True) -> Path:
     """Write JSON atomically (indented, UTF-8, keys in insertion order)."""
     return write_text(path, json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n", overwrite=overwrite)
+
+
+def record_fields(record: Any, *, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A frozen dataclass record's fields as JSON-ready values (tuples as lists), ``format``
+    first, in field order (the typed records of model.json and report.json)."""
+    import dataclasses
+
+    out: dict[str, Any] = {"format": record.format}
+    for f in dataclasses.fields(record):
+        if f.name not in ("format", *skip):
+            v = getattr(record, f.name)
+            out[f.name] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def check_record_header(d: Any, *, source: Any, kind: str, current: int, required: tuple[str, ...],
+                        error: type[Exception]) -> None:
+    """What every typed record checks first in its parsed JSON: an object, a format version this
+    code reads (``current`` or older), and the keys it cannot do without; ``error`` names the file."""
+    if not isinstance(d, dict):
+        raise error(f"{source}: {kind} must be a JSON object, not {type(d).__name__}")
+    fmt = d.get("format", current)
+    if not isinstance(fmt, int) or isinstance(fmt, bool) or fmt < 1:
+        raise error(f"{source}: format is {fmt!r}, not a format version")
+    if fmt > current:
+        raise error(f"{source}: format {fmt} is newer than this dermaclass reads ({current}); upgrade dermaclass")
+    missing = [k for k in required if k not in d]
+    if missing:
+        raise error(f"{source}: {kind} lacks {', '.join(missing)}")

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from dermaclass.errors import DermaclassError
+from dermaclass.fileio import check_record_header, record_fields
 
 #: The report.json format this dermaclass writes; it reads this one and every older one.
 REPORT_FORMAT = 1
@@ -82,15 +83,10 @@ class Report:
     # ---- JSON --------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """The report.json layout: the record's sections with the metric figures at the top level."""
-        out: dict[str, Any] = {"format": self.format}
-        for f in dataclasses.fields(self):
-            if f.name in ("format", "metrics"):
-                continue
-            v = getattr(self, f.name)
-            out[f.name] = list(v) if isinstance(v, tuple) else v
-            if f.name == "classes":  # the figures follow the class list, as readers expect
-                out.update({k: v for k, v in self.metrics.items() if k not in out})
-        return out
+        out = record_fields(self, skip=("metrics",))
+        at = list(out).index("classes") + 1  # the figures follow the class list, as readers expect
+        items = list(out.items())
+        return dict(items[:at] + [(k, v) for k, v in self.metrics.items() if k not in out] + items[at:])
 
     @classmethod
     def from_dict(cls, d: Any, source: str | Path = REPORT_FILE) -> Report:
@@ -98,17 +94,8 @@ class Report:
         def bad(what: str, problem: str) -> ReportError:
             return ReportError(f"{source}: {what} {problem}; not a dermaclass report (or edited by hand)")
 
-        if not isinstance(d, dict):
-            raise ReportError(f"{source}: a report must be a JSON object, not {type(d).__name__}")
-        fmt = d.get("format", REPORT_FORMAT)
-        if not isinstance(fmt, int) or isinstance(fmt, bool) or fmt < 1:
-            raise bad("format", f"is {fmt!r}, not a format version")
-        if fmt > REPORT_FORMAT:
-            raise ReportError(f"{source}: format {fmt} is newer than this dermaclass reads ({REPORT_FORMAT}); "
-                              "upgrade dermaclass")
-        missing = [k for k in ("classes", "n", "balanced_accuracy", "per_class", "confusion_matrix") if k not in d]
-        if missing:
-            raise ReportError(f"{source}: report lacks {', '.join(missing)}")
+        check_record_header(d, source=source, kind="report", current=REPORT_FORMAT, error=ReportError,
+                            required=("classes", "n", "balanced_accuracy", "per_class", "confusion_matrix"))
         classes = d["classes"]
         if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
             raise bad("classes", "must be a list of class codes")

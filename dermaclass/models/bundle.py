@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from dermaclass.data.images import COLOUR_CONSTANCY
-from dermaclass.fileio import atomic_path, write_json
+from dermaclass.fileio import atomic_path, check_record_header, record_fields, write_json
 from dermaclass.models.networks import ModelError, build_model
 from dermaclass.refer import OOD_METHODS
 
@@ -121,13 +121,7 @@ class BundleMeta:
 
     # ---- JSON ----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"format": self.format}
-        for f in dataclasses.fields(self):
-            if f.name in ("format", "extra"):
-                continue
-            v = getattr(self, f.name)
-            out[f.name] = list(v) if isinstance(v, tuple) else v
-        return {**out, **self.extra}
+        return {**record_fields(self, skip=("extra",)), **self.extra}
 
     @classmethod
     def from_dict(cls, meta: Any, source: str | Path = "model.json") -> BundleMeta:
@@ -149,17 +143,8 @@ def check_bundle_meta(meta: Any, path: str | Path) -> None:
     def bad(field: str, problem: str) -> ModelError:
         return ModelError(f"{path}: {field} {problem}; the bundle is corrupt or was edited by hand")
 
-    if not isinstance(meta, dict):
-        raise ModelError(f"{path}: bundle metadata must be a JSON object, not {type(meta).__name__}")
-    fmt = meta.get("format", BUNDLE_FORMAT)
-    if not isinstance(fmt, int) or isinstance(fmt, bool) or fmt < 1:
-        raise bad("format", f"is {fmt!r}, not a format version")
-    if fmt > BUNDLE_FORMAT:
-        raise ModelError(f"{path}: format {fmt} is newer than this dermaclass reads ({BUNDLE_FORMAT}); "
-                         "upgrade dermaclass")
-    missing = [k for k in ("arch", "classes", "input_size", "normalization") if k not in meta]
-    if missing:
-        raise ModelError(f"{path}: bundle metadata lacks {', '.join(missing)}")
+    check_record_header(meta, source=path, kind="bundle metadata", current=BUNDLE_FORMAT, error=ModelError,
+                        required=("arch", "classes", "input_size", "normalization"))
     if not isinstance(meta["arch"], str) or not meta["arch"]:
         raise bad("arch", f"is {meta['arch']!r}, not an architecture name")
     classes = meta["classes"]
