@@ -61,7 +61,12 @@ def _confusion(y: np.ndarray, pred: np.ndarray, k: int, w: np.ndarray | None = N
 
 
 def _rates(cm: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-class counts-derived rates; NaN where the denominator is 0 (not computable)."""
+    """Per-class counts-derived rates; NaN where the denominator is 0 (not computable).
+
+    From the confusion matrix already built, rather than sklearn's
+    ``precision_recall_fscore_support`` (which gives no specificity and rebuilds the matrix
+    from the labels): the bootstrap calls this once per resample.
+    """
     tp = np.diag(cm).astype(float)
     support = cm.sum(axis=1).astype(float)
     predicted = cm.sum(axis=0).astype(float)
