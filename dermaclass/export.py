@@ -63,6 +63,14 @@ def _probe(meta: models.BundleMeta, n: int = 4) -> torch.Tensor:
     return torch.randn(n, 3, h, w, generator=torch.Generator().manual_seed(0))
 
 
+def _record(bundle: Path, backend: str, record: dict[str, Any]) -> None:
+    """Note the export in model.json with the sha256 of the weights it was made from: the
+    Predictor never serves an export of other weights (a bundle retrained in place)."""
+    meta = models.read_bundle_meta(bundle)
+    models.write_bundle_meta(bundle, meta.with_(exports={**meta.exports,
+                                                         backend: {**record, "weights_sha256": meta.weights_sha256}}))
+
+
 def _max_diff(got: Sequence[np.ndarray], ref: Sequence[np.ndarray]) -> float:
     return max(float(np.abs(np.asarray(g) - np.asarray(r)).max()) for g, r in zip(got, ref))
 
@@ -92,6 +100,7 @@ def export_onnx(bundle: str | Path, *, force: bool = False, atol: float = 1e-4) 
         diff = _max_diff(sess.run(None, {"input": x.numpy()}), ref)
         if diff > atol:
             raise ExportError(f"{out}: ONNX outputs differ from torch by {diff:.2e} (> {atol:g}); not written")
+    _record(bundle, "onnx", {"file": ONNX_FILE, "max_abs_diff": diff})
     return {"path": str(out), "max_abs_diff": diff}
 
 
@@ -170,6 +179,7 @@ def export_openvino(bundle: str | Path, *, force: bool = False, atol: float = 1e
     if diff > atol:
         raise ExportError(f"{target}: OpenVINO outputs differ from torch by {diff:.2e} (> {atol:g}); not written")
     _save_ir(ov_model, target, force=force)
+    _record(bundle, "openvino", {"file": OPENVINO_FILE, "max_abs_diff": diff, "precision": "f32"})
     return {"path": str(target), "max_abs_diff": diff}
 
 
@@ -221,8 +231,7 @@ def export_int8(bundle: str | Path, *, calibration_images: Sequence[np.ndarray],
         raise ExportError(f"{target}: int8 loses {drop:.4f} balanced accuracy on the valid split ({float_ba:.4f} -> "
                           f"{int8_ba:.4f}; the limit is {max_drop:g}); not written. Serve the float export instead.")
     _save_ir(quantized, target, force=force)
-    meta = models.read_bundle_meta(bundle)
-    models.write_bundle_meta(bundle, meta.with_(exports={**meta.exports, "openvino-int8": record}))
+    _record(bundle, "openvino-int8", record)
     log.info("%s: int8 valid balanced accuracy %.4f (float %.4f)", target, int8_ba, float_ba)
     return {"path": str(target), **record}
 

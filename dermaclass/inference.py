@@ -93,7 +93,12 @@ class Predictor:
         self._ov = None
         if backend == "auto":
             backend = next(b for b in AUTO_ORDER if b == "torch" or (
-                (self.bundle / EXPORT_FILES[b]).is_file() and importlib.util.find_spec(RUNTIMES[b]) is not None))
+                (self.bundle / EXPORT_FILES[b]).is_file() and importlib.util.find_spec(RUNTIMES[b]) is not None
+                and self._fresh(b)))
+        elif backend != "torch" and not self._fresh(backend):
+            raise models.ModelError(f"{self.bundle / EXPORT_FILES[backend]}: made from other weights than "
+                                    f"{models.BUNDLE_WEIGHTS} (a stale export); re-export with `dermaclass export "
+                                    f"{self.bundle} --force`")
         if backend == "onnx":
             self.session = _onnx_session(self.bundle / ONNX_FILE, threads)
         elif backend.startswith("openvino"):
@@ -149,6 +154,15 @@ class Predictor:
         return fit_to_size(self._rgb(source), self.input_size)
 
     # ---- predictions ---------------------------------------------------------------------
+    def _fresh(self, backend: str) -> bool:
+        """Whether the export was made from these weights (exports made before dermaclass
+        recorded it are trusted)."""
+        made_from = (self.meta.exports.get(backend) or {}).get("weights_sha256")
+        if made_from is not None and made_from != self.meta.weights_sha256:
+            log.warning("%s: a stale export (made from other weights); not served", self.bundle / EXPORT_FILES[backend])
+            return False
+        return True
+
     def use_openvino(self, xml: str | Path, *, name: str = "openvino") -> None:
         """Serve from this OpenVINO IR from now on (``dermaclass export --openvino`` / ``--int8``)."""
         xml = Path(xml)

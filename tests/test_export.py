@@ -88,3 +88,17 @@ def test_a_missing_export_is_a_clear_error(bundle: Path) -> None:
 
     with pytest.raises(ModelError, match="no OpenVINO export"):
         Predictor(bundle, backend="openvino")
+
+
+@needs_openvino
+def test_an_export_of_other_weights_is_never_served(bundle: Path) -> None:
+    from dermaclass.models import ModelError
+
+    export_openvino(bundle)
+    meta = json.loads((bundle / "model.json").read_text())
+    assert meta["exports"]["openvino"]["weights_sha256"] == meta["weights_sha256"]
+    meta["exports"]["openvino"]["weights_sha256"] = "0" * 64  # as if the bundle had been retrained in place
+    (bundle / "model.json").write_text(json.dumps(meta))
+    assert Predictor(bundle).backend != "openvino"
+    with pytest.raises(ModelError, match="stale export"):
+        Predictor(bundle, backend="openvino")

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 from dermaclass.evaluate.calibration import calibrate
 from dermaclass.train.data import TrainData, parent_record
+from dermaclass.export import ONNX_FILE, OPENVINO_FILE, OPENVINO_INT8_FILE
 from dermaclass.train.distributed import parallel
 from dermaclass.train.resume import PROGRESS, Resume
 from dermaclass.train.recipes import RECIPES, Run, build_learner, fit_batch_size, stage_dataloaders
@@ -47,8 +48,9 @@ class TrainResult:
 
 
 REPLACED = "replaced"  # a finished run that --force is replacing waits here until the new bundle exists
-RUN_FILES = (models.BUNDLE_META, models.BUNDLE_WEIGHTS, "model.onnx", "config.yaml", "split.csv", "history.csv",
-             "summary.json", PROGRESS)
+RUN_FILES = (models.BUNDLE_META, models.BUNDLE_WEIGHTS, ONNX_FILE, OPENVINO_FILE, OPENVINO_FILE.replace(".xml", ".bin"),
+             OPENVINO_INT8_FILE, OPENVINO_INT8_FILE.replace(".xml", ".bin"), "ood.safetensors", "config.yaml", "split.csv",
+             "history.csv", "summary.json", PROGRESS)
 
 
 def set_aside_finished_run(run_dir: Path) -> None:
