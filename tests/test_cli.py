@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -223,3 +224,20 @@ def test_train_flags_come_from_the_config_with_its_defaults() -> None:
     # the defaults in force, read from Config (a hand-written "[default: none]" had drifted here)
     assert f"Colour normalisation, the same at training and inference: none | shades-of-gray [default: {Config().colour_constancy}]" in text
     assert "--batch-size <int> b (stepwise: b, 2b, 3b, 4b, b) [default: 32]" in text
+
+
+@pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="openvino is not installed")
+def test_export_openvino_then_predict_says_which_backend_served(tiny_bundle: Path, colour_data: Path,
+                                                                tmp_path: Path) -> None:
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_bundle, bundle)
+    runner = CliRunner()
+    res = runner.invoke(app, ["export", str(bundle), "--int8"])
+    assert res.exit_code == 2 and "--int8 needs --calibration" in " ".join(res.output.split())
+    res = runner.invoke(app, ["export", str(bundle), "--openvino"])
+    assert res.exit_code == 0 and (bundle / "model.xml").is_file() and not (bundle / "model.onnx").exists(), res.output
+    image = str(next((colour_data / "mel").iterdir()))
+    res = runner.invoke(app, ["predict", image, "--model", str(bundle), "--json"])
+    assert res.exit_code == 0 and json.loads(res.output)["backend"] == "openvino", res.output
+    res = runner.invoke(app, ["predict", image, "--model", str(bundle), "--backend", "torch"])
+    assert res.exit_code == 0 and "served by torch" in res.output, res.output

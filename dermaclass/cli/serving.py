@@ -66,7 +66,8 @@ def predict_cmd(
 @data_options
 def export_cmd(
     model: BundlePath,
-    onnx: Annotated[bool, Opt("--onnx/--no-onnx", help="Write model.onnx beside the weights (checked against torch).")] = True,
+    onnx: Annotated[bool | None, Opt("--onnx/--no-onnx", help="Write model.onnx beside the weights (checked against "
+                                     "torch) [default: on, unless --openvino or --int8 is given]")] = None,
     openvino: Annotated[bool, Opt("--openvino", help="Write the OpenVINO IR model.xml + model.bin (float32, "
                                   "checked against torch).")] = False,
     int8: Annotated[bool, Opt("--int8", help="Write model-int8.xml: NNCF int8 quantisation calibrated on the train "
@@ -87,6 +88,8 @@ def export_cmd(
     if int8 and calibration is None:
         raise typer.BadParameter("--int8 needs --calibration DATA (the bundle's training data; its train split "
                                  "calibrates, its valid split checks)", param_hint="--calibration")
+    if onnx is None:
+        onnx = not (openvino or int8)
     if publish is not None:
         model = publish_bundle(model, publish, float16=float16, force=force)
         out.print(f"published {model} ({'float16' if float16 else 'float32'} weights, split ids only)", highlight=False)
