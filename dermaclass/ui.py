@@ -197,7 +197,13 @@ def _bundle_report(p: Predictor) -> Report | None:
     from dermaclass.evaluate.record import read_report
 
     folder = p.bundle / REPORT_DIR
-    return read_report(folder) if (folder / "report.json").is_file() else None
+    if not (folder / "report.json").is_file():
+        return None
+    try:
+        return read_report(folder)
+    except DermaclassError as exc:  # the app still serves; the status line says there is no usable report
+        log.warning("%s", exc)
+        return None
 
 
 def model_card(p: Predictor) -> str:
