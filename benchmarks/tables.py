@@ -309,14 +309,16 @@ def serving_table() -> list[str]:
     q = i["exports"].get("openvino-int8") or {}
     out = [f"`{i['command']}` ({_cores(i)}, {i['machine']['threads']} threads; {i['model']} at {w}x{h}; balanced accuracy "
            f"with the bundle's TTA ({i['tta'] or 'none'})). One run, every backend from the same bundle:", "",
-           "| backend | single image, median (p90) | batch of 64 | loads | " + " | ".join(f"{k} bal. acc." for k in sets) + " |",
-           "|---|---|---|---|" + "---|" * len(sets)]
+           "| backend | single image, median (p90) | with flip TTA (4 passes) | batch of 64 | loads | "
+           + " | ".join(f"{k} bal. acc." for k in sets) + " |",
+           "|---|---|---|---|---|" + "---|" * len(sets)]
     for k, v in i["backends"].items():
-        out.append(f"| {k} | {v['median_ms']:.2f} ms ({v['p90_ms']:.2f} ms) | {v['batch64_images_per_s']:.0f} images/s | "
+        out.append(f"| {k} | {v['median_ms']:.2f} ms ({v['p90_ms']:.2f} ms) | {v['tta_median_ms']:.1f} ms | "
+                   f"{v['batch64_images_per_s']:.0f} images/s | "
                    f"{v['size_mb']:.1f} MB | " + " | ".join(_f(v["balanced_accuracy"][s], 4) for s in sets) + " |")
     if q:
         out += ["", f"int8 (NNCF, calibrated on {q['calibration']}): valid balanced accuracy {q['valid_balanced_accuracy_int8']:.4f} "
-                f"against float {q['valid_balanced_accuracy_float']:.4f} ({q['checked_on']}), a drop of {q['drop']:+.4f}; "
+                f"against float {q['valid_balanced_accuracy_float']:.4f} ({q['checked_on']}), a loss of {q['drop']:.4f}; "
                 f"`dermaclass export --int8` keeps an int8 model only when the drop is <= 0.01. Float exports match "
                 f"torch within {max(i['exports']['onnx']['max_abs_diff'], i['exports']['openvino']['max_abs_diff']):.1e}."]
     return out
