@@ -198,18 +198,27 @@ class Predictor:
         if len(images) == 0:
             return np.zeros((0, len(self.classes)), dtype=np.float32), None
         if tta:
+            # The four flips of a group of images go through as one batch (one call for the app's
+            # single image, not four in a row), a group at a time to keep memory bounded.
             views = [lambda a: a, np.fliplr, np.flipud, lambda a: a[::-1, ::-1]]
-            outs = [self.forward([np.ascontiguousarray(v(np.asarray(im))) for im in images],
-                                 batch_size=batch_size, tta=False) for v in views]
-            feats = None if any(o[1] is None for o in outs) else np.mean([o[1] for o in outs], axis=0)
-            return np.mean([o[0] for o in outs], axis=0), feats
+            logits, feats = [], []
+            for i in range(0, len(images), batch_size):
+                group = [np.asarray(images[j]) for j in range(i, min(i + batch_size, len(images)))]
+                lo, fe = self.forward([np.ascontiguousarray(v(im)) for v in views for im in group],
+                                      batch_size=batch_size, tta=False)
+                logits.append(lo.reshape(len(views), len(group), -1).mean(axis=0))
+                feats.append(None if fe is None else fe.reshape(len(views), len(group), -1).mean(axis=0))
+            return (np.concatenate(logits),
+                    None if any(f is None for f in feats) else np.concatenate(feats))
         with self._lock:
             return self._forward(images, batch_size=batch_size)
 
     def _forward(self, images: Sequence[np.ndarray], *, batch_size: int) -> tuple[np.ndarray, np.ndarray | None]:
         # Chunks of batch_size keep the memory of a whole test split bounded; one image (the
         # app) is one chunk with no DataLoader set-up.
-        outs = [self._run(self.normalise(images[i:i + batch_size])) for i in range(0, len(images), batch_size)]
+        # Indexed one by one: a decode-cache view (CachedImages) has no slices.
+        outs = [self._run(self.normalise([images[j] for j in range(i, min(i + batch_size, len(images)))]))
+                for i in range(0, len(images), batch_size)]
         features = None if any(f is None for _, f in outs) else np.concatenate([f for _, f in outs])
         return np.concatenate([lo for lo, _ in outs]), features
 

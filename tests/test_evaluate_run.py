@@ -43,6 +43,13 @@ def test_evaluate_test_split_writes_all_files(tiny_bundle: Path, colour_data: Pa
         write_report(ev, tmp_path / "out")
 
 
+def test_evaluate_without_tta_reads_the_decode_cache(tiny_bundle: Path, colour_data: Path, tmp_path: Path) -> None:
+    # one forward path: chunks of a decode-cache view (which has no slices), with and without TTA
+    a = evaluate_bundle(tiny_bundle, colour_data, cfg=_cfg(tmp_path), n_boot=10, tta=False).report
+    b = evaluate_bundle(tiny_bundle, colour_data, cfg=_cfg(tmp_path), n_boot=10, tta=True).report
+    assert a.tta is None and b.tta == "flips4" and a.n == b.n > 0
+
+
 def test_same_images_give_the_same_identity(tiny_bundle: Path, colour_data: Path, tmp_path: Path) -> None:
     a = evaluate_bundle(tiny_bundle, colour_data, cfg=_cfg(tmp_path), n_boot=10).report
     b = evaluate_bundle(tiny_bundle, colour_data, cfg=_cfg(tmp_path), n_boot=10, split="valid").report

@@ -64,6 +64,13 @@ def test_tta_averages_flipped_views(tiny_bundle: Path, colour_data: Path) -> Non
     views = [im, im[:, ::-1], im[::-1], im[::-1, ::-1]]
     expected = np.mean([pred.logits([np.ascontiguousarray(v)]) for v in views], axis=0)
     assert np.allclose(pred.logits([im], tta=True), expected, atol=1e-5)
+    # Several images in groups (the flips of a group go through as one batch): the same means.
+    ims = [pred.preprocess(colour_data / c / "1.png") for c in ("bkl", "mel", "nv")]
+    one_by_one = [np.mean([pred.forward([np.ascontiguousarray(v)], tta=False)[0][0]
+                           for v in (x, x[:, ::-1], x[::-1], x[::-1, ::-1])], axis=0) for x in ims]
+    logits, feats = pred.forward(ims, tta=True, batch_size=2)
+    assert logits.shape == (3, len(pred.classes)) and feats is not None and len(feats) == 3
+    assert np.allclose(logits, np.stack(one_by_one), atol=1e-5)
 
 
 def test_gradcam_heatmap_and_overlay(tiny_bundle: Path, colour_data: Path) -> None:
