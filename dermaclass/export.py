@@ -26,9 +26,9 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -38,6 +38,7 @@ from dermaclass.errors import DermaclassError
 from dermaclass.fileio import atomic_path
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 ONNX_FILE = "model.onnx"
 OPENVINO_FILE = "model.xml"  # + model.bin
@@ -71,6 +72,13 @@ def _record(bundle: Path, backend: str, record: dict[str, Any]) -> None:
                                                          backend: {**record, "weights_sha256": meta.weights_sha256}}))
 
 
+def _to_onnx(net: torch.nn.Module, x: torch.Tensor, path: Path) -> None:
+    """Trace ``net`` to ONNX: one input, two outputs (logits, features), a dynamic batch axis."""
+    torch.onnx.export(net, (x,), str(path), input_names=["input"], output_names=["logits", "features"],
+                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}, "features": {0: "batch"}},
+                      opset_version=17, dynamo=False)
+
+
 def _max_diff(got: Sequence[np.ndarray], ref: Sequence[np.ndarray]) -> float:
     return max(float(np.abs(np.asarray(g) - np.asarray(r)).max()) for g, r in zip(got, ref))
 
@@ -89,9 +97,7 @@ def export_onnx(bundle: str | Path, *, force: bool = False, atol: float = 1e-4) 
     net, meta = _features_net(bundle)
     x = _probe(meta)
     with atomic_path(out) as tmp:
-        torch.onnx.export(net, (x,), str(tmp), input_names=["input"], output_names=["logits", "features"],
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}, "features": {0: "batch"}},
-                          opset_version=17, dynamo=False)
+        _to_onnx(net, x, tmp)
         import onnxruntime as ort
 
         sess = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
@@ -130,20 +136,23 @@ def run_openvino(compiled: Any, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(out[compiled.output("logits")]), np.asarray(out[compiled.output("features")])
 
 
-def _save_ir(ov_model: Any, target: Path, *, force: bool) -> None:
-    """Write ``target`` (.xml) and its .bin beside it through a temporary folder; the .xml is
-    renamed last, so its presence marks a complete export."""
+def _save_ir(ov_model: Any, target: Path, *, force: bool, check: Callable[[Path], T]) -> T:
+    """Write ``target`` (.xml) and its .bin beside it through a temporary folder, once:
+    ``check(temporary .xml)`` runs on the written files and raises to keep nothing; then the
+    .xml is renamed last, so its presence marks a complete export. Returns what ``check`` returns."""
     ov = _openvino()
     if target.exists() and not force:
         raise FileExistsError(f"{target}: an OpenVINO export is already there")
     tmp = Path(tempfile.mkdtemp(prefix=".openvino-", dir=target.parent))
     try:
         ov.save_model(ov_model, str(tmp / target.name), compress_to_fp16=False)
+        result = check(tmp / target.name)
         target.unlink(missing_ok=True)  # the old .xml goes first: never a new .bin read by an old .xml
         os.replace(tmp / target.with_suffix(".bin").name, target.with_suffix(".bin"))
         os.replace(tmp / target.name, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return result
 
 
 def _convert(bundle: Path, net: torch.nn.Module, meta: models.BundleMeta) -> Any:
@@ -154,10 +163,7 @@ def _convert(bundle: Path, net: torch.nn.Module, meta: models.BundleMeta) -> Any
     with tempfile.TemporaryDirectory() as tmp:
         if not onnx.is_file():
             onnx = Path(tmp) / ONNX_FILE
-            torch.onnx.export(net, (_probe(meta),), str(onnx), input_names=["input"],
-                              output_names=["logits", "features"],
-                              dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}, "features": {0: "batch"}},
-                              opset_version=17, dynamo=False)
+            _to_onnx(net, _probe(meta), onnx)
         return ov.convert_model(str(onnx))
 
 
@@ -168,17 +174,17 @@ def export_openvino(bundle: str | Path, *, force: bool = False, atol: float = 1e
     if target.exists() and not force:
         raise FileExistsError(f"{target}: an OpenVINO export is already there")
     net, meta = _features_net(bundle)
-    ov_model = _convert(bundle, net, meta)
     x = _probe(meta)
-    with tempfile.TemporaryDirectory(dir=bundle) as tmp:
-        probe_xml = Path(tmp) / OPENVINO_FILE
-        _openvino().save_model(ov_model, str(probe_xml), compress_to_fp16=False)
-        with torch.no_grad():
-            ref = [t.numpy() for t in net(x)]
-        diff = _max_diff(run_openvino(compile_openvino(probe_xml), x.numpy()), ref)
-    if diff > atol:
-        raise ExportError(f"{target}: OpenVINO outputs differ from torch by {diff:.2e} (> {atol:g}); not written")
-    _save_ir(ov_model, target, force=force)
+    with torch.no_grad():
+        ref = [t.numpy() for t in net(x)]
+
+    def matches_torch(xml: Path) -> float:
+        diff = _max_diff(run_openvino(compile_openvino(xml), x.numpy()), ref)
+        if diff > atol:
+            raise ExportError(f"{target}: OpenVINO outputs differ from torch by {diff:.2e} (> {atol:g}); not written")
+        return diff
+
+    diff = _save_ir(_convert(bundle, net, meta), target, force=force, check=matches_torch)
     _record(bundle, "openvino", {"file": OPENVINO_FILE, "max_abs_diff": diff, "precision": "f32"})
     return {"path": str(target), "max_abs_diff": diff}
 
@@ -217,20 +223,21 @@ def export_int8(bundle: str | Path, *, calibration_images: Sequence[np.ndarray],
     quantized = nncf.quantize(ov.Core().read_model(str(bundle / OPENVINO_FILE)), dataset,
                               subset_size=len(calibration_images), preset=nncf.QuantizationPreset.PERFORMANCE)
     float_ba = _balanced_accuracy(pred.logits(valid_images), valid_labels, pred.classes)
-    with tempfile.TemporaryDirectory(dir=bundle) as tmp:
-        probe = Path(tmp) / OPENVINO_INT8_FILE
-        ov.save_model(quantized, str(probe), compress_to_fp16=False)
-        pred.use_openvino(probe)
+
+    def holds_up(xml: Path) -> dict[str, Any]:
+        pred.use_openvino(xml, name="openvino-int8")
         int8_ba = _balanced_accuracy(pred.logits(valid_images), valid_labels, pred.classes)
-    drop = float_ba - int8_ba
-    record = {"file": OPENVINO_INT8_FILE, "calibration": f"train split, {len(calibration_images)} images",
-              "checked_on": f"valid split, {len(valid_images)} images, tta {'flips4' if pred.tta else 'none'}",
-              "valid_balanced_accuracy_float": float_ba, "valid_balanced_accuracy_int8": int8_ba,
-              "drop": drop, "max_drop": max_drop}
-    if drop > max_drop:
-        raise ExportError(f"{target}: int8 loses {drop:.4f} balanced accuracy on the valid split ({float_ba:.4f} -> "
-                          f"{int8_ba:.4f}; the limit is {max_drop:g}); not written. Serve the float export instead.")
-    _save_ir(quantized, target, force=force)
+        drop = float_ba - int8_ba
+        if drop > max_drop:
+            raise ExportError(f"{target}: int8 loses {drop:.4f} balanced accuracy on the valid split ({float_ba:.4f} -> "
+                              f"{int8_ba:.4f}; the limit is {max_drop:g}); not written. Serve the float export instead.")
+        return {"file": OPENVINO_INT8_FILE, "calibration": f"train split, {len(calibration_images)} images",
+                "checked_on": f"valid split, {len(valid_images)} images, tta {'flips4' if pred.tta else 'none'}",
+                "valid_balanced_accuracy_float": float_ba, "valid_balanced_accuracy_int8": int8_ba,
+                "drop": drop, "max_drop": max_drop}
+
+    record = _save_ir(quantized, target, force=force, check=holds_up)
+    int8_ba = record["valid_balanced_accuracy_int8"]
     _record(bundle, "openvino-int8", record)
     log.info("%s: int8 valid balanced accuracy %.4f (float %.4f)", target, int8_ba, float_ba)
     return {"path": str(target), **record}
