@@ -43,6 +43,9 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_levers.py --lever imbalance $(QUICK)
 	$(BIN)/python benchmarks/bench_levers.py --lever lr-rule $(QUICK)
 	$(BIN)/python benchmarks/bench_levers.py --lever budget $(QUICK)
+	$(BIN)/python benchmarks/bench_levers.py --lever augment $(QUICK)
+	$(BIN)/python benchmarks/bench_levers.py --lever mix $(QUICK)
+	$(BIN)/python benchmarks/bench_levers.py --lever sam $(QUICK)
 	$(BIN)/python benchmarks/bench_precision.py $(QUICK)
 	test -n "$(QUICK)" || $(BIN)/python benchmarks/tables.py
 

@@ -17,7 +17,7 @@ and a re-run skips trained bundles) to benchmarks/results/levers_<lever>.json, w
 mean +- sd over seeds per variant and the same-seed differences against the lever's
 reference variant.
 
-    python benchmarks/bench_levers.py --lever lr|colour|ema|regularise|smoothing|resize|backbone|loss|imbalance|lr-rule|budget|precision [--seeds 42 43 44]
+    python benchmarks/bench_levers.py --lever lr|colour|ema|regularise|smoothing|resize|backbone|loss|imbalance|lr-rule|budget|augment|mix|sam|precision [--seeds 42 43 44]
                                       [--only VARIANT ...] [--tta] [--quick]
 """
 
@@ -101,6 +101,19 @@ LEVERS: dict[str, dict[str, list[str]]] = {
     "budget": {  # issue 12 lever 3: more SGDR cycles per stage (1 -> 3 -> 7 epochs per stage)
         "default": [],
         "n-cycles-2": ["--n-cycles", "2"],
+    },
+    "augment": {  # seed 002's augmentation: AugMix, which it found better than MixUp or CutMix
+        "default": [],
+        "augmix": ["--augment", "augmix"],
+    },
+    "mix": {  # issue 12 lever 5: batch mixing (fastai's callbacks, their default alphas)
+        "default": [],
+        "mixup": ["--mix", "mixup"],
+        "cutmix": ["--mix", "cutmix"],
+    },
+    "sam": {  # seed 002's optimizer: SAM, rho 0.05 (two passes a batch: same images, about 2x the time)
+        "default": [],
+        "sam-0.05": ["--sam-rho", "0.05"],
     },
     "precision": {
         "default": [],

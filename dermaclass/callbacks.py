@@ -6,6 +6,7 @@
 - ``BestModel``: the weights with the best validation balanced accuracy over the whole run
   (all stepwise stages), kept as safetensors, restored at the end;
 - ``WeightEMA``: an exponential moving average of the weights (timm's ``ModelEmaV3``);
+- ``SAM``: sharpness-aware minimisation (seed 002), a second gradient at the perturbed weights;
 - ``StopOnNaN``: a non-finite training loss stops the run at once with exit 5 (no bundle is
   written from a diverged model), as fastai's ``TerminateOnNaNCallback`` but loud;
 - ``FlipInput``: flips every input batch, for test-time augmentation through ``get_preds``
@@ -202,6 +203,52 @@ class CPUAutocast(Callback):
     def after_cancel_batch(self) -> None:
         if getattr(self, "autocast", None) is not None:
             self.autocast.__exit__(None, None, None)
+
+
+class SAM(Callback):
+    """Sharpness-aware minimisation (Foret et al., ICLR 2021), seed 002's optimizer.
+
+    After fastai's backward pass, the weights move to the worst point within ``rho`` along the
+    gradient (``w + rho * g / ||g||``); the batch's loss is computed and back-propagated again
+    there, the weights are put back, and the optimizer steps with that second gradient. It wraps
+    any optimizer (fastai's Adam here), as Foret et al.'s reference does. The second pass leaves
+    the batch-norm running statistics alone, so they see every batch once. Range tests are left
+    alone: they measure the loss against the LR, not the optimizer.
+    """
+
+    order = 20  # before_step: after the gradient exists, before any other step-time callback
+
+    def __init__(self, rho: float = 0.05) -> None:
+        if not rho > 0:
+            raise ValueError(f"SAM's rho must be positive, not {rho}")
+        self.rho = float(rho)
+
+    def before_step(self) -> None:
+        if getattr(self.learn, "lr_finder", None) is not None:
+            return
+        model = self.learn.model
+        params = [p for p in model.parameters() if p.grad is not None]
+        if not params:
+            return
+        with torch.no_grad():
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+            scale = self.rho / (norm + 1e-12)
+            saved = [p.detach().clone() for p in params]  # restored exactly (w + e - e is not w in floats)
+            for p in params:
+                p.add_(p.grad * scale)
+                p.grad.zero_()
+        norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        momenta = [m.momentum for m in norms]
+        try:
+            for m in norms:
+                m.momentum = 0.0  # running = (1 - 0) * running: unchanged by the second pass
+            self.learn.loss_func(model(*self.learn.xb), *self.learn.yb).backward()
+        finally:
+            for m, momentum in zip(norms, momenta):
+                m.momentum = momentum
+            with torch.no_grad():
+                for p, w in zip(params, saved):
+                    p.copy_(w)
 
 
 class NonFiniteLoss(DermaclassError):

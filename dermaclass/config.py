@@ -93,6 +93,15 @@ class Config:
     # Exponential moving average of the weights (timm ModelEmaV3, with warm-up): the bundle keeps
     # the average at the end of training instead of a single epoch's weights. 0 = off.
     ema_decay: float = 0.0
+    # Batch mixing (seed 002 tried both beside AugMix; seed 004 lists them among CIFAR tricks):
+    # fastai's MixUp (Zhang et al. 2018) or CutMix (Yun et al. 2019) callback, with a
+    # Beta(mix_alpha, mix_alpha) mixing weight; None = fastai's default (MixUp 0.4, CutMix 1.0).
+    mix: Literal["none", "mixup", "cutmix"] = "none"
+    mix_alpha: float | None = None
+    # Sharpness-aware minimisation (Foret et al. 2021), seed 002's optimizer with rho 0.05: each
+    # step takes the gradient at the worst point within rho of the weights (a second forward and
+    # backward pass per batch, so about twice the training time). 0 = off.
+    sam_rho: float = 0.0
     precision: Literal["float32", "bfloat16"] = "float32"  # bfloat16: autocast of forward + loss
     early_stop_patience: int = 0  # epochs without balanced-accuracy gain before stopping; 0 = off
     wd: float = 0.01
@@ -183,6 +192,10 @@ def _range_problem(name: str, v: Any) -> str | None:
         return "must be at least 2 (SGDR cycle-length multiplication; 1 would repeat equal cycles)"
     if name in {"lr", "warm_lr"} and v is not None and not v > 0:
         return "must be positive"
+    if name == "mix_alpha" and v is not None and not v > 0:
+        return "must be positive (the Beta distribution's parameter)"
+    if name == "sam_rho" and v < 0:
+        return "must be 0 (off) or more"
     if name == "wd" and v < 0:
         return "must be 0 or more"
     if name == "lr_ratio" and v < 1:

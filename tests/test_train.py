@@ -575,3 +575,57 @@ def test_force_over_a_finished_run_never_leaves_the_old_model_beside_a_new_split
     monkeypatch.undo()
     train(cfg.replace(seed=7), data, run, force=True)
     assert (run / "model.json").is_file() and not (run / "replaced").exists()
+
+
+def test_sam_steps_with_the_gradient_at_the_perturbed_weights() -> None:
+    from types import SimpleNamespace
+
+    from dermaclass.callbacks import SAM
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+    x, y = torch.randn(8, 3), torch.tensor([0, 1] * 4)
+    loss_func = torch.nn.CrossEntropyLoss()
+    w0 = [p.detach().clone() for p in model.parameters()]
+    loss_func(model(x), y).backward()
+    g = [p.grad.detach().clone() for p in model.parameters()]
+    running = model[1].running_mean.clone()
+    # what SAM's second gradient must be: the plain gradient at w + rho * g / ||g||
+    rho = 0.5
+    norm = torch.sqrt(sum((gi ** 2).sum() for gi in g))
+    probe = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+    with torch.no_grad():
+        for p, w, gi in zip(probe.parameters(), w0, g):
+            p.copy_(w + rho * gi / norm)
+    loss_func(probe(x), y).backward()
+    cb = SAM(rho)
+    cb.learn = SimpleNamespace(model=model, loss_func=loss_func, xb=(x,), yb=(y,))
+    cb.before_step()
+    for p, w, q in zip(model.parameters(), w0, probe.parameters()):
+        assert torch.equal(p.detach(), w)  # the weights are back where they were
+        assert torch.allclose(p.grad, q.grad, atol=1e-6)  # and hold the perturbed point's gradient
+    assert torch.equal(model[1].running_mean, running)  # the second pass left the BN statistics alone
+    assert model[1].momentum == 0.1
+    with pytest.raises(ValueError, match="rho"):
+        SAM(0.0)
+
+
+@pytest.mark.parametrize("mix", ["mixup", "cutmix"])
+def test_mixing_and_sam_train_and_are_recorded(mix: str, colour_data: Path, tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, recipe="sgdr", lr=1e-3, head_epochs=0, mix=mix, sam_rho=0.05)
+    data = prepare_data(cfg, colour_data)
+    learn = build_learner(cfg, data, tmp_path / "probe", dls=data_loaders(cfg, data))
+    assert hasattr(learn, "sam") and hasattr(learn, "mix_up" if mix == "mixup" else "cut_mix")
+    train(cfg, data, tmp_path / "run")
+    resolved = load_config(tmp_path / "run" / "config.yaml")
+    assert (resolved.mix, resolved.sam_rho) == (mix, 0.05)
+    from dermaclass.models import read_bundle_meta
+    from dermaclass.report import model_card_markdown
+
+    card = model_card_markdown(read_bundle_meta(tmp_path / "run"), None, name="run")
+    assert f"mixing `{mix}`, SAM (rho 0.05)" in card
+    with pytest.raises(TrainingError, match="logit-adjusted"):
+        build_learner(_cfg(tmp_path, mix=mix, imbalance="logit-adjusted"), data, tmp_path / "probe2",
+                      dls=data_loaders(cfg, data))
+    with pytest.raises(ConfigError, match="sam_rho"):
+        _cfg(tmp_path, sam_rho=-1)

@@ -81,7 +81,9 @@ def model_card_markdown(meta: BundleMeta, report: Report | None, *, name: str,
         f"- recipe: `{meta.recipe}` ({RECIPES.get(str(meta.recipe), 'see model.json')}), "
         f"LR rule `{cfg.get('lr_rule')}`, base LR "
         f"{'range test (' + str(cfg.get('lr_suggestion')) + ')' if cfg.get('lr') is None else cfg.get('lr')}, "
-        f"imbalance `{cfg.get('imbalance')}`, augmentation `{cfg.get('augment')}`",
+        f"imbalance `{cfg.get('imbalance')}`, augmentation `{cfg.get('augment')}`"
+        + (f", mixing `{cfg['mix']}`" if cfg.get("mix", "none") != "none" else "")
+        + (f", SAM (rho {cfg['sam_rho']:g})" if cfg.get("sam_rho") else ""),
         f"- preprocessing: colour constancy `{meta.colour_constancy}` "
         f"(the same at training and inference); test-time augmentation "
         + ("`flips4` (the mean of the logits of the image and its three flips; calibration, referral and "

@@ -35,7 +35,7 @@ from fastai.metrics import BalancedAccuracy, F1Score
 
 from dermaclass import models, schedules
 from dermaclass.callbacks import (
-    MONITOR, BestModel, CPUAutocast, EpochLine, History, StopOnNaN, WeightEMA,
+    MONITOR, SAM, BestModel, CPUAutocast, EpochLine, History, StopOnNaN, WeightEMA,
 )
 from dermaclass.losses import LogitAdjustedLoss
 from dermaclass.lr_find import RangeTest, range_test
@@ -92,10 +92,20 @@ def build_learner(cfg: Config, data: TrainData, run_dir: Path, *, dls) -> Learne
         if not 0 < cfg.ema_decay < 1:
             raise TrainingError(f"--ema-decay must be in (0, 1) or 0 for off, not {cfg.ema_decay}")
         cbs.append(WeightEMA(cfg.ema_decay))
+    loss_func = loss_for(cfg, data.items["label"].iloc[data.train_rows], data.vocab)
+    if cfg.mix != "none":
+        from fastai.callback.mixup import CutMix, MixUp
+
+        if not getattr(loss_func, "y_int", False):  # fastai's mixers need a loss on class indices
+            raise TrainingError(f"--mix {cfg.mix} is not available with --imbalance {cfg.imbalance}; choose one")
+        mixer = MixUp if cfg.mix == "mixup" else CutMix
+        cbs.append(mixer() if cfg.mix_alpha is None else mixer(cfg.mix_alpha))
+    if cfg.sam_rho:
+        cbs.append(SAM(cfg.sam_rho))
     if cfg.early_stop_patience > 0:
         cbs.append(EarlyStoppingCallback(monitor=MONITOR, comp=np.greater, patience=cfg.early_stop_patience))
     learn = Learner(
-        dls, model, loss_func=loss_for(cfg, data.items["label"].iloc[data.train_rows], data.vocab),
+        dls, model, loss_func=loss_func,
         splitter=models.splitter, metrics=[BalancedAccuracy(), F1Score(average="macro")], path=run_dir,
         model_dir="checkpoints", wd=cfg.wd, cbs=cbs,
     )
