@@ -46,6 +46,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_levers.py --lever augment $(QUICK)
 	$(BIN)/python benchmarks/bench_levers.py --lever mix $(QUICK)
 	$(BIN)/python benchmarks/bench_levers.py --lever sam $(QUICK)
+	$(BIN)/python benchmarks/bench_levers.py --lever histo $(QUICK)
 	$(BIN)/python benchmarks/bench_precision.py $(QUICK)
 	test -n "$(QUICK)" || $(BIN)/python benchmarks/tables.py
 

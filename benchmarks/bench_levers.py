@@ -17,7 +17,7 @@ and a re-run skips trained bundles) to benchmarks/results/levers_<lever>.json, w
 mean +- sd over seeds per variant and the same-seed differences against the lever's
 reference variant.
 
-    python benchmarks/bench_levers.py --lever lr|colour|ema|regularise|smoothing|resize|backbone|loss|imbalance|lr-rule|budget|augment|mix|sam|precision [--seeds 42 43 44]
+    python benchmarks/bench_levers.py --lever lr|colour|ema|regularise|smoothing|resize|backbone|loss|imbalance|lr-rule|budget|augment|mix|sam|histo|precision [--seeds 42 43 44]
                                       [--only VARIANT ...] [--tta] [--quick]
 """
 
@@ -114,6 +114,10 @@ LEVERS: dict[str, dict[str, list[str]]] = {
     "sam": {  # seed 002's optimizer: SAM, rho 0.05 (two passes a batch: same images, about 2x the time)
         "default": [],
         "sam-0.05": ["--sam-rho", "0.05"],
+    },
+    "histo": {  # issue 12 lever 7: HAM10000's dx_type, histopathology-confirmed images sampled twice as often
+        "default": [],
+        "histo-x2": ["--histo-weight", "2"],
     },
     "precision": {
         "default": [],

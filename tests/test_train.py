@@ -629,3 +629,28 @@ def test_mixing_and_sam_train_and_are_recorded(mix: str, colour_data: Path, tmp_
                       dls=data_loaders(cfg, data))
     with pytest.raises(ConfigError, match="sam_rho"):
         _cfg(tmp_path, sam_rho=-1)
+
+
+def test_histo_weight_samples_confirmed_images_more(manifest_dataset: Path, colour_data: Path, tmp_path: Path) -> None:
+    meta = pd.read_csv(manifest_dataset / "metadata.csv")
+    meta["dx_type"] = np.where(meta["dx"] == "mel", "histo", "follow_up")  # every melanoma confirmed
+    meta.to_csv(manifest_dataset / "metadata.csv", index=False)
+    from dermaclass.train import stage_dataloaders
+
+    shares = {}
+    for weight in (1.0, 5.0):
+        cfg = _cfg(tmp_path, recipe="sgdr", imbalance="none", histo_weight=weight)
+        data = prepare_data(cfg, manifest_dataset)
+        assert (data.item_weights is None) == (weight == 1.0)
+        torch.manual_seed(0)
+        dl = stage_dataloaders(cfg, data, data.train_rows, batch_size=4).train
+        seen = np.concatenate([y.numpy() for _ in range(10) for _, y in dl])
+        shares[weight] = float(np.mean(seen == data.vocab.index("mel")))
+    labels = data.items["label"].to_numpy()[data.train_rows]
+    natural = float(np.mean(labels == "mel"))
+    expected = 5 * natural / (5 * natural + 1 - natural)  # each melanoma drawn 5 times as often
+    assert abs(shares[1.0] - natural) < 0.1 and abs(shares[5.0] - expected) < 0.1, (shares, natural, expected)
+    with pytest.raises(TrainingError, match="dx_type"):  # a folder dataset has no dx_type column
+        prepare_data(_cfg(tmp_path, histo_weight=2.0), colour_data)
+    with pytest.raises(ConfigError, match="histo_weight"):
+        _cfg(tmp_path, histo_weight=0)

@@ -96,10 +96,11 @@ def make_dataloaders(
     valid_batch_size: int | None = None,
     colour_constancy: str = "none",
 ) -> DataLoaders:
-    """DataLoaders for rows of ``table`` (columns ``row``, ``label``, ``is_valid``).
+    """DataLoaders for rows of ``table`` (columns ``row``, ``label``, ``is_valid``, optional ``weight``).
 
-    ``row`` indexes ``images``; training rows are shuffled (or sampled with weights
-    1 / class frequency when ``balanced_sampler``), validation rows are not augmented.
+    ``row`` indexes ``images``; training rows are shuffled, or sampled with replacement with
+    weights 1 / class frequency when ``balanced_sampler``, times the ``weight`` column when there
+    is one (fastai's ``WeightedDL``); validation rows are not augmented.
     """
     block = DataBlock(
         blocks=(TransformBlock(type_tfms=ReadCached(images), batch_tfms=IntToFloatTensor), CategoryBlock(vocab=list(vocab))),
@@ -113,8 +114,11 @@ def make_dataloaders(
     # num_workers=0: on 2 cores, reading the memmap in the main process beats worker processes
     # competing with torch for the same cores.
     common = dict(num_workers=0, device=torch.device("cpu"), val_bs=valid_batch_size or max(batch_size, 64))
-    if balanced_sampler:
-        counts = table["label"].value_counts()
-        wgts = (1.0 / table["label"].map(counts)).to_numpy()
+    if balanced_sampler or "weight" in table.columns:
+        wgts = np.ones(len(table))
+        if balanced_sampler:
+            wgts = wgts / table["label"].map(table["label"].value_counts()).to_numpy()
+        if "weight" in table.columns:
+            wgts = wgts * table["weight"].to_numpy(dtype=float)
         return block.weighted_dataloaders(table, wgts=wgts, bs=batch_size, **common)
     return block.dataloaders(table, bs=batch_size, **common)

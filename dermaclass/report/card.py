@@ -82,6 +82,7 @@ def model_card_markdown(meta: BundleMeta, report: Report | None, *, name: str,
         f"LR rule `{cfg.get('lr_rule')}`, base LR "
         f"{'range test (' + str(cfg.get('lr_suggestion')) + ')' if cfg.get('lr') is None else cfg.get('lr')}, "
         f"imbalance `{cfg.get('imbalance')}`, augmentation `{cfg.get('augment')}`"
+        + (f", histopathology-confirmed images sampled x{cfg['histo_weight']:g}" if cfg.get("histo_weight", 1) != 1 else "")
         + (f", mixing `{cfg['mix']}`" if cfg.get("mix", "none") != "none" else "")
         + (f", SAM (rho {cfg['sam_rho']:g})" if cfg.get("sam_rho") else ""),
         f"- preprocessing: colour constancy `{meta.colour_constancy}` "

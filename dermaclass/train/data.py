@@ -47,6 +47,7 @@ class TrainData:
     sources: list[str]
     split_reuse: dict[str, int] = field(default_factory=dict)  # kept/followed/assigned/dropped with --split-file
     images_at: dict[tuple[int, int], CachedImages] = field(default_factory=dict)  # progressive resizing: per size
+    item_weights: np.ndarray | None = None  # per-item sampling weights (--histo-weight), aligned with items
 
     def images_of(self, size: tuple[int, int] | None) -> CachedImages:
         return self.images if size is None else self.images_at.get(tuple(size), self.images)
@@ -60,12 +61,15 @@ class TrainData:
         return np.flatnonzero(self.items["split"].to_numpy() == "valid")
 
     def table(self, train_rows: np.ndarray) -> pd.DataFrame:
-        """The (row, label, is_valid) table fastai reads, for a training subset + the full valid split."""
+        """The (row, label, is_valid[, weight]) table fastai reads, for a training subset + the full valid split."""
         rows = np.concatenate([train_rows, self.valid_rows])
-        return pd.DataFrame(
+        table = pd.DataFrame(
             {"row": rows, "label": self.items["label"].to_numpy()[rows], "is_valid": np.r_[
                 np.zeros(len(train_rows), bool), np.ones(len(self.valid_rows), bool)]}
         )
+        if self.item_weights is not None:
+            table["weight"] = self.item_weights[rows]
+        return table
 
 
 def prepare_data(cfg: Config, data: str | Path | Sequence[str | Path], *, progress=None) -> TrainData:
@@ -113,8 +117,9 @@ def prepare_data(cfg: Config, data: str | Path | Sequence[str | Path], *, progre
         if size not in images_at:  # progressive resizing: each stage size decoded once, cached on disk
             images_at[size] = DecodeCache(cfg.cache_dir, size).ensure(
                 items["path"].tolist(), items["hash"].tolist(), workers=cfg.workers or None)
+    items = items.reset_index(drop=True)
     return TrainData(
-        items=items.reset_index(drop=True),
+        items=items,
         images=images,
         vocab=vocab,
         names={c: full_name(c, class_names) for c in vocab},
@@ -122,7 +127,24 @@ def prepare_data(cfg: Config, data: str | Path | Sequence[str | Path], *, progre
         sources=[str(v.dataset.root) for v in validations],
         split_reuse=counts,
         images_at=images_at,
+        item_weights=confirmation_weights(items, cfg.histo_weight, sources=paths),
     )
+
+
+def confirmation_weights(items: pd.DataFrame, histo_weight: float, *, sources: Sequence[str | Path]) -> np.ndarray | None:
+    """Per-item sampling weights: ``histo_weight`` for histopathology-confirmed images (``dx_type``
+    == "histo"), 1 for the rest; None when off. Data without a ``dx_type`` column is an error
+    that names the sources, not a silent no-op."""
+    if histo_weight == 1:
+        return None
+    if "dx_type" not in items.columns:
+        raise TrainingError(f"{', '.join(map(str, sources))}: --histo-weight needs a dx_type column in the manifest "
+                            "(how each diagnosis was confirmed: histo, follow_up, ...); there is none")
+    histo = items["dx_type"].astype(str).str.strip().str.lower().eq("histo").to_numpy()
+    train = items["split"].to_numpy() == "train"
+    log.info("--histo-weight %g: %d of %d training images are histopathology-confirmed", histo_weight,
+             int((histo & train).sum()), int(train.sum()))
+    return np.where(histo, float(histo_weight), 1.0)
 
 
 def planned_sizes(cfg: Config) -> list[tuple[int, int]]:
