@@ -12,7 +12,8 @@ with one SGDR cycle per stage (3.2 full-data epochs). ``--budget full`` runs the
 default's budget (about 40 minutes) to confirm a screen.
 
 Run folders are named by their flags, so a variant that two levers share (e.g. the fixed-LR
-reference) is trained once per seed. Results are rewritten after every run (an interrupted invocation keeps what it measured,
+reference) is trained once per seed; when its folder is gone, the figures another lever's
+results file holds for the same flags, budget and seed are taken (marked ``measured_in``). Results are rewritten after every run (an interrupted invocation keeps what it measured,
 and a re-run skips trained bundles) to benchmarks/results/levers_<lever>.json, with the
 mean +- sd over seeds per variant and the same-seed differences against the lever's
 reference variant.
@@ -165,12 +166,24 @@ def main() -> None:
     result_file = RESULTS / f"levers_{args.lever}{'_quick' if args.quick else ''}.json"
     command = " ".join(["python", "benchmarks/bench_levers.py", *sys.argv[1:]])
     # Rows of earlier invocations (other seeds or variants) are kept: one results file per lever.
+    split_rel = (str(Path(args.split_file).resolve().relative_to(ROOT.resolve()))
+                 if Path(args.split_file).resolve().is_relative_to(ROOT.resolve()) else args.split_file)
     rows: list[dict] = []
     if result_file.is_file():
         old = json.loads(result_file.read_text())
         if old.get("budget") == args.budget:
             rows = [r for r in old["runs"] if r["variant"] in variants]
     wanted = {(n, sd) for sd in args.seeds for n in variants if not args.only or n in args.only}
+    # A variant another lever already measured (the same flags, budget and seed: the same command)
+    # is taken from that lever's results, as its run folder would be if it were still on disk.
+    measured_elsewhere: dict[tuple[tuple[str, ...], int], tuple[str, dict]] = {}
+    for other in sorted(RESULTS.glob("levers_*.json")):
+        if other == result_file or other.stem.endswith("_quick"):
+            continue
+        data = json.loads(other.read_text())
+        if data.get("budget") == args.budget and data.get("split_file") == split_rel:
+            for r in data["runs"]:
+                measured_elsewhere.setdefault((tuple(r["flags"]), r["seed"]), (other.name, r))
     rows = [r for r in rows if (r["variant"], r["seed"]) not in wanted]
 
     def save(complete: bool) -> None:
@@ -180,8 +193,7 @@ def main() -> None:
         write_json(result_file, {
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "command": command,
             "lever": args.lever, "budget": args.budget, "budget_flags": BUDGETS[args.budget], "seeds": sorted({r["seed"] for r in rows}),
-            "split_file": str(Path(args.split_file).resolve().relative_to(ROOT.resolve())
-                              if Path(args.split_file).resolve().is_relative_to(ROOT.resolve()) else args.split_file),
+            "split_file": split_rel,
             "reference": reference, "variants": variants, "complete": complete, "runs": rows,
             "summary": summarise_rows(rows, reference=reference),
             **({"summary_tta": summarise_rows([{**r, **r["tta"]} for r in rows if r.get("tta")], reference=reference)}
@@ -196,6 +208,13 @@ def main() -> None:
             cmd = [sys.executable, "-m", "dermaclass", "train", args.data, "--out", str(run), "--seed", str(seed),
                    "--split-file", args.split_file, *BUDGETS[args.budget], *flags]
             wall = None
+            shared = measured_elsewhere.get((tuple(flags), seed))
+            if shared and not (run / "model.json").is_file() and (not args.tta or shared[1].get("tta")):
+                source, row = shared
+                rows.append({**row, "variant": name, "measured_in": source})
+                print(f"{name:16} seed {seed}: measured in {source} (same flags, budget and seed)", flush=True)
+                save(complete=False)
+                continue
             if not (run / "model.json").is_file():
                 for stale in run.glob("bench_measure*.json"):  # figures of an earlier bundle in this folder
                     stale.unlink()
