@@ -18,7 +18,7 @@ and a re-run skips trained bundles) to benchmarks/results/levers_<lever>.json, w
 mean +- sd over seeds per variant and the same-seed differences against the lever's
 reference variant.
 
-    python benchmarks/bench_levers.py --lever lr|colour|ema|regularise|smoothing|resize|backbone|loss|imbalance|lr-rule|budget|augment|mix|sam|histo|precision [--seeds 42 43 44]
+    python benchmarks/bench_levers.py --lever lr|colour|ema|regularise|smoothing|resize|backbone|loss|imbalance|lr-rule|budget|augment|mix|sam|histo|recipe|precision [--seeds 42 43 44]
                                       [--only VARIANT ...] [--tta] [--quick]
 """
 
@@ -39,6 +39,7 @@ from dermaclass.fileio import write_json
 
 # The screens measure the network: every run is trained with ``--tta none`` and measured
 # without test-time augmentation (``--tta`` adds a flip-TTA measurement of the same weights).
+# Flags given twice (a budget's --recipe, then a variant's) resolve to the variant's: typer keeps the last.
 BUDGETS = {
     "short": ["--recipe", "stepwise", "--n-cycles", "1", "--tta", "none"],
     "full": ["--recipe", "stepwise", "--tta", "none"],
@@ -115,6 +116,10 @@ LEVERS: dict[str, dict[str, list[str]]] = {
     "sam": {  # seed 002's optimizer: SAM, rho 0.05 (two passes a batch: same images, about 2x the time)
         "default": [],
         "sam-0.05": ["--sam-rho", "0.05"],
+    },
+    "recipe": {  # the default recipe against seed 003's SGDR at a similar cost (run with --budget full)
+        "default": [],
+        "sgdr-4-cycles": ["--recipe", "sgdr", "--n-cycles", "4"],  # 1 head + 1+2+4+8 SGDR epochs
     },
     "histo": {  # issue 12 lever 7: HAM10000's dx_type, histopathology-confirmed images sampled twice as often
         "default": [],
