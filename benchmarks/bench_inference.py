@@ -1,11 +1,11 @@
 """Benchmark: every serving backend side by side (issue 16): torch, onnxruntime, OpenVINO
-float32 and OpenVINO int8.
+float32, OpenVINO at bfloat16 inference precision (CPUs with native bfloat16) and OpenVINO int8.
 
 On a model bundle (a temporary copy, so the bundle itself is untouched): the ONNX and
 OpenVINO exports are made and checked as `dermaclass export` makes them; the int8 model is
 calibrated on 300 images of the bundle's train split (never test images) and its valid-split
 check is recorded (here it is measured whatever the drop; the export command refuses a drop
-above 0.01). For each backend, with the threads given: single-image latency (one
+above 0.01); bfloat16 gets the same valid-split check. For each backend, with the threads given: single-image latency (one
 preprocessed HAM10000 test image, median and p90 over ``--repeats`` calls after warm-up),
 images/second for a batch of 64, the size of what it loads, and balanced accuracy with the
 bundle's test-time augmentation on the HAM10000 test split and on every image of the
@@ -37,7 +37,7 @@ from common import EXTERNAL  # noqa: E402
 from dermaclass.config import load_config  # noqa: E402
 from dermaclass.evaluate.metrics import classification_metrics  # noqa: E402
 from dermaclass.evaluate.run import split_images  # noqa: E402
-from dermaclass.export import export_onnx, export_openvino, quantize_bundle  # noqa: E402
+from dermaclass.export import check_bf16_bundle, cpu_has_bf16, export_onnx, export_openvino, quantize_bundle  # noqa: E402
 from dermaclass.fileio import write_json  # noqa: E402
 from dermaclass.inference import Predictor  # noqa: E402
 
@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 DATA = ROOT / ".." / "shared" / "data" / "ham10000"
 BACKENDS = {"torch": ["model.safetensors"], "onnx": ["model.onnx"], "openvino": ["model.xml", "model.bin"],
-            "openvino-int8": ["model-int8.xml", "model-int8.bin"]}
+            "openvino-bf16": ["model.xml", "model.bin"], "openvino-int8": ["model-int8.xml", "model-int8.bin"]}
 
 
 def latency(pred: Predictor, image: np.ndarray, repeats: int) -> dict:
@@ -102,6 +102,8 @@ def main() -> None:
         t = time.perf_counter()
         exports["openvino-int8"] = quantize_bundle(copy, data, cfg=cfg, n_calibration=args.n_calibration, max_drop=1.0)
         exports["openvino-int8"]["seconds"] = round(time.perf_counter() - t, 1)
+        if cpu_has_bf16():
+            exports["openvino-bf16"] = check_bf16_bundle(copy, data, cfg=cfg, max_drop=1.0)
         sets = {}
         if not args.quick:
             sets["ham10000_test"] = split_images(copy, data, splits=("test",), cfg=cfg)["test"]
@@ -109,6 +111,8 @@ def main() -> None:
                 if folder.is_dir():
                     sets[name] = split_images(copy, folder, splits=("all",), cfg=cfg)["all"]
         for backend, files in BACKENDS.items():
+            if backend not in exports and backend not in ("torch", "onnx"):
+                continue  # bfloat16 on a CPU without it
             pred = Predictor(copy, backend=backend, threads=args.threads)
             assert pred.backend == backend, (backend, pred.backend)
             first = pred.preprocess(data / "images" / f"{Path(test_ids[0]).stem}.jpg")

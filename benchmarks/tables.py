@@ -307,6 +307,7 @@ def serving_table() -> list[str]:
     sets = list(next(iter(i["backends"].values()))["balanced_accuracy"])
     w, h = i["input_size"]
     q = i["exports"].get("openvino-int8") or {}
+    b = i["exports"].get("openvino-bf16") or {}
     out = [f"`{i['command']}` ({_cores(i)}, {i['machine']['threads']} threads; {i['model']} at {w}x{h}; balanced accuracy "
            f"with the bundle's TTA ({i['tta'] or 'none'})). One run, every backend from the same bundle:", "",
            "| backend | single image, median (p90) | with flip TTA (4 passes) | batch of 64 | loads | "
@@ -320,7 +321,12 @@ def serving_table() -> list[str]:
         out += ["", f"int8 (NNCF, calibrated on {q['calibration']}): valid balanced accuracy {q['valid_balanced_accuracy_int8']:.4f} "
                 f"against float {q['valid_balanced_accuracy_float']:.4f} ({q['checked_on']}), a loss of {q['drop']:.4f}; "
                 f"`dermaclass export --int8` keeps an int8 model only when the drop is <= 0.01. Float exports match "
-                f"torch within {max(i['exports']['onnx']['max_abs_diff'], i['exports']['openvino']['max_abs_diff']):.1e}."]
+                f"torch within {max(i['exports']['onnx']['max_abs_diff'], i['exports']['openvino']['max_abs_diff']):.1e}."
+                + (f" int8 keeps {' and '.join(f'`{n}`' for n in q['float_layers'])} in float." if q.get("float_layers") else "")]
+    if b:
+        out += ["", f"bfloat16 (the float IR at bfloat16 inference precision, `dermaclass export --bf16`): valid balanced "
+                f"accuracy {b['valid_balanced_accuracy_low']:.4f} against float {b['valid_balanced_accuracy_float']:.4f}, "
+                f"a loss of {b['drop']:.4f} (the same 0.01 limit)."]
     return out
 
 

@@ -42,16 +42,17 @@ import numpy as np
 import torch
 
 from dermaclass import models, refer
-from dermaclass.export import ONNX_FILE, OPENVINO_FILE, OPENVINO_INT8_FILE, compile_openvino, run_openvino
+from dermaclass.export import BF16, ONNX_FILE, OPENVINO_FILE, OPENVINO_INT8_FILE, compile_openvino, run_openvino
 from dermaclass.data.images import apply_colour, fit_to_size, load_rgb
 
 log = logging.getLogger(__name__)
 
 
 #: Serving backends; ``auto`` takes the first of ``AUTO_ORDER`` whose export the bundle has.
-BACKENDS = ("torch", "onnx", "openvino", "openvino-int8")
-EXPORT_FILES = {"onnx": ONNX_FILE, "openvino": OPENVINO_FILE, "openvino-int8": OPENVINO_INT8_FILE}
-RUNTIMES = {"onnx": "onnxruntime", "openvino": "openvino", "openvino-int8": "openvino"}
+BACKENDS = ("torch", "onnx", "openvino", "openvino-bf16", "openvino-int8")
+EXPORT_FILES = {"onnx": ONNX_FILE, "openvino": OPENVINO_FILE, "openvino-bf16": OPENVINO_FILE,
+                "openvino-int8": OPENVINO_INT8_FILE}
+RUNTIMES = {"onnx": "onnxruntime", "openvino": "openvino", "openvino-bf16": "openvino", "openvino-int8": "openvino"}
 #: By measurement (bench_inference.py, 2 threads, Lite0 at 128x96): one pass OpenVINO 2.9 ms,
 #: onnxruntime 3.6 ms, torch 11.5 ms; four-flip TTA 9.0, 15.9, 22.4 ms; a batch of 64: 472, 302
 #: and 212 images/s.
@@ -98,6 +99,9 @@ class Predictor:
             backend = next(b for b in AUTO_ORDER if b == "torch" or (
                 (self.bundle / EXPORT_FILES[b]).is_file() and importlib.util.find_spec(RUNTIMES[b]) is not None
                 and self._fresh(b)))
+        elif backend == BF16 and BF16 not in self.meta.exports:
+            raise models.ModelError(f"{self.bundle}: bfloat16 inference has not been checked for this bundle; run "
+                                    f"`dermaclass export {self.bundle} --bf16 --calibration DATA` first")
         elif backend != "torch" and not self._fresh(backend):
             raise models.ModelError(f"{self.bundle / EXPORT_FILES[backend]}: made from other weights than "
                                     f"{models.BUNDLE_WEIGHTS} (a stale export); re-export with `dermaclass export "
@@ -171,7 +175,8 @@ class Predictor:
         xml = Path(xml)
         if not (xml.is_file() and xml.with_suffix(".bin").is_file()):
             raise models.ModelError(f"{xml}: no OpenVINO export; run `dermaclass export {self.bundle} --openvino` first")
-        self._ov, self.session, self.backend = compile_openvino(xml, threads=self.threads), None, name
+        self._ov = compile_openvino(xml, threads=self.threads, precision="bf16" if name == BF16 else "f32")
+        self.session, self.backend = None, name
 
     def normalise(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """Preprocessed (H, W, 3) uint8 images -> the normalised NCHW float32 batch every backend reads."""

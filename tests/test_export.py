@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from dermaclass.config import load_config
-from dermaclass.export import ExportError, export_onnx, export_openvino, quantize_bundle
+from dermaclass.export import ExportError, check_bf16_bundle, cpu_has_bf16, export_onnx, export_openvino, quantize_bundle
 from dermaclass.inference import Predictor
 
 needs_onnxruntime = pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None, reason="onnxruntime is not installed")
@@ -78,6 +78,8 @@ def test_int8_is_refused_when_it_costs_accuracy_and_kept_when_it_does_not(bundle
     assert (bundle / "model-int8.xml").is_file() and info["calibration"] == "train split, 20 images"
     record = json.loads((bundle / "model.json").read_text())["exports"]["openvino-int8"]
     assert record["drop"] == pytest.approx(record["valid_balanced_accuracy_float"] - record["valid_balanced_accuracy_int8"])
+    first, last = record["float_layers"]  # the stem convolution and the classifier stay float
+    assert "Conv" in first and last
     pred = Predictor(bundle, backend="openvino-int8")
     assert pred.backend == "openvino-int8" and Predictor(bundle).backend == "openvino"  # int8 only when asked
     assert pred.predict(_images(pred, colour_data)[0])["backend"] == "openvino-int8"
@@ -102,3 +104,26 @@ def test_an_export_of_other_weights_is_never_served(bundle: Path) -> None:
     assert Predictor(bundle).backend != "openvino"
     with pytest.raises(ModelError, match="stale export"):
         Predictor(bundle, backend="openvino")
+
+
+@needs_openvino
+def test_bf16_is_served_only_after_its_valid_check(bundle: Path, colour_data: Path, tmp_path: Path) -> None:
+    from dermaclass.models import ModelError
+
+    if not cpu_has_bf16():
+        pytest.skip("this CPU has no native bfloat16 (OpenVINO would compute in float32)")
+    cfg = load_config(cache_dir=str(tmp_path / "cache"))
+    export_openvino(bundle)
+    with pytest.raises(ModelError, match="bfloat16 inference has not been checked"):
+        Predictor(bundle, backend="openvino-bf16")
+    with pytest.raises(ExportError, match=r"bfloat16 inference loses .* not recorded"):
+        check_bf16_bundle(bundle, colour_data, cfg=cfg, max_drop=-1.0)
+    assert "openvino-bf16" not in json.loads((bundle / "model.json").read_text())["exports"]
+    info = check_bf16_bundle(bundle, colour_data, cfg=cfg, max_drop=1.0)
+    assert info["precision"] == "bf16" and info["drop"] <= 1.0
+    bf16, f32 = Predictor(bundle, backend="openvino-bf16"), Predictor(bundle, backend="openvino")
+    assert Predictor(bundle).backend == "openvino"  # bfloat16 only when asked
+    x = _images(f32, colour_data)
+    lb, lf = bf16.logits(x, tta=False), f32.logits(x, tta=False)
+    assert 0 < np.abs(lb - lf).max() < 0.5  # bfloat16 rounding: close, not equal
+    assert bf16.predict(x[0])["backend"] == "openvino-bf16"

@@ -95,8 +95,9 @@ def root(
 # ---- shared options ------------------------------------------------------------------
 DataPath = Annotated[Path, typer.Argument(help="Dataset folder: one folder per class, or a CSV manifest beside the images.")]
 BundlePath = Annotated[Path, typer.Argument(help="Model bundle folder (model.safetensors + model.json).")]
-BackendOpt = Annotated[str, typer.Option("--backend", help="auto | torch | onnx | openvino | openvino-int8: what runs "
-                                         "the network (auto: the fastest export the bundle has)")]
+BackendOpt = Annotated[str, typer.Option("--backend", help="auto | torch | onnx | openvino | openvino-bf16 | "
+                                         "openvino-int8: what runs the network (auto: the fastest float export the "
+                                         "bundle has; bf16 and int8 only when asked, after `export --bf16/--int8`)")]
 BundleSplitOpt = Annotated[Path | None, typer.Option("--split-file", help="[default: the split.csv beside the bundle]")]
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML file of settings; flags override it.")]
 ManifestOpt = Annotated[Path | None, typer.Option("--manifest", help="CSV manifest (default: the one CSV at the root).")]
