@@ -111,7 +111,7 @@ def main() -> None:
                 if folder.is_dir():
                     sets[name] = split_images(copy, folder, splits=("all",), cfg=cfg)["all"]
         for backend, files in BACKENDS.items():
-            if backend not in exports and backend not in ("torch", "onnx"):
+            if backend != "torch" and backend not in exports:
                 continue  # bfloat16 on a CPU without it
             pred = Predictor(copy, backend=backend, threads=args.threads)
             assert pred.backend == backend, (backend, pred.backend)

@@ -217,17 +217,18 @@ def _float_layers(ov_model: Any) -> list[str]:
     return convs[:1] + matmuls[-1:]
 
 
-def _valid_check(pred: Any, *, backend: str, float_ba: float, valid_images: Sequence[np.ndarray],
+def _valid_check(pred: Any, *, kind: str, backend: str, float_ba: float, valid_images: Sequence[np.ndarray],
                  valid_labels: Sequence[str], max_drop: float, target: Path, refused: str) -> dict[str, Any]:
-    """Balanced accuracy of ``pred`` (now serving ``backend``) on the valid split against float;
-    raises ``ExportError`` when it drops by more than ``max_drop``."""
+    """Balanced accuracy of ``pred`` (now serving ``backend``) on the valid split against float,
+    recorded as ``valid_balanced_accuracy_<kind>``; raises ``ExportError`` when it drops by more
+    than ``max_drop``."""
     low_ba = _balanced_accuracy(pred.logits(valid_images), valid_labels, pred.classes)
     drop = float_ba - low_ba
     if drop > max_drop:
         raise ExportError(f"{target}: {backend} loses {drop:.4f} balanced accuracy on the valid split ({float_ba:.4f} -> "
                           f"{low_ba:.4f}; the limit is {max_drop:g}); {refused}. Serve the float export instead.")
     return {"checked_on": f"valid split, {len(valid_images)} images, tta {'flips4' if pred.tta else 'none'}",
-            "valid_balanced_accuracy_float": float_ba, "valid_balanced_accuracy_low": low_ba, "drop": drop,
+            "valid_balanced_accuracy_float": float_ba, f"valid_balanced_accuracy_{kind}": low_ba, "drop": drop,
             "max_drop": max_drop}
 
 
@@ -249,10 +250,10 @@ def check_bf16(bundle: str | Path, *, valid_images: Sequence[np.ndarray], valid_
     float_ba = _balanced_accuracy(pred.logits(valid_images), valid_labels, pred.classes)
     pred.use_openvino(bundle / OPENVINO_FILE, name=BF16)
     record = {"file": OPENVINO_FILE, "precision": "bf16", **_valid_check(
-        pred, backend="bfloat16 inference", float_ba=float_ba, valid_images=valid_images, valid_labels=valid_labels,
+        pred, kind="bf16", backend="bfloat16 inference", float_ba=float_ba, valid_images=valid_images, valid_labels=valid_labels,
         max_drop=max_drop, target=bundle / OPENVINO_FILE, refused="not recorded")}
     _record(bundle, BF16, record)
-    log.info("%s: bfloat16 valid balanced accuracy %.4f (float %.4f)", bundle, record["valid_balanced_accuracy_low"],
+    log.info("%s: bfloat16 valid balanced accuracy %.4f (float %.4f)", bundle, record["valid_balanced_accuracy_bf16"],
              float_ba)
     return {"path": str(bundle / OPENVINO_FILE), **record}
 
@@ -289,10 +290,10 @@ def export_int8(bundle: str | Path, *, calibration_images: Sequence[np.ndarray],
 
     def holds_up(xml: Path) -> dict[str, Any]:
         pred.use_openvino(xml, name="openvino-int8")
-        check = _valid_check(pred, backend="int8", float_ba=float_ba, valid_images=valid_images,
-                             valid_labels=valid_labels, max_drop=max_drop, target=target, refused="not written")
         return {"file": OPENVINO_INT8_FILE, "calibration": f"train split, {len(calibration_images)} images",
-                "float_layers": kept_float, **{k.replace("_low", "_int8"): v for k, v in check.items()}}
+                "float_layers": kept_float, **_valid_check(
+                    pred, kind="int8", backend="int8", float_ba=float_ba, valid_images=valid_images,
+                    valid_labels=valid_labels, max_drop=max_drop, target=target, refused="not written")}
 
     record = _save_ir(quantized, target, force=force, check=holds_up)
     int8_ba = record["valid_balanced_accuracy_int8"]

@@ -115,7 +115,7 @@ def export_cmd(
         with progress:
             info = check_bf16_bundle(model, calibration, cfg=data_opts.config(), split_file=split_file)
         out.print(f"checked bfloat16 inference of {info['path']}: valid balanced accuracy "
-                  f"{info['valid_balanced_accuracy_low']:.4f} (float {info['valid_balanced_accuracy_float']:.4f}, drop "
+                  f"{info['valid_balanced_accuracy_bf16']:.4f} (float {info['valid_balanced_accuracy_float']:.4f}, drop "
                   f"{info['drop']:+.4f}; limit {info['max_drop']:g}); serve it with --backend openvino-bf16",
                   highlight=False)
 
