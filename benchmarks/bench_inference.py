@@ -5,12 +5,18 @@ On a model bundle (a temporary copy, so the bundle itself is untouched): the ONN
 OpenVINO exports are made and checked as `dermaclass export` makes them; the int8 model is
 calibrated on 300 images of the bundle's train split (never test images) and its valid-split
 check is recorded (here it is measured whatever the drop; the export command refuses a drop
-above 0.01); bfloat16 gets the same valid-split check. For each backend, with the threads given: single-image latency (one
-preprocessed HAM10000 test image, median and p90 over ``--repeats`` calls after warm-up),
-images/second for a batch of 64, the size of what it loads, and balanced accuracy with the
-bundle's test-time augmentation on the HAM10000 test split and on every image of the
-external sets (over the classes each has). The referral and class-activation-map figures
-are bench_refer.py's.
+above 0.01); bfloat16 gets the same valid-split check.
+
+Timing, with the threads given, on one preprocessed HAM10000 test image: every backend in
+turn, ``--rounds`` times over, ``--repeats`` calls each (single runs on this shared VM swung
+by up to 2x between runs minutes apart, so backends are interleaved and the median over
+rounds is reported with the best round): the network alone, one image end to end without TTA
+(colour constancy and normalisation included), with the bundle's flip TTA, and images/second
+for a batch of 64; and the hypervisor's CPU steal share meanwhile. Then the size of what each
+backend loads and balanced accuracy with the bundle's test-time augmentation on the HAM10000
+test split and on every image of the external sets (over the classes each has), with each
+backend's difference from torch and its paired bootstrap interval. The referral and
+class-activation-map figures are bench_refer.py's.
 
 Prints a table and writes benchmarks/results/inference.json. Nothing is asserted.
 
@@ -35,7 +41,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import EXTERNAL  # noqa: E402
 
 from dermaclass.config import load_config  # noqa: E402
-from dermaclass.evaluate.metrics import classification_metrics  # noqa: E402
+from dermaclass.evaluate.metrics import (  # noqa: E402
+    classification_metrics,
+    metric_draws,
+    percentile_interval,
+    resample_weights,
+)
 from dermaclass.evaluate.run import split_images  # noqa: E402
 from dermaclass.export import check_bf16_bundle, cpu_has_bf16, export_onnx, export_openvino, quantize_bundle  # noqa: E402
 from dermaclass.fileio import write_json  # noqa: E402
@@ -48,53 +59,109 @@ BACKENDS = {"torch": ["model.safetensors"], "onnx": ["model.onnx"], "openvino": 
             "openvino-bf16": ["model.xml", "model.bin"], "openvino-int8": ["model-int8.xml", "model-int8.bin"]}
 
 
-def latency(pred: Predictor, image: np.ndarray, repeats: int) -> dict:
-    """One forward pass (no TTA: the figure a backend is judged on), then the bundle's flip TTA
-    (four passes, as the app serves), then a batch of 64."""
-    def timed(tta: bool, n: int) -> list[float]:
-        for _ in range(5):
-            pred.logits([image], tta=tta)
-        times = []
-        for _ in range(n):
-            t = time.perf_counter()
-            pred.logits([image], tta=tta)
-            times.append((time.perf_counter() - t) * 1000)
-        return times
+def _steal() -> tuple[int, int] | None:
+    """(steal, total) jiffies from /proc/stat: time the hypervisor gave this VM's CPUs to others."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except (OSError, ValueError, IndexError):
+        return None
+    return (fields[7] if len(fields) > 7 else 0), sum(fields)
 
-    single, with_tta = timed(False, repeats), timed(True, max(10, repeats // 4))
+
+def _timed(fn, n: int) -> list[float]:  # noqa: ANN001
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1000)
+    return times
+
+
+def latencies(preds: dict[str, Predictor], image: np.ndarray, *, rounds: int, repeats: int) -> dict[str, dict]:
+    """Every backend timed in turn, ``rounds`` times over (the order rotated each round), so a
+    slow spell of this shared VM falls on all of them instead of on whichever ran then.
+
+    Per backend and round, the median of ``repeats`` calls of: the network alone (one
+    normalised image through the backend: the figure the issue's 2 ms target is about), one
+    image end to end as ``predict`` serves it without TTA (colour constancy and normalisation
+    included), the bundle's flip TTA (four views in one call) and a batch of 64. Reported: the
+    median over rounds and the best round (the machine's floor), and p90 over every call.
+    """
+    x = next(iter(preds.values())).normalise([image])
     batch = [image] * 64
-    pred.logits(batch, tta=False)
-    t = time.perf_counter()
-    pred.logits(batch, tta=False)
-    per_s = 64 / (time.perf_counter() - t)
-    return {"median_ms": float(np.median(single)), "p90_ms": float(np.percentile(single, 90)),
-            "tta_median_ms": float(np.median(with_tta)), "batch64_images_per_s": per_s}
+    calls = {name: {"network_ms": lambda p=p: p._run(x),
+                    "end_to_end_ms": lambda p=p: p.logits([image], tta=False),
+                    "tta_ms": lambda p=p: p.logits([image], tta=True),
+                    "batch64_ms": lambda p=p: p.logits(batch, tta=False)} for name, p in preds.items()}
+    counts = {"network_ms": repeats, "end_to_end_ms": repeats, "tta_ms": max(5, repeats // 4), "batch64_ms": 2}
+    for fns in calls.values():  # warm-up: first calls allocate and pick kernels
+        for what, fn in fns.items():
+            _timed(fn, 3 if what != "batch64_ms" else 1)
+    per_round = {name: {what: [] for what in counts} for name in calls}
+    every_call = {name: [] for name in calls}
+    names = list(calls)
+    steal0 = _steal()
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            for what, n in counts.items():
+                times = _timed(calls[name][what], n)
+                per_round[name][what].append(float(np.median(times)))
+                if what == "end_to_end_ms":
+                    every_call[name] += times
+    steal1 = _steal()
+    out = {}
+    for name, figures in per_round.items():
+        row = {}
+        for what, medians in figures.items():
+            row[what] = {"median": float(np.median(medians)), "best_round": float(np.min(medians)),
+                         "rounds": [round(m, 3) for m in medians]}
+        row["end_to_end_ms"]["p90"] = float(np.percentile(every_call[name], 90))
+        row["batch64_images_per_s"] = {"median": 64000 / row["batch64_ms"]["median"],
+                                       "best_round": 64000 / row["batch64_ms"]["best_round"]}
+        out[name] = row
+    steal = (None if steal0 is None or steal1 is None or steal1[1] == steal0[1]
+             else (steal1[0] - steal0[0]) / (steal1[1] - steal0[1]))
+    return {"backends": out, "cpu_steal_share": steal, "rounds": rounds, "repeats": repeats}
 
 
-def balanced_accuracy(pred: Predictor, labels: list[str], images) -> float | None:  # noqa: ANN001
-    probs = pred.probabilities(images)  # the bundle's TTA, as the app serves it
-    y = np.array([pred.classes.index(c) for c in labels])
-    return classification_metrics(y, probs, pred.classes)["balanced_accuracy"]
+def accuracy(preds: dict[str, Predictor], labels: list[str], images, *, n_boot: int) -> dict[str, dict]:  # noqa: ANN001
+    """Balanced accuracy of each backend with the bundle's TTA (as the app serves), and its
+    difference from torch with a paired bootstrap interval (the same resampled images for both;
+    images, not lesions, are resampled: split_images hands over no lesion ids)."""
+    ref = next(iter(preds.values()))
+    y = np.array([ref.classes.index(c) for c in labels])
+    weights = resample_weights(None, len(y), n_boot=n_boot, seed=0)
+    draws, out = {}, {}
+    for name, pred in preds.items():
+        probs = pred.probabilities(images)
+        draws[name] = metric_draws(y, probs, pred.classes, weights)["overall"]["balanced_accuracy"]
+        out[name] = {"balanced_accuracy": classification_metrics(y, probs, pred.classes)["balanced_accuracy"]}
+    base = next(iter(out))
+    for name in out:
+        out[name]["minus_torch"] = out[name]["balanced_accuracy"] - out[base]["balanced_accuracy"]
+        out[name]["minus_torch_interval"] = percentile_interval(draws[name] - draws[base])
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(ROOT / "models" / "ham10000-effnet-lite0"))
     ap.add_argument("--data", default=str(DATA))
-    ap.add_argument("--repeats", type=int, default=100)
+    ap.add_argument("--rounds", type=int, default=7, help="passes over every backend (interleaved)")
+    ap.add_argument("--repeats", type=int, default=50, help="calls per backend, figure and round")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--n-calibration", type=int, default=300)
-    ap.add_argument("--quick", action="store_true", help="20 repeats, 40 calibration images, no accuracy figures")
+    ap.add_argument("--n-boot", type=int, default=1000)
+    ap.add_argument("--quick", action="store_true", help="2 rounds of 10, 40 calibration images, no accuracy figures")
     args = ap.parse_args()
     if args.quick:
-        args.repeats, args.n_calibration = 20, 40
+        args.rounds, args.repeats, args.n_calibration = 2, 10, 40
 
     data = Path(args.data)
     model = Path(args.model)
     cfg = load_config()
     split = pd.read_csv(model / "split.csv")
     test_ids = split.loc[split["split"] == "test", "image"].astype(str).tolist()
-    rows: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         copy = Path(tmp) / "bundle"
         shutil.copytree(model, copy, ignore=shutil.ignore_patterns("report", "*.onnx", "*.xml", "*.bin"))
@@ -104,31 +171,47 @@ def main() -> None:
         exports["openvino-int8"]["seconds"] = round(time.perf_counter() - t, 1)
         if cpu_has_bf16():
             exports["openvino-bf16"] = check_bf16_bundle(copy, data, cfg=cfg, max_drop=1.0)
+        preds = {}
+        for backend in BACKENDS:
+            if backend != "torch" and backend not in exports:
+                continue  # bfloat16 on a CPU without it
+            preds[backend] = Predictor(copy, backend=backend, threads=args.threads)
+            assert preds[backend].backend == backend, (backend, preds[backend].backend)
+        first = preds["torch"].preprocess(data / "images" / f"{Path(test_ids[0]).stem}.jpg")
+        timing = latencies(preds, first, rounds=args.rounds, repeats=args.repeats)
         sets = {}
         if not args.quick:
             sets["ham10000_test"] = split_images(copy, data, splits=("test",), cfg=cfg)["test"]
             for name, folder in EXTERNAL.items():
                 if folder.is_dir():
                     sets[name] = split_images(copy, folder, splits=("all",), cfg=cfg)["all"]
-        for backend, files in BACKENDS.items():
-            if backend != "torch" and backend not in exports:
-                continue  # bfloat16 on a CPU without it
-            pred = Predictor(copy, backend=backend, threads=args.threads)
-            assert pred.backend == backend, (backend, pred.backend)
-            first = pred.preprocess(data / "images" / f"{Path(test_ids[0]).stem}.jpg")
-            rows[backend] = {**latency(pred, first, args.repeats),
-                             "size_mb": round(sum((copy / f).stat().st_size for f in files) / 1e6, 2),
-                             "balanced_accuracy": {k: balanced_accuracy(pred, labels, images)
-                                                   for k, (labels, images) in sets.items()}}
-            lat = rows[backend]
-            print(f"{backend:14} {lat['median_ms']:6.2f} ms (p90 {lat['p90_ms']:.2f}; flip TTA {lat['tta_median_ms']:.1f}); batch 64 "
-                  f"{lat['batch64_images_per_s']:5.0f} img/s; {lat['size_mb']:.1f} MB; balanced accuracy "
-                  + ", ".join(f"{k} {v:.4f}" for k, v in lat["balanced_accuracy"].items()), flush=True)
+        scores = {k: accuracy(preds, labels, images, n_boot=args.n_boot) for k, (labels, images) in sets.items()}
+        rows = {}
+        for backend in preds:
+            rows[backend] = {**timing["backends"][backend],
+                             "size_mb": round(sum((copy / f).stat().st_size for f in BACKENDS[backend]) / 1e6, 2),
+                             "balanced_accuracy": {k: v[backend]["balanced_accuracy"] for k, v in scores.items()},
+                             "balanced_accuracy_minus_torch": {k: {"delta": v[backend]["minus_torch"],
+                                                                   "interval": v[backend]["minus_torch_interval"]}
+                                                               for k, v in scores.items()}}
+            r = rows[backend]
+            print(f"{backend:14} network {r['network_ms']['median']:5.2f} ms (best round {r['network_ms']['best_round']:.2f}); "
+                  f"end to end {r['end_to_end_ms']['median']:5.2f} ms (best {r['end_to_end_ms']['best_round']:.2f}, "
+                  f"p90 {r['end_to_end_ms']['p90']:.2f}); TTA {r['tta_ms']['median']:.1f} ms; batch 64 "
+                  f"{r['batch64_images_per_s']['median']:4.0f} img/s; {r['size_mb']:.1f} MB; "
+                  + ", ".join(f"{k} {v:.4f} ({rows[backend]['balanced_accuracy_minus_torch'][k]['delta']:+.4f})"
+                              for k, v in r["balanced_accuracy"].items()), flush=True)
+        input_size = list(preds["torch"].input_size)
+        tta = "flips4" if preds["torch"].tta else None
 
-    result = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "threads": args.threads},
+    steal = timing["cpu_steal_share"]
+    print(f"CPU steal during the timing: {'unknown' if steal is None else f'{100 * steal:.1f} %'}")
+    result = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "threads": args.threads,
+                          "cpu_steal_share": steal},
               "command": " ".join(["python", "benchmarks/bench_inference.py", *sys.argv[1:]]),
               "model": str(model.resolve().relative_to(ROOT)) if model.resolve().is_relative_to(ROOT) else str(model),
-              "input_size": list(pred.input_size), "tta": "flips4" if pred.tta else None,
+              "input_size": input_size, "tta": tta, "rounds": args.rounds, "repeats": args.repeats,
+              "n_boot": args.n_boot,
               "exports": {k: {kk: vv for kk, vv in v.items() if kk != "path"} for k, v in exports.items()},
               "backends": rows, "quick": args.quick}
     out = RESULTS / ("inference_quick.json" if args.quick else "inference.json")
