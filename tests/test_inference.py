@@ -31,6 +31,16 @@ def test_preprocess_matches_the_training_cache(tiny_bundle: Path, colour_data: P
         assert np.array_equal(pred.preprocess(source), cached)
 
 
+def test_normalise_is_the_training_normalisation_in_nchw(tiny_bundle: Path, colour_data: Path) -> None:
+    pred = Predictor(tiny_bundle)
+    images = [pred.preprocess(colour_data / "mel" / f"{i}.png") for i in range(3)]
+    norm = pred.meta.normalization
+    expected = ((np.stack(images) / 255.0 - np.asarray(norm["mean"])) / np.asarray(norm["std"])).transpose(0, 3, 1, 2)
+    x = pred.normalise(images)
+    assert x.dtype == np.float32 and x.flags.c_contiguous and x.shape == expected.shape
+    assert np.allclose(x, expected, atol=1e-5)
+
+
 def test_temperature_divides_the_logits(tiny_bundle: Path, colour_data: Path) -> None:
     pred = Predictor(tiny_bundle)
     x = [pred.preprocess(colour_data / "bkl" / f"{i}.png") for i in range(4)]
