@@ -124,9 +124,12 @@ def sibling_figures() -> dict:
                                                       for k, v in c.items() if isinstance(v, dict) and "epoch_time_saved_pct" in v}}
     if infer.is_file():
         i = json.loads(infer.read_text())
-        out["inference"] = {"from": infer.name, **{k: {"single_image_median_ms": v["median_ms"], "single_image_p90_ms": v["p90_ms"],
-                                                       "batch64_images_per_s": v["batch64_images_per_s"]}
-                                                   for k, v in i["latency"].items()}}
+        out["inference"] = {"from": infer.name,
+                            **{k: {"single_image_median_ms": v["end_to_end_ms"]["median"],
+                                   "single_image_p90_ms": v["end_to_end_ms"]["p90"],
+                                   "network_median_ms": v["network_ms"]["median"],
+                                   "batch64_images_per_s": v["batch64_images_per_s"]["median"]}
+                               for k, v in i.get("backends", {}).items() if "end_to_end_ms" in v}}
     return out
 
 
