@@ -323,6 +323,8 @@ def serving_table() -> list[str]:
         d = v["balanced_accuracy_minus_torch"][s]
         if v is first:  # the reference
             return _f(v["balanced_accuracy"][s], 4)
+        if d["delta"] == 0 and d["interval"] == [0.0, 0.0]:
+            return f"{_f(v['balanced_accuracy'][s], 4)} (same predictions)"
         lo_hi = d["interval"] or [float("nan")] * 2
         return f"{_f(v['balanced_accuracy'][s], 4)} ({d['delta']:+.4f}; {lo_hi[0]:+.3f} to {lo_hi[1]:+.3f})"
 
