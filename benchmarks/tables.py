@@ -199,7 +199,7 @@ def training_table() -> list[str]:
     found = False
     # train_baseline/train_sgdr/train_lr_suggestion (old defaults, no external figures) were retired: the recipe
     # benchmark and the LR lever measure the same questions with external sets, over seeds.
-    for name in ("train_default_stepwise.json", "train_imbalance.json", "train_lr_rules.json"):
+    for name in ("train_default_stepwise.json", "train_imbalance.json"):  # train_lr_rules.json: superseded by levers_lr-rule.json
         d = _load(name)
         if d is None:
             continue
