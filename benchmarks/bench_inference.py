@@ -77,7 +77,7 @@ def _timed(fn, n: int) -> list[float]:  # noqa: ANN001
     return times
 
 
-def latencies(preds: dict[str, Predictor], image: np.ndarray, *, rounds: int, repeats: int) -> dict[str, dict]:
+def latencies(preds: dict[str, Predictor], image: np.ndarray, *, rounds: int, repeats: int) -> dict:
     """Every backend timed in turn, ``rounds`` times over (the order rotated each round), so a
     slow spell of this shared VM falls on all of them instead of on whichever ran then.
 
@@ -121,7 +121,7 @@ def latencies(preds: dict[str, Predictor], image: np.ndarray, *, rounds: int, re
         out[name] = row
     steal = (None if steal0 is None or steal1 is None or steal1[1] == steal0[1]
              else (steal1[0] - steal0[0]) / (steal1[1] - steal0[1]))
-    return {"backends": out, "cpu_steal_share": steal, "rounds": rounds, "repeats": repeats}
+    return {"backends": out, "cpu_steal_share": steal}
 
 
 def accuracy(preds: dict[str, Predictor], labels: list[str], images, *, n_boot: int) -> dict[str, dict]:  # noqa: ANN001
