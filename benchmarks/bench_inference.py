@@ -3,7 +3,7 @@ float32, OpenVINO at bfloat16 inference precision (CPUs with native bfloat16) an
 
 On a model bundle (a temporary copy, so the bundle itself is untouched): the ONNX and
 OpenVINO exports are made and checked as `dermaclass export` makes them; the int8 model is
-calibrated on 300 images of the bundle's train split (never test images) and its valid-split
+calibrated on 600 images drawn class-balanced from the bundle's train split (never test images) and its valid-split
 check is recorded (here it is measured whatever the drop; the export command refuses a drop
 above 0.01); bfloat16 gets the same valid-split check.
 
@@ -150,7 +150,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7, help="passes over every backend (interleaved)")
     ap.add_argument("--repeats", type=int, default=50, help="calls per backend, figure and round")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--n-calibration", type=int, default=300)
+    ap.add_argument("--n-calibration", type=int, default=600)
     ap.add_argument("--n-boot", type=int, default=1000)
     ap.add_argument("--quick", action="store_true", help="2 rounds of 10, 40 calibration images, no accuracy figures")
     args = ap.parse_args()

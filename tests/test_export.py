@@ -61,6 +61,9 @@ def test_openvino_export_matches_torch_and_serves(bundle: Path, colour_data: Pat
     assert ov_pred.backend == "openvino"  # auto: the OpenVINO export is used when present
     x = _images(torch_pred, colour_data)
     _same(ov_pred, torch_pred, x)
+    assert sorted(ov_pred._ov.static) == [1, 4]  # one image and its four flips: static shapes
+    for n in (1, 4, 5):  # the static models and the dynamic one give torch's outputs
+        _same(ov_pred, torch_pred, x[:n])
     r = ov_pred.predict(x[0])
     assert r["backend"] == "openvino" and abs(sum(r["probabilities"].values()) - 1) < 1e-6
 
@@ -127,3 +130,15 @@ def test_bf16_is_served_only_after_its_valid_check(bundle: Path, colour_data: Pa
     lb, lf = bf16.logits(x, tta=False), f32.logits(x, tta=False)
     assert 0 < np.abs(lb - lf).max() < 0.5  # bfloat16 rounding: close, not equal
     assert bf16.predict(x[0])["backend"] == "openvino-bf16"
+
+
+def test_calibration_pick_draws_every_class_equally_then_fills_at_random() -> None:
+    from dermaclass.export import calibration_pick
+
+    labels = ["nv"] * 90 + ["mel"] * 8 + ["df"] * 2
+    pick = calibration_pick(labels, 12)
+    drawn = [labels[i] for i in pick]
+    assert len(pick) == 12 == len(set(pick.tolist())) and list(pick) == sorted(pick)
+    assert drawn.count("df") == 2 and drawn.count("mel") >= 4  # the rare classes are all there, not ~1 in 8
+    assert np.array_equal(pick, calibration_pick(labels, 12))  # the same draw every time
+    assert len(calibration_pick(labels, 500)) == 100  # never more than there are

@@ -127,6 +127,11 @@ def test_colour_constancy_from_the_bundle_is_applied(tiny_bundle: Path, colour_d
     expected = plain.logits([shades_of_gray(im) for im in images])
     assert np.allclose(cc.logits(images), expected, atol=1e-4)
     assert not np.allclose(plain.logits(images), expected, atol=1e-3)
+    # Flip TTA corrects each image once and flips the result: the same as correcting every view.
+    views = [lambda a: a, np.fliplr, np.flipud, lambda a: a[::-1, ::-1]]
+    per_view = np.mean([plain.logits([shades_of_gray(np.ascontiguousarray(v(im))) for im in images], tta=False)
+                        for v in views], axis=0)
+    assert np.allclose(cc.logits(images, tta=True), per_view, atol=1e-4)
     meta["preprocessing"]["colour_constancy"] = "retinex"
     (bundle / "model.json").write_text(json.dumps(meta))
     with pytest.raises(ModelError, match="colour_constancy"):

@@ -77,7 +77,7 @@ def export_cmd(
                               "bfloat16: about half the float32 latency) on the valid split of --calibration, and "
                               "record it for --backend openvino-bf16 when it holds up (same limit as --int8)")] = False,
     calibration: Annotated[Path | None, Opt("--calibration", help="The bundle's training data (with --int8 or --bf16).")] = None,
-    n_calibration: Annotated[int, Opt("--n-calibration", help="Training-split images that calibrate int8.")] = 300,
+    n_calibration: Annotated[int, Opt("--n-calibration", help="Training-split images that calibrate int8 (drawn class-balanced).")] = 600,
     split_file: BundleSplitOpt = None,
     publish: Annotated[Path | None, Opt("--publish", help="Also copy the bundle here, fit to ship (see --float16).")] = None,
     float16: Annotated[bool, Opt("--float16/--float32", help="Weights precision of the --publish copy.")] = True,
