@@ -9,7 +9,7 @@ split file and on every image of the external sets (``external``: derm7pt, isic2
 to ``benchmarks/results/<name>.json``.
 
     python benchmarks/bench_train.py --name default --runs-dir runs -- --recipe stepwise
-    python benchmarks/bench_train.py --name imbalance --collect runs/imb_none runs/imb_weights ...
+    python benchmarks/bench_train.py --name mine --collect runs/run_a runs/run_b ...
 
 Wall time here includes data validation and the decode cache lookup (the cache is built
 once per machine; a first run also pays a few seconds of decoding).
