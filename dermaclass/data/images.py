@@ -186,10 +186,10 @@ def shades_of_gray(image: np.ndarray, *, p: int = 6) -> np.ndarray:
     Computed from per-channel histograms: a uint8 image has 256 levels a channel, so the
     Minkowski mean is each channel's 256-bin count times a table of level**p, summed in
     float64 (exact counts, no float32 accumulation over the pixels), and the correction is a
-    per-channel lookup table (OpenCV's calcHist and LUT). At 128x96 this takes a third to a quarter of the
-    time of the per-pixel float32 version it replaced, whose rounded float32 sum moved 0.02 %
-    of pixels by one level against this one; and it is independent of pixel order, so a
-    flipped image gets exactly the flipped correction.
+    per-channel lookup table (OpenCV's calcHist and LUT). At 128x96 this takes a third to a
+    quarter of the time of the per-pixel float32 version it replaced, whose rounded float32
+    sum moved 0.02 % of pixels by one level against this one; and it is independent of pixel
+    order, so a flipped image gets exactly the flipped correction.
     """
     import cv2  # opencv-python-headless, albumentations' own image library
 
