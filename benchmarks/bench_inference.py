@@ -3,8 +3,8 @@ float32, OpenVINO at bfloat16 inference precision (CPUs with native bfloat16) an
 
 On a model bundle (a temporary copy, so the bundle itself is untouched): the ONNX and
 OpenVINO exports are made and checked as `dermaclass export` makes them; the int8 model is
-calibrated on 600 images drawn class-balanced from the bundle's train split (never test images) and its valid-split
-check is recorded (here it is measured whatever the drop; the export command refuses a drop
+calibrated on 600 images drawn class-balanced from the bundle's train split (never test
+images) and its valid-split check is recorded (here it is measured whatever the drop; the export command refuses a drop
 above 0.01); bfloat16 gets the same valid-split check.
 
 Timing, with the threads given, on one preprocessed HAM10000 test image: every backend in
@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import EXTERNAL  # noqa: E402
+from common import EXTERNAL, repo_relative  # noqa: E402
 
 from dermaclass.config import load_config  # noqa: E402
 from dermaclass.evaluate.metrics import (  # noqa: E402
@@ -209,7 +209,7 @@ def main() -> None:
     result = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "threads": args.threads,
                           "cpu_steal_share": steal},
               "command": " ".join(["python", "benchmarks/bench_inference.py", *sys.argv[1:]]),
-              "model": str(model.resolve().relative_to(ROOT)) if model.resolve().is_relative_to(ROOT) else str(model),
+              "model": repo_relative(model),
               "input_size": input_size, "tta": tta, "rounds": args.rounds, "repeats": args.repeats,
               "n_boot": args.n_boot,
               "exports": {k: {kk: vv for kk, vv in v.items() if kk != "path"} for k, v in exports.items()},

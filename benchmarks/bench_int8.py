@@ -27,9 +27,10 @@ from pathlib import Path
 
 import numpy as np
 import openvino as ov
+from scipy.special import softmax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import HAM, RESULTS, ROOT  # noqa: E402
+from common import HAM, RESULTS, ROOT, repo_relative  # noqa: E402
 
 from dermaclass.config import load_config  # noqa: E402
 from dermaclass.evaluate.run import split_images  # noqa: E402
@@ -47,11 +48,6 @@ SETTINGS: dict[str, tuple[str, int, bool]] = {
     "balanced-600-full": ("balanced", 600, False),
     "random-1000-full": ("random", 1000, False),
 }
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    e = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def main() -> None:
@@ -76,7 +72,7 @@ def main() -> None:
         valid = [valid_images[i] for i in range(len(valid_labels))]
         pred = Predictor(bundle, backend="openvino", threads=cfg.threads)
         float_logits = pred.logits(valid)
-        float_probs = _softmax(float_logits)
+        float_probs = softmax(float_logits, axis=1)
         float_ba = _balanced_accuracy(float_logits, valid_labels, pred.classes)
         print(f"float valid balanced accuracy {float_ba:.4f} ({len(valid)} images, tta {pred.tta})", flush=True)
         for name, (draw, n, fast) in settings.items():
@@ -93,7 +89,7 @@ def main() -> None:
             row = {"setting": name, "draw": draw, "images": int(len(pick)), "fast_bias_correction": fast,
                    "quantise_seconds": round(seconds, 1),
                    "agreement_with_float": float(np.mean(logits.argmax(1) == float_logits.argmax(1))),
-                   "mean_probability_shift": float(np.abs(_softmax(logits) - float_probs).sum(axis=1).mean() / 2),
+                   "mean_probability_shift": float(np.abs(softmax(logits, axis=1) - float_probs).sum(axis=1).mean() / 2),
                    "valid_balanced_accuracy": _balanced_accuracy(logits, valid_labels, pred.classes)}
             row["drop"] = float_ba - row["valid_balanced_accuracy"]
             rows.append(row)
@@ -102,8 +98,7 @@ def main() -> None:
     out = RESULTS / f"int8_settings{'_quick' if args.quick else ''}.json"
     write_json(out, {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
                      "command": " ".join(["python", "benchmarks/bench_int8.py", *sys.argv[1:]]),
-                     "model": str(Path(args.model).resolve().relative_to(ROOT.resolve()))
-                     if Path(args.model).resolve().is_relative_to(ROOT.resolve()) else args.model,
+                     "model": repo_relative(args.model),
                      "checked_on": f"valid split, {len(valid_labels)} images", "valid_balanced_accuracy_float": float_ba,
                      "settings": rows})
     print(f"wrote {out}")

@@ -33,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import HAM, RESULTS, ROOT, SPLIT, fmt, measure, run_facts, summarise_rows
+from common import HAM, RESULTS, ROOT, SPLIT, fmt, measure, repo_relative, run_facts, summarise_rows
 
 from dermaclass.fileio import write_json
 
@@ -149,13 +149,6 @@ def measured(run: Path, args: argparse.Namespace, *, tta: bool) -> dict:
     return figures
 
 
-def _rel(path: Path) -> str:
-    """``path`` relative to the repository when it is inside it (as results files record
-    paths), else as given: ``--runs-dir`` and ``--split-file`` may point elsewhere."""
-    resolved = path.resolve()
-    return str(resolved.relative_to(ROOT.resolve())) if resolved.is_relative_to(ROOT.resolve()) else str(path)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lever", required=True, choices=sorted(LEVERS))
@@ -178,7 +171,7 @@ def main() -> None:
     result_file = RESULTS / f"levers_{args.lever}{'_quick' if args.quick else ''}.json"
     command = " ".join(["python", "benchmarks/bench_levers.py", *sys.argv[1:]])
     # Rows of earlier invocations (other seeds or variants) are kept: one results file per lever.
-    split_rel = _rel(Path(args.split_file))
+    split_rel = repo_relative(args.split_file)
     rows: list[dict] = []
     if result_file.is_file():
         old = json.loads(result_file.read_text())
@@ -234,7 +227,7 @@ def main() -> None:
                 with open(runs_dir / f"{run_name(flags)}-seed{seed}.log", "w") as logf:
                     subprocess.run(cmd + (["--force"] if run.exists() else []), check=True, stdout=logf, stderr=logf)
                 wall = round((time.perf_counter() - start) / 60, 2)
-            row = {"variant": name, "seed": seed, "flags": flags, "run": _rel(run),
+            row = {"variant": name, "seed": seed, "flags": flags, "run": repo_relative(run),
                    **run_facts(run), "wall_minutes": wall, **measured(run, args, tta=False)}
             if args.tta:
                 row["tta"] = measured(run, args, tta=True)

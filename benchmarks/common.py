@@ -21,6 +21,13 @@ EXTERNAL = {"derm7pt": SHARED / "derm7pt", "isic2017": SHARED / "isic2017"}
 SPLIT = ROOT / "models" / "ham10000-effnet-lite0" / "split.csv"
 
 
+def repo_relative(path: str | Path) -> str:
+    """``path`` relative to the repository when it is inside it (as results files record
+    paths), else as given: ``--model``, ``--runs-dir`` and ``--split-file`` may point elsewhere."""
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(ROOT.resolve())) if resolved.is_relative_to(ROOT.resolve()) else str(path)
+
+
 def measure(run: Path, *, split_file: Path, data: Path = HAM, tta: bool = False, n_boot: int = 200) -> dict[str, Any]:
     """HAM test + external figures of a finished run folder (``headline`` dicts)."""
     from dermaclass.config import load_config

@@ -336,8 +336,8 @@ def serving_table() -> list[str]:
                    f"{v['tta_ms']['median']:.1f} ms | {v['batch64_images_per_s']['median']:.0f} images/s | "
                    f"{v['size_mb']:.1f} MB | " + " | ".join(acc(v, s) for s in sets) + " |")
     if q:
-        out += ["", f"int8 (NNCF, calibrated on {q['calibration']}"
-                + (f", {q['bias_correction']} bias correction" if q.get("bias_correction") else "") + f"): valid balanced accuracy {q['valid_balanced_accuracy_int8']:.4f} "
+        how = q["calibration"] + (f", {q['bias_correction']} bias correction" if q.get("bias_correction") else "")
+        out += ["", f"int8 (NNCF, calibrated on {how}): valid balanced accuracy {q['valid_balanced_accuracy_int8']:.4f} "
                 f"against float {q['valid_balanced_accuracy_float']:.4f} ({q['checked_on']}), a loss of {q['drop']:.4f}; "
                 f"`dermaclass export --int8` keeps an int8 model only when the drop is <= 0.01. Float exports match "
                 f"torch within {max(i['exports']['onnx']['max_abs_diff'], i['exports']['openvino']['max_abs_diff']):.1e}."

@@ -138,45 +138,37 @@ STATIC_BATCHES = (1, 4)
 
 
 class CompiledIR:
-    """An OpenVINO IR compiled for this CPU: a static-shape model for each of
+    """An OpenVINO IR compiled for this CPU at ``precision``: a static-shape model for each of
     ``STATIC_BATCHES`` and a dynamic-batch one for every other batch. Calling it with a
-    normalised NCHW float32 batch returns (logits, features)."""
+    normalised NCHW float32 batch returns (logits, features).
+
+    f32 by default: OpenVINO would otherwise run float models in bfloat16 on CPUs that have
+    it, and the outputs would no longer match torch; an int8 IR keeps its int8 layers either
+    way. ``bf16`` is what ``check_bf16`` measures.
+    """
 
     def __init__(self, xml: str | Path, *, threads: int = 0, precision: str = "f32") -> None:
-        ov = _openvino()
-        core = ov.Core()
+        core = _openvino().Core()
         config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": precision}
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
-        self.dynamic = core.compile_model(str(xml), "CPU", config)
+        model = core.read_model(str(xml))  # read once; the static shapes are reshaped clones
+        # Positions of the two outputs, the same in every compiled shape (looked up once, not by name per call).
+        names = [out.get_any_name() for out in model.outputs]
+        self._outputs = (names.index("logits"), names.index("features"))
         self.static: dict[int, Any] = {}
-        shape = core.read_model(str(xml)).input(0).get_partial_shape()
-        if shape.rank.is_static and all(d.is_static for d in list(shape)[1:]):
+        partial = model.input(0).get_partial_shape()
+        shape = list(partial) if partial.rank.is_static else []
+        if shape and all(d.is_static for d in shape[1:]):
             for n in STATIC_BATCHES:
-                model = core.read_model(str(xml))
-                model.reshape([n, *(d.get_length() for d in list(shape)[1:])])
-                self.static[n] = core.compile_model(model, "CPU", config)
-        # Output ports looked up once, not by name on every call.
-        self._ports = {id(c): (c.output("logits"), c.output("features"))
-                       for c in (self.dynamic, *self.static.values())}
+                fixed = model.clone()
+                fixed.reshape([n, *(d.get_length() for d in shape[1:])])
+                self.static[n] = core.compile_model(fixed, "CPU", config)
+        self.dynamic = core.compile_model(model, "CPU", config)
 
     def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        compiled = self.static.get(len(x), self.dynamic)
-        logits, features = self._ports[id(compiled)]
-        out = compiled(x)
-        return np.asarray(out[logits]), np.asarray(out[features])
-
-
-def compile_openvino(xml: str | Path, *, threads: int = 0, precision: str = "f32") -> CompiledIR:
-    """The IR compiled for this CPU at ``precision`` (f32 by default: OpenVINO would otherwise run
-    float models in bfloat16 on CPUs that have it, and the outputs would no longer match torch;
-    an int8 IR keeps its int8 layers either way). ``bf16`` is what ``check_bf16`` measures."""
-    return CompiledIR(xml, threads=threads, precision=precision)
-
-
-def run_openvino(compiled: CompiledIR, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(logits, features) of a compiled IR for one normalised NCHW float32 batch."""
-    return compiled(x)
+        out = self.static.get(len(x), self.dynamic)(x)
+        return np.asarray(out[self._outputs[0]]), np.asarray(out[self._outputs[1]])
 
 
 def _save_ir(ov_model: Any, target: Path, *, force: bool, check: Callable[[Path], T]) -> T:
@@ -222,7 +214,7 @@ def export_openvino(bundle: str | Path, *, force: bool = False, atol: float = 1e
         ref = [t.numpy() for t in net(x)]
 
     def matches_torch(xml: Path) -> float:
-        compiled = compile_openvino(xml)
+        compiled = CompiledIR(xml)
         # Every compiled shape: the static batches of 4 and 1, and the dynamic batch (3).
         diff = max(_max_diff(compiled(x[:n].numpy()), [r[:n] for r in ref]) for n in (4, 1, 3))
         if diff > atol:

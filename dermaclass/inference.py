@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from dermaclass import models, refer
-from dermaclass.export import BF16, ONNX_FILE, OPENVINO_FILE, OPENVINO_INT8_FILE, compile_openvino, run_openvino
+from dermaclass.export import BF16, ONNX_FILE, OPENVINO_FILE, OPENVINO_INT8_FILE, CompiledIR
 from dermaclass.data.images import apply_colour, fit_to_size, load_rgb
 
 log = logging.getLogger(__name__)
@@ -179,7 +179,7 @@ class Predictor:
         xml = Path(xml)
         if not (xml.is_file() and xml.with_suffix(".bin").is_file()):
             raise models.ModelError(f"{xml}: no OpenVINO export; run `dermaclass export {self.bundle} --openvino` first")
-        self._ov = compile_openvino(xml, threads=self.threads, precision="bf16" if name == BF16 else "f32")
+        self._ov = CompiledIR(xml, threads=self.threads, precision="bf16" if name == BF16 else "f32")
         self.session, self.backend = None, name
 
     def normalise(self, images: Sequence[np.ndarray], *, colour: bool = True) -> np.ndarray:
@@ -249,7 +249,7 @@ class Predictor:
     def _run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """(logits, features) of one normalised NCHW float32 batch on the serving backend."""
         if self._ov is not None:
-            return run_openvino(self._ov, x)
+            return self._ov(x)
         if self.session is not None:
             out = self.session.run(None, {"input": x})
             return out[0], (out[1] if len(out) > 1 else None)
