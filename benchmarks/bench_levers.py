@@ -18,7 +18,7 @@ and a re-run skips trained bundles) to benchmarks/results/levers_<lever>.json, w
 mean +- sd over seeds per variant and the same-seed differences against the lever's
 reference variant.
 
-    python benchmarks/bench_levers.py --lever lr|colour|ema|regularise|smoothing|resize|backbone|loss|imbalance|lr-rule|budget|augment|mix|sam|histo|recipe|precision [--seeds 42 43 44]
+    python benchmarks/bench_levers.py --lever lr|colour|ema|regularise|smoothing|resize|backbone|loss|imbalance|lr-rule|budget|average|augment|mix|sam|histo|recipe|precision [--seeds 42 43 44]
                                       [--only VARIANT ...] [--tta] [--quick]
 """
 
@@ -103,6 +103,11 @@ LEVERS: dict[str, dict[str, list[str]]] = {
     "budget": {  # issue 12 lever 3: more SGDR cycles per stage (1 -> 3 -> 7 epochs per stage)
         "default": [],
         "n-cycles-2": ["--n-cycles", "2"],
+    },
+    "average": {  # issue 12 lever 4: SWA of the last SGDR cycle ends (in the short budget: the last stages' ends)
+        "default": [],
+        "average-2": ["--average-cycles", "2"],
+        "average-3": ["--average-cycles", "3"],
     },
     "augment": {  # seed 002's augmentation: AugMix, which it found better than MixUp or CutMix
         "default": [],

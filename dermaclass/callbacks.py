@@ -6,6 +6,8 @@
 - ``BestModel``: the weights with the best validation balanced accuracy over the whole run
   (all stepwise stages), kept as safetensors, restored at the end;
 - ``WeightEMA``: an exponential moving average of the weights (timm's ``ModelEmaV3``);
+- ``CycleAverage``: the average of the weights at the last SGDR cycle ends (SWA on seed
+  003's warm restarts), batch-norm statistics recomputed (``torch.optim.swa_utils.update_bn``);
 - ``SAM``: sharpness-aware minimisation (seed 002), a second gradient at the perturbed weights;
 - ``StopOnNaN``: a non-finite training loss stops the run at once with exit 5 (no bundle is
   written from a diverged model), as fastai's ``TerminateOnNaNCallback`` but loud;
@@ -178,6 +180,65 @@ class WeightEMA(Callback):
             return False
         unwrap(self.learn.model).load_state_dict(self.ema.module.state_dict())
         return True
+
+
+class CycleAverage(_EpochCallback):
+    """The average of the weights at the ends of the last ``last`` annealing cycles of the run.
+
+    Snapshot ensembles (Huang et al. 2017) average the *predictions* of SGDR's cycle ends; SWA
+    (Izmailov et al. 2018) shows that averaging the *weights* of such points finds a wider
+    optimum at no cost at inference (one network, not ``last``). The cycle ends are read from
+    the fit's own LR schedule (``schedules.cycle_end_epochs``: the epochs a warm restart follows,
+    and the last epoch of every fit), so in the stepwise recipe they are the ends of each stage's
+    SGDR cycles. ``apply`` puts the average into the model and recomputes the batch-norm
+    statistics on the training loader, since averaged weights do not match averaged statistics.
+    """
+
+    order = Recorder.order + 3  # before Resume's checkpoint (+4), which saves the snapshots
+
+    def __init__(self, last: int) -> None:
+        if last < 2:
+            raise DermaclassError(f"averaging cycle ends needs at least 2 of them, got {last}")
+        self.last, self.snapshots, self.steps = last, [], 0
+
+    def epoch_done(self) -> None:
+        from dermaclass.schedules import cycle_end_epochs
+
+        sched = getattr(getattr(self.learn, "param_scheduler", None), "scheds", {}).get("lr")
+        ends = cycle_end_epochs(sched, self.n_epoch) if sched is not None else [self.n_epoch - 1]
+        if self.epoch not in ends:
+            return
+        state = {k: v.detach().clone() for k, v in unwrap(self.learn.model).state_dict().items()}
+        self.snapshots = [*self.snapshots, state][-self.last:]
+        self.steps += 1
+        log.info("cycle end %d kept for the weight average (%d of %d)", self.steps, len(self.snapshots), self.last)
+
+    def state(self) -> dict[str, Any]:
+        """The snapshots as one flat tensor dict (for the resume checkpoint)."""
+        return {f"{i}.{k}": v.contiguous() for i, snap in enumerate(self.snapshots) for k, v in snap.items()}
+
+    def load(self, state: dict[str, Any], steps: int) -> None:
+        snaps: dict[int, dict[str, Any]] = {}
+        for key, v in state.items():
+            i, name = key.split(".", 1)
+            snaps.setdefault(int(i), {})[name] = v
+        self.snapshots, self.steps = [snaps[i] for i in sorted(snaps)], steps
+
+    def apply(self, loader: Any) -> int:
+        """Put the average of the kept snapshots into the model and recompute its batch-norm
+        statistics over ``loader``; the number of snapshots averaged (0: none were taken)."""
+        if not self.snapshots:
+            return 0
+        model = unwrap(self.learn.model)
+        last = self.snapshots[-1]
+        average = {k: torch.stack([s[k] for s in self.snapshots]).mean(0) if v.is_floating_point() else v
+                   for k, v in last.items()}
+        model.load_state_dict(average)
+        if len(self.snapshots) > 1:
+            from torch.optim.swa_utils import update_bn
+
+            update_bn(loader, model)
+        return len(self.snapshots)
 
 
 class CPUAutocast(Callback):

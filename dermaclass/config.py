@@ -98,6 +98,10 @@ class Config:
     # Exponential moving average of the weights (timm ModelEmaV3, with warm-up): the bundle keeps
     # the average at the end of training instead of a single epoch's weights. 0 = off.
     ema_decay: float = 0.0
+    # Average of the weights at the last N SGDR cycle ends (SWA, Izmailov et al. 2018, on seed
+    # 003's warm restarts; in the stepwise recipe, the ends of each stage's cycles), batch-norm
+    # statistics recomputed on the training data: the bundle keeps the average. 0 = off.
+    average_cycles: int = 0
     # Batch mixing (seed 002 tried both beside AugMix; seed 004 lists them among CIFAR tricks):
     # fastai's MixUp (Zhang et al. 2018) or CutMix (Yun et al. 2019) callback, with a
     # Beta(mix_alpha, mix_alpha) mixing weight; None = fastai's default (MixUp 0.4, CutMix 1.0).
@@ -188,7 +192,7 @@ def _range_problem(name: str, v: Any) -> str | None:
     from dermaclass.data.splits import check_split_fractions as check_split
 
     positive = {"batch_size", "epochs", "n_cycles", "cycle_len", "lr_find_iters"}
-    non_negative = {"head_epochs", "min_per_class", "workers", "threads", "early_stop_patience"}
+    non_negative = {"head_epochs", "min_per_class", "workers", "threads", "early_stop_patience", "average_cycles"}
     if name in positive and v < 1:
         return "must be at least 1"
     if name in non_negative and v < 0:

@@ -34,7 +34,7 @@ Seed 003 (Mishra et al., MVA 2019): SGDR with cycle-length multiplication; fasta
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -72,6 +72,23 @@ def sgdr_lr(pos: float, *, n_cycles: int, cycle_len: int, cycle_mult: int, lr_ma
             return lr_max * (1 + math.cos(math.pi * frac)) / 2
         start += length
     raise AssertionError("unreachable")
+
+
+def cycle_end_epochs(lr_at: Callable[[float], float], n_epoch: int) -> list[int]:
+    """The epochs (0-based) of a fit that end an annealing cycle: the LR schedule ``lr_at(pos)``
+    (pos in [0, 1], fastai's convention) jumps up right after them (a warm restart), or the fit
+    ends there. SGDR's cycle ends are the weights snapshot ensembles (Huang et al. 2017) and
+    SWA (Izmailov et al. 2018) collect: each sits at the bottom of an annealed cycle.
+    """
+    if n_epoch < 1:
+        raise ValueError(f"a fit has at least one epoch, got {n_epoch}")
+    eps = 1e-6 / n_epoch
+    ends = []
+    for e in range(n_epoch - 1):
+        pos = (e + 1) / n_epoch
+        if float(np.max(lr_at(pos + eps))) > 2 * float(np.max(lr_at(pos - eps))) + 1e-12:
+            ends.append(e)
+    return [*ends, n_epoch - 1]
 
 
 def batch_size_multipliers(n_stages: int) -> list[int]:

@@ -80,6 +80,25 @@ def test_sgdr_lr_restarts() -> None:
     assert S.sgdr_lr(2 / 3, **kw) == pytest.approx(0.5)  # the second cycle is twice as long
 
 
+def test_cycle_end_epochs_are_sgdr_restarts() -> None:
+    from functools import partial
+
+    from fastai.callback.schedule import SchedCos, combine_scheds
+
+    ours = partial(S.sgdr_lr, n_cycles=3, cycle_len=1, cycle_mult=2, lr_max=1.0)
+    assert S.cycle_end_epochs(ours, 7) == [0, 2, 6]  # cycles of 1, 2 and 4 epochs
+    # fastai's own SGDR schedule (fit_sgdr's combine_scheds), with per-group LRs as slice() gives
+    lr_max = np.array([1e-4, 1e-3, 1e-2])
+    pcts = [1 / 7, 2 / 7, 4 / 7]
+    fastai = combine_scheds(pcts, [SchedCos(lr_max, 0)] * 3)
+    assert S.cycle_end_epochs(fastai, 7) == [0, 2, 6]
+    # one-cycle and flat schedules have one end: the fit's last epoch
+    assert S.cycle_end_epochs(lambda pos: 1e-3 * (1 - pos), 4) == [3]
+    assert S.cycle_end_epochs(lambda pos: 1e-3, 1) == [0]
+    with pytest.raises(ValueError, match="at least one epoch"):
+        S.cycle_end_epochs(ours, 0)
+
+
 def test_nested_subsets_are_nested_and_stratified() -> None:
     labels = np.array(["nv"] * 670 + ["mel"] * 110 + ["df"] * 11 + ["vasc"] * 3)
     subsets = S.nested_subsets(labels, (0.2, 0.4, 0.6, 0.8, 1.0), seed=0)

@@ -438,6 +438,45 @@ def test_weight_ema_is_bundled_and_checkpointed(colour_data: Path, tmp_path: Pat
         _cfg(tmp_path, ema_decay=1.5)
 
 
+def test_cycle_average_is_bundled_and_checkpointed(colour_data: Path, tmp_path: Path) -> None:
+    from dermaclass.callbacks import CycleAverage
+
+    # SGDR cycles of 1 and 2 epochs: the cycle ends are epochs 0 and 2 (not 1)
+    cfg = _cfg(tmp_path, recipe="sgdr", lr=1e-3, head_epochs=0, n_cycles=2, average_cycles=2)
+    data = prepare_data(cfg, colour_data)
+    train(cfg, data, tmp_path / "run")
+    meta = json.loads((tmp_path / "run" / "model.json").read_text())
+    assert meta["kept_weights"] == "average of the last 2 cycle ends"
+    progress = json.loads((tmp_path / "run" / "progress.json").read_text())
+    assert progress["avg"].startswith("avg-") and progress["avg_steps"] == 2  # in every checkpoint: resumable
+
+    learn = build_learner(cfg, data, tmp_path / "run2", dls=data_loaders(cfg, data))
+    cb = learn.cycle_average
+    assert isinstance(cb, CycleAverage) and cb.state() == {}
+    learn.unfreeze()
+    learn.fit_sgdr(2, 1, lr_max=1e-2)
+    assert cb.steps == 2 and len(cb.snapshots) == 2
+    now = {k: v.clone() for k, v in learn.model.state_dict().items()}
+    assert all(torch.equal(cb.snapshots[1][k], now[k]) for k in now)  # the last epoch is a cycle end
+    first = cb.snapshots[0]
+    weights = [k for k in now if k.endswith(".weight")]
+    # the snapshots round-trip through a checkpoint (what --resume loads)
+    state = cb.state()
+    cb.snapshots, cb.steps = [], 0
+    cb.load(state, 2)
+    assert cb.steps == 2 and all(torch.equal(cb.state()[k], state[k]) for k in state)
+    assert cb.apply(learn.dls.train) == 2
+    after = learn.model.state_dict()
+    for k in weights:  # the weights are the mean of the two cycle ends ...
+        assert torch.allclose(after[k], (first[k] + now[k]) / 2, atol=1e-6)
+    means = [k for k in after if k.endswith("running_mean")]  # ... batch-norm statistics are recomputed
+    assert means and any(not torch.allclose(after[k], (first[k] + now[k]) / 2) for k in means)
+    with pytest.raises(TrainingError, match="choose one"):
+        build_learner(cfg.replace(ema_decay=0.9), data, tmp_path / "run3", dls=data_loaders(cfg, data))
+    with pytest.raises(TrainingError, match="at least 2"):
+        build_learner(cfg.replace(average_cycles=1), data, tmp_path / "run3", dls=data_loaders(cfg, data))
+
+
 def data_loaders(cfg, data):
     from dermaclass.train import stage_dataloaders
 

@@ -164,6 +164,8 @@ FLAG_HELP: dict[str, str] = {
     "label_smoothing": "Cross-entropy label smoothing, 0 = off",
     "keep": "best (best validation balanced accuracy) or last (end of training) weights",
     "ema_decay": "Keep an exponential moving average of the weights (e.g. 0.998) and bundle it; 0 = off",
+    "average_cycles": "Bundle the average of the weights at the last N SGDR cycle ends (SWA; batch-norm statistics "
+                      "recomputed); 0 = off",
     "histo_weight": "Sampling weight of histopathology-confirmed images (dx_type histo) against the rest; 1 = off",
     "mix": "Batch mixing: fastai's MixUp or CutMix callback",
     "mix_alpha": "Beta(alpha, alpha) of --mix; none = fastai's default (MixUp 0.4, CutMix 1.0)",

@@ -35,7 +35,7 @@ from fastai.metrics import BalancedAccuracy, F1Score
 
 from dermaclass import models, schedules
 from dermaclass.callbacks import (
-    MONITOR, SAM, BestModel, CPUAutocast, EpochLine, History, StopOnNaN, WeightEMA,
+    MONITOR, SAM, BestModel, CPUAutocast, CycleAverage, EpochLine, History, StopOnNaN, WeightEMA,
 )
 from dermaclass.losses import LogitAdjustedLoss
 from dermaclass.lr_find import RangeTest, range_test
@@ -92,6 +92,12 @@ def build_learner(cfg: Config, data: TrainData, run_dir: Path, *, dls) -> Learne
         if not 0 < cfg.ema_decay < 1:
             raise TrainingError(f"--ema-decay must be in (0, 1) or 0 for off, not {cfg.ema_decay}")
         cbs.append(WeightEMA(cfg.ema_decay))
+    if cfg.average_cycles:
+        if cfg.ema_decay:
+            raise TrainingError("--average-cycles and --ema-decay both replace the final weights; choose one")
+        if cfg.average_cycles < 2:
+            raise TrainingError(f"--average-cycles needs at least 2 cycle ends (0 = off), not {cfg.average_cycles}")
+        cbs.append(CycleAverage(cfg.average_cycles))
     loss_func = loss_for(cfg, data.items["label"].iloc[data.train_rows], data.vocab)
     if cfg.mix != "none":
         from fastai.callback.mixup import CutMix, MixUp

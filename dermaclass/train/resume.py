@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 
 PROGRESS = "progress.json"
 CHECKPOINTS = "checkpoints"
+#: Callbacks holding a weight average, by learner attribute, and the key of their checkpoint file.
+AVERAGES = {"weight_ema": "ema", "cycle_average": "avg"}
+PREFIXES = ("weights-", "opt-", *(f"{key}-" for key in AVERAGES.values()))
 
 
 def _rng_state() -> dict[str, Any]:
@@ -112,9 +115,10 @@ class Resume(_EpochCallback):
                 learn.create_opt()
             sd = torch.load(self.folder / state["optimizer"], weights_only=True)
             learn.opt.load_state_dict({"state": sd["state"], "hypers": L(sd["hypers"])})
-        ema = getattr(learn, "weight_ema", None)
-        if ema is not None and state.get("ema") and (self.folder / state["ema"]).is_file():
-            ema.load(load_file(str(self.folder / state["ema"])), int(state.get("ema_steps", 0)))
+        for attr, key in AVERAGES.items():
+            cb = getattr(learn, attr, None)
+            if cb is not None and state.get(key) and (self.folder / state[key]).is_file():
+                cb.load(load_file(str(self.folder / state[key])), int(state.get(f"{key}_steps", 0)))
         if state.get("rng"):
             _set_rng_state(state["rng"])
         log.info("resumed at step %s, epoch %d", state["step"], state["epoch_in_step"])
@@ -135,22 +139,22 @@ class Resume(_EpochCallback):
         with atomic_path(opt) as tmp:
             torch.save(plain(self.learn.opt.state_dict()), tmp)  # tensors and numbers only: loads with weights_only=True
         extra: dict[str, Any] = {}
-        ema = getattr(self.learn, "weight_ema", None)
-        if ema is not None and ema.ema is not None:  # the weight average resumes too
-            ema_file = self.folder / f"ema-{tag}.safetensors"
-            with atomic_path(ema_file) as tmp:
-                save_file(ema.state(), str(tmp))
-            extra = {"ema": ema_file.name, "ema_steps": ema.steps}
+        for attr, key in AVERAGES.items():  # a weight average resumes too
+            cb = getattr(self.learn, attr, None)
+            if cb is not None and cb.state():
+                avg_file = self.folder / f"{key}-{tag}.safetensors"
+                with atomic_path(avg_file) as tmp:
+                    save_file(cb.state(), str(tmp))
+                extra |= {key: avg_file.name, f"{key}_steps": cb.steps}
         write_json(self.run_dir / PROGRESS, {**self.position(), "rng": _rng_state(), "epoch_in_step": self.epoch + 1,
                                              "weights": weights.name, "optimizer": opt.name, **extra})
-        keep = {weights.name, opt.name, extra.get("ema")}
+        keep = {weights.name, opt.name, *(extra.get(key) for key in AVERAGES.values())}
         for old in self.folder.glob("*-*"):
-            if old.name not in keep and old.suffix in (".safetensors", ".pt") and \
-                    old.name.startswith(("weights-", "opt-", "ema-")):
+            if old.name not in keep and old.suffix in (".safetensors", ".pt") and old.name.startswith(PREFIXES):
                 old.unlink(missing_ok=True)
 
     def clean(self) -> None:
         """Remove the resume files once the bundle exists (they are not needed any more)."""
         for f in self.folder.glob("*-*"):
-            if f.name.startswith(("weights-", "opt-", "ema-")):
+            if f.name.startswith(PREFIXES):
                 f.unlink(missing_ok=True)

@@ -122,8 +122,11 @@ def train(cfg: Config, data: TrainData, run_dir: str | Path, *, force: bool = Fa
         distrib_barrier()  # rank 0 has written the best weights
     learn.remove_cb(run.resumer)  # no more checkpoints: what follows is not training
     ema = getattr(learn, "weight_ema", None)
+    average = getattr(learn, "cycle_average", None)
     if ema is not None and ema.apply():
         log.info("the bundle keeps the weight average (EMA decay %g, %d steps)", cfg.ema_decay, ema.steps)
+    elif average is not None and (n := average.apply(learn.dls.train)):
+        log.info("the bundle keeps the average of the last %d cycle ends (batch norm recomputed)", n)
     elif cfg.keep == "best":
         learn.best_model.restore()
     with parallel(learn):  # every rank predicts its share; fastai gathers the whole validation split
@@ -168,7 +171,8 @@ def bundle_meta(cfg: Config, data: TrainData, *, metrics: dict, stages: list[dic
                        "resize": "cover (width, height) keeping aspect ratio, bilinear, centre crop",
                        "colour_constancy": cfg.colour_constancy,
                        "scale": "uint8 / 255, then (x - mean) / std"},
-        kept_weights=f"ema {cfg.ema_decay:g}" if cfg.ema_decay else cfg.keep,
+        kept_weights=(f"ema {cfg.ema_decay:g}" if cfg.ema_decay else
+                      f"average of the last {cfg.average_cycles} cycle ends" if cfg.average_cycles else cfg.keep),
         tta="flips4" if cfg.tta == "flips" else None,  # what the Predictor does by default
         head={"kind": "fastai", "ps": 0.5},
         metrics_valid=metrics,
