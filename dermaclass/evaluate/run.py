@@ -30,7 +30,7 @@ from dermaclass.evaluate.metrics import (
     reliability_bins, softmax,
 )
 from dermaclass.inference import Predictor
-from dermaclass.models import file_sha256
+from dermaclass.models import BundleMeta, file_sha256, read_bundle_meta
 
 log = logging.getLogger(__name__)
 
@@ -80,24 +80,24 @@ def select_split(items: pd.DataFrame, split_df: pd.DataFrame | None, split: str,
     return items[mask], counts
 
 
-def _split_images(predictor: Predictor, items: pd.DataFrame, *, split: Split, split_path: Path | None, cfg: Config,
-                  source: str) -> tuple[pd.DataFrame, dict, CachedImages]:
+def _split_images(bundle: Path, meta: BundleMeta, items: pd.DataFrame, *, split: Split, split_path: Path | None,
+                  cfg: Config, source: str) -> tuple[pd.DataFrame, dict, CachedImages]:
     """The rows of ``split`` (by the split file) and their images at the bundle's input size,
     refusing labels the bundle does not know."""
     items = items.reset_index(drop=True)
     split_df = None
     if split != "all":
         if split_path is None or not split_path.is_file():
-            raise EvaluationError(f"{predictor.bundle}: no split file at {split_path}; pass --split-file or --split all")
+            raise EvaluationError(f"{bundle}: no split file at {split_path}; pass --split-file or --split all")
         split_df = read_split(split_path)
     chosen, split_counts = select_split(items, split_df, split, source=source)
     chosen = chosen.reset_index(drop=True)
-    unknown = chosen.loc[~chosen["label"].isin(predictor.classes), "label"].value_counts()
+    unknown = chosen.loc[~chosen["label"].isin(meta.classes), "label"].value_counts()
     if len(unknown):
         listed = ", ".join(f"{lab!r} ({n} image{'s' if n > 1 else ''})" for lab, n in unknown.items())
         raise EvaluationError(f"{source}: labels the model does not know: {listed}; the model's classes are "
-                              f"{', '.join(predictor.classes)}. Relabel, drop them, or train a model that has them.")
-    images = DecodeCache(cfg.cache_dir, predictor.input_size).ensure(
+                              f"{', '.join(meta.classes)}. Relabel, drop them, or train a model that has them.")
+    images = DecodeCache(cfg.cache_dir, tuple(meta.input_size)).ensure(
         chosen["path"].tolist(), chosen["hash"].tolist(), workers=cfg.workers or None
     )
     return chosen, split_counts, images
@@ -110,14 +110,14 @@ def split_images(bundle: str | Path, data: str | Path | Sequence[str | Path], *,
     split file (default: the ``split.csv`` beside it), at the bundle's input size."""
     cfg = cfg or Config()
     bundle = Path(bundle)
-    predictor = Predictor(bundle, backend="torch", threads=cfg.threads)
+    meta = read_bundle_meta(bundle)  # the classes and input size; no network is loaded
     paths = [data] if isinstance(data, (str, Path)) else list(data)
     items, _ = validate_sources(cfg, paths, progress=None)
     source = ", ".join(str(p) for p in paths)
     split_path = Path(split_file) if split_file else bundle / "split.csv"
     out = {}
     for s in splits:
-        rows, _, images = _split_images(predictor, items, split=s, split_path=split_path, cfg=cfg, source=source)
+        rows, _, images = _split_images(bundle, meta, items, split=s, split_path=split_path, cfg=cfg, source=source)
         out[s] = (rows["label"].astype(str).tolist(), images)
     return out
 
@@ -164,7 +164,7 @@ def evaluate_bundle(
     items, validations = validate_sources(cfg, paths, progress=progress)
     data = ", ".join(str(p) for p in paths)
     split_path = None if split == "all" else (Path(split_file) if split_file else bundle / "split.csv")
-    chosen, split_counts, images = _split_images(predictor, items, split=split, split_path=split_path, cfg=cfg,
+    chosen, split_counts, images = _split_images(bundle, predictor.meta, items, split=split, split_path=split_path, cfg=cfg,
                                                  source=data)
     tta = predictor.tta if tta is None else tta
     logits = predictor.logits(images, tta=tta)
