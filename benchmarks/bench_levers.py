@@ -112,6 +112,7 @@ LEVERS: dict[str, dict[str, list[str]]] = {
     "augment": {  # seed 002's augmentation: AugMix, which it found better than MixUp or CutMix
         "default": [],
         "augmix": ["--augment", "augmix"],
+        "zoom": ["--augment", "zoom"],  # a wider scale range: other framings of the lesion (derm7pt's crops)
     },
     "mix": {  # issue 12 lever 5: batch mixing (fastai's callbacks, their default alphas)
         "default": [],

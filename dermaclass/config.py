@@ -76,7 +76,7 @@ class Config:
     # weights 0.603, sqrt-weights 0.577, none 0.493 (focal: see the training issue's note).
     # logit-adjusted: Menon et al. 2021 (dermaclass.losses), data as it comes, no sampler.
     imbalance: Literal["none", "weights", "sqrt-weights", "sampler", "focal", "logit-adjusted"] = "sampler"
-    augment: Literal["none", "basic", "augmix"] = "basic"
+    augment: Literal["none", "basic", "zoom", "augmix"] = "basic"
     # Sampling weight of images whose diagnosis was confirmed by histopathology (a dx_type column
     # equal to "histo", as in HAM10000's metadata) relative to the others (follow-up, consensus,
     # confocal): Gessert et al. 2020 weight them up and report +3 % balanced sensitivity. It

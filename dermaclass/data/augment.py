@@ -2,7 +2,8 @@
 
 Dermoscopy has no canonical orientation (a lesion photographed upside down is the same
 lesion), so flips and full rotations are safe; scale and small colour changes mimic
-different dermatoscopes, distances and lighting. AugMix (seed 002's default augmentation,
+different dermatoscopes, distances and lighting (``zoom``: a wider scale range, for other
+framings of the lesion). AugMix (seed 002's default augmentation,
 Hendrycks et al. 2020) is an option, built from the same albumentations operations: k
 randomly composed chains, mixed with Dirichlet weights, then blended with the original.
 """
@@ -15,15 +16,22 @@ import albumentations as A
 import numpy as np
 
 
-def basic_pipeline(size: tuple[int, int]) -> A.Compose:
-    """Flips, free rotation, scale and colour jitter, cropped back to (width, height)."""
+def basic_pipeline(size: tuple[int, int], *, zoom: bool = False) -> A.Compose:
+    """Flips, free rotation, scale and colour jitter, cropped back to (width, height).
+
+    ``zoom``: a wider scale range (crops down to 35 % of the area, i.e. up to 1.7x closer, and
+    affine scale 0.75-1.33), for dermatoscopes and crops that frame the lesion tighter or
+    looser than HAM10000's 4:3 frames (derm7pt's atlas crops fill the frame with the lesion).
+    """
     width, height = size
+    affine_scale, crop_area, crop_p = ((0.75, 1.33), (0.35, 1.0), 0.8) if zoom else ((0.9, 1.15), (0.75, 1.0), 0.5)
     return A.Compose(
         [
             A.HorizontalFlip(p=0.5),
             A.VerticalFlip(p=0.5),
-            A.Affine(rotate=(-180, 180), scale=(0.9, 1.15), translate_percent=(-0.05, 0.05), border_mode=0, p=0.9),
-            A.RandomResizedCrop(size=(height, width), scale=(0.75, 1.0), ratio=(width / height * 0.9, width / height * 1.1), p=0.5),
+            A.Affine(rotate=(-180, 180), scale=affine_scale, translate_percent=(-0.05, 0.05), border_mode=0, p=0.9),
+            A.RandomResizedCrop(size=(height, width), scale=crop_area, ratio=(width / height * 0.9, width / height * 1.1),
+                                p=crop_p),
             A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.15, hue=0.02, p=0.8),
         ]
     )
@@ -65,11 +73,11 @@ class AugMix:
 
 
 def train_pipeline(kind: str, size: tuple[int, int]) -> Any | None:
-    """The training augmentation for ``kind`` (none / basic / augmix); None means no augmentation."""
+    """The training augmentation for ``kind`` (none / basic / zoom / augmix); None means no augmentation."""
     if kind == "none":
         return None
-    if kind == "basic":
-        return basic_pipeline(size)
+    if kind in ("basic", "zoom"):
+        return basic_pipeline(size, zoom=kind == "zoom")
     if kind == "augmix":
         return AugMix(size)
-    raise ValueError(f"unknown augmentation {kind!r}; choose none, basic or augmix")
+    raise ValueError(f"unknown augmentation {kind!r}; choose none, basic, zoom or augmix")
