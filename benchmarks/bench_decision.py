@@ -52,6 +52,12 @@ def figures(labels: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict:
             "mel_specificity": pc["mel"]["specificity"]}
 
 
+def cell(r: dict) -> str:
+    """balanced accuracy / nevus / melanoma sensitivity; '-' for a class the images lack."""
+    return "/".join("-" if r[k] is None else f"{r[k]:.{nd}f}" for k, nd in
+                    (("balanced_accuracy", 3), ("nv_sensitivity", 2), ("mel_sensitivity", 2)))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(ROOT / "models" / "ham10000-effnet-lite0"))
@@ -74,8 +80,8 @@ def main() -> None:
     log_prior = np.log(prior)
     scores = {}
     for name, (labels, images) in sets.items():
-        if args.quick:
-            labels, images = labels[:200], images[:200]
+        if args.quick:  # the decode-cache view is indexed one image at a time
+            labels, images = labels[:200], [images[i] for i in range(min(200, len(images)))]
         logits = predictor.logits(images)  # the bundle's own test-time augmentation
         y = np.array([classes.index(lab) for lab in labels])
         log_probs = log_softmax(logits / predictor.temperature, axis=1)
@@ -89,9 +95,7 @@ def main() -> None:
     print(f"{'tau':>5}  " + "  ".join(f"{w:>20}" for w in where))
     for t in TAUS:
         mark = " <- valid nv sens. >= %.2f" % args.target if t == chosen else ""
-        print(f"{t:5.1f}  " + "  ".join(
-            f"{scores[w][t]['balanced_accuracy']:.3f}/{scores[w][t]['nv_sensitivity']:.2f}/{scores[w][t]['mel_sensitivity']:.2f}".rjust(20)
-            for w in where) + mark)
+        print(f"{t:5.1f}  " + "  ".join(cell(scores[w][t]).rjust(20) for w in where) + mark)
     out = RESULTS / f"decision{'_quick' if args.quick else ''}.json"
     write_json(out, {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},

@@ -116,7 +116,7 @@ def decision_table() -> list[str]:
            "| tau | " + " | ".join(sets) + " |", "|---|" + "---|" * len(sets)]
     for t in d["taus"]:
         row = [d["scores"][w][str(t)] for w in sets]
-        cells = [f"{r['balanced_accuracy']:.3f} / {r['nv_sensitivity']:.2f} / {r['mel_sensitivity']:.2f}" for r in row]
+        cells = [f"{_f(r['balanced_accuracy'])} / {_f(r['nv_sensitivity'], 2)} / {_f(r['mel_sensitivity'], 2)}" for r in row]
         name = f"**{t:g}** (chosen)" if t == chosen else ("0 (the bundle's rule)" if t == 0 else f"{t:g}")
         out.append(f"| {name} | " + " | ".join(cells) + " |")
     return out

@@ -141,10 +141,10 @@ class Resume(_EpochCallback):
         extra: dict[str, Any] = {}
         for attr, key in AVERAGES.items():  # a weight average resumes too
             cb = getattr(self.learn, attr, None)
-            if cb is not None and cb.state():
+            if cb is not None and (tensors := cb.state()):
                 avg_file = self.folder / f"{key}-{tag}.safetensors"
                 with atomic_path(avg_file) as tmp:
-                    save_file(cb.state(), str(tmp))
+                    save_file(tensors, str(tmp))
                 extra |= {key: avg_file.name, f"{key}_steps": cb.steps}
         write_json(self.run_dir / PROGRESS, {**self.position(), "rng": _rng_state(), "epoch_in_step": self.epoch + 1,
                                              "weights": weights.name, "optimizer": opt.name, **extra})
