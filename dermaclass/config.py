@@ -118,6 +118,12 @@ class Config:
     # calibration and operating points (fitted on the validation split after training)
     operating_classes: tuple[str, ...] = ("mel",)  # classes of clinical interest that get a threshold
     target_sensitivity: float = 0.90  # the threshold is the highest one reaching this on validation
+    # Prior shift (post-hoc logit adjustment, Menon et al. 2021), fitted on the validation split
+    # after the temperature: tau * log(train prior) is added to the calibrated logits, with tau
+    # the smallest on a 0.1 grid that gives prior_class this sensitivity. The balanced sampler
+    # trains towards a uniform prior and then calls a third of nevi something else. 0 = off.
+    prior_class: str = "nv"
+    prior_sensitivity: float = 0.0
     refer_below: float = 0.5  # refer to a dermatologist when the top calibrated probability is lower
     ood_keep: float = 0.95  # the out-of-distribution cut-off passes this share of validation images
     # Out-of-distribution score (refer.py), fitted on the train split's features after training.
@@ -213,7 +219,7 @@ def _range_problem(name: str, v: Any) -> str | None:
         return "must be at least 1 (the body's LR is lr / lr_ratio)"
     if name in {"target_sensitivity", "ood_keep"} and not 0 < v < 1:
         return "must be between 0 and 1 (exclusive)"
-    if name in {"refer_below", "label_smoothing", "ema_decay"} and not 0 <= v < 1:
+    if name in {"refer_below", "label_smoothing", "ema_decay", "prior_sensitivity"} and not 0 <= v < 1:
         return "must be in [0, 1)"
     if name == "image_size" and min(v) < 16:
         return "each side must be at least 16 pixels"

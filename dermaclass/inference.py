@@ -3,8 +3,9 @@
 A ``Predictor`` is built from a bundle folder (``model.safetensors`` + ``model.json``; never
 a pickle). It decodes any clinic image the data layer accepts, resizes it as the decode
 cache did during training (cover + centre crop to the bundle's input size), normalises with
-the bundle's statistics, and turns logits into probabilities with the bundle's temperature
-(fitted on the validation split at the end of training). Operating points stored in the
+the bundle's statistics, and turns logits into probabilities with the bundle's prior shift
+(per-class logit offsets, when it has one) and temperature, both fitted on the validation
+split at the end of training. Operating points stored in the
 bundle (e.g. a melanoma threshold for 90 % validation sensitivity) flag images whatever
 the argmax says.
 
@@ -122,6 +123,8 @@ class Predictor:
         # at 32x24 accepts 32x24); at 128x96, refer.MIN_SIDE (64 px) applies.
         self.min_side = min(refer.MIN_SIDE, min(self.input_size))
         self.temperature = self.meta.temperature
+        # The prior shift (calibration.offsets): added to the logits before the temperature.
+        self.offsets = None if self.meta.offsets is None else np.asarray(self.meta.offsets, dtype=np.float64)
         if not self.meta.calibration:
             log.warning("%s: bundle has no calibration; probabilities are the uncalibrated softmax", self.bundle)
         self.operating_points: dict[str, dict[str, Any]] = {
@@ -264,10 +267,12 @@ class Predictor:
         return self.checked(self.calibrated(self.logits(images, batch_size=batch_size, tta=tta)))
 
     def calibrated(self, logits: np.ndarray) -> np.ndarray:
-        """Probabilities of logits divided by the bundle's temperature (scipy's stable softmax)."""
+        """Probabilities of the logits, shifted by the bundle's prior shift (if any) and divided
+        by its temperature (scipy's stable softmax)."""
         from scipy.special import softmax
 
-        return softmax(np.asarray(logits, dtype=np.float64) / self.temperature, axis=1)
+        z = np.asarray(logits, dtype=np.float64)
+        return softmax((z if self.offsets is None else z + self.offsets) / self.temperature, axis=1)
 
     def checked(self, probs: np.ndarray, what: str = "these images") -> np.ndarray:
         """Refuse to hand out a NaN or Inf probability: a broken model must fail loudly, not read

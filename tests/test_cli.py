@@ -141,6 +141,25 @@ def test_fit_ood_command(tiny_bundle: Path, colour_data: Path, tmp_path: Path) -
     assert _json.loads((bundle / "model.json").read_text())["calibration"]["refer"]["ood"]["method"] == "knn"
 
 
+def test_calibrate_command_keeps_the_bundles_settings_unless_given(tiny_bundle: Path, colour_data: Path,
+                                                                    tmp_path: Path) -> None:
+    import json as _json
+    import shutil
+
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_bundle, bundle, ignore=shutil.ignore_patterns("checkpoints", "*.onnx"))
+    runner = CliRunner()
+    res = runner.invoke(app, ["calibrate", str(bundle), str(colour_data)])
+    assert res.exit_code != 0 and "already calibrated" in " ".join(res.output.split()), res.output
+    res = runner.invoke(app, ["calibrate", str(bundle), str(colour_data), "--force", "--prior-sensitivity", "0.85"])
+    text = " ".join(res.output.split())
+    assert res.exit_code == 0 and "prior shift: tau" in text and "referral rule refers" in text, res.output
+    res = runner.invoke(app, ["calibrate", str(bundle), str(colour_data), "--force", "--target-sensitivity", "0.8"])
+    meta = _json.loads((bundle / "model.json").read_text())
+    assert res.exit_code == 0 and meta["config"]["prior_sensitivity"] == 0.85  # kept: not given again
+    assert meta["operating_points"]["mel"]["target_sensitivity"] == 0.8 and "prior_shift" in meta["calibration"]
+
+
 def test_export_and_missing_bundle(tiny_bundle: Path, tmp_path: Path) -> None:
     import shutil
 

@@ -156,3 +156,18 @@ def test_the_fast_confusion_matrix_equals_sklearns_with_weights():
     rng = np.random.default_rng(0)
     y, pred, w = rng.integers(0, 5, 300), rng.integers(0, 5, 300), rng.poisson(1.0, 300).astype(float)
     assert np.allclose(_confusion(y, pred, 5, w), confusion_matrix(y, pred, labels=range(5), sample_weight=w))
+
+
+def test_prior_shift_takes_the_smallest_tau_that_reaches_the_target():
+    margins = np.arange(10) / 10 + 0.05  # by how much class 0 beats each nevus (class 1): 0.05 ... 0.95
+    z = np.stack([margins, np.zeros(10)], axis=1)
+    y = np.ones(10, int)
+    log_prior = np.array([-1.0, 0.0])  # tau * log_prior lifts the nevus by tau against class 0
+    s = ev.prior_shift(z, y, log_prior, 1, target_sensitivity=0.8)
+    assert s == {"tau": 0.8, "sensitivity": 0.8, "sensitivity_before": 0.0, "reached": True}
+    assert ev.prior_shift(z, y, log_prior, 1, target_sensitivity=1.0)["tau"] == 1.0
+    unreachable = ev.prior_shift(z + [0.2, 0], y, log_prior, 1, target_sensitivity=1.0)
+    assert unreachable["tau"] == 1.0 and not unreachable["reached"] and unreachable["sensitivity"] == 0.8
+    assert ev.prior_shift(z, np.zeros(10, int), log_prior, 1, target_sensitivity=0.8)["tau"] == 0.0  # no nevi
+    with pytest.raises(ValueError):
+        ev.prior_shift(z, y, log_prior, 1, target_sensitivity=0)

@@ -593,6 +593,28 @@ def test_a_temperature_that_worsens_ece_is_refused(monkeypatch: pytest.MonkeyPat
     assert calibration["ece_after"] == calibration["ece_before"] and probs.max(1).min() > 0.99
 
 
+def test_the_prior_shift_moves_the_decision_towards_the_train_prior(tmp_path: Path) -> None:
+    from dermaclass.evaluate.calibration import calibrate
+    from dermaclass.evaluate.metrics import softmax
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1, 2], [30, 30, 90])  # nv (index 2) is common in the data...
+    logits = rng.normal(size=(150, 3)) + 1.5 * np.eye(3)[labels]
+    logits[:, 2] -= 1.0  # ...but the network, trained on balanced batches, decides against it
+    vocab, prior = ["bkl", "mel", "nv"], [0.1, 0.1, 0.8]
+    cal, points, probs = calibrate(_cfg(tmp_path, prior_sensitivity=0.8), logits, labels, vocab, prior=prior)
+    shift = cal["prior_shift"]
+    assert shift["class"] == "nv" and 0 < shift["tau"] <= 1 and shift["reached"]
+    assert shift["valid_sensitivity_before"] < 0.8 <= shift["valid_sensitivity"]
+    assert (probs.argmax(1)[labels == 2] == 2).mean() == shift["valid_sensitivity"]
+    # what the bundle stores reproduces what it serves, and the melanoma threshold is set on it
+    assert np.allclose(probs, softmax(logits + cal["offsets"], cal["temperature"]))
+    mel = probs[labels == 1, 1]
+    assert np.mean(mel >= points["mel"]["threshold"]) == points["mel"]["valid_sensitivity"] >= 0.9
+    off, _, plain = calibrate(_cfg(tmp_path), logits, labels, vocab, prior=prior)  # off by default
+    assert "offsets" not in off and "prior_shift" not in off and (plain.argmax(1) == logits.argmax(1)).all()
+
+
 def test_force_over_a_finished_run_never_leaves_the_old_model_beside_a_new_split(
         colour_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from dermaclass import train as training

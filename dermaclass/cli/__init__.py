@@ -127,7 +127,7 @@ class DataOptions(dict):
     def config(self, **flags: Any) -> Config:
         """The resolved configuration: defaults < --config YAML < these data flags and ``flags``."""
         given = {k: v for k, v in self.items() if k != "config"}
-        return _config(self.get("config"), **given, **flags)
+        return _config(self.get("config"), **{**given, **flags})
 
 
 # The Config fields that commands take as flags: only the help text is written here. The type,
@@ -174,6 +174,9 @@ FLAG_HELP: dict[str, str] = {
     "early_stop_patience": "Epochs without balanced-accuracy gain before stopping; 0 = off",
     "operating_classes": "Classes that get a sensitivity threshold",
     "target_sensitivity": "Validation sensitivity of the threshold",
+    "prior_class": "The class whose sensitivity the prior shift sets",
+    "prior_sensitivity": "Prior shift (logit adjustment towards the train prior, tau fitted on valid): the validation "
+                         "sensitivity --prior-class must reach; 0 = off",
     "ood": "The out-of-distribution score that refers images unlike the training data",
     "split_file": "Reuse this split (new images are added)",
     "split_fractions": "train,valid,test shares",

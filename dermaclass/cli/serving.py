@@ -143,6 +143,38 @@ def fit_ood_cmd(
               f"split); the whole referral rule refers {r['valid_referred']:.1%} of valid images", highlight=False)
 
 
+@app.command("calibrate", epilog=EXIT_CODES)
+@friendly
+@data_options("operating_classes", "target_sensitivity", "prior_class", "prior_sensitivity")
+def calibrate_cmd(
+    model: BundlePath,
+    data: DataPath,
+    split_file: BundleSplitOpt = None,
+    force: Annotated[bool, Opt("--force", help="Replace the calibration the bundle has.")] = False,
+    data_opts: DataOptions = None,
+) -> None:
+    """Refit a bundle's temperature, prior shift, operating points and referral on the valid split of DATA.
+
+    Training fits them at its end; this changes them without retraining (e.g. a new melanoma
+    target sensitivity, or the prior shift for nevus sensitivity). Settings not given keep the
+    bundle's own. The weights are untouched.
+    """
+    from dermaclass.evaluate.run import CALIBRATION_SETTINGS, recalibrate
+    from dermaclass.models import read_bundle_meta
+
+    own = read_bundle_meta(model).config
+    cfg = data_opts.config(**{k: own[k] for k in CALIBRATION_SETTINGS if k in own and data_opts.get(k) is None})
+    cal = recalibrate(model, data, split_file=split_file, cfg=cfg, force=force)
+    out.print(f"{model}: temperature {cal['temperature']:.3f} (valid ECE {cal['ece_before']:.4f} -> "
+              f"{cal['ece_after']:.4f})", highlight=False)
+    if shift := cal.get("prior_shift"):
+        out.print(f"prior shift: tau {shift['tau']:.1f}, valid {shift['class']} sensitivity "
+                  f"{shift['valid_sensitivity_before']:.3f} -> {shift['valid_sensitivity']:.3f}", highlight=False)
+    refer = cal.get("refer") or {}
+    if "valid_referred" in refer:
+        out.print(f"referral rule refers {refer['valid_referred']:.1%} of valid images", highlight=False)
+
+
 @app.command("serve", epilog=EXIT_CODES)
 @friendly
 def serve_cmd(

@@ -21,7 +21,8 @@ TRAIN_FLAGS = (
     "recipe", "arch", "weights", "init_bundle", "pretrained", "image_size", "batch_size", "lr", "lr_suggestion",
     "warm_epoch", "head_epochs", "epochs", "n_cycles", "cycle_len", "cycle_mult", "lr_ratio", "stage_fractions",
     "stage_sizes", "lr_rule", "weight_sharing", "imbalance", "histo_weight", "augment", "colour_constancy", "tta", "label_smoothing",
-    "keep", "ema_decay", "average_cycles", "mix", "mix_alpha", "sam_rho", "precision", "early_stop_patience", "operating_classes", "target_sensitivity", "ood",
+    "keep", "ema_decay", "average_cycles", "mix", "mix_alpha", "sam_rho", "precision", "early_stop_patience", "operating_classes", "target_sensitivity",
+    "prior_class", "prior_sensitivity", "ood",
     "split_file", "seed", "threads",
 )
 

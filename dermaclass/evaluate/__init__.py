@@ -1,8 +1,8 @@
 """Evaluation: pure metrics over (labels, probabilities), and a bundle run on a labelled dataset.
 
 - ``metrics``: balanced accuracy, macro-F1, AUROC, mAP (seed 002), per-class sensitivity and
-  specificity, calibration error, grouped bootstrap intervals, temperature scaling and
-  operating points, all pure functions returning plain dicts;
+  specificity, calibration error, grouped bootstrap intervals, temperature scaling, the
+  prior shift and operating points, all pure functions returning plain dicts;
 - ``run``: a model bundle on a dataset split -> predictions and the report dict that
   ``dermaclass.report`` renders.
 """
@@ -15,6 +15,7 @@ from dermaclass.evaluate.metrics import (
     fit_temperature,
     flag_rates,
     operating_point,
+    prior_shift,
     reliability_bins,
     softmax,
     top_k_accuracy,
@@ -28,6 +29,7 @@ __all__ = [
     "fit_temperature",
     "flag_rates",
     "operating_point",
+    "prior_shift",
     "reliability_bins",
     "softmax",
     "top_k_accuracy",

@@ -1,39 +1,80 @@
 """Calibration of a trained model on its validation split: temperature scaling (Guo et al.
-2017) and operating points (the highest threshold reaching a target sensitivity, e.g. for
-melanoma). Pure numpy on (logits, labels); the training run calls it with the logits the
-bundle will serve (with its test-time augmentation).
+2017), an optional prior shift (post-hoc logit adjustment, Menon et al. 2021) and operating
+points (the highest threshold reaching a target sensitivity, e.g. for melanoma). Pure numpy
+on (logits, labels); the training run and ``dermaclass calibrate`` call it with the logits
+the bundle will serve (with its test-time augmentation).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import numpy as np
 
 from dermaclass.config import Config
-from dermaclass.evaluate.metrics import expected_calibration_error, fit_temperature, operating_point, softmax
+from dermaclass.evaluate.metrics import expected_calibration_error, fit_temperature, operating_point, prior_shift, softmax
 
 log = logging.getLogger(__name__)
+# A class the training split lacks gets this prior, not log(0): its offset is large and finite.
+MIN_PRIOR = 1e-4
 
 
-def calibrate(cfg: Config, logits: np.ndarray, labels: np.ndarray, vocab: list[str]) -> tuple[dict, dict, np.ndarray]:
-    """Temperature scaling, operating points and the referral rule, fitted on the validation split.
-
-    Returns the bundle's ``calibration`` and ``operating_points`` entries and the calibrated
-    validation probabilities. Every later prediction divides the logits by this temperature.
-    The referral rule (``calibration.refer``) is fitted on the saved bundle by
-    ``refer.fit_ood``, since its score reads the bundle's features as the app does.
-    """
+def _temperature(logits: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray, dict]:
+    """The fitted temperature, its probabilities and ECE before/after; T = 1 when fitting would
+    make validation ECE worse (NLL and ECE can disagree on a small validation split: never ship
+    a worse calibration)."""
     t = fit_temperature(logits, labels)
     raw, probs = softmax(logits), softmax(logits, t)
     before, after = expected_calibration_error(labels, raw), expected_calibration_error(labels, probs)
     refused = before is not None and after is not None and after > before
-    if refused:  # NLL and ECE can disagree on a small validation split: never ship a worse calibration
+    if refused:
         log.warning("temperature %.3f would make validation ECE worse (%.4f -> %.4f); keeping T = 1", t, before, after)
         t, probs, after = 1.0, raw, before
-    calibration = {"method": "temperature", "temperature": t, "fitted_on": "valid", "n": int(len(labels)),
-                   "ece_before": before, "ece_after": after,
-                   **({"refused": "the fitted temperature made validation ECE worse; T = 1 kept"} if refused else {})}
+    return t, probs, {"ece_before": before, "ece_after": after,
+                      **({"refused": "the fitted temperature made validation ECE worse; T = 1 kept"} if refused else {})}
+
+
+def calibrate(cfg: Config, logits: np.ndarray, labels: np.ndarray, vocab: list[str], *,
+              prior: Sequence[float] | None = None) -> tuple[dict, dict, np.ndarray]:
+    """Temperature scaling, the prior shift, operating points and the referral floor, fitted on
+    the validation split.
+
+    ``prior``: the training split's class frequencies (in ``vocab`` order), needed for the prior
+    shift (``cfg.prior_sensitivity`` > 0). The shift is chosen on the calibrated logits, stored
+    as per-class offsets added to the raw logits (``calibration.offsets``), and the temperature
+    is then refitted on the shifted logits, so the served probabilities are
+    ``softmax((logits + offsets) / T)`` and the operating points are set on those.
+
+    Returns the bundle's ``calibration`` and ``operating_points`` entries and the calibrated
+    validation probabilities. The referral rule (``calibration.refer``) is fitted on the saved
+    bundle by ``refer.fit_ood``, since its score reads the bundle's features as the app does.
+    """
+    logits = np.asarray(logits, dtype=np.float64)
+    t, probs, ece = _temperature(logits, labels)
+    calibration: dict = {"method": "temperature", "temperature": t, "fitted_on": "valid", "n": int(len(labels)), **ece}
+    if cfg.prior_sensitivity > 0:
+        if prior is None:
+            raise ValueError("the prior shift needs the training split's class frequencies (prior)")
+        if cfg.prior_class not in vocab:
+            log.warning("prior class %r is not among the classes %s; no prior shift", cfg.prior_class, vocab)
+        else:
+            log_prior = np.log(np.clip(np.asarray(prior, dtype=np.float64), MIN_PRIOR, None))
+            shift = prior_shift(logits / t, labels, log_prior, vocab.index(cfg.prior_class),
+                                target_sensitivity=cfg.prior_sensitivity)
+            if not shift["reached"]:
+                log.warning("prior shift: %s reaches validation sensitivity %.3f at most (tau %.1f), below %.2f",
+                            cfg.prior_class, shift["sensitivity"] or 0, shift["tau"], cfg.prior_sensitivity)
+            offsets = t * shift["tau"] * log_prior  # in raw-logit units, so a new temperature can follow
+            t, probs, ece = _temperature(logits + offsets, labels)
+            ece.pop("ece_before")  # "before" stays the network's own softmax
+            calibration.update(temperature=t, **ece, offsets=offsets.tolist(), prior_shift={
+                "method": "logit adjustment (Menon et al. 2021)", "class": cfg.prior_class,
+                "tau": shift["tau"], "target_sensitivity": cfg.prior_sensitivity, "reached": shift["reached"],
+                "valid_sensitivity_before": shift["sensitivity_before"], "valid_sensitivity": shift["sensitivity"],
+                "prior": dict(zip(vocab, np.asarray(prior, dtype=float).round(5).tolist())), "prior_from": "train split"})
+            log.info("prior shift tau %.1f: valid %s sensitivity %.3f -> %.3f", shift["tau"], cfg.prior_class,
+                     shift["sensitivity_before"] or 0, shift["sensitivity"] or 0)
     log.info("temperature %.3f: valid ECE %.4f -> %.4f", t, calibration["ece_before"] or 0, calibration["ece_after"] or 0)
     points = {}
     for cls in cfg.operating_classes:
@@ -47,5 +88,3 @@ def calibrate(cfg: Config, logits: np.ndarray, labels: np.ndarray, vocab: list[s
             log.info("operating point %s: P >= %.4f gives valid sensitivity %.3f, specificity %.3f",
                      cls, op["threshold"], op["sensitivity"], op["specificity"])
     return calibration, points, probs
-
-

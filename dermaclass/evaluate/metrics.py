@@ -16,6 +16,9 @@ Conventions:
   is a weighted metric computation rather than a copied array;
 - calibration is temperature scaling (Guo et al. 2017): one scalar T fitted on the
   validation split by minimising the negative log-likelihood of softmax(logits / T);
+- a prior shift is post-hoc logit adjustment (Menon et al. 2021): ``tau * log(prior)`` added
+  to calibrated logits moves a model trained towards a uniform prior (the balanced sampler)
+  back towards the training prior, tau chosen on validation for one class's sensitivity;
 - an operating point is a probability threshold for one class of clinical interest
   (melanoma by default), the highest threshold whose validation sensitivity reaches a
   target, so a clinic can trade specificity for missed melanomas knowingly.
@@ -318,6 +321,41 @@ def fit_temperature(logits: np.ndarray, labels: Sequence[int], *, bounds: tuple[
     res = minimize_scalar(nll, bounds=(math.log(bounds[0]), math.log(bounds[1])), method="bounded",
                           options={"xatol": 1e-4})
     return float(math.exp(res.x))
+
+
+PRIOR_TAUS = tuple(round(t, 2) for t in np.arange(0.0, 1.01, 0.1))
+
+
+def prior_shift(logits: np.ndarray, labels: Sequence[int], log_prior: np.ndarray, class_index: int, *,
+                target_sensitivity: float, taus: Sequence[float] = PRIOR_TAUS) -> dict:
+    """The smallest tau on ``taus`` whose decision ``argmax(logits + tau * log_prior)`` gives
+    class ``class_index`` a sensitivity of at least ``target_sensitivity`` on these data.
+
+    Post-hoc logit adjustment (Menon et al. 2021) run backwards: a network trained with a
+    balanced sampler decides as if every class were equally common, which is what balanced
+    accuracy rewards, but then calls common benign lesions (nevi) rare malignant ones. Adding
+    ``tau * log(prior)`` restores part of the prior: tau = 0 is the network's own rule, tau = 1
+    the rule of a model trained on the data as they come. ``logits`` should be calibrated
+    (divided by the temperature) so that tau means the same for every model. When no tau on
+    the grid reaches the target, the largest is returned with ``reached`` False.
+    """
+    if not 0 < target_sensitivity <= 1:
+        raise ValueError(f"target sensitivity must be in (0, 1], got {target_sensitivity}")
+    z = np.asarray(logits, dtype=np.float64)
+    y = np.asarray(labels, dtype=int)
+    pos = y == class_index
+    if not pos.any():
+        return {"tau": 0.0, "sensitivity": None, "sensitivity_before": None, "reached": False}
+
+    def sensitivity(tau: float) -> float:
+        return float(((z + tau * np.asarray(log_prior))[pos].argmax(axis=1) == class_index).mean())
+
+    before = sensitivity(0.0)
+    grid = sorted(float(t) for t in taus)
+    for tau in grid:
+        if (s := sensitivity(tau)) >= target_sensitivity:
+            return {"tau": tau, "sensitivity": s, "sensitivity_before": before, "reached": True}
+    return {"tau": grid[-1], "sensitivity": sensitivity(grid[-1]), "sensitivity_before": before, "reached": False}
 
 
 # ---- out-of-distribution score --------------------------------------------------------------

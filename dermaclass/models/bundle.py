@@ -104,6 +104,11 @@ class BundleMeta:
         return float(self.calibration.get("temperature", 1.0))
 
     @property
+    def offsets(self) -> list[float] | None:
+        """Per-class offsets added to the logits before the temperature (the prior shift)."""
+        return self.calibration.get("offsets")
+
+    @property
     def refer(self) -> dict[str, Any]:
         return dict(self.calibration.get("refer") or {})
 
@@ -179,7 +184,7 @@ def check_bundle_meta(meta: Any, path: str | Path) -> None:
     for key in ("stages", "range_tests"):
         if meta.get(key) is not None and not isinstance(meta[key], list):
             raise bad(key, "must be a list")
-    _check_calibration(meta.get("calibration"), bad)
+    _check_calibration(meta.get("calibration"), bad, n_classes=len(meta.get("classes") or []))
     points = meta.get("operating_points")
     if points is not None:
         if not isinstance(points, dict) or not all(isinstance(op, dict) for op in points.values()):
@@ -195,7 +200,7 @@ def check_bundle_meta(meta: Any, path: str | Path) -> None:
         raise bad("weights_sha256", "is not a sha256 hex digest")
 
 
-def _check_calibration(calibration: Any, bad: Any) -> None:
+def _check_calibration(calibration: Any, bad: Any, *, n_classes: int) -> None:
     if calibration is None:
         return
     if not isinstance(calibration, dict):
@@ -203,6 +208,10 @@ def _check_calibration(calibration: Any, bad: Any) -> None:
     t = calibration.get("temperature", 1.0)
     if not (_finite(t) and t > 0):
         raise bad("calibration.temperature", f"is {t!r}; it must be a finite number > 0")
+    offsets = calibration.get("offsets")
+    if offsets is not None and not (isinstance(offsets, list) and len(offsets) == n_classes
+                                    and all(_finite(v) for v in offsets)):
+        raise bad("calibration.offsets", f"must be {n_classes} finite numbers, one per class (or none)")
     refer = {} if calibration.get("refer") is None else calibration["refer"]
     if not isinstance(refer, dict):
         raise bad("calibration.refer", "must be an object")

@@ -94,6 +94,11 @@ def model_card_markdown(meta: BundleMeta, report: Report | None, *, name: str,
         f"- calibration: temperature {meta.temperature:.3f} fitted on the validation split "
         f"(ECE {fmt(cal.get('ece_before'))} -> {fmt(cal.get('ece_after'))})",
     ]
+    if shift := cal.get("prior_shift"):
+        lines.append(f"- prior shift: tau {shift['tau']:.1f} x log(train prior) added to the calibrated logits (logit "
+                     f"adjustment, Menon et al. 2021), so that `{shift['class']}` reaches validation sensitivity "
+                     f"{fmt(shift.get('valid_sensitivity'))} (from {fmt(shift.get('valid_sensitivity_before'))}; target "
+                     f"{shift['target_sensitivity']})" + ("" if shift.get("reached", True) else ", the most the grid allows"))
     for c, op in meta.operating_points.items():
         if op.get("threshold") is not None:
             lines.append(f"- operating point `{c}`: flag when P({c}) >= {op['threshold']:.4f} "

@@ -84,7 +84,10 @@ The threshold was chosen on the validation split for the target sensitivity; bel
 {% for p in r.confused_pairs %}<tr><td>{{ name(p.true) }}</td><td>{{ name(p.predicted) }}</td><td>{{ p.count }}</td><td>{{ fmt(p.share_of_true, True) }}</td></tr>{% endfor %}</table>
 <h2>Calibration</h2>
 {% if r.calibration.fitted_on %}<p>Temperature {{ "%.3f"|format(r.calibration.temperature) }} (fitted on the {{ r.calibration.fitted_on }} split):
-expected calibration error {{ fmt(r.calibration.ece_uncalibrated) }} before, {{ fmt(r.calibration.ece_calibrated) }} after.</p>
+expected calibration error {{ fmt(r.calibration.ece_uncalibrated) }} before, {{ fmt(r.calibration.ece_calibrated) }} after.
+{% if r.calibration.prior_shift %}Prior shift: tau {{ "%.1f"|format(r.calibration.prior_shift.tau) }} &times; log(train prior) added to the
+calibrated logits before the decision (fitted on the validation split for {{ name(r.calibration.prior_shift["class"]) }} sensitivity
+{{ r.calibration.prior_shift.target_sensitivity }}).{% endif %}</p>
 {% else %}<p><b>Not calibrated:</b> this bundle has no temperature (trained before calibration was added); expected
 calibration error {{ fmt(r.calibration.ece_uncalibrated) }}.</p>{% endif %}
 <img class="fig" style="max-width:460px" alt="reliability diagram" src="{{ reliability }}">

@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from fastai.distributed import distrib_barrier
@@ -138,7 +139,10 @@ def train(cfg: Config, data: TrainData, run_dir: str | Path, *, force: bool = Fa
             logits, targets = learn.get_preds(dl=learn.dls.valid, act=lambda x: x)
     if not main:
         return TrainResult(run_dir, {}, stages, seconds, run.images_seen, run.range_test_records())
-    calibration, points, probs = calibrate(cfg, logits.numpy(), targets.numpy(), data.vocab)
+    labels = data.items["label"].astype(str).to_numpy()
+    train_labels = labels[data.train_rows]
+    calibration, points, probs = calibrate(cfg, logits.numpy(), targets.numpy(), data.vocab,
+                                           prior=[float(np.mean(train_labels == c)) for c in data.vocab])
     metrics = classification_metrics(targets.numpy(), probs, data.vocab)
     _plot_curves(run_dir)
     meta = bundle_meta(cfg, data, metrics=metrics, stages=stages, run=run, seconds=seconds, data_card=data_card,
@@ -147,8 +151,7 @@ def train(cfg: Config, data: TrainData, run_dir: str | Path, *, force: bool = Fa
     # The out-of-distribution score reads the saved bundle exactly as the app will.
     from dermaclass.refer import fit_ood
 
-    labels = data.items["label"].astype(str).to_numpy()
-    fit_ood(run_dir, train_images=[data.images[i] for i in data.train_rows], train_labels=labels[data.train_rows],
+    fit_ood(run_dir, train_images=[data.images[i] for i in data.train_rows], train_labels=train_labels,
             valid_images=[data.images[i] for i in data.valid_rows], valid_labels=labels[data.valid_rows],
             method=cfg.ood, keep=cfg.ood_keep, force=True)  # the bundle was just written
     shutil.rmtree(run_dir / REPLACED, ignore_errors=True)  # the new bundle is complete: the old one can go
