@@ -49,6 +49,9 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_levers.py --lever mix $(QUICK)
 	$(BIN)/python benchmarks/bench_levers.py --lever sam $(QUICK)
 	$(BIN)/python benchmarks/bench_levers.py --lever histo $(QUICK)
+	$(BIN)/python benchmarks/bench_levers.py --lever average $(QUICK)
+	$(BIN)/python benchmarks/bench_levers.py --lever average-in-stage $(QUICK)
+	$(BIN)/python benchmarks/bench_prior.py $(QUICK)
 	$(BIN)/python benchmarks/bench_precision.py $(QUICK)
 	test -n "$(QUICK)" || $(BIN)/python benchmarks/tables.py
 

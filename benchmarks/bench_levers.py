@@ -109,6 +109,10 @@ LEVERS: dict[str, dict[str, list[str]]] = {
         "average-2": ["--average-cycles", "2"],
         "average-3": ["--average-cycles", "3"],
     },
+    "average-in-stage": {  # SWA inside the last stage: with 2 cycles per stage, its two cycle ends (1 + 2 epochs)
+        "n-cycles-2": ["--n-cycles", "2"],
+        "n-cycles-2-average-2": ["--n-cycles", "2", "--average-cycles", "2"],
+    },
     "augment": {  # seed 002's augmentation: AugMix, which it found better than MixUp or CutMix
         "default": [],
         "augmix": ["--augment", "augmix"],
