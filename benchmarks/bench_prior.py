@@ -66,7 +66,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smoke run: the bundled model only, prior_quick.json")
     args = ap.parse_args()
     if args.quick:
-        args.runs, args.out_dir = args.runs[:1], str(Path(args.out_dir) / "quick")
+        args.runs = args.runs[:1]
     cfg = load_config(prior_sensitivity=args.target)
     rows = []
     for spec in args.runs:
