@@ -26,7 +26,7 @@ import platform
 from pathlib import Path
 
 import numpy as np
-from scipy.special import log_softmax, softmax
+from scipy.special import softmax
 
 from common import EXTERNAL, HAM, RESULTS, ROOT, repo_relative
 
@@ -84,7 +84,7 @@ def main() -> None:
             labels, images = labels[:200], [images[i] for i in range(min(200, len(images)))]
         logits = predictor.logits(images)  # the bundle's own test-time augmentation
         y = np.array([classes.index(lab) for lab in labels])
-        log_probs = log_softmax(logits / predictor.temperature, axis=1)
+        log_probs = np.log(np.clip(predictor.calibrated(logits), 1e-300, None))  # the bundle's rule, any prior shift included
         scores[name] = {tau: figures(y, adjusted(log_probs, log_prior, tau), classes) for tau in TAUS}
         print(f"{name}: {len(y)} images scored", flush=True)
     reach = [t for t in TAUS if (scores["valid"][t]["nv_sensitivity"] or 0) >= args.target]
