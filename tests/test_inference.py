@@ -247,6 +247,10 @@ def test_calibrate_refits_a_bundle_and_the_predictor_serves_its_prior_shift(tiny
     assert meta.operating_points["mel"]["target_sensitivity"] == 0.8 and meta.config["prior_sensitivity"] == 0.9
     assert 0 <= cal["refer"]["valid_referred"] <= 1  # the referral rule was refitted on the new probabilities
     assert file_sha256(bundle / "model.safetensors") == weights
+    from dermaclass.report.card import model_card_markdown
+
+    assert f"prior shift: tau {cal['prior_shift']['tau']:.1f} x log(train prior)" in model_card_markdown(
+        meta, None, name="tiny")
 
     # the Predictor adds the offsets before the temperature
     offsets = [0.0, 0.0, 3.0]
