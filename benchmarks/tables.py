@@ -153,6 +153,26 @@ def prior_table() -> list[str]:
     return out[:-1]
 
 
+def tta_table() -> list[str]:
+    """bench_tta.py: none / flips4 / dihedral8 test-time augmentation, paired on the same models."""
+    d = _load("tta.json")
+    if d is None:
+        return ["`bench_tta.py`: not run yet."]
+    seeds = ", ".join(str(r["seed"]) for r in d["runs"])
+    out = [f"`{d['command']}` ({_cores(d)}; backend {d['backend']}; the full-budget default's models, seeds {seeds}). "
+           "Balanced accuracy mean ± sd over the models, and in brackets the paired difference from `flips4` (the "
+           "bundle's TTA) per model:", "", "| views | " + " | ".join("HAM test" if w == "test" else w for w in d["summary"])
+           + " |", "|---|" + "---|" * len(d["summary"])]
+    for mode, k in d["modes"].items():
+        cells = []
+        for w, s in d["summary"].items():
+            per = ", ".join(f"{r['sets'][w][mode]['balanced_accuracy'] - r['sets'][w]['flips4']['balanced_accuracy']:+.3f}"
+                            for r in d["runs"] if w in r["sets"])
+            cells.append(_ms(s[mode]['balanced_accuracy']) + ("" if mode == "flips4" else f" ({per})"))
+        out.append(f"| {mode} ({k} view{'s' if k > 1 else ''}) | " + " | ".join(cells) + " |")
+    return out
+
+
 def recipes_table() -> list[str]:
     d = _load("recipes.json")
     if d is None:
@@ -423,6 +443,7 @@ def render() -> str:
              "#### The bundled model against its targets", "", *model_table(), "",
              "#### Decision rule: nevus sensitivity against balanced accuracy", "", *decision_table(), "",
              "#### The prior shift over seeds", "", *prior_table(), "",
+             "#### Test-time augmentation: flips and the dihedral group", "", *tta_table(), "",
              "#### Recipes: seed 001 (stepwise) and seed 003 (SGDR) on our data", "", *recipes_table(), "",
              "#### Levers for other clinics' images (external validation), over seeds", "", *levers_tables(), "",
              "#### Single training runs", "", *training_table(), "",
