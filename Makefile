@@ -52,6 +52,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_levers.py --lever average $(QUICK)
 	$(BIN)/python benchmarks/bench_levers.py --lever average-in-stage $(QUICK)
 	$(BIN)/python benchmarks/bench_prior.py $(QUICK)
+	$(BIN)/python benchmarks/bench_tta.py $(QUICK)
 	$(BIN)/python benchmarks/bench_precision.py $(QUICK)
 	test -n "$(QUICK)" || $(BIN)/python benchmarks/tables.py
 
