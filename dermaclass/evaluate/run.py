@@ -167,10 +167,10 @@ def recalibrate(bundle: str | Path, data: str | Path | Sequence[str | Path], *, 
     (valid_labels, valid_images), train_labels = parts["valid"], np.asarray(parts["train"][0])
     if not len(valid_labels):
         raise EvaluationError(f"{bundle}: no validation images in {data} to calibrate on")
-    logits = predictor.logits(valid_images)  # with the bundle's test-time augmentation, as it serves
     unknown = sorted(set(valid_labels) - set(classes))
     if unknown:
         raise EvaluationError(f"{data}: validation labels {unknown} are not among the bundle's classes {classes}")
+    logits = predictor.logits(valid_images)  # with the bundle's test-time augmentation, as it serves
     y = np.array([classes.index(c) for c in valid_labels])
     calibration, points, probs = calibrate(cfg, logits, y, classes, prior=[float(np.mean(train_labels == c))
                                                                            for c in classes])
