@@ -32,10 +32,10 @@ from dermaclass.evaluate.run import recalibrate
 from dermaclass.fileio import write_json
 from dermaclass.models import read_bundle_meta
 
-# The shipped default's runs: full budget (seed 42 is the bundled model) and the short screen budget.
+# The shipped default's full-budget runs (seed 42 is the bundled model; `bench_levers.py --lever
+# recipe --budget full --only default` trains the others). Any BUDGET=SEED=BUNDLE may be given.
 RUNS = [f"full=42={ROOT / 'models' / 'ham10000-effnet-lite0'}",
-        *(f"full={s}={ROOT / 'runs' / 'bench_levers' / 'full' / f'defaults-seed{s}'}" for s in (43, 44)),
-        *(f"short={s}={ROOT / 'runs' / 'bench_levers' / 'short' / f'defaults-seed{s}'}" for s in (42, 43, 44))]
+        *(f"full={s}={ROOT / 'runs' / 'bench_levers' / 'full' / f'defaults-seed{s}'}" for s in (43, 44))]
 BUNDLE_FILES = ("model.json", "model.safetensors", "ood.safetensors", "split.csv")
 
 

@@ -233,6 +233,8 @@ def test_calibrate_refits_a_bundle_and_the_predictor_serves_its_prior_shift(tiny
     from dermaclass.evaluate.run import recalibrate
     from dermaclass.models import BundleMeta, ModelError, file_sha256, read_bundle_meta, write_bundle_meta
 
+    trained = read_bundle_meta(tiny_bundle).calibration  # training fits the shift by default
+    assert trained["prior_shift"]["target_sensitivity"] == 0.8 and len(trained["offsets"]) == 3
     bundle = tmp_path / "b"
     shutil.copytree(tiny_bundle, bundle, ignore=shutil.ignore_patterns("checkpoints", "*.onnx"))
     weights = file_sha256(bundle / "model.safetensors")

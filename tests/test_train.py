@@ -519,8 +519,12 @@ def test_flip_tta_is_recorded_and_calibrated_on_the_flipped_logits(tiny_bundle: 
     flipped = pred.logits(images)
     assert np.allclose(flipped, pred.logits(images, tta=True)) and not np.allclose(flipped, pred.logits(images, tta=False))
     # calibrate() on these logits reproduces the bundle's temperature (fitted, or T = 1 when refused)
-    calibration, _, _ = calibrate(cfg, flipped, labels, data.vocab)
+    # and prior shift (the train split's class frequencies)
+    train_labels = data.items["label"].astype(str).to_numpy()[data.train_rows]
+    calibration, _, _ = calibrate(cfg, flipped, labels, data.vocab,
+                                  prior=[float(np.mean(train_labels == c)) for c in data.vocab])
     assert calibration["temperature"] == pytest.approx(meta["calibration"]["temperature"], rel=1e-3)
+    assert calibration["offsets"] == pytest.approx(meta["calibration"]["offsets"], rel=1e-3, abs=1e-6)
 
 
 def test_cli_lr_and_lr_find_exclude_each_other(colour_data: Path, tmp_path: Path) -> None:
@@ -611,7 +615,7 @@ def test_the_prior_shift_moves_the_decision_towards_the_train_prior(tmp_path: Pa
     assert np.allclose(probs, softmax(logits + cal["offsets"], cal["temperature"]))
     mel = probs[labels == 1, 1]
     assert np.mean(mel >= points["mel"]["threshold"]) == points["mel"]["valid_sensitivity"] >= 0.9
-    off, _, plain = calibrate(_cfg(tmp_path), logits, labels, vocab, prior=prior)  # off by default
+    off, _, plain = calibrate(_cfg(tmp_path, prior_sensitivity=0), logits, labels, vocab, prior=prior)  # 0 = off
     assert "offsets" not in off and "prior_shift" not in off and (plain.argmax(1) == logits.argmax(1)).all()
 
 
