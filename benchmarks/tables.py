@@ -38,6 +38,18 @@ def _f(x: float | None, nd: int = 3) -> str:
     return "-" if x is None else f"{x:.{nd}f}"
 
 
+def _refit_note(meta: dict) -> str:
+    """How the bundle's calibration was refitted after training, when it was (``dermaclass calibrate``)."""
+    cal = meta.get("calibration") or {}
+    if not cal.get("refitted"):
+        return ""
+    shift = cal.get("prior_shift")
+    return (f"; its calibration was refitted on the valid split by `dermaclass calibrate models/ham10000-effnet-lite0 "
+            f"../shared/data/ham10000 --force` on {cal['refitted']['at'][:10]}"
+            + (f" (prior shift tau {shift['tau']:g} for validation nevus sensitivity {shift['target_sensitivity']:.2f})"
+               if shift else ""))
+
+
 def model_table() -> list[str]:
     report_path = MODEL / "report" / "report.json"
     if not report_path.is_file():
@@ -91,7 +103,7 @@ def model_table() -> list[str]:
            f"`dermaclass evaluate models/ham10000-effnet-lite0 ../shared/data/ham10000 --out models/ham10000-effnet-lite0/report "
            f"--no-thumbnails --external derm7pt=../shared/data/derm7pt --external isic2017=../shared/data/isic2017` "
            "(the external sets are every image of two labelled dermoscopy sets from other clinics; nothing is fitted "
-           "on them):", "",
+           "on them)" + _refit_note(meta) + ":", "",
            "| figure | reached (95 % lesion bootstrap) | target | met |", "|---|---|---|---|"]
     for name, value, target, met in rows:
         out.append(f"| {name} | {value} | {target} | {'' if met is None else ('yes' if met else '**no**')} |")
