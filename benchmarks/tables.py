@@ -122,7 +122,8 @@ def decision_table() -> list[str]:
     chosen = d["chosen_tau"]
     sets = list(d["scores"])
     out = [f"`{d['command']}` ({_cores(d)}; {d['model']}, backend {d['backend']}, TTA {'on' if d['tta'] else 'off'}). "
-           f"Calibrated logits + tau x log(train prior); tau = {chosen} is the smallest whose HAM **valid** nevus "
+           "The bundle's calibrated logits (with any prior shift it has) + tau x log(train prior), so tau = 0 is the "
+           f"bundle's own rule; tau = {chosen} is the smallest whose HAM **valid** nevus "
            f"sensitivity reaches {d['target_nv_sensitivity']:.2f} (the external sets choose nothing). "
            "Each cell: balanced accuracy / nevus sensitivity / melanoma sensitivity.", "",
            "| tau | " + " | ".join(sets) + " |", "|---|" + "---|" * len(sets)]
