@@ -592,7 +592,8 @@ def test_a_temperature_that_worsens_ece_is_refused(monkeypatch: pytest.MonkeyPat
     labels = np.repeat([0, 1, 2], 30)
     logits = np.eye(3)[labels] * 8.0  # confident and right: T = 1 is already calibrated
     monkeypatch.setattr(calibrating, "fit_temperature", lambda z, y: 20.0)  # as if NLL had chosen a flat T
-    calibration, _, probs = calibrating.calibrate(_cfg(tmp_path), logits, labels, ["bkl", "mel", "nv"])
+    calibration, _, probs = calibrating.calibrate(_cfg(tmp_path, prior_sensitivity=0), logits, labels,
+                                                  ["bkl", "mel", "nv"])
     assert calibration["temperature"] == 1.0 and "refused" in calibration
     assert calibration["ece_after"] == calibration["ece_before"] and probs.max(1).min() > 0.99
 
