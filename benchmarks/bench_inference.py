@@ -211,6 +211,8 @@ def main() -> None:
               "command": " ".join(["python", "benchmarks/bench_inference.py", *sys.argv[1:]]),
               "model": repo_relative(model),
               "input_size": input_size, "tta": tta, "rounds": args.rounds, "repeats": args.repeats,
+              # the rule the balanced accuracies were measured under (a later `dermaclass calibrate` changes it)
+              "calibration": {"temperature": preds["torch"].temperature, "offsets": preds["torch"].meta.offsets},
               "n_boot": args.n_boot,
               "exports": {k: {kk: vv for kk, vv in v.items() if kk != "path"} for k, v in exports.items()},
               "backends": rows, "quick": args.quick}

@@ -386,6 +386,17 @@ def refer_tables() -> list[str]:
     return out
 
 
+def _calibration_changed(measured: dict | None) -> str | None:
+    """Why a result measured on the bundled model no longer matches its calibration (None: it does)."""
+    cal = json.loads((MODEL / "model.json").read_text()).get("calibration") or {}
+    now = {"temperature": cal.get("temperature", 1.0), "offsets": cal.get("offsets")}
+    if measured == now:
+        return None
+    when = (cal.get("refitted") or {}).get("at", "")[:10]
+    return (f"the calibration was refitted{f' on {when}' if when else ''} after this run (the backends' agreement and "
+            "speed do not depend on it; re-run the script for today's figures)")
+
+
 def serving_table() -> list[str]:
     i = _load("inference.json")
     if not i or "backends" not in i:
@@ -414,6 +425,9 @@ def serving_table() -> list[str]:
         return f"{_f(v['balanced_accuracy'][s], 4)} ({d['delta']:+.4f}; {lo_hi[0]:+.3f} to {lo_hi[1]:+.3f})"
 
     first = next(iter(i["backends"].values()))
+    stale = _calibration_changed(i.get("calibration"))
+    if stale:
+        out[0] += f" **Its balanced accuracies are the bundle's earlier decision rule:** {stale}."
     for k, v in i["backends"].items():
         out.append(f"| {k} | {v['network_ms']['median']:.2f} ms ({v['network_ms']['best_round']:.2f} ms) | "
                    f"{v['end_to_end_ms']['median']:.2f} ms ({v['end_to_end_ms']['p90']:.2f} ms) | "
