@@ -150,8 +150,8 @@ def prior_table() -> list[str]:
 
     out = [f"`{d['command']}` ({_cores(d)}). Each model's calibration refitted with `dermaclass calibrate "
            f"--prior-sensitivity {d['target_nv_sensitivity']:.2f}` (tau fitted on HAM **valid**; the external sets choose "
-           "nothing), then the original and the shifted copy measured alike (each with its own TTA). Cells: mean "
-           "before -> after (paired difference ± sd over seeds).", ""]
+           f"nothing), against {d.get('baseline', 'each model as trained (its own calibration, no shift)')}; both "
+           "measured alike (each with its own TTA). Cells: mean before -> after (paired difference ± sd over seeds).", ""]
     for budget, s in d["summary"].items():
         taus = [r["tau"] for r in d["runs"] if r["budget"] == budget]
         out += [f"{budget} budget, seeds {', '.join(map(str, s['seeds']))}; tau per seed {', '.join(f'{t:g}' for t in taus)}:",
