@@ -31,6 +31,7 @@ from scipy.special import softmax
 from common import EXTERNAL, HAM, RESULTS, ROOT, repo_relative
 
 from dermaclass.config import load_config
+from dermaclass.evaluate.calibration import class_prior
 from dermaclass.evaluate.metrics import classification_metrics
 from dermaclass.evaluate.run import split_images
 from dermaclass.fileio import write_json
@@ -75,8 +76,7 @@ def main() -> None:
         if path.is_dir():
             sets[name] = split_images(bundle, path, splits=("all",), cfg=cfg)["all"]
     # The prior the sampler took away: class frequencies of the bundle's own train split.
-    train_labels = np.asarray(parts["train"][0])
-    prior = np.array([(train_labels == c).mean() for c in classes])
+    prior = np.array(class_prior(parts["train"][0], classes))
     log_prior = np.log(prior)
     scores = {}
     for name, (labels, images) in sets.items():

@@ -20,6 +20,12 @@ log = logging.getLogger(__name__)
 MIN_PRIOR = 1e-4
 
 
+def class_prior(labels: Sequence[str], classes: Sequence[str]) -> list[float]:
+    """Each class's share of ``labels`` (the training split's), in ``classes`` order."""
+    y = np.asarray(labels, dtype=str)
+    return [float(np.mean(y == c)) if len(y) else 0.0 for c in classes]
+
+
 def _temperature(logits: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray, dict]:
     """The fitted temperature, its probabilities and ECE before/after; T = 1 when fitting would
     make validation ECE worse (NLL and ECE can disagree on a small validation split: never ship

@@ -151,7 +151,7 @@ def recalibrate(bundle: str | Path, data: str | Path | Sequence[str | Path], *, 
     ``model.json`` is rewritten atomically; a bundle that is already calibrated is refitted
     only with ``force``. Returns the new ``calibration`` entry.
     """
-    from dermaclass.evaluate.calibration import calibrate
+    from dermaclass.evaluate.calibration import calibrate, class_prior
     from dermaclass.models import write_bundle_meta
     from dermaclass.refer import fit_ood
 
@@ -164,7 +164,7 @@ def recalibrate(bundle: str | Path, data: str | Path | Sequence[str | Path], *, 
     parts = split_images(bundle, data, splits=("train", "valid"), split_file=split_file, cfg=cfg)
     predictor = Predictor(bundle, backend="torch", threads=cfg.threads)
     classes = predictor.classes
-    (valid_labels, valid_images), train_labels = parts["valid"], np.asarray(parts["train"][0])
+    valid_labels, valid_images = parts["valid"]
     if not len(valid_labels):
         raise EvaluationError(f"{bundle}: no validation images in {data} to calibrate on")
     unknown = sorted(set(valid_labels) - set(classes))
@@ -172,8 +172,7 @@ def recalibrate(bundle: str | Path, data: str | Path | Sequence[str | Path], *, 
         raise EvaluationError(f"{data}: validation labels {unknown} are not among the bundle's classes {classes}")
     logits = predictor.logits(valid_images)  # with the bundle's test-time augmentation, as it serves
     y = np.array([classes.index(c) for c in valid_labels])
-    calibration, points, probs = calibrate(cfg, logits, y, classes, prior=[float(np.mean(train_labels == c))
-                                                                           for c in classes])
+    calibration, points, probs = calibrate(cfg, logits, y, classes, prior=class_prior(parts["train"][0], classes))
     calibration["refitted"] = {"by": "dermaclass calibrate",
                                "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     write_bundle_meta(bundle, meta.with_(calibration={**calibration, "refer": meta.calibration.get("refer")},

@@ -14,7 +14,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
 from fastai.distributed import distrib_barrier
@@ -29,7 +28,7 @@ from dermaclass.fileio import atomic_path, write_json
 
 log = logging.getLogger(__name__)
 
-from dermaclass.evaluate.calibration import calibrate
+from dermaclass.evaluate.calibration import calibrate, class_prior
 from dermaclass.train.data import TrainData, parent_record
 from dermaclass.export import ONNX_FILE, OPENVINO_FILE, OPENVINO_INT8_FILE
 from dermaclass.train.distributed import parallel
@@ -142,7 +141,7 @@ def train(cfg: Config, data: TrainData, run_dir: str | Path, *, force: bool = Fa
     labels = data.items["label"].astype(str).to_numpy()
     train_labels = labels[data.train_rows]
     calibration, points, probs = calibrate(cfg, logits.numpy(), targets.numpy(), data.vocab,
-                                           prior=[float(np.mean(train_labels == c)) for c in data.vocab])
+                                           prior=class_prior(train_labels, data.vocab))
     metrics = classification_metrics(targets.numpy(), probs, data.vocab)
     _plot_curves(run_dir)
     meta = bundle_meta(cfg, data, metrics=metrics, stages=stages, run=run, seconds=seconds, data_card=data_card,
