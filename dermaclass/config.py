@@ -134,6 +134,14 @@ class Config:
     # input checks, mahalanobis referred 3.5 % of HAM test and 97.2 % of non-dermoscopic images;
     # knn 5.4 % and 97.5 % (and 34 % of isic2017's dermoscopy against 12 %); energy 4.5 % and 70.6 %.
     ood: Literal["knn", "mahalanobis", "energy"] = "mahalanobis"
+    # --- deep ensembles (Lakshminarayanan et al. 2017), cross-fitted (train/ensemble.py) ---
+    # members > 1: the train+valid pool is cut into this many lesion-grouped, stratified folds;
+    # member k trains on the others and picks its checkpoint on fold k, and the ensemble's
+    # calibration is fitted on the out-of-fold predictions of the whole pool.
+    members: int = 1
+    # Per-member architecture and input size, "ARCH@WxH" or "@WxH" (cycled when shorter than
+    # members); empty: every member is arch at image_size, differing in seed and fold.
+    member_archs: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (tuples as lists) for YAML/JSON."""
@@ -200,7 +208,7 @@ def _range_problem(name: str, v: Any) -> str | None:
     from dermaclass import schedules
     from dermaclass.data.splits import check_split_fractions as check_split
 
-    positive = {"batch_size", "epochs", "n_cycles", "cycle_len", "lr_find_iters"}
+    positive = {"batch_size", "epochs", "n_cycles", "cycle_len", "lr_find_iters", "members"}
     non_negative = {"head_epochs", "min_per_class", "workers", "threads", "early_stop_patience", "average_cycles"}
     if name in positive and v < 1:
         return "must be at least 1"
@@ -234,6 +242,9 @@ def _range_problem(name: str, v: Any) -> str | None:
         elif name == "stage_sizes":
             for size in v:
                 schedules.parse_size(size)
+        elif name == "member_archs":
+            for spec in v:
+                schedules.parse_member(spec)
     except (ValueError, DermaclassError) as exc:
         return str(exc)
     return None

@@ -35,7 +35,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -87,17 +87,81 @@ class Predictor:
         if backend not in ("auto", *BACKENDS):
             raise ValueError(f"backend must be auto or one of {', '.join(BACKENDS)}, not {backend!r}")
         self.bundle = Path(bundle)
+        self.threads = threads
+        # One model call at a time: Grad-CAM hooks and autograd on a shared module are not
+        # thread-safe (concurrent app requests crashed the process), and 2 cores gain nothing.
+        self._lock = threading.RLock()
+        #: an ensemble's networks, each a one-network Predictor on its member folder; [] for one network
+        self.members: list[Predictor] = []
+        meta = models.read_bundle_meta(self.bundle)
+        if meta.is_ensemble:
+            self._load_members(meta, backend)
+        else:
+            self._load_network(backend)
+        self.classes: list[str] = list(self.meta.classes)
+        self.class_names: dict[str, str] = self.meta.names
+        # An image as large as the network's input is never too small to judge (a model trained
+        # at 32x24 accepts 32x24); at 128x96, refer.MIN_SIDE (64 px) applies.
+        self.min_side = min(refer.MIN_SIDE, *(min(n.input_size) for n in self.networks))
+        self.temperature = self.meta.temperature
+        # The prior shift (calibration.offsets): added to the logits before the temperature.
+        self.offsets = None if self.meta.offsets is None else np.asarray(self.meta.offsets, dtype=np.float64)
+        if not self.meta.calibration:
+            log.warning("%s: bundle has no calibration; probabilities are the uncalibrated softmax", self.bundle)
+        self.operating_points: dict[str, dict[str, Any]] = {
+            c: op for c, op in self.meta.operating_points.items() if op.get("threshold") is not None
+        }
+        self.refer_below = float(self.meta.refer.get("min_top_probability", 0.0))
+        # The bundle's test-time augmentation: its temperature and thresholds were fitted with it.
+        self.tta: bool = self.meta.tta == "flips4"
+
+    @property
+    def networks(self) -> list[Predictor]:
+        """The networks that answer: an ensemble's members, or this Predictor's own network."""
+        return self.members or [self]
+
+    @property
+    def input_sizes(self) -> list[tuple[int, int]]:
+        """Every input size a network of the bundle reads (one for a single network)."""
+        return list(dict.fromkeys(tuple(n.input_size) for n in self.networks))
+
+    def _load_members(self, meta: models.BundleMeta, backend: str) -> None:
+        """An ensemble: each member folder is a one-network bundle, checked against the list."""
+        self.meta = meta
+        for entry, folder in zip(meta.members, meta.member_folders(self.bundle)):
+            if not (folder / models.BUNDLE_META).is_file():
+                raise models.ModelError(f"{folder}: member {entry['path']} of the ensemble {self.bundle} is missing; "
+                                        "the bundle is incomplete (copy the whole folder, or retrain)")
+            member = Predictor(folder, threads=self.threads, backend=backend)
+            if member.members:
+                raise models.ModelError(f"{folder}: a member of {self.bundle} is itself an ensemble")
+            if member.meta.weights_sha256 != entry["weights_sha256"]:
+                raise models.ModelError(f"{folder}: not the network {self.bundle / models.BUNDLE_META} lists (sha256 "
+                                        "mismatch: a member was replaced or retrained); retrain or restore the bundle")
+            if member.classes != list(meta.classes):
+                raise models.ModelError(f"{folder}: classes {member.classes} differ from the ensemble's "
+                                        f"{list(meta.classes)}")
+            self.members.append(member)
+        self.model = self.members[0].model
+        self.session, self._ov = None, None
+        self.backend = "+".join(dict.fromkeys(m.backend for m in self.members))
+        # The largest member's size: what the app shows and what a caller preprocesses to.
+        self.input_size = max((tuple(m.input_size) for m in self.members), key=lambda s: s[0] * s[1])
+        self.colour_constancy = meta.colour_constancy
+        ood = meta.ood
+        self.ood_method = ood.get("method", refer.ENSEMBLE_OOD)
+        self.ood_threshold = ood.get("threshold") if any(m.ood_threshold is not None for m in self.members) else None
+        self.ood_stats, self.feature_layer = {}, None
+
+    def _load_network(self, backend: str) -> None:
         self.model, self.meta = models.load_bundle(self.bundle)
         # (x / 255 - mean) / std as one per-channel multiply-add (NCHW broadcast), fixed per bundle.
         std = np.asarray(self.meta.normalization["std"], np.float32)
         self._scale = (1.0 / (255.0 * std)).astype(np.float32)[:, None, None]
         self._shift = (-np.asarray(self.meta.normalization["mean"], np.float32) / std).astype(np.float32)[:, None, None]
-        self.threads = threads
+        threads = self.threads
         if threads:  # only when asked: a library object must not change the process's torch settings
             models.set_threads(threads)
-        # One model call at a time: Grad-CAM hooks and autograd on a shared module are not
-        # thread-safe (concurrent app requests crashed the process), and 2 cores gain nothing.
-        self._lock = threading.RLock()
         self.session = None
         self._ov = None
         if backend == "auto":
@@ -116,21 +180,7 @@ class Predictor:
         elif backend.startswith("openvino"):
             self.use_openvino(self.bundle / EXPORT_FILES[backend], name=backend)
         self.backend = backend if (self.session is not None or self._ov is not None) else "torch"
-        self.classes: list[str] = list(self.meta.classes)
-        self.class_names: dict[str, str] = self.meta.names
         self.input_size: tuple[int, int] = self.meta.input_size
-        # An image as large as the network's input is never too small to judge (a model trained
-        # at 32x24 accepts 32x24); at 128x96, refer.MIN_SIDE (64 px) applies.
-        self.min_side = min(refer.MIN_SIDE, min(self.input_size))
-        self.temperature = self.meta.temperature
-        # The prior shift (calibration.offsets): added to the logits before the temperature.
-        self.offsets = None if self.meta.offsets is None else np.asarray(self.meta.offsets, dtype=np.float64)
-        if not self.meta.calibration:
-            log.warning("%s: bundle has no calibration; probabilities are the uncalibrated softmax", self.bundle)
-        self.operating_points: dict[str, dict[str, Any]] = {
-            c: op for c, op in self.meta.operating_points.items() if op.get("threshold") is not None
-        }
-        self.refer_below = float(self.meta.refer.get("min_top_probability", 0.0))
         ood = self.meta.ood
         self.ood_threshold: float | None = ood.get("threshold")
         self.ood_method: str = ood.get("method", "energy")
@@ -146,8 +196,6 @@ class Predictor:
             self.session = None
             self.backend = "torch"
         self.colour_constancy: str = self.meta.colour_constancy
-        # The bundle's test-time augmentation: its temperature and thresholds were fitted with it.
-        self.tta: bool = self.meta.tta == "flips4"
 
     def name(self, code: str) -> str:
         return self.class_names.get(code, code)
@@ -200,7 +248,7 @@ class Predictor:
         x += self._shift
         return x
 
-    def logits(self, images: Sequence[np.ndarray], *, batch_size: int = 64, tta: bool | None = None) -> np.ndarray:
+    def logits(self, images: Images, *, batch_size: int = 64, tta: bool | None = None) -> np.ndarray:
         """Raw logits for preprocessed (H, W, 3) uint8 arrays (e.g. a decode-cache view).
 
         ``tta``: the mean of the logits of the image and its horizontal, vertical and double flips;
@@ -208,14 +256,33 @@ class Predictor:
         """
         return self.forward(images, batch_size=batch_size, tta=tta)[0]
 
-    def forward(self, images: Sequence[np.ndarray], *, batch_size: int = 64,
+    def forward(self, images: Images, *, batch_size: int = 64,
                 tta: bool | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """(logits (N, C), pooled backbone features (N, D) or None) for preprocessed images.
 
         With ``tta`` both are the means over the four flips. Features are None only from an
-        ONNX export made before features were exported and when the torch model is not wanted.
+        ONNX export made before features were exported and when the torch model is not wanted,
+        and for an ensemble, whose logits are the members' mean (``combine``) and whose
+        members' features live in different spaces (``member_outputs`` has them).
+        ``images``: at ``input_size``, or a mapping {input size: images} with every size in
+        ``input_sizes`` (an ensemble of members at several sizes, e.g. from the decode cache).
         """
+        outs = self.member_outputs(images, batch_size=batch_size, tta=tta)
+        return outs[0] if len(outs) == 1 else (combine([lo for lo, _ in outs]), None)
+
+    def member_outputs(self, images: Images, *, batch_size: int = 64,
+                       tta: bool | None = None) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        """(logits, features) of every network (one for a single network), each at its own size."""
         tta = self.tta if tta is None else tta
+        return [n._network_forward(_at(images, n.input_size), batch_size=batch_size, tta=tta) for n in self.networks]
+
+    def preprocess_all(self, source: str | Path | bytes | Any) -> dict[tuple[int, int], np.ndarray]:
+        """Any image -> {input size: (H, W, 3) uint8} for every network's size (decoded once)."""
+        rgb = self._rgb(source)
+        return {size: fit_to_size(rgb, size) for size in self.input_sizes}
+
+    def _network_forward(self, images: Sequence[np.ndarray], *, batch_size: int,
+                         tta: bool) -> tuple[np.ndarray, np.ndarray | None]:
         if len(images) == 0:
             return np.zeros((0, len(self.classes)), dtype=np.float32), None
         if tta:
@@ -261,7 +328,7 @@ class Predictor:
             both = self._net(torch.from_numpy(x).contiguous(memory_format=torch.channels_last)).numpy()
         return both[:, :len(self.classes)], both[:, len(self.classes):]
 
-    def probabilities(self, images: Sequence[np.ndarray], *, batch_size: int = 64,
+    def probabilities(self, images: Images, *, batch_size: int = 64,
                       tta: bool | None = None) -> np.ndarray:
         """Calibrated class probabilities, (N, C)."""
         return self.checked(self.calibrated(self.logits(images, batch_size=batch_size, tta=tta)))
@@ -282,9 +349,22 @@ class Predictor:
                                     "the bundle is broken (retrain or restore it)")
         return probs
 
-    def ood_scores(self, logits: np.ndarray, features: np.ndarray | None) -> np.ndarray:
-        """The bundle's out-of-distribution score per image (higher = more like the training data)."""
-        return refer.score(self.ood_method, logits=logits, features=features, stats=self.ood_stats)
+    def ood_scores(self, logits: np.ndarray, features: np.ndarray | None, *,
+                   members: Sequence[tuple[np.ndarray, np.ndarray | None]] | None = None) -> np.ndarray:
+        """The bundle's out-of-distribution score per image (higher = more like the training data).
+
+        An ensemble needs ``members`` (``member_outputs``): its score is the mean of the members'
+        margins above their own cut-offs (``refer.member_margins``).
+        """
+        if not self.members:
+            return refer.score(self.ood_method, logits=logits, features=features, stats=self.ood_stats)
+        if members is None or len(members) != len(self.members):
+            raise ValueError("an ensemble's out-of-distribution score needs every member's outputs (member_outputs)")
+        scored = [(m, out) for m, out in zip(self.members, members) if m.ood_threshold is not None]
+        if not scored:
+            return np.zeros(len(logits))
+        return refer.member_margins([m.ood_scores(*out) for m, out in scored], [m.ood_threshold for m, _ in scored],
+                                    [m.meta.ood.get("scale") or 0.0 for m, _ in scored])
 
     def referral(self, top_probability: float, ood_score: float, input_reason: str | None = None) -> dict[str, Any]:
         """Whether to refer instead of trusting the top class, and why (plain words for the UI).
@@ -312,9 +392,10 @@ class Predictor:
             input_reason = refer.input_problem(rgb, min_side=self.min_side)  # before the model: raises for an image too small to judge
         except refer.InputProblem as exc:
             raise refer.InputProblem(f"{what}: {exc}" if isinstance(source, (str, Path)) else str(exc)) from None
-        logits, features = self.forward([fit_to_size(rgb, self.input_size)], tta=tta)
+        outs = self.member_outputs({size: [fit_to_size(rgb, size)] for size in self.input_sizes}, tta=tta)
+        logits, features = outs[0] if len(outs) == 1 else (combine([lo for lo, _ in outs]), None)
         probs = self.checked(self.calibrated(logits), what)[0]
-        ood = float(self.ood_scores(logits, features)[0])
+        ood = float(self.ood_scores(logits, features, members=outs)[0])
         order = np.argsort(-probs, kind="stable")
         flags = {c: {"probability": float(probs[self.classes.index(c)]), "threshold": op["threshold"],
                      "flagged": bool(probs[self.classes.index(c)] >= op["threshold"]),
@@ -331,6 +412,8 @@ class Predictor:
             "referral": self.referral(float(probs[order[0]]), ood, input_reason),
             "backend": self.backend,
             "tta": "flips4" if tta else None,
+            "networks": len(self.networks),
+            "agreement": agreement([self.calibrated(lo)[0] for lo, _ in outs], int(order[0]), self.classes),
             "disclaimer": self.meta.disclaimer,
         }
 
@@ -346,6 +429,14 @@ class Predictor:
                 return [net.get_submodule(f["module"])]
         return [body]
 
+    def _heat(self, image: np.ndarray, class_index: int, method: str, stride: int | None) -> np.ndarray:
+        """This network's class-activation map of ``class_index`` on one preprocessed image."""
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+        x = torch.from_numpy(self.normalise([image]))
+        with self._lock, CAM_METHODS[method]()(model=self.model, target_layers=self.cam_layers(stride)) as cam:
+            return cam(input_tensor=x, targets=[ClassifierOutputTarget(class_index)])[0]
+
     def gradcam(self, source: str | Path | bytes | Any, *, class_index: int | None = None,
                 display_width: int | None = None, method: str = CAM_METHOD,
                 stride: int | None = CAM_STRIDE) -> tuple[np.ndarray, np.ndarray]:
@@ -360,29 +451,90 @@ class Predictor:
         """
         from PIL import Image
         from pytorch_grad_cam.utils.image import show_cam_on_image
-        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
         if method not in CAM_METHODS:
             raise ValueError(f"unknown CAM method {method!r}; choose from {', '.join(CAM_METHODS)}")
         original = self._rgb(source)
         image = fit_to_size(original, self.input_size)
-        x = torch.from_numpy(self.normalise([image]))
         if class_index is None:
-            class_index = int(self.logits([image]).argmax(1)[0])
-        with self._lock, CAM_METHODS[method]()(model=self.model, target_layers=self.cam_layers(stride)) as cam:
-            heat = cam(input_tensor=x, targets=[ClassifierOutputTarget(class_index)])[0]
+            class_index = int(self.logits({s: [fit_to_size(original, s)] for s in self.input_sizes}).argmax(1)[0])
+        # An ensemble: the mean of its members' maps for the ensemble's class, each drawn at its
+        # member's own input size and resized to the largest. Every map is scaled to [0, 1] by
+        # pytorch-grad-cam, so each network weighs the same, as its logits do in the mean.
+        heat = np.mean([_resize_heat(n._heat(fit_to_size(original, n.input_size), class_index, method, stride),
+                                     self.input_size) for n in self.networks], axis=0)
         shown, shown_heat = image, heat
         if display_width:
             w_in, h_in = self.input_size
             w = max(w_in, min(int(display_width), original.width))
             size = (w, max(1, round(w * h_in / w_in)))
             shown = fit_to_size(original, size)
-            shown_heat = np.asarray(Image.fromarray(heat.astype(np.float32), mode="F").resize(size, Image.Resampling.BILINEAR))
-            shown_heat = np.clip(shown_heat, 0.0, 1.0)
+            shown_heat = _resize_heat(heat, size)
         overlay = show_cam_on_image(shown.astype(np.float32) / 255.0, shown_heat, use_rgb=True, image_weight=0.6)
         return heat, overlay
 
 
+
+
+# ---- ensembles -----------------------------------------------------------------------------
+#: Preprocessed images: one sequence at the bundle's input size, or {input size: sequence}.
+Images = Sequence[np.ndarray] | Mapping[tuple[int, int], Sequence[np.ndarray]]
+
+
+def combine(member_logits: Sequence[np.ndarray]) -> np.ndarray:
+    """The ensemble's logits: the mean of its members' logits.
+
+    Softmax is shift-invariant, so this equals the mean of the members' log-probabilities
+    (each differs from its logits by a per-image constant); it is the geometric mean of their
+    probabilities, renormalised. benchmarks/bench_ensemble.py measures it against the
+    arithmetic mean of probabilities.
+    """
+    return np.mean(np.stack([np.asarray(lo, np.float64) for lo in member_logits]), axis=0)
+
+
+def agreement(member_probs: Sequence[np.ndarray], top: int, classes: Sequence[str]) -> dict[str, Any]:
+    """How the networks of one image agree with the answer ``top``: each network's own top class,
+    the share that agree, and each network's probability of ``top`` (with the bundle's calibration)."""
+    tops = [classes[int(np.argmax(p))] for p in member_probs]
+    share = sum(t == classes[top] for t in tops) / len(tops)
+    return {"member_top": tops, "share": share, "disagree": share < 1,
+            "member_probability": [float(p[top]) for p in member_probs]}
+
+
+class _Resized(Sequence):
+    """Preprocessed images seen at another input size, resized one by one when read (cover and
+    centre crop again, as ``fit_to_size`` does)."""
+
+    def __init__(self, images: Sequence[np.ndarray], size: tuple[int, int]) -> None:
+        self.images, self.size = images, tuple(size)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> np.ndarray:  # type: ignore[override]
+        from PIL import Image
+
+        im = np.asarray(self.images[i])
+        return im if im.shape[1::-1] == self.size else fit_to_size(Image.fromarray(im), self.size)
+
+
+def _at(images: Images, size: tuple[int, int]) -> Sequence[np.ndarray]:
+    """The images a network of ``size`` reads."""
+    if isinstance(images, Mapping):
+        if tuple(size) not in images:
+            raise ValueError(f"no images at {size[0]}x{size[1]}, a network's input size "
+                             f"(given: {', '.join(f'{w}x{h}' for w, h in images)})")
+        return images[tuple(size)]
+    return _Resized(images, size) if len(images) and np.asarray(images[0]).shape[1::-1] != tuple(size) else images
+
+
+def _resize_heat(heat: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    from PIL import Image
+
+    if heat.shape[::-1] == tuple(size):
+        return heat
+    out = np.asarray(Image.fromarray(heat.astype(np.float32), mode="F").resize(tuple(size), Image.Resampling.BILINEAR))
+    return np.clip(out, 0.0, 1.0)
 
 
 # ---- ONNX ----------------------------------------------------------------------------------

@@ -38,6 +38,11 @@ from dermaclass.errors import DermaclassError
 log = logging.getLogger(__name__)
 
 OOD_METHODS: tuple[str, ...] = ("mahalanobis", "knn", "energy")
+#: An ensemble's score: the mean over its members of each member's own score, measured from
+#: that member's cut-off in units of the spread of its validation scores (``member_margins``).
+#: The members' methods and scales differ (a Mahalanobis distance is not an energy), so raw
+#: scores cannot be averaged; margins can, and the ensemble's cut-off is 0.
+ENSEMBLE_OOD = "members"
 OOD_FILE = "ood.safetensors"
 
 #: Shorter side below which an image is refused: a 128x96 network input upsampled from fewer
@@ -204,6 +209,20 @@ def score(method: str, *, logits: np.ndarray, features: np.ndarray | None, stats
     raise ValueError(f"unknown out-of-distribution method {method!r}; choose from {', '.join(OOD_METHODS)}")
 
 
+def member_margins(scores: Sequence[np.ndarray], cutoffs: Sequence[float], scales: Sequence[float]) -> np.ndarray:
+    """The ensemble's score (``ENSEMBLE_OOD``): mean over members of (score - cut-off) / scale.
+
+    Below 0 means the members, on average, put the image further below their own cut-offs
+    than above them. A scale that is not positive (a member fitted before scales were
+    stored) counts as 1.
+    """
+    if not len(scores):
+        raise ValueError("no member scores to combine")
+    margins = [(np.asarray(s, np.float64) - float(t)) / (float(d) if d and d > 0 else 1.0)
+               for s, t, d in zip(scores, cutoffs, scales, strict=True)]
+    return np.mean(margins, axis=0)
+
+
 def threshold(scores: np.ndarray, *, keep: float) -> float:
     """The cut-off that ``keep`` of the given (validation) scores reach or exceed."""
     s = np.asarray(scores, dtype=np.float64)
@@ -261,6 +280,9 @@ def fit_ood(bundle: str | Path, *, train_images: Sequence[np.ndarray], train_lab
     from dermaclass.inference import Predictor
 
     bundle = Path(bundle)
+    if models.read_bundle_meta(bundle).is_ensemble:
+        raise models.ModelError(f"{bundle}: an ensemble's out-of-distribution score is its members' (each fitted when "
+                                "it was trained); refit a member's with `dermaclass fit-ood BUNDLE/members/mK DATA`")
     if (bundle / OOD_FILE).exists() and not force:
         raise FileExistsError(f"{bundle / OOD_FILE}: the bundle already has a fitted out-of-distribution score")
     if method not in OOD_METHODS:
@@ -288,6 +310,8 @@ def fit_ood(bundle: str | Path, *, train_images: Sequence[np.ndarray], train_lab
     calibration["refer"] = {
         **pred.meta.refer, "min_top_probability": pred.refer_below,
         "ood": {"method": method, "threshold": cut, "keep": keep, "file": OOD_FILE if stats else None,
+                # the spread of the validation scores: an ensemble measures margins in it
+                "scale": float(np.std(scores)),
                 "layer": pred.feature_layer,
                 "features": (f"global average pool of {pred.feature_layer or 'the body output'}") if stats else None,
                 "fitted_on": f"train split, {len(train_images)} images" if stats else None,

@@ -299,3 +299,42 @@ def format_plan(plan: Sequence[Stage]) -> list[dict]:
         if len({p.size for p in plan}) > 1:  # progressive resizing: show each stage's input size
             rows[-1]["size"] = f"{s.size[0]}x{s.size[1]}"
     return rows
+
+
+# ---- deep ensembles (train/ensemble.py) ------------------------------------------------------
+@dataclass(frozen=True)
+class Member:
+    """One network of a cross-fitted ensemble: it trains on every fold but ``fold`` and picks
+    its checkpoint on ``fold``."""
+
+    index: int
+    fold: int
+    arch: str
+    image_size: tuple[int, int]
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"m{self.index}"
+
+
+def parse_member(spec: str) -> tuple[str | None, tuple[int, int]]:
+    """``"tf_efficientnet_lite1@160x120"`` -> (arch, size); ``"@160x120"`` keeps the run's arch (None)."""
+    arch, sep, size = str(spec).strip().rpartition("@")
+    if not sep:
+        raise ValueError(f"member {spec!r} is not ARCH@WIDTHxHEIGHT (e.g. tf_efficientnet_lite1@160x120) or @WIDTHxHEIGHT")
+    return (arch.strip() or None), parse_size(size)
+
+
+def member_plan(members: int, *, arch: str, image_size: Sequence[int], seed: int,
+                member_archs: Sequence[str] = ()) -> list[Member]:
+    """The members of a K-network ensemble: member k holds out fold k, trains with seed + k,
+    and takes the k-th of ``member_archs`` (cycled), or ``arch`` at ``image_size``."""
+    if members < 1:
+        raise ValueError(f"an ensemble needs at least one member, got {members}")
+    specs = [parse_member(s) for s in member_archs]
+    plan = []
+    for k in range(members):
+        a, size = specs[k % len(specs)] if specs else (None, parse_size(image_size))
+        plan.append(Member(index=k, fold=k, arch=a or arch, image_size=size, seed=seed + k))
+    return plan

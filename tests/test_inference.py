@@ -149,7 +149,9 @@ def test_a_broken_model_never_hands_out_nan(tiny_bundle: Path, colour_data: Path
     from dermaclass.cli import app
 
     pred = Predictor(tiny_bundle)
-    monkeypatch.setattr(pred, "forward", lambda images, **kw: (np.full((len(images), len(pred.classes)), np.nan), None))
+    monkeypatch.setattr(pred, "member_outputs", lambda images, **kw: [
+        (np.full((len(next(iter(images.values())) if isinstance(images, dict) else images), len(pred.classes)), np.nan),
+         None)])
     with pytest.raises(ModelError, match="non-finite probabilities for .*0.png"):
         pred.predict(colour_data / "mel" / "0.png")
     with pytest.raises(ModelError, match="non-finite"):

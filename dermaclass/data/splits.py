@@ -30,6 +30,8 @@ SPLITS = ("train", "valid", "test")
 SPLIT_COLUMNS = ("image", "label", "group", "split")
 #: Optional: the content hash, so an old image keeps its split even when renamed or moved.
 HASH_COLUMN = "hash"
+#: Optional: the cross-fitting fold of a train/valid image in an ensemble's run (-1 for test).
+FOLD_COLUMN = "fold"
 #: When one unit of images has members in several old splits, the most protected wins.
 _PRIORITY = {"test": 0, "valid": 1, "train": 2}
 
@@ -96,6 +98,22 @@ def _folds(labels: pd.Series, units: pd.Series, k: int, seed: int) -> np.ndarray
     order = np.random.default_rng(seed).permutation(units.unique())
     fold_of = {unit: i % k for i, unit in enumerate(order)}
     return units.map(fold_of).to_numpy()
+
+
+def cross_folds(items: pd.DataFrame, k: int, *, seed: int = 0) -> np.ndarray:
+    """A fold id in [0, k) per row for cross-fitting an ensemble (train/ensemble.py): the same
+    grouping as the split (a lesion, or identical files, never in two folds), stratified by label."""
+    if k < 2:
+        raise DataError(f"cross-fitting needs at least 2 folds, got {k}")
+    units = split_units(items)
+    if units.nunique() < k:
+        raise DataError(f"{units.nunique()} lesions/groups cannot fill {k} folds; use fewer members")
+    return _folds(items["label"].reset_index(drop=True), units.reset_index(drop=True), k, seed)
+
+
+def _columns(df: pd.DataFrame) -> list[str]:
+    """The columns a split file holds: the four required ones, then hash and fold when present."""
+    return list(SPLIT_COLUMNS) + [c for c in (HASH_COLUMN, FOLD_COLUMN) if c in df.columns]
 
 
 def make_split(
@@ -227,11 +245,11 @@ def read_split(path: str | Path) -> pd.DataFrame:
         )
     if df["image"].duplicated().any():
         raise DataError(f"{path}: image {df.loc[df['image'].duplicated(), 'image'].iloc[0]!r} is listed twice")
-    return df[list(SPLIT_COLUMNS) + ([HASH_COLUMN] if HASH_COLUMN in df.columns else [])]
+    return df[_columns(df)]
 
 
 def write_split(split: pd.DataFrame, path: str | Path) -> Path:
     """Write a split file atomically."""
     with atomic_path(path) as tmp:
-        split[list(SPLIT_COLUMNS) + ([HASH_COLUMN] if HASH_COLUMN in split.columns else [])].to_csv(tmp, index=False)
+        split[_columns(split)].to_csv(tmp, index=False)
     return Path(path)

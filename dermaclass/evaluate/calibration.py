@@ -58,7 +58,10 @@ def calibrate(cfg: Config, logits: np.ndarray, labels: np.ndarray, vocab: list[s
     """
     logits = np.asarray(logits, dtype=np.float64)
     t, probs, ece = _temperature(logits, labels)
-    calibration: dict = {"method": "temperature", "temperature": t, "fitted_on": "valid", "n": int(len(labels)), **ece}
+    # The referral floor on the top calibrated probability; refer.fit_ood adds the
+    # out-of-distribution score to this rule once the bundle is saved.
+    calibration: dict = {"method": "temperature", "temperature": t, "fitted_on": "valid", "n": int(len(labels)), **ece,
+                         "refer": {"min_top_probability": cfg.refer_below}}
     if cfg.prior_sensitivity > 0:
         if prior is None:
             raise ValueError("the prior shift needs the training split's class frequencies (prior)")

@@ -158,6 +158,9 @@ def recalibrate(bundle: str | Path, data: str | Path | Sequence[str | Path], *, 
     cfg = cfg or Config()
     bundle = Path(bundle)
     meta = read_bundle_meta(bundle)
+    if meta.is_ensemble:
+        raise EvaluationError(f"{bundle}: an ensemble is calibrated on its members' out-of-fold predictions when it "
+                              "is trained; recalibrating it needs each member's held-out fold (retrain with --force)")
     if meta.calibration and not force:
         raise FileExistsError(f"{bundle}: already calibrated (temperature {meta.temperature:.3f}); pass --force to "
                               "refit it")
@@ -175,7 +178,8 @@ def recalibrate(bundle: str | Path, data: str | Path | Sequence[str | Path], *, 
     calibration, points, probs = calibrate(cfg, logits, y, classes, prior=class_prior(parts["train"][0], classes))
     calibration["refitted"] = {"by": "dermaclass calibrate",
                                "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    write_bundle_meta(bundle, meta.with_(calibration={**calibration, "refer": meta.calibration.get("refer")},
+    write_bundle_meta(bundle, meta.with_(calibration={**calibration,
+                                                      "refer": meta.calibration.get("refer") or calibration["refer"]},
                                          operating_points=points, metrics_valid=classification_metrics(y, probs, classes),
                                          config={**meta.config, **{k: cfg.to_dict()[k] for k in CALIBRATION_SETTINGS}}))
     ood = meta.ood

@@ -25,7 +25,7 @@ from torch import nn
 from dermaclass.data.images import COLOUR_CONSTANCY
 from dermaclass.fileio import atomic_path, check_record_header, record_fields, write_json
 from dermaclass.models.networks import ModelError, build_model
-from dermaclass.refer import OOD_METHODS
+from dermaclass.refer import ENSEMBLE_OOD, OOD_METHODS
 
 BUNDLE_WEIGHTS = "model.safetensors"
 BUNDLE_META = "model.json"
@@ -81,6 +81,11 @@ class BundleMeta:
     weights_sha256: str | None = None
     #: deployment exports beside the weights and the checks they passed (export.py)
     exports: dict[str, Any] = field(default_factory=dict)
+    #: an ensemble (train/ensemble.py): one entry per network, each a bundle in a sub-folder
+    #: (path relative to this one, weights_sha256, arch, input_size, seed, fold); empty: one network
+    members: list[dict[str, Any]] = field(default_factory=list)
+    #: how the members are combined and what the ensemble's calibration was fitted on
+    ensemble: dict[str, Any] = field(default_factory=dict)
     format: int = BUNDLE_FORMAT
     #: keys this version does not know (written by a newer minor change): kept on rewrite
     extra: dict[str, Any] = field(default_factory=dict)
@@ -115,6 +120,14 @@ class BundleMeta:
     @property
     def ood(self) -> dict[str, Any]:
         return dict(self.refer.get("ood") or {})
+
+    @property
+    def is_ensemble(self) -> bool:
+        return bool(self.members)
+
+    def member_folders(self, folder: str | Path) -> list[Path]:
+        """The bundle folder of every network: the members' sub-folders, or ``folder`` itself."""
+        return [Path(folder) / m["path"] for m in self.members] if self.members else [Path(folder)]
 
     @property
     def colour_constancy(self) -> str:
@@ -198,6 +211,28 @@ def check_bundle_meta(meta: Any, path: str | Path) -> None:
     digest = meta.get("weights_sha256")
     if digest is not None and not (isinstance(digest, str) and len(digest) == 64):
         raise bad("weights_sha256", "is not a sha256 hex digest")
+    _check_members(meta.get("members"), bad)
+
+
+def _check_members(members: Any, bad: Any) -> None:
+    """An ensemble's member list: relative sub-folders inside the bundle, each named once, each
+    with the sha256 of its weights (so a member swapped for another network is refused)."""
+    if members is None or members == []:
+        return
+    if not isinstance(members, list) or not all(isinstance(m, dict) for m in members):
+        raise bad("members", "must be a list of objects")
+    seen = set()
+    for i, m in enumerate(members):
+        path = m.get("path")
+        parts = Path(path).parts if isinstance(path, str) and path else ()
+        if not parts or Path(path).is_absolute() or ".." in parts:
+            raise bad(f"members[{i}].path", f"is {path!r}, not a sub-folder of the bundle")
+        if path in seen:
+            raise bad(f"members[{i}].path", f"{path!r} is listed twice")
+        seen.add(path)
+        digest = m.get("weights_sha256")
+        if not (isinstance(digest, str) and len(digest) == 64):
+            raise bad(f"members[{i}].weights_sha256", "is not a sha256 hex digest")
 
 
 def _check_calibration(calibration: Any, bad: Any, *, n_classes: int) -> None:
@@ -221,7 +256,7 @@ def _check_calibration(calibration: Any, bad: Any, *, n_classes: int) -> None:
     ood = refer.get("ood") or {}
     if not isinstance(ood, dict) or not (ood.get("threshold") is None or _finite(ood.get("threshold"))):
         raise bad("calibration.refer.ood", "must have a finite threshold (or none)")
-    if ood.get("method", "energy") not in OOD_METHODS:
+    if ood.get("method", "energy") not in (*OOD_METHODS, ENSEMBLE_OOD):
         raise bad("calibration.refer.ood.method", f"is {ood.get('method')!r}; this dermaclass knows "
                   f"{', '.join(OOD_METHODS)}")
     if not (ood.get("layer") is None or isinstance(ood.get("layer"), str)):
@@ -323,6 +358,10 @@ def load_bundle(folder: str | Path) -> tuple[nn.Module, BundleMeta]:
 
     folder = Path(folder)
     meta = read_bundle_meta(folder)
+    if meta.is_ensemble:
+        raise ModelError(f"{folder}: an ensemble of {len(meta.members)} networks "
+                         f"({', '.join(m['path'] for m in meta.members)}), not one network; serve it with the "
+                         f"Predictor, or load one member (e.g. {folder / meta.members[0]['path']})")
     weights = folder / BUNDLE_WEIGHTS
     if not weights.is_file():
         raise ModelError(f"{folder}: bundle has no {BUNDLE_WEIGHTS}")
