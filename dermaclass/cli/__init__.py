@@ -178,6 +178,10 @@ FLAG_HELP: dict[str, str] = {
     "prior_sensitivity": "Prior shift (logit adjustment towards the train prior, tau fitted on valid): the validation "
                          "sensitivity --prior-class must reach; 0 = off",
     "ood": "The out-of-distribution score that refers images unlike the training data",
+    "members": "Train a deep ensemble of this many cross-fitted networks (member k holds out fold k of the "
+               "train+valid pool); 1 = one network",
+    "member_archs": "Per-member ARCH@WxH or @WxH, cycled (e.g. tf_efficientnet_lite0@128x96,"
+                    "tf_efficientnet_lite1@160x120); none = every member --arch at --image-size",
     "split_file": "Reuse this split (new images are added)",
     "split_fractions": "train,valid,test shares",
     "min_per_class": "Report classes with fewer images",

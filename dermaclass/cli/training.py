@@ -22,7 +22,7 @@ TRAIN_FLAGS = (
     "warm_epoch", "head_epochs", "epochs", "n_cycles", "cycle_len", "cycle_mult", "lr_ratio", "stage_fractions",
     "stage_sizes", "lr_rule", "weight_sharing", "imbalance", "histo_weight", "augment", "colour_constancy", "tta", "label_smoothing",
     "keep", "ema_decay", "average_cycles", "mix", "mix_alpha", "sam_rho", "precision", "early_stop_patience", "operating_classes", "target_sensitivity",
-    "prior_class", "prior_sensitivity", "ood",
+    "prior_class", "prior_sensitivity", "ood", "members", "member_archs",
     "split_file", "seed", "threads",
 )
 
@@ -56,7 +56,13 @@ def train_cmd(
 
             raise TrainingError(f"{out_dir}: no config.yaml, so no run to resume there")
         cfg = load_config(saved, split_file=str(out_dir / "split.csv"))
-        training.Resume.read(out_dir)
+        if cfg.members == 1:
+            training.Resume.read(out_dir)
+        elif not (out_dir / training.MEMBERS_DIR).is_dir():
+            from dermaclass.train import TrainingError
+
+            raise TrainingError(f"{out_dir}: the ensemble stopped before its first member's first epoch ended, so "
+                                "there is nothing to resume; start it again")
         out.print(f"resuming {out_dir} with its saved config", highlight=False)
     else:
         cfg = training.inherit_bundle(cfg)
@@ -65,6 +71,9 @@ def train_cmd(
     progress, update = _progress("decoding")
     with _main_first(), progress:
         prepared = training.prepare_data(cfg, data, progress=update)
+    if cfg.members > 1:
+        _train_ensemble(cfg, prepared, out_dir, force=force, resume=resume)
+        return
     if _rank() != 0:  # other data-parallel ranks train silently; rank 0 reports
         training.train(cfg, prepared, out_dir, force=force, resume=resume)
         return
@@ -81,6 +90,33 @@ def train_cmd(
               f"(accuracy {m['accuracy']:.4f}); {result.seconds / 60:.1f} min, {result.images_seen:,} images seen",
               highlight=False)
     out.print(f"bundle: {out_dir / 'model.safetensors'} + model.json", highlight=False)
+
+
+def _train_ensemble(cfg: Config, prepared, out_dir: Path, *, force: bool, resume: bool) -> None:  # noqa: ANN001
+    from dermaclass import train as training
+    from dermaclass.models import read_bundle_meta
+
+    plan = training.check_ensemble(cfg)
+    counts = prepared.items["split"].value_counts()
+    pool = int(counts.get("train", 0) + counts.get("valid", 0))
+    out.print(f"data: {len(prepared.items):,} images, {len(prepared.vocab)} classes; test {int(counts.get('test', 0)):,}, "
+              f"train+valid pool {pool:,} in {cfg.members} cross-fitting folds", highlight=False)
+    for m in plan:
+        out.print(f"member {m.name}: {m.arch} at {m.image_size[0]}x{m.image_size[1]}, seed {m.seed}, "
+                  f"held-out fold {m.fold}", highlight=False)
+    first = cfg.replace(arch=plan[0].arch, image_size=plan[0].image_size, members=1, member_archs=())
+    _print_plan(training.fit_batch_size(first, pool - pool // cfg.members), pool - pool // cfg.members)
+    result = training.train_ensemble(cfg, prepared, out_dir, force=force, resume=resume)
+    training.write_summary(result)
+    meta = read_bundle_meta(out_dir)
+    for m in meta.members:
+        out.print(f"{m['path']}: valid (its fold) balanced accuracy {m['valid_balanced_accuracy']:.4f}", highlight=False)
+    r = result.metrics
+    out.print(f"[bold]out-of-fold balanced accuracy {r['balanced_accuracy']:.4f}[/], macro-F1 {r['macro_f1']:.4f} "
+              f"(one member per image; the ensemble is judged on test: `dermaclass evaluate`); "
+              f"{result.seconds / 60:.1f} min", highlight=False)
+    out.print(f"bundle: {out_dir / 'model.json'} + {len(meta.members)} members in {out_dir / training.MEMBERS_DIR}",
+              highlight=False)
 
 
 @app.command("retrain", epilog=EXIT_CODES)

@@ -30,7 +30,7 @@ from dermaclass.evaluate.metrics import (
     reliability_bins, softmax,
 )
 from dermaclass.inference import Predictor
-from dermaclass.models import BundleMeta, file_sha256, read_bundle_meta
+from dermaclass.models import BundleMeta, file_sha256, read_bundle_meta, weights_identity
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +103,17 @@ def _split_images(bundle: Path, meta: BundleMeta, items: pd.DataFrame, *, split:
         chosen["path"].tolist(), chosen["hash"].tolist(), workers=cfg.workers or None
     )
     return chosen, split_counts, images
+
+
+def network_images(predictor: Predictor, chosen: pd.DataFrame, images: CachedImages, cfg: Config
+                   ) -> CachedImages | dict[tuple[int, int], CachedImages]:
+    """What the bundle's networks read: ``images`` (at the bundle's input size), or for an
+    ensemble with members at several sizes, the decode cache at each size."""
+    sizes = predictor.input_sizes
+    if len(sizes) == 1:
+        return images
+    return {size: images if size == tuple(predictor.input_size) else DecodeCache(cfg.cache_dir, size).ensure(
+        chosen["path"].tolist(), chosen["hash"].tolist(), workers=cfg.workers or None) for size in sizes}
 
 
 def split_images(bundle: str | Path, data: str | Path | Sequence[str | Path], *, splits: Sequence[Split],
@@ -220,7 +231,7 @@ def evaluate_bundle(
     chosen, split_counts, images = _split_images(bundle, predictor.meta, items, split=split, split_path=split_path, cfg=cfg,
                                                  source=data)
     tta = predictor.tta if tta is None else tta
-    logits = predictor.logits(images, tta=tta)
+    logits = predictor.logits(network_images(predictor, chosen, images, cfg), tta=tta)
     raw, probs = softmax(logits), predictor.checked(predictor.calibrated(logits), f"the images of {data}")
     y = chosen["label"].map({c: i for i, c in enumerate(classes)}).to_numpy()
     groups = chosen["group"].astype(str).to_numpy()
@@ -252,8 +263,9 @@ def evaluate_bundle(
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         dermaclass_version=dermaclass.__version__,
         disclaimer=dermaclass.DISCLAIMER,
-        model={"bundle": str(bundle), "weights_sha256": file_sha256(bundle / "model.safetensors"),
-               "arch": meta.arch, "recipe": meta.recipe, "created": meta.created,
+        model={"bundle": str(bundle), "weights_sha256": weights_identity(bundle),
+               "arch": meta.arch, "networks": len(predictor.networks),
+               "members": [f"{m['arch']} {m['input_size'][0]}x{m['input_size'][1]}" for m in meta.members], "recipe": meta.recipe, "created": meta.created,
                "input_size": list(meta.input_size), "git_commit": meta.git_commit,
                "metrics_valid": {k: meta.metrics_valid.get(k) for k in ("balanced_accuracy", "macro_f1")}},
         data={"root": str(data), "split": split, "split_file": str(split_path) if split_path else None,

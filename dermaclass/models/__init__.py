@@ -4,13 +4,14 @@
   from its PyPI packages), the three layer groups of differential learning rates, and the
   pooled features the out-of-distribution scores read.
 - ``bundle``: ``model.safetensors`` + ``model.json`` through the typed ``BundleMeta`` record;
-  never a pickle, never overwritten without ``force``.
+  never a pickle, never overwritten without ``force``; an ensemble's ``model.json`` lists its
+  member bundles.
 """
 
 from dermaclass.models.bundle import (
     BUNDLE_FORMAT, BUNDLE_META, BUNDLE_WEIGHTS, DEFAULT_BUNDLE, MAX_INPUT_SIDE, BundleMeta,
     check_bundle_meta, file_sha256, load_bundle, model_from_bundle, publish_bundle, read_bundle_meta, save_bundle,
-    write_bundle_meta,
+    weights_identity, write_bundle_meta,
 )
 from dermaclass.models.networks import (
     BUNDLED_WEIGHTS, DEFAULT_ARCH, ModelError, WithFeatures, build_model, create_body, feature_layer, freeze_state,
@@ -22,5 +23,5 @@ __all__ = [
     "MAX_INPUT_SIDE", "BundleMeta", "ModelError", "WithFeatures", "build_model", "check_bundle_meta",
     "create_body", "feature_layer", "file_sha256", "freeze_state", "lite_imagenet_state", "lite_weights_path",
     "load_bundle", "model_from_bundle", "normalization", "publish_bundle", "read_bundle_meta", "save_bundle", "set_threads",
-    "splitter", "write_bundle_meta",
+    "splitter", "weights_identity", "write_bundle_meta",
 ]

@@ -317,6 +317,17 @@ def file_sha256(path: str | Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def weights_identity(folder: str | Path) -> str:
+    """The sha256 that names a bundle's weights: of ``model.safetensors``, or for an ensemble of
+    its members' digests in order (so two reports of one ensemble share it, and any changed
+    member changes it)."""
+    folder = Path(folder)
+    meta = read_bundle_meta(folder)
+    if meta.is_ensemble:
+        return hashlib.sha256("\n".join(m["weights_sha256"] for m in meta.members).encode()).hexdigest()
+    return file_sha256(folder / BUNDLE_WEIGHTS)
+
+
 def _check_weights_fit(weights: Path, meta: BundleMeta) -> None:
     """Compare the weights file's tensor names and shapes with the architecture built on the meta
     device (no memory, no time) before building it for real: a huge unknown ``arch`` or a class

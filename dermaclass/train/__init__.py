@@ -4,7 +4,8 @@
 - ``recipes``: the learner and the three recipes, short compositions of fastai calls;
 - ``resume``: ``--resume`` as one fastai Callback (checkpoints after every epoch, and the restore);
 - ``distributed``: the data-parallel pieces, scoped to the run;
-- ``run``: one run end to end (folder, calibration, out-of-distribution score, bundle).
+- ``run``: one run end to end (folder, calibration, out-of-distribution score, bundle);
+- ``ensemble``: ``--members K``, K cross-fitted runs and the ensemble bundle over them.
 
 The names below are the package's public surface.
 """
@@ -20,9 +21,10 @@ from dermaclass.train.run import (
     REPLACED, RUN_FILES, TrainResult, bundle_meta, check_run_dir, set_aside_finished_run, train, write_summary,
 )
 from dermaclass.train.resume import Resume
+from dermaclass.train.ensemble import MEMBERS_DIR, check_ensemble, train_ensemble
 
 __all__ = [
-    "RECIPES", "REPLACED", "RUN_FILES", "Run", "TrainData", "TrainResult", "TrainingError", "build_learner",
+    "MEMBERS_DIR", "RECIPES", "REPLACED", "check_ensemble", "train_ensemble", "RUN_FILES", "Run", "TrainData", "TrainResult", "TrainingError", "build_learner",
     "bundle_meta", "check_class_names", "check_run_dir", "fit_batch_size", "inherit_bundle", "loss_for",
     "parent_record", "plan_for", "planned_sizes", "prepare_data", "Resume", "recipe_baseline",
     "recipe_sgdr", "recipe_stepwise", "set_aside_finished_run", "stage_dataloaders", "train", "write_summary",

@@ -75,7 +75,7 @@ def check_run_dir(run_dir: Path, *, force: bool) -> None:
         return
     if (run_dir / models.BUNDLE_META).exists() or (run_dir / models.BUNDLE_WEIGHTS).exists():
         raise FileExistsError(f"{run_dir}: a model bundle is already there")
-    if (run_dir / PROGRESS).is_file():
+    if (run_dir / PROGRESS).is_file() or (run_dir / "members").is_dir():
         raise FileExistsError(f"{run_dir}: holds an interrupted run; continue it with --resume")
     if (run_dir / "config.yaml").is_file():
         raise FileExistsError(f"{run_dir}: holds a run that stopped before its first epoch ended, so there is "
@@ -101,7 +101,7 @@ def train(cfg: Config, data: TrainData, run_dir: str | Path, *, force: bool = Fa
     run_dir.mkdir(parents=True, exist_ok=True)
     models.set_threads(cfg.threads)
     set_seed(cfg.seed, reproducible=True)
-    commit = _git_commit()  # of the code that trains, read before a long run
+    commit = code_commit()  # of the code that trains, read before a long run
     if not resume and main:
         set_aside_finished_run(run_dir)
         cfg.save(run_dir / "config.yaml")
@@ -200,7 +200,7 @@ def bundle_meta(cfg: Config, data: TrainData, *, metrics: dict, stages: list[dic
     )
 
 
-def _git_commit() -> str | None:
+def code_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True,
                              timeout=5, check=True)

@@ -1,0 +1,277 @@
+"""Deep ensembles, cross-fitted: ``dermaclass train --members K``.
+
+Averaging the predictions of independently trained networks (Lakshminarayanan et al. 2017,
+"Simple and scalable predictive uncertainty estimation using deep ensembles") was the most
+robust method under dataset shift in Ovadia et al. 2019, and the ISIC 2018/2019 winners were
+ensembles of networks at several input sizes (Gessert et al. 2019). Averaging weights (SWA,
+cycle-end averages) did not help here (README lever table); averaging predictions is another
+thing.
+
+Cross-fitting: the train+valid pool of the split is cut into K lesion-grouped, stratified
+folds (``data.splits.cross_folds``); member k trains on the other folds with the run's recipe
+(each member is an ordinary run, ``train.run.train``, in ``members/mK``), picks its checkpoint
+on fold k, and gets seed + k and the k-th of ``--member-archs``. The members' out-of-fold
+logits cover the whole pool, so the ensemble's temperature, prior shift, operating points and
+referral floor are fitted on K times as many images as one valid split holds. The test split
+is the run's, untouched, and ``split.csv`` keeps the train/valid/test columns (valid: the
+first fold) plus a ``fold`` column, so ``--split-file`` and retraining read it unchanged.
+
+A caveat the figures must carry: an out-of-fold logit is one member's, while the ensemble
+serves the mean of K; the mean is less extreme, so a temperature fitted on single members
+can leave the ensemble under-confident (benchmarks/bench_ensemble.py measures the ECE).
+
+The bundle: ``model.json`` at the top lists the members (path, sha256, arch, input size,
+seed, fold) and holds the ensemble's calibration; each member folder is a complete
+one-network bundle. A killed run resumes at the member and epoch where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from fastai.torch_core import num_distrib
+
+import dermaclass
+from dermaclass import models, refer, schedules
+from dermaclass.config import Config
+from dermaclass.data import DecodeCache
+from dermaclass.data.splits import FOLD_COLUMN, cross_folds, write_split
+from dermaclass.errors import ConfigError
+from dermaclass.evaluate import classification_metrics
+from dermaclass.evaluate.calibration import calibrate, class_prior
+from dermaclass.train.data import TrainData, TrainingError, planned_sizes
+from dermaclass.train.recipes import fit_batch_size
+from dermaclass.train.resume import PROGRESS, Resume
+from dermaclass.train.run import REPLACED, TrainResult, code_commit, train
+
+log = logging.getLogger(__name__)
+
+MEMBERS_DIR = "members"
+COMBINE = "mean of logits"
+
+
+def check_ensemble(cfg: Config) -> list[schedules.Member]:
+    """The member plan, refusing what cannot run: several processes (members train one after
+    another in one process) or progressive resizing with members at different sizes."""
+    plan = schedules.member_plan(cfg.members, arch=cfg.arch, image_size=cfg.image_size, seed=cfg.seed,
+                                 member_archs=cfg.member_archs)
+    if num_distrib() > 1:
+        raise TrainingError("an ensemble trains its members one after another in one process; launch it without "
+                            "accelerate (or train each member as its own data-parallel run)")
+    if cfg.stage_sizes and len({m.image_size for m in plan}) > 1:
+        raise ConfigError("--stage-sizes ends at one image size, but the members differ in size; drop --stage-sizes "
+                          "or give every member the same size")
+    return plan
+
+
+def pool_folds(data: TrainData, k: int, *, seed: int, saved: pd.DataFrame | None = None) -> np.ndarray:
+    """A fold id per item (-1 for the test split): the saved run's folds when it has them
+    (``--resume``), else new lesion-grouped, stratified folds of the train+valid pool."""
+    split = data.items["split"].to_numpy()
+    pool = np.flatnonzero(split != "test")
+    if saved is not None and FOLD_COLUMN in saved.columns:
+        fold_of = dict(zip(saved["image"].astype(str), pd.to_numeric(saved[FOLD_COLUMN], errors="coerce")))
+        folds = np.array([fold_of.get(str(i), np.nan) for i in data.items["image"]], dtype=float)
+        if np.isfinite(folds[pool]).all() and set(folds[pool].astype(int)) == set(range(k)):
+            return np.where(split == "test", -1, folds).astype(int)
+        log.warning("the saved split's folds do not cover the pool in %d folds; cutting new ones", k)
+    folds = np.full(len(split), -1, dtype=int)
+    folds[pool] = cross_folds(data.items.iloc[pool], k, seed=seed)
+    return folds
+
+
+def member_data(data: TrainData, folds: np.ndarray, member: schedules.Member, cfg: Config) -> TrainData:
+    """The member's view of the run's data: fold ``member.fold`` is its valid split, the other
+    pool folds its train split, the test split unchanged; images at the member's input size
+    (decoded into the cache once if the run has not got them)."""
+    split = np.where(folds < 0, "test", np.where(folds == member.fold, "valid", "train")).astype(object)
+    size = tuple(member.image_size)
+    items = data.items.assign(split=split)
+    images = data.images_at.get(size) or DecodeCache(cfg.cache_dir, size).ensure(
+        items["path"].tolist(), items["hash"].tolist(), workers=cfg.workers or None)
+    images_at = {**{s: v for s, v in data.images_at.items() if size == tuple(cfg.image_size)}, size: images}
+    return dataclasses.replace(data, items=items, images=images, split=data.split.assign(split=split),
+                               images_at=images_at)
+
+
+def set_aside_finished_ensemble(run_dir: Path) -> None:
+    """``--force`` over an ensemble: its model.json and members wait in ``replaced/`` until the
+    new ensemble is written (as ``train.run.set_aside_finished_run`` does for one network)."""
+    members, meta = run_dir / MEMBERS_DIR, run_dir / models.BUNDLE_META
+    if not members.exists() and not meta.exists():
+        return
+    keep = run_dir / REPLACED
+    shutil.rmtree(keep, ignore_errors=True)
+    keep.mkdir(parents=True)
+    for path in (meta, members, run_dir / "split.csv", run_dir / "config.yaml", run_dir / "summary.json"):
+        if path.exists():
+            os.replace(path, keep / path.name)
+    log.warning("%s: the ensemble there is kept in %s until the new one is written", run_dir, keep)
+
+
+def train_ensemble(cfg: Config, data: TrainData, run_dir: str | Path, *, force: bool = False,
+                   data_card: str | None = None, resume: bool = False) -> TrainResult:
+    """Train ``cfg.members`` cross-fitted networks and write the ensemble bundle in ``run_dir``.
+
+    ``resume``: finished members are kept, an interrupted one continues from its last epoch,
+    the rest are trained.
+    """
+    from dermaclass.train.run import check_run_dir
+
+    run_dir = Path(run_dir)
+    plan = check_ensemble(cfg)
+    planned_sizes(cfg)  # a bad --stage-sizes fails before any member trains
+    saved = None
+    if resume:
+        if not (run_dir / "split.csv").is_file():
+            raise TrainingError(f"{run_dir}: no split.csv, so no ensemble to resume there")
+        saved = pd.read_csv(run_dir / "split.csv", dtype=str, keep_default_na=False)
+    else:
+        check_run_dir(run_dir, force=force)
+        set_aside_finished_ensemble(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save(run_dir / "config.yaml")
+    folds = pool_folds(data, cfg.members, seed=cfg.seed, saved=saved)
+    commit = code_commit()
+    split = data.split.assign(**{FOLD_COLUMN: folds})
+    split["split"] = np.where(folds < 0, "test", np.where(folds == 0, "valid", "train"))
+    write_split(split, run_dir / "split.csv")
+    started = time.perf_counter()
+    records = []
+    for member in plan:
+        folder = run_dir / MEMBERS_DIR / member.name
+        mdata = member_data(data, folds, member, cfg)
+        mcfg = fit_batch_size(cfg.replace(arch=member.arch, image_size=member.image_size, seed=member.seed, members=1,
+                                          member_archs=()), len(mdata.train_rows))
+        if (folder / models.BUNDLE_META).is_file() and (folder / models.BUNDLE_WEIGHTS).is_file():
+            log.info("member %s: already trained (%s)", member.name, folder)
+        else:
+            again = _resumable(folder)
+            log.info("member %d of %d (%s at %dx%d, seed %d, valid fold %d)%s", member.index + 1, len(plan), member.arch,
+                     *member.image_size, member.seed, member.fold, ": resuming" if again else "")
+            train(mcfg, mdata, folder, force=True, data_card=data_card, resume=again)
+        records.append((member, folder, mdata))
+    return _write_ensemble(cfg, data, run_dir, records, folds=folds, data_card=data_card, commit=commit,
+                           seconds=time.perf_counter() - started, resumed=resume)
+
+
+def _resumable(folder: Path) -> bool:
+    """Whether a member folder holds an interrupted run with its checkpoint (else it starts over)."""
+    if not (folder / PROGRESS).is_file():
+        return False
+    try:
+        Resume.read(folder)
+        return True
+    except TrainingError as exc:
+        log.warning("%s; member %s is trained from the start", exc, folder.name)
+        return False
+
+
+def out_of_fold(records: list[tuple[schedules.Member, Path, TrainData]], *, threads: int = 0
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rows, logits, out-of-distribution margins) of every member on its own held-out fold,
+    scored as the bundle serves (with its test-time augmentation)."""
+    from dermaclass.inference import Predictor
+
+    rows, logits, margins = [], [], []
+    for member, folder, mdata in records:
+        pred = Predictor(folder, backend="torch", threads=threads)
+        valid = mdata.valid_rows
+        lo, fe = pred.forward([mdata.images[i] for i in valid])
+        if pred.ood_threshold is not None:
+            margins.append(refer.member_margins([pred.ood_scores(lo, fe)], [pred.ood_threshold],
+                                                [pred.meta.ood.get("scale") or 0.0]))
+        else:
+            margins.append(np.zeros(len(valid)))
+        rows.append(valid)
+        logits.append(lo)
+    return np.concatenate(rows), np.concatenate(logits), np.concatenate(margins)
+
+
+def _write_ensemble(cfg: Config, data: TrainData, run_dir: Path, records: list, *, folds: np.ndarray,
+                    data_card: str | None, commit: str | None, seconds: float, resumed: bool) -> TrainResult:
+    rows, logits, margins = out_of_fold(records, threads=cfg.threads)
+    labels = data.items["label"].astype(str).to_numpy()
+    index = {c: i for i, c in enumerate(data.vocab)}
+    y = np.array([index[v] for v in labels[rows]])
+    pool_labels = labels[folds >= 0]
+    calibration, points, probs = calibrate(cfg, logits, y, data.vocab, prior=class_prior(pool_labels, data.vocab))
+    calibration["fitted_on"] = f"out-of-fold predictions of {len(records)} members on the train+valid pool"
+    kept = (probs.max(axis=1) >= cfg.refer_below) & (margins >= 0)
+    calibration["refer"] = {
+        "min_top_probability": cfg.refer_below,
+        "ood": {"method": refer.ENSEMBLE_OOD, "threshold": 0.0,
+                "score": "mean over members of (member score - member cut-off) / spread of its validation scores"},
+        "valid_referred": float(np.mean(~kept)),
+        "valid_accuracy_kept": float(np.mean((probs.argmax(1) == y)[kept])) if kept.any() else None,
+    }
+    metrics = classification_metrics(y, probs, data.vocab)
+    members, stages, images_seen, member_seconds = [], [], 0, 0.0
+    for member, folder, mdata in records:
+        meta = models.read_bundle_meta(folder)
+        members.append({"path": f"{MEMBERS_DIR}/{member.name}", "weights_sha256": meta.weights_sha256,
+                        "arch": member.arch, "input_size": list(member.image_size), "seed": member.seed,
+                        "fold": member.fold, "valid_images": int(len(mdata.valid_rows)),
+                        "valid_balanced_accuracy": meta.metrics_valid.get("balanced_accuracy"),
+                        "seconds": meta.training.get("seconds")})
+        stages.append({"member": member.name, "stages": meta.stages})
+        images_seen += int(meta.training.get("images_seen") or 0)
+        member_seconds += float(meta.training.get("seconds") or 0)
+    first = models.read_bundle_meta(records[0][1])
+    largest = max((tuple(m.image_size) for m, _, _ in records), key=lambda s: s[0] * s[1])
+    meta = models.BundleMeta(
+        arch="ensemble",
+        classes=tuple(data.vocab),
+        class_names=data.names,
+        input_size=largest,
+        normalization=first.normalization,
+        preprocessing={**first.preprocessing, "resize": first.preprocessing.get("resize", "") + "; each member at its "
+                       "own input size"},
+        kept_weights=first.kept_weights,
+        tta=first.tta,
+        head=first.head,
+        metrics_valid=metrics,
+        recipe=cfg.recipe,
+        stages=stages,
+        training={"seconds": round(member_seconds, 1), "wall_seconds": round(seconds, 1), "images_seen": images_seen,
+                  "members": len(records)},
+        config=cfg.to_dict(),
+        data={"sources": data.sources, "split_counts": data.items["split"].value_counts().to_dict(),
+              "split_reuse": data.split_reuse, "split_file": "split.csv", "data_card": data_card,
+              "folds": {str(k): int((folds == k).sum()) for k in range(len(records))}},
+        parent=first.parent,
+        package_version=dermaclass.__version__,
+        machine={"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+        git_commit=commit,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        disclaimer=dermaclass.DISCLAIMER,
+        calibration=calibration,
+        operating_points=points,
+        resumed=resumed,
+        members=members,
+        ensemble={"k": len(records), "combine": COMBINE, "cross_fitted": True,
+                  "calibration_fitted_on": calibration["fitted_on"],
+                  "metrics_valid_are": "out-of-fold: each image scored by the one member that did not train on it "
+                                       "(the ensemble itself has no held-out split inside the pool)"},
+    )
+    models.write_bundle_meta(run_dir, meta)
+    shutil.rmtree(run_dir / REPLACED, ignore_errors=True)
+    log.info("ensemble of %d written to %s: out-of-fold balanced accuracy %.4f", len(records), run_dir,
+             metrics["balanced_accuracy"])
+    return TrainResult(run_dir, metrics, stages, member_seconds, images_seen, [])
+
+
+def describe(meta: models.BundleMeta) -> dict[str, Any]:
+    """One line per member for printing (CLI, card)."""
+    return {m["path"]: f"{m.get('arch')} {m['input_size'][0]}x{m['input_size'][1]}, seed {m.get('seed')}, "
+                       f"held-out fold {m.get('fold')}" for m in meta.members}

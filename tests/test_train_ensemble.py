@@ -1,0 +1,164 @@
+"""Cross-fitted deep ensembles (train/ensemble.py) end to end on tiny generated images, and
+the ensemble bundle as the Predictor serves it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from dermaclass import models, schedules
+from dermaclass.config import load_config
+from dermaclass.data.splits import cross_folds
+from dermaclass.errors import ConfigError
+from dermaclass.inference import Predictor, combine
+from dermaclass.models import ModelError
+from dermaclass.train import prepare_data, train_ensemble
+
+TINY = dict(image_size="32,24", batch_size=8, arch="test_resnet", pretrained=False, head_epochs=0, epochs=2,
+            recipe="baseline", lr=1e-2, colour_constancy="none")
+
+
+def _cfg(tmp_path: Path, **kw):
+    return load_config(**{**TINY, "cache_dir": str(tmp_path / "cache"), **kw})
+
+
+@pytest.fixture(scope="module")
+def ensemble(colour_data: Path, tmp_path_factory) -> Path:
+    """Two members of the tiny network, cross-fitted on colour_data."""
+    tmp = tmp_path_factory.mktemp("ensemble")
+    cfg = _cfg(tmp, members=2)
+    train_ensemble(cfg, prepare_data(cfg, colour_data), tmp / "run")
+    return tmp / "run"
+
+
+def test_member_plan_and_member_specs() -> None:
+    plan = schedules.member_plan(3, arch="a", image_size=(128, 96), seed=42,
+                                 member_archs=("tf_efficientnet_lite1@160x120", "@96x72"))
+    assert [(m.name, m.fold, m.seed, m.arch, m.image_size) for m in plan] == [
+        ("m0", 0, 42, "tf_efficientnet_lite1", (160, 120)), ("m1", 1, 43, "a", (96, 72)),
+        ("m2", 2, 44, "tf_efficientnet_lite1", (160, 120))]
+    assert schedules.member_plan(2, arch="a", image_size=(32, 24), seed=0)[1].image_size == (32, 24)
+    with pytest.raises(ValueError, match="ARCH@WIDTHxHEIGHT"):
+        schedules.parse_member("tf_efficientnet_lite1")
+    with pytest.raises(ConfigError, match="member_archs"):
+        load_config(member_archs="lite@12x9")
+    with pytest.raises(ConfigError, match="members"):
+        load_config(members=0)
+
+
+def test_cross_folds_keep_lesions_together_and_classes_spread() -> None:
+    items = pd.DataFrame({"label": ["a"] * 40 + ["b"] * 20, "group": [f"g{i // 2}" for i in range(60)]})
+    folds = cross_folds(items, 4, seed=0)
+    assert set(folds) == {0, 1, 2, 3}
+    assert (items.assign(fold=folds).groupby("group")["fold"].nunique() == 1).all()
+    for k in range(4):
+        assert (items["label"][folds == k] == "b").sum() >= 4  # every fold has the rare class
+    assert (cross_folds(items, 4, seed=0) == folds).all()  # a pure function of its inputs
+
+
+def test_ensemble_bundle_lists_members_and_serves_their_mean(ensemble: Path, colour_data: Path) -> None:
+    meta = json.loads((ensemble / "model.json").read_text())
+    assert meta["arch"] == "ensemble" and meta["ensemble"]["k"] == 2 and not (ensemble / "model.safetensors").exists()
+    assert [m["path"] for m in meta["members"]] == ["members/m0", "members/m1"]
+    assert [m["fold"] for m in meta["members"]] == [0, 1] and [m["seed"] for m in meta["members"]] == [42, 43]
+    assert "out-of-fold" in meta["calibration"]["fitted_on"]
+    assert meta["calibration"]["refer"]["ood"]["method"] == "members"
+    assert meta["calibration"]["refer"]["min_top_probability"] == 0.5
+    split = pd.read_csv(ensemble / "split.csv")
+    pool = split[split["split"] != "test"]
+    # Each member held out its own fold, which covers the pool with the test split untouched.
+    assert set(pool["fold"]) == {0, 1} and (split.loc[split["split"] == "test", "fold"] == -1).all()
+    assert (pool.groupby("group")["fold"].nunique() == 1).all()
+    for k in (0, 1):
+        member_split = pd.read_csv(ensemble / "members" / f"m{k}" / "split.csv")
+        valid = set(member_split.loc[member_split["split"] == "valid", "image"])
+        assert valid == set(pool.loc[pool["fold"] == k, "image"])
+        assert set(member_split.loc[member_split["split"] == "test", "image"]) == set(
+            split.loc[split["split"] == "test", "image"])
+    # n = the whole pool: calibration was fitted on every out-of-fold prediction.
+    assert meta["calibration"]["n"] == len(pool)
+
+    pred = Predictor(ensemble)
+    assert len(pred.networks) == 2 and pred.input_size == (32, 24)
+    images = [pred.preprocess(p) for p in sorted((colour_data / "mel").glob("*.png"))[:4]]
+    members = [Predictor(ensemble / "members" / f"m{k}") for k in (0, 1)]
+    expected = combine([m.logits(images) for m in members])
+    assert np.allclose(pred.logits(images), expected, atol=1e-5)
+    result = pred.predict(colour_data / "mel" / "0.png")
+    assert result["networks"] == 2 and len(result["agreement"]["member_top"]) == 2
+    assert 0 <= result["agreement"]["share"] <= 1 and np.isfinite(result["ood_score"])
+    heat, overlay = pred.gradcam(colour_data / "mel" / "0.png")
+    assert heat.shape == (24, 32) and overlay.shape == (24, 32, 3)
+    with pytest.raises(ModelError, match="ensemble of 2 networks"):
+        models.load_bundle(ensemble)
+
+
+def test_a_swapped_or_missing_member_is_refused(ensemble: Path, tmp_path: Path) -> None:
+    swapped = tmp_path / "swapped"
+    shutil.copytree(ensemble, swapped)
+    shutil.rmtree(swapped / "members" / "m1")
+    shutil.copytree(ensemble / "members" / "m0", swapped / "members" / "m1")
+    with pytest.raises(ModelError, match="members/m1: not the network"):
+        Predictor(swapped)
+    shutil.rmtree(swapped / "members" / "m1")
+    with pytest.raises(ModelError, match="member members/m1 of the ensemble .* is missing"):
+        Predictor(swapped)
+    meta = json.loads((ensemble / "model.json").read_text())
+    meta["members"][1]["path"] = "../elsewhere"
+    (swapped / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelError, match=r"members\[1\].path"):
+        Predictor(swapped)
+
+
+def test_a_stopped_ensemble_resumes_at_the_member_it_stopped(ensemble: Path, colour_data: Path,
+                                                              tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(ensemble, run)
+    kept = (run / "members" / "m0" / "model.safetensors").stat().st_mtime_ns
+    for name in ("model.json", "model.safetensors"):  # member 1 never finished
+        (run / "members" / "m1" / name).unlink()
+    (run / "model.json").unlink()
+    cfg = load_config(run / "config.yaml", split_file=str(run / "split.csv"))
+    train_ensemble(cfg, prepare_data(cfg, colour_data), run, resume=True)
+    assert (run / "members" / "m0" / "model.safetensors").stat().st_mtime_ns == kept  # not retrained
+    assert (run / "members" / "m1" / "model.safetensors").is_file()
+    meta = json.loads((run / "model.json").read_text())
+    assert meta["resumed"] is True
+    before = pd.read_csv(ensemble / "split.csv")
+    assert (pd.read_csv(run / "split.csv")["fold"] == before["fold"]).all()  # the same folds
+    with pytest.raises(FileExistsError):
+        train_ensemble(cfg, prepare_data(cfg, colour_data), run)  # never overwritten silently
+
+
+def test_cli_trains_mixed_size_members_and_evaluates_them(colour_data: Path, tmp_path: Path) -> None:
+    from dermaclass.cli import app
+
+    run = tmp_path / "mixed"
+    env = {"DERMACLASS_CACHE": str(tmp_path / "cache")}
+    args = ["train", str(colour_data), "--out", str(run), "--recipe", "baseline", "--arch", "test_resnet",
+            "--no-pretrained", "--image-size", "32,24", "--batch-size", "8", "--head-epochs", "0", "--epochs", "1",
+            "--lr", "1e-2", "--colour-constancy", "none", "--threads", "1", "--members", "2",
+            "--member-archs", "@32x24,@40x30"]
+    result = CliRunner().invoke(app, args, env=env)
+    assert result.exit_code == 0, result.output
+    assert "member m1: test_resnet at 40x30" in result.output and "out-of-fold balanced accuracy" in result.output
+    pred = Predictor(run)
+    assert pred.input_sizes == [(32, 24), (40, 30)] and pred.input_size == (40, 30)
+    image = pred.preprocess(colour_data / "nv" / "1.png")
+    both = pred.preprocess_all(colour_data / "nv" / "1.png")
+    # A caller with images at one size gets each member's own size by resizing.
+    assert pred.logits([image]).shape == (1, 3) and pred.logits({s: [v] for s, v in both.items()}).shape == (1, 3)
+    with pytest.raises(ValueError, match="no images at 32x24"):
+        pred.logits({(40, 30): [image]})
+    report = tmp_path / "report"
+    result = CliRunner().invoke(app, ["evaluate", str(run), str(colour_data), "--out", str(report), "--split", "all",
+                                      "--n-boot", "10", "--no-thumbnails"], env=env)
+    assert result.exit_code == 0, result.output
+    rep = json.loads((report / "report.json").read_text())
+    assert rep["model"]["networks"] == 2 and len(rep["model"]["weights_sha256"]) == 64
