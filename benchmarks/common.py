@@ -1,7 +1,7 @@
 """Shared pieces of the training benchmarks: where the data is, and how a finished run is measured.
 
 Every training benchmark measures a run the same way: the HAM10000 test split of the shared
-split file, and every image of the two external dermoscopy sets (``external`` key), which
+split file, and every image of the three external dermoscopy sets (derm7pt, isic2017, PH2) (``external`` key), which
 are used to compare recipes only, never to fit anything.
 """
 
@@ -16,7 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 SHARED = ROOT / ".." / "shared" / "data"
 HAM = SHARED / "ham10000"
-EXTERNAL = {"derm7pt": SHARED / "derm7pt", "isic2017": SHARED / "isic2017"}
+# PH2 (200 images from a Portuguese hospital, nevus and melanoma only): its balanced accuracy is
+# the mean of two sensitivities; its melanoma AUROC and flag rates say more.
+EXTERNAL = {"derm7pt": SHARED / "derm7pt", "isic2017": SHARED / "isic2017", "ph2": SHARED / "ph2"}
 # The bundled model's lesion-grouped split: every benchmark run trains and tests on it.
 SPLIT = ROOT / "models" / "ham10000-effnet-lite0" / "split.csv"
 

@@ -155,8 +155,22 @@ def diagnose_markdown(p: Predictor, result: dict[str, Any]) -> str:
                          f"{f['threshold']:.1%} chosen for {f['target_sensitivity']:.0%} sensitivity on validation.")
         else:
             lines.append(f"{_label(p, c)}: {f['probability']:.1%}, below its threshold {f['threshold']:.1%}.")
+    k = int(result.get("networks") or 1)
+    agree = result.get("agreement") or {}
+    if k > 1 and agree.get("disagree"):
+        tops = ", ".join(html.escape(p.name(c)) for c in dict.fromkeys(agree["member_top"]) if c != result["top"])
+        n_agree = round(agree["share"] * k)
+        lo, hi = min(agree["member_probability"]), max(agree["member_probability"])
+        lines.append(f'<div class="disagree-banner" role="status" style="border:2px solid #b45309;background:#fffbeb;'
+                     f'color:#78350f;padding:0.5em 1em;border-radius:6px"><strong>The networks disagree</strong>: '
+                     f"{n_agree} of {k} answer {html.escape(result['top_k'][0]['name'])}; the others answer "
+                     f"{tops}. Each network gives this answer {lo:.0%} to {hi:.0%}. Treat the result with extra "
+                     "caution.</div>")
+    elif k > 1:
+        lines.append(f"All {k} networks of the ensemble give this answer.")
     tta = " with flip TTA" if result.get("tta") else ""
-    lines.append(f"<small>served by {html.escape(str(result.get('backend')))}{tta}</small>")
+    who = f"an ensemble of {k} networks" if k > 1 else "one network"
+    lines.append(f"<small>answered by {who}, served by {html.escape(str(result.get('backend')))}{tta}</small>")
     lines.append(f"\n*{DISCLAIMER}*")
     return "\n\n".join(lines)
 
@@ -225,7 +239,9 @@ def model_status(p: Predictor) -> tuple[str, str | None]:
     report = _bundle_report(p)
     test = report.balanced_accuracy if report is not None else None
     valid = m.metrics_valid.get("balanced_accuracy")
-    line = (f"Model **{p.bundle.name}** ({m.arch}, {len(p.classes)} classes, trained {created}); "
+    kind = (f"ensemble of {len(p.networks)} networks: " + ", ".join(f"{x['arch']} {x['input_size'][0]}x{x['input_size'][1]}"
+                                                               for x in m.members)) if p.members else m.arch
+    line = (f"Model **{p.bundle.name}** ({kind}, {len(p.classes)} classes, trained {created}); "
             + (f"test balanced accuracy **{test:.3f}**" if test is not None else "no test report"))
     chance = 1 / len(p.classes)
     problems = []
@@ -248,7 +264,9 @@ def build_app(bundle: str | Path, *, review_dir: str | Path = "review", backend:
     status, weak = model_status(predictor)
     if weak:
         log.warning("%s: %s", predictor.bundle, weak.strip("*⚠ "))
-    model_id = predictor.bundle.name + (f"@{predictor.meta.weights_sha256[:12]}" if predictor.meta.weights_sha256 else "")
+    from dermaclass.models import weights_identity
+
+    model_id = predictor.bundle.name + f"@{weights_identity(predictor.bundle)[:12]}"
 
     def diagnose(path: str | None, tta: bool, previous: dict | None = None):
         # Every new image resets the correction form: a stale label or note once went with the

@@ -118,6 +118,19 @@ def tiny_bundle(colour_data: Path, tmp_path_factory) -> Path:
     return run
 
 
+@pytest.fixture(scope="session")
+def tiny_ensemble(colour_data: Path, tmp_path_factory) -> Path:
+    """A cross-fitted ensemble of two tiny networks on ``colour_data`` (train/ensemble.py)."""
+    from dermaclass.config import load_config
+    from dermaclass.train import prepare_data, train_ensemble
+
+    tmp = tmp_path_factory.mktemp("ensemble")
+    cfg = load_config(image_size="32,24", batch_size=8, arch="test_resnet", pretrained=False, head_epochs=0, epochs=2,
+                      recipe="baseline", lr=1e-2, colour_constancy="none", members=2, cache_dir=str(tmp / "cache"))
+    train_ensemble(cfg, prepare_data(cfg, colour_data), tmp / "run")
+    return tmp / "run"
+
+
 def free_port() -> int:
     """A free loopback port for a launched app."""
     with socket.socket() as s:

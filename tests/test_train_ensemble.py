@@ -28,13 +28,9 @@ def _cfg(tmp_path: Path, **kw):
     return load_config(**{**TINY, "cache_dir": str(tmp_path / "cache"), **kw})
 
 
-@pytest.fixture(scope="module")
-def ensemble(colour_data: Path, tmp_path_factory) -> Path:
-    """Two members of the tiny network, cross-fitted on colour_data."""
-    tmp = tmp_path_factory.mktemp("ensemble")
-    cfg = _cfg(tmp, members=2)
-    train_ensemble(cfg, prepare_data(cfg, colour_data), tmp / "run")
-    return tmp / "run"
+@pytest.fixture
+def ensemble(tiny_ensemble: Path) -> Path:
+    return tiny_ensemble
 
 
 def test_member_plan_and_member_specs() -> None:

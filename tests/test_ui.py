@@ -48,6 +48,22 @@ def test_banner_says_refer_and_disclaimer(tiny_bundle: Path) -> None:
     assert 'class="refer-banner" role="alert"' in md  # a warning block, not an ordinary heading
 
 
+def test_the_banner_says_an_ensemble_answered_and_when_its_networks_disagree(tiny_ensemble: Path) -> None:
+    p = Predictor(tiny_ensemble)
+    result = p.predict(np.full((24, 32, 3), 90, np.uint8))
+    result["agreement"] = {"member_top": ["mel", "nv"], "share": 0.5, "disagree": True,
+                           "member_probability": [0.81, 0.32]}
+    result["top"], result["top_k"][0]["name"] = "mel", "melanoma"
+    md = diagnose_markdown(p, result)
+    assert "answered by an ensemble of 2 networks" in md and 'class="disagree-banner"' in md
+    assert "1 of 2 answer melanoma" in md and "the others answer melanocytic nev" in md.lower()
+    assert "32% to 81%" in md
+    result["agreement"] = {"member_top": ["mel", "mel"], "share": 1.0, "disagree": False,
+                           "member_probability": [0.8, 0.7]}
+    md = diagnose_markdown(p, result)
+    assert "All 2 networks of the ensemble give this answer" in md and "disagree-banner" not in md
+
+
 def test_report_views(tiny_bundle: Path, colour_data: Path, tmp_path: Path) -> None:
     from dermaclass.config import load_config
     from dermaclass.evaluate.run import evaluate_bundle

@@ -1,0 +1,189 @@
+"""Benchmark: cross-fitted deep ensembles against one network, at equal time and at full budget.
+
+Variants (``dermaclass train`` flags on the bundled model's lesion-grouped split, each for
+every ``--seeds``; member k of an ensemble trains with seed + k on its own folds, so a seed
+is a fold assignment too):
+- ``single-full``: one network, the shipped default recipe (stepwise, 3 SGDR cycles per stage);
+- ``k3-short`` / ``k5-short``: 3 or 5 members, each at the screening budget (one SGDR cycle
+  per stage, a quarter of the full budget's epochs): about 0.75x and 1.25x the time of
+  ``single-full``, the two sides of "the same total time" (the minutes are recorded);
+- ``k5-full``: 5 members, each at the full budget;
+- ``k3-mixed-short``: 3 members of different arch and input size (Lite0 128x96, Lite1
+  160x120, Lite2 192x144) at the screening budget, against ``k3-short``'s three Lite0s.
+
+Every bundle serves as it ships (flip TTA, its calibration), and is measured on the HAM10000
+test split and on every image of derm7pt, isic2017 and PH2 (never used to fit anything). For
+an ensemble the same member logits also give: the arithmetic mean of the members'
+probabilities instead of the mean of logits (``prob_mean``), and each member alone
+(``members``, with its own calibration), so the ensemble's gain over its own members is paired.
+The melanoma operating point (fitted on valid, or out-of-fold for an ensemble) is reported on
+every set: sensitivity and specificity, and P(mel) AUROC.
+
+Results are rewritten after every run to benchmarks/results/ensemble.json (a re-run skips
+trained bundles and measured runs).
+
+    python benchmarks/bench_ensemble.py [--variants single-full k3-short k5-short] [--seeds 42 43 44] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from common import EXTERNAL, HAM, RESULTS, ROOT, SPLIT, fmt, repo_relative, summarise_rows
+
+from dermaclass.fileio import write_json
+
+SHORT = ["--recipe", "stepwise", "--n-cycles", "1"]
+FULL = ["--recipe", "stepwise"]
+MIXED = "tf_efficientnet_lite0@128x96,tf_efficientnet_lite1@160x120,tf_efficientnet_lite2@192x144"
+VARIANTS: dict[str, list[str]] = {
+    "single-full": FULL,
+    "k3-short": [*SHORT, "--members", "3"],
+    "k5-short": [*SHORT, "--members", "5"],
+    "k5-full": [*FULL, "--members", "5"],
+    "k3-mixed-short": [*SHORT, "--members", "3", "--member-archs", MIXED],
+    "single-short": SHORT,
+}
+QUICK = ["--recipe", "stepwise", "--n-cycles", "1", "--stage-fractions", "0.5,1.0", "--head-epochs", "0"]
+FIGURES = ("balanced_accuracy", "macro_f1", "macro_auroc", "ece", "log_loss")
+
+
+def load_set(path: Path, *, sizes: list[tuple[int, int]], split_file: Path | None) -> tuple[list[str], dict]:
+    """Labels and decode-cache images at every size of ``path`` (its test split, or every image)."""
+    from dermaclass.config import load_config
+    from dermaclass.data import DecodeCache, read_split, validate_sources
+    from dermaclass.evaluate.run import select_split
+
+    cfg = load_config()
+    items, _ = validate_sources(cfg, [path], progress=None)
+    items = items.reset_index(drop=True)
+    if split_file is not None:
+        items, _ = select_split(items, read_split(split_file), "test", source=str(path))
+        items = items.reset_index(drop=True)
+    images = {s: DecodeCache(cfg.cache_dir, s).ensure(items["path"].tolist(), items["hash"].tolist())
+              for s in sizes}
+    return items["label"].astype(str).tolist(), images
+
+
+def figures(y: np.ndarray, probs: np.ndarray, classes: list[str], points: dict[str, dict]) -> dict[str, Any]:
+    """Headline figures, per-class sensitivity/specificity/AUROC, and each stored operating point's rates."""
+    from dermaclass.evaluate.metrics import classification_metrics, flag_rates
+
+    m = classification_metrics(y, probs, classes)
+    return {**{k: m[k] for k in FIGURES}, "n": int(len(y)),
+            "per_class": {c: {k: v.get(k) for k in ("support", "sensitivity", "specificity", "auroc")}
+                          for c, v in m["per_class"].items()},
+            "operating_points": {c: flag_rates(y, probs, class_index=classes.index(c), threshold=op["threshold"])
+                                 for c, op in points.items()}}
+
+
+def measure_run(run: Path, sets: dict[str, Path], *, split_file: Path) -> dict[str, Any]:
+    """The bundle as it serves (its TTA and calibration) on HAM test and every external set;
+    for an ensemble also the probability mean and each member alone, from the same logits."""
+    from dermaclass.inference import Predictor, combine
+
+    pred = Predictor(run, backend="torch")
+    classes = pred.classes
+    out: dict[str, Any] = {"test": None, "external": {}, "prob_mean": {}, "members": {}}
+    for name, path in {"test": HAM, **sets}.items():
+        labels, images = load_set(path, sizes=pred.input_sizes, split_file=split_file if name == "test" else None)
+        y = np.array([classes.index(v) for v in labels])
+        start = time.perf_counter()
+        outs = pred.member_outputs(images)
+        seconds = time.perf_counter() - start
+        f = figures(y, pred.checked(pred.calibrated(combine([lo for lo, _ in outs]))), classes, pred.operating_points)
+        f["seconds_per_image"] = seconds / max(1, len(y))
+        if name == "test":
+            out["test"] = f
+        else:
+            out["external"][name] = f
+        if pred.members:
+            out["prob_mean"][name] = figures(y, np.mean([pred.calibrated(lo) for lo, _ in outs], axis=0), classes,
+                                             pred.operating_points)
+            out["members"][name] = [figures(y, m.calibrated(lo), classes, m.operating_points)
+                                    for m, (lo, _) in zip(pred.members, outs)]
+        print(f"  {name}: {len(y)} images, balanced accuracy {f['balanced_accuracy']:.4f}", flush=True)
+    return out
+
+
+def run_facts(run: Path) -> dict[str, Any]:
+    from dermaclass.models import read_bundle_meta
+
+    meta = read_bundle_meta(run)
+    return {"networks": max(1, len(meta.members)), "training_minutes": round(meta.training["seconds"] / 60, 2),
+            "images_processed": meta.training.get("images_seen"),
+            "valid_balanced_accuracy": meta.metrics_valid.get("balanced_accuracy"),
+            "temperature": meta.temperature, "members": meta.members}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variants", nargs="+", default=["single-full", "k3-short", "k5-short"], choices=sorted(VARIANTS))
+    ap.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
+    ap.add_argument("--data", default=str(HAM))
+    ap.add_argument("--split-file", default=str(SPLIT))
+    ap.add_argument("--runs-dir", default=str(ROOT / "runs" / "bench_ensemble"))
+    ap.add_argument("--quick", action="store_true", help="smoke run: one seed, tiny budget, ensemble_quick.json")
+    args = ap.parse_args()
+    if args.quick:
+        args.seeds = args.seeds[:1]
+    runs_dir = Path(args.runs_dir) / ("quick" if args.quick else "")
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    result_file = RESULTS / f"ensemble{'_quick' if args.quick else ''}.json"
+    sets = {k: v for k, v in EXTERNAL.items() if v.is_dir()}
+    rows: list[dict] = json.loads(result_file.read_text())["runs"] if result_file.is_file() else []
+
+    def save() -> None:
+        rows.sort(key=lambda r: (r["seed"], list(VARIANTS).index(r["variant"])))
+        write_json(result_file, {
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+            "command": " ".join(["python", "benchmarks/bench_ensemble.py", *sys.argv[1:]]),
+            "split_file": repo_relative(args.split_file), "variants": {k: VARIANTS[k] for k in VARIANTS},
+            "runs": rows, "summary": summarise_rows(rows, reference="single-full")})
+
+    for seed in args.seeds:
+        for name in args.variants:
+            if any(r["variant"] == name and r["seed"] == seed for r in rows):
+                continue
+            flags = VARIANTS[name]
+            if args.quick:  # the tiny budget, keeping the variant's ensemble flags
+                flags = [*QUICK, *(flags[flags.index("--members"):] if "--members" in flags else [])]
+            run = runs_dir / f"{name}-seed{seed}"
+            cmd = [sys.executable, "-m", "dermaclass", "train", args.data, "--out", str(run), "--seed", str(seed),
+                   "--split-file", args.split_file, *flags]
+            wall = None
+            if not (run / "model.json").is_file():
+                resume = run.is_dir() and any(run.iterdir())
+                print("$", " ".join(cmd), "--resume" if resume else "", flush=True)
+                start = time.perf_counter()
+                with open(runs_dir / f"{name}-seed{seed}.log", "a") as logf:
+                    subprocess.run(cmd + (["--resume"] if resume else []), check=True, stdout=logf, stderr=logf)
+                wall = round((time.perf_counter() - start) / 60, 2)
+            row = {"variant": name, "seed": seed, "flags": flags, "run": repo_relative(run), **run_facts(run),
+                   "wall_minutes": wall, **measure_run(run, sets, split_file=Path(args.split_file))}
+            rows.append(row)
+            ext = "  ".join(f"{k} {v['balanced_accuracy']:.4f}" for k, v in row["external"].items())
+            print(f"{name:16} seed {seed}: HAM test {row['test']['balanced_accuracy']:.4f}  {ext}  "
+                  f"({row['training_minutes']:.1f} min training)", flush=True)
+            save()
+    save()
+    summary = summarise_rows(rows, reference="single-full")
+    print("\nbalanced accuracy, mean ± sd over seeds (flip TTA, as each bundle serves)")
+    for name, s in summary.items():
+        wheres = [w for w in s if isinstance(s[w], dict) and "balanced_accuracy" in s[w]]
+        print(f"{name:16} {s['seeds']} seeds  " + "  ".join(f"{w} {fmt(s[w]['balanced_accuracy'])}" for w in wheres)
+              + f"  {fmt(s['training_minutes'])} min")
+    print(f"wrote {result_file}")
+
+
+if __name__ == "__main__":
+    main()
