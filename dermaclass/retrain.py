@@ -70,7 +70,8 @@ def retrain(bundle: str | Path, data: Sequence[str | Path], out_dir: str | Path,
     cfg = training.fit_batch_size(cfg, len(prepared.train_rows))  # small data: a smaller batch, or exit 5
     if on_prepared is not None:
         on_prepared(cfg, prepared)
-    result = training.train(cfg, prepared, out_dir, force=force)
+    fit = training.train_ensemble if cfg.members > 1 else training.train
+    result = fit(cfg, prepared, out_dir, force=force)
     training.write_summary(result)
     write_report(evaluate_bundle(out_dir, list(data), cfg=cfg, n_boot=n_boot), out_dir / "report", force=force)
     cmp_dir = out_dir / "compare"

@@ -158,3 +158,38 @@ def test_cli_trains_mixed_size_members_and_evaluates_them(colour_data: Path, tmp
     assert result.exit_code == 0, result.output
     rep = json.loads((report / "report.json").read_text())
     assert rep["model"]["networks"] == 2 and len(rep["model"]["weights_sha256"]) == 64
+
+
+def test_retrain_continues_each_member_and_compares_with_the_parent(tiny_ensemble: Path, colour_data: Path,
+                                                                    tmp_path: Path, monkeypatch) -> None:
+    from dermaclass.retrain import retrain
+
+    monkeypatch.setenv("DERMACLASS_CACHE", str(tmp_path / "cache"))
+    done = retrain(tiny_ensemble, [colour_data], tmp_path / "new", n_boot=10)
+    meta = json.loads((tmp_path / "new" / "model.json").read_text())
+    assert meta["arch"] == "ensemble" and len(meta["members"]) == 2
+    assert meta["parent"]["bundle"] == str(tiny_ensemble) and len(meta["parent"]["weights_sha256"]) == 64
+    for k in (0, 1):  # member k started from the parent's member k
+        member = json.loads((tmp_path / "new" / "members" / f"m{k}" / "model.json").read_text())
+        assert member["parent"]["bundle"] == str(tiny_ensemble / "members" / f"m{k}")
+    # The parent's test split is the yardstick: the new split keeps it.
+    old, new = (pd.read_csv(p / "split.csv") for p in (tiny_ensemble, tmp_path / "new"))
+    assert set(new.loc[new["split"] == "test", "image"]) == set(old.loc[old["split"] == "test", "image"])
+    assert "balanced_accuracy" in done.comparison["overall"]
+
+
+def test_report_compare_puts_an_ensemble_beside_one_network(tiny_ensemble: Path, tiny_bundle: Path,
+                                                            colour_data: Path, tmp_path: Path) -> None:
+    from dermaclass.cli import app
+
+    env = {"DERMACLASS_CACHE": str(tmp_path / "cache")}
+    for name, bundle in (("one", tiny_bundle), ("ens", tiny_ensemble)):
+        result = CliRunner().invoke(app, ["evaluate", str(bundle), str(colour_data), "--out", str(tmp_path / name),
+                                          "--split-file", str(tiny_bundle / "split.csv"), "--n-boot", "10",
+                                          "--no-thumbnails"], env=env)
+        assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(app, ["report", "compare", str(tmp_path / "one"), str(tmp_path / "ens"),
+                                      "--out", str(tmp_path / "cmp"), "--n-boot", "10"], env=env)
+    assert result.exit_code == 0, result.output
+    cmp = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert cmp["new"]["model"]["networks"] == 2 and cmp["old"]["model"]["networks"] == 1

@@ -166,6 +166,17 @@ def inherit_bundle(cfg: Config) -> Config:
     if not cfg.init_bundle:
         return cfg
     meta = models.read_bundle_meta(cfg.init_bundle)
+    if meta.is_ensemble:
+        # Member k continues the parent's member k (mod the parent's K), with its arch and size.
+        specs = tuple(f"{m['arch']}@{m['input_size'][0]}x{m['input_size'][1]}" for m in meta.members)
+        k = cfg.members if cfg.members > 1 else len(meta.members)
+        log.info("continuing the ensemble %s: %d members (%s)", cfg.init_bundle, k, ", ".join(specs))
+        first = meta.members[0]
+        return cfg.replace(members=k, member_archs=specs, arch=first["arch"], image_size=tuple(first["input_size"]),
+                           pretrained=False)
+    if cfg.member_archs:
+        log.info("continuing %s: every member starts from its weights, so --member-archs is dropped", cfg.init_bundle)
+        cfg = cfg.replace(member_archs=())
     if cfg.arch != meta.arch or tuple(cfg.image_size) != meta.input_size:
         log.info("continuing %s: architecture %s, input %dx%d", cfg.init_bundle, meta.arch, *meta.input_size)
     return cfg.replace(arch=meta.arch, image_size=meta.input_size, pretrained=False)
@@ -176,8 +187,7 @@ def parent_record(cfg: Config, vocab: list[str]) -> dict[str, Any] | None:
     if not cfg.init_bundle:
         return None
     meta = models.read_bundle_meta(cfg.init_bundle)
-    weights = Path(cfg.init_bundle) / models.BUNDLE_WEIGHTS
-    return {"bundle": str(cfg.init_bundle), "weights_sha256": models.file_sha256(weights),
+    return {"bundle": str(cfg.init_bundle), "weights_sha256": models.weights_identity(cfg.init_bundle),
             "created": meta.created, "classes": list(meta.classes),
             "classes_added": [c for c in vocab if c not in meta.classes], "sources": meta.data.get("sources")}
 

@@ -49,7 +49,7 @@ from dermaclass.data.splits import FOLD_COLUMN, cross_folds, write_split
 from dermaclass.errors import ConfigError
 from dermaclass.evaluate import classification_metrics
 from dermaclass.evaluate.calibration import calibrate, class_prior
-from dermaclass.train.data import TrainData, TrainingError, planned_sizes
+from dermaclass.train.data import TrainData, TrainingError, parent_record, planned_sizes
 from dermaclass.train.recipes import fit_batch_size
 from dermaclass.train.resume import PROGRESS, Resume
 from dermaclass.train.run import REPLACED, TrainResult, code_commit, train
@@ -152,7 +152,8 @@ def train_ensemble(cfg: Config, data: TrainData, run_dir: str | Path, *, force: 
         folder = run_dir / MEMBERS_DIR / member.name
         mdata = member_data(data, folds, member, cfg)
         mcfg = fit_batch_size(cfg.replace(arch=member.arch, image_size=member.image_size, seed=member.seed, members=1,
-                                          member_archs=()), len(mdata.train_rows))
+                                          member_archs=(), init_bundle=member_parent(cfg, member)),
+                              len(mdata.train_rows))
         if (folder / models.BUNDLE_META).is_file() and (folder / models.BUNDLE_WEIGHTS).is_file():
             log.info("member %s: already trained (%s)", member.name, folder)
         else:
@@ -163,6 +164,17 @@ def train_ensemble(cfg: Config, data: TrainData, run_dir: str | Path, *, force: 
         records.append((member, folder, mdata))
     return _write_ensemble(cfg, data, run_dir, records, folds=folds, data_card=data_card, commit=commit,
                            seconds=time.perf_counter() - started, resumed=resume)
+
+
+def member_parent(cfg: Config, member: schedules.Member) -> str | None:
+    """The bundle member ``member`` continues (``--from``): the parent's member k (mod its K) when
+    the parent is an ensemble, else the parent itself; None when trained from ImageNet."""
+    if not cfg.init_bundle:
+        return None
+    parent = models.read_bundle_meta(cfg.init_bundle)
+    if not parent.is_ensemble:
+        return cfg.init_bundle
+    return str(parent.member_folders(cfg.init_bundle)[member.index % len(parent.members)])
 
 
 def _resumable(folder: Path) -> bool:
@@ -249,7 +261,7 @@ def _write_ensemble(cfg: Config, data: TrainData, run_dir: Path, records: list, 
         data={"sources": data.sources, "split_counts": data.items["split"].value_counts().to_dict(),
               "split_reuse": data.split_reuse, "split_file": "split.csv", "data_card": data_card,
               "folds": {str(k): int((folds == k).sum()) for k in range(len(records))}},
-        parent=first.parent,
+        parent=parent_record(cfg, data.vocab),
         package_version=dermaclass.__version__,
         machine={"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
         git_commit=commit,
