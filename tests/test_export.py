@@ -142,3 +142,31 @@ def test_calibration_pick_draws_every_class_equally_then_fills_at_random() -> No
     assert drawn.count("df") == 2 and drawn.count("mel") >= 4  # the rare classes are all there, not ~1 in 8
     assert np.array_equal(pick, calibration_pick(labels, 12))  # the same draw every time
     assert len(calibration_pick(labels, 500)) == 100  # never more than there are
+
+
+@needs_openvino
+def test_an_ensemble_is_exported_and_published_member_by_member(tiny_ensemble: Path, colour_data: Path,
+                                                                  tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from dermaclass.cli import app
+
+    ens = tmp_path / "ens"
+    shutil.copytree(tiny_ensemble, ens)
+    result = CliRunner().invoke(app, ["export", str(ens), "--openvino"])
+    assert result.exit_code == 0, result.output
+    assert "member members/m1:" in result.output
+    assert all((ens / "members" / m / "model.xml").is_file() for m in ("m0", "m1"))
+    served, torch_pred = Predictor(ens), Predictor(ens, backend="torch")
+    assert served.backend == "openvino" and torch_pred.backend == "torch"
+    x = _images(torch_pred, colour_data)
+    assert np.abs(served.logits(x, tta=False) - torch_pred.logits(x, tta=False)).max() < 1e-4
+    # A published ensemble names its members' new (float16) weights and still serves.
+    result = CliRunner().invoke(app, ["export", str(ens), "--no-onnx", "--publish", str(tmp_path / "pub")])
+    assert result.exit_code == 0, result.output
+    pub = json.loads((tmp_path / "pub" / "model.json").read_text())
+    orig = json.loads((ens / "model.json").read_text())
+    assert [m["weights_sha256"] for m in pub["members"]] != [m["weights_sha256"] for m in orig["members"]]
+    assert pub["weights_dtype"] == "float16"
+    published = Predictor(tmp_path / "pub", backend="torch")
+    assert np.abs(published.logits(x, tta=False) - torch_pred.logits(x, tta=False)).max() < 0.05

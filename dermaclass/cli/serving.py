@@ -85,8 +85,7 @@ def export_cmd(
     data_opts: DataOptions = None,
 ) -> None:
     """Export a bundle for onnxruntime or OpenVINO (predictions then use it), or publish a copy to ship."""
-    from dermaclass.export import check_bf16_bundle, export_onnx, export_openvino, quantize_bundle
-    from dermaclass.models import publish_bundle
+    from dermaclass.models import publish_bundle, read_bundle_meta
 
     if (int8 or bf16) and calibration is None:
         raise typer.BadParameter(f"{'--int8' if int8 else '--bf16'} needs --calibration DATA (the bundle's training data; "
@@ -96,6 +95,21 @@ def export_cmd(
     if publish is not None:
         model = publish_bundle(model, publish, float16=float16, force=force)
         out.print(f"published {model} ({'float16' if float16 else 'float32'} weights, split ids only)", highlight=False)
+    meta = read_bundle_meta(model)
+    # An ensemble: every member is exported and checked on its own (an int8 member is checked
+    # on its own held-out fold, the split.csv in its folder).
+    for folder in meta.member_folders(model):
+        if meta.is_ensemble:
+            out.print(f"member {folder.relative_to(model)}:", highlight=False)
+        _export_one(folder, onnx=onnx, openvino=openvino, int8=int8, bf16=bf16, calibration=calibration,
+                    n_calibration=n_calibration, split_file=None if meta.is_ensemble else split_file, force=force,
+                    cfg=data_opts.config())
+
+
+def _export_one(model: Path, *, onnx: bool, openvino: bool, int8: bool, bf16: bool, calibration: Path | None,
+                n_calibration: int, split_file: Path | None, force: bool, cfg) -> None:  # noqa: ANN001 - Config
+    from dermaclass.export import check_bf16_bundle, export_onnx, export_openvino, quantize_bundle
+
     if onnx:
         info = export_onnx(model, force=force)
         out.print(f"wrote {info['path']} (max |output difference| vs torch {info['max_abs_diff']:.1e})", highlight=False)
@@ -105,7 +119,7 @@ def export_cmd(
     if int8:
         progress, _ = _progress("decoding")
         with progress:
-            info = quantize_bundle(model, calibration, cfg=data_opts.config(), split_file=split_file,
+            info = quantize_bundle(model, calibration, cfg=cfg, split_file=split_file,
                                    n_calibration=n_calibration, force=force)
         out.print(f"wrote {info['path']}: valid balanced accuracy {info['valid_balanced_accuracy_int8']:.4f} "
                   f"(float {info['valid_balanced_accuracy_float']:.4f}, drop {info['drop']:+.4f}; limit "
@@ -113,7 +127,7 @@ def export_cmd(
     if bf16:
         progress, _ = _progress("decoding")
         with progress:
-            info = check_bf16_bundle(model, calibration, cfg=data_opts.config(), split_file=split_file)
+            info = check_bf16_bundle(model, calibration, cfg=cfg, split_file=split_file)
         out.print(f"checked bfloat16 inference of {info['path']}: valid balanced accuracy "
                   f"{info['valid_balanced_accuracy_bf16']:.4f} (float {info['valid_balanced_accuracy_float']:.4f}, drop "
                   f"{info['drop']:+.4f}; limit {info['max_drop']:g}); serve it with --backend openvino-bf16",

@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -436,15 +437,37 @@ def model_from_bundle(folder: str | Path, classes: list[str]) -> tuple[nn.Module
 
 def publish_bundle(src: str | Path, dst: str | Path, *, float16: bool = True, force: bool = False) -> Path:
     """A copy of a bundle fit to ship: weights (float16 halves the size), model.json, and the split
-    file reduced to image ids and split (no labels or lesion ids: those are the dataset's metadata)."""
-    import pandas as pd
-
+    file reduced to image ids and split (no labels or lesion ids: those are the dataset's metadata).
+    An ensemble is published member by member."""
     src, dst = Path(src), Path(dst)
+    top = read_bundle_meta(src)
+    if top.is_ensemble:  # every member published, and the list names the new weights
+        if not force and (dst / BUNDLE_META).exists():
+            raise FileExistsError(f"{dst}: a model bundle is already there")
+        members = []
+        for entry, folder in zip(top.members, top.member_folders(src)):
+            publish_bundle(folder, dst / entry["path"], float16=float16, force=force)
+            members.append({**entry, "weights_sha256": read_bundle_meta(dst / entry["path"]).weights_sha256})
+        write_json(dst / BUNDLE_META, top.with_(members=members, published_from=str(src),
+                                                weights_dtype="float16" if float16 else "float32").to_dict())
+        _publish_split(src, dst)
+        return dst
     model, meta = load_bundle(src)
     meta = meta.with_(weights_dtype="float16" if float16 else "float32", published_from=str(src))
     save_bundle(model, meta, dst, force=force, dtype=torch.float16 if float16 else None)
+    for name in ("ood.safetensors",):  # the out-of-distribution score's arrays go with the weights
+        if (src / name).is_file() and not (dst / name).is_file():
+            shutil.copy2(src / name, dst / name)
+    _publish_split(src, dst)
+    return dst
+
+
+def _publish_split(src: Path, dst: Path) -> None:
+    """The split file reduced to image ids, split and fold (no labels or lesion ids)."""
+    import pandas as pd
+
     if (src / "split.csv").is_file():
-        split = pd.read_csv(src / "split.csv", dtype=str)[["image", "split"]]
+        split = pd.read_csv(src / "split.csv", dtype=str)
+        split = split[[c for c in ("image", "split", "fold") if c in split.columns]]
         with atomic_path(dst / "split.csv") as tmp:
             split.to_csv(tmp, index=False)
-    return dst
