@@ -17,7 +17,9 @@ an ensemble the same member logits also give: the arithmetic mean of the members
 probabilities instead of the mean of logits (``prob_mean``), and each member alone
 (``members``, with its own calibration), so the ensemble's gain over its own members is paired.
 The melanoma operating point (fitted on valid, or out-of-fold for an ensemble) is reported on
-every set: sensitivity and specificity, and P(mel) AUROC.
+every set: sensitivity and specificity, P(mel) AUROC, and the whole trade-off curve (sensitivity
+against specificity over thresholds; plotted in results/ensemble_tradeoff.png with the stored
+point marked, on the out-of-fold predictions it was fitted on, HAM test and each external set).
 
 Results are rewritten after every run to benchmarks/results/ensemble.json (a re-run skips
 trained bundles and measured runs).
@@ -79,11 +81,74 @@ def figures(y: np.ndarray, probs: np.ndarray, classes: list[str], points: dict[s
     from dermaclass.evaluate.metrics import classification_metrics, flag_rates
 
     m = classification_metrics(y, probs, classes)
-    return {**{k: m[k] for k in FIGURES}, "n": int(len(y)),
+    return {**{k: m[k] for k in FIGURES}, "n": int(len(y)), "curves": {c: tradeoff(y == classes.index(c),
+                                                                                   probs[:, classes.index(c)])
+                                                                      for c in points},
             "per_class": {c: {k: v.get(k) for k in ("support", "sensitivity", "specificity", "auroc")}
                           for c, v in m["per_class"].items()},
             "operating_points": {c: flag_rates(y, probs, class_index=classes.index(c), threshold=op["threshold"])
                                  for c, op in points.items()}}
+
+
+def tradeoff(positive: np.ndarray, scores: np.ndarray, *, n: int = 41) -> dict[str, list[float]] | None:
+    """Sensitivity against specificity over thresholds (the ROC, at most ``n`` points)."""
+    from sklearn.metrics import roc_curve
+
+    if positive.all() or not positive.any():
+        return None
+    fpr, tpr, thr = roc_curve(positive, scores)
+    keep = np.unique(np.linspace(0, len(fpr) - 1, min(n, len(fpr))).round().astype(int))
+    return {"specificity": (1 - fpr[keep]).round(4).tolist(), "sensitivity": tpr[keep].round(4).tolist(),
+            "threshold": np.clip(thr[keep], 0, 1).round(5).tolist()}
+
+
+def out_of_fold_curves(run: Path, classes: list[str], points: dict[str, dict]) -> dict[str, Any]:
+    """The operating classes' trade-off on the predictions the points were fitted on: the
+    ensemble's out-of-fold predictions (out_of_fold.csv); none for one network here."""
+    import pandas as pd
+
+    path = run / "out_of_fold.csv"
+    if not path.is_file():
+        return {}
+    oof = pd.read_csv(path)
+    y = oof["label"].astype(str).to_numpy()
+    return {c: tradeoff(y == c, oof[f"p_{c}"].to_numpy()) for c in points}
+
+
+def plot_tradeoff(rows: list[dict], path: Path, *, cls: str = "mel") -> None:
+    """Sensitivity against specificity of ``cls`` per set, one panel per variant (first seed), with
+    the stored operating point marked: how the threshold fitted inside holds on other clinics."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dermaclass.fileio import atomic_path
+
+    first = {}
+    for r in rows:
+        first.setdefault(r["variant"], r)
+    if not first:
+        return
+    fig, axes = plt.subplots(1, len(first), figsize=(4.2 * len(first), 4), squeeze=False)
+    for ax, (name, r) in zip(axes[0], first.items()):
+        sets = {"out-of-fold" if r.get("out_of_fold_curves") else "": r.get("out_of_fold_curves", {}).get(cls),
+                "HAM test": r["test"]["curves"].get(cls), **{k: v["curves"].get(cls) for k, v in r["external"].items()}}
+        for i, (label, curve) in enumerate((k, v) for k, v in sets.items() if k and v):
+            ax.plot(curve["specificity"], curve["sensitivity"], label=label, color=f"C{i}")
+        for i, (label, f) in enumerate([("HAM test", r["test"]), *r["external"].items()]):
+            op = f["operating_points"].get(cls)
+            if op and op.get("sensitivity") is not None:
+                ax.plot(op["specificity"], op["sensitivity"], "o", color=f"C{i + bool(r.get('out_of_fold_curves'))}")
+        ax.set(title=f"{name} (seed {r['seed']})", xlabel="specificity", ylabel=f"{cls} sensitivity", xlim=(0, 1),
+               ylim=(0, 1.01))
+        ax.invert_xaxis()
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=90)
+    plt.close(fig)
 
 
 def measure_run(run: Path, sets: dict[str, Path], *, split_file: Path) -> dict[str, Any]:
@@ -112,6 +177,7 @@ def measure_run(run: Path, sets: dict[str, Path], *, split_file: Path) -> dict[s
             out["members"][name] = [figures(y, m.calibrated(lo), classes, m.operating_points)
                                     for m, (lo, _) in zip(pred.members, outs)]
         print(f"  {name}: {len(y)} images, balanced accuracy {f['balanced_accuracy']:.4f}", flush=True)
+    out["out_of_fold_curves"] = out_of_fold_curves(run, classes, pred.operating_points)
     return out
 
 
@@ -133,7 +199,18 @@ def main() -> None:
     ap.add_argument("--split-file", default=str(SPLIT))
     ap.add_argument("--runs-dir", default=str(ROOT / "runs" / "bench_ensemble"))
     ap.add_argument("--quick", action="store_true", help="smoke run: one seed, tiny budget, ensemble_quick.json")
+    ap.add_argument("--use", nargs="*", default=[], metavar="VARIANT:SEED=BUNDLE",
+                    help="measure this existing bundle as that variant and seed instead of training it (e.g. the "
+                         "bundled model, trained with the default recipe at seed 42: "
+                         "single-full:42=models/ham10000-effnet-lite0)")
     args = ap.parse_args()
+    use = {}
+    for spec in args.use:
+        key, _, path = spec.partition("=")
+        name, _, seed = key.partition(":")
+        if name not in VARIANTS or not seed.isdigit() or not (Path(path) / "model.json").is_file():
+            ap.error(f"--use {spec}: expected VARIANT:SEED=BUNDLE with a known variant and a bundle folder")
+        use[(name, int(seed))] = Path(path)
     if args.quick:
         args.seeds = args.seeds[:1]
     runs_dir = Path(args.runs_dir) / ("quick" if args.quick else "")
@@ -149,6 +226,7 @@ def main() -> None:
             "command": " ".join(["python", "benchmarks/bench_ensemble.py", *sys.argv[1:]]),
             "split_file": repo_relative(args.split_file), "variants": {k: VARIANTS[k] for k in VARIANTS},
             "runs": rows, "summary": summarise_rows(rows, reference="single-full")})
+        plot_tradeoff(rows, result_file.with_name(result_file.stem + "_tradeoff.png"))
 
     for seed in args.seeds:
         for name in args.variants:
@@ -157,7 +235,7 @@ def main() -> None:
             flags = VARIANTS[name]
             if args.quick:  # the tiny budget, keeping the variant's ensemble flags
                 flags = [*QUICK, *(flags[flags.index("--members"):] if "--members" in flags else [])]
-            run = runs_dir / f"{name}-seed{seed}"
+            run = use.get((name, seed), runs_dir / f"{name}-seed{seed}")
             cmd = [sys.executable, "-m", "dermaclass", "train", args.data, "--out", str(run), "--seed", str(seed),
                    "--split-file", args.split_file, *flags]
             wall = None
@@ -169,6 +247,7 @@ def main() -> None:
                     subprocess.run(cmd + (["--resume"] if resume else []), check=True, stdout=logf, stderr=logf)
                 wall = round((time.perf_counter() - start) / 60, 2)
             row = {"variant": name, "seed": seed, "flags": flags, "run": repo_relative(run), **run_facts(run),
+                   **({"reused": "an existing bundle trained with these flags (--use)"} if (name, seed) in use else {}),
                    "wall_minutes": wall, **measure_run(run, sets, split_file=Path(args.split_file))}
             rows.append(row)
             ext = "  ".join(f"{k} {v['balanced_accuracy']:.4f}" for k, v in row["external"].items())

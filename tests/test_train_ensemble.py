@@ -79,6 +79,8 @@ def test_ensemble_bundle_lists_members_and_serves_their_mean(ensemble: Path, col
             split.loc[split["split"] == "test", "image"])
     # n = the whole pool: calibration was fitted on every out-of-fold prediction.
     assert meta["calibration"]["n"] == len(pool)
+    oof = pd.read_csv(ensemble / "out_of_fold.csv")
+    assert sorted(oof["image"]) == sorted(pool["image"]) and np.allclose(oof.filter(like="p_").sum(axis=1), 1, atol=1e-4)
 
     pred = Predictor(ensemble)
     assert len(pred.networks) == 2 and pred.input_size == (32, 24)
@@ -193,3 +195,11 @@ def test_report_compare_puts_an_ensemble_beside_one_network(tiny_ensemble: Path,
     assert result.exit_code == 0, result.output
     cmp = json.loads((tmp_path / "cmp" / "compare.json").read_text())
     assert cmp["new"]["model"]["networks"] == 2 and cmp["old"]["model"]["networks"] == 1
+
+
+def test_the_model_card_describes_the_ensemble(tiny_ensemble: Path) -> None:
+    from dermaclass.report import model_card_markdown
+
+    card = model_card_markdown(models.read_bundle_meta(tiny_ensemble), None, name="ens")
+    assert "a deep ensemble of 2 networks" in card and "`members/m1` test_resnet 32x24 (seed 43, fold 1" in card
+    assert "out-of-fold predictions of 2 members" in card and "members' margins" in card

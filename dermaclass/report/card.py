@@ -71,13 +71,21 @@ def model_card_markdown(meta: BundleMeta, report: Report | None, *, name: str,
            else " (see the data card for who the training images come from)."),
         "",
         "## Model",
-        f"- architecture: `{meta.arch}` (timm), "
+        (f"- a deep ensemble of {len(meta.members)} networks (Lakshminarayanan et al. 2017), cross-fitted: each "
+         "trained on the other folds of the train+valid pool and picked its checkpoint on its own fold; the served "
+         "logits are the mean of theirs: " + "; ".join(
+             f"`{m['path']}` {m.get('arch')} {m['input_size'][0]}x{m['input_size'][1]} (seed {m.get('seed')}, "
+             f"fold {m.get('fold')}, fold balanced accuracy {fmt(m.get('valid_balanced_accuracy'))})"
+             for m in meta.members) if meta.is_ensemble else None),
+        f"- architecture: `{meta.arch if not meta.is_ensemble else meta.members[0].get('arch')}` (timm), "
         + (f"started from the bundle `{cfg['init_bundle']}`" if cfg.get("init_bundle")
            else "ImageNet-pretrained" if cfg.get("pretrained", True) else "trained from random initialisation")
         + f", input {meta.input_size[0]}x{meta.input_size[1]} "
         f"RGB, normalisation mean {meta.normalization['mean']} std {meta.normalization['std']}",
         f"- classes ({len(classes)}): " + ", ".join(f"{names.get(c, c)} (`{c}`)" for c in classes),
-        f"- weights: `model.safetensors` ({meta.weights_dtype}), metadata `model.json`; never a pickle",
+        (f"- weights: `members/mK/model.safetensors` ({meta.weights_dtype}), one per network, each with its "
+         "`model.json`; the top `model.json` lists them with their sha256; never a pickle" if meta.is_ensemble else
+         f"- weights: `model.safetensors` ({meta.weights_dtype}), metadata `model.json`; never a pickle"),
         f"- recipe: `{meta.recipe}` ({RECIPES.get(str(meta.recipe), 'see model.json')}), "
         f"LR rule `{cfg.get('lr_rule')}`, base LR "
         f"{'range test (' + str(cfg.get('lr_suggestion')) + ')' if cfg.get('lr') is None else cfg.get('lr')}, "
@@ -91,7 +99,9 @@ def model_card_markdown(meta: BundleMeta, report: Report | None, *, name: str,
            "operating points were fitted on the same averaged logits)" if meta.tta == "flips4" else "none"),
         f"- training: {train.get('seconds', 0) / 60:.1f} min on {meta.machine.get('cpus', '?')} CPU cores, "
         f"{train.get('images_seen', 0):,} images seen ({train.get('epochs_equivalent', '?')} full-data epochs)",
-        f"- calibration: temperature {meta.temperature:.3f} fitted on the validation split "
+        f"- calibration: temperature {meta.temperature:.3f} fitted on "
+        + ("the validation split " if cal.get("fitted_on", "valid") == "valid" else f"the {cal['fitted_on']} ")
+        + 
         f"(ECE {fmt(cal.get('ece_before'))} -> {fmt(cal.get('ece_after'))})",
     ]
     if shift := cal.get("prior_shift"):
@@ -109,11 +119,15 @@ def model_card_markdown(meta: BundleMeta, report: Report | None, *, name: str,
         ood = meta.ood
         score = {"knn": "a k-nearest-neighbour out-of-distribution score on pooled backbone features (Sun et al. 2022)",
                  "mahalanobis": "a Mahalanobis out-of-distribution score on pooled backbone features (Lee et al. 2018)",
-                 "energy": "an energy score (Liu et al. 2020)"}.get(ood.get("method", "energy"), ood.get("method"))
+                 "energy": "an energy score (Liu et al. 2020)",
+                 "members": "the ensemble's out-of-distribution score (the mean of its members' margins above their own "
+                            "cut-offs, each member's score fitted on its training folds)",
+                 }.get(ood.get("method", "energy"), ood.get("method"))
+        passed = (f" (passed by {ood['keep']:.0%} of validation images)" if ood.get("keep") is not None else "")
         lines.append(f"- referral: images under 64 px refused; images mostly of one colour or with almost no colour "
                      f"referred; then top probability below {refer.get('min_top_probability', 0):.0%}, or {score} "
-                     f"below {ood.get('threshold', float('nan')):.3f} (passed by {ood.get('keep', 0):.0%} of validation "
-                     f"images); {refer.get('valid_referred', 0):.1%} of validation images are referred")
+                     f"below {ood.get('threshold', float('nan')):.3f}{passed}; {refer.get('valid_referred', 0):.1%} of "
+                     "validation images are referred")
     split = meta.data.get("split_counts") or {}
     lines += [
         "",
@@ -189,4 +203,4 @@ def model_card_markdown(meta: BundleMeta, report: Report | None, *, name: str,
         "it exits with code 6 when a class's sensitivity dropped beyond its interval. Replace the model only "
         "when the comparison shows no drop.",
     ]
-    return "\n".join(lines) + "\n"
+    return "\n".join(line for line in lines if line is not None) + "\n"

@@ -57,6 +57,7 @@ from dermaclass.train.run import REPLACED, TrainResult, code_commit, train
 log = logging.getLogger(__name__)
 
 MEMBERS_DIR = "members"
+OOF_FILE = "out_of_fold.csv"
 COMBINE = "mean of logits"
 
 
@@ -113,7 +114,8 @@ def set_aside_finished_ensemble(run_dir: Path) -> None:
     keep = run_dir / REPLACED
     shutil.rmtree(keep, ignore_errors=True)
     keep.mkdir(parents=True)
-    for path in (meta, members, run_dir / "split.csv", run_dir / "config.yaml", run_dir / "summary.json"):
+    for path in (meta, members, run_dir / "split.csv", run_dir / "config.yaml", run_dir / "summary.json",
+                 run_dir / OOF_FILE):
         if path.exists():
             os.replace(path, keep / path.name)
     log.warning("%s: the ensemble there is kept in %s until the new one is written", run_dir, keep)
@@ -228,6 +230,7 @@ def _write_ensemble(cfg: Config, data: TrainData, run_dir: Path, records: list, 
         "valid_accuracy_kept": float(np.mean((probs.argmax(1) == y)[kept])) if kept.any() else None,
     }
     metrics = classification_metrics(y, probs, data.vocab)
+    write_out_of_fold(run_dir / OOF_FILE, data.items.iloc[rows], folds[rows], logits, probs, data.vocab)
     members, stages, images_seen, member_seconds = [], [], 0, 0.0
     for member, folder, mdata in records:
         meta = models.read_bundle_meta(folder)
@@ -281,6 +284,24 @@ def _write_ensemble(cfg: Config, data: TrainData, run_dir: Path, records: list, 
     log.info("ensemble of %d written to %s: out-of-fold balanced accuracy %.4f", len(records), run_dir,
              metrics["balanced_accuracy"])
     return TrainResult(run_dir, metrics, stages, member_seconds, images_seen, [])
+
+
+def write_out_of_fold(path: Path, items: pd.DataFrame, folds: np.ndarray, logits: np.ndarray, probs: np.ndarray,
+                      vocab: list[str]) -> Path:
+    """The out-of-fold predictions the ensemble was calibrated on, one row per pool image (its
+    fold, label, raw logits of the member that held it out, calibrated probabilities): the
+    operating points' trade-off curve and distillation's soft targets read them."""
+    from dermaclass.fileio import atomic_path
+
+    table = pd.DataFrame({"image": items["image"].astype(str).to_numpy(), "fold": folds,
+                          "label": items["label"].astype(str).to_numpy()})
+    for i, c in enumerate(vocab):
+        table[f"logit_{c}"] = logits[:, i]
+    for i, c in enumerate(vocab):
+        table[f"p_{c}"] = probs[:, i]
+    with atomic_path(path) as tmp:
+        table.to_csv(tmp, index=False, float_format="%.6g")
+    return path
 
 
 def describe(meta: models.BundleMeta) -> dict[str, Any]:
