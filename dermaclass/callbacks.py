@@ -335,6 +335,42 @@ class StopOnNaN(Callback):
                                 "Lower --lr, or check the data (e.g. too few images for the batch size)")
 
 
+class Distill(Callback):
+    """Knowledge distillation (Hinton et al. 2015) from soft targets fixed before training: the
+    training loss becomes (1 - alpha) * the run's loss + alpha * T^2 * KL(teacher || student),
+    both softened by the temperature T.
+
+    The soft targets are a table over the run's items (rows with NaN: no teacher answer, the
+    plain loss alone). The DataLoaders carry each item's row as a second input
+    (``make_dataloaders(rows_input=True)``); this callback takes it off before the model sees
+    the batch, on training and validation batches alike.
+    """
+
+    order = -5  # before every callback that reads or changes xb
+
+    def __init__(self, soft: torch.Tensor, *, alpha: float, temperature: float) -> None:
+        self.soft, self.alpha, self.temperature = soft.float(), float(alpha), float(temperature)
+        self.rows: torch.Tensor | None = None
+
+    def before_batch(self) -> None:
+        if len(self.learn.xb) == 2:
+            self.rows = self.learn.xb[1].long()
+            self.learn.xb = self.learn.xb[:1]
+
+    def after_loss(self) -> None:
+        if not self.training or self.rows is None or not self.alpha:
+            return
+        soft = self.soft[self.rows]
+        known = torch.isfinite(soft).all(dim=1)
+        if not bool(known.any()):
+            return
+        t = self.temperature
+        logp = torch.nn.functional.log_softmax(self.learn.pred[known].float() / t, dim=1)
+        kl = torch.nn.functional.kl_div(logp, soft[known], reduction="batchmean") * t * t * known.float().mean()
+        self.learn.loss_grad = (1 - self.alpha) * self.learn.loss_grad + self.alpha * kl
+        self.learn.loss = self.learn.loss_grad.clone()
+
+
 class FlipInput(Callback):
     """Flip each batch's images along ``dims`` (2 = vertical, 3 = horizontal) before the model
     sees them: one view of flip test-time augmentation, for ``Learner.get_preds(cbs=...)``."""

@@ -142,6 +142,12 @@ class Config:
     # Per-member architecture and input size, "ARCH@WxH" or "@WxH" (cycled when shorter than
     # members); empty: every member is arch at image_size, differing in seed and fold.
     member_archs: tuple[str, ...] = ()
+    # Distillation (Hinton et al. 2015) into one network: soft targets from this ensemble
+    # bundle's out-of-fold predictions (out_of_fold.csv, matched by image id), mixed into the
+    # loss with weight distill_alpha at temperature distill_temperature. None = off.
+    distill_from: str | None = None
+    distill_alpha: float = 0.5
+    distill_temperature: float = 2.0
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (tuples as lists) for YAML/JSON."""
@@ -230,6 +236,10 @@ def _range_problem(name: str, v: Any) -> str | None:
         return "must be at least 1 (the body's LR is lr / lr_ratio)"
     if name in {"target_sensitivity", "ood_keep"} and not 0 < v < 1:
         return "must be between 0 and 1 (exclusive)"
+    if name == "distill_alpha" and not 0 <= v <= 1:
+        return "must be in [0, 1] (the weight of the teacher's soft targets in the loss)"
+    if name == "distill_temperature" and not v > 0:
+        return "must be positive"
     if name in {"refer_below", "label_smoothing", "ema_decay", "prior_sensitivity"} and not 0 <= v < 1:
         return "must be in [0, 1)"
     if name == "image_size" and min(v) < 16:

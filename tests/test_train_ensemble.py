@@ -203,3 +203,40 @@ def test_the_model_card_describes_the_ensemble(tiny_ensemble: Path) -> None:
     card = model_card_markdown(models.read_bundle_meta(tiny_ensemble), None, name="ens")
     assert "a deep ensemble of 2 networks" in card and "`members/m1` test_resnet 32x24 (seed 43, fold 1" in card
     assert "out-of-fold predictions of 2 members" in card and "members' margins" in card
+
+
+def test_a_student_distils_the_ensembles_out_of_fold_predictions(tiny_ensemble: Path, colour_data: Path,
+                                                                  tmp_path: Path) -> None:
+    import torch
+
+    from dermaclass.callbacks import Distill
+    from dermaclass.train import build_learner, stage_dataloaders, train
+
+    cfg = _cfg(tmp_path, distill_from=str(tiny_ensemble), split_file=str(tiny_ensemble / "split.csv"))
+    data = prepare_data(cfg, colour_data)
+    oof = pd.read_csv(tiny_ensemble / "out_of_fold.csv")
+    assert np.isfinite(data.soft_targets).all(axis=1).sum() == len(oof)  # every pool image, none of test
+    test = data.items["split"].to_numpy() == "test"
+    assert np.isnan(data.soft_targets[test]).all() and np.allclose(data.soft_targets[~test].sum(axis=1), 1)
+    learn = build_learner(cfg, data, tmp_path / "l", dls=stage_dataloaders(cfg, data, data.train_rows, 8))
+    distill = next(cb for cb in learn.cbs if isinstance(cb, Distill))
+    xb, yb = learn.dls.one_batch()[:2], learn.dls.one_batch()[2]
+    assert len(xb) == 2 and xb[1].dtype in (torch.int64, torch.int32)  # the rows ride along as a second input
+    # The callback takes the rows off the batch and adds alpha * T^2 * KL(teacher || student).
+    fake = type("L", (), {})()
+    fake.xb, fake.training = (torch.zeros(2, 3, 24, 32), torch.tensor([0, 1])), True
+    soft = torch.tensor([[0.7, 0.2, 0.1], [float("nan")] * 3])
+    cb = Distill(soft, alpha=0.5, temperature=2.0)
+    cb.learn = fake
+    cb.before_batch()
+    assert len(fake.xb) == 1 and cb.rows.tolist() == [0, 1]
+    fake.pred, fake.loss_grad = torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0]]), torch.tensor(1.0)
+    cb.after_loss()
+    logp = torch.log_softmax(fake.pred[:1] / 2, dim=1)
+    kl = float((soft[:1] * (soft[:1].log() - logp)).sum()) * 4 * 0.5  # the item without a teacher adds nothing
+    assert abs(float(fake.loss) - (0.5 * 1.0 + 0.5 * kl)) < 1e-5
+    result = train(cfg, data, tmp_path / "student")
+    meta = json.loads((tmp_path / "student" / "model.json").read_text())
+    assert meta["config"]["distill_from"] == str(tiny_ensemble) and result.metrics["balanced_accuracy"] >= 0
+    with pytest.raises(ConfigError, match="--distill-from trains one student"):
+        train_ensemble(cfg.replace(members=2), data, tmp_path / "x")

@@ -95,16 +95,22 @@ def make_dataloaders(
     balanced_sampler: bool = False,
     valid_batch_size: int | None = None,
     colour_constancy: str = "none",
+    rows_input: bool = False,
 ) -> DataLoaders:
     """DataLoaders for rows of ``table`` (columns ``row``, ``label``, ``is_valid``, optional ``weight``).
 
-    ``row`` indexes ``images``; training rows are shuffled, or sampled with replacement with
+    ``row`` indexes ``images`` (and is a second input with ``rows_input``); training rows are shuffled, or sampled with replacement with
     weights 1 / class frequency when ``balanced_sampler``, times the ``weight`` column when there
     is one (fastai's ``WeightedDL``); validation rows are not augmented.
     """
+    image = TransformBlock(type_tfms=ReadCached(images), batch_tfms=IntToFloatTensor)
+    # rows_input: each item's row as a second input, for a callback that looks up per-item data
+    # (callbacks.Distill); the image transforms dispatch on TensorImage and leave it alone.
     block = DataBlock(
-        blocks=(TransformBlock(type_tfms=ReadCached(images), batch_tfms=IntToFloatTensor), CategoryBlock(vocab=list(vocab))),
-        get_x=ColReader("row"),
+        blocks=(image, TransformBlock(), CategoryBlock(vocab=list(vocab))) if rows_input else (
+            image, CategoryBlock(vocab=list(vocab))),
+        get_x=[ColReader("row"), ColReader("row")] if rows_input else ColReader("row"),
+        n_inp=2 if rows_input else 1,
         get_y=ColReader("label"),
         splitter=ColSplitter("is_valid"),
         item_tfms=([ColourConstancy(colour_constancy)] if colour_constancy != "none" else [])

@@ -48,6 +48,7 @@ class TrainData:
     split_reuse: dict[str, int] = field(default_factory=dict)  # kept/followed/assigned/dropped with --split-file
     images_at: dict[tuple[int, int], CachedImages] = field(default_factory=dict)  # progressive resizing: per size
     item_weights: np.ndarray | None = None  # per-item sampling weights (--histo-weight), aligned with items
+    soft_targets: np.ndarray | None = None  # per-item teacher probabilities (--distill-from), NaN rows: none
 
     def images_of(self, size: tuple[int, int] | None) -> CachedImages:
         return self.images if size is None else self.images_at.get(tuple(size), self.images)
@@ -128,7 +129,36 @@ def prepare_data(cfg: Config, data: str | Path | Sequence[str | Path], *, progre
         split_reuse=counts,
         images_at=images_at,
         item_weights=confirmation_weights(items, cfg.histo_weight, sources=paths),
+        soft_targets=teacher_targets(cfg.distill_from, items, vocab, temperature=cfg.distill_temperature)
+        if cfg.distill_from else None,
     )
+
+
+def teacher_targets(bundle: str | Path, items: pd.DataFrame, vocab: list[str], *, temperature: float) -> np.ndarray:
+    """Soft targets for distillation: softmax(logits / T) of an ensemble's out-of-fold predictions
+    (``out_of_fold.csv``: each pool image scored by the member that did not train on it),
+    matched to ``items`` by image id; rows the teacher never scored are NaN (plain loss)."""
+    path = Path(bundle) / "out_of_fold.csv"
+    if not path.is_file():
+        raise TrainingError(f"{bundle}: no out_of_fold.csv; --distill-from needs an ensemble trained with --members K")
+    oof = pd.read_csv(path, dtype={"image": str})
+    missing = [c for c in vocab if f"logit_{c}" not in oof.columns]
+    if missing:
+        raise TrainingError(f"{path}: no teacher logits for the classes {missing}; the teacher must know every class")
+    logits = oof[[f"logit_{c}" for c in vocab]].to_numpy(np.float64) / temperature
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    index = {image: i for i, image in enumerate(oof["image"])}
+    rows = np.array([index.get(str(image), -1) for image in items["image"]])
+    out = np.full((len(items), len(vocab)), np.nan, dtype=np.float32)
+    out[rows >= 0] = probs[rows[rows >= 0]]
+    train = items["split"].to_numpy() == "train"
+    log.info("distillation: soft targets for %d of %d training images from %s", int((rows[train] >= 0).sum()),
+             int(train.sum()), path)
+    if not (rows[train] >= 0).any():
+        raise TrainingError(f"{path}: none of the training images is in the teacher's out-of-fold predictions "
+                            "(another dataset, or other image ids?)")
+    return out
 
 
 def confirmation_weights(items: pd.DataFrame, histo_weight: float, *, sources: Sequence[str | Path]) -> np.ndarray | None:

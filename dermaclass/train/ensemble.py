@@ -66,6 +66,8 @@ def check_ensemble(cfg: Config) -> list[schedules.Member]:
     another in one process) or progressive resizing with members at different sizes."""
     plan = schedules.member_plan(cfg.members, arch=cfg.arch, image_size=cfg.image_size, seed=cfg.seed,
                                  member_archs=cfg.member_archs)
+    if cfg.distill_from:
+        raise ConfigError("--distill-from trains one student network; drop --members")
     if num_distrib() > 1:
         raise TrainingError("an ensemble trains its members one after another in one process; launch it without "
                             "accelerate (or train each member as its own data-parallel run)")

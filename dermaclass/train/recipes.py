@@ -35,7 +35,7 @@ from fastai.metrics import BalancedAccuracy, F1Score
 
 from dermaclass import models, schedules
 from dermaclass.callbacks import (
-    MONITOR, SAM, BestModel, CPUAutocast, CycleAverage, EpochLine, History, StopOnNaN, WeightEMA,
+    MONITOR, SAM, BestModel, CPUAutocast, CycleAverage, Distill, EpochLine, History, StopOnNaN, WeightEMA,
 )
 from dermaclass.losses import LogitAdjustedLoss
 from dermaclass.lr_find import RangeTest, range_test
@@ -108,6 +108,12 @@ def build_learner(cfg: Config, data: TrainData, run_dir: Path, *, dls) -> Learne
         cbs.append(mixer() if cfg.mix_alpha is None else mixer(cfg.mix_alpha))
     if cfg.sam_rho:
         cbs.append(SAM(cfg.sam_rho))
+    if data.soft_targets is not None:
+        if cfg.mix != "none" or cfg.sam_rho:
+            raise TrainingError("--distill-from is not available with --mix or --sam-rho (they recompute the loss "
+                                "without the teacher's term); choose one")
+        cbs.append(Distill(torch.from_numpy(data.soft_targets), alpha=cfg.distill_alpha,
+                           temperature=cfg.distill_temperature))
     if cfg.early_stop_patience > 0:
         cbs.append(EarlyStoppingCallback(monitor=MONITOR, comp=np.greater, patience=cfg.early_stop_patience))
     learn = Learner(
@@ -351,7 +357,7 @@ def stage_dataloaders(cfg: Config, data: TrainData, rows: np.ndarray, batch_size
         data.table(rows), data.images_of(size), data.vocab, batch_size=batch_size,
         normalization=models.normalization(cfg.arch),
         augment=train_pipeline(cfg.augment, tuple(size or cfg.image_size)), balanced_sampler=cfg.imbalance == "sampler",
-        colour_constancy=cfg.colour_constancy,
+        colour_constancy=cfg.colour_constancy, rows_input=data.soft_targets is not None,
     )
 
 
