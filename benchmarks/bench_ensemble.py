@@ -90,16 +90,11 @@ def figures(y: np.ndarray, probs: np.ndarray, classes: list[str], points: dict[s
                                  for c, op in points.items()}}
 
 
-def tradeoff(positive: np.ndarray, scores: np.ndarray, *, n: int = 41) -> dict[str, list[float]] | None:
-    """Sensitivity against specificity over thresholds (the ROC, at most ``n`` points)."""
-    from sklearn.metrics import roc_curve
+def tradeoff(positive: np.ndarray, scores: np.ndarray) -> dict[str, list[float]] | None:
+    """Sensitivity against specificity over thresholds (evaluate.metrics.tradeoff_curve)."""
+    from dermaclass.evaluate.metrics import tradeoff_curve
 
-    if positive.all() or not positive.any():
-        return None
-    fpr, tpr, thr = roc_curve(positive, scores)
-    keep = np.unique(np.linspace(0, len(fpr) - 1, min(n, len(fpr))).round().astype(int))
-    return {"specificity": (1 - fpr[keep]).round(4).tolist(), "sensitivity": tpr[keep].round(4).tolist(),
-            "threshold": np.clip(thr[keep], 0, 1).round(5).tolist()}
+    return tradeoff_curve(np.asarray(positive, dtype=int), scores, class_index=1)
 
 
 def out_of_fold_curves(run: Path, classes: list[str], points: dict[str, dict]) -> dict[str, Any]:

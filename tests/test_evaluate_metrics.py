@@ -171,3 +171,20 @@ def test_prior_shift_takes_the_smallest_tau_that_reaches_the_target():
     assert ev.prior_shift(z, np.zeros(10, int), log_prior, 1, target_sensitivity=0.8)["tau"] == 0.0  # no nevi
     with pytest.raises(ValueError):
         ev.prior_shift(z, y, log_prior, 1, target_sensitivity=0)
+
+
+def test_tradeoff_curve_runs_from_all_flagged_to_none_flagged() -> None:
+    from dermaclass.evaluate.metrics import tradeoff_curve
+
+    y = np.array([0, 0, 1, 1, 1, 2])
+    p = np.array([[0.9, 0.1, 0], [0.6, 0.4, 0], [0.3, 0.7, 0], [0.5, 0.5, 0], [0.1, 0.9, 0], [0.8, 0.2, 0]])
+    curve = tradeoff_curve(y, p, class_index=1)
+    assert curve["sensitivity"][0] == 0 and curve["specificity"][0] == 1  # nothing flagged
+    assert curve["sensitivity"][-1] == 1 and curve["specificity"][-1] == 0  # everything flagged
+    assert all(np.diff(curve["sensitivity"]) >= 0) and all(np.diff(curve["specificity"]) <= 0)
+    # At threshold 0.5 the three positives (0.7, 0.5, 0.9) are flagged and no negative (0.1, 0.4, 0.2).
+    at = curve["threshold"].index(0.5)
+    assert curve["sensitivity"][at] == 1 and curve["specificity"][at] == 1
+    assert tradeoff_curve(np.array([1, 1]), p[:2], class_index=1) is None  # one side only
+    assert len(tradeoff_curve(np.arange(500) % 2, np.random.default_rng(0).random(500), class_index=1,
+                              points=41)["sensitivity"]) <= 41

@@ -160,6 +160,10 @@ def test_cli_trains_mixed_size_members_and_evaluates_them(colour_data: Path, tmp
     assert result.exit_code == 0, result.output
     rep = json.loads((report / "report.json").read_text())
     assert rep["model"]["networks"] == 2 and len(rep["model"]["weights_sha256"]) == 64
+    # The melanoma point's trade-off on the out-of-fold predictions it was fitted on and on this split.
+    mel = rep["operating_points"]["mel"]
+    assert mel["fitted_curve"]["sensitivity"][-1] == 1 and mel["curve"]["specificity"][0] == 1
+    assert (report / "tradeoff.png").is_file() and "the trade-off" in (report / "report.html").read_text()
 
 
 def test_retrain_continues_each_member_and_compares_with_the_parent(tiny_ensemble: Path, colour_data: Path,

@@ -40,7 +40,7 @@ def headline(report: Report) -> dict[str, Any]:
         "per_class": {c: {"support": m.get("support"), "sensitivity": m.get("sensitivity"),
                           "specificity": m.get("specificity"), "auroc": m.get("auroc")}
                       for c, m in per_class.items()},
-        "operating_points": {c: {k: op.get(k) for k in ("threshold", "sensitivity", "specificity")}
+        "operating_points": {c: {k: op.get(k) for k in ("threshold", "sensitivity", "specificity", "curve")}
                              for c, op in report.operating_points.items()},
     }
 

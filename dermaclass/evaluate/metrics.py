@@ -391,3 +391,22 @@ def flag_rates(labels: Sequence[int], scores: np.ndarray, *, class_index: int, t
     return {"sensitivity": float(flag[pos].mean()) if pos.any() else None,
             "specificity": float((~flag[neg]).mean()) if neg.any() else None,
             "flagged": int(flag.sum())}
+
+
+def tradeoff_curve(labels: Sequence[int], scores: np.ndarray, *, class_index: int, points: int = 41
+                   ) -> dict[str, list[float]] | None:
+    """Sensitivity against specificity of flagging ``class_index`` over every threshold (the ROC,
+    thinned to at most ``points`` points, ends kept): what a clinic sees when it moves the
+    operating point. None when the labels hold only one side."""
+    from sklearn.metrics import roc_curve
+
+    y = np.asarray(labels, dtype=int) == class_index
+    s = np.asarray(scores, dtype=np.float64)
+    if s.ndim == 2:
+        s = s[:, class_index]
+    if y.all() or not y.any():
+        return None
+    fpr, tpr, thr = roc_curve(y, s)
+    keep = np.unique(np.linspace(0, len(fpr) - 1, min(points, len(fpr))).round().astype(int))
+    return {"specificity": (1 - fpr[keep]).round(4).tolist(), "sensitivity": tpr[keep].round(4).tolist(),
+            "threshold": np.clip(thr[keep], 0, 1).round(5).tolist()}

@@ -27,7 +27,7 @@ from dermaclass.errors import DermaclassError
 from dermaclass.evaluate.record import Report
 from dermaclass.evaluate.metrics import (
     bootstrap_intervals, classification_metrics, confused_pairs, expected_calibration_error, flag_rates,
-    reliability_bins, softmax,
+    reliability_bins, softmax, tradeoff_curve,
 )
 from dermaclass.inference import Predictor
 from dermaclass.models import BundleMeta, file_sha256, read_bundle_meta, weights_identity
@@ -201,6 +201,19 @@ def recalibrate(bundle: str | Path, data: str | Path | Sequence[str | Path], *, 
     return read_bundle_meta(bundle).calibration
 
 
+def fitted_curve(bundle: Path, cls: str) -> dict[str, list[float]] | None:
+    """The trade-off of ``cls`` on the predictions its operating point was fitted on, when the
+    bundle keeps them (an ensemble's ``out_of_fold.csv``); None for a single network."""
+    path = bundle / "out_of_fold.csv"
+    if not path.is_file():
+        return None
+    oof = pd.read_csv(path, dtype={"label": str})
+    if f"p_{cls}" not in oof.columns:
+        return None
+    y = (oof["label"].to_numpy() == cls).astype(int)
+    return tradeoff_curve(y, oof[f"p_{cls}"].to_numpy(), class_index=1)
+
+
 def evaluate_bundle(
     bundle: str | Path,
     data: str | Path | Sequence[str | Path],
@@ -251,7 +264,8 @@ def evaluate_bundle(
     for c, op in predictor.operating_points.items():
         rates = flag_rates(y, probs, class_index=classes.index(c), threshold=op["threshold"])
         predictions[f"flag_{c}"] = probs[:, classes.index(c)] >= op["threshold"]
-        points[c] = {**op, **rates}
+        points[c] = {**op, **rates, "curve": tradeoff_curve(y, probs, class_index=classes.index(c)),
+                     "fitted_curve": fitted_curve(bundle, c)}
 
     wrong = np.flatnonzero(pred != y)
     wrong = wrong[np.argsort(-probs[wrong, pred[wrong]], kind="stable")][:gallery]

@@ -96,6 +96,38 @@ def reliability_png(report: dict[str, Any]) -> bytes:
     return _png(fig)
 
 
+def tradeoff_png(report: dict[str, Any]) -> bytes | None:
+    """Per operating class: sensitivity against specificity over thresholds on the predictions the
+    point was fitted on (when the bundle keeps them), this split and each external set, with the
+    stored threshold marked on each, so a clinic can see what moving it buys before it does.
+    None when no curve is recorded."""
+    points = report.get("operating_points") or {}
+    wanted = [c for c, op in points.items() if op.get("curve")]
+    if not wanted:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(wanted), figsize=(5 * len(wanted), 4.5), squeeze=False)
+    for ax, c in zip(axes[0], wanted):
+        op = points[c]
+        sets = [("fitted on (out-of-fold)", op.get("fitted_curve"), None),
+                (f"this split ({report.get('data', {}).get('split')})", op["curve"], op),
+                *((name, (e.get("operating_points") or {}).get(c, {}).get("curve"), (e.get("operating_points") or {}).get(c))
+                  for name, e in (report.get("external") or {}).items())]
+        for i, (label, curve, at) in enumerate((x for x in sets if x[1])):
+            ax.plot(curve["specificity"], curve["sensitivity"], color=f"C{i}", lw=1.4, label=label)
+            if at and at.get("sensitivity") is not None and at.get("specificity") is not None:
+                ax.plot(at["specificity"], at["sensitivity"], "o", color=f"C{i}", ms=6)
+        ax.set_xlim(1.0, 0.0)  # specificity falls as the threshold drops: read left to right
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("specificity")
+        ax.set_ylabel(f"{c} sensitivity")
+        ax.set_title(f"{c}: threshold {op.get('threshold', float('nan')):.3f} (dots)", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    return _png(fig)
+
+
 def improvement(diff: np.ndarray) -> np.ndarray:
     """Signed goodness of a confusion-matrix change: a rise on the diagonal (recall) is good, a
     rise off it (a new confusion) is bad. The difference map is coloured by this (red < 0)."""

@@ -12,7 +12,7 @@ from typing import Any
 
 from dermaclass.evaluate.metrics import MIN_SUPPORT
 from dermaclass.fileio import atomic_path, write_json, write_text
-from dermaclass.report.figures import ci, confusion_png, fmt, reliability_png, thumbnail_png, uri
+from dermaclass.report.figures import ci, confusion_png, fmt, reliability_png, thumbnail_png, tradeoff_png, uri
 
 REPORT_FILES = ("predictions.csv", "report.json", "report.html", "confusion_matrix.png")
 
@@ -91,6 +91,11 @@ calibrated logits before the decision (fitted on the validation split for {{ nam
 {% else %}<p><b>Not calibrated:</b> this bundle has no temperature (trained before calibration was added); expected
 calibration error {{ fmt(r.calibration.ece_uncalibrated) }}.</p>{% endif %}
 <img class="fig" style="max-width:460px" alt="reliability diagram" src="{{ reliability }}">
+{% if tradeoff %}<h2>Operating points: the trade-off</h2>
+<p>Sensitivity against specificity as the threshold moves, on the predictions the threshold was fitted on (when the bundle
+keeps them), this split and each external set; the dots are the stored threshold. A threshold that meets its target inside
+may not hold on another clinic's images: pick yours with these curves in view.</p>
+<img class="fig" style="max-width:900px" alt="operating point trade-off curves" src="{{ tradeoff }}">{% endif %}
 <h2>Most confident errors</h2>
 <div class="gallery">{% for e in gallery %}<figure><img src="{{ e.uri }}" alt="{{ e.image }}" width="160">
 <figcaption><b>{{ e.image }}</b><br>true: {{ name(e.true) }}<br>predicted: {{ name(e.predicted) }} ({{ fmt(e.p_predicted, True) }})<br>
@@ -114,7 +119,8 @@ def jinja_env():
     return jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
 
 
-def render_html(report: dict[str, Any], *, confusion: bytes, reliability: bytes, thumbnails: dict[int, bytes]) -> str:
+def render_html(report: dict[str, Any], *, confusion: bytes, reliability: bytes, thumbnails: dict[int, bytes],
+                tradeoff: bytes | None = None) -> str:
     """The self-contained HTML report."""
     names = report.get("class_names", {})
     gallery = [{**e, "uri": uri(thumbnails[e["row"]])} for e in report["worst_errors"] if e["row"] in thumbnails]
@@ -122,6 +128,7 @@ def render_html(report: dict[str, Any], *, confusion: bytes, reliability: bytes,
         r=report, css=CSS, headline=_HEADLINE, extra=_EXTRA, fmt=fmt, ci=ci, gallery=gallery,
         name=lambda c: f"{names.get(c, c)} ({c})" if names.get(c, c) != c else c,
         confusion=uri(confusion), reliability=uri(reliability), min_support=MIN_SUPPORT,
+        tradeoff=uri(tradeoff) if tradeoff else None,
     )
 
 
@@ -138,10 +145,16 @@ def write_report(evaluation: Any, out_dir: str | Path, *, force: bool = False) -
     paths = {name: out / name for name in (*REPORT_FILES, "reliability.png")}
     with atomic_path(paths["predictions.csv"]) as tmp:
         evaluation.predictions.to_csv(tmp, index=False, float_format="%.6f")
-    for name, png in (("confusion_matrix.png", confusion), ("reliability.png", reliability)):
+    tradeoff = tradeoff_png(report)
+    figures = [("confusion_matrix.png", confusion), ("reliability.png", reliability)]
+    if tradeoff is not None:
+        figures.append(("tradeoff.png", tradeoff))
+        paths["tradeoff.png"] = out / "tradeoff.png"
+    for name, png in figures:
         with atomic_path(paths[name]) as tmp:
             Path(tmp).write_bytes(png)
-    write_text(paths["report.html"], render_html(report, confusion=confusion, reliability=reliability, thumbnails=thumbs))
+    write_text(paths["report.html"], render_html(report, confusion=confusion, reliability=reliability, thumbnails=thumbs,
+                                                 tradeoff=tradeoff))
     write_json(paths["report.json"], report)  # last: its presence marks a complete report
     return paths
 
