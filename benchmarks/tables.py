@@ -254,8 +254,8 @@ def levers_tables() -> list[str]:
                 f"`{' '.join(d['budget_flags'])}`; split `{d['split_file']}`"
                 f"{'' if d.get('complete') else '; **incomplete run**'}). Balanced accuracy, mean ± sd over seeds; "
                 f"Δ is the same-seed difference against `{ref}`:", "",
-                "| variant | flags | seeds | HAM test | Δ | derm7pt | Δ | isic2017 | Δ | HAM test nv sens. | min |",
-                "|---|---|---|---|---|---|---|---|---|---|---|"]
+                "| variant | flags | seeds | HAM test | Δ | derm7pt | Δ | isic2017 | Δ | PH2 | HAM test nv sens. | min |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for tag, summary in (("", d["summary"]), (" + flip TTA", d.get("summary_tta") or {})):
             for name, s in summary.items():
                 cells = []
@@ -264,6 +264,7 @@ def levers_tables() -> list[str]:
                     delta = m.get(f"minus_{ref}") or {}
                     cells += [_ms(m.get("balanced_accuracy")),
                               "-" if name == ref and not tag else _delta(delta)]
+                cells.append(_ms((s.get("ph2") or {}).get("balanced_accuracy")) if s.get("ph2") else "not measured")
                 flags = " ".join(d["variants"].get(name, [])) or "(reference)"
                 out.append(f"| {name}{tag} | `{flags}` | {s['seeds']} | " + " | ".join(cells)
                            + f" | {_ms(s.get('nv_sensitivity_test'))} | {_ms(s.get('training_minutes'))} |")
@@ -464,6 +465,63 @@ def int8_settings_table() -> list[str]:
     return out
 
 
+def ensemble_table() -> list[str]:
+    """bench_ensemble.py: one network against cross-fitted ensembles, over seeds, on HAM test and
+    the three external sets (PH2 by melanoma AUROC and flag rates: it has nevi and melanomas only)."""
+    import numpy as np
+
+    d = _load("ensemble.json")
+    if not d:
+        return ["`bench_ensemble.py`: not run yet."]
+    runs = d["runs"]
+    sets = ("test", "derm7pt", "isic2017", "ph2")
+
+    def where(r: dict, w: str) -> dict:
+        return r["test"] if w == "test" else (r.get("external") or {}).get(w) or {}
+
+    def mean(values: list, sign: str = "") -> str:
+        v = [x for x in values if x is not None]
+        return "-" if not v else f"{np.mean(v):{sign}.3f}" + (f" ± {np.std(v, ddof=1):.3f}" if len(v) > 1 else "")
+
+    out = [f"`{d['command']}` ({_cores(d)}; split `{d['split_file']}`; every bundle with flip TTA and its own "
+           "calibration, as it serves). Balanced accuracy, mean ± sd over seeds (a seed is also a fold assignment); "
+           "PH2 has nevi and melanomas only, so its melanoma AUROC and the melanoma flag's sensitivity / specificity "
+           "at the stored threshold say more:", "",
+           "| variant | flags | seeds | HAM test | derm7pt | isic2017 | PH2 | PH2 mel AUROC | PH2 mel flag sens. / spec. "
+           "| ECE HAM / derm7pt | training min |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name in dict.fromkeys(r["variant"] for r in runs):
+        mine = [r for r in runs if r["variant"] == name]
+        ph2 = [where(r, "ph2") for r in mine]
+        flag = [(p.get("operating_points") or {}).get("mel") or {} for p in ph2]
+        out.append(f"| {name} | `{' '.join(d['variants'].get(name, []))}` | {len(mine)} | "
+                   + " | ".join(mean([where(r, w).get("balanced_accuracy") for r in mine]) for w in sets)
+                   + f" | {mean([((p.get('per_class') or {}).get('mel') or {}).get('auroc') for p in ph2])} | "
+                   f"{mean([f.get('sensitivity') for f in flag])} / {mean([f.get('specificity') for f in flag])} | "
+                   f"{mean([where(r, 'test').get('ece') for r in mine])} / {mean([where(r, 'derm7pt').get('ece') for r in mine])} | "
+                   f"{mean([r.get('training_minutes') for r in mine])} |")
+    ens = [r for r in runs if r.get("members") and r["members"] != {} and isinstance(r["members"], dict)
+           and r["members"].get("derm7pt")]
+    if ens:
+        out += ["", "The same ensembles' logits, combined otherwise or taken apart (balanced accuracy, mean over "
+                "the runs listed; Δ against the served mean of logits):", "",
+                "| variant | seeds | combination | HAM test | derm7pt | isic2017 | PH2 |", "|---|---|---|---|---|---|---|"]
+        for name in dict.fromkeys(r["variant"] for r in ens):
+            mine = [r for r in ens if r["variant"] == name]
+            for label, get in (
+                    ("mean of logits (served)", lambda r, w: where(r, w).get("balanced_accuracy")),
+                    ("Δ mean of probabilities", lambda r, w: (r["prob_mean"].get(w) or {}).get("balanced_accuracy")
+                     - where(r, w).get("balanced_accuracy")),
+                    ("Δ its members alone (mean)", lambda r, w: float(np.mean([m["balanced_accuracy"] for m in
+                                                                               r["members"][w]]))
+                     - where(r, w).get("balanced_accuracy"))):
+                out.append(f"| {name} | {len(mine)} | {label} | "
+                           + " | ".join(mean([get(r, w) for r in mine], "+" if label.startswith("Δ") else "")
+                                        for w in sets) + " |")
+    out += ["", "Trade-off curves of the melanoma flag (first seed of each variant): "
+            "`benchmarks/results/ensemble_tradeoff.png`."]
+    return out
+
+
 def render() -> str:
     parts = ["_Generated by `python benchmarks/tables.py` from `benchmarks/results/*.json` and the bundled "
              "model's report; do not edit by hand._", "",
@@ -472,6 +530,7 @@ def render() -> str:
              "#### The prior shift over seeds", "", *prior_table(), "",
              "#### Test-time augmentation: flips and the dihedral group", "", *tta_table(), "",
              "#### Recipes: seed 001 (stepwise) and seed 003 (SGDR) on our data", "", *recipes_table(), "",
+             "#### Deep ensembles against one network, over seeds", "", *ensemble_table(), "",
              "#### Levers for other clinics' images (external validation), over seeds", "", *levers_tables(), "",
              "#### Single training runs", "", *training_table(), "",
              "#### Referral and class-activation maps (issue 14)", "", *refer_tables(), "",
