@@ -21,6 +21,9 @@ class-activation-map figures are bench_refer.py's.
 Prints a table and writes benchmarks/results/inference.json. Nothing is asserted.
 
     python benchmarks/bench_inference.py --model models/ham10000-effnet-lite0 [--quick]
+    python benchmarks/bench_inference.py --model runs/ens --out inference_ensemble.json   # an ensemble
+
+An ensemble bundle is timed as it serves: every member on its backend at its own input size.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ from dermaclass.evaluate.run import split_images  # noqa: E402
 from dermaclass.export import check_bf16_bundle, cpu_has_bf16, export_onnx, export_openvino, quantize_bundle  # noqa: E402
 from dermaclass.fileio import write_json  # noqa: E402
 from dermaclass.inference import Predictor  # noqa: E402
+from dermaclass.models import read_bundle_meta  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -87,11 +91,13 @@ def latencies(preds: dict[str, Predictor], image: np.ndarray, *, rounds: int, re
     included), the bundle's flip TTA (four views in one call) and a batch of 64. Reported: the
     median over rounds and the best round (the machine's floor), and p90 over every call.
     """
-    x = next(iter(preds.values())).normalise([image])
-    batch = [image] * 64
-    calls = {name: {"network_ms": lambda p=p: p._run(x),
-                    "end_to_end_ms": lambda p=p: p.logits([image], tta=False),
-                    "tta_ms": lambda p=p: p.logits([image], tta=True),
+    # An ensemble: every member's network on its own size, the images at every size.
+    images = image if isinstance(image, dict) else {tuple(next(iter(preds.values())).input_size): image}
+    xs = [n.normalise([images[tuple(n.input_size)]]) for n in next(iter(preds.values())).networks]
+    one, batch = {s: [im] for s, im in images.items()}, {s: [im] * 64 for s, im in images.items()}
+    calls = {name: {"network_ms": lambda p=p: [n._run(x) for n, x in zip(p.networks, xs)],
+                    "end_to_end_ms": lambda p=p: p.logits(one, tta=False),
+                    "tta_ms": lambda p=p: p.logits(one, tta=True),
                     "batch64_ms": lambda p=p: p.logits(batch, tta=False)} for name, p in preds.items()}
     counts = {"network_ms": repeats, "end_to_end_ms": repeats, "tta_ms": max(5, repeats // 4), "batch64_ms": 2}
     for fns in calls.values():  # warm-up: first calls allocate and pick kernels
@@ -153,6 +159,8 @@ def main() -> None:
     ap.add_argument("--n-calibration", type=int, default=600)
     ap.add_argument("--n-boot", type=int, default=1000)
     ap.add_argument("--quick", action="store_true", help="2 rounds of 10, 40 calibration images, no accuracy figures")
+    ap.add_argument("--out", help="results file name (default inference.json; e.g. inference_ensemble.json for an "
+                                  "ensemble bundle)")
     args = ap.parse_args()
     if args.quick:
         args.rounds, args.repeats, args.n_calibration = 2, 10, 40
@@ -164,20 +172,28 @@ def main() -> None:
     test_ids = split.loc[split["split"] == "test", "image"].astype(str).tolist()
     with tempfile.TemporaryDirectory() as tmp:
         copy = Path(tmp) / "bundle"
-        shutil.copytree(model, copy, ignore=shutil.ignore_patterns("report", "*.onnx", "*.xml", "*.bin"))
-        exports = {"onnx": export_onnx(copy), "openvino": export_openvino(copy)}
-        t = time.perf_counter()
-        exports["openvino-int8"] = quantize_bundle(copy, data, cfg=cfg, n_calibration=args.n_calibration, max_drop=1.0)
-        exports["openvino-int8"]["seconds"] = round(time.perf_counter() - t, 1)
-        if cpu_has_bf16():
-            exports["openvino-bf16"] = check_bf16_bundle(copy, data, cfg=cfg, max_drop=1.0)
+        shutil.copytree(model, copy, ignore=shutil.ignore_patterns("report", "*.onnx", "*.xml", "*.bin", "checkpoints"))
+        # An ensemble: each member exported and checked on its own (int8 on its own held-out fold).
+        folders = read_bundle_meta(copy).member_folders(copy)
+        per_member: dict[str, list[dict]] = {"onnx": [], "openvino": [], "openvino-int8": [], "openvino-bf16": []}
+        for folder in folders:
+            per_member["onnx"].append(export_onnx(folder))
+            per_member["openvino"].append(export_openvino(folder))
+            t = time.perf_counter()
+            per_member["openvino-int8"].append({**quantize_bundle(folder, data, cfg=cfg, n_calibration=args.n_calibration,
+                                                                  max_drop=1.0),
+                                                "seconds": round(time.perf_counter() - t, 1)})
+            if cpu_has_bf16():
+                per_member["openvino-bf16"].append(check_bf16_bundle(folder, data, cfg=cfg, max_drop=1.0))
+        exports = {k: (v[0] if len(v) == 1 else {"members": v}) for k, v in per_member.items() if v}
         preds = {}
         for backend in BACKENDS:
             if backend != "torch" and backend not in exports:
                 continue  # bfloat16 on a CPU without it
             preds[backend] = Predictor(copy, backend=backend, threads=args.threads)
             assert preds[backend].backend == backend, (backend, preds[backend].backend)
-        first = preds["torch"].preprocess(data / "images" / f"{Path(test_ids[0]).stem}.jpg")
+        first = preds["torch"].preprocess_all(data / "images" / f"{Path(test_ids[0]).stem}.jpg")
+        first = first if len(first) > 1 else next(iter(first.values()))
         timing = latencies(preds, first, rounds=args.rounds, repeats=args.repeats)
         sets = {}
         if not args.quick:
@@ -189,7 +205,7 @@ def main() -> None:
         rows = {}
         for backend in preds:
             rows[backend] = {**timing["backends"][backend],
-                             "size_mb": round(sum((copy / f).stat().st_size for f in BACKENDS[backend]) / 1e6, 2),
+                             "size_mb": round(sum((d / f).stat().st_size for d in folders for f in BACKENDS[backend]) / 1e6, 2),
                              "balanced_accuracy": {k: v[backend]["balanced_accuracy"] for k, v in scores.items()},
                              "balanced_accuracy_minus_torch": {k: {"delta": v[backend]["minus_torch"],
                                                                    "interval": v[backend]["minus_torch_interval"]}
@@ -211,12 +227,13 @@ def main() -> None:
               "command": " ".join(["python", "benchmarks/bench_inference.py", *sys.argv[1:]]),
               "model": repo_relative(model),
               "input_size": input_size, "tta": tta, "rounds": args.rounds, "repeats": args.repeats,
+              "networks": len(folders), "input_sizes": [list(s) for s in preds["torch"].input_sizes],
               # the rule the balanced accuracies were measured under (a later `dermaclass calibrate` changes it)
               "calibration": {"temperature": preds["torch"].temperature, "offsets": preds["torch"].meta.offsets},
               "n_boot": args.n_boot,
               "exports": {k: {kk: vv for kk, vv in v.items() if kk != "path"} for k, v in exports.items()},
               "backends": rows, "quick": args.quick}
-    out = RESULTS / ("inference_quick.json" if args.quick else "inference.json")
+    out = RESULTS / (args.out or ("inference_quick.json" if args.quick else "inference.json"))
     write_json(out, result)
     print(f"wrote {out}")
 

@@ -50,15 +50,14 @@ from PIL import Image, ImageFilter
 
 from dermaclass import refer
 from dermaclass.data.images import fit_to_size, load_rgb
-from dermaclass.evaluate.metrics import softmax
 from dermaclass.fileio import write_json
-from dermaclass.inference import Predictor
+from dermaclass.inference import Predictor, combine
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 SHARED = ROOT / ".." / "shared" / "data"
 DATA = SHARED / "ham10000"
-EXTERNAL = {"derm7pt": SHARED / "derm7pt", "isic2017": SHARED / "isic2017"}
+EXTERNAL = {"derm7pt": SHARED / "derm7pt", "isic2017": SHARED / "isic2017", "ph2": SHARED / "ph2"}
 RUST_DOCS = Path("/root/.rustup/toolchains/stable-x86_64-unknown-linux-gnu/share/doc/rust/html")
 SKIN_TONES = [(255, 224, 196), (234, 192, 134), (224, 172, 105), (198, 134, 66), (141, 85, 36), (92, 56, 30),
               (240, 200, 180), (210, 160, 140)]
@@ -182,9 +181,16 @@ def artefacts(images: list[np.ndarray], rng: np.random.Generator) -> tuple[list[
 
 
 # ---- scoring ---------------------------------------------------------------------------------
-def run_model(pred: Predictor, raw: list[np.ndarray], *, tta: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Logits and features of raw RGB images, as the app computes them."""
-    return pred.forward([pred.preprocess(a) for a in raw], tta=tta)
+def run_model(pred: Predictor, raw: list[np.ndarray], *, tta: bool) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(logits, features) of every network (one, or an ensemble's members) for raw RGB images,
+    each network at its own input size, as the app computes them."""
+    views = [pred.preprocess_all(a) for a in raw]
+    return pred.member_outputs({size: [v[size] for v in views] for size in pred.input_sizes}, tta=tta)
+
+
+def logits_of(outs: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """The served logits: the one network's, or the mean of the members' (inference.combine)."""
+    return outs[0][0] if len(outs) == 1 else combine([lo for lo, _ in outs])
 
 
 def checks(raw: list[np.ndarray]) -> list[str | None]:
@@ -218,6 +224,9 @@ def ood_part(pred: Predictor, args: argparse.Namespace) -> dict[str, Any]:
     # As refer.fit_ood does: the fit on one view of the training images, the rest as the app scores.
     out = {s: run_model(pred, raw[s], tta=tta and s != "train") for s in raw}
     labels = np.array([pred.classes.index(meta.loc[i, "dx"]) for i in ids["train"]])
+    # An ensemble serves one score, the mean of its members' margins, with its own cut-off (0): it
+    # is measured as served. One network: every method is fitted here on its train split.
+    served = pred.members and {refer.ENSEMBLE_OOD: pred.ood_threshold}
     print(f"HAM10000 features: {sum(len(v) for v in ids.values())} images in {time.perf_counter() - t0:.0f} s")
 
     ext_raw: dict[str, list[np.ndarray]] = {}
@@ -266,18 +275,19 @@ def ood_part(pred: Predictor, args: argparse.Namespace) -> dict[str, Any]:
                            for k, v in shares_out.items() if v},
     }
 
-    temp = pred.temperature
     methods: dict[str, Any] = {}
-    for method in refer.OOD_METHODS:
+    for method in served or refer.OOD_METHODS:
         t = time.perf_counter()
-        stats = refer.fit(method, out["train"][1], labels, len(pred.classes))
+        stats = {} if served else refer.fit(method, out["train"][0][1], labels, len(pred.classes))
         fit_s = time.perf_counter() - t
 
-        def s(pair: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-            return refer.score(method, logits=pair[0], features=pair[1], stats=stats)
+        def s(outs: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+            if served:
+                return pred.ood_scores(logits_of(outs), None, members=outs)
+            return refer.score(method, logits=outs[0][0], features=outs[0][1], stats=stats)
 
         valid_s, test_s = s(out["valid"]), s(out["test"])
-        thr = refer.threshold(valid_s, keep=args.keep)
+        thr = served[method] if served else refer.threshold(valid_s, keep=args.keep)
         od_s, art_s = s(od), s(art)
         # Scores of every non-dermoscopic image in od_raw order (tiny images: -inf, never scored).
         full = np.full(len(od_raw), -np.inf)
@@ -313,7 +323,7 @@ def ood_part(pred: Predictor, args: argparse.Namespace) -> dict[str, Any]:
             ext_res[k] = {"n": len(es), "referred_by_score": float(np.mean(es < thr)), "referred_by_rule": float(np.mean(er)),
                           "auroc_vs_ham_test": float(roc_auc_score(np.r_[np.ones(len(test_s)), np.zeros(len(es))],
                                                                    np.r_[test_s, es]))}
-        top_test = softmax(out["test"][0], temp).max(axis=1)
+        top_test = pred.calibrated(logits_of(out["test"])).max(axis=1)
         methods[method] = {
             "threshold": thr, "fit_seconds": fit_s,
             "stored_bytes": int(sum(np.asarray(v).nbytes for v in stats.values())),
@@ -324,7 +334,9 @@ def ood_part(pred: Predictor, args: argparse.Namespace) -> dict[str, Any]:
             "non_dermoscopy_auroc": float(roc_auc_score(np.r_[np.ones(len(test_s)), np.zeros(len(od_s))], np.r_[test_s, od_s])),
             "by_kind": per_kind, "artefacts": per_art, "external": ext_res,
         }
-    return {"keep": args.keep, "tta": "flips4" if tta else None, "fitted_on": f"train split ({len(labels)} images)",
+    return {"keep": args.keep, "tta": "flips4" if tta else None, "networks": len(pred.networks),
+            "fitted_on": "each member's training folds, when it was trained" if served
+            else f"train split ({len(labels)} images)",
             "threshold_set_on": f"valid split ({len(ids['valid'])} images)", "n_test": len(ids["test"]),
             "non_dermoscopy_kinds": {k: od_kinds.count(k) for k in NON_DERMOSCOPY},
             "artefact_kinds": {k: art_kinds.count(k) for k in sorted(set(art_kinds))},
@@ -403,13 +415,14 @@ def main() -> None:
     ap.add_argument("--n-cam", type=int, default=300)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", help="results file name (default refer.json; e.g. refer_ensemble.json)")
     args = ap.parse_args()
     if args.quick:
         args.n_cam = 30
     pred = Predictor(args.model, backend="torch", threads=args.threads)
     result: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
                               "model": str(Path(args.model).resolve().relative_to(ROOT)), "quick": args.quick}
-    out = RESULTS / ("refer_quick.json" if args.quick else "refer.json")
+    out = RESULTS / (args.out or ("refer_quick.json" if args.quick else "refer.json"))
     if "ood" in args.part:
         r = result["ood"] = ood_part(pred, args)
         oc = r["one_colour"]
@@ -418,10 +431,11 @@ def main() -> None:
         cf = r["colourfulness"]
         print(f"colourfulness (cut-off {cf['cut_off']:.1f}): " + "; ".join(
             f"{k} min {v['min']:.1f}, p1 {v['p1']:.1f}, {v['below_cut_off']} below" for k, v in cf["dermoscopy"].items()))
-        kinds = list(r["methods"]["energy"]["by_kind"])
+        first = next(iter(r["methods"].values()))
+        kinds = list(first["by_kind"])
         print(f"\nreferred by the whole rule (input checks, then the score at keep {args.keep}), AUROC vs HAM test in brackets")
         print(f"{'score':12} {'HAM test':>9} " + " ".join(f"{k[:12]:>14}" for k in kinds) + f" {'all non-derm':>13} "
-              + " ".join(f"{k:>9}" for k in r["methods"]["energy"]["external"]))
+              + " ".join(f"{k:>9}" for k in first["external"]))
         for m, v in r["methods"].items():
             cells = []
             for k in kinds:

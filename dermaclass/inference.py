@@ -449,7 +449,6 @@ class Predictor:
         itself (the same centre crop the model saw) at up to this width, instead of on the
         128x96 model input, so a clinician can check the heat against the lesion.
         """
-        from PIL import Image
         from pytorch_grad_cam.utils.image import show_cam_on_image
 
         if method not in CAM_METHODS:

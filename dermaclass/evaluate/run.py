@@ -120,7 +120,8 @@ def split_images(bundle: str | Path, data: str | Path | Sequence[str | Path], *,
                  split_file: str | Path | None = None, cfg: Config | None = None,
                  ) -> dict[str, tuple[list[str], CachedImages]]:
     """The labels and preprocessed images of each of ``splits`` of ``data``, by the bundle's
-    split file (default: the ``split.csv`` beside it), at the bundle's input size."""
+    split file (default: the ``split.csv`` beside it), at the bundle's input size (for an
+    ensemble whose members differ in size: {input size: images}, as ``Predictor.logits`` reads)."""
     cfg = cfg or Config()
     bundle = Path(bundle)
     meta = read_bundle_meta(bundle)  # the classes and input size; no network is loaded
@@ -128,9 +129,13 @@ def split_images(bundle: str | Path, data: str | Path | Sequence[str | Path], *,
     items, _ = validate_sources(cfg, paths, progress=None)
     source = ", ".join(str(p) for p in paths)
     split_path = Path(split_file) if split_file else bundle / "split.csv"
+    sizes = list(dict.fromkeys(tuple(m["input_size"]) for m in meta.members))
     out = {}
     for s in splits:
         rows, _, images = _split_images(bundle, meta, items, split=s, split_path=split_path, cfg=cfg, source=source)
+        if len(sizes) > 1:  # an ensemble at several sizes: each member reads the cache at its own
+            images = {size: images if size == tuple(meta.input_size) else DecodeCache(cfg.cache_dir, size).ensure(
+                rows["path"].tolist(), rows["hash"].tolist(), workers=cfg.workers or None) for size in sizes}
         out[s] = (rows["label"].astype(str).tolist(), images)
     return out
 
