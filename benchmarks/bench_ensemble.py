@@ -9,7 +9,9 @@ is a fold assignment too):
   ``single-full``, the two sides of "the same total time" (the minutes are recorded);
 - ``k5-full``: 5 members, each at the full budget;
 - ``k3-mixed-short``: 3 members of different arch and input size (Lite0 128x96, Lite1
-  160x120, Lite2 192x144) at the screening budget, against ``k3-short``'s three Lite0s.
+  160x120, Lite2 192x144) at the screening budget, against ``k3-short``'s three Lite0s;
+- ``k3-short-valid``: ``k3-short`` calibrated on the valid split held out from every member and
+  scored by the ensemble itself, against calibration on the members' out-of-fold predictions.
 
 Every bundle serves as it ships (flip TTA, its calibration), and is measured on the HAM10000
 test split and on every image of derm7pt, isic2017 and PH2 (never used to fit anything). For
@@ -53,6 +55,7 @@ VARIANTS: dict[str, list[str]] = {
     "k5-short": [*SHORT, "--members", "5"],
     "k5-full": [*FULL, "--members", "5"],
     "k3-mixed-short": [*SHORT, "--members", "3", "--member-archs", MIXED],
+    "k3-short-valid": [*SHORT, "--members", "3", "--ensemble-calibration", "valid"],
     "single-short": SHORT,
 }
 QUICK = ["--recipe", "stepwise", "--n-cycles", "1", "--stage-fractions", "0.5,1.0", "--head-epochs", "0"]

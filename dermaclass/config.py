@@ -142,6 +142,12 @@ class Config:
     # Per-member architecture and input size, "ARCH@WxH" or "@WxH" (cycled when shorter than
     # members); empty: every member is arch at image_size, differing in seed and fold.
     member_archs: tuple[str, ...] = ()
+    # What the ensemble's temperature, prior shift, operating points and referral floor are fitted
+    # on: "out-of-fold" (the folds cut the train+valid pool; each pool image scored by the one
+    # member that held it out: K times the images, but single-member logits, not the served mean)
+    # or "valid" (the folds cut the train split only; the valid split is held out from every
+    # member and scored by the ensemble itself, as it serves).
+    ensemble_calibration: Literal["out-of-fold", "valid"] = "out-of-fold"
     # Distillation (Hinton et al. 2015) into one network: soft targets from this ensemble
     # bundle's out-of-fold predictions (out_of_fold.csv, matched by image id), mixed into the
     # loss with weight distill_alpha at temperature distill_temperature. None = off.

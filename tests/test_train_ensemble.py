@@ -244,3 +244,27 @@ def test_a_student_distils_the_ensembles_out_of_fold_predictions(tiny_ensemble: 
     assert meta["config"]["distill_from"] == str(tiny_ensemble) and result.metrics["balanced_accuracy"] >= 0
     with pytest.raises(ConfigError, match="--distill-from trains one student"):
         train_ensemble(cfg.replace(members=2), data, tmp_path / "x")
+
+
+def test_valid_calibration_holds_the_valid_split_out_of_every_member(colour_data: Path, tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, members=2, ensemble_calibration="valid")
+    data = prepare_data(cfg, colour_data)
+    run = tmp_path / "run"
+    train_ensemble(cfg, data, run)
+    split = pd.read_csv(run / "split.csv")
+    valid = set(split.loc[split["split"] == "valid", "image"])
+    assert valid == set(data.items.loc[data.items["split"] == "valid", "image"])  # the run's own valid split
+    assert (split.loc[split["split"] != "train", "fold"] == -1).all()
+    for k in (0, 1):  # no member trains or picks its checkpoint on it
+        member = pd.read_csv(run / "members" / f"m{k}" / "split.csv")
+        assert valid <= set(member.loc[member["split"] == "test", "image"])
+    meta = json.loads((run / "model.json").read_text())
+    assert meta["calibration"]["n"] == len(valid) and "held out from all 2 members" in meta["calibration"]["fitted_on"]
+    # The valid figures are the served ensemble's: the Predictor reproduces them.
+    pred = Predictor(run)
+    images = [data.images[i] for i in data.valid_rows]
+    y = [pred.classes.index(c) for c in data.items["label"].iloc[data.valid_rows]]
+    from dermaclass.evaluate import classification_metrics
+
+    ba = classification_metrics(np.array(y), pred.probabilities(images), pred.classes)["balanced_accuracy"]
+    assert abs(ba - meta["metrics_valid"]["balanced_accuracy"]) < 1e-6

@@ -182,6 +182,8 @@ FLAG_HELP: dict[str, str] = {
                "train+valid pool); 1 = one network",
     "member_archs": "Per-member ARCH@WxH or @WxH, cycled (e.g. tf_efficientnet_lite0@128x96,"
                     "tf_efficientnet_lite1@160x120); none = every member --arch at --image-size",
+    "ensemble_calibration": "What an ensemble's calibration is fitted on: its members' out-of-fold predictions "
+                            "over the train+valid pool, or the valid split held out from every member",
     "distill_from": "Distil this ensemble bundle into one network: soft targets from its out-of-fold predictions",
     "distill_alpha": "Weight of the teacher's soft targets in the loss (distillation)",
     "distill_temperature": "Temperature that softens teacher and student (distillation)",

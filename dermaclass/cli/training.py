@@ -22,7 +22,7 @@ TRAIN_FLAGS = (
     "warm_epoch", "head_epochs", "epochs", "n_cycles", "cycle_len", "cycle_mult", "lr_ratio", "stage_fractions",
     "stage_sizes", "lr_rule", "weight_sharing", "imbalance", "histo_weight", "augment", "colour_constancy", "tta", "label_smoothing",
     "keep", "ema_decay", "average_cycles", "mix", "mix_alpha", "sam_rho", "precision", "early_stop_patience", "operating_classes", "target_sensitivity",
-    "prior_class", "prior_sensitivity", "ood", "members", "member_archs", "distill_from",
+    "prior_class", "prior_sensitivity", "ood", "members", "member_archs", "ensemble_calibration", "distill_from",
     "distill_alpha", "distill_temperature",
     "split_file", "seed", "threads",
 )

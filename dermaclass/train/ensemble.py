@@ -17,8 +17,11 @@ is the run's, untouched, and ``split.csv`` keeps the train/valid/test columns (v
 first fold) plus a ``fold`` column, so ``--split-file`` and retraining read it unchanged.
 
 A caveat the figures must carry: an out-of-fold logit is one member's, while the ensemble
-serves the mean of K; the mean is less extreme, so a temperature fitted on single members
-can leave the ensemble under-confident (benchmarks/bench_ensemble.py measures the ECE).
+serves the mean of K; the mean is less extreme where members disagree, so a temperature and
+prior shift fitted on single members need not fit the ensemble. ``--ensemble-calibration
+valid`` is the alternative: the folds cut the train split only, the valid split is held out
+from every member, and the calibration is fitted on the ensemble's own (served) logits there
+(benchmarks/bench_ensemble.py measures both).
 
 The bundle: ``model.json`` at the top lists the members (path, sha256, arch, input size,
 seed, fold) and holds the ensemble's calibration; each member folder is a complete
@@ -77,16 +80,19 @@ def check_ensemble(cfg: Config) -> list[schedules.Member]:
     return plan
 
 
-def pool_folds(data: TrainData, k: int, *, seed: int, saved: pd.DataFrame | None = None) -> np.ndarray:
-    """A fold id per item (-1 for the test split): the saved run's folds when it has them
-    (``--resume``), else new lesion-grouped, stratified folds of the train+valid pool."""
+def pool_folds(data: TrainData, k: int, *, seed: int, saved: pd.DataFrame | None = None,
+               holdout: bool = False) -> np.ndarray:
+    """A fold id per item (-1 outside the pool): the saved run's folds when it has them
+    (``--resume``), else new lesion-grouped, stratified folds of the pool: train+valid, or the
+    train split alone when the valid split is held out for calibration (``holdout``)."""
     split = data.items["split"].to_numpy()
-    pool = np.flatnonzero(split != "test")
+    inside = (split == "train") if holdout else (split != "test")
+    pool = np.flatnonzero(inside)
     if saved is not None and FOLD_COLUMN in saved.columns:
         fold_of = dict(zip(saved["image"].astype(str), pd.to_numeric(saved[FOLD_COLUMN], errors="coerce")))
         folds = np.array([fold_of.get(str(i), np.nan) for i in data.items["image"]], dtype=float)
         if np.isfinite(folds[pool]).all() and set(folds[pool].astype(int)) == set(range(k)):
-            return np.where(split == "test", -1, folds).astype(int)
+            return np.where(inside, folds, -1).astype(int)
         log.warning("the saved split's folds do not cover the pool in %d folds; cutting new ones", k)
     folds = np.full(len(split), -1, dtype=int)
     folds[pool] = cross_folds(data.items.iloc[pool], k, seed=seed)
@@ -95,8 +101,9 @@ def pool_folds(data: TrainData, k: int, *, seed: int, saved: pd.DataFrame | None
 
 def member_data(data: TrainData, folds: np.ndarray, member: schedules.Member, cfg: Config) -> TrainData:
     """The member's view of the run's data: fold ``member.fold`` is its valid split, the other
-    pool folds its train split, the test split unchanged; images at the member's input size
-    (decoded into the cache once if the run has not got them)."""
+    pool folds its train split, and everything outside the pool (the test split, and a held-out
+    valid split) its test split; images at the member's input size (decoded into the cache once
+    if the run has not got them)."""
     split = np.where(folds < 0, "test", np.where(folds == member.fold, "valid", "train")).astype(object)
     size = tuple(member.image_size)
     items = data.items.assign(split=split)
@@ -145,10 +152,12 @@ def train_ensemble(cfg: Config, data: TrainData, run_dir: str | Path, *, force: 
         set_aside_finished_ensemble(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(run_dir / "config.yaml")
-    folds = pool_folds(data, cfg.members, seed=cfg.seed, saved=saved)
+    holdout = cfg.ensemble_calibration == "valid"
+    folds = pool_folds(data, cfg.members, seed=cfg.seed, saved=saved, holdout=holdout)
     commit = code_commit()
     split = data.split.assign(**{FOLD_COLUMN: folds})
-    split["split"] = np.where(folds < 0, "test", np.where(folds == 0, "valid", "train"))
+    if not holdout:  # a one-network run reading this split file validates on the first fold
+        split["split"] = np.where(folds < 0, "test", np.where(folds == 0, "valid", "train"))
     write_split(split, run_dir / "split.csv")
     started = time.perf_counter()
     records = []
@@ -179,6 +188,32 @@ def member_parent(cfg: Config, member: schedules.Member) -> str | None:
     if not parent.is_ensemble:
         return cfg.init_bundle
     return str(parent.member_folders(cfg.init_bundle)[member.index % len(parent.members)])
+
+
+def served_outputs(records: list[tuple[schedules.Member, Path, TrainData]], rows: np.ndarray, *, threads: int = 0
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """(logits, out-of-distribution margins) of the ensemble as it serves (every member, mean of
+    logits, mean of margins) on ``rows``, which no member trained on."""
+    from dermaclass.inference import Predictor, combine
+
+    outs, scores, cutoffs, scales = [], [], [], []
+    for _, folder, mdata in records:
+        pred = Predictor(folder, backend="torch", threads=threads)
+        lo, fe = pred.forward([mdata.images[i] for i in rows])
+        outs.append(lo)
+        if pred.ood_threshold is not None:
+            scores.append(pred.ood_scores(lo, fe))
+            cutoffs.append(pred.ood_threshold)
+            scales.append(pred.meta.ood.get("scale") or 0.0)
+    margins = refer.member_margins(scores, cutoffs, scales) if scores else np.zeros(len(rows))
+    return combine(outs), margins
+
+
+def _served_probabilities(logits: np.ndarray, calibration: dict[str, Any]) -> np.ndarray:
+    from scipy.special import softmax
+
+    offsets = np.asarray(calibration.get("offsets") or 0.0)
+    return softmax((np.asarray(logits, np.float64) + offsets) / calibration["temperature"], axis=1)
 
 
 def _resumable(folder: Path) -> bool:
@@ -219,10 +254,18 @@ def _write_ensemble(cfg: Config, data: TrainData, run_dir: Path, records: list, 
     rows, logits, margins = out_of_fold(records, threads=cfg.threads)
     labels = data.items["label"].astype(str).to_numpy()
     index = {c: i for i, c in enumerate(data.vocab)}
-    y = np.array([index[v] for v in labels[rows]])
-    pool_labels = labels[folds >= 0]
-    calibration, points, probs = calibrate(cfg, logits, y, data.vocab, prior=class_prior(pool_labels, data.vocab))
-    calibration["fitted_on"] = f"out-of-fold predictions of {len(records)} members on the train+valid pool"
+    prior = class_prior(labels[folds >= 0], data.vocab)
+    oof_calibration = cfg.ensemble_calibration == "out-of-fold"
+    if oof_calibration:
+        y = np.array([index[v] for v in labels[rows]])
+        calibration, points, probs = calibrate(cfg, logits, y, data.vocab, prior=prior)
+        calibration["fitted_on"] = f"out-of-fold predictions of {len(records)} members on the train+valid pool"
+    else:  # the held-out valid split, scored by the ensemble as it serves
+        valid = data.valid_rows
+        valid_logits, margins = served_outputs(records, valid, threads=cfg.threads)
+        y = np.array([index[v] for v in labels[valid]])
+        calibration, points, probs = calibrate(cfg, valid_logits, y, data.vocab, prior=prior)
+        calibration["fitted_on"] = f"the valid split held out from all {len(records)} members, scored by the ensemble"
     kept = (probs.max(axis=1) >= cfg.refer_below) & (margins >= 0)
     calibration["refer"] = {
         "min_top_probability": cfg.refer_below,
@@ -232,7 +275,8 @@ def _write_ensemble(cfg: Config, data: TrainData, run_dir: Path, records: list, 
         "valid_accuracy_kept": float(np.mean((probs.argmax(1) == y)[kept])) if kept.any() else None,
     }
     metrics = classification_metrics(y, probs, data.vocab)
-    write_out_of_fold(run_dir / OOF_FILE, data.items.iloc[rows], folds[rows], logits, probs, data.vocab)
+    oof_probs = probs if oof_calibration else _served_probabilities(logits, calibration)
+    write_out_of_fold(run_dir / OOF_FILE, data.items.iloc[rows], folds[rows], logits, oof_probs, data.vocab)
     members, stages, images_seen, member_seconds = [], [], 0, 0.0
     for member, folder, mdata in records:
         meta = models.read_bundle_meta(folder)
@@ -277,9 +321,10 @@ def _write_ensemble(cfg: Config, data: TrainData, run_dir: Path, records: list, 
         resumed=resumed,
         members=members,
         ensemble={"k": len(records), "combine": COMBINE, "cross_fitted": True,
-                  "calibration_fitted_on": calibration["fitted_on"],
+                  "calibration": cfg.ensemble_calibration, "calibration_fitted_on": calibration["fitted_on"],
                   "metrics_valid_are": "out-of-fold: each image scored by the one member that did not train on it "
-                                       "(the ensemble itself has no held-out split inside the pool)"},
+                                       "(the ensemble itself has no held-out split inside the pool)" if oof_calibration
+                  else "the ensemble on the held-out valid split"},
     )
     models.write_bundle_meta(run_dir, meta)
     shutil.rmtree(run_dir / REPLACED, ignore_errors=True)
