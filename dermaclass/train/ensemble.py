@@ -35,16 +35,13 @@ import logging
 import os
 import shutil
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 from fastai.torch_core import num_distrib
 
-import dermaclass
 from dermaclass import models, refer, schedules
 from dermaclass.config import Config
 from dermaclass.data import DecodeCache
@@ -52,10 +49,10 @@ from dermaclass.data.splits import FOLD_COLUMN, cross_folds, write_split
 from dermaclass.errors import ConfigError
 from dermaclass.evaluate import classification_metrics
 from dermaclass.evaluate.calibration import calibrate, class_prior
-from dermaclass.train.data import TrainData, TrainingError, parent_record, planned_sizes
+from dermaclass.train.data import TrainData, TrainingError, planned_sizes
 from dermaclass.train.recipes import fit_batch_size
 from dermaclass.train.resume import PROGRESS, Resume
-from dermaclass.train.run import REPLACED, TrainResult, code_commit, train
+from dermaclass.train.run import REPLACED, TrainResult, code_commit, provenance, train
 
 log = logging.getLogger(__name__)
 
@@ -306,16 +303,7 @@ def _write_ensemble(cfg: Config, data: TrainData, run_dir: Path, records: list, 
         stages=stages,
         training={"seconds": round(member_seconds, 1), "wall_seconds": round(seconds, 1), "images_seen": images_seen,
                   "members": len(records)},
-        config=cfg.to_dict(),
-        data={"sources": data.sources, "split_counts": data.items["split"].value_counts().to_dict(),
-              "split_reuse": data.split_reuse, "split_file": "split.csv", "data_card": data_card,
-              "folds": {str(k): int((folds == k).sum()) for k in range(len(records))}},
-        parent=parent_record(cfg, data.vocab),
-        package_version=dermaclass.__version__,
-        machine={"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
-        git_commit=commit,
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        disclaimer=dermaclass.DISCLAIMER,
+        **provenance(cfg, data, data_card=data_card, git_commit=commit),
         calibration=calibration,
         operating_points=points,
         resumed=resumed,
@@ -326,6 +314,7 @@ def _write_ensemble(cfg: Config, data: TrainData, run_dir: Path, records: list, 
                                        "(the ensemble itself has no held-out split inside the pool)" if oof_calibration
                   else "the ensemble on the held-out valid split"},
     )
+    meta = meta.with_(data={**meta.data, "folds": {str(k): int((folds == k).sum()) for k in range(len(records))}})
     models.write_bundle_meta(run_dir, meta)
     shutil.rmtree(run_dir / REPLACED, ignore_errors=True)
     log.info("ensemble of %d written to %s: out-of-fold balanced accuracy %.4f", len(records), run_dir,

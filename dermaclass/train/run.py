@@ -184,6 +184,17 @@ def bundle_meta(cfg: Config, data: TrainData, *, metrics: dict, stages: list[dic
         training={"seconds": round(seconds, 1), "images_seen": run.images_seen,
                   "epochs_equivalent": round(run.images_seen / max(1, len(data.train_rows)), 2),
                   "best_valid_balanced_accuracy": run.learn.best_model.best},
+        **provenance(cfg, data, data_card=data_card, git_commit=git_commit),
+        calibration=calibration,
+        operating_points=operating_points,
+        resumed=resumed,
+        processes=max(1, num_distrib()),
+    )
+
+
+def provenance(cfg: Config, data: TrainData, *, data_card: str | None, git_commit: str | None) -> dict[str, Any]:
+    """The BundleMeta fields that say where a bundle came from: config, data, parent, code, machine, time."""
+    return dict(
         config=cfg.to_dict(),
         data={"sources": data.sources, "split_counts": data.items["split"].value_counts().to_dict(),
               "split_reuse": data.split_reuse, "split_file": "split.csv", "data_card": data_card},
@@ -193,10 +204,6 @@ def bundle_meta(cfg: Config, data: TrainData, *, metrics: dict, stages: list[dic
         git_commit=git_commit,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         disclaimer=dermaclass.DISCLAIMER,
-        calibration=calibration,
-        operating_points=operating_points,
-        resumed=resumed,
-        processes=max(1, num_distrib()),
     )
 
 
