@@ -268,3 +268,43 @@ def test_valid_calibration_holds_the_valid_split_out_of_every_member(colour_data
 
     ba = classification_metrics(np.array(y), pred.probabilities(images), pred.classes)["balanced_accuracy"]
     assert abs(ba - meta["metrics_valid"]["balanced_accuracy"]) < 1e-6
+
+
+def test_a_killed_ensemble_resumes_at_the_member_and_epoch_where_it_stopped(colour_data: Path, tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "dermaclass", "train", str(colour_data), "--out", str(run), "--image-size", "32,24",
+            "--batch-size", "8", "--arch", "test_resnet", "--no-pretrained", "--head-epochs", "1", "--n-cycles", "2",
+            "--stage-fractions", "0.5,1.0", "--lr", "1e-3", "--threads", "1", "--colour-constancy", "none",
+            "--members", "2"]
+    env = {**os.environ, "DERMACLASS_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    progress = run / "members" / "m1" / "progress.json"
+    deadline = time.time() + 180
+    try:  # kill it inside the second member, after a few of its epochs
+        while time.time() < deadline and proc.poll() is None:
+            if progress.is_file() and json.loads(progress.read_text())["history_rows"] >= 2:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "training ended before it could be interrupted"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    first = (run / "members" / "m0" / "model.safetensors").stat().st_mtime_ns
+    done_before = json.loads(progress.read_text())["history_rows"]
+    again = subprocess.run(args, env=env, capture_output=True, text=True)
+    assert again.returncode == 2 and "--resume" in again.stderr  # never started over silently
+    resumed = subprocess.run(args + ["--resume"], env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert (run / "members" / "m0" / "model.safetensors").stat().st_mtime_ns == first  # the finished member kept
+    history = pd.read_csv(run / "members" / "m1" / "history.csv")
+    assert history["epoch"].tolist() == list(range(1, len(history) + 1)) and done_before < len(history)
+    member = json.loads((run / "members" / "m1" / "model.json").read_text())
+    assert member["resumed"] is True and json.loads((run / "model.json").read_text())["arch"] == "ensemble"
