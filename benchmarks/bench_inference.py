@@ -159,6 +159,9 @@ def main() -> None:
     ap.add_argument("--n-calibration", type=int, default=600)
     ap.add_argument("--n-boot", type=int, default=1000)
     ap.add_argument("--quick", action="store_true", help="2 rounds of 10, 40 calibration images, no accuracy figures")
+    ap.add_argument("--latency-only", action="store_true",
+                    help="time every backend but skip the test and external accuracy figures (the int8 export's "
+                         "own valid check is still recorded)")
     ap.add_argument("--out", help="results file name (default inference.json; e.g. inference_ensemble.json for an "
                                   "ensemble bundle)")
     args = ap.parse_args()
@@ -196,7 +199,7 @@ def main() -> None:
         first = first if len(first) > 1 else next(iter(first.values()))
         timing = latencies(preds, first, rounds=args.rounds, repeats=args.repeats)
         sets = {}
-        if not args.quick:
+        if not (args.quick or args.latency_only):
             sets["ham10000_test"] = split_images(copy, data, splits=("test",), cfg=cfg)["test"]
             for name, folder in EXTERNAL.items():
                 if folder.is_dir():
@@ -232,7 +235,7 @@ def main() -> None:
               "calibration": {"temperature": preds["torch"].temperature, "offsets": preds["torch"].meta.offsets},
               "n_boot": args.n_boot,
               "exports": {k: {kk: vv for kk, vv in v.items() if kk != "path"} for k, v in exports.items()},
-              "backends": rows, "quick": args.quick}
+              "backends": rows, "quick": args.quick, "latency_only": args.latency_only}
     out = RESULTS / (args.out or ("inference_quick.json" if args.quick else "inference.json"))
     write_json(out, result)
     print(f"wrote {out}")
