@@ -100,8 +100,10 @@ def test_cli_evaluate(tiny_bundle: Path, colour_data: Path, tmp_path: Path, monk
 
 def test_report_without_thumbnails_lists_ids_only(tiny_bundle: Path, colour_data: Path, tmp_path: Path) -> None:
     ev = evaluate_bundle(tiny_bundle, colour_data, cfg=_cfg(tmp_path), n_boot=10, split="all", thumbnails=False)
-    html = write_report(ev, tmp_path / "pub")["report.html"].read_text()
-    assert html.count("data:image/png;base64,") == 2  # the confusion matrix and the reliability diagram only
+    paths = write_report(ev, tmp_path / "pub")
+    html = paths["report.html"].read_text()
+    # The confusion matrix, the reliability diagram and the operating point's trade-off only.
+    assert "tradeoff.png" in paths and html.count("data:image/png;base64,") == 3
     # No listed error only when there is no error at all; otherwise the worst is named by id.
     assert ev.report.worst_errors or ev.report.metrics["accuracy"] == 1.0
     if ev.report.worst_errors:
