@@ -215,13 +215,17 @@ def main() -> None:
     runs_dir.mkdir(parents=True, exist_ok=True)
     result_file = RESULTS / f"ensemble{'_quick' if args.quick else ''}.json"
     sets = {k: v for k, v in EXTERNAL.items() if v.is_dir()}
-    rows: list[dict] = json.loads(result_file.read_text())["runs"] if result_file.is_file() else []
+    old = json.loads(result_file.read_text()) if result_file.is_file() else {}
+    rows: list[dict] = old.get("runs", [])
+    command = " ".join(["python", "benchmarks/bench_ensemble.py", *sys.argv[1:]])
+    # Every invocation that added rows (runs of other variants or seeds are kept).
+    commands = list(dict.fromkeys([*old.get("commands", [old["command"]] if "command" in old else []), command]))
 
     def save() -> None:
         rows.sort(key=lambda r: (r["seed"], list(VARIANTS).index(r["variant"])))
         write_json(result_file, {
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-            "command": " ".join(["python", "benchmarks/bench_ensemble.py", *sys.argv[1:]]),
+            "command": command, "commands": commands,
             "split_file": repo_relative(args.split_file), "variants": {k: VARIANTS[k] for k in VARIANTS},
             "runs": rows, "summary": summarise_rows(rows, reference="single-full")})
         plot_tradeoff(rows, result_file.with_name(result_file.stem + "_tradeoff.png"))

@@ -483,7 +483,8 @@ def ensemble_table() -> list[str]:
         v = [x for x in values if x is not None]
         return "-" if not v else f"{np.mean(v):{sign}.3f}" + (f" ± {np.std(v, ddof=1):.3f}" if len(v) > 1 else "")
 
-    out = [f"`{d['command']}` ({_cores(d)}; split `{d['split_file']}`; every bundle with flip TTA and its own "
+    commands = "; ".join(f"`{c}`" for c in d.get("commands", [d["command"]]))
+    out = [f"{commands} ({_cores(d)}; split `{d['split_file']}`; every bundle with flip TTA and its own "
            "calibration, as it serves). Balanced accuracy, mean ± sd over seeds (a seed is also a fold assignment); "
            "PH2 has nevi and melanomas only, so its melanoma AUROC and the melanoma flag's sensitivity / specificity "
            "at the stored threshold say more:", "",
@@ -493,12 +494,16 @@ def ensemble_table() -> list[str]:
         mine = [r for r in runs if r["variant"] == name]
         ph2 = [where(r, "ph2") for r in mine]
         flag = [(p.get("operating_points") or {}).get("mel") or {} for p in ph2]
-        out.append(f"| {name} | `{' '.join(d['variants'].get(name, []))}` | {len(mine)} | "
+        reused = " (¹)" if any(r.get("reused") for r in mine) else ""
+        out.append(f"| {name}{reused} | `{' '.join(d['variants'].get(name, []))}` | {len(mine)} | "
                    + " | ".join(mean([where(r, w).get("balanced_accuracy") for r in mine]) for w in sets)
                    + f" | {mean([((p.get('per_class') or {}).get('mel') or {}).get('auroc') for p in ph2])} | "
                    f"{mean([f.get('sensitivity') for f in flag])} / {mean([f.get('specificity') for f in flag])} | "
                    f"{mean([where(r, 'test').get('ece') for r in mine])} / {mean([where(r, 'derm7pt').get('ece') for r in mine])} | "
                    f"{mean([r.get('training_minutes') for r in mine])} |")
+    reused = sorted({r["run"] for r in runs if r.get("reused")})
+    if reused:
+        out += ["", f"(¹) measured on an existing bundle trained with these flags: {', '.join(f'`{x}`' for x in reused)}."]
     ens = [r for r in runs if r.get("members") and r["members"] != {} and isinstance(r["members"], dict)
            and r["members"].get("derm7pt")]
     if ens:
