@@ -524,6 +524,17 @@ def ensemble_table() -> list[str]:
                                         for w in sets) + " |")
     out += ["", "Trade-off curves of the melanoma flag (first seed of each variant): "
             "`benchmarks/results/ensemble_tradeoff.png`."]
+    lat = _load("inference_ensemble.json")
+    if lat:
+        rows = lat["backends"]
+        out += ["", f"Serving an ensemble (`{lat['command']}`: {lat.get('networks')} networks at "
+                + ", ".join(f"{w}x{h}" for w, h in lat.get("input_sizes", [])) + f", {lat['machine']['threads']} threads, "
+                "median over rounds): one image end to end without TTA / with the bundle's flip TTA: "
+                + "; ".join(f"{b} {r['end_to_end_ms']['median']:.1f} / {r['tta_ms']['median']:.1f} ms"
+                            for b, r in rows.items())
+                + ". int8 valid balanced accuracy drop per member (its own held-out fold): "
+                + ", ".join(f"{m['drop']:+.4f}" for m in (lat["exports"].get("openvino-int8") or {}).get("members", []))
+                + "."]
     return out
 
 
