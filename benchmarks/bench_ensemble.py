@@ -81,36 +81,15 @@ def load_set(path: Path, *, sizes: list[tuple[int, int]], split_file: Path | Non
 
 def figures(y: np.ndarray, probs: np.ndarray, classes: list[str], points: dict[str, dict]) -> dict[str, Any]:
     """Headline figures, per-class sensitivity/specificity/AUROC, and each stored operating point's rates."""
-    from dermaclass.evaluate.metrics import classification_metrics, flag_rates
+    from dermaclass.evaluate.metrics import classification_metrics, flag_rates, tradeoff_curve
 
     m = classification_metrics(y, probs, classes)
-    return {**{k: m[k] for k in FIGURES}, "n": int(len(y)), "curves": {c: tradeoff(y == classes.index(c),
-                                                                                   probs[:, classes.index(c)])
-                                                                      for c in points},
+    return {**{k: m[k] for k in FIGURES}, "n": int(len(y)),
+            "curves": {c: tradeoff_curve(y, probs, class_index=classes.index(c)) for c in points},
             "per_class": {c: {k: v.get(k) for k in ("support", "sensitivity", "specificity", "auroc")}
                           for c, v in m["per_class"].items()},
             "operating_points": {c: flag_rates(y, probs, class_index=classes.index(c), threshold=op["threshold"])
                                  for c, op in points.items()}}
-
-
-def tradeoff(positive: np.ndarray, scores: np.ndarray) -> dict[str, list[float]] | None:
-    """Sensitivity against specificity over thresholds (evaluate.metrics.tradeoff_curve)."""
-    from dermaclass.evaluate.metrics import tradeoff_curve
-
-    return tradeoff_curve(np.asarray(positive, dtype=int), scores, class_index=1)
-
-
-def out_of_fold_curves(run: Path, classes: list[str], points: dict[str, dict]) -> dict[str, Any]:
-    """The operating classes' trade-off on the predictions the points were fitted on: the
-    ensemble's out-of-fold predictions (out_of_fold.csv); none for one network here."""
-    import pandas as pd
-
-    path = run / "out_of_fold.csv"
-    if not path.is_file():
-        return {}
-    oof = pd.read_csv(path)
-    y = oof["label"].astype(str).to_numpy()
-    return {c: tradeoff(y == c, oof[f"p_{c}"].to_numpy()) for c in points}
 
 
 def plot_tradeoff(rows: list[dict], path: Path, *, cls: str = "mel") -> None:
@@ -152,6 +131,7 @@ def plot_tradeoff(rows: list[dict], path: Path, *, cls: str = "mel") -> None:
 def measure_run(run: Path, sets: dict[str, Path], *, split_file: Path) -> dict[str, Any]:
     """The bundle as it serves (its TTA and calibration) on HAM test and every external set;
     for an ensemble also the probability mean and each member alone, from the same logits."""
+    from dermaclass.evaluate.run import fitted_curve
     from dermaclass.inference import Predictor, combine
 
     pred = Predictor(run, backend="torch")
@@ -175,7 +155,8 @@ def measure_run(run: Path, sets: dict[str, Path], *, split_file: Path) -> dict[s
             out["members"][name] = [figures(y, m.calibrated(lo), classes, m.operating_points)
                                     for m, (lo, _) in zip(pred.members, outs)]
         print(f"  {name}: {len(y)} images, balanced accuracy {f['balanced_accuracy']:.4f}", flush=True)
-    out["out_of_fold_curves"] = out_of_fold_curves(run, classes, pred.operating_points)
+    # the predictions the operating points were fitted on (an ensemble's out_of_fold.csv)
+    out["out_of_fold_curves"] = {c: curve for c in pred.operating_points if (curve := fitted_curve(run, c))}
     return out
 
 

@@ -51,7 +51,7 @@ from PIL import Image, ImageFilter
 from dermaclass import refer
 from dermaclass.data.images import fit_to_size, load_rgb
 from dermaclass.fileio import write_json
-from dermaclass.inference import Predictor, combine
+from dermaclass.inference import Predictor, served
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -188,11 +188,6 @@ def run_model(pred: Predictor, raw: list[np.ndarray], *, tta: bool) -> list[tupl
     return pred.member_outputs({size: [v[size] for v in views] for size in pred.input_sizes}, tta=tta)
 
 
-def logits_of(outs: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
-    """The served logits: the one network's, or the mean of the members' (inference.combine)."""
-    return outs[0][0] if len(outs) == 1 else combine([lo for lo, _ in outs])
-
-
 def checks(raw: list[np.ndarray]) -> list[str | None]:
     """The input check's verdict per image: None (passes), 'refused' or 'one colour'."""
     out: list[str | None] = []
@@ -226,7 +221,7 @@ def ood_part(pred: Predictor, args: argparse.Namespace) -> dict[str, Any]:
     labels = np.array([pred.classes.index(meta.loc[i, "dx"]) for i in ids["train"]])
     # An ensemble serves one score, the mean of its members' margins, with its own cut-off (0): it
     # is measured as served. One network: every method is fitted here on its train split.
-    served = pred.members and {refer.ENSEMBLE_OOD: pred.ood_threshold}
+    as_served = pred.members and {refer.ENSEMBLE_OOD: pred.ood_threshold}
     print(f"HAM10000 features: {sum(len(v) for v in ids.values())} images in {time.perf_counter() - t0:.0f} s")
 
     ext_raw: dict[str, list[np.ndarray]] = {}
@@ -276,18 +271,18 @@ def ood_part(pred: Predictor, args: argparse.Namespace) -> dict[str, Any]:
     }
 
     methods: dict[str, Any] = {}
-    for method in served or refer.OOD_METHODS:
+    for method in as_served or refer.OOD_METHODS:
         t = time.perf_counter()
-        stats = {} if served else refer.fit(method, out["train"][0][1], labels, len(pred.classes))
+        stats = {} if as_served else refer.fit(method, out["train"][0][1], labels, len(pred.classes))
         fit_s = time.perf_counter() - t
 
         def s(outs: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
-            if served:
-                return pred.ood_scores(logits_of(outs), None, members=outs)
+            if as_served:
+                return pred.ood_scores(served(outs)[0], None, members=outs)
             return refer.score(method, logits=outs[0][0], features=outs[0][1], stats=stats)
 
         valid_s, test_s = s(out["valid"]), s(out["test"])
-        thr = served[method] if served else refer.threshold(valid_s, keep=args.keep)
+        thr = as_served[method] if as_served else refer.threshold(valid_s, keep=args.keep)
         od_s, art_s = s(od), s(art)
         # Scores of every non-dermoscopic image in od_raw order (tiny images: -inf, never scored).
         full = np.full(len(od_raw), -np.inf)
@@ -323,7 +318,7 @@ def ood_part(pred: Predictor, args: argparse.Namespace) -> dict[str, Any]:
             ext_res[k] = {"n": len(es), "referred_by_score": float(np.mean(es < thr)), "referred_by_rule": float(np.mean(er)),
                           "auroc_vs_ham_test": float(roc_auc_score(np.r_[np.ones(len(test_s)), np.zeros(len(es))],
                                                                    np.r_[test_s, es]))}
-        top_test = pred.calibrated(logits_of(out["test"])).max(axis=1)
+        top_test = pred.calibrated(served(out["test"])[0]).max(axis=1)
         methods[method] = {
             "threshold": thr, "fit_seconds": fit_s,
             "stored_bytes": int(sum(np.asarray(v).nbytes for v in stats.values())),
@@ -335,7 +330,7 @@ def ood_part(pred: Predictor, args: argparse.Namespace) -> dict[str, Any]:
             "by_kind": per_kind, "artefacts": per_art, "external": ext_res,
         }
     return {"keep": args.keep, "tta": "flips4" if tta else None, "networks": len(pred.networks),
-            "fitted_on": "each member's training folds, when it was trained" if served
+            "fitted_on": "each member's training folds, when it was trained" if as_served
             else f"train split ({len(labels)} images)",
             "threshold_set_on": f"valid split ({len(ids['valid'])} images)", "n_test": len(ids["test"]),
             "non_dermoscopy_kinds": {k: od_kinds.count(k) for k in NON_DERMOSCOPY},

@@ -267,8 +267,7 @@ class Predictor:
         ``images``: at ``input_size``, or a mapping {input size: images} with every size in
         ``input_sizes`` (an ensemble of members at several sizes, e.g. from the decode cache).
         """
-        outs = self.member_outputs(images, batch_size=batch_size, tta=tta)
-        return outs[0] if len(outs) == 1 else (combine([lo for lo, _ in outs]), None)
+        return served(self.member_outputs(images, batch_size=batch_size, tta=tta))
 
     def member_outputs(self, images: Images, *, batch_size: int = 64,
                        tta: bool | None = None) -> list[tuple[np.ndarray, np.ndarray | None]]:
@@ -393,7 +392,7 @@ class Predictor:
         except refer.InputProblem as exc:
             raise refer.InputProblem(f"{what}: {exc}" if isinstance(source, (str, Path)) else str(exc)) from None
         outs = self.member_outputs({size: [fit_to_size(rgb, size)] for size in self.input_sizes}, tta=tta)
-        logits, features = outs[0] if len(outs) == 1 else (combine([lo for lo, _ in outs]), None)
+        logits, features = served(outs)
         probs = self.checked(self.calibrated(logits), what)[0]
         ood = float(self.ood_scores(logits, features, members=outs)[0])
         order = np.argsort(-probs, kind="stable")
@@ -489,6 +488,12 @@ def combine(member_logits: Sequence[np.ndarray]) -> np.ndarray:
     arithmetic mean of probabilities.
     """
     return np.mean(np.stack([np.asarray(lo, np.float64) for lo in member_logits]), axis=0)
+
+
+def served(outs: Sequence[tuple[np.ndarray, np.ndarray | None]]) -> tuple[np.ndarray, np.ndarray | None]:
+    """(logits, features) the bundle serves from its networks' outputs (``Predictor.member_outputs``):
+    the one network's, or the members' ``combine``d logits (their features live in different spaces)."""
+    return outs[0] if len(outs) == 1 else (combine([lo for lo, _ in outs]), None)
 
 
 def agreement(member_probs: Sequence[np.ndarray], top: int, classes: Sequence[str]) -> dict[str, Any]:

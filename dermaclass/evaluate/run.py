@@ -105,15 +105,14 @@ def _split_images(bundle: Path, meta: BundleMeta, items: pd.DataFrame, *, split:
     return chosen, split_counts, images
 
 
-def network_images(predictor: Predictor, chosen: pd.DataFrame, images: CachedImages, cfg: Config
-                   ) -> CachedImages | dict[tuple[int, int], CachedImages]:
-    """What the bundle's networks read: ``images`` (at the bundle's input size), or for an
-    ensemble with members at several sizes, the decode cache at each size."""
-    sizes = predictor.input_sizes
-    if len(sizes) == 1:
+def network_images(sizes: Sequence[tuple[int, int]], largest: tuple[int, int], rows: pd.DataFrame,
+                   images: CachedImages, cfg: Config) -> CachedImages | dict[tuple[int, int], CachedImages]:
+    """What the bundle's networks read: ``images`` (decoded at the bundle's input size,
+    ``largest``), or for an ensemble with members at several ``sizes``, the decode cache at each."""
+    if len(sizes) <= 1:
         return images
-    return {size: images if size == tuple(predictor.input_size) else DecodeCache(cfg.cache_dir, size).ensure(
-        chosen["path"].tolist(), chosen["hash"].tolist(), workers=cfg.workers or None) for size in sizes}
+    return {size: images if size == tuple(largest) else DecodeCache(cfg.cache_dir, size).ensure(
+        rows["path"].tolist(), rows["hash"].tolist(), workers=cfg.workers or None) for size in sizes}
 
 
 def split_images(bundle: str | Path, data: str | Path | Sequence[str | Path], *, splits: Sequence[Split],
@@ -133,10 +132,7 @@ def split_images(bundle: str | Path, data: str | Path | Sequence[str | Path], *,
     out = {}
     for s in splits:
         rows, _, images = _split_images(bundle, meta, items, split=s, split_path=split_path, cfg=cfg, source=source)
-        if len(sizes) > 1:  # an ensemble at several sizes: each member reads the cache at its own
-            images = {size: images if size == tuple(meta.input_size) else DecodeCache(cfg.cache_dir, size).ensure(
-                rows["path"].tolist(), rows["hash"].tolist(), workers=cfg.workers or None) for size in sizes}
-        out[s] = (rows["label"].astype(str).tolist(), images)
+        out[s] = (rows["label"].astype(str).tolist(), network_images(sizes, meta.input_size, rows, images, cfg))
     return out
 
 
@@ -249,7 +245,7 @@ def evaluate_bundle(
     chosen, split_counts, images = _split_images(bundle, predictor.meta, items, split=split, split_path=split_path, cfg=cfg,
                                                  source=data)
     tta = predictor.tta if tta is None else tta
-    logits = predictor.logits(network_images(predictor, chosen, images, cfg), tta=tta)
+    logits = predictor.logits(network_images(predictor.input_sizes, predictor.input_size, chosen, images, cfg), tta=tta)
     raw, probs = softmax(logits), predictor.checked(predictor.calibrated(logits), f"the images of {data}")
     y = chosen["label"].map({c: i for i, c in enumerate(classes)}).to_numpy()
     groups = chosen["group"].astype(str).to_numpy()

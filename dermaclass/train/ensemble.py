@@ -49,6 +49,7 @@ from dermaclass.data.splits import FOLD_COLUMN, cross_folds, write_split
 from dermaclass.errors import ConfigError
 from dermaclass.evaluate import classification_metrics
 from dermaclass.evaluate.calibration import calibrate, class_prior
+from dermaclass.evaluate.metrics import softmax
 from dermaclass.train.data import TrainData, TrainingError, planned_sizes
 from dermaclass.train.recipes import fit_batch_size
 from dermaclass.train.resume import PROGRESS, Resume
@@ -106,7 +107,8 @@ def member_data(data: TrainData, folds: np.ndarray, member: schedules.Member, cf
     items = data.items.assign(split=split)
     images = data.images_at.get(size) or DecodeCache(cfg.cache_dir, size).ensure(
         items["path"].tolist(), items["hash"].tolist(), workers=cfg.workers or None)
-    images_at = {**{s: v for s, v in data.images_at.items() if size == tuple(cfg.image_size)}, size: images}
+    # The run's stage sizes (progressive resizing) apply to a member at the run's size only.
+    images_at = dict(data.images_at) if size == tuple(cfg.image_size) else {size: images}
     return dataclasses.replace(data, items=items, images=images, split=data.split.assign(split=split),
                                images_at=images_at)
 
@@ -187,32 +189,6 @@ def member_parent(cfg: Config, member: schedules.Member) -> str | None:
     return str(parent.member_folders(cfg.init_bundle)[member.index % len(parent.members)])
 
 
-def served_outputs(records: list[tuple[schedules.Member, Path, TrainData]], rows: np.ndarray, *, threads: int = 0
-                   ) -> tuple[np.ndarray, np.ndarray]:
-    """(logits, out-of-distribution margins) of the ensemble as it serves (every member, mean of
-    logits, mean of margins) on ``rows``, which no member trained on."""
-    from dermaclass.inference import Predictor, combine
-
-    outs, scores, cutoffs, scales = [], [], [], []
-    for _, folder, mdata in records:
-        pred = Predictor(folder, backend="torch", threads=threads)
-        lo, fe = pred.forward([mdata.images[i] for i in rows])
-        outs.append(lo)
-        if pred.ood_threshold is not None:
-            scores.append(pred.ood_scores(lo, fe))
-            cutoffs.append(pred.ood_threshold)
-            scales.append(pred.meta.ood.get("scale") or 0.0)
-    margins = refer.member_margins(scores, cutoffs, scales) if scores else np.zeros(len(rows))
-    return combine(outs), margins
-
-
-def _served_probabilities(logits: np.ndarray, calibration: dict[str, Any]) -> np.ndarray:
-    from scipy.special import softmax
-
-    offsets = np.asarray(calibration.get("offsets") or 0.0)
-    return softmax((np.asarray(logits, np.float64) + offsets) / calibration["temperature"], axis=1)
-
-
 def _resumable(folder: Path) -> bool:
     """Whether a member folder holds an interrupted run with its checkpoint (else it starts over)."""
     if not (folder / PROGRESS).is_file():
@@ -225,42 +201,51 @@ def _resumable(folder: Path) -> bool:
         return False
 
 
-def out_of_fold(records: list[tuple[schedules.Member, Path, TrainData]], *, threads: int = 0
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(rows, logits, out-of-distribution margins) of every member on its own held-out fold,
-    scored as the bundle serves (with its test-time augmentation)."""
-    from dermaclass.inference import Predictor
+def score_members(records: list[tuple[schedules.Member, Path, TrainData]], *, held_out: np.ndarray | None = None,
+                  threads: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
+    """Every member scored once, as the bundle serves (with its test-time augmentation): on its
+    own held-out fold, giving (rows, out-of-fold logits, out-of-distribution margins), and with
+    ``held_out`` (rows no member trained on) the ensemble's served (logits, margins) there."""
+    from dermaclass.inference import Predictor, combine
 
-    rows, logits, margins = [], [], []
-    for member, folder, mdata in records:
+    rows, logits, margins, served_logits, served_margins = [], [], [], [], []
+    for _, folder, mdata in records:
         pred = Predictor(folder, backend="torch", threads=threads)
         valid = mdata.valid_rows
-        lo, fe = pred.forward([mdata.images[i] for i in valid])
-        if pred.ood_threshold is not None:
-            margins.append(refer.member_margins([pred.ood_scores(lo, fe)], [pred.ood_threshold],
-                                                [pred.meta.ood.get("scale") or 0.0]))
-        else:
-            margins.append(np.zeros(len(valid)))
+        both = valid if held_out is None else np.concatenate([valid, held_out])
+        lo, fe = pred.forward([mdata.images[i] for i in both])
+        margin = (refer.member_margins([pred.ood_scores(lo, fe)], [pred.ood_threshold],
+                                       [pred.meta.ood.get("scale") or 0.0])
+                  if pred.ood_threshold is not None else None)
+        n = len(valid)
         rows.append(valid)
-        logits.append(lo)
-    return np.concatenate(rows), np.concatenate(logits), np.concatenate(margins)
+        logits.append(lo[:n])
+        margins.append(np.zeros(n) if margin is None else margin[:n])
+        served_logits.append(lo[n:])
+        if margin is not None:
+            served_margins.append(margin[n:])
+    served = None
+    if held_out is not None:  # the mean of the members' margins, as refer.member_margins takes it
+        served = (combine(served_logits),
+                  np.mean(served_margins, axis=0) if served_margins else np.zeros(len(held_out)))
+    return np.concatenate(rows), np.concatenate(logits), np.concatenate(margins), served
 
 
 def _write_ensemble(cfg: Config, data: TrainData, run_dir: Path, records: list, *, folds: np.ndarray,
                     data_card: str | None, commit: str | None, seconds: float, resumed: bool) -> TrainResult:
-    rows, logits, margins = out_of_fold(records, threads=cfg.threads)
+    oof_calibration = cfg.ensemble_calibration == "out-of-fold"
+    rows, logits, margins, served = score_members(records, held_out=None if oof_calibration else data.valid_rows,
+                                                  threads=cfg.threads)
     labels = data.items["label"].astype(str).to_numpy()
     index = {c: i for i, c in enumerate(data.vocab)}
     prior = class_prior(labels[folds >= 0], data.vocab)
-    oof_calibration = cfg.ensemble_calibration == "out-of-fold"
     if oof_calibration:
         y = np.array([index[v] for v in labels[rows]])
         calibration, points, probs = calibrate(cfg, logits, y, data.vocab, prior=prior)
         calibration["fitted_on"] = f"out-of-fold predictions of {len(records)} members on the train+valid pool"
     else:  # the held-out valid split, scored by the ensemble as it serves
-        valid = data.valid_rows
-        valid_logits, margins = served_outputs(records, valid, threads=cfg.threads)
-        y = np.array([index[v] for v in labels[valid]])
+        valid_logits, margins = served
+        y = np.array([index[v] for v in labels[data.valid_rows]])
         calibration, points, probs = calibrate(cfg, valid_logits, y, data.vocab, prior=prior)
         calibration["fitted_on"] = f"the valid split held out from all {len(records)} members, scored by the ensemble"
     kept = (probs.max(axis=1) >= cfg.refer_below) & (margins >= 0)
@@ -272,7 +257,8 @@ def _write_ensemble(cfg: Config, data: TrainData, run_dir: Path, records: list, 
         "valid_accuracy_kept": float(np.mean((probs.argmax(1) == y)[kept])) if kept.any() else None,
     }
     metrics = classification_metrics(y, probs, data.vocab)
-    oof_probs = probs if oof_calibration else _served_probabilities(logits, calibration)
+    oof_probs = probs if oof_calibration else softmax(logits + np.asarray(calibration.get("offsets") or 0.0),
+                                                      calibration["temperature"])
     write_out_of_fold(run_dir / OOF_FILE, data.items.iloc[rows], folds[rows], logits, oof_probs, data.vocab)
     members, stages, images_seen, member_seconds = [], [], 0, 0.0
     for member, folder, mdata in records:
