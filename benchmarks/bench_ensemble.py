@@ -7,7 +7,8 @@ is a fold assignment too):
 - ``k3-short`` / ``k5-short``: 3 or 5 members, each at the screening budget (one SGDR cycle
   per stage, a quarter of the full budget's epochs): about 0.75x and 1.25x the time of
   ``single-full``, the two sides of "the same total time" (the minutes are recorded);
-- ``k5-full``: 5 members, each at the full budget;
+- ``k3-full`` / ``k5-full``: 3 or 5 members, each at the full budget (what a shipped bundle
+  may spend; about 3x and 5x the time of ``single-full``);
 - ``k3-mixed-short``: 3 members of different arch and input size (Lite0 128x96, Lite1
   160x120, Lite2 192x144) at the screening budget, against ``k3-short``'s three Lite0s;
 - ``k3-short-valid``: ``k3-short`` calibrated on the valid split held out from every member and
@@ -53,6 +54,7 @@ VARIANTS: dict[str, list[str]] = {
     "single-full": FULL,
     "k3-short": [*SHORT, "--members", "3"],
     "k5-short": [*SHORT, "--members", "5"],
+    "k3-full": [*FULL, "--members", "3"],
     "k5-full": [*FULL, "--members", "5"],
     "k3-mixed-short": [*SHORT, "--members", "3", "--member-archs", MIXED],
     "k3-short-valid": [*SHORT, "--members", "3", "--ensemble-calibration", "valid"],
