@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from dermaclass.cli import (
+from dermaclass.cli.common import (
     EXIT_CODES, DataOptions, DataPath, _print_validation, data_options, _validate, data_app, err, friendly, out,
 )
 

@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from dermaclass.cli import (
+from dermaclass.cli.common import (
     EXIT_CODES, BundlePath, BundleSplitOpt, DataOptions, DataPath, Opt, _progress, data_options, app, err, friendly, out,
     report_app,
 )

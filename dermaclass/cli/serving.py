@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 
 from dermaclass import DISCLAIMER
-from dermaclass.cli import (
+from dermaclass.cli.common import (
     EXIT_CODES, BackendOpt, BundlePath, _progress, BundleSplitOpt, DataOptions, DataPath, Opt, _default_bundle, data_options, app, err, friendly,
     out,
 )

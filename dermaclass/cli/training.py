@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from dermaclass.cli import (
+from dermaclass.cli.common import (
     EXIT_CODES, DataOptions, DataPath, Opt, data_options, _main_first, _progress, _rank, app, err, friendly, out,
 )
 from dermaclass.config import Config, load_config
