@@ -74,7 +74,7 @@ class Config:
     weight_sharing: bool = True  # False: each stage restarts from the initial weights (Table IV)
     # Default chosen by measurement (baseline recipe, LR 1e-2, valid balanced accuracy): sampler 0.705,
     # weights 0.603, sqrt-weights 0.577, none 0.493 (focal: see the training issue's note).
-    # logit-adjusted: Menon et al. 2021 (dermaclass.losses), data as it comes, no sampler.
+    # logit-adjusted: Menon et al. 2021 (dermaclass.train.losses), data as it comes, no sampler.
     imbalance: Literal["none", "weights", "sqrt-weights", "sampler", "focal", "logit-adjusted"] = "sampler"
     augment: Literal["none", "basic", "zoom", "augmix"] = "basic"
     # Sampling weight of images whose diagnosis was confirmed by histopathology (a dx_type column

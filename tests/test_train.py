@@ -414,7 +414,7 @@ def test_bad_stage_sizes_fail_before_decoding(colour_data: Path, tmp_path: Path)
 def test_weight_ema_is_bundled_and_checkpointed(colour_data: Path, tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
-    from dermaclass.callbacks import WeightEMA
+    from dermaclass.train.callbacks import WeightEMA
 
     cfg = _cfg(tmp_path, recipe="sgdr", lr=1e-3, head_epochs=0, ema_decay=0.9)
     data = prepare_data(cfg, colour_data)
@@ -439,7 +439,7 @@ def test_weight_ema_is_bundled_and_checkpointed(colour_data: Path, tmp_path: Pat
 
 
 def test_cycle_average_is_bundled_and_checkpointed(colour_data: Path, tmp_path: Path) -> None:
-    from dermaclass.callbacks import CycleAverage
+    from dermaclass.train.callbacks import CycleAverage
 
     # SGDR cycles of 1 and 2 epochs: the cycle ends are epochs 0 and 2 (not 1)
     cfg = _cfg(tmp_path, recipe="sgdr", lr=1e-3, head_epochs=0, n_cycles=2, average_cycles=2)
@@ -484,7 +484,7 @@ def data_loaders(cfg, data):
 
 
 def test_bfloat16_autocast_trains_and_keeps_float32_weights(colour_data: Path, tmp_path: Path) -> None:
-    from dermaclass.callbacks import CPUAutocast
+    from dermaclass.train.callbacks import CPUAutocast
 
     cfg = _cfg(tmp_path, recipe="baseline", lr=1e-3, head_epochs=0, precision="bfloat16")
     data = prepare_data(cfg, colour_data)
@@ -562,7 +562,7 @@ def test_small_data_shrinks_the_batch_or_stops_with_exit_5(colour_data: Path, tm
 def test_a_non_finite_loss_stops_training_loudly() -> None:
     from fastai.test_utils import synth_learner
 
-    from dermaclass.callbacks import NonFiniteLoss, StopOnNaN
+    from dermaclass.train.callbacks import NonFiniteLoss, StopOnNaN
 
     learn = synth_learner(cbs=StopOnNaN())
     learn.loss_func = lambda pred, y: (pred - y).pow(2).mean() * float("nan")
@@ -646,7 +646,7 @@ def test_force_over_a_finished_run_never_leaves_the_old_model_beside_a_new_split
 def test_sam_steps_with_the_gradient_at_the_perturbed_weights() -> None:
     from types import SimpleNamespace
 
-    from dermaclass.callbacks import SAM
+    from dermaclass.train.callbacks import SAM
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))

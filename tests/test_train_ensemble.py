@@ -213,7 +213,7 @@ def test_a_student_distils_the_ensembles_out_of_fold_predictions(tiny_ensemble: 
                                                                   tmp_path: Path) -> None:
     import torch
 
-    from dermaclass.callbacks import Distill
+    from dermaclass.train.callbacks import Distill
     from dermaclass.train import build_learner, stage_dataloaders, train
 
     cfg = _cfg(tmp_path, distill_from=str(tiny_ensemble), split_file=str(tiny_ensemble / "split.csv"))

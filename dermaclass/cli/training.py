@@ -189,7 +189,7 @@ def lr_find_cmd(
     """LR range test (fastai lr_find): all four suggestions, the plot, and the chosen one."""
     from dermaclass import train as training
     from dermaclass.fileio import write_json
-    from dermaclass.lr_find import range_test
+    from dermaclass.train.lr_find import range_test
 
     cfg = data_opts.config()
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,11 @@
 - ``resume``: ``--resume`` as one fastai Callback (checkpoints after every epoch, and the restore);
 - ``distributed``: the data-parallel pieces, scoped to the run;
 - ``run``: one run end to end (folder, calibration, out-of-distribution score, bundle);
-- ``ensemble``: ``--members K``, K cross-fitted runs and the ensemble bundle over them.
+- ``ensemble``: ``--members K``, K cross-fitted runs and the ensemble bundle over them;
+- ``callbacks``: the fastai Callbacks of the side behaviour (EMA, cycle averages, SAM,
+  distillation, NaN stops, CPU autocast, flip TTA predictions);
+- ``lr_find``: LR range tests (fastai ``lr_find``; seed 002's warm-epoch variant);
+- ``losses``: the logit-adjusted loss for the imbalanced classes.
 
 The names below are the package's public surface.
 """

@@ -34,11 +34,11 @@ from fastai.losses import CrossEntropyLossFlat, FocalLossFlat
 from fastai.metrics import BalancedAccuracy, F1Score
 
 from dermaclass import models, schedules
-from dermaclass.callbacks import (
+from dermaclass.train.callbacks import (
     MONITOR, SAM, BestModel, CPUAutocast, CycleAverage, Distill, EpochLine, History, StopOnNaN, WeightEMA,
 )
-from dermaclass.losses import LogitAdjustedLoss
-from dermaclass.lr_find import RangeTest, range_test
+from dermaclass.train.losses import LogitAdjustedLoss
+from dermaclass.train.lr_find import RangeTest, range_test
 from dermaclass.config import Config
 from dermaclass.data.augment import train_pipeline
 from dermaclass.data.loaders import class_weights, make_dataloaders

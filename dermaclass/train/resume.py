@@ -31,7 +31,7 @@ import torch
 from fastai.learner import Recorder
 
 from dermaclass import models
-from dermaclass.callbacks import _EpochCallback, plain, unwrap
+from dermaclass.train.callbacks import _EpochCallback, plain, unwrap
 from dermaclass.fileio import atomic_path, write_json
 from dermaclass.train.data import TrainingError
 

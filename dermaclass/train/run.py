@@ -21,7 +21,7 @@ from fastai.torch_core import num_distrib, rank_distrib, set_seed
 
 import dermaclass
 from dermaclass import models
-from dermaclass.callbacks import MONITOR, flip_logits
+from dermaclass.train.callbacks import MONITOR, flip_logits
 from dermaclass.config import Config
 from dermaclass.evaluate import classification_metrics
 from dermaclass.fileio import atomic_path, write_json

@@ -8,7 +8,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from dermaclass.config import load_config
-from dermaclass.lr_find import SAFE_LR, range_test
+from dermaclass.train.lr_find import SAFE_LR, range_test
 from dermaclass.train import build_learner, prepare_data, stage_dataloaders
 
 

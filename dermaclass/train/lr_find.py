@@ -21,7 +21,7 @@ import torch
 from fastai.callback.schedule import minimum, slide, steep, valley
 from fastai.learner import Learner
 
-from dermaclass.callbacks import as_float
+from dermaclass.train.callbacks import as_float
 from dermaclass.config import Config
 from dermaclass.fileio import atomic_path
 

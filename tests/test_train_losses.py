@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dermaclass.losses import LogitAdjustedLoss
+from dermaclass.train.losses import LogitAdjustedLoss
 
 
 def test_logit_adjusted_loss_is_cross_entropy_of_the_shifted_logits() -> None:
