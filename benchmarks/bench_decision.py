@@ -35,7 +35,7 @@ from dermaclass.evaluate.calibration import class_prior
 from dermaclass.evaluate.metrics import classification_metrics
 from dermaclass.evaluate.run import split_images
 from dermaclass.fileio import write_json
-from dermaclass.inference import Predictor
+from dermaclass.serving.predictor import Predictor
 
 TAUS = [round(t, 2) for t in np.arange(0.0, 1.01, 0.1)]
 

@@ -134,7 +134,7 @@ def measure_run(run: Path, sets: dict[str, Path], *, split_file: Path) -> dict[s
     """The bundle as it serves (its TTA and calibration) on HAM test and every external set;
     for an ensemble also the probability mean and each member alone, from the same logits."""
     from dermaclass.evaluate.run import fitted_curve
-    from dermaclass.inference import Predictor, combine
+    from dermaclass.serving.predictor import Predictor, combine
 
     pred = Predictor(run, backend="torch")
     classes = pred.classes

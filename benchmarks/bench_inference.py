@@ -51,9 +51,9 @@ from dermaclass.evaluate.metrics import (  # noqa: E402
     resample_weights,
 )
 from dermaclass.evaluate.run import split_images  # noqa: E402
-from dermaclass.export import check_bf16_bundle, cpu_has_bf16, export_onnx, export_openvino, quantize_bundle  # noqa: E402
+from dermaclass.serving.export import check_bf16_bundle, cpu_has_bf16, export_onnx, export_openvino, quantize_bundle  # noqa: E402
 from dermaclass.fileio import write_json  # noqa: E402
-from dermaclass.inference import Predictor  # noqa: E402
+from dermaclass.serving.predictor import Predictor  # noqa: E402
 from dermaclass.models import read_bundle_meta  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,7 +95,7 @@ def latencies(preds: dict[str, Predictor], image: np.ndarray, *, rounds: int, re
     images = image if isinstance(image, dict) else {tuple(next(iter(preds.values())).input_size): image}
     xs = [n.normalise([images[tuple(n.input_size)]]) for n in next(iter(preds.values())).networks]
     one, batch = {s: [im] for s, im in images.items()}, {s: [im] * 64 for s, im in images.items()}
-    calls = {name: {"network_ms": lambda p=p: [n._run(x) for n, x in zip(p.networks, xs)],
+    calls = {name: {"network_ms": lambda p=p: [n.runner(x) for n, x in zip(p.networks, xs)],
                     "end_to_end_ms": lambda p=p: p.logits(one, tta=False),
                     "tta_ms": lambda p=p: p.logits(one, tta=True),
                     "batch64_ms": lambda p=p: p.logits(batch, tta=False)} for name, p in preds.items()}

@@ -34,9 +34,9 @@ from common import HAM, RESULTS, ROOT, repo_relative  # noqa: E402
 
 from dermaclass.config import load_config  # noqa: E402
 from dermaclass.evaluate.run import split_images  # noqa: E402
-from dermaclass.export import _balanced_accuracy, calibration_pick, export_openvino, quantize_ir  # noqa: E402
+from dermaclass.serving.export import _balanced_accuracy, calibration_pick, export_openvino, quantize_ir  # noqa: E402
 from dermaclass.fileio import write_json  # noqa: E402
-from dermaclass.inference import Predictor  # noqa: E402
+from dermaclass.serving.predictor import Predictor  # noqa: E402
 
 # name -> (draw, images, fast bias correction); the first is the export's setting before issue 16's review.
 SETTINGS: dict[str, tuple[str, int, bool]] = {

@@ -28,7 +28,7 @@ from pathlib import Path
 from common import EXTERNAL, HAM, RESULTS, ROOT, SPLIT, fmt, mean_sd, measure, repo_relative
 
 from dermaclass.config import load_config
-from dermaclass.evaluate.run import recalibrate
+from dermaclass.serving.refit import recalibrate
 from dermaclass.fileio import write_json
 from dermaclass.models import file_sha256, read_bundle_meta
 

@@ -2,10 +2,10 @@
 
 Part ``ood`` (issue 14, "Refer"). On a model bundle and its ``split.csv``:
 
-- fits every out-of-distribution score of ``dermaclass.refer`` (Mahalanobis, Lee et al.
+- fits every out-of-distribution score of ``dermaclass.serving.refer`` (Mahalanobis, Lee et al.
   2018; k-nearest neighbours, Sun et al. 2022; energy, Liu et al. 2020) on the training
   split's features (``models.WithFeatures``: a pooled inner backbone layer,
-  ``models.feature_layer``; one view, as ``refer.fit_ood`` does), and sets each cut-off so that 95 % of the validation split
+  ``models.feature_layer``; one view, as ``serving.refit.fit_ood`` does), and sets each cut-off so that 95 % of the validation split
   passes, scored with the bundle's TTA as the app scores;
 - scores HAM10000 test (in distribution), both external dermoscopy sets (other clinics:
   dermoscopy that should mostly pass), and images that are not dermoscopy, by kind: colour
@@ -48,10 +48,10 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageFilter
 
-from dermaclass import refer
+from dermaclass.serving import refer
 from dermaclass.data.images import fit_to_size, load_rgb
 from dermaclass.fileio import write_json
-from dermaclass.inference import Predictor, served
+from dermaclass.serving.predictor import Predictor, served
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -216,7 +216,7 @@ def ood_part(pred: Predictor, args: argparse.Namespace) -> dict[str, Any]:
         return [np.asarray(load_rgb(data / "images" / f"{i}.jpg")) for i in which]
 
     raw = {s: ham(v) for s, v in ids.items()}
-    # As refer.fit_ood does: the fit on one view of the training images, the rest as the app scores.
+    # As serving.refit.fit_ood does: the fit on one view of the training images, the rest as the app scores.
     out = {s: run_model(pred, raw[s], tta=tta and s != "train") for s in raw}
     labels = np.array([pred.classes.index(meta.loc[i, "dx"]) for i in ids["train"]])
     # An ensemble serves one score, the mean of its members' margins, with its own cut-off (0): it

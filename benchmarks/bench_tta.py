@@ -32,7 +32,7 @@ from dermaclass.config import load_config
 from dermaclass.evaluate.metrics import classification_metrics, softmax
 from dermaclass.evaluate.run import split_images
 from dermaclass.fileio import write_json
-from dermaclass.inference import Predictor
+from dermaclass.serving.predictor import Predictor
 
 # The dihedral group of the image: the first four are the bundle's flips4.
 VIEWS = {

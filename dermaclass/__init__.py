@@ -1,8 +1,23 @@
 """dermaclass: a dermoscopic skin-lesion classifier that a clinic retrains on its own data.
 
-Decision support, not a diagnostic device. The package is organised one module per concern:
-``config`` (the layered run configuration), ``data`` (reading, validating, splitting and
-caching clinic image sets), ``cli`` (the ``dermaclass`` command).
+Decision support, not a diagnostic device. The package is organised one concern per module or
+subpackage, lowest first (each imports only from those above it; tests/test_imports.py checks
+that no import circles back):
+
+- ``errors``, ``fileio``: the error classes and atomic writes;
+- ``config``: the one frozen run configuration (defaults < YAML < flags);
+- ``schedules``: pure plans (stepwise stages, seed 001; member plans of an ensemble);
+- ``data/``: reading, validating, splitting and caching clinic image sets;
+- ``models/``: networks (timm bodies, fastai heads, offline ImageNet weights) and bundles
+  (safetensors + typed JSON);
+- ``evaluate/``: pure metrics, calibration, the report record, a bundle on a split;
+- ``serving/``: the Predictor, its backends, referral, class-activation maps, exports, and
+  refitting a bundle's calibration;
+- ``train/``: fastai recipes (LR range tests, SGDR, differential LRs, stepwise subsets),
+  callbacks, resume, ensembles;
+- ``retrain``: a clinic's retrain and its comparison with the bundle in use;
+- ``report/``: HTML reports, model cards, comparisons;
+- ``ui``: the Gradio app; ``cli/``: the ``dermaclass`` command.
 """
 
 import warnings

@@ -129,7 +129,7 @@ class Config:
     prior_sensitivity: float = 0.80
     refer_below: float = 0.5  # refer to a dermatologist when the top calibrated probability is lower
     ood_keep: float = 0.95  # the out-of-distribution cut-off passes this share of validation images
-    # Out-of-distribution score (refer.py), fitted on the train split's features after training.
+    # Out-of-distribution score (serving.refer), fitted on the train split's features after training.
     # Default by measurement (benchmarks/bench_refer.py, cut-off passing 95 % of valid): with the
     # input checks, mahalanobis referred 3.5 % of HAM test and 97.2 % of non-dermoscopic images;
     # knn 5.4 % and 97.5 % (and 34 % of isic2017's dermoscopy against 12 %); energy 4.5 % and 70.6 %.

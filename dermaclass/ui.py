@@ -4,7 +4,7 @@ Tabs:
 - Diagnose: upload, paste or photograph an image; calibrated probabilities with full class
   names, a class-activation map (LayerCAM) beside the image with a colour scale,
   operating-point flags, a "refer to a dermatologist" banner with plain reasons when the
-  image is too small, not dermoscopy-like, unlike the training data (refer.py), or the
+  image is too small, not dermoscopy-like, unlike the training data (serving.refer), or the
   model is unsure, and a correction form
   that saves the image and the right label to the review folder (``data.review``) for the
   next retraining;
@@ -35,7 +35,7 @@ from dermaclass import DISCLAIMER  # noqa: E402
 from dermaclass.data.images import ImageDecodeError, load_rgb  # noqa: E402
 from dermaclass.data.review import save_correction  # noqa: E402
 from dermaclass.errors import DermaclassError  # noqa: E402
-from dermaclass.inference import Predictor  # noqa: E402
+from dermaclass.serving.predictor import Predictor  # noqa: E402
 from dermaclass.models import DEFAULT_BUNDLE  # noqa: E402,F401 - the app's default, re-exported
 from dermaclass.report.figures import fmt_ci  # noqa: E402
 

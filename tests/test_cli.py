@@ -211,7 +211,7 @@ def test_the_cli_and_predict_do_not_import_gradio() -> None:
     import subprocess
     import sys
 
-    code = ("import sys; import dermaclass.cli, dermaclass.inference, dermaclass.refer; "
+    code = ("import sys; import dermaclass.cli, dermaclass.serving.predictor, dermaclass.serving.refer; "
             "sys.exit(1 if 'gradio' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
 

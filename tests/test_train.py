@@ -503,7 +503,7 @@ def test_flip_tta_is_recorded_and_calibrated_on_the_flipped_logits(tiny_bundle: 
                                                                     tmp_path: Path) -> None:
     """The bundle serves flip TTA by default, and its temperature was fitted on the very logits the
     Predictor computes with it (fastai's FlipInput views == the Predictor's numpy flips)."""
-    from dermaclass.inference import Predictor
+    from dermaclass.serving.predictor import Predictor
     from dermaclass.evaluate.calibration import calibrate
 
     meta = json.loads((tiny_bundle / "model.json").read_text())

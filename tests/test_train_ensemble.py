@@ -16,7 +16,7 @@ from dermaclass import models, schedules
 from dermaclass.config import load_config
 from dermaclass.data.splits import cross_folds
 from dermaclass.errors import ConfigError
-from dermaclass.inference import Predictor, combine
+from dermaclass.serving.predictor import Predictor, combine
 from dermaclass.models import ModelError
 from dermaclass.train import prepare_data, train_ensemble
 

@@ -11,7 +11,7 @@ from PIL import Image
 
 from conftest import free_port
 from dermaclass import DISCLAIMER
-from dermaclass.inference import Predictor
+from dermaclass.serving.predictor import Predictor
 from dermaclass.ui import MAX_BYTES, UploadError, build_app, check_upload, diagnose_markdown, report_views
 
 

@@ -28,8 +28,8 @@ def predict_cmd(
 ) -> None:
     """Predict images: calibrated probabilities, operating-point flags, and referral."""
     from dermaclass.data.images import ImageDecodeError
-    from dermaclass.inference import Predictor
-    from dermaclass.refer import InputProblem
+    from dermaclass.serving.predictor import Predictor
+    from dermaclass.serving.refer import InputProblem
 
     pred = Predictor(_default_bundle(model), backend=backend)
     failed = 0
@@ -108,7 +108,7 @@ def export_cmd(
 
 def _export_one(model: Path, *, onnx: bool, openvino: bool, int8: bool, bf16: bool, calibration: Path | None,
                 n_calibration: int, split_file: Path | None, force: bool, cfg) -> None:  # noqa: ANN001 - Config
-    from dermaclass.export import check_bf16_bundle, export_onnx, export_openvino, quantize_bundle
+    from dermaclass.serving.export import check_bf16_bundle, export_onnx, export_openvino, quantize_bundle
 
     if onnx:
         info = export_onnx(model, force=force)
@@ -148,7 +148,7 @@ def fit_ood_cmd(
 
     For bundles trained before the feature-space scores; `train` fits one itself.
     """
-    from dermaclass.evaluate.run import refit_ood
+    from dermaclass.serving.refit import refit_ood
 
     cfg = data_opts.config()  # --ood and --keep are checked with the rest of the config (exit 2)
     r = refit_ood(model, data, split_file=split_file, cfg=cfg, force=force)
@@ -173,7 +173,7 @@ def calibrate_cmd(
     target sensitivity, or the prior shift for nevus sensitivity). Settings not given keep the
     bundle's own. The weights are untouched.
     """
-    from dermaclass.evaluate.run import CALIBRATION_SETTINGS, recalibrate
+    from dermaclass.serving.refit import CALIBRATION_SETTINGS, recalibrate
     from dermaclass.models import read_bundle_meta
 
     own = read_bundle_meta(model).config

@@ -2,9 +2,12 @@
 
 - ``metrics``: balanced accuracy, macro-F1, AUROC, mAP (seed 002), per-class sensitivity and
   specificity, calibration error, grouped bootstrap intervals, temperature scaling, the
-  prior shift and operating points, all pure functions returning plain dicts;
-- ``run``: a model bundle on a dataset split -> predictions and the report dict that
-  ``dermaclass.report`` renders.
+  prior shift, operating points and their trade-off curves, all pure functions returning
+  plain dicts;
+- ``calibration``: the temperature, prior shift and operating points fitted from valid logits;
+- ``record``: the typed ``Report`` that ``dermaclass.report`` renders;
+- ``run``: a model bundle on a dataset split -> predictions and its ``Report``;
+- ``external``: other clinics' labelled sets, for reporting only (never fitted on).
 """
 
 from dermaclass.evaluate.metrics import (

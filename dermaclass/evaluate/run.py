@@ -29,14 +29,12 @@ from dermaclass.evaluate.metrics import (
     bootstrap_intervals, classification_metrics, confused_pairs, expected_calibration_error, flag_rates,
     reliability_bins, softmax, tradeoff_curve,
 )
-from dermaclass.inference import Predictor
+from dermaclass.serving.predictor import Predictor
 from dermaclass.models import BundleMeta, file_sha256, read_bundle_meta, weights_identity
 
 log = logging.getLogger(__name__)
 
 Split = Literal["test", "valid", "train", "all"]
-# The Config fields that ``recalibrate`` fits by (recorded in the bundle's config).
-CALIBRATION_SETTINGS = ("operating_classes", "target_sensitivity", "prior_class", "prior_sensitivity")
 
 
 class EvaluationError(DermaclassError):
@@ -134,72 +132,6 @@ def split_images(bundle: str | Path, data: str | Path | Sequence[str | Path], *,
         rows, _, images = _split_images(bundle, meta, items, split=s, split_path=split_path, cfg=cfg, source=source)
         out[s] = (rows["label"].astype(str).tolist(), network_images(sizes, meta.input_size, rows, images, cfg))
     return out
-
-
-def refit_ood(bundle: str | Path, data: str | Path | Sequence[str | Path], *, split_file: str | Path | None = None,
-              cfg: Config | None = None, method: str | None = None, keep: float | None = None,
-              force: bool = False) -> dict[str, Any]:
-    """Fit (or refit) a bundle's out-of-distribution score on the train split of ``data`` and
-    set its cut-off on the valid split (``dermaclass fit-ood``: bundles trained before the
-    feature-space scores, or a new method). Never on test or external images."""
-    from dermaclass.refer import fit_ood
-
-    cfg = cfg or Config()
-    parts = split_images(bundle, data, splits=("train", "valid"), split_file=split_file, cfg=cfg)
-    return fit_ood(bundle, train_images=parts["train"][1], train_labels=parts["train"][0],
-                   valid_images=parts["valid"][1], valid_labels=parts["valid"][0],
-                   method=method or cfg.ood, keep=keep if keep is not None else cfg.ood_keep, force=force)
-
-
-def recalibrate(bundle: str | Path, data: str | Path | Sequence[str | Path], *, split_file: str | Path | None = None,
-                cfg: Config | None = None, force: bool = False) -> dict[str, Any]:
-    """Refit a bundle's calibration on the valid split of ``data`` (``dermaclass calibrate``):
-    temperature, prior shift and operating points from ``cfg`` (``target_sensitivity``,
-    ``operating_classes``, ``prior_class``, ``prior_sensitivity``), as training fits them at its
-    end, then the referral rule (its score and cut-off, method and share kept as the bundle
-    has them). The weights do not change, so exports stay valid. The prior is the class
-    frequency of the train split. Never on test or external images.
-
-    ``model.json`` is rewritten atomically; a bundle that is already calibrated is refitted
-    only with ``force``. Returns the new ``calibration`` entry.
-    """
-    from dermaclass.evaluate.calibration import calibrate, class_prior
-    from dermaclass.models import write_bundle_meta
-    from dermaclass.refer import fit_ood
-
-    cfg = cfg or Config()
-    bundle = Path(bundle)
-    meta = read_bundle_meta(bundle)
-    if meta.is_ensemble:
-        raise EvaluationError(f"{bundle}: an ensemble is calibrated on its members' out-of-fold predictions when it "
-                              "is trained; recalibrating it needs each member's held-out fold (retrain with --force)")
-    if meta.calibration and not force:
-        raise FileExistsError(f"{bundle}: already calibrated (temperature {meta.temperature:.3f}); pass --force to "
-                              "refit it")
-    parts = split_images(bundle, data, splits=("train", "valid"), split_file=split_file, cfg=cfg)
-    predictor = Predictor(bundle, backend="torch", threads=cfg.threads)
-    classes = predictor.classes
-    valid_labels, valid_images = parts["valid"]
-    if not len(valid_labels):
-        raise EvaluationError(f"{bundle}: no validation images in {data} to calibrate on")
-    unknown = sorted(set(valid_labels) - set(classes))
-    if unknown:
-        raise EvaluationError(f"{data}: validation labels {unknown} are not among the bundle's classes {classes}")
-    logits = predictor.logits(valid_images)  # with the bundle's test-time augmentation, as it serves
-    y = np.array([classes.index(c) for c in valid_labels])
-    calibration, points, probs = calibrate(cfg, logits, y, classes, prior=class_prior(parts["train"][0], classes))
-    calibration["refitted"] = {"by": "dermaclass calibrate",
-                               "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    write_bundle_meta(bundle, meta.with_(calibration={**calibration,
-                                                      "refer": meta.calibration.get("refer") or calibration["refer"]},
-                                         operating_points=points, metrics_valid=classification_metrics(y, probs, classes),
-                                         config={**meta.config, **{k: cfg.to_dict()[k] for k in CALIBRATION_SETTINGS}}))
-    ood = meta.ood
-    fit_ood(bundle, train_images=parts["train"][1], train_labels=parts["train"][0], valid_images=valid_images,
-            valid_labels=valid_labels, method=ood.get("method", cfg.ood), keep=ood.get("keep", cfg.ood_keep),
-            force=True)  # the referral floor reads the new probabilities
-    log.info("%s: recalibrated on %d validation images (temperature %.3f)", bundle, len(y), calibration["temperature"])
-    return read_bundle_meta(bundle).calibration
 
 
 def fitted_curve(bundle: Path, cls: str) -> dict[str, list[float]] | None:

@@ -26,7 +26,7 @@ from torch import nn
 from dermaclass.data.images import COLOUR_CONSTANCY
 from dermaclass.fileio import atomic_path, check_record_header, record_fields, write_json
 from dermaclass.models.networks import ModelError, build_model
-from dermaclass.refer import ENSEMBLE_OOD, OOD_METHODS
+from dermaclass.serving.refer import ENSEMBLE_OOD, OOD_METHODS
 
 BUNDLE_WEIGHTS = "model.safetensors"
 BUNDLE_META = "model.json"
@@ -80,7 +80,7 @@ class BundleMeta:
     weights_dtype: str = "float32"
     published_from: str | None = None
     weights_sha256: str | None = None
-    #: deployment exports beside the weights and the checks they passed (export.py)
+    #: deployment exports beside the weights and the checks they passed (serving.export)
     exports: dict[str, Any] = field(default_factory=dict)
     #: an ensemble (train/ensemble.py): one entry per network, each a bundle in a sub-folder
     #: (path relative to this one, weights_sha256, arch, input_size, seed, fold); empty: one network

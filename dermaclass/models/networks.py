@@ -11,7 +11,7 @@ groups of seed 003's differential learning rates.
 - A splitter with three layer groups (early body, late body, head), so that fastai's
   ``slice(lo, hi)`` gives seed 003's differential learning rates a meaning.
 - The pooled features of a chosen backbone layer (``WithFeatures``), the space of the
-  out-of-distribution scores in refer.py.
+  out-of-distribution scores in serving.refer.
 """
 
 from __future__ import annotations
@@ -209,7 +209,7 @@ class WithFeatures(nn.Module):
     """The bundle's network returning ``cat(logits, features)`` in one tensor (so fastai's
     ``get_preds`` collects both): the features are the global-average-pooled output of
     ``layer`` (a submodule name of the timm network, ``feature_layer`` by default; None: the
-    body's output), the space of the out-of-distribution scores (refer.py). ``split=True``
+    body's output), the space of the out-of-distribution scores (serving.refer). ``split=True``
     returns the two as a tuple instead (the ONNX export's two outputs).
 
     The layer's output is caught by a forward hook on the shared model: make one WithFeatures

@@ -42,7 +42,7 @@ import numpy as np
 import pandas as pd
 from fastai.torch_core import num_distrib
 
-from dermaclass import models, refer, schedules
+from dermaclass import models, schedules
 from dermaclass.config import Config
 from dermaclass.data import DecodeCache
 from dermaclass.data.splits import FOLD_COLUMN, cross_folds, write_split
@@ -50,6 +50,7 @@ from dermaclass.errors import ConfigError
 from dermaclass.evaluate import classification_metrics
 from dermaclass.evaluate.calibration import calibrate, class_prior
 from dermaclass.evaluate.metrics import softmax
+from dermaclass.serving import refer
 from dermaclass.train.data import TrainData, TrainingError, planned_sizes
 from dermaclass.train.recipes import fit_batch_size
 from dermaclass.train.resume import PROGRESS, Resume
@@ -206,7 +207,7 @@ def score_members(records: list[tuple[schedules.Member, Path, TrainData]], *, he
     """Every member scored once, as the bundle serves (with its test-time augmentation): on its
     own held-out fold, giving (rows, out-of-fold logits, out-of-distribution margins), and with
     ``held_out`` (rows no member trained on) the ensemble's served (logits, margins) there."""
-    from dermaclass.inference import Predictor, combine
+    from dermaclass.serving.predictor import Predictor, combine
 
     rows, logits, margins, served_logits, served_margins = [], [], [], [], []
     for _, folder, mdata in records:

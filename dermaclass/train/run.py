@@ -23,14 +23,13 @@ import dermaclass
 from dermaclass import models
 from dermaclass.train.callbacks import MONITOR, flip_logits
 from dermaclass.config import Config
-from dermaclass.evaluate import classification_metrics
 from dermaclass.fileio import atomic_path, write_json
 
 log = logging.getLogger(__name__)
 
-from dermaclass.evaluate.calibration import calibrate, class_prior
 from dermaclass.train.data import TrainData, parent_record
-from dermaclass.export import ONNX_FILE, OPENVINO_FILE, OPENVINO_INT8_FILE
+from dermaclass.serving.backends import ONNX_FILE, OPENVINO_FILE, OPENVINO_INT8_FILE
+from dermaclass.serving.refit import calibrate_bundle
 from dermaclass.train.distributed import parallel
 from dermaclass.train.resume import PROGRESS, Resume
 from dermaclass.train.recipes import RECIPES, Run, build_learner, fit_batch_size, stage_dataloaders
@@ -139,30 +138,28 @@ def train(cfg: Config, data: TrainData, run_dir: str | Path, *, force: bool = Fa
     if not main:
         return TrainResult(run_dir, {}, stages, seconds, run.images_seen, run.range_test_records())
     labels = data.items["label"].astype(str).to_numpy()
-    train_labels = labels[data.train_rows]
-    calibration, points, probs = calibrate(cfg, logits.numpy(), targets.numpy(), data.vocab,
-                                           prior=class_prior(train_labels, data.vocab))
-    metrics = classification_metrics(targets.numpy(), probs, data.vocab)
     _plot_curves(run_dir)
-    meta = bundle_meta(cfg, data, metrics=metrics, stages=stages, run=run, seconds=seconds, data_card=data_card,
-                       calibration=calibration, operating_points=points, resumed=progress is not None, git_commit=commit)
+    meta = bundle_meta(cfg, data, stages=stages, run=run, seconds=seconds, data_card=data_card,
+                       resumed=progress is not None, git_commit=commit)
     models.save_bundle(learn.model, meta, run_dir, force=force or resume)
-    # The out-of-distribution score reads the saved bundle exactly as the app will.
-    from dermaclass.refer import fit_ood
-
-    fit_ood(run_dir, train_images=[data.images[i] for i in data.train_rows], train_labels=train_labels,
-            valid_images=[data.images[i] for i in data.valid_rows], valid_labels=labels[data.valid_rows],
-            method=cfg.ood, keep=cfg.ood_keep, force=True)  # the bundle was just written
+    # Calibration, operating points and the referral rule: the same sequence `dermaclass
+    # calibrate` runs, on the valid logits computed above.
+    metrics = calibrate_bundle(run_dir, logits=logits.numpy(), labels=[data.vocab[int(i)] for i in targets],
+                               valid_labels=labels[data.valid_rows],
+                               train_labels=labels[data.train_rows],
+                               train_images=[data.images[i] for i in data.train_rows],
+                               valid_images=[data.images[i] for i in data.valid_rows], cfg=cfg,
+                               ood_method=cfg.ood, ood_keep=cfg.ood_keep)
     shutil.rmtree(run_dir / REPLACED, ignore_errors=True)  # the new bundle is complete: the old one can go
     run.resumer.clean()  # resume files are not needed once the bundle exists
     log.info("bundle written to %s: valid balanced accuracy %.4f", run_dir, metrics["balanced_accuracy"])
     return TrainResult(run_dir, metrics, stages, seconds, run.images_seen, run.range_test_records())
 
 
-def bundle_meta(cfg: Config, data: TrainData, *, metrics: dict, stages: list[dict], run: Run, seconds: float,
-                data_card: str | None, calibration: dict[str, Any], operating_points: dict[str, Any],
-                resumed: bool, git_commit: str | None) -> models.BundleMeta:
-    """The JSON half of the bundle: everything needed to rebuild, use and judge the model."""
+def bundle_meta(cfg: Config, data: TrainData, *, stages: list[dict], run: Run, seconds: float,
+                data_card: str | None, resumed: bool, git_commit: str | None) -> models.BundleMeta:
+    """The JSON half of the bundle: everything needed to rebuild, use and judge the model
+    (calibration, operating points and valid metrics are added by ``serving.refit.calibrate_bundle``)."""
     return models.BundleMeta(
         arch=cfg.arch,
         classes=tuple(data.vocab),
@@ -177,7 +174,6 @@ def bundle_meta(cfg: Config, data: TrainData, *, metrics: dict, stages: list[dic
                       f"average of the last {cfg.average_cycles} cycle ends" if cfg.average_cycles else cfg.keep),
         tta="flips4" if cfg.tta == "flips" else None,  # what the Predictor does by default
         head={"kind": "fastai", "ps": 0.5},
-        metrics_valid=metrics,
         recipe=cfg.recipe,
         stages=stages,
         range_tests=run.range_test_records(),
@@ -185,8 +181,6 @@ def bundle_meta(cfg: Config, data: TrainData, *, metrics: dict, stages: list[dic
                   "epochs_equivalent": round(run.images_seen / max(1, len(data.train_rows)), 2),
                   "best_valid_balanced_accuracy": run.learn.best_model.best},
         **provenance(cfg, data, data_card=data_card, git_commit=git_commit),
-        calibration=calibration,
-        operating_points=operating_points,
         resumed=resumed,
         processes=max(1, num_distrib()),
     )

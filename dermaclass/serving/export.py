@@ -2,7 +2,7 @@
 
 Seed 002's training pipeline ends in OpenVINO on a CPU, and a clinic's workstation is a
 CPU. Each export is written beside the bundle's weights, checked before it is kept, and
-then served by the ``Predictor`` (inference.py) when present:
+then served by the ``Predictor`` (serving.predictor, through serving.backends) when present:
 
 - ``model.onnx`` (``export_onnx``): the torch network traced to ONNX with two outputs
   (logits, and the pooled backbone features the out-of-distribution score reads), kept
@@ -44,24 +44,17 @@ import numpy as np
 import torch
 
 from dermaclass import models
-from dermaclass.errors import DermaclassError
 from dermaclass.fileio import atomic_path
+from dermaclass.serving.backends import (
+    BF16, ONNX_FILE, OPENVINO_FILE, OPENVINO_INT8_FILE, CompiledIR, ExportError, openvino,
+)
+from dermaclass.serving.predictor import Predictor
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-ONNX_FILE = "model.onnx"
-OPENVINO_FILE = "model.xml"  # + model.bin
-OPENVINO_INT8_FILE = "model-int8.xml"  # + model-int8.bin
-#: The largest drop in valid balanced accuracy an int8 export (or bfloat16 inference) may cost (issue 16).
+#: The largest drop in valid balanced accuracy an int8 export (or bfloat16 inference) may cost.
 INT8_MAX_DROP = 0.01
-BF16 = "openvino-bf16"  # the float IR at bfloat16 inference precision: a backend without a file of its own
-
-
-class ExportError(DermaclassError):
-    """An export cannot be made or does not match the model it came from."""
-
-    exit_code = 4
 
 
 def _features_net(bundle: Path) -> tuple[torch.nn.Module, models.BundleMeta]:
@@ -122,60 +115,11 @@ def export_onnx(bundle: str | Path, *, force: bool = False, atol: float = 1e-4) 
 
 
 # ---- OpenVINO ------------------------------------------------------------------------------
-def _openvino() -> Any:
-    try:
-        import openvino as ov
-    except ImportError:
-        raise ExportError("the openvino package is not installed; pip install 'dermaclass[openvino]'") from None
-    return ov
-
-
-#: Batch sizes compiled with a static shape beside the dynamic-batch model: one image (the
-#: app and ``predict``) and its four flips (the bundle's TTA). Measured here (interleaved
-#: rounds): at batch 1, 1.50 against 1.68 ms float and 0.63 against 0.71 ms int8; at batch 4,
-#: 7.1 against 7.4 ms. OpenVINO's CPU plugin plans a static shape once instead of per call.
-STATIC_BATCHES = (1, 4)
-
-
-class CompiledIR:
-    """An OpenVINO IR compiled for this CPU at ``precision``: a static-shape model for each of
-    ``STATIC_BATCHES`` and a dynamic-batch one for every other batch. Calling it with a
-    normalised NCHW float32 batch returns (logits, features).
-
-    f32 by default: OpenVINO would otherwise run float models in bfloat16 on CPUs that have
-    it, and the outputs would no longer match torch; an int8 IR keeps its int8 layers either
-    way. ``bf16`` is what ``check_bf16`` measures.
-    """
-
-    def __init__(self, xml: str | Path, *, threads: int = 0, precision: str = "f32") -> None:
-        core = _openvino().Core()
-        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": precision}
-        if threads:
-            config["INFERENCE_NUM_THREADS"] = int(threads)
-        model = core.read_model(str(xml))  # read once; the static shapes are reshaped clones
-        # Positions of the two outputs, the same in every compiled shape (looked up once, not by name per call).
-        names = [out.get_any_name() for out in model.outputs]
-        self._outputs = (names.index("logits"), names.index("features"))
-        self.static: dict[int, Any] = {}
-        partial = model.input(0).get_partial_shape()
-        shape = list(partial) if partial.rank.is_static else []
-        if shape and all(d.is_static for d in shape[1:]):
-            for n in STATIC_BATCHES:
-                fixed = model.clone()
-                fixed.reshape([n, *(d.get_length() for d in shape[1:])])
-                self.static[n] = core.compile_model(fixed, "CPU", config)
-        self.dynamic = core.compile_model(model, "CPU", config)
-
-    def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        out = self.static.get(len(x), self.dynamic)(x)
-        return np.asarray(out[self._outputs[0]]), np.asarray(out[self._outputs[1]])
-
-
 def _save_ir(ov_model: Any, target: Path, *, force: bool, check: Callable[[Path], T]) -> T:
     """Write ``target`` (.xml) and its .bin beside it through a temporary folder, once:
     ``check(temporary .xml)`` runs on the written files and raises to keep nothing; then the
     .xml is renamed last, so its presence marks a complete export. Returns what ``check`` returns."""
-    ov = _openvino()
+    ov = openvino()
     if target.exists() and not force:
         raise FileExistsError(f"{target}: an OpenVINO export is already there")
     tmp = Path(tempfile.mkdtemp(prefix=".openvino-", dir=target.parent))
@@ -193,7 +137,7 @@ def _save_ir(ov_model: Any, target: Path, *, force: bool, check: Callable[[Path]
 def _convert(bundle: Path, net: torch.nn.Module, meta: models.BundleMeta) -> Any:
     """The bundle's network as an OpenVINO model, from its ONNX export (made in a temporary
     folder when the bundle has none)."""
-    ov = _openvino()
+    ov = openvino()
     onnx = bundle / ONNX_FILE
     with tempfile.TemporaryDirectory() as tmp:
         if not onnx.is_file():
@@ -235,7 +179,7 @@ def _balanced_accuracy(logits: np.ndarray, labels: Sequence[str], classes: Seque
 
 def cpu_has_bf16() -> bool:
     """Whether OpenVINO's CPU plugin runs bfloat16 natively here (else it computes in float32)."""
-    return "BF16" in _openvino().Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    return "BF16" in openvino().Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
 def _float_layers(ov_model: Any) -> list[str]:
@@ -266,8 +210,6 @@ def check_bf16(bundle: str | Path, *, valid_images: Sequence[np.ndarray], valid_
                max_drop: float = INT8_MAX_DROP) -> dict[str, Any]:
     """Measure the float IR at bfloat16 inference precision on the valid split and record it
     (``exports.openvino-bf16``) when it holds up; the Predictor serves ``openvino-bf16`` only then."""
-    from dermaclass.inference import Predictor
-
     bundle = Path(bundle)
     if not cpu_has_bf16():
         raise ExportError(f"{bundle}: this CPU has no native bfloat16 (OpenVINO would compute in float32): nothing "
@@ -295,7 +237,7 @@ def quantize_ir(pred: Any, calibration_images: Sequence[np.ndarray], *,
     import nncf
 
     dataset = nncf.Dataset(list(calibration_images), lambda im: pred.normalise([im]))
-    float_model = _openvino().Core().read_model(str(pred.bundle / OPENVINO_FILE))
+    float_model = openvino().Core().read_model(str(pred.bundle / OPENVINO_FILE))
     kept_float = _float_layers(float_model)
     quantized = nncf.quantize(float_model, dataset, subset_size=len(calibration_images),
                               preset=nncf.QuantizationPreset.PERFORMANCE, fast_bias_correction=fast_bias_correction,
@@ -312,8 +254,6 @@ def export_int8(bundle: str | Path, *, calibration_images: Sequence[np.ndarray],
     float and int8 models is compared with the bundle's test-time augmentation. A drop above
     ``max_drop`` raises ``ExportError`` and writes nothing.
     """
-    from dermaclass.inference import Predictor
-
     bundle = Path(bundle)
     target = bundle / OPENVINO_INT8_FILE
     if target.exists() and not force:

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from dermaclass.config import load_config
-from dermaclass.export import ExportError, check_bf16_bundle, cpu_has_bf16, export_onnx, export_openvino, quantize_bundle
-from dermaclass.inference import Predictor
+from dermaclass.serving.export import ExportError, check_bf16_bundle, cpu_has_bf16, export_onnx, export_openvino, quantize_bundle
+from dermaclass.serving.predictor import Predictor
 
 needs_onnxruntime = pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None, reason="onnxruntime is not installed")
 needs_openvino = pytest.mark.skipif(importlib.util.find_spec("openvino") is None or importlib.util.find_spec("nncf") is None,
@@ -61,7 +61,7 @@ def test_openvino_export_matches_torch_and_serves(bundle: Path, colour_data: Pat
     assert ov_pred.backend == "openvino"  # auto: the OpenVINO export is used when present
     x = _images(torch_pred, colour_data)
     _same(ov_pred, torch_pred, x)
-    assert sorted(ov_pred._ov.static) == [1, 4]  # one image and its four flips: static shapes
+    assert sorted(ov_pred.runner.static) == [1, 4]  # one image and its four flips: static shapes
     for n in (1, 4, 5):  # the static models and the dynamic one give torch's outputs
         _same(ov_pred, torch_pred, x[:n])
     r = ov_pred.predict(x[0])
@@ -133,7 +133,7 @@ def test_bf16_is_served_only_after_its_valid_check(bundle: Path, colour_data: Pa
 
 
 def test_calibration_pick_draws_every_class_equally_then_fills_at_random() -> None:
-    from dermaclass.export import calibration_pick
+    from dermaclass.serving.export import calibration_pick
 
     labels = ["nv"] * 90 + ["mel"] * 8 + ["df"] * 2
     pick = calibration_pick(labels, 12)

@@ -10,7 +10,7 @@ from PIL import Image
 
 from dermaclass.data import DecodeCache
 from dermaclass.evaluate.metrics import softmax
-from dermaclass.inference import Predictor
+from dermaclass.serving.predictor import Predictor
 from dermaclass.models import ModelError
 
 
@@ -178,7 +178,7 @@ def test_features_agree_between_the_one_batch_and_the_batched_paths(tiny_bundle:
 
 
 def test_training_fits_the_feature_space_referral(tiny_bundle: Path) -> None:
-    from dermaclass import refer
+    from dermaclass.serving import refer
 
     pred = Predictor(tiny_bundle, backend="torch")
     ood = pred.meta.ood
@@ -188,7 +188,7 @@ def test_training_fits_the_feature_space_referral(tiny_bundle: Path) -> None:
 
 
 def test_too_small_is_refused_and_a_flat_field_is_referred(tiny_bundle: Path, tmp_path: Path) -> None:
-    from dermaclass.refer import InputProblem
+    from dermaclass.serving.refer import InputProblem
 
     pred = Predictor(tiny_bundle)
     tiny = tmp_path / "dot.png"
@@ -198,73 +198,6 @@ def test_too_small_is_refused_and_a_flat_field_is_referred(tiny_bundle: Path, tm
     flat = pred.predict(np.full((48, 64, 3), (200, 150, 120), np.uint8))
     assert flat["referral"]["refer"] and "does not look like a dermoscopic image" in flat["referral"]["reasons"][0]
     assert flat["ood_method"] == "mahalanobis"
-
-
-def test_fit_ood_refits_only_with_force_and_records_the_method(tiny_bundle: Path, colour_data: Path,
-                                                               tmp_path: Path) -> None:
-    import json
-    import shutil
-
-    from dermaclass import refer
-    from dermaclass.config import load_config
-    from dermaclass.evaluate.run import refit_ood
-
-    bundle = tmp_path / "b"
-    shutil.copytree(tiny_bundle, bundle, ignore=shutil.ignore_patterns("checkpoints", "*.onnx"))
-    cfg = load_config(cache_dir=str(tmp_path / "cache"))
-    with pytest.raises(FileExistsError, match="already has a fitted out-of-distribution score"):
-        refit_ood(bundle, colour_data, cfg=cfg, method="knn")
-    r = refit_ood(bundle, colour_data, cfg=cfg, method="knn", force=True)
-    meta = json.loads((bundle / "model.json").read_text())
-    assert meta["calibration"]["refer"] == r and r["ood"]["method"] == "knn"
-    assert 0.0 <= r["valid_referred"] <= 1.0
-    pred = Predictor(bundle)
-    assert pred.ood_method == "knn" and set(pred.ood_stats) == {"bank", "k"} and pred.ood_stats["bank"].dtype == np.float16
-    # energy needs no arrays: the stale file goes, so a reader never mistakes it for the score in use
-    refit_ood(bundle, colour_data, cfg=cfg, method="energy", force=True)
-    assert not (bundle / refer.OOD_FILE).exists() and Predictor(bundle).ood_method == "energy"
-
-
-def test_calibrate_refits_a_bundle_and_the_predictor_serves_its_prior_shift(tiny_bundle: Path, colour_data: Path,
-                                                                            tmp_path: Path) -> None:
-    import shutil
-
-    from scipy.special import softmax
-
-    from dermaclass.config import load_config
-    from dermaclass.evaluate.run import recalibrate
-    from dermaclass.models import BundleMeta, ModelError, file_sha256, read_bundle_meta, write_bundle_meta
-
-    trained = read_bundle_meta(tiny_bundle).calibration  # training fits the shift by default
-    assert trained["prior_shift"]["target_sensitivity"] == 0.8 and len(trained["offsets"]) == 3
-    bundle = tmp_path / "b"
-    shutil.copytree(tiny_bundle, bundle, ignore=shutil.ignore_patterns("checkpoints", "*.onnx"))
-    weights = file_sha256(bundle / "model.safetensors")
-    cfg = load_config(cache_dir=str(tmp_path / "cache"), prior_sensitivity=0.9, target_sensitivity=0.8)
-    with pytest.raises(FileExistsError, match="already calibrated"):  # never overwritten silently
-        recalibrate(bundle, colour_data, cfg=cfg)
-    cal = recalibrate(bundle, colour_data, cfg=cfg, force=True)
-    meta = read_bundle_meta(bundle)
-    assert cal["prior_shift"]["class"] == "nv" and cal["prior_shift"]["prior"] == pytest.approx(
-        {"bkl": 1 / 3, "mel": 1 / 3, "nv": 1 / 3}, abs=0.1)  # the train split's frequencies
-    assert len(cal["offsets"]) == 3 and cal["refitted"]["by"] == "dermaclass calibrate"
-    assert meta.operating_points["mel"]["target_sensitivity"] == 0.8 and meta.config["prior_sensitivity"] == 0.9
-    assert 0 <= cal["refer"]["valid_referred"] <= 1  # the referral rule was refitted on the new probabilities
-    assert file_sha256(bundle / "model.safetensors") == weights
-    from dermaclass.report.card import model_card_markdown
-
-    assert f"prior shift: tau {cal['prior_shift']['tau']:.1f} x log(train prior)" in model_card_markdown(
-        meta, None, name="tiny")
-
-    # the Predictor adds the offsets before the temperature
-    offsets = [0.0, 0.0, 3.0]
-    write_bundle_meta(bundle, meta.with_(calibration={**meta.calibration, "offsets": offsets}))
-    pred = Predictor(bundle)
-    z = np.array([[2.0, 0.0, 0.0]])
-    assert np.allclose(pred.calibrated(z), softmax((z + offsets) / pred.temperature, axis=1))
-    assert pred.calibrated(z).argmax() == 2
-    with pytest.raises(ModelError, match="calibration.offsets"):
-        BundleMeta.from_dict({**meta.to_dict(), "calibration": {**meta.calibration, "offsets": [1.0, 2.0]}})
 
 
 BUNDLED = Path(__file__).resolve().parents[1] / "models" / "ham10000-effnet-lite0"
@@ -287,7 +220,7 @@ def _screenshot() -> np.ndarray:
 @pytest.mark.skipif(not (BUNDLED / "model.json").is_file(), reason="the bundled model is not in this checkout")
 def test_the_bundled_model_refers_what_is_not_dermoscopy() -> None:
     """The issue's examples, read as a clinician would: each referred with a plain reason."""
-    from dermaclass.refer import InputProblem
+    from dermaclass.serving.refer import InputProblem
 
     pred = Predictor(BUNDLED)
     w, h = 400, 300

@@ -11,28 +11,27 @@ the argmax says.
 
 One forward path, whatever the number of images: the same normalisation (``normalise``)
 feeds the network in chunks of ``batch_size`` (bounded memory for a whole test split) on the
-serving backend: torch, or an export beside the weights (export.py): onnxruntime
-(``model.onnx``), OpenVINO float (``model.xml``) or OpenVINO int8 (``model-int8.xml``, used
-only when asked: it passed its accuracy check, but float is the default). ``auto`` takes
-the first export present in ``AUTO_ORDER``, fastest first by measurement
-(benchmarks/results/inference.json). Evaluation during training uses fastai's ``get_preds``
-on the training DataLoaders; this module serves bundles.
+serving backend (serving.backends): torch, or an export beside the weights that
+serving.export wrote: onnxruntime (``model.onnx``), OpenVINO float (``model.xml``) or
+OpenVINO int8 (``model-int8.xml``, used only when asked: it passed its accuracy check, but
+float is the default). ``auto`` takes the first export present in ``backends.AUTO_ORDER``,
+fastest first by measurement (benchmarks/results/inference.json). Evaluation during
+training uses fastai's ``get_preds`` on the training DataLoaders; this module serves bundles.
 
-Referral (refer.py): an image too small to judge is refused before the model sees it; the
+Referral (serving.refer): an image too small to judge is refused before the model sees it; the
 result says "refer to a dermatologist" when the image is mostly one colour, when its
 out-of-distribution score (the bundle's method: kNN on features, Sun et al. 2022;
 Mahalanobis, Lee et al. 2018; or energy, Liu et al. 2020) is below the cut-off that 95 % of
 validation images pass, i.e. it looks unlike the training data, or when the top calibrated
 probability is below the bundle's floor.
 Test-time augmentation averages the logits over flips (a dermoscopic image has no canonical
-orientation). Grad-CAM (the grad-cam package) explains the predicted class.
+orientation). Class-activation maps (serving.explain) show where the answer came from.
 
 This is decision support, not a diagnostic device.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import threading
 from collections.abc import Mapping, Sequence
@@ -40,57 +39,28 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from dermaclass import models, refer
-from dermaclass.export import BF16, ONNX_FILE, OPENVINO_FILE, OPENVINO_INT8_FILE, CompiledIR
+from dermaclass import models
 from dermaclass.data.images import apply_colour, fit_to_size, load_rgb
+from dermaclass.serving import backends, explain, refer
 
 log = logging.getLogger(__name__)
 
 
-#: Serving backends; ``auto`` takes the first of ``AUTO_ORDER`` whose export the bundle has.
-BACKENDS = ("torch", "onnx", "openvino", "openvino-bf16", "openvino-int8")
-EXPORT_FILES = {"onnx": ONNX_FILE, "openvino": OPENVINO_FILE, "openvino-bf16": OPENVINO_FILE,
-                "openvino-int8": OPENVINO_INT8_FILE}
-RUNTIMES = {"onnx": "onnxruntime", "openvino": "openvino", "openvino-bf16": "openvino", "openvino-int8": "openvino"}
-#: By measurement (bench_inference.py, 2 threads, Lite0 at 128x96): one pass OpenVINO 2.9 ms,
-#: onnxruntime 3.6 ms, torch 11.5 ms; four-flip TTA 9.0, 15.9, 22.4 ms; a batch of 64: 472, 302
-#: and 212 images/s.
-AUTO_ORDER = ("openvino", "onnx", "torch")
 REFER_MESSAGE = "Refer to a dermatologist"
-
-
-def _cam(name: str) -> Any:
-    import pytorch_grad_cam
-
-    return getattr(pytorch_grad_cam, name)
-
-
-#: The class-activation maps on offer (pytorch-grad-cam), loaded lazily.
-CAM_METHODS: dict[str, Any] = {
-    "gradcam": lambda: _cam("GradCAM"), "gradcam++": lambda: _cam("GradCAMPlusPlus"),
-    "layercam": lambda: _cam("LayerCAM"), "eigencam": lambda: _cam("EigenCAM"),
-}
-#: Picked by measurement (benchmarks/results/refer.json, "cam"; 300 HAM10000 test images with
-#: lesion masks): LayerCAM at stride 16 (8x6 at 128x96) put its peak inside the lesion in
-#: 86 % of images and 55 % of its mass there, against Grad-CAM at the last block's 44 % and
-#: 39 %; EigenCAM at the same layer scored 81 % / 57 % but is class-agnostic.
-CAM_METHOD = "layercam"
-CAM_STRIDE: int | None = 16
 
 
 class Predictor:
     """A loaded bundle: classes, input size, normalisation, temperature and operating points."""
 
     def __init__(self, bundle: str | Path, *, threads: int = 0, backend: str = "auto") -> None:
-        if backend not in ("auto", *BACKENDS):
-            raise ValueError(f"backend must be auto or one of {', '.join(BACKENDS)}, not {backend!r}")
+        if backend not in ("auto", *backends.BACKENDS):
+            raise ValueError(f"backend must be auto or one of {', '.join(backends.BACKENDS)}, not {backend!r}")
         self.bundle = Path(bundle)
         self.threads = threads
         # One model call at a time: Grad-CAM hooks and autograd on a shared module are not
         # thread-safe (concurrent app requests crashed the process), and 2 cores gain nothing.
-        self._lock = threading.RLock()
+        self.lock = threading.RLock()
         #: an ensemble's networks, each a one-network Predictor on its member folder; [] for one network
         self.members: list[Predictor] = []
         meta = models.read_bundle_meta(self.bundle)
@@ -143,7 +113,7 @@ class Predictor:
                                         f"{list(meta.classes)}")
             self.members.append(member)
         self.model = self.members[0].model
-        self.session, self._ov = None, None
+        self.runner = None  # each member runs its own network
         self.backend = "+".join(dict.fromkeys(m.backend for m in self.members))
         # The largest member's size: what the app shows and what a caller preprocesses to.
         self.input_size = max((tuple(m.input_size) for m in self.members), key=lambda s: s[0] * s[1])
@@ -162,24 +132,6 @@ class Predictor:
         threads = self.threads
         if threads:  # only when asked: a library object must not change the process's torch settings
             models.set_threads(threads)
-        self.session = None
-        self._ov = None
-        if backend == "auto":
-            backend = next(b for b in AUTO_ORDER if b == "torch" or (
-                (self.bundle / EXPORT_FILES[b]).is_file() and importlib.util.find_spec(RUNTIMES[b]) is not None
-                and self._fresh(b)))
-        elif backend == BF16 and BF16 not in self.meta.exports:
-            raise models.ModelError(f"{self.bundle}: bfloat16 inference has not been checked for this bundle; run "
-                                    f"`dermaclass export {self.bundle} --bf16 --calibration DATA` first")
-        elif backend != "torch" and not self._fresh(backend):
-            raise models.ModelError(f"{self.bundle / EXPORT_FILES[backend]}: made from other weights than "
-                                    f"{models.BUNDLE_WEIGHTS} (a stale export); re-export with `dermaclass export "
-                                    f"{self.bundle} --force`")
-        if backend == "onnx":
-            self.session = _onnx_session(self.bundle / ONNX_FILE, threads)
-        elif backend.startswith("openvino"):
-            self.use_openvino(self.bundle / EXPORT_FILES[backend], name=backend)
-        self.backend = backend if (self.session is not None or self._ov is not None) else "torch"
         self.input_size: tuple[int, int] = self.meta.input_size
         ood = self.meta.ood
         self.ood_threshold: float | None = ood.get("threshold")
@@ -189,12 +141,10 @@ class Predictor:
         self.feature_layer: str | None = ood.get("layer", "auto")
         self._net = models.WithFeatures(self.model, layer=self.feature_layer)
         self.feature_layer = self._net.layer
-        if self.session is not None and self.ood_method != "energy" and len(self.session.get_outputs()) < 2:
-            log.warning("%s: the ONNX export has no features output (made before features were exported); "
-                        "using torch (re-export with `dermaclass export %s --force`)", self.bundle / ONNX_FILE,
-                        self.bundle)
-            self.session = None
-            self.backend = "torch"
+        self.runner: backends.Runner = backends.open_runner(
+            self.bundle, self.meta, backend, threads=threads, needs_features=self.ood_method != "energy",
+            torch_runner=backends.TorchRunner(self._net, len(self.meta.classes)))
+        self.backend = self.runner.name
         self.colour_constancy: str = self.meta.colour_constancy
 
     def name(self, code: str) -> str:
@@ -216,22 +166,10 @@ class Predictor:
         return fit_to_size(self._rgb(source), self.input_size)
 
     # ---- predictions ---------------------------------------------------------------------
-    def _fresh(self, backend: str) -> bool:
-        """Whether the export was made from these weights (exports made before dermaclass
-        recorded it are trusted)."""
-        made_from = (self.meta.exports.get(backend) or {}).get("weights_sha256")
-        if made_from is not None and made_from != self.meta.weights_sha256:
-            log.warning("%s: a stale export (made from other weights); not served", self.bundle / EXPORT_FILES[backend])
-            return False
-        return True
-
     def use_openvino(self, xml: str | Path, *, name: str = "openvino") -> None:
         """Serve from this OpenVINO IR from now on (``dermaclass export --openvino`` / ``--int8``)."""
-        xml = Path(xml)
-        if not (xml.is_file() and xml.with_suffix(".bin").is_file()):
-            raise models.ModelError(f"{xml}: no OpenVINO export; run `dermaclass export {self.bundle} --openvino` first")
-        self._ov = CompiledIR(xml, threads=self.threads, precision="bf16" if name == BF16 else "f32")
-        self.session, self.backend = None, name
+        self.runner = backends.open_openvino(self.bundle, Path(xml), name=name, threads=self.threads)
+        self.backend = name
 
     def normalise(self, images: Sequence[np.ndarray], *, colour: bool = True) -> np.ndarray:
         """Preprocessed (H, W, 3) uint8 images -> the normalised NCHW float32 batch every backend reads.
@@ -294,14 +232,14 @@ class Predictor:
                 # pixel order, so the flip of the corrected image is the corrected flip, exactly.
                 group = [apply_colour(np.asarray(images[j]), self.colour_constancy)
                          for j in range(i, min(i + batch_size, len(images)))]
-                with self._lock:
+                with self.lock:
                     lo, fe = self._forward([np.ascontiguousarray(v(im)) for v in views for im in group],
                                            batch_size=batch_size, colour=False)
                 logits.append(lo.reshape(len(views), len(group), -1).mean(axis=0))
                 feats.append(None if fe is None else fe.reshape(len(views), len(group), -1).mean(axis=0))
             return (np.concatenate(logits),
                     None if any(f is None for f in feats) else np.concatenate(feats))
-        with self._lock:
+        with self.lock:
             return self._forward(images, batch_size=batch_size)
 
     def _forward(self, images: Sequence[np.ndarray], *, batch_size: int,
@@ -309,23 +247,11 @@ class Predictor:
         # Chunks of batch_size keep the memory of a whole test split bounded; one image (the
         # app) is one chunk with no DataLoader set-up.
         # Indexed one by one: a decode-cache view (CachedImages) has no slices.
-        outs = [self._run(self.normalise([images[j] for j in range(i, min(i + batch_size, len(images)))],
-                                         colour=colour))
+        outs = [self.runner(self.normalise([images[j] for j in range(i, min(i + batch_size, len(images)))],
+                                           colour=colour))
                 for i in range(0, len(images), batch_size)]
         features = None if any(f is None for _, f in outs) else np.concatenate([f for _, f in outs])
         return np.concatenate([lo for lo, _ in outs]), features
-
-    def _run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """(logits, features) of one normalised NCHW float32 batch on the serving backend."""
-        if self._ov is not None:
-            return self._ov(x)
-        if self.session is not None:
-            out = self.session.run(None, {"input": x})
-            return out[0], (out[1] if len(out) > 1 else None)
-        self._net.eval()
-        with torch.no_grad():
-            both = self._net(torch.from_numpy(x).contiguous(memory_format=torch.channels_last)).numpy()
-        return both[:, :len(self.classes)], both[:, len(self.classes):]
 
     def probabilities(self, images: Images, *, batch_size: int = 64,
                       tta: bool | None = None) -> np.ndarray:
@@ -417,61 +343,13 @@ class Predictor:
         }
 
     # ---- explanation -----------------------------------------------------------------------
-    def cam_layers(self, stride: int | None = CAM_STRIDE) -> list[torch.nn.Module]:
-        """The layer a class-activation map reads: the backbone stage at ``stride`` (timm's
-        ``feature_info``; 8x6 at 128x96 for stride 16), or the whole body (its last feature map)
-        when ``stride`` is None or the architecture has no such stage."""
-        body = self.model[0]
-        net = getattr(body, "model", None)
-        for f in (getattr(net, "feature_info", None) or []) if stride else []:
-            if f.get("reduction") == stride:
-                return [net.get_submodule(f["module"])]
-        return [body]
-
-    def _heat(self, image: np.ndarray, class_index: int, method: str, stride: int | None) -> np.ndarray:
-        """This network's class-activation map of ``class_index`` on one preprocessed image."""
-        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-
-        x = torch.from_numpy(self.normalise([image]))
-        with self._lock, CAM_METHODS[method]()(model=self.model, target_layers=self.cam_layers(stride)) as cam:
-            return cam(input_tensor=x, targets=[ClassifierOutputTarget(class_index)])[0]
-
     def gradcam(self, source: str | Path | bytes | Any, *, class_index: int | None = None,
-                display_width: int | None = None, method: str = CAM_METHOD,
-                stride: int | None = CAM_STRIDE) -> tuple[np.ndarray, np.ndarray]:
+                display_width: int | None = None, method: str = explain.CAM_METHOD,
+                stride: int | None = explain.CAM_STRIDE) -> tuple[np.ndarray, np.ndarray]:
         """Class-activation map of the predicted (or given) class: (heatmap in [0, 1] at input
-        size, RGB overlay uint8).
-
-        ``method`` (``CAM_METHODS``, all pytorch-grad-cam) at the backbone stage of ``stride``:
-        the default was picked by the pointing game against HAM10000's lesion masks
-        (benchmarks/bench_refer.py). ``display_width``: draw the overlay on the uploaded image
-        itself (the same centre crop the model saw) at up to this width, instead of on the
-        128x96 model input, so a clinician can check the heat against the lesion.
-        """
-        from pytorch_grad_cam.utils.image import show_cam_on_image
-
-        if method not in CAM_METHODS:
-            raise ValueError(f"unknown CAM method {method!r}; choose from {', '.join(CAM_METHODS)}")
-        original = self._rgb(source)
-        image = fit_to_size(original, self.input_size)
-        if class_index is None:
-            class_index = int(self.logits({s: [fit_to_size(original, s)] for s in self.input_sizes}).argmax(1)[0])
-        # An ensemble: the mean of its members' maps for the ensemble's class, each drawn at its
-        # member's own input size and resized to the largest. Every map is scaled to [0, 1] by
-        # pytorch-grad-cam, so each network weighs the same, as its logits do in the mean.
-        heat = np.mean([_resize_heat(n._heat(fit_to_size(original, n.input_size), class_index, method, stride),
-                                     self.input_size) for n in self.networks], axis=0)
-        shown, shown_heat = image, heat
-        if display_width:
-            w_in, h_in = self.input_size
-            w = max(w_in, min(int(display_width), original.width))
-            size = (w, max(1, round(w * h_in / w_in)))
-            shown = fit_to_size(original, size)
-            shown_heat = _resize_heat(heat, size)
-        overlay = show_cam_on_image(shown.astype(np.float32) / 255.0, shown_heat, use_rgb=True, image_weight=0.6)
-        return heat, overlay
-
-
+        size, RGB overlay uint8); ``serving.explain.explain`` says which map and why."""
+        return explain.explain(self, self._rgb(source), class_index=class_index, display_width=display_width,
+                               method=method, stride=stride)
 
 
 # ---- ensembles -----------------------------------------------------------------------------
@@ -530,27 +408,3 @@ def _at(images: Images, size: tuple[int, int]) -> Sequence[np.ndarray]:
                              f"(given: {', '.join(f'{w}x{h}' for w, h in images)})")
         return images[tuple(size)]
     return _Resized(images, size) if len(images) and np.asarray(images[0]).shape[1::-1] != tuple(size) else images
-
-
-def _resize_heat(heat: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    from PIL import Image
-
-    if heat.shape[::-1] == tuple(size):
-        return heat
-    out = np.asarray(Image.fromarray(heat.astype(np.float32), mode="F").resize(tuple(size), Image.Resampling.BILINEAR))
-    return np.clip(out, 0.0, 1.0)
-
-
-# ---- ONNX ----------------------------------------------------------------------------------
-def _onnx_session(path: Path, threads: int):
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        log.warning("onnxruntime is not installed; using torch")
-        return None
-    if not path.is_file():
-        raise models.ModelError(f"{path}: no ONNX model; run `dermaclass export {path.parent} --onnx` first")
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])

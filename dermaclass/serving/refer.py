@@ -6,8 +6,8 @@ A classifier trained on dermoscopy answers with a class for any picture, so the 
 1. input checks before the model (``input_problem``): an image too small to judge is
    refused; an image that is mostly one colour (a flat field, a blank frame) or has almost
    no colour (a greyscale picture, most screenshots) is referred;
-2. a feature-space out-of-distribution score fitted at the end of training on the training
-   split's features (a pooled inner backbone layer, ``models.WithFeatures``), with the
+2. a feature-space out-of-distribution score fitted at the end of training (serving.refit) on
+   the training split's features (a pooled inner backbone layer, ``models.WithFeatures``), with the
    cut-off that ``keep`` of the validation images pass:
    - ``mahalanobis``: Lee et al. 2018, "A simple unified framework for detecting
      out-of-distribution samples and adversarial attacks": the smallest Mahalanobis distance
@@ -20,6 +20,8 @@ A classifier trained on dermoscopy answers with a class for any picture, so the 
 Every score is "higher = more like the training data". What a score needs is stored beside
 the weights as ``ood.safetensors`` (arrays only, never a pickle) and described in
 ``model.json``. The method of a new bundle was picked by ``benchmarks/bench_refer.py``.
+Everything here is a pure function of images, features, logits and arrays: fitting a
+bundle's score (which needs its network) is ``serving.refit.fit_ood``.
 
 This is decision support, not a diagnostic device.
 """
@@ -260,66 +262,3 @@ def load_stats(folder: str | Path, method: str) -> dict[str, np.ndarray]:
     if not need <= set(stats):
         raise ValueError(f"{path}: holds {sorted(stats)}, but {method} needs {sorted(need)}")
     return stats
-
-
-# ---- fitting a bundle's score ------------------------------------------------------------------
-def fit_ood(bundle: str | Path, *, train_images: Sequence[np.ndarray], train_labels: Sequence[str],
-            valid_images: Sequence[np.ndarray], valid_labels: Sequence[str], method: str = "mahalanobis",
-            keep: float = 0.95, force: bool = False) -> dict[str, Any]:
-    """Fit the bundle's out-of-distribution score and its cut-off, and store both in the bundle.
-
-    The score is fitted on the training split's features (one view, no test-time augmentation:
-    cheaper, and the cut-off absorbs the difference) and its cut-off is set so that ``keep`` of
-    the validation split passes, scored as the app scores (with the bundle's TTA). Writes
-    ``ood.safetensors`` (arrays only) and rewrites ``calibration.refer`` in ``model.json``
-    atomically, with the validation referral rate of the whole rule. Images are preprocessed
-    arrays at the bundle's input size (as the decode cache holds them). A bundle that already
-    has a fitted score keeps it unless ``force``.
-    """
-    from dermaclass import models
-    from dermaclass.inference import Predictor
-
-    bundle = Path(bundle)
-    if models.read_bundle_meta(bundle).is_ensemble:
-        raise models.ModelError(f"{bundle}: an ensemble's out-of-distribution score is its members' (each fitted when "
-                                "it was trained); refit a member's with `dermaclass fit-ood BUNDLE/members/mK DATA`")
-    if (bundle / OOD_FILE).exists() and not force:
-        raise FileExistsError(f"{bundle / OOD_FILE}: the bundle already has a fitted out-of-distribution score")
-    if method not in OOD_METHODS:
-        raise ValueError(f"unknown out-of-distribution method {method!r}; choose from {', '.join(OOD_METHODS)}")
-    pred = Predictor(bundle, backend="torch")
-    index = {c: i for i, c in enumerate(pred.classes)}
-    unknown = sorted({str(y) for y in [*train_labels, *valid_labels]} - set(index))
-    if unknown:
-        raise models.ModelError(f"{bundle}: labels {unknown} are not among the bundle's classes {pred.classes}")
-    if len(valid_images) == 0:
-        raise models.ModelError(f"{bundle}: no validation images to set the out-of-distribution cut-off on")
-    stats: dict[str, np.ndarray] = {}
-    if method != "energy":
-        _, train_features = pred.forward(list(train_images), tta=False)
-        stats = fit(method, train_features, np.array([index[str(y)] for y in train_labels]), len(pred.classes))
-    logits, features = pred.forward(list(valid_images))
-    scores = score(method, logits=logits, features=features, stats=stats)
-    cut = threshold(scores, keep=keep)
-    probs = pred.calibrated(logits)
-    kept = (probs.max(axis=1) >= pred.refer_below) & (scores >= cut)
-    y = np.array([index[str(v)] for v in valid_labels])
-    (bundle / OOD_FILE).unlink(missing_ok=True)  # an energy bundle keeps no stale arrays
-    save_stats(bundle, stats)
-    calibration = dict(pred.meta.calibration)
-    calibration["refer"] = {
-        **pred.meta.refer, "min_top_probability": pred.refer_below,
-        "ood": {"method": method, "threshold": cut, "keep": keep, "file": OOD_FILE if stats else None,
-                # the spread of the validation scores: an ensemble measures margins in it
-                "scale": float(np.std(scores)),
-                "layer": pred.feature_layer,
-                "features": (f"global average pool of {pred.feature_layer or 'the body output'}") if stats else None,
-                "fitted_on": f"train split, {len(train_images)} images" if stats else None,
-                "threshold_set_on": f"valid split, {len(valid_images)} images"},
-        "valid_referred": float(np.mean(~kept)),
-        "valid_accuracy_kept": float(np.mean((probs.argmax(1) == y)[kept])) if kept.any() else None,
-    }
-    models.write_bundle_meta(bundle, pred.meta.with_(calibration=calibration))
-    log.info("%s: out-of-distribution score %s, cut-off %.4f; the whole rule refers %.1f %% of validation images",
-             bundle, method, cut, 100 * float(np.mean(~kept)))
-    return calibration["refer"]

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dermaclass import refer
+from dermaclass.serving import refer
 
 
 def _blobs(rng: np.random.Generator, n: int, centre: float) -> np.ndarray:
