@@ -19,8 +19,10 @@ install: $(STAMP)
 app: $(STAMP)
 	$(BIN)/python app.py
 
-## The whole test suite (CI runs exactly this).
+## The whole test suite (CI runs exactly this): lint, import order and format first, then pytest.
 test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
 
 ## The benchmarks (about nine hours on 2 cores; `make bench QUICK=--quick` for a smoke run).

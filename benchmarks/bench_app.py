@@ -45,14 +45,17 @@ def main() -> None:
     from dermaclass.ui import build_app
 
     split = pd.read_csv(Path(args.model) / "split.csv")
-    images = [Path(args.data) / "images" / f"{Path(i).stem}.jpg"
-              for i in split.loc[split["split"] == "test", "image"].astype(str)][:200]
+    images = [
+        Path(args.data) / "images" / f"{Path(i).stem}.jpg"
+        for i in split.loc[split["split"] == "test", "image"].astype(str)
+    ][:200]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     app = build_app(args.model, review_dir=Path(os.environ.get("TMPDIR", "/tmp")) / "dermaclass-bench-review")
-    app.queue(default_concurrency_limit=2).launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True,
-                                                  share=False, quiet=True)
+    app.queue(default_concurrency_limit=2).launch(
+        server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, share=False, quiet=True
+    )
     url = f"http://127.0.0.1:{port}/"
     latencies: list[float] = []
     errors: list[str] = []
@@ -84,16 +87,22 @@ def main() -> None:
     lat = np.asarray(latencies) * 1000
     result = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-        "model": args.model, "clients": args.clients, "seconds": round(wall, 1),
-        "requests": len(lat), "errors": len(errors), "error_examples": errors[:5],
+        "model": args.model,
+        "clients": args.clients,
+        "seconds": round(wall, 1),
+        "requests": len(lat),
+        "errors": len(errors),
+        "error_examples": errors[:5],
         "p50_ms": float(np.percentile(lat, 50)) if len(lat) else None,
         "p99_ms": float(np.percentile(lat, 99)) if len(lat) else None,
         "mean_ms": float(lat.mean()) if len(lat) else None,
         "requests_per_s": len(lat) / wall,
         "endpoint": "/diagnose (prediction + Grad-CAM)",
     }
-    print(f"{args.clients} clients, {wall:.0f} s: {len(lat)} requests, {len(errors)} errors; "
-          f"p50 {result['p50_ms']:.0f} ms, p99 {result['p99_ms']:.0f} ms, {result['requests_per_s']:.2f} req/s")
+    print(
+        f"{args.clients} clients, {wall:.0f} s: {len(lat)} requests, {len(errors)} errors; "
+        f"p50 {result['p50_ms']:.0f} ms, p99 {result['p99_ms']:.0f} ms, {result['requests_per_s']:.2f} req/s"
+    )
     out = RESULTS / ("app_quick.json" if args.quick else "app.json")
     write_json(out, result)
     print(f"wrote {out}")

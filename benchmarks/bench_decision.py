@@ -29,7 +29,6 @@ import numpy as np
 from scipy.special import softmax
 
 from common import EXTERNAL, HAM, RESULTS, ROOT, repo_relative
-
 from dermaclass.config import load_config
 from dermaclass.evaluate.calibration import class_prior
 from dermaclass.evaluate.metrics import classification_metrics
@@ -48,15 +47,22 @@ def adjusted(log_probs: np.ndarray, log_prior: np.ndarray, tau: float) -> np.nda
 def figures(labels: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict:
     m = classification_metrics(labels, probs, classes)
     pc = m["per_class"]
-    return {"balanced_accuracy": m["balanced_accuracy"], "macro_f1": m["macro_f1"], "accuracy": m["accuracy"],
-            "nv_sensitivity": pc["nv"]["sensitivity"], "mel_sensitivity": pc["mel"]["sensitivity"],
-            "mel_specificity": pc["mel"]["specificity"]}
+    return {
+        "balanced_accuracy": m["balanced_accuracy"],
+        "macro_f1": m["macro_f1"],
+        "accuracy": m["accuracy"],
+        "nv_sensitivity": pc["nv"]["sensitivity"],
+        "mel_sensitivity": pc["mel"]["sensitivity"],
+        "mel_specificity": pc["mel"]["specificity"],
+    }
 
 
 def cell(r: dict) -> str:
     """balanced accuracy / nevus / melanoma sensitivity; '-' for a class the images lack."""
-    return "/".join("-" if r[k] is None else f"{r[k]:.{nd}f}" for k, nd in
-                    (("balanced_accuracy", 3), ("nv_sensitivity", 2), ("mel_sensitivity", 2)))
+    return "/".join(
+        "-" if r[k] is None else f"{r[k]:.{nd}f}"
+        for k, nd in (("balanced_accuracy", 3), ("nv_sensitivity", 2), ("mel_sensitivity", 2))
+    )
 
 
 def main() -> None:
@@ -64,7 +70,9 @@ def main() -> None:
     ap.add_argument("--model", default=str(ROOT / "models" / "ham10000-effnet-lite0"))
     ap.add_argument("--data", default=str(HAM))
     ap.add_argument("--target", type=float, default=0.80, help="nevus sensitivity to reach on HAM valid")
-    ap.add_argument("--quick", action="store_true", help="smoke run: the first 200 images of each set, decision_quick.json")
+    ap.add_argument(
+        "--quick", action="store_true", help="smoke run: the first 200 images of each set, decision_quick.json"
+    )
     args = ap.parse_args()
     cfg = load_config()
     bundle = Path(args.model)
@@ -84,27 +92,41 @@ def main() -> None:
             labels, images = labels[:200], [images[i] for i in range(min(200, len(images)))]
         logits = predictor.logits(images)  # the bundle's own test-time augmentation
         y = np.array([classes.index(lab) for lab in labels])
-        log_probs = np.log(np.clip(predictor.calibrated(logits), 1e-300, None))  # the bundle's rule, any prior shift included
+        log_probs = np.log(
+            np.clip(predictor.calibrated(logits), 1e-300, None)
+        )  # the bundle's rule, any prior shift included
         scores[name] = {tau: figures(y, adjusted(log_probs, log_prior, tau), classes) for tau in TAUS}
         print(f"{name}: {len(y)} images scored", flush=True)
     reach = [t for t in TAUS if (scores["valid"][t]["nv_sensitivity"] or 0) >= args.target]
     chosen = reach[0] if reach else None
 
     where = list(scores)
-    print(f"\nbalanced accuracy / nevus sensitivity / melanoma sensitivity by tau (prior: train split of {bundle.name})")
+    print(
+        f"\nbalanced accuracy / nevus sensitivity / melanoma sensitivity by tau (prior: train split of {bundle.name})"
+    )
     print(f"{'tau':>5}  " + "  ".join(f"{w:>20}" for w in where))
     for t in TAUS:
-        mark = " <- valid nv sens. >= %.2f" % args.target if t == chosen else ""
+        mark = f" <- valid nv sens. >= {args.target:.2f}" if t == chosen else ""
         print(f"{t:5.1f}  " + "  ".join(cell(scores[w][t]).rjust(20) for w in where) + mark)
     out = RESULTS / f"decision{'_quick' if args.quick else ''}.json"
-    write_json(out, {
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-        "command": "python benchmarks/bench_decision.py" + (f" --target {args.target:g}" if args.target != 0.80 else ""),
-        "model": repo_relative(bundle), "backend": predictor.backend, "tta": predictor.tta,
-        "temperature": predictor.temperature, "prior": dict(zip(classes, prior.round(4).tolist())),
-        "target_nv_sensitivity": args.target, "chosen_on": "valid", "chosen_tau": chosen,
-        "taus": TAUS, "scores": {w: {str(t): s for t, s in by.items()} for w, by in scores.items()},
-    })
+    write_json(
+        out,
+        {
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+            "command": "python benchmarks/bench_decision.py"
+            + (f" --target {args.target:g}" if args.target != 0.80 else ""),
+            "model": repo_relative(bundle),
+            "backend": predictor.backend,
+            "tta": predictor.tta,
+            "temperature": predictor.temperature,
+            "prior": dict(zip(classes, prior.round(4).tolist())),
+            "target_nv_sensitivity": args.target,
+            "chosen_on": "valid",
+            "chosen_tau": chosen,
+            "taus": TAUS,
+            "scores": {w: {str(t): s for t, s in by.items()} for w, by in scores.items()},
+        },
+    )
     print(f"wrote {out}")
 
 

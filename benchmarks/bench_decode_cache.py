@@ -132,8 +132,12 @@ def main() -> None:
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=7)
     model = model.to(memory_format=torch.channels_last)
     result: dict = {
-        "machine": {"cores": os.cpu_count(), "threads": args.threads, "python": platform.python_version(),
-                    "torch": torch.__version__},
+        "machine": {
+            "cores": os.cpu_count(),
+            "threads": args.threads,
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+        },
         "images": n,
         "size": list(size),
         "batch_size": args.batch_size,
@@ -147,8 +151,10 @@ def main() -> None:
             result[f"emulated_{200 * args.upscale}x{150 * args.upscale}"] = _measure(
                 big, size, tmp + "/b", model, args.batch_size
             )
-    print(f"decode cache, {n} images at {size[0]}x{size[1]}, batch {args.batch_size}, "
-          f"{args.threads} threads on {os.cpu_count()} cores")
+    print(
+        f"decode cache, {n} images at {size[0]}x{size[1]}, batch {args.batch_size}, "
+        f"{args.threads} threads on {os.cpu_count()} cores"
+    )
     for name, r in result.items():
         if not isinstance(r, dict) or "decode_ms_per_image" not in r:
             continue

@@ -43,8 +43,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import EXTERNAL, HAM, RESULTS, ROOT, SPLIT, fmt, repo_relative, summarise_rows
 
+from common import EXTERNAL, HAM, RESULTS, ROOT, SPLIT, fmt, repo_relative, summarise_rows
 from dermaclass.fileio import write_json
 
 SHORT = ["--recipe", "stepwise", "--n-cycles", "1"]
@@ -76,8 +76,7 @@ def load_set(path: Path, *, sizes: list[tuple[int, int]], split_file: Path | Non
     if split_file is not None:
         items, _ = select_split(items, read_split(split_file), "test", source=str(path))
         items = items.reset_index(drop=True)
-    images = {s: DecodeCache(cfg.cache_dir, s).ensure(items["path"].tolist(), items["hash"].tolist())
-              for s in sizes}
+    images = {s: DecodeCache(cfg.cache_dir, s).ensure(items["path"].tolist(), items["hash"].tolist()) for s in sizes}
     return items["label"].astype(str).tolist(), images
 
 
@@ -86,12 +85,18 @@ def figures(y: np.ndarray, probs: np.ndarray, classes: list[str], points: dict[s
     from dermaclass.evaluate.metrics import classification_metrics, flag_rates, tradeoff_curve
 
     m = classification_metrics(y, probs, classes)
-    return {**{k: m[k] for k in FIGURES}, "n": int(len(y)),
-            "curves": {c: tradeoff_curve(y, probs, class_index=classes.index(c)) for c in points},
-            "per_class": {c: {k: v.get(k) for k in ("support", "sensitivity", "specificity", "auroc")}
-                          for c, v in m["per_class"].items()},
-            "operating_points": {c: flag_rates(y, probs, class_index=classes.index(c), threshold=op["threshold"])
-                                 for c, op in points.items()}}
+    return {
+        **{k: m[k] for k in FIGURES},
+        "n": int(len(y)),
+        "curves": {c: tradeoff_curve(y, probs, class_index=classes.index(c)) for c in points},
+        "per_class": {
+            c: {k: v.get(k) for k in ("support", "sensitivity", "specificity", "auroc")}
+            for c, v in m["per_class"].items()
+        },
+        "operating_points": {
+            c: flag_rates(y, probs, class_index=classes.index(c), threshold=op["threshold"]) for c, op in points.items()
+        },
+    }
 
 
 def plot_tradeoff(rows: list[dict], path: Path, *, cls: str = "mel") -> None:
@@ -111,16 +116,24 @@ def plot_tradeoff(rows: list[dict], path: Path, *, cls: str = "mel") -> None:
         return
     fig, axes = plt.subplots(1, len(first), figsize=(4.2 * len(first), 4), squeeze=False)
     for ax, (name, r) in zip(axes[0], first.items()):
-        sets = {"out-of-fold" if r.get("out_of_fold_curves") else "": r.get("out_of_fold_curves", {}).get(cls),
-                "HAM test": r["test"]["curves"].get(cls), **{k: v["curves"].get(cls) for k, v in r["external"].items()}}
+        sets = {
+            "out-of-fold" if r.get("out_of_fold_curves") else "": r.get("out_of_fold_curves", {}).get(cls),
+            "HAM test": r["test"]["curves"].get(cls),
+            **{k: v["curves"].get(cls) for k, v in r["external"].items()},
+        }
         for i, (label, curve) in enumerate((k, v) for k, v in sets.items() if k and v):
             ax.plot(curve["specificity"], curve["sensitivity"], label=label, color=f"C{i}")
-        for i, (label, f) in enumerate([("HAM test", r["test"]), *r["external"].items()]):
+        for i, (_where, f) in enumerate([("HAM test", r["test"]), *r["external"].items()]):
             op = f["operating_points"].get(cls)
             if op and op.get("sensitivity") is not None:
                 ax.plot(op["specificity"], op["sensitivity"], "o", color=f"C{i + bool(r.get('out_of_fold_curves'))}")
-        ax.set(title=f"{name} (seed {r['seed']})", xlabel="specificity", ylabel=f"{cls} sensitivity", xlim=(0, 1),
-               ylim=(0, 1.01))
+        ax.set(
+            title=f"{name} (seed {r['seed']})",
+            xlabel="specificity",
+            ylabel=f"{cls} sensitivity",
+            xlim=(0, 1),
+            ylim=(0, 1.01),
+        )
         ax.invert_xaxis()
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="lower left")
@@ -152,10 +165,12 @@ def measure_run(run: Path, sets: dict[str, Path], *, split_file: Path) -> dict[s
         else:
             out["external"][name] = f
         if pred.members:
-            out["prob_mean"][name] = figures(y, np.mean([pred.calibrated(lo) for lo, _ in outs], axis=0), classes,
-                                             pred.operating_points)
-            out["members"][name] = [figures(y, m.calibrated(lo), classes, m.operating_points)
-                                    for m, (lo, _) in zip(pred.members, outs)]
+            out["prob_mean"][name] = figures(
+                y, np.mean([pred.calibrated(lo) for lo, _ in outs], axis=0), classes, pred.operating_points
+            )
+            out["members"][name] = [
+                figures(y, m.calibrated(lo), classes, m.operating_points) for m, (lo, _) in zip(pred.members, outs)
+            ]
         print(f"  {name}: {len(y)} images, balanced accuracy {f['balanced_accuracy']:.4f}", flush=True)
     # the predictions the operating points were fitted on (an ensemble's out_of_fold.csv)
     out["out_of_fold_curves"] = {c: curve for c in pred.operating_points if (curve := fitted_curve(run, c))}
@@ -166,10 +181,14 @@ def run_facts(run: Path) -> dict[str, Any]:
     from dermaclass.models import read_bundle_meta
 
     meta = read_bundle_meta(run)
-    return {"networks": max(1, len(meta.members)), "training_minutes": round(meta.training["seconds"] / 60, 2),
-            "images_processed": meta.training.get("images_seen"),
-            "valid_balanced_accuracy": meta.metrics_valid.get("balanced_accuracy"),
-            "temperature": meta.temperature, "members": meta.members}
+    return {
+        "networks": max(1, len(meta.members)),
+        "training_minutes": round(meta.training["seconds"] / 60, 2),
+        "images_processed": meta.training.get("images_seen"),
+        "valid_balanced_accuracy": meta.metrics_valid.get("balanced_accuracy"),
+        "temperature": meta.temperature,
+        "members": meta.members,
+    }
 
 
 def main() -> None:
@@ -180,10 +199,15 @@ def main() -> None:
     ap.add_argument("--split-file", default=str(SPLIT))
     ap.add_argument("--runs-dir", default=str(ROOT / "runs" / "bench_ensemble"))
     ap.add_argument("--quick", action="store_true", help="smoke run: one seed, tiny budget, ensemble_quick.json")
-    ap.add_argument("--use", nargs="*", default=[], metavar="VARIANT:SEED=BUNDLE",
-                    help="measure this existing bundle as that variant and seed instead of training it (e.g. the "
-                         "bundled model, trained with the default recipe at seed 42: "
-                         "single-full:42=models/ham10000-effnet-lite0)")
+    ap.add_argument(
+        "--use",
+        nargs="*",
+        default=[],
+        metavar="VARIANT:SEED=BUNDLE",
+        help="measure this existing bundle as that variant and seed instead of training it (e.g. the "
+        "bundled model, trained with the default recipe at seed 42: "
+        "single-full:42=models/ham10000-effnet-lite0)",
+    )
     args = ap.parse_args()
     use = {}
     for spec in args.use:
@@ -206,11 +230,18 @@ def main() -> None:
 
     def save() -> None:
         rows.sort(key=lambda r: (r["seed"], list(VARIANTS).index(r["variant"])))
-        write_json(result_file, {
-            "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-            "command": command, "commands": commands,
-            "split_file": repo_relative(args.split_file), "variants": {k: VARIANTS[k] for k in VARIANTS},
-            "runs": rows, "summary": summarise_rows(rows, reference="single-full")})
+        write_json(
+            result_file,
+            {
+                "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+                "command": command,
+                "commands": commands,
+                "split_file": repo_relative(args.split_file),
+                "variants": {k: VARIANTS[k] for k in VARIANTS},
+                "runs": rows,
+                "summary": summarise_rows(rows, reference="single-full"),
+            },
+        )
         plot_tradeoff(rows, result_file.with_name(result_file.stem + "_tradeoff.png"))
 
     for seed in args.seeds:
@@ -219,10 +250,22 @@ def main() -> None:
                 continue
             flags = VARIANTS[name]
             if args.quick:  # the tiny budget, keeping the variant's ensemble flags
-                flags = [*QUICK, *(flags[flags.index("--members"):] if "--members" in flags else [])]
+                flags = [*QUICK, *(flags[flags.index("--members") :] if "--members" in flags else [])]
             run = use.get((name, seed), runs_dir / f"{name}-seed{seed}")
-            cmd = [sys.executable, "-m", "dermaclass", "train", args.data, "--out", str(run), "--seed", str(seed),
-                   "--split-file", args.split_file, *flags]
+            cmd = [
+                sys.executable,
+                "-m",
+                "dermaclass",
+                "train",
+                args.data,
+                "--out",
+                str(run),
+                "--seed",
+                str(seed),
+                "--split-file",
+                args.split_file,
+                *flags,
+            ]
             wall = None
             if not (run / "model.json").is_file():
                 resume = run.is_dir() and any(run.iterdir())
@@ -231,21 +274,34 @@ def main() -> None:
                 with open(runs_dir / f"{name}-seed{seed}.log", "a") as logf:
                     subprocess.run(cmd + (["--resume"] if resume else []), check=True, stdout=logf, stderr=logf)
                 wall = round((time.perf_counter() - start) / 60, 2)
-            row = {"variant": name, "seed": seed, "flags": flags, "run": repo_relative(run), **run_facts(run),
-                   **({"reused": "an existing bundle trained with these flags (--use)"} if (name, seed) in use else {}),
-                   "wall_minutes": wall, **measure_run(run, sets, split_file=Path(args.split_file))}
+            row = {
+                "variant": name,
+                "seed": seed,
+                "flags": flags,
+                "run": repo_relative(run),
+                **run_facts(run),
+                **({"reused": "an existing bundle trained with these flags (--use)"} if (name, seed) in use else {}),
+                "wall_minutes": wall,
+                **measure_run(run, sets, split_file=Path(args.split_file)),
+            }
             rows.append(row)
             ext = "  ".join(f"{k} {v['balanced_accuracy']:.4f}" for k, v in row["external"].items())
-            print(f"{name:16} seed {seed}: HAM test {row['test']['balanced_accuracy']:.4f}  {ext}  "
-                  f"({row['training_minutes']:.1f} min training)", flush=True)
+            print(
+                f"{name:16} seed {seed}: HAM test {row['test']['balanced_accuracy']:.4f}  {ext}  "
+                f"({row['training_minutes']:.1f} min training)",
+                flush=True,
+            )
             save()
     save()
     summary = summarise_rows(rows, reference="single-full")
     print("\nbalanced accuracy, mean ± sd over seeds (flip TTA, as each bundle serves)")
     for name, s in summary.items():
         wheres = [w for w in s if isinstance(s[w], dict) and "balanced_accuracy" in s[w]]
-        print(f"{name:16} {s['seeds']} seeds  " + "  ".join(f"{w} {fmt(s[w]['balanced_accuracy'])}" for w in wheres)
-              + f"  {fmt(s['training_minutes'])} min")
+        print(
+            f"{name:16} {s['seeds']} seeds  "
+            + "  ".join(f"{w} {fmt(s[w]['balanced_accuracy'])}" for w in wheres)
+            + f"  {fmt(s['training_minutes'])} min"
+        )
     print(f"wrote {result_file}")
 
 

@@ -42,7 +42,6 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import EXTERNAL, repo_relative  # noqa: E402
-
 from dermaclass.config import load_config  # noqa: E402
 from dermaclass.evaluate.metrics import (  # noqa: E402
     classification_metrics,
@@ -51,16 +50,21 @@ from dermaclass.evaluate.metrics import (  # noqa: E402
     resample_weights,
 )
 from dermaclass.evaluate.run import split_images  # noqa: E402
-from dermaclass.serving.export import check_bf16_bundle, cpu_has_bf16, export_onnx, export_openvino, quantize_bundle  # noqa: E402
 from dermaclass.fileio import write_json  # noqa: E402
-from dermaclass.serving.predictor import Predictor  # noqa: E402
 from dermaclass.models import read_bundle_meta  # noqa: E402
+from dermaclass.serving.export import check_bf16_bundle, cpu_has_bf16, export_onnx, export_openvino, quantize_bundle  # noqa: E402
+from dermaclass.serving.predictor import Predictor  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 DATA = ROOT / ".." / "shared" / "data" / "ham10000"
-BACKENDS = {"torch": ["model.safetensors"], "onnx": ["model.onnx"], "openvino": ["model.xml", "model.bin"],
-            "openvino-bf16": ["model.xml", "model.bin"], "openvino-int8": ["model-int8.xml", "model-int8.bin"]}
+BACKENDS = {
+    "torch": ["model.safetensors"],
+    "onnx": ["model.onnx"],
+    "openvino": ["model.xml", "model.bin"],
+    "openvino-bf16": ["model.xml", "model.bin"],
+    "openvino-int8": ["model-int8.xml", "model-int8.bin"],
+}
 
 
 def _steal() -> tuple[int, int] | None:
@@ -95,10 +99,15 @@ def latencies(preds: dict[str, Predictor], image: np.ndarray, *, rounds: int, re
     images = image if isinstance(image, dict) else {tuple(next(iter(preds.values())).input_size): image}
     xs = [n.normalise([images[tuple(n.input_size)]]) for n in next(iter(preds.values())).networks]
     one, batch = {s: [im] for s, im in images.items()}, {s: [im] * 64 for s, im in images.items()}
-    calls = {name: {"network_ms": lambda p=p: [n.runner(x) for n, x in zip(p.networks, xs)],
-                    "end_to_end_ms": lambda p=p: p.logits(one, tta=False),
-                    "tta_ms": lambda p=p: p.logits(one, tta=True),
-                    "batch64_ms": lambda p=p: p.logits(batch, tta=False)} for name, p in preds.items()}
+    calls = {
+        name: {
+            "network_ms": lambda p=p: [n.runner(x) for n, x in zip(p.networks, xs)],
+            "end_to_end_ms": lambda p=p: p.logits(one, tta=False),
+            "tta_ms": lambda p=p: p.logits(one, tta=True),
+            "batch64_ms": lambda p=p: p.logits(batch, tta=False),
+        }
+        for name, p in preds.items()
+    }
     counts = {"network_ms": repeats, "end_to_end_ms": repeats, "tta_ms": max(5, repeats // 4), "batch64_ms": 2}
     for fns in calls.values():  # warm-up: first calls allocate and pick kernels
         for what, fn in fns.items():
@@ -108,7 +117,7 @@ def latencies(preds: dict[str, Predictor], image: np.ndarray, *, rounds: int, re
     names = list(calls)
     steal0 = _steal()
     for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             for what, n in counts.items():
                 times = _timed(calls[name][what], n)
                 per_round[name][what].append(float(np.median(times)))
@@ -119,14 +128,22 @@ def latencies(preds: dict[str, Predictor], image: np.ndarray, *, rounds: int, re
     for name, figures in per_round.items():
         row = {}
         for what, medians in figures.items():
-            row[what] = {"median": float(np.median(medians)), "best_round": float(np.min(medians)),
-                         "rounds": [round(m, 3) for m in medians]}
+            row[what] = {
+                "median": float(np.median(medians)),
+                "best_round": float(np.min(medians)),
+                "rounds": [round(m, 3) for m in medians],
+            }
         row["end_to_end_ms"]["p90"] = float(np.percentile(every_call[name], 90))
-        row["batch64_images_per_s"] = {"median": 64000 / row["batch64_ms"]["median"],
-                                       "best_round": 64000 / row["batch64_ms"]["best_round"]}
+        row["batch64_images_per_s"] = {
+            "median": 64000 / row["batch64_ms"]["median"],
+            "best_round": 64000 / row["batch64_ms"]["best_round"],
+        }
         out[name] = row
-    steal = (None if steal0 is None or steal1 is None or steal1[1] == steal0[1]
-             else (steal1[0] - steal0[0]) / (steal1[1] - steal0[1]))
+    steal = (
+        None
+        if steal0 is None or steal1 is None or steal1[1] == steal0[1]
+        else (steal1[0] - steal0[0]) / (steal1[1] - steal0[1])
+    )
     return {"backends": out, "cpu_steal_share": steal}
 
 
@@ -159,11 +176,15 @@ def main() -> None:
     ap.add_argument("--n-calibration", type=int, default=600)
     ap.add_argument("--n-boot", type=int, default=1000)
     ap.add_argument("--quick", action="store_true", help="2 rounds of 10, 40 calibration images, no accuracy figures")
-    ap.add_argument("--latency-only", action="store_true",
-                    help="time every backend but skip the test and external accuracy figures (the int8 export's "
-                         "own valid check is still recorded)")
-    ap.add_argument("--out", help="results file name (default inference.json; e.g. inference_ensemble.json for an "
-                                  "ensemble bundle)")
+    ap.add_argument(
+        "--latency-only",
+        action="store_true",
+        help="time every backend but skip the test and external accuracy figures (the int8 export's "
+        "own valid check is still recorded)",
+    )
+    ap.add_argument(
+        "--out", help="results file name (default inference.json; e.g. inference_ensemble.json for an ensemble bundle)"
+    )
     args = ap.parse_args()
     if args.quick:
         args.rounds, args.repeats, args.n_calibration = 2, 10, 40
@@ -183,9 +204,12 @@ def main() -> None:
             per_member["onnx"].append(export_onnx(folder))
             per_member["openvino"].append(export_openvino(folder))
             t = time.perf_counter()
-            per_member["openvino-int8"].append({**quantize_bundle(folder, data, cfg=cfg, n_calibration=args.n_calibration,
-                                                                  max_drop=1.0),
-                                                "seconds": round(time.perf_counter() - t, 1)})
+            per_member["openvino-int8"].append(
+                {
+                    **quantize_bundle(folder, data, cfg=cfg, n_calibration=args.n_calibration, max_drop=1.0),
+                    "seconds": round(time.perf_counter() - t, 1),
+                }
+            )
             if cpu_has_bf16():
                 per_member["openvino-bf16"].append(check_bf16_bundle(folder, data, cfg=cfg, max_drop=1.0))
         exports = {k: (v[0] if len(v) == 1 else {"members": v}) for k, v in per_member.items() if v}
@@ -207,35 +231,55 @@ def main() -> None:
         scores = {k: accuracy(preds, labels, images, n_boot=args.n_boot) for k, (labels, images) in sets.items()}
         rows = {}
         for backend in preds:
-            rows[backend] = {**timing["backends"][backend],
-                             "size_mb": round(sum((d / f).stat().st_size for d in folders for f in BACKENDS[backend]) / 1e6, 2),
-                             "balanced_accuracy": {k: v[backend]["balanced_accuracy"] for k, v in scores.items()},
-                             "balanced_accuracy_minus_torch": {k: {"delta": v[backend]["minus_torch"],
-                                                                   "interval": v[backend]["minus_torch_interval"]}
-                                                               for k, v in scores.items()}}
+            rows[backend] = {
+                **timing["backends"][backend],
+                "size_mb": round(sum((d / f).stat().st_size for d in folders for f in BACKENDS[backend]) / 1e6, 2),
+                "balanced_accuracy": {k: v[backend]["balanced_accuracy"] for k, v in scores.items()},
+                "balanced_accuracy_minus_torch": {
+                    k: {"delta": v[backend]["minus_torch"], "interval": v[backend]["minus_torch_interval"]}
+                    for k, v in scores.items()
+                },
+            }
             r = rows[backend]
-            print(f"{backend:14} network {r['network_ms']['median']:5.2f} ms (best round {r['network_ms']['best_round']:.2f}); "
-                  f"end to end {r['end_to_end_ms']['median']:5.2f} ms (best {r['end_to_end_ms']['best_round']:.2f}, "
-                  f"p90 {r['end_to_end_ms']['p90']:.2f}); TTA {r['tta_ms']['median']:.1f} ms; batch 64 "
-                  f"{r['batch64_images_per_s']['median']:4.0f} img/s; {r['size_mb']:.1f} MB; "
-                  + ", ".join(f"{k} {v:.4f} ({rows[backend]['balanced_accuracy_minus_torch'][k]['delta']:+.4f})"
-                              for k, v in r["balanced_accuracy"].items()), flush=True)
+            print(
+                f"{backend:14} network {r['network_ms']['median']:5.2f} ms (best round {r['network_ms']['best_round']:.2f}); "
+                f"end to end {r['end_to_end_ms']['median']:5.2f} ms (best {r['end_to_end_ms']['best_round']:.2f}, "
+                f"p90 {r['end_to_end_ms']['p90']:.2f}); TTA {r['tta_ms']['median']:.1f} ms; batch 64 "
+                f"{r['batch64_images_per_s']['median']:4.0f} img/s; {r['size_mb']:.1f} MB; "
+                + ", ".join(
+                    f"{k} {v:.4f} ({rows[backend]['balanced_accuracy_minus_torch'][k]['delta']:+.4f})"
+                    for k, v in r["balanced_accuracy"].items()
+                ),
+                flush=True,
+            )
         input_size = list(preds["torch"].input_size)
         tta = "flips4" if preds["torch"].tta else None
 
     steal = timing["cpu_steal_share"]
     print(f"CPU steal during the timing: {'unknown' if steal is None else f'{100 * steal:.1f} %'}")
-    result = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "threads": args.threads,
-                          "cpu_steal_share": steal},
-              "command": " ".join(["python", "benchmarks/bench_inference.py", *sys.argv[1:]]),
-              "model": repo_relative(model),
-              "input_size": input_size, "tta": tta, "rounds": args.rounds, "repeats": args.repeats,
-              "networks": len(folders), "input_sizes": [list(s) for s in preds["torch"].input_sizes],
-              # the rule the balanced accuracies were measured under (a later `dermaclass calibrate` changes it)
-              "calibration": {"temperature": preds["torch"].temperature, "offsets": preds["torch"].meta.offsets},
-              "n_boot": args.n_boot,
-              "exports": {k: {kk: vv for kk, vv in v.items() if kk != "path"} for k, v in exports.items()},
-              "backends": rows, "quick": args.quick, "latency_only": args.latency_only}
+    result = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "threads": args.threads,
+            "cpu_steal_share": steal,
+        },
+        "command": " ".join(["python", "benchmarks/bench_inference.py", *sys.argv[1:]]),
+        "model": repo_relative(model),
+        "input_size": input_size,
+        "tta": tta,
+        "rounds": args.rounds,
+        "repeats": args.repeats,
+        "networks": len(folders),
+        "input_sizes": [list(s) for s in preds["torch"].input_sizes],
+        # the rule the balanced accuracies were measured under (a later `dermaclass calibrate` changes it)
+        "calibration": {"temperature": preds["torch"].temperature, "offsets": preds["torch"].meta.offsets},
+        "n_boot": args.n_boot,
+        "exports": {k: {kk: vv for kk, vv in v.items() if kk != "path"} for k, v in exports.items()},
+        "backends": rows,
+        "quick": args.quick,
+        "latency_only": args.latency_only,
+    }
     out = RESULTS / (args.out or ("inference_quick.json" if args.quick else "inference.json"))
     write_json(out, result)
     print(f"wrote {out}")

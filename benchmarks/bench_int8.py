@@ -31,11 +31,10 @@ from scipy.special import softmax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import HAM, RESULTS, ROOT, repo_relative  # noqa: E402
-
 from dermaclass.config import load_config  # noqa: E402
 from dermaclass.evaluate.run import split_images  # noqa: E402
-from dermaclass.serving.export import _balanced_accuracy, calibration_pick, export_openvino, quantize_ir  # noqa: E402
 from dermaclass.fileio import write_json  # noqa: E402
+from dermaclass.serving.export import _balanced_accuracy, calibration_pick, export_openvino, quantize_ir  # noqa: E402
 from dermaclass.serving.predictor import Predictor  # noqa: E402
 
 # name -> (draw, images, fast bias correction); the first is the export's setting before issue 16's review.
@@ -76,8 +75,11 @@ def main() -> None:
         float_ba = _balanced_accuracy(float_logits, valid_labels, pred.classes)
         print(f"float valid balanced accuracy {float_ba:.4f} ({len(valid)} images, tta {pred.tta})", flush=True)
         for name, (draw, n, fast) in settings.items():
-            pick = (calibration_pick(train_labels, n) if draw == "balanced"
-                    else np.sort(np.random.default_rng(0).permutation(len(train_labels))[:n]))
+            pick = (
+                calibration_pick(train_labels, n)
+                if draw == "balanced"
+                else np.sort(np.random.default_rng(0).permutation(len(train_labels))[:n])
+            )
             start = time.perf_counter()
             quantized, _ = quantize_ir(pred, [train_images[int(i)] for i in pick], fast_bias_correction=fast)
             seconds = time.perf_counter() - start
@@ -86,21 +88,35 @@ def main() -> None:
             int8 = Predictor(bundle, backend="openvino", threads=cfg.threads)
             int8.use_openvino(xml, name="openvino-int8")
             logits = int8.logits(valid)
-            row = {"setting": name, "draw": draw, "images": int(len(pick)), "fast_bias_correction": fast,
-                   "quantise_seconds": round(seconds, 1),
-                   "agreement_with_float": float(np.mean(logits.argmax(1) == float_logits.argmax(1))),
-                   "mean_probability_shift": float(np.abs(softmax(logits, axis=1) - float_probs).sum(axis=1).mean() / 2),
-                   "valid_balanced_accuracy": _balanced_accuracy(logits, valid_labels, pred.classes)}
+            row = {
+                "setting": name,
+                "draw": draw,
+                "images": int(len(pick)),
+                "fast_bias_correction": fast,
+                "quantise_seconds": round(seconds, 1),
+                "agreement_with_float": float(np.mean(logits.argmax(1) == float_logits.argmax(1))),
+                "mean_probability_shift": float(np.abs(softmax(logits, axis=1) - float_probs).sum(axis=1).mean() / 2),
+                "valid_balanced_accuracy": _balanced_accuracy(logits, valid_labels, pred.classes),
+            }
             row["drop"] = float_ba - row["valid_balanced_accuracy"]
             rows.append(row)
-            print(f"{name:20} agreement {row['agreement_with_float']:.4f}  shift {row['mean_probability_shift']:.4f}  "
-                  f"valid BA {row['valid_balanced_accuracy']:.4f} (drop {row['drop']:+.4f})  {seconds:.0f} s", flush=True)
+            print(
+                f"{name:20} agreement {row['agreement_with_float']:.4f}  shift {row['mean_probability_shift']:.4f}  "
+                f"valid BA {row['valid_balanced_accuracy']:.4f} (drop {row['drop']:+.4f})  {seconds:.0f} s",
+                flush=True,
+            )
     out = RESULTS / f"int8_settings{'_quick' if args.quick else ''}.json"
-    write_json(out, {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-                     "command": " ".join(["python", "benchmarks/bench_int8.py", *sys.argv[1:]]),
-                     "model": repo_relative(args.model),
-                     "checked_on": f"valid split, {len(valid_labels)} images", "valid_balanced_accuracy_float": float_ba,
-                     "settings": rows})
+    write_json(
+        out,
+        {
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+            "command": " ".join(["python", "benchmarks/bench_int8.py", *sys.argv[1:]]),
+            "model": repo_relative(args.model),
+            "checked_on": f"valid split, {len(valid_labels)} images",
+            "valid_balanced_accuracy_float": float_ba,
+            "settings": rows,
+        },
+    )
     print(f"wrote {out}")
 
 

@@ -34,7 +34,6 @@ import time
 from pathlib import Path
 
 from common import HAM, RESULTS, ROOT, SPLIT, fmt, measure, repo_relative, run_facts, summarise_rows
-
 from dermaclass.fileio import write_json
 
 # The screens measure the network: every run is trained with ``--tta none`` and measured
@@ -43,8 +42,18 @@ from dermaclass.fileio import write_json
 BUDGETS = {
     "short": ["--recipe", "stepwise", "--n-cycles", "1", "--tta", "none"],
     "full": ["--recipe", "stepwise", "--tta", "none"],
-    "quick": ["--recipe", "stepwise", "--n-cycles", "1", "--stage-fractions", "0.5,1.0", "--head-epochs", "0",
-              "--tta", "none"],
+    "quick": [
+        "--recipe",
+        "stepwise",
+        "--n-cycles",
+        "1",
+        "--stage-fractions",
+        "0.5,1.0",
+        "--head-epochs",
+        "0",
+        "--tta",
+        "none",
+    ],
 }
 
 # lever -> {variant: flags}; the first variant is the reference. Flags are explicit about every
@@ -204,23 +213,53 @@ def main() -> None:
         rows.sort(key=lambda r: (r["seed"], list(variants).index(r["variant"])))
         seeds = {r["seed"] for r in rows}
         complete = complete and {(r["variant"], r["seed"]) for r in rows} >= {(n, sd) for n in variants for sd in seeds}
-        write_json(result_file, {
-            "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "command": command,
-            "lever": args.lever, "budget": args.budget, "budget_flags": BUDGETS[args.budget], "seeds": sorted({r["seed"] for r in rows}),
-            "split_file": split_rel,
-            "reference": reference, "variants": variants, "complete": complete, "runs": rows,
-            "summary": summarise_rows(rows, reference=reference),
-            **({"summary_tta": summarise_rows([{**r, **r["tta"]} for r in rows if r.get("tta")], reference=reference)}
-               if args.tta else {}),
-        })
+        write_json(
+            result_file,
+            {
+                "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+                "command": command,
+                "lever": args.lever,
+                "budget": args.budget,
+                "budget_flags": BUDGETS[args.budget],
+                "seeds": sorted({r["seed"] for r in rows}),
+                "split_file": split_rel,
+                "reference": reference,
+                "variants": variants,
+                "complete": complete,
+                "runs": rows,
+                "summary": summarise_rows(rows, reference=reference),
+                **(
+                    {
+                        "summary_tta": summarise_rows(
+                            [{**r, **r["tta"]} for r in rows if r.get("tta")], reference=reference
+                        )
+                    }
+                    if args.tta
+                    else {}
+                ),
+            },
+        )
 
     for seed in args.seeds:  # seed-major: after each seed every variant has a paired figure
         for name, flags in variants.items():
             if args.only and name not in args.only:
                 continue
             run = runs_dir / f"{run_name(flags)}-seed{seed}"
-            cmd = [sys.executable, "-m", "dermaclass", "train", args.data, "--out", str(run), "--seed", str(seed),
-                   "--split-file", args.split_file, *BUDGETS[args.budget], *flags]
+            cmd = [
+                sys.executable,
+                "-m",
+                "dermaclass",
+                "train",
+                args.data,
+                "--out",
+                str(run),
+                "--seed",
+                str(seed),
+                "--split-file",
+                args.split_file,
+                *BUDGETS[args.budget],
+                *flags,
+            ]
             wall = None
             shared = measured_elsewhere.get((tuple(flags), seed))
             if shared and not (run / "model.json").is_file() and (not args.tta or shared[1].get("tta")):
@@ -237,24 +276,40 @@ def main() -> None:
                 with open(runs_dir / f"{run_name(flags)}-seed{seed}.log", "w") as logf:
                     subprocess.run(cmd + (["--force"] if run.exists() else []), check=True, stdout=logf, stderr=logf)
                 wall = round((time.perf_counter() - start) / 60, 2)
-            row = {"variant": name, "seed": seed, "flags": flags, "run": repo_relative(run),
-                   **run_facts(run), "wall_minutes": wall, **measured(run, args, tta=False)}
+            row = {
+                "variant": name,
+                "seed": seed,
+                "flags": flags,
+                "run": repo_relative(run),
+                **run_facts(run),
+                "wall_minutes": wall,
+                **measured(run, args, tta=False),
+            }
             if args.tta:
                 row["tta"] = measured(run, args, tta=True)
             rows.append(row)
             ext = "  ".join(f"{k} {v['balanced_accuracy']:.4f}" for k, v in row["external"].items())
-            print(f"{name:16} seed {seed}: HAM test BA {row['test']['balanced_accuracy']:.4f}  {ext}  "
-                  f"({row['training_minutes']:.1f} min)", flush=True)
+            print(
+                f"{name:16} seed {seed}: HAM test BA {row['test']['balanced_accuracy']:.4f}  {ext}  "
+                f"({row['training_minutes']:.1f} min)",
+                flush=True,
+            )
             save(complete=False)
     save(complete=True)
     summary = summarise_rows(rows, reference=reference)
-    wheres = [w for w in next(iter(summary.values())) if isinstance(next(iter(summary.values()))[w], dict)
-              and "balanced_accuracy" in next(iter(summary.values()))[w]]
+    wheres = [
+        w
+        for w in next(iter(summary.values()))
+        if isinstance(next(iter(summary.values()))[w], dict) and "balanced_accuracy" in next(iter(summary.values()))[w]
+    ]
     print(f"\nlever {args.lever}, budget {args.budget}: balanced accuracy, mean ± sd over seeds")
     print(f"{'variant':16} seeds  " + "  ".join(f"{w:>15}" for w in wheres) + "   nv sens.   minutes")
     for name, s in summary.items():
-        print(f"{name:16} {s['seeds']:5}  " + "  ".join(f"{fmt(s[w]['balanced_accuracy']):>15}" for w in wheres)
-              + f"   {fmt(s['nv_sensitivity_test']):>8}   {fmt(s['training_minutes']):>7}")
+        print(
+            f"{name:16} {s['seeds']:5}  "
+            + "  ".join(f"{fmt(s[w]['balanced_accuracy']):>15}" for w in wheres)
+            + f"   {fmt(s['nv_sensitivity_test']):>8}   {fmt(s['training_minutes']):>7}"
+        )
     print(f"wrote {result_file}")
 
 

@@ -22,10 +22,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from bench_throughput import fastai_pass
-from common import HAM, RESULTS
 
+from common import HAM, RESULTS
 from dermaclass.config import load_config
 from dermaclass.fileio import write_json
 
@@ -59,7 +58,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     base = load_config(batch_size=args.batch_size, threads=args.threads, imbalance="none")
     data = prepare_data(base, args.data)
-    rows = np.sort(np.random.default_rng(0).choice(data.train_rows, size=min(args.n, len(data.train_rows)), replace=False))
+    rows = np.sort(
+        np.random.default_rng(0).choice(data.train_rows, size=min(args.n, len(data.train_rows)), replace=False)
+    )
     settings = {"float32": (base, False), "bfloat16": (base.replace(precision="bfloat16"), False)}
     if args.compile:
         settings["float32+compile"] = (base, True)
@@ -73,10 +74,12 @@ def main() -> None:
                 fastai_pass(cfg, data, rows[: cfg.batch_size * 4], Path(tmp) / f"warm-{name}", compile_model=comp)
             except Exception as exc:  # torch.compile can fail on a CPU toolchain: record, do not hide
                 errors[name] = f"{type(exc).__name__}: {str(exc)[:300]}"
-            print(f"warm-up {name}: {time.perf_counter() - t0:.1f} s" + (f" ({errors[name]})" if name in errors else ""),
-                  flush=True)
+            print(
+                f"warm-up {name}: {time.perf_counter() - t0:.1f} s" + (f" ({errors[name]})" if name in errors else ""),
+                flush=True,
+            )
         for r in range(args.rounds):
-            for name in names[r % len(names):] + names[: r % len(names)]:
+            for name in names[r % len(names) :] + names[: r % len(names)]:
                 if name in errors:
                     continue
                 cfg, comp = settings[name]
@@ -84,10 +87,21 @@ def main() -> None:
                 print(f"round {r + 1} {name}: {speeds[name][-1]:.1f} images/s", flush=True)
     mean = {k: float(np.mean(v)) for k, v in speeds.items() if v}
     result = {
-        "machine": {"cpus": os.cpu_count(), "threads": args.threads, "platform": platform.platform(),
-                    "torch": torch.__version__, "cpu_flags": cpu_flags()},
-        "model": base.arch, "input_size": list(base.image_size), "batch_size": base.batch_size, "images": int(len(rows)),
-        "rounds": args.rounds, "images_per_s": mean, "runs": speeds, "errors": errors,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "threads": args.threads,
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+            "cpu_flags": cpu_flags(),
+        },
+        "model": base.arch,
+        "input_size": list(base.image_size),
+        "batch_size": base.batch_size,
+        "images": int(len(rows)),
+        "rounds": args.rounds,
+        "images_per_s": mean,
+        "runs": speeds,
+        "errors": errors,
         "over_float32": {k: v / mean["float32"] for k, v in mean.items()},
     }
     for k, v in mean.items():

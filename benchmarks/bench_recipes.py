@@ -47,7 +47,6 @@ from pathlib import Path
 import numpy as np
 
 from common import SPLIT, mean_sd, measure
-
 from dermaclass import schedules
 from dermaclass.config import Config
 from dermaclass.fileio import write_json
@@ -61,23 +60,42 @@ def variants(n_cycles: int, quick: bool) -> dict[str, list[str]]:
     """The trainer flags of each variant (see the module docstring for the budgets)."""
     if quick:
         short = ["--head-epochs", "0"]
-        return {"baseline-matched": ["--recipe", "baseline", "--epochs", "1", *short],
-                "sgdr": ["--recipe", "sgdr", "--n-cycles", "1", *short],
-                "stepwise": ["--recipe", "stepwise", "--n-cycles", "1", "--stage-fractions", "0.5,1.0", *short],
-                "stepwise-no-sharing": ["--recipe", "stepwise", "--n-cycles", "1", "--stage-fractions", "0.5,1.0",
-                                        "--no-weight-sharing", *short]}
+        return {
+            "baseline-matched": ["--recipe", "baseline", "--epochs", "1", *short],
+            "sgdr": ["--recipe", "sgdr", "--n-cycles", "1", *short],
+            "stepwise": ["--recipe", "stepwise", "--n-cycles", "1", "--stage-fractions", "0.5,1.0", *short],
+            "stepwise-no-sharing": [
+                "--recipe",
+                "stepwise",
+                "--n-cycles",
+                "1",
+                "--stage-fractions",
+                "0.5,1.0",
+                "--no-weight-sharing",
+                *short,
+            ],
+        }
     cfg = Config()
-    plan = schedules.stage_plan(n_train=1, fractions=cfg.stage_fractions, batch_size=cfg.batch_size,
-                                lr_rule=cfg.lr_rule, head_epochs=cfg.head_epochs, n_cycles=n_cycles,
-                                cycle_len=cfg.cycle_len, cycle_mult=cfg.cycle_mult)
+    plan = schedules.stage_plan(
+        n_train=1,
+        fractions=cfg.stage_fractions,
+        batch_size=cfg.batch_size,
+        lr_rule=cfg.lr_rule,
+        head_epochs=cfg.head_epochs,
+        n_cycles=n_cycles,
+        cycle_len=cfg.cycle_len,
+        cycle_mult=cfg.cycle_mult,
+    )
     matched = max(1, round(schedules.training_cost(plan) / 0.6) - cfg.head_epochs)
     sgdr_epochs = schedules.sgdr_epochs(n_cycles + 1, cfg.cycle_len, cfg.cycle_mult)
     cycles = ["--n-cycles", str(n_cycles)]
-    return {"stepwise": ["--recipe", "stepwise", *cycles],
-            "stepwise-no-sharing": ["--recipe", "stepwise", *cycles, "--no-weight-sharing"],
-            "baseline-matched": ["--recipe", "baseline", "--epochs", str(matched)],
-            "sgdr": ["--recipe", "sgdr", "--n-cycles", str(n_cycles + 1)],
-            "baseline-sgdr-cost": ["--recipe", "baseline", "--epochs", str(sgdr_epochs)]}
+    return {
+        "stepwise": ["--recipe", "stepwise", *cycles],
+        "stepwise-no-sharing": ["--recipe", "stepwise", *cycles, "--no-weight-sharing"],
+        "baseline-matched": ["--recipe", "baseline", "--epochs", str(matched)],
+        "sgdr": ["--recipe", "sgdr", "--n-cycles", str(n_cycles + 1)],
+        "baseline-sgdr-cost": ["--recipe", "baseline", "--epochs", str(sgdr_epochs)],
+    }
 
 
 def summarise(rows: list[dict]) -> dict[str, dict]:
@@ -92,9 +110,14 @@ def summarise(rows: list[dict]) -> dict[str, dict]:
         diffs = [r["test_balanced_accuracy"] - ref[r["seed"]] for r in mine if r["seed"] in ref]
         summary[name] = {
             "seeds": len(mine),
-            "external": {k: {"balanced_accuracy": mean_sd([r["external"][k]["balanced_accuracy"] for r in mine
-                                                           if k in r.get("external", {})])}
-                         for k in sorted({k for r in mine for k in r.get("external", {})})},
+            "external": {
+                k: {
+                    "balanced_accuracy": mean_sd(
+                        [r["external"][k]["balanced_accuracy"] for r in mine if k in r.get("external", {})]
+                    )
+                }
+                for k in sorted({k for r in mine for k in r.get("external", {})})
+            },
             "test_balanced_accuracy_mean": float(np.mean(ba)),
             "test_balanced_accuracy_sd": float(np.std(ba, ddof=1)) if len(ba) > 1 else None,
             "test_macro_f1_mean": float(np.mean(f1)),
@@ -135,55 +158,93 @@ def main() -> None:
     done = {(r["variant"], r["seed"]) for r in rows}
 
     def save(rows: list[dict], complete: bool) -> None:
-        write_json(result_file, {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-                         "command": " ".join(["python", "benchmarks/bench_recipes.py", *sys.argv[1:]]),
-                         "n_cycles": args.n_cycles, "seeds": args.seeds, "complete": complete,
-                         "variants": variants(args.n_cycles, args.quick), "split_file": str(split_file.relative_to(ROOT)),
-                         "runs": rows, "summary": summarise(rows)})
+        write_json(
+            result_file,
+            {
+                "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+                "command": " ".join(["python", "benchmarks/bench_recipes.py", *sys.argv[1:]]),
+                "n_cycles": args.n_cycles,
+                "seeds": args.seeds,
+                "complete": complete,
+                "variants": variants(args.n_cycles, args.quick),
+                "split_file": str(split_file.relative_to(ROOT)),
+                "runs": rows,
+                "summary": summarise(rows),
+            },
+        )
 
     for seed in args.seeds:
         for name, flags in variants(args.n_cycles, args.quick).items():
             if (args.only and name not in args.only) or (name, seed) in done:
                 continue
             run = runs_dir / f"{name}-seed{seed}"
-            cmd = [sys.executable, "-m", "dermaclass", "train", args.data, "--out", str(run), "--seed", str(seed), *flags,
-                   "--split-file", str(split_file)]
+            cmd = [
+                sys.executable,
+                "-m",
+                "dermaclass",
+                "train",
+                args.data,
+                "--out",
+                str(run),
+                "--seed",
+                str(seed),
+                *flags,
+                "--split-file",
+                str(split_file),
+            ]
             if not (run / "model.json").is_file():
                 print("$", " ".join(cmd), flush=True)
                 start = time.perf_counter()
-                subprocess.run(cmd + (["--force"] if run.exists() else []), check=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                subprocess.run(
+                    cmd + (["--force"] if run.exists() else []),
+                    check=True,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
                 wall = time.perf_counter() - start
             else:
                 wall = None  # an earlier invocation trained it; its training time is in model.json
             meta = json.loads((run / "model.json").read_text())
             figures = measure(run, split_file=split_file, data=Path(args.data), n_boot=args.n_boot)
             report, external = figures["test"], figures["external"]  # external: compared on, never fitted on
-            rows.append({
-                "variant": name, "seed": seed, "flags": flags,
-                "test_balanced_accuracy": report["balanced_accuracy"],
-                "test_balanced_accuracy_interval": report["intervals"].get("balanced_accuracy"),
-                "test_macro_f1": report["macro_f1"], "test_macro_auroc": report["macro_auroc"],
-                "valid_balanced_accuracy": meta["metrics_valid"]["balanced_accuracy"],
-                "images_processed": meta["training"]["images_seen"],
-                "full_data_epochs": meta["training"]["epochs_equivalent"],
-                "training_minutes": round(meta["training"]["seconds"] / 60, 2),
-                "wall_minutes": round(wall / 60, 2) if wall else None,
-                "test": report, "external": external,
-            })
+            rows.append(
+                {
+                    "variant": name,
+                    "seed": seed,
+                    "flags": flags,
+                    "test_balanced_accuracy": report["balanced_accuracy"],
+                    "test_balanced_accuracy_interval": report["intervals"].get("balanced_accuracy"),
+                    "test_macro_f1": report["macro_f1"],
+                    "test_macro_auroc": report["macro_auroc"],
+                    "valid_balanced_accuracy": meta["metrics_valid"]["balanced_accuracy"],
+                    "images_processed": meta["training"]["images_seen"],
+                    "full_data_epochs": meta["training"]["epochs_equivalent"],
+                    "training_minutes": round(meta["training"]["seconds"] / 60, 2),
+                    "wall_minutes": round(wall / 60, 2) if wall else None,
+                    "test": report,
+                    "external": external,
+                }
+            )
             r = rows[-1]
             ext = "  ".join(f"{k} {v['balanced_accuracy']:.4f}" for k, v in external.items())
-            print(f"{name:20} seed {seed}: test balanced accuracy {r['test_balanced_accuracy']:.4f} "
-                  f"macro-F1 {r['test_macro_f1']:.4f}; external {ext}; {r['images_processed']:,} images, "
-                  f"{r['training_minutes']:.1f} min", flush=True)
+            print(
+                f"{name:20} seed {seed}: test balanced accuracy {r['test_balanced_accuracy']:.4f} "
+                f"macro-F1 {r['test_macro_f1']:.4f}; external {ext}; {r['images_processed']:,} images, "
+                f"{r['training_minutes']:.1f} min",
+                flush=True,
+            )
             save(rows, complete=False)
     summary = summarise(rows)
-    print("\nvariant               seeds  test bal. acc. (mean +- sd)   vs baseline-matched   images processed   minutes")
+    print(
+        "\nvariant               seeds  test bal. acc. (mean +- sd)   vs baseline-matched   images processed   minutes"
+    )
     for name, s in summary.items():
         sd = f"{s['test_balanced_accuracy_sd']:.4f}" if s["test_balanced_accuracy_sd"] is not None else "-"
         d = f"{s['minus_baseline_matched_mean']:+.4f}" if s["minus_baseline_matched_mean"] is not None else "-"
-        print(f"{name:20}  {s['seeds']:5}  {s['test_balanced_accuracy_mean']:.4f} +- {sd:8}   {d:>19}   "
-              f"{s['images_processed_mean']:>14,.0f}   {s['training_minutes_mean']:7.1f}")
+        print(
+            f"{name:20}  {s['seeds']:5}  {s['test_balanced_accuracy_mean']:.4f} +- {sd:8}   {d:>19}   "
+            f"{s['images_processed_mean']:>14,.0f}   {s['training_minutes_mean']:7.1f}"
+        )
     save(rows, complete=True)
     print(f"wrote {result_file}")
 

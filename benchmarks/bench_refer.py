@@ -41,16 +41,17 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageFilter
 
-from dermaclass.serving import refer
 from dermaclass.data.images import fit_to_size, load_rgb
 from dermaclass.fileio import write_json
+from dermaclass.serving import refer
 from dermaclass.serving.predictor import Predictor, served
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,10 +60,27 @@ SHARED = ROOT / ".." / "shared" / "data"
 DATA = SHARED / "ham10000"
 EXTERNAL = {"derm7pt": SHARED / "derm7pt", "isic2017": SHARED / "isic2017", "ph2": SHARED / "ph2"}
 RUST_DOCS = Path("/root/.rustup/toolchains/stable-x86_64-unknown-linux-gnu/share/doc/rust/html")
-SKIN_TONES = [(255, 224, 196), (234, 192, 134), (224, 172, 105), (198, 134, 66), (141, 85, 36), (92, 56, 30),
-              (240, 200, 180), (210, 160, 140)]
-NON_DERMOSCOPY = ["photo", "greyscale photo", "other medical", "screenshot", "flat", "gradient", "noise",
-                  "stripes", "tiny"]
+SKIN_TONES = [
+    (255, 224, 196),
+    (234, 192, 134),
+    (224, 172, 105),
+    (198, 134, 66),
+    (141, 85, 36),
+    (92, 56, 30),
+    (240, 200, 180),
+    (210, 160, 140),
+]
+NON_DERMOSCOPY = [
+    "photo",
+    "greyscale photo",
+    "other medical",
+    "screenshot",
+    "flat",
+    "gradient",
+    "noise",
+    "stripes",
+    "tiny",
+]
 
 
 # ---- images that are not dermoscopy ------------------------------------------------------------
@@ -74,7 +92,7 @@ def _crops(image: np.ndarray, n: int, rng: np.random.Generator) -> list[np.ndarr
         cw = int(w * rng.uniform(0.3, 1.0))
         ch = min(h, int(cw * 0.75))
         x0, y0 = rng.integers(0, w - cw + 1), rng.integers(0, h - ch + 1)
-        out.append(np.ascontiguousarray(image[y0:y0 + ch, x0:x0 + cw]))
+        out.append(np.ascontiguousarray(image[y0 : y0 + ch, x0 : x0 + cw]))
     return out
 
 
@@ -95,26 +113,53 @@ def screenshots(out_dir: Path, *, quick: bool) -> list[np.ndarray]:
         return []
     pages = [ROOT / "models" / "ham10000-effnet-lite0" / "report" / "report.html"]
     if RUST_DOCS.is_dir():
-        pages += [RUST_DOCS / p for p in ["index.html", "std/index.html", "book/index.html",
-                                          "book/ch03-02-data-types.html", "std/vec/struct.Vec.html",
-                                          "reference/introduction.html", "error_codes/E0308.html",
-                                          "cargo/index.html", "rust-by-example/hello.html"]]
+        pages += [
+            RUST_DOCS / p
+            for p in [
+                "index.html",
+                "std/index.html",
+                "book/index.html",
+                "book/ch03-02-data-types.html",
+                "std/vec/struct.Vec.html",
+                "reference/introduction.html",
+                "error_codes/E0308.html",
+                "cargo/index.html",
+                "rust-by-example/hello.html",
+            ]
+        ]
     pages = [p for p in pages if p.is_file()][: 3 if quick else None]
     shots = []
     for i, page in enumerate(pages):
         for size in ["1200,900", "800,600"]:
             png = out_dir / f"shot{i}-{size.replace(',', 'x')}.png"
-            subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                            "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                            "--hide-scrollbars", f"--screenshot={png}", f"--window-size={size}", page.as_uri()],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60, check=False)
+            subprocess.run(
+                [
+                    chromium,
+                    "--headless",
+                    "--no-sandbox",
+                    "--disable-gpu",
+                    "--no-first-run",
+                    "--disable-background-networking",
+                    "--disable-component-update",
+                    "--disable-sync",
+                    "--hide-scrollbars",
+                    f"--screenshot={png}",
+                    f"--window-size={size}",
+                    page.as_uri(),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                timeout=60,
+                check=False,
+            )
             if png.is_file():
                 shots.append(_rgb(np.asarray(Image.open(png).convert("RGB"))))
     return shots
 
 
-def non_dermoscopy(*, crops: int, n_synthetic: int, shot_dir: Path, quick: bool,
-                   seed: int = 0) -> tuple[list[np.ndarray], list[str]]:
+def non_dermoscopy(
+    *, crops: int, n_synthetic: int, shot_dir: Path, quick: bool, seed: int = 0
+) -> tuple[list[np.ndarray], list[str]]:
     """Images that are clearly not dermoscopy, at their own resolution, with their kind."""
     import skimage.data as skd
     from sklearn.datasets import load_sample_images
@@ -127,8 +172,14 @@ def non_dermoscopy(*, crops: int, n_synthetic: int, shot_dir: Path, quick: bool,
         images.extend(many)
         kinds.extend([kind] * len(many))
 
-    colour = [skd.astronaut(), skd.chelsea(), skd.coffee(), skd.rocket(), skd.hubble_deep_field(),
-              *load_sample_images().images]
+    colour = [
+        skd.astronaut(),
+        skd.chelsea(),
+        skd.coffee(),
+        skd.rocket(),
+        skd.hubble_deep_field(),
+        *load_sample_images().images,
+    ]
     grey = [skd.camera(), skd.coins(), skd.brick(), skd.grass(), skd.gravel(), skd.moon(), skd.clock()]
     medical = [skd.retina(), skd.immunohistochemistry(), skd.microaneurysms()]
     for kind, sources in [("photo", colour), ("greyscale photo", grey), ("other medical", medical)]:
@@ -174,7 +225,7 @@ def artefacts(images: list[np.ndarray], rng: np.random.Generator) -> tuple[list[
             b = a.copy()
             h, w = b.shape[:2]
             y0, x0 = rng.integers(0, h // 3), rng.integers(0, w // 3)
-            b[y0:y0 + 2 * h // 3, x0:x0 + 2 * w // 3] = rng.integers(0, 60)
+            b[y0 : y0 + 2 * h // 3, x0 : x0 + 2 * w // 3] = rng.integers(0, 60)
             out.append(b)
             kinds.append("occluded")
     return out, kinds
@@ -205,8 +256,10 @@ def ood_part(pred: Predictor, args: argparse.Namespace) -> dict[str, Any]:
     data = Path(args.data)
     split = pd.read_csv(Path(args.model) / "split.csv")
     meta = pd.read_csv(data / "HAM10000_metadata.csv").set_index("image_id")
-    ids = {s: split.loc[split["split"] == s, "image"].astype(str).map(lambda p: Path(p).stem).tolist()
-           for s in ("train", "valid", "test")}
+    ids = {
+        s: split.loc[split["split"] == s, "image"].astype(str).map(lambda p: Path(p).stem).tolist()
+        for s in ("train", "valid", "test")
+    }
     if args.quick:
         ids = {s: v[:300] for s, v in ids.items()}
     tta = pred.tta
@@ -232,8 +285,9 @@ def ood_part(pred: Predictor, args: argparse.Namespace) -> dict[str, Any]:
     ext = {k: run_model(pred, v, tta=tta) for k, v in ext_raw.items()}
 
     with tempfile.TemporaryDirectory() as tmp:
-        od_raw, od_kinds = non_dermoscopy(crops=4 if args.quick else 8,
-                                          n_synthetic=8 if args.quick else 24, shot_dir=Path(tmp), quick=args.quick)
+        od_raw, od_kinds = non_dermoscopy(
+            crops=4 if args.quick else 8, n_synthetic=8 if args.quick else 24, shot_dir=Path(tmp), quick=args.quick
+        )
     art_raw, art_kinds = artefacts(raw["test"][: 80 if args.quick else 400], np.random.default_rng(1))
     # Tiny images never reach the model (the input check refuses them): score the rest.
     od_pass = [i for i, a in enumerate(od_raw) if min(a.shape[:2]) >= refer.MIN_SIDE]
@@ -243,31 +297,65 @@ def ood_part(pred: Predictor, args: argparse.Namespace) -> dict[str, Any]:
     ext_checks = {k: checks(v) for k, v in ext_raw.items()}
 
     # The one-colour share over every dermoscopic image: the input check's cut-off must pass all of them.
-    shares = {"ham10000": [refer.one_colour_share(a) for s in ("train", "valid", "test") for a in raw[s]],
-              **{k: [refer.one_colour_share(a) for a in v] for k, v in ext_raw.items()}}
-    shares_out = {k: [refer.one_colour_share(a) for a, kk in zip(od_raw, od_kinds) if kk == k] for k in NON_DERMOSCOPY
-                  if k != "tiny"}
-    colour = {"ham10000": [refer.colourfulness(a) for s in ("train", "valid", "test") for a in raw[s]],
-              **{k: [refer.colourfulness(a) for a in v] for k, v in ext_raw.items()}}
-    colour_out = {k: [refer.colourfulness(a) for a, kk in zip(od_raw, od_kinds) if kk == k] for k in NON_DERMOSCOPY
-                  if k != "tiny"}
+    shares = {
+        "ham10000": [refer.one_colour_share(a) for s in ("train", "valid", "test") for a in raw[s]],
+        **{k: [refer.one_colour_share(a) for a in v] for k, v in ext_raw.items()},
+    }
+    shares_out = {
+        k: [refer.one_colour_share(a) for a, kk in zip(od_raw, od_kinds) if kk == k]
+        for k in NON_DERMOSCOPY
+        if k != "tiny"
+    }
+    colour = {
+        "ham10000": [refer.colourfulness(a) for s in ("train", "valid", "test") for a in raw[s]],
+        **{k: [refer.colourfulness(a) for a in v] for k, v in ext_raw.items()},
+    }
+    colour_out = {
+        k: [refer.colourfulness(a) for a, kk in zip(od_raw, od_kinds) if kk == k] for k in NON_DERMOSCOPY if k != "tiny"
+    }
     colourfulness = {
         "cut_off": refer.MIN_COLOURFULNESS,
-        "dermoscopy": {k: {"n": len(v), "min": float(np.min(v)), "p1": float(np.percentile(v, 1)),
-                           "median": float(np.median(v)), "below_cut_off": int(np.sum(np.asarray(v) < refer.MIN_COLOURFULNESS))}
-                       for k, v in colour.items()},
-        "non_dermoscopy": {k: {"n": len(v), "median": float(np.median(v)),
-                               "below_cut_off": float(np.mean(np.asarray(v) < refer.MIN_COLOURFULNESS))}
-                           for k, v in colour_out.items() if v},
+        "dermoscopy": {
+            k: {
+                "n": len(v),
+                "min": float(np.min(v)),
+                "p1": float(np.percentile(v, 1)),
+                "median": float(np.median(v)),
+                "below_cut_off": int(np.sum(np.asarray(v) < refer.MIN_COLOURFULNESS)),
+            }
+            for k, v in colour.items()
+        },
+        "non_dermoscopy": {
+            k: {
+                "n": len(v),
+                "median": float(np.median(v)),
+                "below_cut_off": float(np.mean(np.asarray(v) < refer.MIN_COLOURFULNESS)),
+            }
+            for k, v in colour_out.items()
+            if v
+        },
     }
     one_colour = {
         "cut_off": refer.ONE_COLOUR_SHARE,
-        "dermoscopy": {k: {"n": len(v), "max": float(np.max(v)), "p99": float(np.percentile(v, 99)),
-                           "median": float(np.median(v)), "above_cut_off": int(np.sum(np.asarray(v) >= refer.ONE_COLOUR_SHARE))}
-                       for k, v in shares.items()},
-        "non_dermoscopy": {k: {"n": len(v), "median": float(np.median(v)),
-                               "above_cut_off": float(np.mean(np.asarray(v) >= refer.ONE_COLOUR_SHARE))}
-                           for k, v in shares_out.items() if v},
+        "dermoscopy": {
+            k: {
+                "n": len(v),
+                "max": float(np.max(v)),
+                "p99": float(np.percentile(v, 99)),
+                "median": float(np.median(v)),
+                "above_cut_off": int(np.sum(np.asarray(v) >= refer.ONE_COLOUR_SHARE)),
+            }
+            for k, v in shares.items()
+        },
+        "non_dermoscopy": {
+            k: {
+                "n": len(v),
+                "median": float(np.median(v)),
+                "above_cut_off": float(np.mean(np.asarray(v) >= refer.ONE_COLOUR_SHARE)),
+            }
+            for k, v in shares_out.items()
+            if v
+        },
     }
 
     methods: dict[str, Any] = {}
@@ -276,7 +364,7 @@ def ood_part(pred: Predictor, args: argparse.Namespace) -> dict[str, Any]:
         stats = {} if as_served else refer.fit(method, out["train"][0][1], labels, len(pred.classes))
         fit_s = time.perf_counter() - t
 
-        def s(outs: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+        def s(outs: list[tuple[np.ndarray, np.ndarray]], method: str = method, stats: dict = stats) -> np.ndarray:
             if as_served:
                 return pred.ood_scores(served(outs)[0], None, members=outs)
             return refer.score(method, logits=outs[0][0], features=outs[0][1], stats=stats)
@@ -301,42 +389,65 @@ def ood_part(pred: Predictor, args: argparse.Namespace) -> dict[str, Any]:
             per_kind[kind] = {
                 "n": len(idx),
                 "auroc": float(roc_auc_score(np.r_[np.ones(len(test_s)), np.zeros(len(sk))], np.r_[test_s, sk]))
-                if len(sk) else None,
+                if len(sk)
+                else None,
                 "referred_by_score": float(np.mean(sk < thr)) if len(sk) else None,
                 "referred_by_rule": float(np.mean(rule[idx])),
             }
         per_art = {}
         for kind in sorted(set(art_kinds)):
             idx = [i for i, k in enumerate(art_kinds) if k == kind]
-            per_art[kind] = {"n": len(idx), "auroc": float(roc_auc_score(np.r_[np.ones(len(test_s)), np.zeros(len(idx))],
-                                                                           np.r_[test_s, art_s[idx]])),
-                             "referred_by_rule": float(np.mean(art_rule[idx]))}
+            per_art[kind] = {
+                "n": len(idx),
+                "auroc": float(
+                    roc_auc_score(np.r_[np.ones(len(test_s)), np.zeros(len(idx))], np.r_[test_s, art_s[idx]])
+                ),
+                "referred_by_rule": float(np.mean(art_rule[idx])),
+            }
         ext_res = {}
         for k, pair in ext.items():
             es = s(pair)
             er = np.array([c is not None or sc < thr for c, sc in zip(ext_checks[k], es)])
-            ext_res[k] = {"n": len(es), "referred_by_score": float(np.mean(es < thr)), "referred_by_rule": float(np.mean(er)),
-                          "auroc_vs_ham_test": float(roc_auc_score(np.r_[np.ones(len(test_s)), np.zeros(len(es))],
-                                                                   np.r_[test_s, es]))}
+            ext_res[k] = {
+                "n": len(es),
+                "referred_by_score": float(np.mean(es < thr)),
+                "referred_by_rule": float(np.mean(er)),
+                "auroc_vs_ham_test": float(
+                    roc_auc_score(np.r_[np.ones(len(test_s)), np.zeros(len(es))], np.r_[test_s, es])
+                ),
+            }
         top_test = pred.calibrated(served(out["test"])[0]).max(axis=1)
         methods[method] = {
-            "threshold": thr, "fit_seconds": fit_s,
+            "threshold": thr,
+            "fit_seconds": fit_s,
             "stored_bytes": int(sum(np.asarray(v).nbytes for v in stats.values())),
             "ham_test_referred_by_score": float(np.mean(test_s < thr)),
             "ham_test_referred_by_rule": float(np.mean(test_rule)),
             "ham_test_referred_with_probability_floor": float(np.mean(test_rule | (top_test < pred.refer_below))),
             "non_dermoscopy_referred_by_rule": float(np.mean(rule)),
-            "non_dermoscopy_auroc": float(roc_auc_score(np.r_[np.ones(len(test_s)), np.zeros(len(od_s))], np.r_[test_s, od_s])),
-            "by_kind": per_kind, "artefacts": per_art, "external": ext_res,
+            "non_dermoscopy_auroc": float(
+                roc_auc_score(np.r_[np.ones(len(test_s)), np.zeros(len(od_s))], np.r_[test_s, od_s])
+            ),
+            "by_kind": per_kind,
+            "artefacts": per_art,
+            "external": ext_res,
         }
-    return {"keep": args.keep, "tta": "flips4" if tta else None, "networks": len(pred.networks),
-            "fitted_on": "each member's training folds, when it was trained" if as_served
-            else f"train split ({len(labels)} images)",
-            "threshold_set_on": f"valid split ({len(ids['valid'])} images)", "n_test": len(ids["test"]),
-            "non_dermoscopy_kinds": {k: od_kinds.count(k) for k in NON_DERMOSCOPY},
-            "artefact_kinds": {k: art_kinds.count(k) for k in sorted(set(art_kinds))},
-            "features": f"global average pool of {pred.feature_layer or 'the body output'}",
-            "one_colour": one_colour, "colourfulness": colourfulness, "methods": methods}
+    return {
+        "keep": args.keep,
+        "tta": "flips4" if tta else None,
+        "networks": len(pred.networks),
+        "fitted_on": "each member's training folds, when it was trained"
+        if as_served
+        else f"train split ({len(labels)} images)",
+        "threshold_set_on": f"valid split ({len(ids['valid'])} images)",
+        "n_test": len(ids["test"]),
+        "non_dermoscopy_kinds": {k: od_kinds.count(k) for k in NON_DERMOSCOPY},
+        "artefact_kinds": {k: art_kinds.count(k) for k in sorted(set(art_kinds))},
+        "features": f"global average pool of {pred.feature_layer or 'the body output'}",
+        "one_colour": one_colour,
+        "colourfulness": colourfulness,
+        "methods": methods,
+    }
 
 
 # ---- CAM comparison ---------------------------------------------------------------------------
@@ -372,8 +483,10 @@ def cam_part(pred: Predictor, args: argparse.Namespace) -> dict[str, Any]:
     scores: dict[str, dict[str, list]] = {k: {"pointing": [], "mass": []} for k in ["centre gaussian", *variants]}
     area = []
     images = [pred.preprocess(data / "images" / f"{i}.jpg") for i in ids]
-    masks = [fit_to_size(Image.open(data / "masks" / f"{i}_segmentation.png").convert("RGB"), (w, h))[..., 0] > 127
-             for i in ids]
+    masks = [
+        fit_to_size(Image.open(data / "masks" / f"{i}_segmentation.png").convert("RGB"), (w, h))[..., 0] > 127
+        for i in ids
+    ]
     predicted = pred.logits(images, tta=False).argmax(1)
     seconds = {k: 0.0 for k in variants}
 
@@ -395,10 +508,21 @@ def cam_part(pred: Predictor, args: argparse.Namespace) -> dict[str, Any]:
             seconds[name] += time.perf_counter() - t
             score(name, heat, mask)
     n = len(area)
-    table = {k: {"pointing": float(np.mean(v["pointing"])), "mass_inside_lesion": float(np.mean(v["mass"])),
-                 "ms_per_image": 1000 * seconds[k] / n if k in seconds else None} for k, v in scores.items()}
-    return {"n": n, "lesion_area_share_mean": float(np.mean(area)), "target": "the predicted class",
-            "note": "a uniform heatmap puts lesion_area_share of its mass inside the lesion", "variants": table}
+    table = {
+        k: {
+            "pointing": float(np.mean(v["pointing"])),
+            "mass_inside_lesion": float(np.mean(v["mass"])),
+            "ms_per_image": 1000 * seconds[k] / n if k in seconds else None,
+        }
+        for k, v in scores.items()
+    }
+    return {
+        "n": n,
+        "lesion_area_share_mean": float(np.mean(area)),
+        "target": "the predicted class",
+        "note": "a uniform heatmap puts lesion_area_share of its mass inside the lesion",
+        "variants": table,
+    }
 
 
 def main() -> None:
@@ -415,34 +539,63 @@ def main() -> None:
     if args.quick:
         args.n_cam = 30
     pred = Predictor(args.model, backend="torch", threads=args.threads)
-    result: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-                              "model": str(Path(args.model).resolve().relative_to(ROOT)), "quick": args.quick}
+    result: dict[str, Any] = {
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "model": str(Path(args.model).resolve().relative_to(ROOT)),
+        "quick": args.quick,
+    }
     out = RESULTS / (args.out or ("refer_quick.json" if args.quick else "refer.json"))
     if "ood" in args.part:
         r = result["ood"] = ood_part(pred, args)
         oc = r["one_colour"]
-        print(f"one-colour share (cut-off {oc['cut_off']:.2f}): " + "; ".join(
-            f"{k} max {v['max']:.2f}, p99 {v['p99']:.2f}, {v['above_cut_off']} above" for k, v in oc["dermoscopy"].items()))
+        print(
+            f"one-colour share (cut-off {oc['cut_off']:.2f}): "
+            + "; ".join(
+                f"{k} max {v['max']:.2f}, p99 {v['p99']:.2f}, {v['above_cut_off']} above"
+                for k, v in oc["dermoscopy"].items()
+            )
+        )
         cf = r["colourfulness"]
-        print(f"colourfulness (cut-off {cf['cut_off']:.1f}): " + "; ".join(
-            f"{k} min {v['min']:.1f}, p1 {v['p1']:.1f}, {v['below_cut_off']} below" for k, v in cf["dermoscopy"].items()))
+        print(
+            f"colourfulness (cut-off {cf['cut_off']:.1f}): "
+            + "; ".join(
+                f"{k} min {v['min']:.1f}, p1 {v['p1']:.1f}, {v['below_cut_off']} below"
+                for k, v in cf["dermoscopy"].items()
+            )
+        )
         first = next(iter(r["methods"].values()))
         kinds = list(first["by_kind"])
-        print(f"\nreferred by the whole rule (input checks, then the score at keep {args.keep}), AUROC vs HAM test in brackets")
-        print(f"{'score':12} {'HAM test':>9} " + " ".join(f"{k[:12]:>14}" for k in kinds) + f" {'all non-derm':>13} "
-              + " ".join(f"{k:>9}" for k in first["external"]))
+        print(
+            f"\nreferred by the whole rule (input checks, then the score at keep {args.keep}), AUROC vs HAM test in brackets"
+        )
+        print(
+            f"{'score':12} {'HAM test':>9} "
+            + " ".join(f"{k[:12]:>14}" for k in kinds)
+            + f" {'all non-derm':>13} "
+            + " ".join(f"{k:>9}" for k in first["external"])
+        )
         for m, v in r["methods"].items():
             cells = []
             for k in kinds:
                 c = v["by_kind"][k]
-                cells.append(f"{c['referred_by_rule']:6.0%} ({c['auroc']:.2f})" if c["auroc"] is not None
-                             else f"{c['referred_by_rule']:>14.0%}")
-            print(f"{m:12} {v['ham_test_referred_by_rule']:9.1%} " + " ".join(f"{c:>14}" for c in cells)
-                  + f" {v['non_dermoscopy_referred_by_rule']:13.1%} "
-                  + " ".join(f"{e['referred_by_rule']:9.1%}" for e in v["external"].values()))
-        print("artefacts (referred by the rule): " + "; ".join(
-            f"{m}: " + ", ".join(f"{k} {a['referred_by_rule']:.0%}" for k, a in v["artefacts"].items())
-            for m, v in r["methods"].items()))
+                cells.append(
+                    f"{c['referred_by_rule']:6.0%} ({c['auroc']:.2f})"
+                    if c["auroc"] is not None
+                    else f"{c['referred_by_rule']:>14.0%}"
+                )
+            print(
+                f"{m:12} {v['ham_test_referred_by_rule']:9.1%} "
+                + " ".join(f"{c:>14}" for c in cells)
+                + f" {v['non_dermoscopy_referred_by_rule']:13.1%} "
+                + " ".join(f"{e['referred_by_rule']:9.1%}" for e in v["external"].values())
+            )
+        print(
+            "artefacts (referred by the rule): "
+            + "; ".join(
+                f"{m}: " + ", ".join(f"{k} {a['referred_by_rule']:.0%}" for k, a in v["artefacts"].items())
+                for m, v in r["methods"].items()
+            )
+        )
     if "cam" in args.part:
         c = result["cam"] = cam_part(pred, args)
         print(f"\nCAM on {c['n']} HAM10000 test images with masks (lesion covers {c['lesion_area_share_mean']:.1%})")

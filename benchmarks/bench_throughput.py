@@ -118,18 +118,33 @@ def sibling_figures() -> dict:
     cache, infer = RESULTS / "decode_cache.json", RESULTS / "inference.json"
     if cache.is_file():
         c = json.loads(cache.read_text())
-        out["decode_cache"] = {"from": cache.name, **{k: {"epoch_time_saved_pct": v["epoch_time_saved_pct"],
-                                                          "train_images_per_s_jpeg": v["train_images_per_s_jpeg"],
-                                                          "train_images_per_s_cache": v["train_images_per_s_cache"]}
-                                                      for k, v in c.items() if isinstance(v, dict) and "epoch_time_saved_pct" in v}}
+        out["decode_cache"] = {
+            "from": cache.name,
+            **{
+                k: {
+                    "epoch_time_saved_pct": v["epoch_time_saved_pct"],
+                    "train_images_per_s_jpeg": v["train_images_per_s_jpeg"],
+                    "train_images_per_s_cache": v["train_images_per_s_cache"],
+                }
+                for k, v in c.items()
+                if isinstance(v, dict) and "epoch_time_saved_pct" in v
+            },
+        }
     if infer.is_file():
         i = json.loads(infer.read_text())
-        out["inference"] = {"from": infer.name,
-                            **{k: {"single_image_median_ms": v["end_to_end_ms"]["median"],
-                                   "single_image_p90_ms": v["end_to_end_ms"]["p90"],
-                                   "network_median_ms": v["network_ms"]["median"],
-                                   "batch64_images_per_s": v["batch64_images_per_s"]["median"]}
-                               for k, v in i.get("backends", {}).items() if "end_to_end_ms" in v}}
+        out["inference"] = {
+            "from": infer.name,
+            **{
+                k: {
+                    "single_image_median_ms": v["end_to_end_ms"]["median"],
+                    "single_image_p90_ms": v["end_to_end_ms"]["p90"],
+                    "network_median_ms": v["network_ms"]["median"],
+                    "batch64_images_per_s": v["batch64_images_per_s"]["median"],
+                }
+                for k, v in i.get("backends", {}).items()
+                if "end_to_end_ms" in v
+            },
+        }
     return out
 
 
@@ -165,15 +180,28 @@ def main() -> None:
                     fastai_s.append(fastai_pass(cfg, data, rows, Path(tmp) / f"r{r}"))
                 else:
                     bare_s.append(bare_pass(cfg, data, rows))
-                print(f"round {r + 1} {which}: {(fastai_s if which == 'fastai' else bare_s)[-1]:.1f} images/s", flush=True)
+                print(
+                    f"round {r + 1} {which}: {(fastai_s if which == 'fastai' else bare_s)[-1]:.1f} images/s", flush=True
+                )
     fa, ba = float(np.mean(fastai_s)), float(np.mean(bare_s))
     result = {
-        "machine": {"cpus": os.cpu_count(), "threads": args.threads, "platform": platform.platform(),
-                    "torch": torch.__version__},
-        "model": cfg.arch, "input_size": list(cfg.image_size), "batch_size": cfg.batch_size, "images": int(len(rows)),
-        "augment": cfg.augment, "rounds": args.rounds,
-        "fastai_images_per_s": fa, "bare_images_per_s": ba, "fastai_over_bare": fa / ba,
-        "fastai_runs": fastai_s, "bare_runs": bare_s,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "threads": args.threads,
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+        },
+        "model": cfg.arch,
+        "input_size": list(cfg.image_size),
+        "batch_size": cfg.batch_size,
+        "images": int(len(rows)),
+        "augment": cfg.augment,
+        "rounds": args.rounds,
+        "fastai_images_per_s": fa,
+        "bare_images_per_s": ba,
+        "fastai_over_bare": fa / ba,
+        "fastai_runs": fastai_s,
+        "bare_runs": bare_s,
         **sibling_figures(),
     }
     print(f"fastai {fa:.1f} images/s, bare loop {ba:.1f} images/s: fastai_over_bare = {fa / ba:.3f}")

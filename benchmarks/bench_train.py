@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 from common import EXTERNAL, measure
-
 from dermaclass.evaluate.external import evaluate_external, headline
 from dermaclass.fileio import write_json
 
@@ -70,12 +69,19 @@ def _test_figures(run_dir: Path) -> dict:
     split = run_dir / "split.csv"
     if path.is_file():
         sets = {k: v for k, v in EXTERNAL.items() if v.is_dir()}
-        figures = {"test": headline(json.loads(path.read_text())), "external": evaluate_external(run_dir, sets, n_boot=200)}
+        figures = {
+            "test": headline(json.loads(path.read_text())),
+            "external": evaluate_external(run_dir, sets, n_boot=200),
+        }
     else:
         figures = measure(run_dir, split_file=split)
     t = figures["test"]
-    return {"test_balanced_accuracy": t["balanced_accuracy"], "test_macro_f1": t["macro_f1"],
-            "test_macro_auroc": t["macro_auroc"], **figures}
+    return {
+        "test_balanced_accuracy": t["balanced_accuracy"],
+        "test_macro_f1": t["macro_f1"],
+        "test_macro_auroc": t["macro_auroc"],
+        **figures,
+    }
 
 
 def main() -> None:
@@ -98,13 +104,16 @@ def main() -> None:
         subprocess.run(cmd, check=True)
         rows = [summarise(run_dir, time.perf_counter() - start)]
     for r in rows:
-        print(f"{r['run']:40} {r['recipe']:9} {r['imbalance']:12} valid balanced accuracy {r['valid_balanced_accuracy']:.4f} "
-              f"macro-F1 {r['valid_macro_f1']:.4f}  {r['training_minutes']:.1f} min training"
-              + (f", {r['wall_minutes']:.1f} min wall" if r["wall_minutes"] else ""))
+        print(
+            f"{r['run']:40} {r['recipe']:9} {r['imbalance']:12} valid balanced accuracy {r['valid_balanced_accuracy']:.4f} "
+            f"macro-F1 {r['valid_macro_f1']:.4f}  {r['training_minutes']:.1f} min training"
+            + (f", {r['wall_minutes']:.1f} min wall" if r["wall_minutes"] else "")
+        )
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"train_{args.name}.json"
-    write_json(out, {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "data": args.data,
-                     "runs": rows})
+    write_json(
+        out, {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "data": args.data, "runs": rows}
+    )
     print(f"wrote {out}")
 
 

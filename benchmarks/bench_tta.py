@@ -27,7 +27,6 @@ from pathlib import Path
 import numpy as np
 
 from common import EXTERNAL, HAM, RESULTS, ROOT, SPLIT, fmt, mean_sd, repo_relative
-
 from dermaclass.config import load_config
 from dermaclass.evaluate.metrics import classification_metrics, softmax
 from dermaclass.evaluate.run import split_images
@@ -46,8 +45,10 @@ VIEWS = {
     "anti_transpose": lambda a: a[::-1, ::-1].transpose(1, 0, 2),
 }
 MODES = {"none": 1, "flips4": 4, "dihedral8": 8}  # the first N views
-MODELS = [f"42={ROOT / 'models' / 'ham10000-effnet-lite0'}",
-          *(f"{s}={ROOT / 'runs' / 'bench_levers' / 'full' / f'defaults-seed{s}'}" for s in (43, 44))]
+MODELS = [
+    f"42={ROOT / 'models' / 'ham10000-effnet-lite0'}",
+    *(f"{s}={ROOT / 'runs' / 'bench_levers' / 'full' / f'defaults-seed{s}'}" for s in (43, 44)),
+]
 
 
 def view_logits(predictor: Predictor, images, view) -> tuple[np.ndarray, float]:  # noqa: ANN001 - a decode-cache view
@@ -60,7 +61,9 @@ def view_logits(predictor: Predictor, images, view) -> tuple[np.ndarray, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=MODELS, help="SEED=BUNDLE of each trained model")
-    ap.add_argument("--quick", action="store_true", help="smoke run: the bundled model, 200 images a set, tta_quick.json")
+    ap.add_argument(
+        "--quick", action="store_true", help="smoke run: the bundled model, 200 images a set, tta_quick.json"
+    )
     args = ap.parse_args()
     cfg = load_config()
     models = args.models[:1] if args.quick else args.models
@@ -86,28 +89,62 @@ def main() -> None:
             row["sets"][where] = {"n": n, "seconds_per_view": round(float(np.mean(seconds)), 1)}
             for mode, k in MODES.items():
                 m = classification_metrics(y, softmax(np.mean(per_view[:k], axis=0)), classes)
-                row["sets"][where][mode] = {"balanced_accuracy": m["balanced_accuracy"], "macro_auroc": m["macro_auroc"],
-                                            "nv_sensitivity": m["per_class"]["nv"]["sensitivity"],
-                                            "mel_sensitivity": m["per_class"]["mel"]["sensitivity"]}
-            print(f"seed {seed} {where}: " + ", ".join(
-                f"{mode} {row['sets'][where][mode]['balanced_accuracy']:.3f}" for mode in MODES), flush=True)
+                row["sets"][where][mode] = {
+                    "balanced_accuracy": m["balanced_accuracy"],
+                    "macro_auroc": m["macro_auroc"],
+                    "nv_sensitivity": m["per_class"]["nv"]["sensitivity"],
+                    "mel_sensitivity": m["per_class"]["mel"]["sensitivity"],
+                }
+            print(
+                f"seed {seed} {where}: "
+                + ", ".join(f"{mode} {row['sets'][where][mode]['balanced_accuracy']:.3f}" for mode in MODES),
+                flush=True,
+            )
         rows.append(row)
 
     wheres = list(dict.fromkeys(w for r in rows for w in r["sets"]))
-    summary = {w: {mode: {k: mean_sd([r["sets"][w][mode][k] for r in rows if w in r["sets"]])
-                          for k in ("balanced_accuracy", "macro_auroc", "nv_sensitivity")}
-                   | {"minus_flips4": mean_sd([r["sets"][w][mode]["balanced_accuracy"]
-                                               - r["sets"][w]["flips4"]["balanced_accuracy"] for r in rows if w in r["sets"]])}
-                   for mode in MODES} for w in wheres}
+    summary = {
+        w: {
+            mode: {
+                k: mean_sd([r["sets"][w][mode][k] for r in rows if w in r["sets"]])
+                for k in ("balanced_accuracy", "macro_auroc", "nv_sensitivity")
+            }
+            | {
+                "minus_flips4": mean_sd(
+                    [
+                        r["sets"][w][mode]["balanced_accuracy"] - r["sets"][w]["flips4"]["balanced_accuracy"]
+                        for r in rows
+                        if w in r["sets"]
+                    ]
+                )
+            }
+            for mode in MODES
+        }
+        for w in wheres
+    }
     print(f"\nbalanced accuracy, mean ± sd over {len(rows)} models (difference from flips4):")
     for w in wheres:
-        print(f"  {w:>9}: " + "  ".join(f"{mode} {fmt(summary[w][mode]['balanced_accuracy'])} "
-                                        f"({summary[w][mode]['minus_flips4']['mean']:+.3f})" for mode in MODES))
+        print(
+            f"  {w:>9}: "
+            + "  ".join(
+                f"{mode} {fmt(summary[w][mode]['balanced_accuracy'])} ({summary[w][mode]['minus_flips4']['mean']:+.3f})"
+                for mode in MODES
+            )
+        )
     out = RESULTS / f"tta{'_quick' if args.quick else ''}.json"
-    write_json(out, {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-                     "command": "python benchmarks/bench_tta.py" + (" --quick" if args.quick else ""),
-                     "split_file": repo_relative(SPLIT), "views": list(VIEWS), "modes": MODES, "backend": "torch",
-                     "runs": rows, "summary": summary})
+    write_json(
+        out,
+        {
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+            "command": "python benchmarks/bench_tta.py" + (" --quick" if args.quick else ""),
+            "split_file": repo_relative(SPLIT),
+            "views": list(VIEWS),
+            "modes": MODES,
+            "backend": "torch",
+            "runs": rows,
+            "summary": summary,
+        },
+    )
     print(f"wrote {out}")
 
 

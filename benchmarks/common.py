@@ -37,7 +37,9 @@ def measure(run: Path, *, split_file: Path, data: Path = HAM, tta: bool = False,
     from dermaclass.evaluate.run import evaluate_bundle
 
     cfg = load_config()
-    test = evaluate_bundle(run, data, split_file=split_file, cfg=cfg, n_boot=n_boot, thumbnails=False, gallery=0, tta=tta)
+    test = evaluate_bundle(
+        run, data, split_file=split_file, cfg=cfg, n_boot=n_boot, thumbnails=False, gallery=0, tta=tta
+    )
     sets = {k: v for k, v in EXTERNAL.items() if v.is_dir()}
     return {"test": headline(test.report), "external": evaluate_external(run, sets, cfg=cfg, tta=tta, n_boot=n_boot)}
 
@@ -47,23 +49,29 @@ def run_facts(run: Path) -> dict[str, Any]:
     from dermaclass.models import read_bundle_meta
 
     meta = read_bundle_meta(run)
-    return {"valid_balanced_accuracy": meta.metrics_valid["balanced_accuracy"],
-            "images_processed": meta.training["images_seen"],
-            "full_data_epochs": meta.training["epochs_equivalent"],
-            "training_minutes": round(meta.training["seconds"] / 60, 2),
-            "lrs": [s.get("lr") for s in meta.stages],
-            "temperature": meta.temperature}
+    return {
+        "valid_balanced_accuracy": meta.metrics_valid["balanced_accuracy"],
+        "images_processed": meta.training["images_seen"],
+        "full_data_epochs": meta.training["epochs_equivalent"],
+        "training_minutes": round(meta.training["seconds"] / 60, 2),
+        "lrs": [s.get("lr") for s in meta.stages],
+        "temperature": meta.temperature,
+    }
 
 
 def mean_sd(values: list[float | None]) -> dict[str, float | None]:
     v = [x for x in values if x is not None]
-    return {"mean": float(np.mean(v)) if v else None, "sd": float(np.std(v, ddof=1)) if len(v) > 1 else None,
-            "n": len(v)}
+    return {
+        "mean": float(np.mean(v)) if v else None,
+        "sd": float(np.std(v, ddof=1)) if len(v) > 1 else None,
+        "n": len(v),
+    }
 
 
 def summarise_rows(rows: list[dict], *, group: str = "variant", reference: str | None = None) -> dict[str, dict]:
     """Per variant: mean +- sd over seeds of balanced accuracy (HAM test, each external set),
     macro AUROC, minutes; and the same-seed differences against ``reference``."""
+
     def ba(r: dict, where: str) -> float | None:
         m = r["test"] if where == "test" else r["external"].get(where, {})
         return m.get("balanced_accuracy")
@@ -75,12 +83,18 @@ def summarise_rows(rows: list[dict], *, group: str = "variant", reference: str |
         mine = [r for r in rows if r[group] == name]
         s: dict[str, Any] = {"seeds": len(mine)}
         for w in wheres:
-            s[w] = {"balanced_accuracy": mean_sd([ba(r, w) for r in mine]),
-                    "macro_auroc": mean_sd([(r["test"] if w == "test" else r["external"].get(w, {})).get("macro_auroc")
-                                            for r in mine])}
+            s[w] = {
+                "balanced_accuracy": mean_sd([ba(r, w) for r in mine]),
+                "macro_auroc": mean_sd(
+                    [(r["test"] if w == "test" else r["external"].get(w, {})).get("macro_auroc") for r in mine]
+                ),
+            }
             if ref:
-                d = [ba(r, w) - ba(ref[r["seed"]], w) for r in mine if r["seed"] in ref
-                     and ba(r, w) is not None and ba(ref[r["seed"]], w) is not None]
+                d = [
+                    ba(r, w) - ba(ref[r["seed"]], w)
+                    for r in mine
+                    if r["seed"] in ref and ba(r, w) is not None and ba(ref[r["seed"]], w) is not None
+                ]
                 s[w][f"minus_{reference}"] = {**mean_sd(d), "per_seed": d}
         s["nv_sensitivity_test"] = mean_sd([r["test"]["per_class"].get("nv", {}).get("sensitivity") for r in mine])
         s["training_minutes"] = mean_sd([r.get("training_minutes") for r in mine])

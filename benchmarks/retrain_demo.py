@@ -46,7 +46,7 @@ def make_new_class(folder: Path, n: int = 150, seed: int = 0) -> Path:
             cw, ch = int(w * s), int(w * s * 0.75)
             ch = min(ch, h)
             x0, y0 = rng.integers(0, w - cw + 1), rng.integers(0, h - ch + 1)
-            img = Image.fromarray(photo[y0:y0 + ch, x0:x0 + cw]).resize((200, 150))
+            img = Image.fromarray(photo[y0 : y0 + ch, x0 : x0 + cw]).resize((200, 150))
         else:
             base = rng.integers(0, 256, 3)
             noise = rng.normal(0, rng.uniform(5, 60), (150, 200, 3))
@@ -66,8 +66,19 @@ def main() -> None:
     new = Path(args.new or f"{out}-new-data")
     if not (new / "ungradable").is_dir():
         make_new_class(new)
-    cmd = [sys.executable, "-m", "dermaclass", "retrain", str(parent), str(DATA), str(new), "--out", str(out),
-           "--n-boot", str(args.n_boot)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dermaclass",
+        "retrain",
+        str(parent),
+        str(DATA),
+        str(new),
+        "--out",
+        str(out),
+        "--n-boot",
+        str(args.n_boot),
+    ]
     print("$", " ".join(cmd), flush=True)
     code = subprocess.run(cmd).returncode
     old_split = pd.read_csv(parent / "split.csv", dtype=str)
@@ -77,22 +88,31 @@ def main() -> None:
     cmp = json.loads((out / "compare" / "compare.json").read_text())
     meta = json.loads((out / "model.json").read_text())
     result = {
-        "parent": str(parent), "out": str(out), "exit_code": code,
-        "old_images": len(old_split), "old_images_found": len(merged),
+        "parent": str(parent),
+        "out": str(out),
+        "exit_code": code,
+        "old_images": len(old_split),
+        "old_images_found": len(merged),
         "old_images_kept_split": int((merged["split_old"] == merged["split_new"]).sum()),
         "new_images_by_split": added["split"].value_counts().to_dict(),
-        "classes_parent": meta["parent"]["classes"], "classes_new": meta["classes"],
-        "compare_on_parent_test": {k: {kk: v[kk] for kk in ("old", "new", "delta", "delta_interval")}
-                                   for k, v in cmp["overall"].items()},
+        "classes_parent": meta["parent"]["classes"],
+        "classes_new": meta["classes"],
+        "compare_on_parent_test": {
+            k: {kk: v[kk] for kk in ("old", "new", "delta", "delta_interval")} for k, v in cmp["overall"].items()
+        },
         "sensitivity": {c: v["sensitivity"] for c, v in cmp["per_class"].items()},
         "sensitivity_drops": cmp["sensitivity_drops"],
         "new_model_valid": meta["metrics_valid"]["balanced_accuracy"],
     }
-    print(f"old split kept: {result['old_images_kept_split']:,} of {result['old_images']:,} images; "
-          f"new images: {result['new_images_by_split']}; classes {result['classes_parent']} -> {result['classes_new']}")
+    print(
+        f"old split kept: {result['old_images_kept_split']:,} of {result['old_images']:,} images; "
+        f"new images: {result['new_images_by_split']}; classes {result['classes_parent']} -> {result['classes_new']}"
+    )
     ba = result["compare_on_parent_test"]["balanced_accuracy"]
-    print(f"parent test split: balanced accuracy {ba['old']:.4f} -> {ba['new']:.4f} ({ba['delta']:+.4f}, "
-          f"{ba['delta_interval']}); sensitivity drops flagged: {result['sensitivity_drops'] or 'none'}")
+    print(
+        f"parent test split: balanced accuracy {ba['old']:.4f} -> {ba['new']:.4f} ({ba['delta']:+.4f}, "
+        f"{ba['delta_interval']}); sensitivity drops flagged: {result['sensitivity_drops'] or 'none'}"
+    )
     write_json(RESULTS / "retrain_demo.json", result)
     print(f"wrote {RESULTS / 'retrain_demo.json'}")
 

@@ -44,10 +44,15 @@ def _refit_note(meta: dict) -> str:
     if not cal.get("refitted"):
         return ""
     shift = cal.get("prior_shift")
-    return (f"; its calibration was refitted on the valid split by `dermaclass calibrate models/ham10000-effnet-lite0 "
-            f"../shared/data/ham10000 --force` on {cal['refitted']['at'][:10]}"
-            + (f" (prior shift tau {shift['tau']:g} for validation nevus sensitivity {shift['target_sensitivity']:.2f})"
-               if shift else ""))
+    return (
+        f"; its calibration was refitted on the valid split by `dermaclass calibrate models/ham10000-effnet-lite0 "
+        f"../shared/data/ham10000 --force` on {cal['refitted']['at'][:10]}"
+        + (
+            f" (prior shift tau {shift['tau']:g} for validation nevus sensitivity {shift['target_sensitivity']:.2f})"
+            if shift
+            else ""
+        )
+    )
 
 
 def model_table() -> list[str]:
@@ -67,8 +72,12 @@ def model_table() -> list[str]:
         if not e:
             return (f"balanced accuracy, {label}", "not measured", f">= {target:.2f}", None)
         eiv = (e.get("intervals") or {}).get("balanced_accuracy") or iv.get("balanced_accuracy")
-        return (f"balanced accuracy, {label}", f"{e['balanced_accuracy']:.3f} [{eiv[0]:.3f}, {eiv[1]:.3f}]",
-                f">= {target:.2f}", e["balanced_accuracy"] >= target)
+        return (
+            f"balanced accuracy, {label}",
+            f"{e['balanced_accuracy']:.3f} [{eiv[0]:.3f}, {eiv[1]:.3f}]",
+            f">= {target:.2f}",
+            e["balanced_accuracy"] >= target,
+        )
 
     def nv_sens(e: dict) -> float | None:
         return ((e.get("per_class") or {}).get("nv") or {}).get("sensitivity")
@@ -78,39 +87,71 @@ def model_table() -> list[str]:
         ba_row("derm7pt (external)", ext.get("derm7pt"), 0.55),
         ba_row("isic2017 (external)", ext.get("isic2017"), 0.60),
         ("nevus sensitivity, HAM10000 test", _f(nv_sens(r)), ">= 0.80", (nv_sens(r) or 0) >= 0.80),
-        ("nevus sensitivity, derm7pt", _f(nv_sens(ext["derm7pt"])) if "derm7pt" in ext else "not measured", ">= 0.80",
-         (nv_sens(ext["derm7pt"]) or 0) >= 0.80 if "derm7pt" in ext else None),
-        ("melanoma sensitivity at its operating point, HAM10000 test",
-         f"{mel.get('sensitivity', float('nan')):.3f} (specificity {mel.get('specificity', float('nan')):.3f}, "
-         f"P(mel) >= {mel.get('threshold', float('nan')):.3f})", ">= 0.85 at specificity >= 0.70",
-         mel.get("sensitivity", 0) >= 0.85 and mel.get("specificity", 0) >= 0.70),
+        (
+            "nevus sensitivity, derm7pt",
+            _f(nv_sens(ext["derm7pt"])) if "derm7pt" in ext else "not measured",
+            ">= 0.80",
+            (nv_sens(ext["derm7pt"]) or 0) >= 0.80 if "derm7pt" in ext else None,
+        ),
+        (
+            "melanoma sensitivity at its operating point, HAM10000 test",
+            f"{mel.get('sensitivity', float('nan')):.3f} (specificity {mel.get('specificity', float('nan')):.3f}, "
+            f"P(mel) >= {mel.get('threshold', float('nan')):.3f})",
+            ">= 0.85 at specificity >= 0.70",
+            mel.get("sensitivity", 0) >= 0.85 and mel.get("specificity", 0) >= 0.70,
+        ),
         ("ECE, HAM10000 test", _f(r.get("ece")), "<= 0.05", (r.get("ece") or 1) <= 0.05),
-        ("ECE, derm7pt", _f(ext["derm7pt"].get("ece")) if "derm7pt" in ext else "not measured", "<= 0.05",
-         (ext["derm7pt"].get("ece") or 1) <= 0.05 if "derm7pt" in ext else None),
+        (
+            "ECE, derm7pt",
+            _f(ext["derm7pt"].get("ece")) if "derm7pt" in ext else "not measured",
+            "<= 0.05",
+            (ext["derm7pt"].get("ece") or 1) <= 0.05 if "derm7pt" in ext else None,
+        ),
         ("training time on 2 cores", f"{minutes:.1f} min", "<= 60 min", minutes <= 60),
         ("bundle size (weights + JSON)", f"{size_mb:.1f} MB", "< 25 MB", size_mb < 25),
-        ("macro AUROC, HAM10000 test", f"{r['macro_auroc']:.3f} [{iv['macro_auroc'][0]:.3f}, {iv['macro_auroc'][1]:.3f}]",
-         "", None),
-        ("macro-F1, HAM10000 test", f"{r['macro_f1']:.3f} [{iv['macro_f1'][0]:.3f}, {iv['macro_f1'][1]:.3f}]", "", None),
+        (
+            "macro AUROC, HAM10000 test",
+            f"{r['macro_auroc']:.3f} [{iv['macro_auroc'][0]:.3f}, {iv['macro_auroc'][1]:.3f}]",
+            "",
+            None,
+        ),
+        (
+            "macro-F1, HAM10000 test",
+            f"{r['macro_f1']:.3f} [{iv['macro_f1'][0]:.3f}, {iv['macro_f1'][1]:.3f}]",
+            "",
+            None,
+        ),
     ]
     for name, e in ext.items():
         eiv = e.get("intervals") or {}
         if eiv.get("macro_auroc"):
-            rows.append((f"macro AUROC, {name}", f"{e['macro_auroc']:.3f} [{eiv['macro_auroc'][0]:.3f}, "
-                         f"{eiv['macro_auroc'][1]:.3f}]", "", None))
-    out = [f"`models/ham10000-effnet-lite0` ({meta['recipe']} recipe, {meta['input_size'][0]}x{meta['input_size'][1]}, "
-           f"{meta['weights_dtype']}), on the HAM10000 test split ({r['n']:,} images, never seen in training); "
-           f"`dermaclass evaluate models/ham10000-effnet-lite0 ../shared/data/ham10000 --out models/ham10000-effnet-lite0/report "
-           f"--no-thumbnails --external derm7pt=../shared/data/derm7pt --external isic2017=../shared/data/isic2017` "
-           "(the external sets are every image of two labelled dermoscopy sets from other clinics; nothing is fitted "
-           "on them)" + _refit_note(meta) + ":", "",
-           "| figure | reached (95 % lesion bootstrap) | target | met |", "|---|---|---|---|"]
+            rows.append(
+                (
+                    f"macro AUROC, {name}",
+                    f"{e['macro_auroc']:.3f} [{eiv['macro_auroc'][0]:.3f}, {eiv['macro_auroc'][1]:.3f}]",
+                    "",
+                    None,
+                )
+            )
+    out = [
+        f"`models/ham10000-effnet-lite0` ({meta['recipe']} recipe, {meta['input_size'][0]}x{meta['input_size'][1]}, "
+        f"{meta['weights_dtype']}), on the HAM10000 test split ({r['n']:,} images, never seen in training); "
+        f"`dermaclass evaluate models/ham10000-effnet-lite0 ../shared/data/ham10000 --out models/ham10000-effnet-lite0/report "
+        f"--no-thumbnails --external derm7pt=../shared/data/derm7pt --external isic2017=../shared/data/isic2017` "
+        "(the external sets are every image of two labelled dermoscopy sets from other clinics; nothing is fitted "
+        "on them)" + _refit_note(meta) + ":",
+        "",
+        "| figure | reached (95 % lesion bootstrap) | target | met |",
+        "|---|---|---|---|",
+    ]
     for name, value, target, met in rows:
         out.append(f"| {name} | {value} | {target} | {'' if met is None else ('yes' if met else '**no**')} |")
     out += ["", "| class | support | sensitivity | specificity | AUROC |", "|---|---|---|---|---|"]
     for c in r["classes"]:
         pc = r["per_class"][c]
-        out.append(f"| {c} | {pc['support']} | {_f(pc.get('sensitivity'))} | {_f(pc.get('specificity'))} | {_f(pc.get('auroc'))} |")
+        out.append(
+            f"| {c} | {pc['support']} | {_f(pc.get('sensitivity'))} | {_f(pc.get('specificity'))} | {_f(pc.get('auroc'))} |"
+        )
     return out
 
 
@@ -121,15 +162,21 @@ def decision_table() -> list[str]:
         return ["`bench_decision.py`: not run yet."]
     chosen = d["chosen_tau"]
     sets = list(d["scores"])
-    out = [f"`{d['command']}` ({_cores(d)}; {d['model']}, backend {d['backend']}, TTA {'on' if d['tta'] else 'off'}). "
-           "The bundle's calibrated logits (with any prior shift it has) + tau x log(train prior), so tau = 0 is the "
-           f"bundle's own rule; tau = {chosen} is the smallest whose HAM **valid** nevus "
-           f"sensitivity reaches {d['target_nv_sensitivity']:.2f} (the external sets choose nothing). "
-           "Each cell: balanced accuracy / nevus sensitivity / melanoma sensitivity.", "",
-           "| tau | " + " | ".join(sets) + " |", "|---|" + "---|" * len(sets)]
+    out = [
+        f"`{d['command']}` ({_cores(d)}; {d['model']}, backend {d['backend']}, TTA {'on' if d['tta'] else 'off'}). "
+        "The bundle's calibrated logits (with any prior shift it has) + tau x log(train prior), so tau = 0 is the "
+        f"bundle's own rule; tau = {chosen} is the smallest whose HAM **valid** nevus "
+        f"sensitivity reaches {d['target_nv_sensitivity']:.2f} (the external sets choose nothing). "
+        "Each cell: balanced accuracy / nevus sensitivity / melanoma sensitivity.",
+        "",
+        "| tau | " + " | ".join(sets) + " |",
+        "|---|" + "---|" * len(sets),
+    ]
     for t in d["taus"]:
         row = [d["scores"][w][str(t)] for w in sets]
-        cells = [f"{_f(r['balanced_accuracy'])} / {_f(r['nv_sensitivity'], 2)} / {_f(r['mel_sensitivity'], 2)}" for r in row]
+        cells = [
+            f"{_f(r['balanced_accuracy'])} / {_f(r['nv_sensitivity'], 2)} / {_f(r['mel_sensitivity'], 2)}" for r in row
+        ]
         name = f"**{t:g}** (chosen)" if t == chosen else ("0 (the bundle's rule)" if t == 0 else f"{t:g}")
         out.append(f"| {name} | " + " | ".join(cells) + " |")
     return out
@@ -148,20 +195,29 @@ def prior_table() -> list[str]:
         sd = f" ± {diff['sd']:.{nd}f}" if diff.get("sd") is not None else ""
         return f"{b['mean']:.{nd}f} -> {a['mean']:.{nd}f} ({diff['mean']:+.{nd}f}{sd})"
 
-    out = [f"`{d['command']}` ({_cores(d)}). Each model's calibration refitted with `dermaclass calibrate "
-           f"--prior-sensitivity {d['target_nv_sensitivity']:.2f}` (tau fitted on HAM **valid**; the external sets choose "
-           f"nothing), against {d.get('baseline', 'each model as trained (its own calibration, no shift)')}; both "
-           "measured alike (each with its own TTA). Cells: mean before -> after (paired difference ± sd over seeds).", ""]
+    out = [
+        f"`{d['command']}` ({_cores(d)}). Each model's calibration refitted with `dermaclass calibrate "
+        f"--prior-sensitivity {d['target_nv_sensitivity']:.2f}` (tau fitted on HAM **valid**; the external sets choose "
+        f"nothing), against {d.get('baseline', 'each model as trained (its own calibration, no shift)')}; both "
+        "measured alike (each with its own TTA). Cells: mean before -> after (paired difference ± sd over seeds).",
+        "",
+    ]
     for budget, s in d["summary"].items():
         taus = [r["tau"] for r in d["runs"] if r["budget"] == budget]
-        out += [f"{budget} budget, seeds {', '.join(map(str, s['seeds']))}; tau per seed {', '.join(f'{t:g}' for t in taus)}:",
-                "", "| set | balanced accuracy | nevus sensitivity | melanoma sensitivity (top-1) | melanoma flag "
-                "sensitivity | melanoma flag specificity | ECE |", "|---|---|---|---|---|---|---|"]
+        out += [
+            f"{budget} budget, seeds {', '.join(map(str, s['seeds']))}; tau per seed {', '.join(f'{t:g}' for t in taus)}:",
+            "",
+            "| set | balanced accuracy | nevus sensitivity | melanoma sensitivity (top-1) | melanoma flag "
+            "sensitivity | melanoma flag specificity | ECE |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for w in ("test", *[k for k in s if k not in ("seeds", "tau", "test")]):
             name = "HAM test" if w == "test" else w
-            out.append(f"| {name} | {arrow(s[w], 'balanced_accuracy')} | {arrow(s[w], 'nv_sensitivity', 2)} | "
-                       f"{arrow(s[w], 'mel_sensitivity', 2)} | {arrow(s[w], 'mel_flag_sensitivity', 2)} | "
-                       f"{arrow(s[w], 'mel_flag_specificity', 2)} | {arrow(s[w], 'ece')} |")
+            out.append(
+                f"| {name} | {arrow(s[w], 'balanced_accuracy')} | {arrow(s[w], 'nv_sensitivity', 2)} | "
+                f"{arrow(s[w], 'mel_sensitivity', 2)} | {arrow(s[w], 'mel_flag_sensitivity', 2)} | "
+                f"{arrow(s[w], 'mel_flag_specificity', 2)} | {arrow(s[w], 'ece')} |"
+            )
         out.append("")
     return out[:-1]
 
@@ -172,16 +228,23 @@ def tta_table() -> list[str]:
     if d is None:
         return ["`bench_tta.py`: not run yet."]
     seeds = ", ".join(str(r["seed"]) for r in d["runs"])
-    out = [f"`{d['command']}` ({_cores(d)}; backend {d['backend']}; the full-budget default's models, seeds {seeds}). "
-           "Balanced accuracy mean ± sd over the models, and in brackets the paired difference from `flips4` (the "
-           "bundle's TTA) per model:", "", "| views | " + " | ".join("HAM test" if w == "test" else w for w in d["summary"])
-           + " |", "|---|" + "---|" * len(d["summary"])]
+    out = [
+        f"`{d['command']}` ({_cores(d)}; backend {d['backend']}; the full-budget default's models, seeds {seeds}). "
+        "Balanced accuracy mean ± sd over the models, and in brackets the paired difference from `flips4` (the "
+        "bundle's TTA) per model:",
+        "",
+        "| views | " + " | ".join("HAM test" if w == "test" else w for w in d["summary"]) + " |",
+        "|---|" + "---|" * len(d["summary"]),
+    ]
     for mode, k in d["modes"].items():
         cells = []
         for w, s in d["summary"].items():
-            per = ", ".join(f"{r['sets'][w][mode]['balanced_accuracy'] - r['sets'][w]['flips4']['balanced_accuracy']:+.3f}"
-                            for r in d["runs"] if w in r["sets"])
-            cells.append(_ms(s[mode]['balanced_accuracy']) + ("" if mode == "flips4" else f" ({per})"))
+            per = ", ".join(
+                f"{r['sets'][w][mode]['balanced_accuracy'] - r['sets'][w]['flips4']['balanced_accuracy']:+.3f}"
+                for r in d["runs"]
+                if w in r["sets"]
+            )
+            cells.append(_ms(s[mode]["balanced_accuracy"]) + ("" if mode == "flips4" else f" ({per})"))
         out.append(f"| {mode} ({k} view{'s' if k > 1 else ''}) | " + " | ".join(cells) + " |")
     return out
 
@@ -190,32 +253,45 @@ def recipes_table() -> list[str]:
     d = _load("recipes.json")
     if d is None:
         return ["`bench_recipes.py`: not run yet (`results/recipes.json` is absent)."]
-    out = [f"`{d['command']}` ({_cores(d)}; SGDR cycles per stepwise stage: {d['n_cycles']}; seeds "
-           f"{', '.join(str(s) for s in d['seeds'])}{'' if d.get('complete') else '; **incomplete run**'}). "
-           "Test split, one lesion-grouped split for every run:", "",
-           "| variant | seeds | test bal. acc. mean ± sd | minus baseline-matched (paired by seed) | macro-F1 | macro AUROC "
-           "| derm7pt bal. acc. | isic2017 bal. acc. | full-data epochs | training min |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        f"`{d['command']}` ({_cores(d)}; SGDR cycles per stepwise stage: {d['n_cycles']}; seeds "
+        f"{', '.join(str(s) for s in d['seeds'])}{'' if d.get('complete') else '; **incomplete run**'}). "
+        "Test split, one lesion-grouped split for every run:",
+        "",
+        "| variant | seeds | test bal. acc. mean ± sd | minus baseline-matched (paired by seed) | macro-F1 | macro AUROC "
+        "| derm7pt bal. acc. | isic2017 bal. acc. | full-data epochs | training min |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, s in d["summary"].items():
         sd = f" ± {s['test_balanced_accuracy_sd']:.3f}" if s.get("test_balanced_accuracy_sd") is not None else ""
         diff = s.get("minus_baseline_matched_mean")
         per = ", ".join(f"{x:+.3f}" for x in s.get("minus_baseline_matched_per_seed", []))
         delta = "-" if diff is None or name == "baseline-matched" else f"{diff:+.3f} ({per})"
-        out.append(f"| {name} | {s['seeds']} | {s['test_balanced_accuracy_mean']:.3f}{sd} | {delta} | "
-                   f"{s['test_macro_f1_mean']:.3f} | {s['test_macro_auroc_mean']:.3f} | "
-                   f"{_ms(((s.get('external') or {}).get('derm7pt') or {}).get('balanced_accuracy'))} | "
-                   f"{_ms(((s.get('external') or {}).get('isic2017') or {}).get('balanced_accuracy'))} | "
-                   f"{s['full_data_epochs_mean']:.1f} | "
-                   f"{s['training_minutes_mean']:.1f} |")
+        out.append(
+            f"| {name} | {s['seeds']} | {s['test_balanced_accuracy_mean']:.3f}{sd} | {delta} | "
+            f"{s['test_macro_f1_mean']:.3f} | {s['test_macro_auroc_mean']:.3f} | "
+            f"{_ms(((s.get('external') or {}).get('derm7pt') or {}).get('balanced_accuracy'))} | "
+            f"{_ms(((s.get('external') or {}).get('isic2017') or {}).get('balanced_accuracy'))} | "
+            f"{s['full_data_epochs_mean']:.1f} | "
+            f"{s['training_minutes_mean']:.1f} |"
+        )
     seeds = list(dict.fromkeys(r["seed"] for r in d["runs"]))
-    out += ["", "Per seed, test balanced accuracy / macro-F1 / macro AUROC:", "",
-            "| variant | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---|" * len(seeds)]
+    out += [
+        "",
+        "Per seed, test balanced accuracy / macro-F1 / macro AUROC:",
+        "",
+        "| variant | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+        "|---|" + "---|" * len(seeds),
+    ]
     for name in d["summary"]:
         cells = []
         for seed in seeds:
             r = next((r for r in d["runs"] if r["variant"] == name and r["seed"] == seed), None)
-            cells.append("-" if r is None else f"{r['test_balanced_accuracy']:.3f} / {r['test_macro_f1']:.3f} / "
-                                               f"{r['test_macro_auroc']:.3f}")
+            cells.append(
+                "-"
+                if r is None
+                else f"{r['test_balanced_accuracy']:.3f} / {r['test_macro_f1']:.3f} / {r['test_macro_auroc']:.3f}"
+            )
         out.append(f"| {name} | " + " | ".join(cells) + " |")
     return out
 
@@ -250,24 +326,29 @@ def levers_tables() -> list[str]:
     for f in files:
         d = json.loads(f.read_text())
         ref = d["reference"]
-        out += [f"**Lever `{d['lever']}`**: `{d['command']}` ({_cores(d)}; budget `{d['budget']}`: "
-                f"`{' '.join(d['budget_flags'])}`; split `{d['split_file']}`"
-                f"{'' if d.get('complete') else '; **incomplete run**'}). Balanced accuracy, mean ± sd over seeds; "
-                f"Δ is the same-seed difference against `{ref}`:", "",
-                "| variant | flags | seeds | HAM test | Δ | derm7pt | Δ | isic2017 | Δ | PH2 | HAM test nv sens. | min |",
-                "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        out += [
+            f"**Lever `{d['lever']}`**: `{d['command']}` ({_cores(d)}; budget `{d['budget']}`: "
+            f"`{' '.join(d['budget_flags'])}`; split `{d['split_file']}`"
+            f"{'' if d.get('complete') else '; **incomplete run**'}). Balanced accuracy, mean ± sd over seeds; "
+            f"Δ is the same-seed difference against `{ref}`:",
+            "",
+            "| variant | flags | seeds | HAM test | Δ | derm7pt | Δ | isic2017 | Δ | PH2 | HAM test nv sens. | min |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for tag, summary in (("", d["summary"]), (" + flip TTA", d.get("summary_tta") or {})):
             for name, s in summary.items():
                 cells = []
                 for w in ("test", "derm7pt", "isic2017"):
                     m = s.get(w) or {}
                     delta = m.get(f"minus_{ref}") or {}
-                    cells += [_ms(m.get("balanced_accuracy")),
-                              "-" if name == ref and not tag else _delta(delta)]
+                    cells += [_ms(m.get("balanced_accuracy")), "-" if name == ref and not tag else _delta(delta)]
                 cells.append(_ms((s.get("ph2") or {}).get("balanced_accuracy")) if s.get("ph2") else "not measured")
                 flags = " ".join(d["variants"].get(name, [])) or "(reference)"
-                out.append(f"| {name}{tag} | `{flags}` | {s['seeds']} | " + " | ".join(cells)
-                           + f" | {_ms(s.get('nv_sensitivity_test'))} | {_ms(s.get('training_minutes'))} |")
+                out.append(
+                    f"| {name}{tag} | `{flags}` | {s['seeds']} | "
+                    + " | ".join(cells)
+                    + f" | {_ms(s.get('nv_sensitivity_test'))} | {_ms(s.get('training_minutes'))} |"
+                )
         missing = [n for n in d["variants"] if n not in d["summary"]]
         if missing:
             out.append(f"\nNot run yet: {', '.join(f'`{n}`' for n in missing)}.")
@@ -276,11 +357,14 @@ def levers_tables() -> list[str]:
 
 
 def training_table() -> list[str]:
-    out = ["`bench_train.py` (one run each; the validation split picks the best epoch; test figures where the run "
-           "was evaluated):", "",
-           "| results file | run | recipe | imbalance | LR | seed | valid bal. acc. | valid macro-F1 | test bal. acc. "
-           "| test macro AUROC | derm7pt bal. acc. | isic2017 bal. acc. | training min |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        "`bench_train.py` (one run each; the validation split picks the best epoch; test figures where the run "
+        "was evaluated):",
+        "",
+        "| results file | run | recipe | imbalance | LR | seed | valid bal. acc. | valid macro-F1 | test bal. acc. "
+        "| test macro AUROC | derm7pt bal. acc. | isic2017 bal. acc. | training min |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     found = False
     # train_baseline/train_sgdr/train_lr_suggestion, train_lr_rules and train_imbalance (old defaults, valid
     # figures only) were retired: the recipe benchmark and the lr, lr-rule and imbalance levers measure the same
@@ -294,10 +378,12 @@ def training_table() -> list[str]:
             # runs recorded before lr_suggestion was stored all used the default, valley
             how = ", ".join(x for x in (r.get("lr_rule"), r.get("lr_suggestion") or "valley") if x)
             lr = r["lr"] if r["lr"] is not None else f"range test ({how})"
-            out.append(f"| {name} | {Path(r['run']).name} | {r['recipe']} | {r['imbalance']} | {lr} | "
-                       f"{r.get('seed', '-')} | {r['valid_balanced_accuracy']:.3f} | {r['valid_macro_f1']:.3f} | "
-                       f"{_f(r.get('test_balanced_accuracy'))} | {_f(r.get('test_macro_auroc'))} | "
-                       f"{_ext_ba(r, 'derm7pt')} | {_ext_ba(r, 'isic2017')} | {r['training_minutes']:.1f} |")
+            out.append(
+                f"| {name} | {Path(r['run']).name} | {r['recipe']} | {r['imbalance']} | {lr} | "
+                f"{r.get('seed', '-')} | {r['valid_balanced_accuracy']:.3f} | {r['valid_macro_f1']:.3f} | "
+                f"{_f(r.get('test_balanced_accuracy'))} | {_f(r.get('test_macro_auroc'))} | "
+                f"{_ext_ba(r, 'derm7pt')} | {_ext_ba(r, 'isic2017')} | {r['training_minutes']:.1f} |"
+            )
     return out if found else ["`bench_train.py`: not run yet."]
 
 
@@ -305,42 +391,54 @@ def speed_table() -> list[str]:
     out = ["| script | figure | value |", "|---|---|---|"]
     t = _load("throughput.json")
     if t:
-        out.append(f"| `bench_throughput.py` ({_cores(t)}, {t['machine']['threads']} threads, {t['rounds']} rounds) | "
-                   f"training images/s, fastai pipeline against a bare PyTorch loop ({t['model']}, "
-                   f"{t['input_size'][0]}x{t['input_size'][1]}, batch {t['batch_size']}) | "
-                   f"{t['fastai_images_per_s']:.1f} against {t['bare_images_per_s']:.1f}: "
-                   f"**fastai_over_bare {t['fastai_over_bare']:.3f}** (target >= 0.9) |")
+        out.append(
+            f"| `bench_throughput.py` ({_cores(t)}, {t['machine']['threads']} threads, {t['rounds']} rounds) | "
+            f"training images/s, fastai pipeline against a bare PyTorch loop ({t['model']}, "
+            f"{t['input_size'][0]}x{t['input_size'][1]}, batch {t['batch_size']}) | "
+            f"{t['fastai_images_per_s']:.1f} against {t['bare_images_per_s']:.1f}: "
+            f"**fastai_over_bare {t['fastai_over_bare']:.3f}** (target >= 0.9) |"
+        )
     c = _load("decode_cache.json")
     if c:
         for k, v in c.items():
             if isinstance(v, dict) and "epoch_time_saved_pct" in v:
-                out.append(f"| `bench_decode_cache.py` ({_cores(c)}) | training epoch time saved by the decode cache, "
-                           f"{k} | {v['epoch_time_saved_pct']:.1f} % ({v['train_images_per_s_jpeg']:.1f} -> "
-                           f"{v['train_images_per_s_cache']:.1f} images/s) |")
+                out.append(
+                    f"| `bench_decode_cache.py` ({_cores(c)}) | training epoch time saved by the decode cache, "
+                    f"{k} | {v['epoch_time_saved_pct']:.1f} % ({v['train_images_per_s_jpeg']:.1f} -> "
+                    f"{v['train_images_per_s_cache']:.1f} images/s) |"
+                )
     i = _load("inference.json")
     if i and "backends" in i:
         fastest = min(i["backends"], key=lambda k: i["backends"][k]["end_to_end_ms"]["median"])
         v = i["backends"][fastest]
-        out.append(f"| `bench_inference.py` ({_cores(i)}) | fastest backend ({fastest}): one image end to end, median "
-                   f"over {i['rounds']} rounds (p90); network alone; batch-64 throughput (every backend: the serving "
-                   f"table) | {v['end_to_end_ms']['median']:.2f} ms ({v['end_to_end_ms']['p90']:.2f} ms); "
-                   f"{v['network_ms']['median']:.2f} ms; {v['batch64_images_per_s']['median']:.0f} images/s |")
+        out.append(
+            f"| `bench_inference.py` ({_cores(i)}) | fastest backend ({fastest}): one image end to end, median "
+            f"over {i['rounds']} rounds (p90); network alone; batch-64 throughput (every backend: the serving "
+            f"table) | {v['end_to_end_ms']['median']:.2f} ms ({v['end_to_end_ms']['p90']:.2f} ms); "
+            f"{v['network_ms']['median']:.2f} ms; {v['batch64_images_per_s']['median']:.0f} images/s |"
+        )
     pr = _load("precision.json")
     if pr:
         ratios = ", ".join(f"{k} {v:.1f} img/s ({pr['over_float32'][k]:.2f}x)" for k, v in pr["images_per_s"].items())
-        out.append(f"| `bench_precision.py` ({_cores(pr)}; CPU flags {', '.join(pr['machine'].get('cpu_flags') or []) or 'none'}) "
-                   f"| training throughput, {pr['model']} at {pr['input_size'][0]}x{pr['input_size'][1]}, batch "
-                   f"{pr['batch_size']}, {pr['rounds']} rounds | {ratios} |")
+        out.append(
+            f"| `bench_precision.py` ({_cores(pr)}; CPU flags {', '.join(pr['machine'].get('cpu_flags') or []) or 'none'}) "
+            f"| training throughput, {pr['model']} at {pr['input_size'][0]}x{pr['input_size'][1]}, batch "
+            f"{pr['batch_size']}, {pr['rounds']} rounds | {ratios} |"
+        )
     a = _load("app.json")
     if a:
-        out.append(f"| `bench_app.py --clients {a['clients']}` ({_cores(a)}) | {a['endpoint']}, {a['seconds']:.0f} s | "
-                   f"{a['requests']} requests, {a['errors']} errors, p50 {a['p50_ms']:.0f} ms, p99 {a['p99_ms']:.0f} ms |")
+        out.append(
+            f"| `bench_app.py --clients {a['clients']}` ({_cores(a)}) | {a['endpoint']}, {a['seconds']:.0f} s | "
+            f"{a['requests']} requests, {a['errors']} errors, p50 {a['p50_ms']:.0f} ms, p99 {a['p99_ms']:.0f} ms |"
+        )
     r = _load("retrain_demo.json")
     if r:
         drops = ", ".join(r.get("sensitivity_drops", []))  # class codes
-        out.append(f"| `retrain_demo.py` | retrain with a new class on HAM10000 | old split kept "
-                   f"{r['old_images_kept_split']:,}/{r['old_images']:,}; exit code {r['exit_code']} (sensitivity drop: "
-                   f"{drops or 'none'}) |")
+        out.append(
+            f"| `retrain_demo.py` | retrain with a new class on HAM10000 | old split kept "
+            f"{r['old_images_kept_split']:,}/{r['old_images']:,}; exit code {r['exit_code']} (sensitivity drop: "
+            f"{drops or 'none'}) |"
+        )
     return out
 
 
@@ -352,35 +450,69 @@ def refer_tables() -> list[str]:
     o = d["ood"]
     kinds = list(next(iter(o["methods"].values()))["by_kind"])
     ext = list(next(iter(o["methods"].values()))["external"])
-    out = [f"Scores fitted on the {o['fitted_on']}, cut-off passing {o['keep']:.0%} of the {o['threshold_set_on']}, "
-           f"scored with TTA {o['tta'] or 'off'}; features: {o.get('features', 'penultimate layer')}. Each cell: share "
-           "referred by the whole rule (input checks, then the score); in brackets the score's AUROC against HAM "
-           "test. Non-dermoscopic images: " + ", ".join(f"{k} {n}" for k, n in o["non_dermoscopy_kinds"].items()) + ".", "",
-           "| score | HAM test referred | " + " | ".join(kinds) + " | all non-dermoscopic | "
-           + " | ".join(f"{e} referred" for e in ext) + " |",
-           "|---" * (3 + len(kinds) + len(ext)) + "|"]
+    out = [
+        f"Scores fitted on the {o['fitted_on']}, cut-off passing {o['keep']:.0%} of the {o['threshold_set_on']}, "
+        f"scored with TTA {o['tta'] or 'off'}; features: {o.get('features', 'penultimate layer')}. Each cell: share "
+        "referred by the whole rule (input checks, then the score); in brackets the score's AUROC against HAM "
+        "test. Non-dermoscopic images: " + ", ".join(f"{k} {n}" for k, n in o["non_dermoscopy_kinds"].items()) + ".",
+        "",
+        "| score | HAM test referred | "
+        + " | ".join(kinds)
+        + " | all non-dermoscopic | "
+        + " | ".join(f"{e} referred" for e in ext)
+        + " |",
+        "|---" * (3 + len(kinds) + len(ext)) + "|",
+    ]
     for m, v in o["methods"].items():
         cells = []
         for k in kinds:
             c = v["by_kind"][k]
-            cells.append(f"{100 * c['referred_by_rule']:.0f} %" + (f" ({c['auroc']:.2f})" if c["auroc"] is not None else ""))
-        out.append(f"| {m} | {100 * v['ham_test_referred_by_rule']:.1f} % | " + " | ".join(cells)
-                   + f" | **{100 * v['non_dermoscopy_referred_by_rule']:.1f} %** | "
-                   + " | ".join(f"{100 * e['referred_by_rule']:.1f} %" for e in v["external"].values()) + " |")
-    out += ["", "Dermoscopy with heavy artefacts (in the model's domain but degraded; no target), referred by the whole "
-            "rule: " + "; ".join(f"{m}: " + ", ".join(f"{k} {100 * a['referred_by_rule']:.0f} %" for k, a in v["artefacts"].items())
-                                 for m, v in o["methods"].items()) + f" ({', '.join(f'{k} {n}' for k, n in o['artefact_kinds'].items())} images)."]
+            cells.append(
+                f"{100 * c['referred_by_rule']:.0f} %" + (f" ({c['auroc']:.2f})" if c["auroc"] is not None else "")
+            )
+        out.append(
+            f"| {m} | {100 * v['ham_test_referred_by_rule']:.1f} % | "
+            + " | ".join(cells)
+            + f" | **{100 * v['non_dermoscopy_referred_by_rule']:.1f} %** | "
+            + " | ".join(f"{100 * e['referred_by_rule']:.1f} %" for e in v["external"].values())
+            + " |"
+        )
+    out += [
+        "",
+        "Dermoscopy with heavy artefacts (in the model's domain but degraded; no target), referred by the whole "
+        "rule: "
+        + "; ".join(
+            f"{m}: " + ", ".join(f"{k} {100 * a['referred_by_rule']:.0f} %" for k, a in v["artefacts"].items())
+            for m, v in o["methods"].items()
+        )
+        + f" ({', '.join(f'{k} {n}' for k, n in o['artefact_kinds'].items())} images).",
+    ]
     oc, cf = o["one_colour"], o.get("colourfulness")
-    out += ["", f"Input checks: one colour covering >= {oc['cut_off']:.0%} of the image (largest share in dermoscopy: "
-            + ", ".join(f"{k} {v['max']:.2f} over {v['n']:,}" for k, v in oc["dermoscopy"].items()) + ")"
-            + (f"; colourfulness below {cf['cut_off']:.1f} (smallest in dermoscopy: "
-               + ", ".join(f"{k} {v['min']:.1f}" for k, v in cf["dermoscopy"].items()) + "; greyscale pictures score 0)"
-               if cf else "") + "; shorter side under 64 px refused."]
+    out += [
+        "",
+        f"Input checks: one colour covering >= {oc['cut_off']:.0%} of the image (largest share in dermoscopy: "
+        + ", ".join(f"{k} {v['max']:.2f} over {v['n']:,}" for k, v in oc["dermoscopy"].items())
+        + ")"
+        + (
+            f"; colourfulness below {cf['cut_off']:.1f} (smallest in dermoscopy: "
+            + ", ".join(f"{k} {v['min']:.1f}" for k, v in cf["dermoscopy"].items())
+            + "; greyscale pictures score 0)"
+            if cf
+            else ""
+        )
+        + "; shorter side under 64 px refused.",
+    ]
     c = d.get("cam")
     if c:
-        out += ["", f"Class-activation maps on {c['n']} HAM10000 test images with lesion masks (target: {c['target']}; "
-                f"the lesion covers {100 * c['lesion_area_share_mean']:.1f} % of the image on average, what a uniform map "
-                "scores on mass):", "", "| map | pointing game | mass inside the lesion | ms per image |", "|---|---|---|---|"]
+        out += [
+            "",
+            f"Class-activation maps on {c['n']} HAM10000 test images with lesion masks (target: {c['target']}; "
+            f"the lesion covers {100 * c['lesion_area_share_mean']:.1f} % of the image on average, what a uniform map "
+            "scores on mass):",
+            "",
+            "| map | pointing game | mass inside the lesion | ms per image |",
+            "|---|---|---|---|",
+        ]
         for k, v in c["variants"].items():
             ms = f"{v['ms_per_image']:.0f}" if v.get("ms_per_image") is not None else "-"
             out.append(f"| {k} | {v['pointing']:.3f} | {v['mass_inside_lesion']:.3f} | {ms} |")
@@ -394,8 +526,10 @@ def _calibration_changed(measured: dict | None) -> str | None:
     if measured == now:
         return None
     when = (cal.get("refitted") or {}).get("at", "")[:10]
-    return (f"the calibration was refitted{f' on {when}' if when else ''} after this run (the backends' agreement and "
-            "speed do not depend on it; re-run the script for today's figures)")
+    return (
+        f"the calibration was refitted{f' on {when}' if when else ''} after this run (the backends' agreement and "
+        "speed do not depend on it; re-run the script for today's figures)"
+    )
 
 
 def serving_table() -> list[str]:
@@ -407,14 +541,18 @@ def serving_table() -> list[str]:
     q = i["exports"].get("openvino-int8") or {}
     b = i["exports"].get("openvino-bf16") or {}
     steal = i["machine"].get("cpu_steal_share")
-    out = [f"`{i['command']}` ({_cores(i)}, {i['machine']['threads']} threads; {i['model']} at {w}x{h}; balanced accuracy "
-           f"with the bundle's TTA ({i['tta'] or 'none'}), and in brackets its difference from torch with a 95 % paired "
-           f"bootstrap interval over images). One run, every backend from the same bundle, timed in turn over "
-           f"{i['rounds']} rounds of {i['repeats']} calls: the median over rounds, and the best round"
-           + (f"; CPU steal meanwhile {100 * steal:.1f} %" if steal is not None else "") + ":", "",
-           "| backend | network alone, median (best round) | one image end to end, median (p90) | with flip TTA "
-           "(4 views) | batch of 64 | loads | " + " | ".join(f"{k} bal. acc." for k in sets) + " |",
-           "|---|---|---|---|---|---|" + "---|" * len(sets)]
+    out = [
+        f"`{i['command']}` ({_cores(i)}, {i['machine']['threads']} threads; {i['model']} at {w}x{h}; balanced accuracy "
+        f"with the bundle's TTA ({i['tta'] or 'none'}), and in brackets its difference from torch with a 95 % paired "
+        f"bootstrap interval over images). One run, every backend from the same bundle, timed in turn over "
+        f"{i['rounds']} rounds of {i['repeats']} calls: the median over rounds, and the best round"
+        + (f"; CPU steal meanwhile {100 * steal:.1f} %" if steal is not None else "")
+        + ":",
+        "",
+        "| backend | network alone, median (best round) | one image end to end, median (p90) | with flip TTA "
+        "(4 views) | batch of 64 | loads | " + " | ".join(f"{k} bal. acc." for k in sets) + " |",
+        "|---|---|---|---|---|---|" + "---|" * len(sets),
+    ]
 
     def acc(v: dict, s: str) -> str:
         d = v["balanced_accuracy_minus_torch"][s]
@@ -430,21 +568,33 @@ def serving_table() -> list[str]:
     if stale:
         out[0] += f" **Its balanced accuracies are the bundle's earlier decision rule:** {stale}."
     for k, v in i["backends"].items():
-        out.append(f"| {k} | {v['network_ms']['median']:.2f} ms ({v['network_ms']['best_round']:.2f} ms) | "
-                   f"{v['end_to_end_ms']['median']:.2f} ms ({v['end_to_end_ms']['p90']:.2f} ms) | "
-                   f"{v['tta_ms']['median']:.1f} ms | {v['batch64_images_per_s']['median']:.0f} images/s | "
-                   f"{v['size_mb']:.1f} MB | " + " | ".join(acc(v, s) for s in sets) + " |")
+        out.append(
+            f"| {k} | {v['network_ms']['median']:.2f} ms ({v['network_ms']['best_round']:.2f} ms) | "
+            f"{v['end_to_end_ms']['median']:.2f} ms ({v['end_to_end_ms']['p90']:.2f} ms) | "
+            f"{v['tta_ms']['median']:.1f} ms | {v['batch64_images_per_s']['median']:.0f} images/s | "
+            f"{v['size_mb']:.1f} MB | " + " | ".join(acc(v, s) for s in sets) + " |"
+        )
     if q:
         how = q["calibration"] + (f", {q['bias_correction']} bias correction" if q.get("bias_correction") else "")
-        out += ["", f"int8 (NNCF, calibrated on {how}): valid balanced accuracy {q['valid_balanced_accuracy_int8']:.4f} "
-                f"against float {q['valid_balanced_accuracy_float']:.4f} ({q['checked_on']}), a loss of {q['drop']:.4f}; "
-                f"`dermaclass export --int8` keeps an int8 model only when the drop is <= 0.01. Float exports match "
-                f"torch within {max(i['exports']['onnx']['max_abs_diff'], i['exports']['openvino']['max_abs_diff']):.1e}."
-                + (f" int8 keeps {' and '.join(f'`{n}`' for n in q['float_layers'])} in float." if q.get("float_layers") else "")]
+        out += [
+            "",
+            f"int8 (NNCF, calibrated on {how}): valid balanced accuracy {q['valid_balanced_accuracy_int8']:.4f} "
+            f"against float {q['valid_balanced_accuracy_float']:.4f} ({q['checked_on']}), a loss of {q['drop']:.4f}; "
+            f"`dermaclass export --int8` keeps an int8 model only when the drop is <= 0.01. Float exports match "
+            f"torch within {max(i['exports']['onnx']['max_abs_diff'], i['exports']['openvino']['max_abs_diff']):.1e}."
+            + (
+                f" int8 keeps {' and '.join(f'`{n}`' for n in q['float_layers'])} in float."
+                if q.get("float_layers")
+                else ""
+            ),
+        ]
     if b:
-        out += ["", f"bfloat16 (the float IR at bfloat16 inference precision, `dermaclass export --bf16`): valid balanced "
-                f"accuracy {b['valid_balanced_accuracy_bf16']:.4f} against float {b['valid_balanced_accuracy_float']:.4f}, "
-                f"a loss of {b['drop']:.4f} (the same 0.01 limit)."]
+        out += [
+            "",
+            f"bfloat16 (the float IR at bfloat16 inference precision, `dermaclass export --bf16`): valid balanced "
+            f"accuracy {b['valid_balanced_accuracy_bf16']:.4f} against float {b['valid_balanced_accuracy_float']:.4f}, "
+            f"a loss of {b['drop']:.4f} (the same 0.01 limit).",
+        ]
     return out + int8_settings_table()
 
 
@@ -452,16 +602,22 @@ def int8_settings_table() -> list[str]:
     s = _load("int8_settings.json")
     if not s:
         return []
-    out = ["", f"int8 calibration settings, `{s['command']}` ({_cores(s)}; {s['model']}; {s['checked_on']} only, with "
-           f"the bundle's TTA; float balanced accuracy {s['valid_balanced_accuracy_float']:.4f}). Agreement: top-1 "
-           "agreement with float; shift: mean total-variation distance between the int8 and float probabilities. "
-           "The export uses the setting with the highest agreement and the lowest shift:", "",
-           "| setting | draw | images | bias correction | agreement | shift | valid bal. acc. (drop) | quantise s |",
-           "|---|---|---|---|---|---|---|---|"]
+    out = [
+        "",
+        f"int8 calibration settings, `{s['command']}` ({_cores(s)}; {s['model']}; {s['checked_on']} only, with "
+        f"the bundle's TTA; float balanced accuracy {s['valid_balanced_accuracy_float']:.4f}). Agreement: top-1 "
+        "agreement with float; shift: mean total-variation distance between the int8 and float probabilities. "
+        "The export uses the setting with the highest agreement and the lowest shift:",
+        "",
+        "| setting | draw | images | bias correction | agreement | shift | valid bal. acc. (drop) | quantise s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in s["settings"]:
-        out.append(f"| {r['setting']} | {r['draw']} | {r['images']} | {'fast' if r['fast_bias_correction'] else 'full'} | "
-                   f"{r['agreement_with_float']:.4f} | {r['mean_probability_shift']:.4f} | "
-                   f"{r['valid_balanced_accuracy']:.4f} ({r['drop']:+.4f}) | {r['quantise_seconds']:.0f} |")
+        out.append(
+            f"| {r['setting']} | {r['draw']} | {r['images']} | {'fast' if r['fast_bias_correction'] else 'full'} | "
+            f"{r['agreement_with_float']:.4f} | {r['mean_probability_shift']:.4f} | "
+            f"{r['valid_balanced_accuracy']:.4f} ({r['drop']:+.4f}) | {r['quantise_seconds']:.0f} |"
+        )
     return out
 
 
@@ -484,74 +640,145 @@ def ensemble_table() -> list[str]:
         return "-" if not v else f"{np.mean(v):{sign}.3f}" + (f" ± {np.std(v, ddof=1):.3f}" if len(v) > 1 else "")
 
     commands = "; ".join(f"`{c}`" for c in d.get("commands", [d["command"]]))
-    out = [f"{commands} ({_cores(d)}; split `{d['split_file']}`; every bundle with flip TTA and its own "
-           "calibration, as it serves). Balanced accuracy, mean ± sd over seeds (a seed is also a fold assignment); "
-           "PH2 has nevi and melanomas only, so its melanoma AUROC and the melanoma flag's sensitivity / specificity "
-           "at the stored threshold say more:", "",
-           "| variant | flags | seeds | HAM test | derm7pt | isic2017 | PH2 | PH2 mel AUROC | PH2 mel flag sens. / spec. "
-           "| ECE HAM / derm7pt | training min |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        f"{commands} ({_cores(d)}; split `{d['split_file']}`; every bundle with flip TTA and its own "
+        "calibration, as it serves). Balanced accuracy, mean ± sd over seeds (a seed is also a fold assignment); "
+        "PH2 has nevi and melanomas only, so its melanoma AUROC and the melanoma flag's sensitivity / specificity "
+        "at the stored threshold say more:",
+        "",
+        "| variant | flags | seeds | HAM test | derm7pt | isic2017 | PH2 | PH2 mel AUROC | PH2 mel flag sens. / spec. "
+        "| ECE HAM / derm7pt | training min |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for name in dict.fromkeys(r["variant"] for r in runs):
         mine = [r for r in runs if r["variant"] == name]
         ph2 = [where(r, "ph2") for r in mine]
         flag = [(p.get("operating_points") or {}).get("mel") or {} for p in ph2]
         reused = " (¹)" if any(r.get("reused") for r in mine) else ""
-        out.append(f"| {name}{reused} | `{' '.join(d['variants'].get(name, []))}` | {len(mine)} | "
-                   + " | ".join(mean([where(r, w).get("balanced_accuracy") for r in mine]) for w in sets)
-                   + f" | {mean([((p.get('per_class') or {}).get('mel') or {}).get('auroc') for p in ph2])} | "
-                   f"{mean([f.get('sensitivity') for f in flag])} / {mean([f.get('specificity') for f in flag])} | "
-                   f"{mean([where(r, 'test').get('ece') for r in mine])} / {mean([where(r, 'derm7pt').get('ece') for r in mine])} | "
-                   f"{mean([r.get('training_minutes') for r in mine])} |")
+        out.append(
+            f"| {name}{reused} | `{' '.join(d['variants'].get(name, []))}` | {len(mine)} | "
+            + " | ".join(mean([where(r, w).get("balanced_accuracy") for r in mine]) for w in sets)
+            + f" | {mean([((p.get('per_class') or {}).get('mel') or {}).get('auroc') for p in ph2])} | "
+            f"{mean([f.get('sensitivity') for f in flag])} / {mean([f.get('specificity') for f in flag])} | "
+            f"{mean([where(r, 'test').get('ece') for r in mine])} / {mean([where(r, 'derm7pt').get('ece') for r in mine])} | "
+            f"{mean([r.get('training_minutes') for r in mine])} |"
+        )
     reused = sorted({r["run"] for r in runs if r.get("reused")})
     if reused:
-        out += ["", f"(¹) measured on an existing bundle trained with these flags: {', '.join(f'`{x}`' for x in reused)}."]
-    ens = [r for r in runs if r.get("members") and r["members"] != {} and isinstance(r["members"], dict)
-           and r["members"].get("derm7pt")]
+        out += [
+            "",
+            f"(¹) measured on an existing bundle trained with these flags: {', '.join(f'`{x}`' for x in reused)}.",
+        ]
+    ens = [
+        r
+        for r in runs
+        if r.get("members") and r["members"] != {} and isinstance(r["members"], dict) and r["members"].get("derm7pt")
+    ]
     if ens:
-        out += ["", "The same ensembles' logits, combined otherwise or taken apart (balanced accuracy, mean over "
-                "the runs listed; Δ against the served mean of logits):", "",
-                "| variant | seeds | combination | HAM test | derm7pt | isic2017 | PH2 |", "|---|---|---|---|---|---|---|"]
+        out += [
+            "",
+            "The same ensembles' logits, combined otherwise or taken apart (balanced accuracy, mean over "
+            "the runs listed; Δ against the served mean of logits):",
+            "",
+            "| variant | seeds | combination | HAM test | derm7pt | isic2017 | PH2 |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for name in dict.fromkeys(r["variant"] for r in ens):
             mine = [r for r in ens if r["variant"] == name]
             for label, get in (
-                    ("mean of logits (served)", lambda r, w: where(r, w).get("balanced_accuracy")),
-                    ("Δ mean of probabilities", lambda r, w: (r["prob_mean"].get(w) or {}).get("balanced_accuracy")
-                     - where(r, w).get("balanced_accuracy")),
-                    ("Δ its members alone (mean)", lambda r, w: float(np.mean([m["balanced_accuracy"] for m in
-                                                                               r["members"][w]]))
-                     - where(r, w).get("balanced_accuracy"))):
-                out.append(f"| {name} | {len(mine)} | {label} | "
-                           + " | ".join(mean([get(r, w) for r in mine], "+" if label.startswith("Δ") else "")
-                                        for w in sets) + " |")
-    out += ["", "Trade-off curves of the melanoma flag (first seed of each variant): "
-            "`benchmarks/results/ensemble_tradeoff.png`."]
+                ("mean of logits (served)", lambda r, w: where(r, w).get("balanced_accuracy")),
+                (
+                    "Δ mean of probabilities",
+                    lambda r, w: (
+                        (r["prob_mean"].get(w) or {}).get("balanced_accuracy") - where(r, w).get("balanced_accuracy")
+                    ),
+                ),
+                (
+                    "Δ its members alone (mean)",
+                    lambda r, w: (
+                        float(np.mean([m["balanced_accuracy"] for m in r["members"][w]]))
+                        - where(r, w).get("balanced_accuracy")
+                    ),
+                ),
+            ):
+                out.append(
+                    f"| {name} | {len(mine)} | {label} | "
+                    + " | ".join(mean([get(r, w) for r in mine], "+" if label.startswith("Δ") else "") for w in sets)
+                    + " |"
+                )
+    out += [
+        "",
+        "Trade-off curves of the melanoma flag (first seed of each variant): "
+        "`benchmarks/results/ensemble_tradeoff.png`.",
+    ]
     lat = _load("inference_ensemble.json")
     if lat:
         rows = lat["backends"]
-        out += ["", f"Serving an ensemble (`{lat['command']}`: {lat.get('networks')} networks at "
-                + ", ".join(f"{w}x{h}" for w, h in lat.get("input_sizes", [])) + f", {lat['machine']['threads']} threads, "
-                "median over rounds): one image end to end without TTA / with the bundle's flip TTA: "
-                + "; ".join(f"{b} {r['end_to_end_ms']['median']:.1f} / {r['tta_ms']['median']:.1f} ms"
-                            for b, r in rows.items())
-                + ". int8 valid balanced accuracy drop per member (its own held-out fold): "
-                + ", ".join(f"{m['drop']:+.4f}" for m in (lat["exports"].get("openvino-int8") or {}).get("members", []))
-                + "."]
+        out += [
+            "",
+            f"Serving an ensemble (`{lat['command']}`: {lat.get('networks')} networks at "
+            + ", ".join(f"{w}x{h}" for w, h in lat.get("input_sizes", []))
+            + f", {lat['machine']['threads']} threads, "
+            "median over rounds): one image end to end without TTA / with the bundle's flip TTA: "
+            + "; ".join(
+                f"{b} {r['end_to_end_ms']['median']:.1f} / {r['tta_ms']['median']:.1f} ms" for b, r in rows.items()
+            )
+            + ". int8 valid balanced accuracy drop per member (its own held-out fold): "
+            + ", ".join(f"{m['drop']:+.4f}" for m in (lat["exports"].get("openvino-int8") or {}).get("members", []))
+            + ".",
+        ]
     return out
 
 
 def render() -> str:
-    parts = ["_Generated by `python benchmarks/tables.py` from `benchmarks/results/*.json` and the bundled "
-             "model's report; do not edit by hand._", "",
-             "#### The bundled model against its targets", "", *model_table(), "",
-             "#### Decision rule: nevus sensitivity against balanced accuracy", "", *decision_table(), "",
-             "#### The prior shift over seeds", "", *prior_table(), "",
-             "#### Test-time augmentation: flips and the dihedral group", "", *tta_table(), "",
-             "#### Recipes: seed 001 (stepwise) and seed 003 (SGDR) on our data", "", *recipes_table(), "",
-             "#### Deep ensembles against one network, over seeds", "", *ensemble_table(), "",
-             "#### Levers for other clinics' images (external validation), over seeds", "", *levers_tables(), "",
-             "#### Single training runs", "", *training_table(), "",
-             "#### Referral and class-activation maps (issue 14)", "", *refer_tables(), "",
-             "#### Serving backends (issue 16)", "", *serving_table(), "",
-             "#### Speed, serving and retraining", "", *speed_table()]
+    parts = [
+        "_Generated by `python benchmarks/tables.py` from `benchmarks/results/*.json` and the bundled "
+        "model's report; do not edit by hand._",
+        "",
+        "#### The bundled model against its targets",
+        "",
+        *model_table(),
+        "",
+        "#### Decision rule: nevus sensitivity against balanced accuracy",
+        "",
+        *decision_table(),
+        "",
+        "#### The prior shift over seeds",
+        "",
+        *prior_table(),
+        "",
+        "#### Test-time augmentation: flips and the dihedral group",
+        "",
+        *tta_table(),
+        "",
+        "#### Recipes: seed 001 (stepwise) and seed 003 (SGDR) on our data",
+        "",
+        *recipes_table(),
+        "",
+        "#### Deep ensembles against one network, over seeds",
+        "",
+        *ensemble_table(),
+        "",
+        "#### Levers for other clinics' images (external validation), over seeds",
+        "",
+        *levers_tables(),
+        "",
+        "#### Single training runs",
+        "",
+        *training_table(),
+        "",
+        "#### Referral and class-activation maps (issue 14)",
+        "",
+        *refer_tables(),
+        "",
+        "#### Serving backends (issue 16)",
+        "",
+        *serving_table(),
+        "",
+        "#### Speed, serving and retraining",
+        "",
+        *speed_table(),
+    ]
     return "\n".join(parts)
 
 

@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -70,8 +69,9 @@ def record_fields(record: Any, *, skip: tuple[str, ...] = ()) -> dict[str, Any]:
     return out
 
 
-def check_record_header(d: Any, *, source: Any, kind: str, current: int, required: tuple[str, ...],
-                        error: type[Exception]) -> None:
+def check_record_header(
+    d: Any, *, source: Any, kind: str, current: int, required: tuple[str, ...], error: type[Exception]
+) -> None:
     """What every typed record checks first in its parsed JSON: an object, a format version this
     code reads (``current`` or older), and the keys it cannot do without; ``error`` names the file."""
     if not isinstance(d, dict):

@@ -48,9 +48,16 @@ class Retrained:
         return list(self.comparison.get("sensitivity_drops") or [])
 
 
-def retrain(bundle: str | Path, data: Sequence[str | Path], out_dir: str | Path, *, n_boot: int = 1000,
-            force: bool = False, progress: Callable[[int, int], None] | None = None,
-            on_prepared: Callable[[Config, training.TrainData], None] | None = None) -> Retrained:
+def retrain(
+    bundle: str | Path,
+    data: Sequence[str | Path],
+    out_dir: str | Path,
+    *,
+    n_boot: int = 1000,
+    force: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+    on_prepared: Callable[[Config, training.TrainData], None] | None = None,
+) -> Retrained:
     """Train a new bundle in ``out_dir`` from ``bundle`` on ``data`` (the original source first,
     then new folders) and compare both on the parent's test split.
 
@@ -61,10 +68,14 @@ def retrain(bundle: str | Path, data: Sequence[str | Path], out_dir: str | Path,
     parent = read_bundle_meta(bundle)
     split_file = bundle / "split.csv"
     if not split_file.is_file():
-        raise DataError(f"{bundle}: no split.csv beside the bundle; retrain needs the parent's split to keep its test set")
+        raise DataError(
+            f"{bundle}: no split.csv beside the bundle; retrain needs the parent's split to keep its test set"
+        )
     known = {f.name for f in fields(Config)}
     inherited = {k: v for k, v in parent.config.items() if k in known}
-    cfg = training.inherit_bundle(load_config(**{**inherited, "init_bundle": str(bundle), "split_file": str(split_file)}))
+    cfg = training.inherit_bundle(
+        load_config(**{**inherited, "init_bundle": str(bundle), "split_file": str(split_file)})
+    )
     training.check_run_dir(out_dir, force=force)
     prepared = training.prepare_data(cfg, list(data), progress=progress)
     cfg = training.fit_batch_size(cfg, len(prepared.train_rows))  # small data: a smaller batch, or exit 5
@@ -82,6 +93,15 @@ def retrain(bundle: str | Path, data: Sequence[str | Path], out_dir: str | Path,
     write_compare(comparison, cmp_dir, force=force)
     new_classes = [c for c in prepared.vocab if c not in parent.classes]
     if comparison.get("sensitivity_drops"):
-        log.warning("%s: sensitivity drop in %s on the parent's test split", out_dir, ", ".join(comparison["sensitivity_drops"]))
-    return Retrained(result=result, cfg=cfg, split_file=split_file, split_reuse=dict(prepared.split_reuse),
-                     new_classes=new_classes, comparison=comparison, compare_dir=cmp_dir)
+        log.warning(
+            "%s: sensitivity drop in %s on the parent's test split", out_dir, ", ".join(comparison["sensitivity_drops"])
+        )
+    return Retrained(
+        result=result,
+        cfg=cfg,
+        split_file=split_file,
+        split_reuse=dict(prepared.split_reuse),
+        new_classes=new_classes,
+        comparison=comparison,
+        compare_dir=cmp_dir,
+    )

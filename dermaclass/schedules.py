@@ -108,16 +108,20 @@ MIN_BATCHES = 2  # full training batches per epoch in the smallest stage (fastai
 MIN_BATCH_SIZE = 4  # below this, BatchNorm statistics are noise
 
 
-def largest_batch_size(*, n_train: int, batch_size: int, fractions: Sequence[float] | None = None,
-                       min_batches: int = MIN_BATCHES) -> int:
+def largest_batch_size(
+    *, n_train: int, batch_size: int, fractions: Sequence[float] | None = None, min_batches: int = MIN_BATCHES
+) -> int:
     """The largest batch size <= ``batch_size`` that gives every stage ``min_batches`` full batches.
 
     ``fractions``: seed 001's stepwise subsets (stage i trains ``round(f_i * n_train)`` images at
     batch ``b * batch_size_multipliers[i]``); None for a single stage on all the images. 0 when
     not even batch size 1 fits. Pure, so the small-data rule is tested without a model.
     """
-    stages = ([(max(1, round(f * n_train)), m) for f, m in zip(fractions, batch_size_multipliers(len(fractions)))]
-              if fractions else [(n_train, 1)])
+    stages = (
+        [(max(1, round(f * n_train)), m) for f, m in zip(fractions, batch_size_multipliers(len(fractions)))]
+        if fractions
+        else [(n_train, 1)]
+    )
     fits = [b for b in range(batch_size, 0, -1) if all(n // (b * m) >= min_batches for n, m in stages)]
     return fits[0] if fits else 0
 
@@ -125,12 +129,17 @@ def largest_batch_size(*, n_train: int, batch_size: int, fractions: Sequence[flo
 def images_needed(*, batch_size: int, fractions: Sequence[float] | None = None, min_batches: int = MIN_BATCHES) -> int:
     """The fewest training images for which ``batch_size`` gives every stage ``min_batches`` batches."""
     n = 1
-    while largest_batch_size(n_train=n, batch_size=batch_size, fractions=fractions, min_batches=min_batches) < batch_size:
+    while (
+        largest_batch_size(n_train=n, batch_size=batch_size, fractions=fractions, min_batches=min_batches) < batch_size
+    ):
         n = n * 2 if n < 64 else n + max(1, n // 16)
     lo = n // 2
     while lo < n:  # bisect down to the exact count
         mid = (lo + n) // 2
-        if largest_batch_size(n_train=mid, batch_size=batch_size, fractions=fractions, min_batches=min_batches) >= batch_size:
+        if (
+            largest_batch_size(n_train=mid, batch_size=batch_size, fractions=fractions, min_batches=min_batches)
+            >= batch_size
+        ):
             n = mid
         else:
             lo = mid + 1
@@ -210,8 +219,10 @@ def stage_sizes(sizes: Sequence[str | Sequence[int]], n_stages: int, final: Sequ
     if len(parsed) != n_stages:
         raise ValueError(f"{len(parsed)} stage sizes for {n_stages} stages; give one per stage")
     if parsed[-1] != final:
-        raise ValueError(f"the last stage size {parsed[-1][0]}x{parsed[-1][1]} must equal the image size "
-                         f"{final[0]}x{final[1]} (the size the model is used at)")
+        raise ValueError(
+            f"the last stage size {parsed[-1][0]}x{parsed[-1][1]} must equal the image size "
+            f"{final[0]}x{final[1]} (the size the model is used at)"
+        )
     return parsed
 
 
@@ -291,11 +302,21 @@ def format_plan(plan: Sequence[Stage]) -> list[dict]:
     """Rows for printing: stage, fraction, images, batch size, LR, epochs."""
     rows = []
     for s in plan:
-        lr = f"{s.lr:.2e}" if s.lr is not None else (
-            f"range test x {s.lr_factor:.4g}" if s.range_test else f"stage-1 LR x {s.lr_factor:.4g}"
+        lr = (
+            f"{s.lr:.2e}"
+            if s.lr is not None
+            else (f"range test x {s.lr_factor:.4g}" if s.range_test else f"stage-1 LR x {s.lr_factor:.4g}")
         )
-        rows.append({"stage": s.stage, "fraction": f"{s.fraction:.0%}", "images": s.images,
-                     "batch size": s.batch_size, "LR": lr, "epochs": f"{s.head_epochs} head + {s.sgdr_epochs} SGDR"})
+        rows.append(
+            {
+                "stage": s.stage,
+                "fraction": f"{s.fraction:.0%}",
+                "images": s.images,
+                "batch size": s.batch_size,
+                "LR": lr,
+                "epochs": f"{s.head_epochs} head + {s.sgdr_epochs} SGDR",
+            }
+        )
         if len({p.size for p in plan}) > 1:  # progressive resizing: show each stage's input size
             rows[-1]["size"] = f"{s.size[0]}x{s.size[1]}"
     return rows
@@ -322,12 +343,15 @@ def parse_member(spec: str) -> tuple[str | None, tuple[int, int]]:
     """``"tf_efficientnet_lite1@160x120"`` -> (arch, size); ``"@160x120"`` keeps the run's arch (None)."""
     arch, sep, size = str(spec).strip().rpartition("@")
     if not sep:
-        raise ValueError(f"member {spec!r} is not ARCH@WIDTHxHEIGHT (e.g. tf_efficientnet_lite1@160x120) or @WIDTHxHEIGHT")
+        raise ValueError(
+            f"member {spec!r} is not ARCH@WIDTHxHEIGHT (e.g. tf_efficientnet_lite1@160x120) or @WIDTHxHEIGHT"
+        )
     return (arch.strip() or None), parse_size(size)
 
 
-def member_plan(members: int, *, arch: str, image_size: Sequence[int], seed: int,
-                member_archs: Sequence[str] = ()) -> list[Member]:
+def member_plan(
+    members: int, *, arch: str, image_size: Sequence[int], seed: int, member_archs: Sequence[str] = ()
+) -> list[Member]:
     """The members of a K-network ensemble: member k holds out fold k, trains with seed + k,
     and takes the k-th of ``member_archs`` (cycled), or ``arch`` at ``image_size``."""
     if members < 1:

@@ -35,9 +35,9 @@ from dermaclass import DISCLAIMER  # noqa: E402
 from dermaclass.data.images import ImageDecodeError, load_rgb  # noqa: E402
 from dermaclass.data.review import save_correction  # noqa: E402
 from dermaclass.errors import DermaclassError  # noqa: E402
-from dermaclass.serving.predictor import Predictor  # noqa: E402
 from dermaclass.models import DEFAULT_BUNDLE  # noqa: E402,F401 - the app's default, re-exported
 from dermaclass.report.figures import fmt_ci  # noqa: E402
+from dermaclass.serving.predictor import Predictor  # noqa: E402
 
 if TYPE_CHECKING:
     from dermaclass.evaluate.record import Report
@@ -96,8 +96,10 @@ def check_upload(path: str | None) -> np.ndarray:
     except Exception:  # noqa: BLE001 - unreadable files get load_rgb's precise reason below
         w = h = 0
     if w * h > MAX_PIXELS:
-        raise UploadError(f"{name}: {w}x{h} pixels is too large to analyse (limit {MAX_PIXELS // 10**6} megapixels); "
-                          "export a smaller copy.")
+        raise UploadError(
+            f"{name}: {w}x{h} pixels is too large to analyse (limit {MAX_PIXELS // 10**6} megapixels); "
+            "export a smaller copy."
+        )
     try:
         return np.asarray(load_rgb(p))  # full decode; also refuses decompression bombs
     except ImageDecodeError as exc:
@@ -143,16 +145,20 @@ def diagnose_markdown(p: Predictor, result: dict[str, Any]) -> str:
     ref = result["referral"]
     if ref["refer"]:  # a distinct warning block, not a heading that reads like any other
         reasons = "".join(f"<li>{html.escape(r)}</li>" for r in ref["reasons"])
-        lines.append(f'<div class="refer-banner" role="alert" style="border:2px solid #b91c1c;background:#fef2f2;'
-                     f'color:#7f1d1d;padding:0.6em 1em;border-radius:6px"><strong>⚠ {html.escape(ref["message"])}</strong>'
-                     f"<ul>{reasons}</ul></div>")
+        lines.append(
+            f'<div class="refer-banner" role="alert" style="border:2px solid #b91c1c;background:#fef2f2;'
+            f'color:#7f1d1d;padding:0.6em 1em;border-radius:6px"><strong>⚠ {html.escape(ref["message"])}</strong>'
+            f"<ul>{reasons}</ul></div>"
+        )
     else:
         top = result["top_k"][0]
         lines.append(f"### Most likely: {top['name']} ({top['probability']:.0%})")
     for c, f in result["flags"].items():
         if f["flagged"]:
-            lines.append(f"**{_label(p, c)} flagged**: probability {f['probability']:.1%} reaches the threshold "
-                         f"{f['threshold']:.1%} chosen for {f['target_sensitivity']:.0%} sensitivity on validation.")
+            lines.append(
+                f"**{_label(p, c)} flagged**: probability {f['probability']:.1%} reaches the threshold "
+                f"{f['threshold']:.1%} chosen for {f['target_sensitivity']:.0%} sensitivity on validation."
+            )
         else:
             lines.append(f"{_label(p, c)}: {f['probability']:.1%}, below its threshold {f['threshold']:.1%}.")
     k = int(result.get("networks") or 1)
@@ -161,11 +167,13 @@ def diagnose_markdown(p: Predictor, result: dict[str, Any]) -> str:
         tops = ", ".join(html.escape(p.name(c)) for c in dict.fromkeys(agree["member_top"]) if c != result["top"])
         n_agree = round(agree["share"] * k)
         lo, hi = min(agree["member_probability"]), max(agree["member_probability"])
-        lines.append(f'<div class="disagree-banner" role="status" style="border:2px solid #b45309;background:#fffbeb;'
-                     f'color:#78350f;padding:0.5em 1em;border-radius:6px"><strong>The networks disagree</strong>: '
-                     f"{n_agree} of {k} answer {html.escape(result['top_k'][0]['name'])}; the others answer "
-                     f"{tops}. Each network gives this answer {lo:.0%} to {hi:.0%}. Treat the result with extra "
-                     "caution.</div>")
+        lines.append(
+            f'<div class="disagree-banner" role="status" style="border:2px solid #b45309;background:#fffbeb;'
+            f'color:#78350f;padding:0.5em 1em;border-radius:6px"><strong>The networks disagree</strong>: '
+            f"{n_agree} of {k} answer {html.escape(result['top_k'][0]['name'])}; the others answer "
+            f"{tops}. Each network gives this answer {lo:.0%} to {hi:.0%}. Treat the result with extra "
+            "caution.</div>"
+        )
     elif k > 1:
         lines.append(f"All {k} networks of the ensemble give this answer.")
     tta = " with flip TTA" if result.get("tta") else ""
@@ -188,20 +196,31 @@ def report_views(folder: str | Path) -> tuple[str, str | None, pd.DataFrame]:
     def fig(k: str) -> str:
         return fmt_ci(r.metrics.get(k), iv.get(k))
 
-    md = (f"**{r.data.get('split')} split** of `{r.data.get('root')}`: {r.n} images, {r.data.get('groups')} groups; "
-          f"model `{r.model.get('bundle')}`\n\n"
-          f"balanced accuracy **{fig('balanced_accuracy')}** · macro-F1 {fig('macro_f1')} · "
-          f"macro AUROC {fig('macro_auroc')} · accuracy {fig('accuracy')} (misleading on imbalanced data)")
+    md = (
+        f"**{r.data.get('split')} split** of `{r.data.get('root')}`: {r.n} images, {r.data.get('groups')} groups; "
+        f"model `{r.model.get('bundle')}`\n\n"
+        f"balanced accuracy **{fig('balanced_accuracy')}** · macro-F1 {fig('macro_f1')} · "
+        f"macro AUROC {fig('macro_auroc')} · accuracy {fig('accuracy')} (misleading on imbalanced data)"
+    )
     for c, op in r.operating_points.items():
-        md += (f"\n\n{c} operating point P ≥ {op['threshold']:.3f}: sensitivity {op['sensitivity']:.3f}, "
-               f"specificity {op['specificity']:.3f}")
+        md += (
+            f"\n\n{c} operating point P ≥ {op['threshold']:.3f}: sensitivity {op['sensitivity']:.3f}, "
+            f"specificity {op['specificity']:.3f}"
+        )
     rows = []
     for c in r.classes:
         m, civ = r.per_class[c], (r.intervals.get("per_class") or {}).get(c) or {}
-        rows.append({"class": f"{r.names[c]} ({c})", "support": m["support"],
-                     "sensitivity": fmt_ci(m["sensitivity"], civ.get("sensitivity"), iv_digits=2),
-                     "specificity": fmt_ci(m["specificity"], civ.get("specificity"), iv_digits=2),
-                     "precision": fmt_ci(m["precision"]), "F1": fmt_ci(m["f1"]), "AUROC": fmt_ci(m["auroc"])})
+        rows.append(
+            {
+                "class": f"{r.names[c]} ({c})",
+                "support": m["support"],
+                "sensitivity": fmt_ci(m["sensitivity"], civ.get("sensitivity"), iv_digits=2),
+                "specificity": fmt_ci(m["specificity"], civ.get("specificity"), iv_digits=2),
+                "precision": fmt_ci(m["precision"]),
+                "F1": fmt_ci(m["f1"]),
+                "AUROC": fmt_ci(m["auroc"]),
+            }
+        )
     png = folder / "confusion_matrix.png"
     return md, str(png) if png.is_file() else None, pd.DataFrame(rows)
 
@@ -239,19 +258,33 @@ def model_status(p: Predictor) -> tuple[str, str | None]:
     report = _bundle_report(p)
     test = report.balanced_accuracy if report is not None else None
     valid = m.metrics_valid.get("balanced_accuracy")
-    kind = (f"ensemble of {len(p.networks)} networks: " + ", ".join(f"{x['arch']} {x['input_size'][0]}x{x['input_size'][1]}"
-                                                               for x in m.members)) if p.members else m.arch
-    line = (f"Model **{p.bundle.name}** ({kind}, {len(p.classes)} classes, trained {created}); "
-            + (f"test balanced accuracy **{test:.3f}**" if test is not None else "no test report"))
+    kind = (
+        (
+            f"ensemble of {len(p.networks)} networks: "
+            + ", ".join(f"{x['arch']} {x['input_size'][0]}x{x['input_size'][1]}" for x in m.members)
+        )
+        if p.members
+        else m.arch
+    )
+    line = f"Model **{p.bundle.name}** ({kind}, {len(p.classes)} classes, trained {created}); " + (
+        f"test balanced accuracy **{test:.3f}**" if test is not None else "no test report"
+    )
     chance = 1 / len(p.classes)
     problems = []
     if valid is None or valid < chance + CHANCE_MARGIN:
-        problems.append(f"its validation balanced accuracy is {'unknown' if valid is None else f'{valid:.2f}'}, "
-                        f"close to chance ({chance:.2f} for {len(p.classes)} classes)")
+        problems.append(
+            f"its validation balanced accuracy is {'unknown' if valid is None else f'{valid:.2f}'}, "
+            f"close to chance ({chance:.2f} for {len(p.classes)} classes)"
+        )
     if report is None:
-        problems.append(f"it has no evaluation report (`dermaclass evaluate {p.bundle} DATA --out {p.bundle / REPORT_DIR}`)")
-    warning = ("**⚠ Weak or unchecked model: " + "; ".join(problems) + ". Do not rely on its predictions.**"
-               if problems else None)
+        problems.append(
+            f"it has no evaluation report (`dermaclass evaluate {p.bundle} DATA --out {p.bundle / REPORT_DIR}`)"
+        )
+    warning = (
+        "**⚠ Weak or unchecked model: " + "; ".join(problems) + ". Do not rely on its predictions.**"
+        if problems
+        else None
+    )
     return line, warning
 
 
@@ -272,8 +305,11 @@ def build_app(bundle: str | Path, *, review_dir: str | Path = "review", backend:
         # Every new image resets the correction form: a stale label or note once went with the
         # next image. The same image diagnosed again (upload, then the button) keeps the form.
         same = bool(previous) and path is not None and previous.get("path") == path
-        reset = ((gr.update(), gr.update(), gr.update(), gr.update()) if same
-                 else (gr.update(value=None), gr.update(value=""), gr.update(value=""), ""))
+        reset = (
+            (gr.update(), gr.update(), gr.update(), gr.update())
+            if same
+            else (gr.update(value=None), gr.update(value=""), gr.update(value=""), "")
+        )
         try:
             image = check_upload(path)
             result = predictor.predict(image, tta=tta)
@@ -284,8 +320,12 @@ def build_app(bundle: str | Path, *, review_dir: str | Path = "review", backend:
         except DermaclassError as exc:
             return None, None, f"### Cannot predict\n\n{exc}", None, gr.update(interactive=False), *reset
         label = {_label(predictor, c): prob for c, prob in result["probabilities"].items()}
-        state = {"path": path, "name": Path(path).name, "top": result["top"],
-                 "probability": result["top_k"][0]["probability"]}
+        state = {
+            "path": path,
+            "name": Path(path).name,
+            "top": result["top"],
+            "probability": result["top_k"][0]["probability"],
+        }
         return label, overlay, diagnose_markdown(predictor, result), state, gr.update(interactive=True), *reset
 
     def correct(state: dict | None, label: str | None, note: str, lesion: str):
@@ -294,14 +334,24 @@ def build_app(bundle: str | Path, *, review_dir: str | Path = "review", backend:
         if not label:
             return "Choose the right label first."
         try:
-            row = save_correction(review_dir, state["path"], label=label, predicted=state["top"],
-                                  probability=state["probability"], model=model_id, note=note or "",
-                                  original_name=state.get("name"), lesion=lesion or "")
+            row = save_correction(
+                review_dir,
+                state["path"],
+                label=label,
+                predicted=state["top"],
+                probability=state["probability"],
+                model=model_id,
+                note=note or "",
+                original_name=state.get("name"),
+                lesion=lesion or "",
+            )
         except (OSError, DermaclassError, ImageDecodeError) as exc:
             return f"Not saved: {exc}"
-        return (f"Saved: {row['image']} as **{_label(predictor, label)}** (model said {_label(predictor, state['top'])}). "
-                f"{row['corrections']} correction(s) in `{review_dir / 'labels.csv'}`, ready for "
-                f"`dermaclass train ... {review_dir}`.")
+        return (
+            f"Saved: {row['image']} as **{_label(predictor, label)}** (model said {_label(predictor, state['top'])}). "
+            f"{row['corrections']} correction(s) in `{review_dir / 'labels.csv'}`, ready for "
+            f"`dermaclass train ... {review_dir}`."
+        )
 
     def open_report(folder: str):
         try:
@@ -317,21 +367,34 @@ def build_app(bundle: str | Path, *, review_dir: str | Path = "review", backend:
         except (DermaclassError, OSError) as exc:
             return f"Cannot compare: {exc}", None, pd.DataFrame()
         o = c["overall"]["balanced_accuracy"]
-        md = (f"balanced accuracy {o['old']:.3f} → {o['new']:.3f} ({o['delta']:+.3f}, interval "
-              f"[{o['delta_interval'][0]:+.3f}, {o['delta_interval'][1]:+.3f}])")
+        md = (
+            f"balanced accuracy {o['old']:.3f} → {o['new']:.3f} ({o['delta']:+.3f}, interval "
+            f"[{o['delta_interval'][0]:+.3f}, {o['delta_interval'][1]:+.3f}])"
+        )
         alert = drop_alert(c)
         if alert:
             md = f"## ⚠ {alert}\n\n" + md
-        rows = [{"class": k, "sensitivity old": fmt_ci(v["sensitivity"]["old"]), "new": fmt_ci(v["sensitivity"]["new"]),
-                 "delta": fmt_ci(v["sensitivity"]["delta"], v["sensitivity"]["delta_interval"], iv_digits=2),
-                 "drop": "YES" if v["sensitivity_drop"] else ""} for k, v in c["per_class"].items()]
+        rows = [
+            {
+                "class": k,
+                "sensitivity old": fmt_ci(v["sensitivity"]["old"]),
+                "new": fmt_ci(v["sensitivity"]["new"]),
+                "delta": fmt_ci(v["sensitivity"]["delta"], v["sensitivity"]["delta_interval"], iv_digits=2),
+                "drop": "YES" if v["sensitivity_drop"] else "",
+            }
+            for k, v in c["per_class"].items()
+        ]
         from io import BytesIO
 
         from PIL import Image
 
         # In memory, not a temporary file left behind in /tmp (Gradio's own cache is cleaned).
-        png = difference_png({"confusion_matrix": c["confusion_old"]}, {"confusion_matrix": c["confusion_new"]},
-                             c["classes"], c["class_names"])
+        png = difference_png(
+            {"confusion_matrix": c["confusion_old"]},
+            {"confusion_matrix": c["confusion_new"]},
+            c["classes"],
+            c["class_names"],
+        )
         return md, Image.open(BytesIO(png)), pd.DataFrame(rows)
 
     with gr.Blocks(title="dermaclass", analytics_enabled=False, delete_cache=DELETE_CACHE) as app:
@@ -343,16 +406,27 @@ def build_app(bundle: str | Path, *, review_dir: str | Path = "review", backend:
             gr.Markdown(status, elem_id="model-status")
             with gr.Row():
                 with gr.Column():
-                    image = _LenientImage(type="filepath", image_mode=None, sources=["upload", "clipboard", "webcam"],
-                                          label="Dermoscopic image", height=320)
-                    tta = gr.Checkbox(label="Test-time augmentation (flips; slower, steadier; on when the model was calibrated with it)",
-                                      value=predictor.tta)
+                    image = _LenientImage(
+                        type="filepath",
+                        image_mode=None,
+                        sources=["upload", "clipboard", "webcam"],
+                        label="Dermoscopic image",
+                        height=320,
+                    )
+                    tta = gr.Checkbox(
+                        label="Test-time augmentation (flips; slower, steadier; on when the model was calibrated with it)",
+                        value=predictor.tta,
+                    )
                     run = gr.Button("Diagnose", variant="primary")
                 with gr.Column():
                     verdict = gr.Markdown(elem_id="verdict")
                     probs = gr.Label(num_top_classes=len(predictor.classes), label="Calibrated probabilities")
-                    heat = gr.Image(label="Class-activation map (LayerCAM): regions behind the top class, beside the image",
-                                    interactive=False, height=320, format="png")
+                    heat = gr.Image(
+                        label="Class-activation map (LayerCAM): regions behind the top class, beside the image",
+                        interactive=False,
+                        height=320,
+                        format="png",
+                    )
             with gr.Accordion("The model is wrong? Save the right label for retraining", open=True):
                 with gr.Row():
                     right = gr.Dropdown(choices=choices, label="Right label", value=None)
@@ -365,11 +439,19 @@ def build_app(bundle: str | Path, *, review_dir: str | Path = "review", backend:
             image.upload(diagnose, [image, tta, state], outputs, api_name=False)
             save.click(correct, [state, right, note, lesion], saved, api_name="correct")
         with gr.Tab("Report"):
-            gr.Markdown("The loaded model's evaluation on its held-out test split, by lesion. Balanced accuracy "
-                        "(mean per-class sensitivity) matters here: plain accuracy is dominated by nevi.")
-            md0, png0, table0 = report_views(bundle_report) if (bundle_report / "report.json").is_file() else (
-                f"No report beside the model yet: `dermaclass evaluate {predictor.bundle} DATA --out {bundle_report}`",
-                None, pd.DataFrame())
+            gr.Markdown(
+                "The loaded model's evaluation on its held-out test split, by lesion. Balanced accuracy "
+                "(mean per-class sensitivity) matters here: plain accuracy is dominated by nevi."
+            )
+            md0, png0, table0 = (
+                report_views(bundle_report)
+                if (bundle_report / "report.json").is_file()
+                else (
+                    f"No report beside the model yet: `dermaclass evaluate {predictor.bundle} DATA --out {bundle_report}`",
+                    None,
+                    pd.DataFrame(),
+                )
+            )
             rep_md = gr.Markdown(md0)
             rep_png = gr.Image(png0, label="Confusion matrix", interactive=False)
             rep_table = gr.Dataframe(table0, label="Per class (95% intervals)", interactive=False)
@@ -384,22 +466,38 @@ def build_app(bundle: str | Path, *, review_dir: str | Path = "review", backend:
                 cmp_btn = gr.Button("Compare")
             cmp_md = gr.Markdown()
             cmp_png = gr.Image(label="Confusion difference (new − old)", interactive=False)
-            cmp_table = gr.Dataframe(pd.DataFrame(columns=["class", "sensitivity old", "new", "delta", "drop"]),
-                                     label="Per-class sensitivity", interactive=False)
+            cmp_table = gr.Dataframe(
+                pd.DataFrame(columns=["class", "sensitivity old", "new", "delta", "drop"]),
+                label="Per-class sensitivity",
+                interactive=False,
+            )
             cmp_btn.click(compare, [old, new], [cmp_md, cmp_png, cmp_table], api_name="compare")
         with gr.Tab("Model"):
             gr.Markdown(model_card(predictor))
     return app
 
 
-def launch(bundle: str | Path, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, review_dir: str | Path = "review",
-           block: bool = True, backend: str = "auto") -> gr.Blocks:
+def launch(
+    bundle: str | Path,
+    *,
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    review_dir: str | Path = "review",
+    block: bool = True,
+    backend: str = "auto",
+) -> gr.Blocks:
     """Serve the app (loopback by default, no share link)."""
     app = build_app(bundle, review_dir=review_dir, backend=backend)
     # quiet: Gradio's own banner suggests share=True; this app is private on purpose.
     log.warning("dermaclass app on http://%s:%d (private on purpose: no share link, analytics off)", host, port)
     app.queue(default_concurrency_limit=2).launch(
-        server_name=host, server_port=port, share=False, prevent_thread_lock=not block, show_error=True,
-        max_file_size=MAX_BYTES, footer_links=["api"], quiet=True,
+        server_name=host,
+        server_port=port,
+        share=False,
+        prevent_thread_lock=not block,
+        show_error=True,
+        max_file_size=MAX_BYTES,
+        footer_links=["api"],
+        quiet=True,
     )
     return app

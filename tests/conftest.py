@@ -110,9 +110,18 @@ def tiny_bundle(colour_data: Path, tmp_path_factory) -> Path:
     from dermaclass.train import prepare_data, train
 
     tmp = tmp_path_factory.mktemp("bundle")
-    cfg = load_config(image_size="32,24", batch_size=8, arch="test_resnet", pretrained=False, head_epochs=0, epochs=2,
-                      recipe="baseline", lr=1e-2, cache_dir=str(tmp / "cache"),
-                      colour_constancy="none")  # the generated classes differ only in colour
+    cfg = load_config(
+        image_size="32,24",
+        batch_size=8,
+        arch="test_resnet",
+        pretrained=False,
+        head_epochs=0,
+        epochs=2,
+        recipe="baseline",
+        lr=1e-2,
+        cache_dir=str(tmp / "cache"),
+        colour_constancy="none",
+    )  # the generated classes differ only in colour
     run = tmp / "run"
     train(cfg, prepare_data(cfg, colour_data), run)
     return run
@@ -125,8 +134,19 @@ def tiny_ensemble(colour_data: Path, tmp_path_factory) -> Path:
     from dermaclass.train import prepare_data, train_ensemble
 
     tmp = tmp_path_factory.mktemp("ensemble")
-    cfg = load_config(image_size="32,24", batch_size=8, arch="test_resnet", pretrained=False, head_epochs=0, epochs=2,
-                      recipe="baseline", lr=1e-2, colour_constancy="none", members=2, cache_dir=str(tmp / "cache"))
+    cfg = load_config(
+        image_size="32,24",
+        batch_size=8,
+        arch="test_resnet",
+        pretrained=False,
+        head_epochs=0,
+        epochs=2,
+        recipe="baseline",
+        lr=1e-2,
+        colour_constancy="none",
+        members=2,
+        cache_dir=str(tmp / "cache"),
+    )
     train_ensemble(cfg, prepare_data(cfg, colour_data), tmp / "run")
     return tmp / "run"
 

@@ -66,14 +66,24 @@ def _row(variant: str, seed: int, test: float, d7: float, isic: float) -> dict:
     def fig(ba: float) -> dict:
         return {"balanced_accuracy": ba, "macro_auroc": 0.9, "per_class": {"nv": {"sensitivity": 0.7}}}
 
-    return {"variant": variant, "seed": seed, "training_minutes": 5.0, "images_processed": 100, "test": fig(test),
-            "external": {"derm7pt": fig(d7), "isic2017": fig(isic)}}
+    return {
+        "variant": variant,
+        "seed": seed,
+        "training_minutes": 5.0,
+        "images_processed": 100,
+        "test": fig(test),
+        "external": {"derm7pt": fig(d7), "isic2017": fig(isic)},
+    }
 
 
 def test_lever_summary_is_mean_sd_and_same_seed_differences() -> None:
     common = _common()
-    rows = [_row("ref", 1, 0.60, 0.40, 0.40), _row("ref", 2, 0.70, 0.50, 0.44),
-            _row("new", 1, 0.62, 0.45, 0.41), _row("new", 2, 0.69, 0.58, 0.46)]
+    rows = [
+        _row("ref", 1, 0.60, 0.40, 0.40),
+        _row("ref", 2, 0.70, 0.50, 0.44),
+        _row("new", 1, 0.62, 0.45, 0.41),
+        _row("new", 2, 0.69, 0.58, 0.46),
+    ]
     s = common.summarise_rows(rows, reference="ref")
     assert s["ref"]["seeds"] == 2 and s["ref"]["test"]["balanced_accuracy"]["mean"] == pytest.approx(0.65)
     assert s["ref"]["test"]["balanced_accuracy"]["sd"] == pytest.approx(0.0707107, abs=1e-6)
@@ -89,14 +99,29 @@ def test_lever_table_renders_from_a_results_file(monkeypatch: pytest.MonkeyPatch
 
     tables, common = _tables(), _common()
     rows = [_row("ref", 1, 0.60, 0.40, 0.40), _row("new", 1, 0.62, 0.45, 0.41)]
-    (tmp_path / "levers_demo.json").write_text(json.dumps({
-        "machine": {"cpus": 2}, "command": "python benchmarks/bench_levers.py --lever demo", "lever": "demo",
-        "budget": "short", "budget_flags": ["--recipe", "stepwise"], "split_file": "split.csv", "reference": "ref",
-        "variants": {"ref": [], "new": ["--lr", "1e-2"]}, "complete": False, "runs": rows,
-        "summary": common.summarise_rows(rows, reference="ref")}))
+    (tmp_path / "levers_demo.json").write_text(
+        json.dumps(
+            {
+                "machine": {"cpus": 2},
+                "command": "python benchmarks/bench_levers.py --lever demo",
+                "lever": "demo",
+                "budget": "short",
+                "budget_flags": ["--recipe", "stepwise"],
+                "split_file": "split.csv",
+                "reference": "ref",
+                "variants": {"ref": [], "new": ["--lr", "1e-2"]},
+                "complete": False,
+                "runs": rows,
+                "summary": common.summarise_rows(rows, reference="ref"),
+            }
+        )
+    )
     (tmp_path / "levers_demo_quick.json").write_text("{}")  # smoke runs are never tabled
     monkeypatch.setattr(tables, "RESULTS", tmp_path)
     text = "\n".join(tables.levers_tables())
     assert "**Lever `demo`**" in text and "**incomplete run**" in text
-    assert "| new | `--lr 1e-2` | 1 | 0.620 | +0.020 (+0.020) | 0.450 | +0.050 (+0.050) | 0.410 | +0.010 (+0.010) |" in text
+    assert (
+        "| new | `--lr 1e-2` | 1 | 0.620 | +0.020 (+0.020) | 0.450 | +0.050 (+0.050) | 0.410 | +0.010 (+0.010) |"
+        in text
+    )
     assert "| ref | `(reference)` | 1 | 0.600 | - |" in text

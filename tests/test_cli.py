@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import save_image
 from typer.testing import CliRunner
 
-from conftest import save_image
 from dermaclass import __version__
 from dermaclass.cli import app
 
@@ -73,7 +73,9 @@ def test_bad_config_exit_2(tmp_path: Path, manifest_dataset: Path) -> None:
 
 def test_split_writes_refuses_overwrite_and_extends(manifest_dataset: Path, tmp_path: Path) -> None:
     out = tmp_path / "split.csv"
-    result = runner.invoke(app, ["data", "split", str(manifest_dataset), "--out", str(out), "--fractions", "0.6,0.2,0.2"])
+    result = runner.invoke(
+        app, ["data", "split", str(manifest_dataset), "--out", str(out), "--fractions", "0.6,0.2,0.2"]
+    )
     assert result.exit_code == 0, result.output
     split = pd.read_csv(out)
     assert list(split.columns) == ["image", "label", "group", "split", "hash"] and len(split) == 45
@@ -84,8 +86,14 @@ def test_split_writes_refuses_overwrite_and_extends(manifest_dataset: Path, tmp_
     for i in range(4):
         save_image(manifest_dataset / "images" / f"NEW_{i}.jpg", seed=900 + i)
     meta = pd.read_csv(manifest_dataset / "metadata.csv")
-    new = pd.DataFrame({"lesion_id": [f"LN{i}" for i in range(4)], "image_id": [f"NEW_{i}" for i in range(4)],
-                        "dx": ["mel", "nv", "bkl", "mel"], "age": 40})
+    new = pd.DataFrame(
+        {
+            "lesion_id": [f"LN{i}" for i in range(4)],
+            "image_id": [f"NEW_{i}" for i in range(4)],
+            "dx": ["mel", "nv", "bkl", "mel"],
+            "age": 40,
+        }
+    )
     pd.concat([meta, new]).to_csv(manifest_dataset / "metadata.csv", index=False)
     result = runner.invoke(app, ["data", "split", str(manifest_dataset), "--out", str(out), "--split-file", str(out)])
     assert result.exit_code == 0, result.output
@@ -141,8 +149,9 @@ def test_fit_ood_command(tiny_bundle: Path, colour_data: Path, tmp_path: Path) -
     assert _json.loads((bundle / "model.json").read_text())["calibration"]["refer"]["ood"]["method"] == "knn"
 
 
-def test_calibrate_command_keeps_the_bundles_settings_unless_given(tiny_bundle: Path, colour_data: Path,
-                                                                    tmp_path: Path) -> None:
+def test_calibrate_command_keeps_the_bundles_settings_unless_given(
+    tiny_bundle: Path, colour_data: Path, tmp_path: Path
+) -> None:
     import json as _json
     import shutil
 
@@ -194,8 +203,9 @@ def test_importing_the_trainer_prints_no_foreign_warnings() -> None:
     import subprocess
     import sys
 
-    res = subprocess.run([sys.executable, "-W", "default", "-c", "import dermaclass.train"], capture_output=True,
-                         text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-W", "default", "-c", "import dermaclass.train"], capture_output=True, text=True, timeout=120
+    )
     assert res.returncode == 0 and "jit.script" not in res.stderr and "chained_assignment" not in res.stderr
 
 
@@ -211,20 +221,25 @@ def test_the_cli_and_predict_do_not_import_gradio() -> None:
     import subprocess
     import sys
 
-    code = ("import sys; import dermaclass.cli, dermaclass.serving.predictor, dermaclass.serving.refer; "
-            "sys.exit(1 if 'gradio' in sys.modules else 0)")
+    code = (
+        "import sys; import dermaclass.cli, dermaclass.serving.predictor, dermaclass.serving.refer; "
+        "sys.exit(1 if 'gradio' in sys.modules else 0)"
+    )
     assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
 
 
 def test_a_bad_schedule_flag_exits_2_before_the_data_is_read(tmp_path: Path) -> None:
-    res = CliRunner().invoke(app, ["train", str(tmp_path / "no-such-data"), "--out", str(tmp_path / "run"),
-                                   "--cycle-mult", "1"])
+    res = CliRunner().invoke(
+        app, ["train", str(tmp_path / "no-such-data"), "--out", str(tmp_path / "run"), "--cycle-mult", "1"]
+    )
     assert res.exit_code == 2 and "cycle_mult=1: must be at least 2" in " ".join(res.output.split()), res.output
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("command", [["train"], ["lr-find"], ["evaluate"], ["fit-ood"], ["data", "validate"],
-                                     ["data", "split"], ["data", "card"]])
+@pytest.mark.parametrize(
+    "command",
+    [["train"], ["lr-find"], ["evaluate"], ["fit-ood"], ["data", "validate"], ["data", "split"], ["data", "card"]],
+)
 def test_every_command_that_reads_a_dataset_takes_the_same_data_options(command: list[str]) -> None:
     """Declared once (cli.DATA_OPTIONS): lr-find once lacked --image-col, --label-col, --group-col and --workers."""
     text = CliRunner().invoke(app, [*command, "--help"], terminal_width=200).output
@@ -241,13 +256,17 @@ def test_train_flags_come_from_the_config_with_its_defaults() -> None:
         flag = {"init_bundle": "--from"}.get(name, "--" + name.replace("_", "-"))
         assert flag in text, flag
     # the defaults in force, read from Config (a hand-written "[default: none]" had drifted here)
-    assert f"Colour normalisation, the same at training and inference: none | shades-of-gray [default: {Config().colour_constancy}]" in text
+    assert (
+        f"Colour normalisation, the same at training and inference: none | shades-of-gray [default: {Config().colour_constancy}]"
+        in text
+    )
     assert "--batch-size <int> b (stepwise: b, 2b, 3b, 4b, b) [default: 32]" in text
 
 
 @pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="openvino is not installed")
-def test_export_openvino_then_predict_says_which_backend_served(tiny_bundle: Path, colour_data: Path,
-                                                                tmp_path: Path) -> None:
+def test_export_openvino_then_predict_says_which_backend_served(
+    tiny_bundle: Path, colour_data: Path, tmp_path: Path
+) -> None:
     bundle = tmp_path / "b"
     shutil.copytree(tiny_bundle, bundle)
     runner = CliRunner()

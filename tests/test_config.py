@@ -54,15 +54,18 @@ def test_missing_file() -> None:
         load_config("/nonexistent/c.yaml")
 
 
-@pytest.mark.parametrize("flag, message", [
-    ({"cycle_mult": 1}, "cycle_mult=1: must be at least 2"),
-    ({"target_sensitivity": 0}, "target_sensitivity=0: must be between 0 and 1"),
-    ({"batch_size": 0}, "batch_size=0: must be at least 1"),
-    ({"stage_fractions": "0.5,0.4,1.0"}, "stage fractions must increase"),
-    ({"lr": -1.0}, "lr=-1.0: must be positive"),
-    ({"ood_keep": 1.5}, "ood_keep=1.5: must be between 0 and 1"),
-    ({"image_size": "8,8"}, "at least 16 pixels"),
-])
+@pytest.mark.parametrize(
+    "flag, message",
+    [
+        ({"cycle_mult": 1}, "cycle_mult=1: must be at least 2"),
+        ({"target_sensitivity": 0}, "target_sensitivity=0: must be between 0 and 1"),
+        ({"batch_size": 0}, "batch_size=0: must be at least 1"),
+        ({"stage_fractions": "0.5,0.4,1.0"}, "stage fractions must increase"),
+        ({"lr": -1.0}, "lr=-1.0: must be positive"),
+        ({"ood_keep": 1.5}, "ood_keep=1.5: must be between 0 and 1"),
+        ({"image_size": "8,8"}, "at least 16 pixels"),
+    ],
+)
 def test_out_of_range_settings_fail_before_any_work(flag: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_config(**flag)

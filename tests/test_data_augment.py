@@ -35,7 +35,7 @@ def test_zoom_frames_the_lesion_closer_than_basic() -> None:
         return float(np.mean([red(aug(image=img)["image"]).mean() for _ in range(300)]))
 
     def red(x: np.ndarray) -> np.ndarray:
-        return (x[..., 0].astype(int) - x[..., 1] > 80)
+        return x[..., 0].astype(int) - x[..., 1] > 80
 
     base = red(img).mean()
     basic, zoom = lesion_share("basic"), lesion_share("zoom")

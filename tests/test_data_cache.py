@@ -7,8 +7,8 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-
 from conftest import save_image
+
 from dermaclass.data import DecodeCache
 from dermaclass.data import cache as cache_module
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from conftest import noise_image
+
 from dermaclass.config import load_config
 from dermaclass.data import validate_source
 from dermaclass.data.images import ImageDecodeError
@@ -59,8 +59,9 @@ def test_notes_cannot_break_the_manifest(tmp_path: Path) -> None:
     noise_image(3).save(src)
     with pytest.raises(DataError, match="note is .* characters long"):
         save_correction(review, src, label="mel", note="x" * (MAX_NOTE + 1))
-    save_correction(review, src, label="mel", note="first line\rsecond, \"quoted\"\r\nthird", original_name="IMG 1.jpg",
-                    lesion="L-9")
+    save_correction(
+        review, src, label="mel", note='first line\rsecond, "quoted"\r\nthird', original_name="IMG 1.jpg", lesion="L-9"
+    )
     other = tmp_path / "b.png"
     noise_image(4).save(other)
     save_correction(review, other, label="nv")

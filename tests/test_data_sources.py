@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import zlib
-
 import json
+import zlib
 from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from conftest import HAM10000, save_image
+
 from dermaclass.config import load_config
 from dermaclass.data import load_class_names, load_dataset
 from dermaclass.errors import DataError
@@ -126,7 +125,13 @@ def test_ham10000_loads_without_flags() -> None:
     ds = load_dataset(HAM10000)
     assert len(ds.items) == 10015 and ds.items["group"].nunique() == 7470
     assert ds.items["label"].value_counts().to_dict() == {
-        "nv": 6705, "mel": 1113, "bkl": 1099, "bcc": 514, "akiec": 327, "vasc": 142, "df": 115
+        "nv": 6705,
+        "mel": 1113,
+        "bkl": 1099,
+        "bcc": 514,
+        "akiec": 327,
+        "vasc": 142,
+        "df": 115,
     }
     assert not ds.problems  # the masks/ folder is recognised as not data
 
@@ -145,8 +150,9 @@ def test_odd_manifests_symlinks_and_frames_are_reported(tmp_path: Path) -> None:
     root.mkdir()
     for i in range(4):
         Image.new("RGB", (32, 24), (40 * i, 90, 120)).save(root / f"img{i}.png")
-    (root / "labels.csv").write_text("image,label,label\n" + "".join(f"img{i}.png,{'mel' if i % 2 else 'nv'},x\n"
-                                                                     for i in range(4)))
+    (root / "labels.csv").write_text(
+        "image,label,label\n" + "".join(f"img{i}.png,{'mel' if i % 2 else 'nv'},x\n" for i in range(4))
+    )
     v = validate_source(load_config(), root)
     assert sorted(v.items["label"]) == ["mel", "mel", "nv", "nv"]
     assert any("'label' appears more than once" in n for n in v.dataset.notes)

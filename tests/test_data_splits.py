@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from conftest import HAM10000
+
 from dermaclass.data import assign_split, load_dataset, make_split, read_split, write_split
 from dermaclass.data.splits import n_folds, split_units
 from dermaclass.errors import DataError
@@ -106,8 +106,14 @@ def test_no_lesion_crosses_splits_on_full_ham10000() -> None:
 
 def test_renamed_image_keeps_its_split_by_content_hash() -> None:
 
-    items = pd.DataFrame({"image": [f"i{k}" for k in range(40)], "label": ["a", "b"] * 20,
-                          "group": [f"g{k}" for k in range(40)], "hash": [f"h{k}" for k in range(40)]})
+    items = pd.DataFrame(
+        {
+            "image": [f"i{k}" for k in range(40)],
+            "label": ["a", "b"] * 20,
+            "group": [f"g{k}" for k in range(40)],
+            "hash": [f"h{k}" for k in range(40)],
+        }
+    )
     old = make_split(items, seed=1)
     assert "hash" in old.columns
     renamed = items.assign(image=[f"clinic/{i}" for i in items["image"]], group=[f"clinic:{g}" for g in items["group"]])
@@ -121,7 +127,11 @@ def test_thin_classes_are_listed_per_part() -> None:
 
     from dermaclass.data.splits import thin_classes
 
-    split = pd.DataFrame({"label": ["a"] * 20 + ["b"] * 8, "split": ["train"] * 10 + ["valid"] * 5 + ["test"] * 5
-                          + ["train"] * 6 + ["valid"] * 1 + ["test"] * 1})
+    split = pd.DataFrame(
+        {
+            "label": ["a"] * 20 + ["b"] * 8,
+            "split": ["train"] * 10 + ["valid"] * 5 + ["test"] * 5 + ["train"] * 6 + ["valid"] * 1 + ["test"] * 1,
+        }
+    )
     assert thin_classes(split) == {"valid": {"b": 1}, "test": {"b": 1}}
     assert thin_classes(split, minimum=6) == {"valid": {"a": 5, "b": 1}, "test": {"a": 5, "b": 1}}

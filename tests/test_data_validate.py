@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import HAM_CLASSES, jpeg_bytes, save_image
 from PIL import Image
 
-from conftest import HAM_CLASSES, jpeg_bytes, save_image
 from dermaclass.data import load_dataset, validate
 
 
@@ -32,7 +32,7 @@ def messy_folder(tmp_path: Path) -> Path:
     (root / "mel" / "text.jpg").write_text("this is not an image")
     (root / "mel" / "notes.txt").write_text("clinic notes")
     (root / "nv" / "truncated.jpg").write_bytes(jpeg_bytes(7)[:400])
-    png = (root / "nv" / "ok_00.png")
+    png = root / "nv" / "ok_00.png"
     save_image(png, seed=5, fmt="PNG")
     data = bytearray(png.read_bytes())
     data[60:200] = bytes(140)  # zero out the compressed pixel data: a broken PNG
@@ -129,4 +129,3 @@ def test_real_ham10000_subset(ham_subset: Path) -> None:
     assert stats["image_modes"] == {"RGB": stats["images"]}
     assert stats["sizes"]["most_common"][0]["size"] == "200x150"
     assert stats["problems"]["total"] == 0
-

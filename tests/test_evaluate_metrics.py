@@ -186,5 +186,11 @@ def test_tradeoff_curve_runs_from_all_flagged_to_none_flagged() -> None:
     at = curve["threshold"].index(0.5)
     assert curve["sensitivity"][at] == 1 and curve["specificity"][at] == 1
     assert tradeoff_curve(np.array([1, 1]), p[:2], class_index=1) is None  # one side only
-    assert len(tradeoff_curve(np.arange(500) % 2, np.random.default_rng(0).random(500), class_index=1,
-                              points=41)["sensitivity"]) <= 41
+    assert (
+        len(
+            tradeoff_curve(np.arange(500) % 2, np.random.default_rng(0).random(500), class_index=1, points=41)[
+                "sensitivity"
+            ]
+        )
+        <= 41
+    )

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import noise_image
 
 from dermaclass import models
 from dermaclass.config import load_config
-from conftest import noise_image
 from dermaclass.evaluate.record import Report, read_report
 from dermaclass.evaluate.run import EvaluationError, evaluate_bundle, select_split
 from dermaclass.report import write_report
@@ -124,8 +124,21 @@ def test_cli_evaluate_with_external_sets(tiny_bundle: Path, colour_data: Path, t
     for c in ("mel", "nv"):
         shutil.copytree(colour_data / c, other / c)
     out = tmp_path / "rep"
-    res = CliRunner().invoke(app, ["evaluate", str(tiny_bundle), str(colour_data), "--out", str(out), "--n-boot", "20",
-                                   "--external", f"clinic_b={other}", "--tta"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "evaluate",
+            str(tiny_bundle),
+            str(colour_data),
+            "--out",
+            str(out),
+            "--n-boot",
+            "20",
+            "--external",
+            f"clinic_b={other}",
+            "--tta",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "external clinic_b: 40 images" in res.output
     report = json.loads((out / "report.json").read_text())
@@ -143,6 +156,16 @@ def test_cli_evaluate_with_external_sets(tiny_bundle: Path, colour_data: Path, t
     assert "HAM10000" not in card and "Vienna" not in card and "CC BY-NC" not in card
     assert "trained from random initialisation" in card and "licence not recorded" in card
     assert "one-cycle fit" in card and "seed 001" not in card
-    res = CliRunner().invoke(app, ["evaluate", str(tiny_bundle), str(colour_data), "--out", str(tmp_path / "r2"),
-                                   "--external", str(tmp_path / "nowhere")])
+    res = CliRunner().invoke(
+        app,
+        [
+            "evaluate",
+            str(tiny_bundle),
+            str(colour_data),
+            "--out",
+            str(tmp_path / "r2"),
+            "--external",
+            str(tmp_path / "nowhere"),
+        ],
+    )
     assert res.exit_code == 3 and "nowhere" in res.output and not (tmp_path / "r2").exists()

@@ -89,8 +89,9 @@ def package_graph() -> dict[str, set[str]]:
 def test_the_package_has_no_import_cycle() -> None:
     graph = package_graph()
     found = cycles(graph)
-    detail = "; ".join(" <-> ".join(c) + " (" + ", ".join(f"{v} -> {sorted(set(graph[v]) & set(c))}" for v in c) + ")"
-                       for c in found)
+    detail = "; ".join(
+        " <-> ".join(c) + " (" + ", ".join(f"{v} -> {sorted(set(graph[v]) & set(c))}" for v in c) + ")" for c in found
+    )
     assert not found, f"import cycles: {detail}"
 
 
@@ -117,5 +118,8 @@ def test_the_serving_package_points_down() -> None:
     serving = {m for m in graph if m.startswith("dermaclass.serving.")}
     assert graph["dermaclass.serving.refer"] & serving == set()
     assert graph["dermaclass.serving.backends"] & serving == set()
-    assert graph["dermaclass.serving.predictor"] & serving == {"dermaclass.serving.backends", "dermaclass.serving.explain",
-                                                               "dermaclass.serving.refer"}
+    assert graph["dermaclass.serving.predictor"] & serving == {
+        "dermaclass.serving.backends",
+        "dermaclass.serving.explain",
+        "dermaclass.serving.refer",
+    }

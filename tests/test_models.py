@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import HAM10000, noise_image
 from PIL import Image
 
-from conftest import HAM10000, noise_image
 from dermaclass import models
 from dermaclass.models import ModelError
 
@@ -84,8 +84,9 @@ def test_local_weights_file(tmp_path: Path) -> None:
 
 def test_bundle_round_trip_and_no_silent_overwrite(tmp_path: Path) -> None:
     net = models.build_model("resnet18", 3, pretrained=False).eval()
-    meta = models.BundleMeta(arch="resnet18", classes=("a", "b", "c"), input_size=(32, 24),
-                             normalization=models.normalization("resnet18"))
+    meta = models.BundleMeta(
+        arch="resnet18", classes=("a", "b", "c"), input_size=(32, 24), normalization=models.normalization("resnet18")
+    )
     models.save_bundle(net, meta, tmp_path / "b")
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["model.json", "model.safetensors"]
     loaded, back = models.load_bundle(tmp_path / "b")
@@ -116,9 +117,14 @@ def test_bad_bundles(tmp_path: Path) -> None:
 def small_bundle(tmp_path: Path) -> Path:
     net = models.build_model("test_resnet", 3, pretrained=False).eval()
     meta = models.BundleMeta(
-        arch="test_resnet", classes=("a", "b", "c"), input_size=(32, 24), normalization=models.normalization("test_resnet"),
+        arch="test_resnet",
+        classes=("a", "b", "c"),
+        input_size=(32, 24),
+        normalization=models.normalization("test_resnet"),
         calibration={"temperature": 1.5, "refer": {"min_top_probability": 0.5, "ood": {"threshold": -3.0}}},
-        operating_points={"a": {"threshold": 0.2}}, tta="flips4")
+        operating_points={"a": {"threshold": 0.2}},
+        tta="flips4",
+    )
     return models.save_bundle(net, meta, tmp_path / "b")
 
 
@@ -129,27 +135,33 @@ def _edit(bundle: Path, change) -> None:  # noqa: ANN001 - change(meta) -> meta
     path.write_text(json.dumps(change(json.loads(path.read_text()))))
 
 
-@pytest.mark.parametrize("change, problem", [
-    (lambda m: 5, "JSON object"),
-    (lambda m: None, "JSON object"),
-    (lambda m: "hello", "JSON object"),
-    (lambda m: {**m, "head": []}, "head"),
-    (lambda m: {**m, "normalization": {"mean": [0.5, 0.5], "std": [0.2, 0.2, 0.2]}}, "normalization.mean"),
-    (lambda m: {**m, "normalization": {**m["normalization"], "std": [0.2, 0.0, 0.2]}}, "normalization.std is \\[0.2, 0.0, 0.2\\]"),
-    (lambda m: {**m, "input_size": [-128, 96]}, "input_size"),
-    (lambda m: {**m, "input_size": [0, 0]}, "input_size"),
-    (lambda m: {**m, "input_size": "ab"}, "input_size"),
-    (lambda m: {**m, "input_size": [128]}, "input_size"),
-    (lambda m: {**m, "input_size": [20000, 20000]}, "input_size"),
-    (lambda m: {**m, "calibration": {"temperature": "hot"}}, "temperature"),
-    (lambda m: {**m, "calibration": {"temperature": 0}}, "temperature"),
-    (lambda m: {**m, "calibration": {"temperature": -1.0}}, "temperature"),
-    (lambda m: {**m, "operating_points": {"a": {"threshold": "high"}}}, "threshold"),
-    (lambda m: {**m, "classes": ["a", "a", "b"]}, "classes"),
-    (lambda m: {**m, "format": 99}, "newer"),
-    (lambda m: {**m, "tta": "rotate"}, "tta"),
-    (lambda m: {**m, "calibration": {"refer": {"ood": {"method": "odin", "threshold": 1.0}}}}, "ood.method"),
-])
+@pytest.mark.parametrize(
+    "change, problem",
+    [
+        (lambda m: 5, "JSON object"),
+        (lambda m: None, "JSON object"),
+        (lambda m: "hello", "JSON object"),
+        (lambda m: {**m, "head": []}, "head"),
+        (lambda m: {**m, "normalization": {"mean": [0.5, 0.5], "std": [0.2, 0.2, 0.2]}}, "normalization.mean"),
+        (
+            lambda m: {**m, "normalization": {**m["normalization"], "std": [0.2, 0.0, 0.2]}},
+            "normalization.std is \\[0.2, 0.0, 0.2\\]",
+        ),
+        (lambda m: {**m, "input_size": [-128, 96]}, "input_size"),
+        (lambda m: {**m, "input_size": [0, 0]}, "input_size"),
+        (lambda m: {**m, "input_size": "ab"}, "input_size"),
+        (lambda m: {**m, "input_size": [128]}, "input_size"),
+        (lambda m: {**m, "input_size": [20000, 20000]}, "input_size"),
+        (lambda m: {**m, "calibration": {"temperature": "hot"}}, "temperature"),
+        (lambda m: {**m, "calibration": {"temperature": 0}}, "temperature"),
+        (lambda m: {**m, "calibration": {"temperature": -1.0}}, "temperature"),
+        (lambda m: {**m, "operating_points": {"a": {"threshold": "high"}}}, "threshold"),
+        (lambda m: {**m, "classes": ["a", "a", "b"]}, "classes"),
+        (lambda m: {**m, "format": 99}, "newer"),
+        (lambda m: {**m, "tta": "rotate"}, "tta"),
+        (lambda m: {**m, "calibration": {"refer": {"ood": {"method": "odin", "threshold": 1.0}}}}, "ood.method"),
+    ],
+)
 def test_malformed_metadata_is_refused_with_exit_4(small_bundle: Path, change, problem: str) -> None:
     _edit(small_bundle, change)
     with pytest.raises(ModelError, match=problem) as info:
@@ -214,7 +226,9 @@ def test_feature_layer_is_the_block_before_the_last_and_the_tap_is_one_hook() ->
 
 def test_a_class_list_that_does_not_fit_the_weights_names_the_field(small_bundle: Path) -> None:
     _edit(small_bundle, lambda m: {**m, "classes": ["a", "b", "c", "d"], "weights_sha256": None})
-    with pytest.raises(ModelError, match=r"model.json: classes lists 4 classes but the weights' output layer has 3") as info:
+    with pytest.raises(
+        ModelError, match=r"model.json: classes lists 4 classes but the weights' output layer has 3"
+    ) as info:
         models.load_bundle(small_bundle)
     assert info.value.exit_code == 4
 

@@ -23,15 +23,24 @@ def fake_report(folder: Path, labels: np.ndarray, probs: np.ndarray, *, images_s
     """An evaluate output folder written from labels and probabilities (the compare inputs)."""
     folder.mkdir(parents=True)
     n = len(labels)
-    preds = pd.DataFrame({"image": [f"img{i:04d}" for i in range(n)], "group": [f"lesion{i // 2}" for i in range(n)],
-                          "label": [CLASSES[i] for i in labels], "predicted": [CLASSES[i] for i in probs.argmax(1)]})
+    preds = pd.DataFrame(
+        {
+            "image": [f"img{i:04d}" for i in range(n)],
+            "group": [f"lesion{i // 2}" for i in range(n)],
+            "label": [CLASSES[i] for i in labels],
+            "predicted": [CLASSES[i] for i in probs.argmax(1)],
+        }
+    )
     for i, c in enumerate(CLASSES):
         preds[f"p_{c}"] = probs[:, i]
     preds.to_csv(folder / "predictions.csv", index=False)
-    report = Report(classes=tuple(CLASSES), class_names={"mel": "melanoma"},
-                    metrics=classification_metrics(labels, probs, CLASSES),
-                    model={"bundle": str(folder), "weights_sha256": "0" * 64},
-                    data={"images_sha256": images_sha, "n": n, "split": "test", "root": "data"})
+    report = Report(
+        classes=tuple(CLASSES),
+        class_names={"mel": "melanoma"},
+        metrics=classification_metrics(labels, probs, CLASSES),
+        model={"bundle": str(folder), "weights_sha256": "0" * 64},
+        data={"images_sha256": images_sha, "n": n, "split": "test", "root": "data"},
+    )
     (folder / "report.json").write_text(json.dumps(report.to_dict()))
     return folder
 
@@ -90,10 +99,14 @@ def test_compare_refuses_different_test_sets(two_reports, tmp_path: Path) -> Non
 
 def test_cli_compare_exits_6_on_a_drop(two_reports, tmp_path: Path) -> None:
     old, new, same = two_reports
-    res = CliRunner().invoke(app, ["report", "compare", str(old), str(new), "--out", str(tmp_path / "c1"), "--n-boot", "100"])
+    res = CliRunner().invoke(
+        app, ["report", "compare", str(old), str(new), "--out", str(tmp_path / "c1"), "--n-boot", "100"]
+    )
     assert res.exit_code == 6, res.output
     assert "DROP" in res.output
-    res = CliRunner().invoke(app, ["report", "compare", str(old), str(same), "--out", str(tmp_path / "c2"), "--n-boot", "50"])
+    res = CliRunner().invoke(
+        app, ["report", "compare", str(old), str(same), "--out", str(tmp_path / "c2"), "--n-boot", "50"]
+    )
     assert res.exit_code == 0, res.output
 
 
@@ -103,8 +116,12 @@ def _report_dict(k: int) -> dict:
     y = rng.integers(0, k, 200)
     p = rng.dirichlet(np.ones(k), 200)
     m = classification_metrics(y, p, classes)
-    return {**m, "classes": classes, "class_names": {c: f"<b>{c}</b> long name" for c in classes},
-            "data": {"split": "test"}}
+    return {
+        **m,
+        "classes": classes,
+        "class_names": {c: f"<b>{c}</b> long name" for c in classes},
+        "data": {"split": "test"},
+    }
 
 
 @pytest.mark.parametrize("k", [7, 10])
@@ -137,8 +154,10 @@ def test_model_card_from_bundle_and_report(tiny_bundle, colour_data, tmp_path: P
 
     bundle = tmp_path / "b"
     shutil.copytree(tiny_bundle, bundle)
-    write_report(evaluate_bundle(bundle, colour_data, cfg=load_config(cache_dir=str(tmp_path / "c")), n_boot=20),
-                 bundle / "report")
+    write_report(
+        evaluate_bundle(bundle, colour_data, cfg=load_config(cache_dir=str(tmp_path / "c")), n_boot=20),
+        bundle / "report",
+    )
     data_card = tmp_path / "clinic.md"
     data_card.write_text("# Data card: clinic\n\n## License\n**CC BY 4.0** (the clinic's own images)\n")
     res = CliRunner().invoke(app, ["report", "card", str(bundle), "--name", "tiny", "--data-card", str(data_card)])

@@ -106,7 +106,12 @@ def test_nested_subsets_are_nested_and_stratified() -> None:
         assert set(small) < set(big)
     assert len(subsets[-1]) == len(labels)
     first = labels[subsets[0]]
-    assert {c: int((first == c).sum()) for c in ("nv", "mel", "df", "vasc")} == {"nv": 134, "mel": 22, "df": 3, "vasc": 1}
+    assert {c: int((first == c).sum()) for c in ("nv", "mel", "df", "vasc")} == {
+        "nv": 134,
+        "mel": 22,
+        "df": 3,
+        "vasc": 1,
+    }
     assert np.array_equal(subsets[1], S.nested_subsets(labels, (0.2, 0.4, 0.6, 0.8, 1.0), seed=0)[1])
     assert not np.array_equal(subsets[0], S.nested_subsets(labels, (0.2, 0.4, 0.6, 0.8, 1.0), seed=1)[0])
 

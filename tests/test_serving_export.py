@@ -13,12 +13,23 @@ import numpy as np
 import pytest
 
 from dermaclass.config import load_config
-from dermaclass.serving.export import ExportError, check_bf16_bundle, cpu_has_bf16, export_onnx, export_openvino, quantize_bundle
+from dermaclass.serving.export import (
+    ExportError,
+    check_bf16_bundle,
+    cpu_has_bf16,
+    export_onnx,
+    export_openvino,
+    quantize_bundle,
+)
 from dermaclass.serving.predictor import Predictor
 
-needs_onnxruntime = pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None, reason="onnxruntime is not installed")
-needs_openvino = pytest.mark.skipif(importlib.util.find_spec("openvino") is None or importlib.util.find_spec("nncf") is None,
-                                    reason="openvino and nncf are not installed (pip install 'dermaclass[openvino]')")
+needs_onnxruntime = pytest.mark.skipif(
+    importlib.util.find_spec("onnxruntime") is None, reason="onnxruntime is not installed"
+)
+needs_openvino = pytest.mark.skipif(
+    importlib.util.find_spec("openvino") is None or importlib.util.find_spec("nncf") is None,
+    reason="openvino and nncf are not installed (pip install 'dermaclass[openvino]')",
+)
 
 
 @pytest.fixture()
@@ -69,8 +80,9 @@ def test_openvino_export_matches_torch_and_serves(bundle: Path, colour_data: Pat
 
 
 @needs_openvino
-def test_int8_is_refused_when_it_costs_accuracy_and_kept_when_it_does_not(bundle: Path, colour_data: Path,
-                                                                          tmp_path: Path) -> None:
+def test_int8_is_refused_when_it_costs_accuracy_and_kept_when_it_does_not(
+    bundle: Path, colour_data: Path, tmp_path: Path
+) -> None:
     cfg = load_config(cache_dir=str(tmp_path / "cache"))
     # A limit no model can meet: the export must refuse and write nothing.
     with pytest.raises(ExportError, match=r"int8 loses .* balanced accuracy on the valid split .* not written"):
@@ -80,7 +92,9 @@ def test_int8_is_refused_when_it_costs_accuracy_and_kept_when_it_does_not(bundle
     info = quantize_bundle(bundle, colour_data, cfg=cfg, n_calibration=20, max_drop=1.0)
     assert (bundle / "model-int8.xml").is_file() and info["calibration"] == "train split, 20 images"
     record = json.loads((bundle / "model.json").read_text())["exports"]["openvino-int8"]
-    assert record["drop"] == pytest.approx(record["valid_balanced_accuracy_float"] - record["valid_balanced_accuracy_int8"])
+    assert record["drop"] == pytest.approx(
+        record["valid_balanced_accuracy_float"] - record["valid_balanced_accuracy_int8"]
+    )
     first, last = record["float_layers"]  # the stem convolution and the classifier stay float
     assert "Conv" in first and last
     pred = Predictor(bundle, backend="openvino-int8")
@@ -145,8 +159,9 @@ def test_calibration_pick_draws_every_class_equally_then_fills_at_random() -> No
 
 
 @needs_openvino
-def test_an_ensemble_is_exported_and_published_member_by_member(tiny_ensemble: Path, colour_data: Path,
-                                                                  tmp_path: Path) -> None:
+def test_an_ensemble_is_exported_and_published_member_by_member(
+    tiny_ensemble: Path, colour_data: Path, tmp_path: Path
+) -> None:
     from typer.testing import CliRunner
 
     from dermaclass.cli import app

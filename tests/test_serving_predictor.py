@@ -10,8 +10,8 @@ from PIL import Image
 
 from dermaclass.data import DecodeCache
 from dermaclass.evaluate.metrics import softmax
-from dermaclass.serving.predictor import Predictor
 from dermaclass.models import ModelError
+from dermaclass.serving.predictor import Predictor
 
 
 def test_predict_one_file(tiny_bundle: Path, colour_data: Path) -> None:
@@ -76,8 +76,13 @@ def test_tta_averages_flipped_views(tiny_bundle: Path, colour_data: Path) -> Non
     assert np.allclose(pred.logits([im], tta=True), expected, atol=1e-5)
     # Several images in groups (the flips of a group go through as one batch): the same means.
     ims = [pred.preprocess(colour_data / c / "1.png") for c in ("bkl", "mel", "nv")]
-    one_by_one = [np.mean([pred.forward([np.ascontiguousarray(v)], tta=False)[0][0]
-                           for v in (x, x[:, ::-1], x[::-1], x[::-1, ::-1])], axis=0) for x in ims]
+    one_by_one = [
+        np.mean(
+            [pred.forward([np.ascontiguousarray(v)], tta=False)[0][0] for v in (x, x[:, ::-1], x[::-1], x[::-1, ::-1])],
+            axis=0,
+        )
+        for x in ims
+    ]
     logits, feats = pred.forward(ims, tta=True, batch_size=2)
     assert logits.shape == (3, len(pred.classes)) and feats is not None and len(feats) == 3
     assert np.allclose(logits, np.stack(one_by_one), atol=1e-5)
@@ -129,8 +134,9 @@ def test_colour_constancy_from_the_bundle_is_applied(tiny_bundle: Path, colour_d
     assert not np.allclose(plain.logits(images), expected, atol=1e-3)
     # Flip TTA corrects each image once and flips the result: the same as correcting every view.
     views = [lambda a: a, np.fliplr, np.flipud, lambda a: a[::-1, ::-1]]
-    per_view = np.mean([plain.logits([shades_of_gray(np.ascontiguousarray(v(im))) for im in images], tta=False)
-                        for v in views], axis=0)
+    per_view = np.mean(
+        [plain.logits([shades_of_gray(np.ascontiguousarray(v(im))) for im in images], tta=False) for v in views], axis=0
+    )
     assert np.allclose(cc.logits(images, tta=True), per_view, atol=1e-4)
     meta["preprocessing"]["colour_constancy"] = "retinex"
     (bundle / "model.json").write_text(json.dumps(meta))
@@ -138,8 +144,9 @@ def test_colour_constancy_from_the_bundle_is_applied(tiny_bundle: Path, colour_d
         Predictor(bundle)
 
 
-def test_a_broken_model_never_hands_out_nan(tiny_bundle: Path, colour_data: Path, tmp_path: Path,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_broken_model_never_hands_out_nan(
+    tiny_bundle: Path, colour_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import json
     import shutil
 
@@ -149,9 +156,19 @@ def test_a_broken_model_never_hands_out_nan(tiny_bundle: Path, colour_data: Path
     from dermaclass.cli import app
 
     pred = Predictor(tiny_bundle)
-    monkeypatch.setattr(pred, "member_outputs", lambda images, **kw: [
-        (np.full((len(next(iter(images.values())) if isinstance(images, dict) else images), len(pred.classes)), np.nan),
-         None)])
+    monkeypatch.setattr(
+        pred,
+        "member_outputs",
+        lambda images, **kw: [
+            (
+                np.full(
+                    (len(next(iter(images.values())) if isinstance(images, dict) else images), len(pred.classes)),
+                    np.nan,
+                ),
+                None,
+            )
+        ],
+    )
     with pytest.raises(ModelError, match="non-finite probabilities for .*0.png"):
         pred.predict(colour_data / "mel" / "0.png")
     with pytest.raises(ModelError, match="non-finite"):
@@ -212,8 +229,11 @@ def _screenshot() -> np.ndarray:
     d.rectangle((0, 0, 900, 60), fill=(249, 115, 22))
     d.rectangle((40, 480, 200, 520), fill=(37, 99, 235))
     for i in range(14):
-        d.text((40, 90 + 26 * i), "Calibrated probabilities: melanocytic nevus 57 % - decision support only " * 2,
-               fill=(30, 30, 30))
+        d.text(
+            (40, 90 + 26 * i),
+            "Calibrated probabilities: melanocytic nevus 57 % - decision support only " * 2,
+            fill=(30, 30, 30),
+        )
     return np.asarray(page)
 
 

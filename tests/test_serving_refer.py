@@ -80,7 +80,9 @@ def test_threshold_keeps_the_requested_share() -> None:
 
 def test_energy_needs_no_stats_and_unknown_method_is_named() -> None:
     logits = np.array([[5.0, 0.0], [0.0, 0.0]])
-    s = refer.score("energy", logits=logits, features=None, stats=refer.fit("energy", np.zeros((2, 2)), np.zeros(2, int), 2))
+    s = refer.score(
+        "energy", logits=logits, features=None, stats=refer.fit("energy", np.zeros((2, 2)), np.zeros(2, int), 2)
+    )
     assert s[0] > s[1]
     with pytest.raises(ValueError, match="unknown out-of-distribution method 'odin'"):
         refer.fit("odin", np.zeros((2, 2)), np.zeros(2, int), 2)
@@ -94,7 +96,7 @@ def test_stats_round_trip_through_safetensors(tmp_path: Path) -> None:
     path = refer.save_stats(tmp_path, stats)
     assert path is not None and path.name == refer.OOD_FILE
     n = int.from_bytes(path.read_bytes()[:8], "little")  # safetensors: a length, then a JSON header (no pickle)
-    assert b"precision" in path.read_bytes()[8:8 + n]
+    assert b"precision" in path.read_bytes()[8 : 8 + n]
     back = refer.load_stats(tmp_path, "mahalanobis")
     assert np.array_equal(back["precision"], stats["precision"])
     with pytest.raises(ValueError, match="knn needs"):

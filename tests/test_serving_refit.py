@@ -11,13 +11,14 @@ import pytest
 from dermaclass.serving.predictor import Predictor
 
 
-def test_fit_ood_refits_only_with_force_and_records_the_method(tiny_bundle: Path, colour_data: Path,
-                                                               tmp_path: Path) -> None:
+def test_fit_ood_refits_only_with_force_and_records_the_method(
+    tiny_bundle: Path, colour_data: Path, tmp_path: Path
+) -> None:
     import json
     import shutil
 
-    from dermaclass.serving import refer
     from dermaclass.config import load_config
+    from dermaclass.serving import refer
     from dermaclass.serving.refit import refit_ood
 
     bundle = tmp_path / "b"
@@ -30,21 +31,24 @@ def test_fit_ood_refits_only_with_force_and_records_the_method(tiny_bundle: Path
     assert meta["calibration"]["refer"] == r and r["ood"]["method"] == "knn"
     assert 0.0 <= r["valid_referred"] <= 1.0
     pred = Predictor(bundle)
-    assert pred.ood_method == "knn" and set(pred.ood_stats) == {"bank", "k"} and pred.ood_stats["bank"].dtype == np.float16
+    assert (
+        pred.ood_method == "knn" and set(pred.ood_stats) == {"bank", "k"} and pred.ood_stats["bank"].dtype == np.float16
+    )
     # energy needs no arrays: the stale file goes, so a reader never mistakes it for the score in use
     refit_ood(bundle, colour_data, cfg=cfg, method="energy", force=True)
     assert not (bundle / refer.OOD_FILE).exists() and Predictor(bundle).ood_method == "energy"
 
 
-def test_calibrate_refits_a_bundle_and_the_predictor_serves_its_prior_shift(tiny_bundle: Path, colour_data: Path,
-                                                                            tmp_path: Path) -> None:
+def test_calibrate_refits_a_bundle_and_the_predictor_serves_its_prior_shift(
+    tiny_bundle: Path, colour_data: Path, tmp_path: Path
+) -> None:
     import shutil
 
     from scipy.special import softmax
 
     from dermaclass.config import load_config
-    from dermaclass.serving.refit import recalibrate
     from dermaclass.models import BundleMeta, ModelError, file_sha256, read_bundle_meta, write_bundle_meta
+    from dermaclass.serving.refit import recalibrate
 
     trained = read_bundle_meta(tiny_bundle).calibration  # training fits the shift by default
     assert trained["prior_shift"]["target_sensitivity"] == 0.8 and len(trained["offsets"]) == 3
@@ -57,7 +61,8 @@ def test_calibrate_refits_a_bundle_and_the_predictor_serves_its_prior_shift(tiny
     cal = recalibrate(bundle, colour_data, cfg=cfg, force=True)
     meta = read_bundle_meta(bundle)
     assert cal["prior_shift"]["class"] == "nv" and cal["prior_shift"]["prior"] == pytest.approx(
-        {"bkl": 1 / 3, "mel": 1 / 3, "nv": 1 / 3}, abs=0.1)  # the train split's frequencies
+        {"bkl": 1 / 3, "mel": 1 / 3, "nv": 1 / 3}, abs=0.1
+    )  # the train split's frequencies
     assert len(cal["offsets"]) == 3 and cal["refitted"]["by"] == "dermaclass calibrate"
     assert meta.operating_points["mel"]["target_sensitivity"] == 0.8 and meta.config["prior_sensitivity"] == 0.9
     assert 0 <= cal["refer"]["valid_referred"] <= 1  # the referral rule was refitted on the new probabilities
@@ -65,7 +70,8 @@ def test_calibrate_refits_a_bundle_and_the_predictor_serves_its_prior_shift(tiny
     from dermaclass.report.card import model_card_markdown
 
     assert f"prior shift: tau {cal['prior_shift']['tau']:.1f} x log(train prior)" in model_card_markdown(
-        meta, None, name="tiny")
+        meta, None, name="tiny"
+    )
 
     # the Predictor adds the offsets before the temperature
     offsets = [0.0, 0.0, 3.0]

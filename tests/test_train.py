@@ -13,13 +13,24 @@ from typer.testing import CliRunner
 
 from dermaclass import models, schedules
 from dermaclass.config import load_config
-from dermaclass.errors import ConfigError
 from dermaclass.data.loaders import class_weights, make_dataloaders
+from dermaclass.errors import ConfigError
 from dermaclass.train import TrainingError, build_learner, prepare_data, train
 
-TINY = dict(image_size="32,24", batch_size=8, arch="test_resnet", pretrained=False, head_epochs=1, epochs=1,
-            n_cycles=1, cycle_len=1, cycle_mult=2, stage_fractions="0.5,1.0", lr_find_iters=30,
-            colour_constancy="none")  # the generated classes differ only in colour
+TINY = dict(
+    image_size="32,24",
+    batch_size=8,
+    arch="test_resnet",
+    pretrained=False,
+    head_epochs=1,
+    epochs=1,
+    n_cycles=1,
+    cycle_len=1,
+    cycle_mult=2,
+    stage_fractions="0.5,1.0",
+    lr_find_iters=30,
+    colour_constancy="none",
+)  # the generated classes differ only in colour
 
 
 def _cfg(tmp_path: Path, **kw):
@@ -109,8 +120,9 @@ def test_pinned_vocab_keeps_the_head_when_a_class_is_missing(colour_data: Path, 
     cfg = _cfg(tmp_path)
     data = prepare_data(cfg, colour_data)
     rows = data.train_rows[data.items["label"].to_numpy()[data.train_rows] != "nv"]
-    dls = make_dataloaders(data.table(rows), data.images, data.vocab, batch_size=4,
-                           normalization=models.normalization("test_resnet"))
+    dls = make_dataloaders(
+        data.table(rows), data.images, data.vocab, batch_size=4, normalization=models.normalization("test_resnet")
+    )
     assert list(dls.vocab) == ["bkl", "mel", "nv"] and dls.c == 3
     xb, yb = dls.one_batch()
     assert xb.shape[1:] == (3, 24, 32) and xb.dtype == torch.float32
@@ -135,8 +147,9 @@ def test_imbalance_options_train(imbalance: str, colour_data: Path, tmp_path: Pa
 
     labels = data.items["label"].to_numpy()
     train_rows = data.train_rows
-    rows = np.concatenate([train_rows[labels[train_rows] == "nv"],
-                           *[train_rows[labels[train_rows] == c][:2] for c in ("bkl", "mel")]])
+    rows = np.concatenate(
+        [train_rows[labels[train_rows] == "nv"], *[train_rows[labels[train_rows] == c][:2] for c in ("bkl", "mel")]]
+    )
     loss = loss_for(cfg, pd.Series(labels[rows]), data.vocab)
     kind = type(loss).__name__
     weight = getattr(getattr(loss, "func", None), "weight", None)
@@ -162,16 +175,30 @@ def test_empty_valid_split_is_a_clear_error(colour_data: Path, tmp_path: Path) -
 def test_cli_train_prints_the_plan(colour_data: Path, tmp_path: Path) -> None:
     from dermaclass.cli import app
 
-    args = ["train", str(colour_data), "--out", str(tmp_path / "run"), "--lr", "0.001", "--arch", "test_resnet",
-            "--no-pretrained", "--image-size", "32,24", "--batch-size", "8", "--n-cycles", "1",
-            "--stage-fractions", "0.5,1.0"]
+    args = [
+        "train",
+        str(colour_data),
+        "--out",
+        str(tmp_path / "run"),
+        "--lr",
+        "0.001",
+        "--arch",
+        "test_resnet",
+        "--no-pretrained",
+        "--image-size",
+        "32,24",
+        "--batch-size",
+        "8",
+        "--n-cycles",
+        "1",
+        "--stage-fractions",
+        "0.5,1.0",
+    ]
     result = CliRunner().invoke(app, args, env={"DERMACLASS_CACHE": str(tmp_path / "cache")})
     assert result.exit_code == 0, result.output
     assert "stepwise plan" in result.output and "valid balanced accuracy" in result.output
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 2 and "already there" in again.output
-
-
 
 
 # ---- retraining on new clinic data ------------------------------------------------------------
@@ -211,12 +238,21 @@ def test_model_from_bundle_grows_the_head(tiny_bundle: Path) -> None:
         models.model_from_bundle(tiny_bundle, ["bkl", "mel"])
 
 
-def test_retrain_from_bundle_keeps_the_old_split_and_adds_a_class(tiny_bundle: Path, colour_data: Path, tmp_path: Path) -> None:
+def test_retrain_from_bundle_keeps_the_old_split_and_adds_a_class(
+    tiny_bundle: Path, colour_data: Path, tmp_path: Path
+) -> None:
     from dermaclass.train import inherit_bundle
 
     extra = _new_class_folder(tmp_path / "batch2")
-    cfg = inherit_bundle(_cfg(tmp_path, recipe="baseline", lr=1e-3, init_bundle=str(tiny_bundle),
-                              split_file=str(tiny_bundle / "split.csv")))
+    cfg = inherit_bundle(
+        _cfg(
+            tmp_path,
+            recipe="baseline",
+            lr=1e-3,
+            init_bundle=str(tiny_bundle),
+            split_file=str(tiny_bundle / "split.csv"),
+        )
+    )
     data = prepare_data(cfg, [colour_data, extra])
     assert data.split_reuse["kept"] == 60 and data.split_reuse["assigned"] == 12
     old = pd.read_csv(tiny_bundle / "split.csv").set_index("image")["split"]
@@ -243,12 +279,22 @@ def test_retrain_compares_on_the_parent_test_split(tiny_bundle: Path, colour_dat
     extra = _new_class_folder(tmp_path / "batch2")
     out = tmp_path / "v2"
     seen = []
-    done = retrain(tiny_bundle, [colour_data, extra], out, n_boot=50,
-                   on_prepared=lambda cfg, prepared: seen.append(prepared.split_reuse))
+    done = retrain(
+        tiny_bundle,
+        [colour_data, extra],
+        out,
+        n_boot=50,
+        on_prepared=lambda cfg, prepared: seen.append(prepared.split_reuse),
+    )
     assert seen and seen[0]["assigned"] == 12 and done.split_reuse == seen[0]
     assert done.new_classes == ["bcc"] and done.cfg.init_bundle == str(tiny_bundle)
-    for f in ("model.json", "report/report.html", "compare/compare.html", "compare/parent/report.json",
-              "compare/new/report.json"):
+    for f in (
+        "model.json",
+        "report/report.html",
+        "compare/compare.html",
+        "compare/parent/report.json",
+        "compare/new/report.json",
+    ):
         assert (out / f).is_file(), f
     cmp = json.loads((out / "compare" / "compare.json").read_text())
     assert cmp["same_test_set"] and cmp["classes_added"] == ["bcc"]
@@ -257,15 +303,26 @@ def test_retrain_compares_on_the_parent_test_split(tiny_bundle: Path, colour_dat
     assert done.sensitivity_drops == cmp["sensitivity_drops"]
 
 
-def test_cli_retrain_exits_6_and_says_so_on_a_sensitivity_drop(tiny_bundle: Path, tmp_path: Path,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_retrain_exits_6_and_says_so_on_a_sensitivity_drop(
+    tiny_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from dermaclass import retrain as retraining
     from dermaclass.cli import app
 
-    comparison = {"overall": {"balanced_accuracy": {"old": 0.8, "new": 0.7, "delta": -0.1}},
-                  "new": {"data": {"n": 30}}, "sensitivity_drops": ["mel"]}
-    fake = retraining.Retrained(result=None, cfg=None, split_file=tiny_bundle / "split.csv", split_reuse={},
-                                new_classes=[], comparison=comparison, compare_dir=tmp_path / "compare")
+    comparison = {
+        "overall": {"balanced_accuracy": {"old": 0.8, "new": 0.7, "delta": -0.1}},
+        "new": {"data": {"n": 30}},
+        "sensitivity_drops": ["mel"],
+    }
+    fake = retraining.Retrained(
+        result=None,
+        cfg=None,
+        split_file=tiny_bundle / "split.csv",
+        split_reuse={},
+        new_classes=[],
+        comparison=comparison,
+        compare_dir=tmp_path / "compare",
+    )
     monkeypatch.setattr(retraining, "retrain", lambda *a, **k: fake)
     res = CliRunner().invoke(app, ["retrain", str(tiny_bundle), str(tmp_path), "--out", str(tmp_path / "v2")])
     text = " ".join(res.output.split())
@@ -281,9 +338,32 @@ def test_killed_run_resumes_to_completion(colour_data: Path, tmp_path: Path) -> 
     import time
 
     run = tmp_path / "run"
-    args = [sys.executable, "-m", "dermaclass", "train", str(colour_data), "--out", str(run), "--image-size", "32,24",
-            "--batch-size", "8", "--arch", "test_resnet", "--no-pretrained", "--head-epochs", "1", "--n-cycles", "3",
-            "--stage-fractions", "0.5,1.0", "--lr", "1e-3", "--threads", "1"]
+    args = [
+        sys.executable,
+        "-m",
+        "dermaclass",
+        "train",
+        str(colour_data),
+        "--out",
+        str(run),
+        "--image-size",
+        "32,24",
+        "--batch-size",
+        "8",
+        "--arch",
+        "test_resnet",
+        "--no-pretrained",
+        "--head-epochs",
+        "1",
+        "--n-cycles",
+        "3",
+        "--stage-fractions",
+        "0.5,1.0",
+        "--lr",
+        "1e-3",
+        "--threads",
+        "1",
+    ]
     env = {**os.environ, "DERMACLASS_CACHE": str(tmp_path / "cache")}
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     progress = run / "progress.json"
@@ -325,10 +405,38 @@ def test_two_process_data_parallel_run(colour_data: Path, tmp_path: Path) -> Non
     import sys
 
     run = tmp_path / "run"
-    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-            "-m", "dermaclass", "train", str(colour_data), "--out", str(run), "--recipe", "sgdr", "--image-size", "32,24",
-            "--batch-size", "8", "--arch", "test_resnet", "--no-pretrained", "--head-epochs", "1", "--n-cycles", "1",
-            "--threads", "1", "--lr-find", "--colour-constancy", "none"]
+    args = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--standalone",
+        "-m",
+        "dermaclass",
+        "train",
+        str(colour_data),
+        "--out",
+        str(run),
+        "--recipe",
+        "sgdr",
+        "--image-size",
+        "32,24",
+        "--batch-size",
+        "8",
+        "--arch",
+        "test_resnet",
+        "--no-pretrained",
+        "--head-epochs",
+        "1",
+        "--n-cycles",
+        "1",
+        "--threads",
+        "1",
+        "--lr-find",
+        "--colour-constancy",
+        "none",
+    ]
     env = {**os.environ, "DERMACLASS_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     res = subprocess.run(args, env=env, capture_output=True, text=True, timeout=180)
     assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
@@ -499,17 +607,19 @@ def test_bfloat16_autocast_trains_and_keeps_float32_weights(colour_data: Path, t
     assert torch.is_autocast_enabled("cpu") is False  # nothing left switched on
 
 
-def test_flip_tta_is_recorded_and_calibrated_on_the_flipped_logits(tiny_bundle: Path, colour_data: Path,
-                                                                    tmp_path: Path) -> None:
+def test_flip_tta_is_recorded_and_calibrated_on_the_flipped_logits(
+    tiny_bundle: Path, colour_data: Path, tmp_path: Path
+) -> None:
     """The bundle serves flip TTA by default, and its temperature was fitted on the very logits the
     Predictor computes with it (fastai's FlipInput views == the Predictor's numpy flips)."""
-    from dermaclass.serving.predictor import Predictor
     from dermaclass.evaluate.calibration import calibrate
+    from dermaclass.serving.predictor import Predictor
 
     meta = json.loads((tiny_bundle / "model.json").read_text())
     assert meta["tta"] == "flips4"
-    cfg = load_config(tiny_bundle / "config.yaml", split_file=str(tiny_bundle / "split.csv"),
-                      cache_dir=str(tmp_path / "cache"))
+    cfg = load_config(
+        tiny_bundle / "config.yaml", split_file=str(tiny_bundle / "split.csv"), cache_dir=str(tmp_path / "cache")
+    )
     data = prepare_data(cfg, colour_data)
     images = [data.images[int(r)] for r in data.valid_rows]
     labels = data.items["label"].map({c: i for i, c in enumerate(data.vocab)}).to_numpy()[data.valid_rows]
@@ -517,12 +627,15 @@ def test_flip_tta_is_recorded_and_calibrated_on_the_flipped_logits(tiny_bundle: 
     assert pred.tta and pred.predict(colour_data / "mel" / "0.png")["tta"] == "flips4"
     assert pred.predict(colour_data / "mel" / "0.png", tta=False)["tta"] is None
     flipped = pred.logits(images)
-    assert np.allclose(flipped, pred.logits(images, tta=True)) and not np.allclose(flipped, pred.logits(images, tta=False))
+    assert np.allclose(flipped, pred.logits(images, tta=True)) and not np.allclose(
+        flipped, pred.logits(images, tta=False)
+    )
     # calibrate() on these logits reproduces the bundle's temperature (fitted, or T = 1 when refused)
     # and prior shift (the train split's class frequencies)
     train_labels = data.items["label"].astype(str).to_numpy()[data.train_rows]
-    calibration, _, _ = calibrate(cfg, flipped, labels, data.vocab,
-                                  prior=[float(np.mean(train_labels == c)) for c in data.vocab])
+    calibration, _, _ = calibrate(
+        cfg, flipped, labels, data.vocab, prior=[float(np.mean(train_labels == c)) for c in data.vocab]
+    )
     assert calibration["temperature"] == pytest.approx(meta["calibration"]["temperature"], rel=1e-3)
     assert calibration["offsets"] == pytest.approx(meta["calibration"]["offsets"], rel=1e-3, abs=1e-6)
 
@@ -530,7 +643,9 @@ def test_flip_tta_is_recorded_and_calibrated_on_the_flipped_logits(tiny_bundle: 
 def test_cli_lr_and_lr_find_exclude_each_other(colour_data: Path, tmp_path: Path) -> None:
     from dermaclass.cli import app
 
-    res = CliRunner().invoke(app, ["train", str(colour_data), "--out", str(tmp_path / "run"), "--lr", "1e-3", "--lr-find"])
+    res = CliRunner().invoke(
+        app, ["train", str(colour_data), "--out", str(tmp_path / "run"), "--lr", "1e-3", "--lr-find"]
+    )
     assert res.exit_code == 2 and "--lr-find" in res.output
 
 
@@ -592,8 +707,9 @@ def test_a_temperature_that_worsens_ece_is_refused(monkeypatch: pytest.MonkeyPat
     labels = np.repeat([0, 1, 2], 30)
     logits = np.eye(3)[labels] * 8.0  # confident and right: T = 1 is already calibrated
     monkeypatch.setattr(calibrating, "fit_temperature", lambda z, y: 20.0)  # as if NLL had chosen a flat T
-    calibration, _, probs = calibrating.calibrate(_cfg(tmp_path, prior_sensitivity=0), logits, labels,
-                                                  ["bkl", "mel", "nv"])
+    calibration, _, probs = calibrating.calibrate(
+        _cfg(tmp_path, prior_sensitivity=0), logits, labels, ["bkl", "mel", "nv"]
+    )
     assert calibration["temperature"] == 1.0 and "refused" in calibration
     assert calibration["ece_after"] == calibration["ece_before"] and probs.max(1).min() > 0.99
 
@@ -621,7 +737,8 @@ def test_the_prior_shift_moves_the_decision_towards_the_train_prior(tmp_path: Pa
 
 
 def test_force_over_a_finished_run_never_leaves_the_old_model_beside_a_new_split(
-        colour_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    colour_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from dermaclass import train as training
 
     cfg = _cfg(tmp_path, recipe="baseline", lr=1e-3, head_epochs=0)
@@ -658,7 +775,7 @@ def test_sam_steps_with_the_gradient_at_the_perturbed_weights() -> None:
     running = model[1].running_mean.clone()
     # what SAM's second gradient must be: the plain gradient at w + rho * g / ||g||
     rho = 0.5
-    norm = torch.sqrt(sum((gi ** 2).sum() for gi in g))
+    norm = torch.sqrt(sum((gi**2).sum() for gi in g))
     probe = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
     with torch.no_grad():
         for p, w, gi in zip(probe.parameters(), w0, g):
@@ -691,8 +808,9 @@ def test_mixing_and_sam_train_and_are_recorded(mix: str, colour_data: Path, tmp_
     card = model_card_markdown(read_bundle_meta(tmp_path / "run"), None, name="run")
     assert f"mixing `{mix}`, SAM (rho 0.05)" in card
     with pytest.raises(TrainingError, match="logit-adjusted"):
-        build_learner(_cfg(tmp_path, mix=mix, imbalance="logit-adjusted"), data, tmp_path / "probe2",
-                      dls=data_loaders(cfg, data))
+        build_learner(
+            _cfg(tmp_path, mix=mix, imbalance="logit-adjusted"), data, tmp_path / "probe2", dls=data_loaders(cfg, data)
+        )
     with pytest.raises(ConfigError, match="sam_rho"):
         _cfg(tmp_path, sam_rho=-1)
 

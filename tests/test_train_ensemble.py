@@ -16,12 +16,21 @@ from dermaclass import models, schedules
 from dermaclass.config import load_config
 from dermaclass.data.splits import cross_folds
 from dermaclass.errors import ConfigError
-from dermaclass.serving.predictor import Predictor, combine
 from dermaclass.models import ModelError
+from dermaclass.serving.predictor import Predictor, combine
 from dermaclass.train import prepare_data, train_ensemble
 
-TINY = dict(image_size="32,24", batch_size=8, arch="test_resnet", pretrained=False, head_epochs=0, epochs=2,
-            recipe="baseline", lr=1e-2, colour_constancy="none")
+TINY = dict(
+    image_size="32,24",
+    batch_size=8,
+    arch="test_resnet",
+    pretrained=False,
+    head_epochs=0,
+    epochs=2,
+    recipe="baseline",
+    lr=1e-2,
+    colour_constancy="none",
+)
 
 
 def _cfg(tmp_path: Path, **kw):
@@ -34,11 +43,14 @@ def ensemble(tiny_ensemble: Path) -> Path:
 
 
 def test_member_plan_and_member_specs() -> None:
-    plan = schedules.member_plan(3, arch="a", image_size=(128, 96), seed=42,
-                                 member_archs=("tf_efficientnet_lite1@160x120", "@96x72"))
+    plan = schedules.member_plan(
+        3, arch="a", image_size=(128, 96), seed=42, member_archs=("tf_efficientnet_lite1@160x120", "@96x72")
+    )
     assert [(m.name, m.fold, m.seed, m.arch, m.image_size) for m in plan] == [
-        ("m0", 0, 42, "tf_efficientnet_lite1", (160, 120)), ("m1", 1, 43, "a", (96, 72)),
-        ("m2", 2, 44, "tf_efficientnet_lite1", (160, 120))]
+        ("m0", 0, 42, "tf_efficientnet_lite1", (160, 120)),
+        ("m1", 1, 43, "a", (96, 72)),
+        ("m2", 2, 44, "tf_efficientnet_lite1", (160, 120)),
+    ]
     assert schedules.member_plan(2, arch="a", image_size=(32, 24), seed=0)[1].image_size == (32, 24)
     with pytest.raises(ValueError, match="ARCH@WIDTHxHEIGHT"):
         schedules.parse_member("tf_efficientnet_lite1")
@@ -76,11 +88,14 @@ def test_ensemble_bundle_lists_members_and_serves_their_mean(ensemble: Path, col
         valid = set(member_split.loc[member_split["split"] == "valid", "image"])
         assert valid == set(pool.loc[pool["fold"] == k, "image"])
         assert set(member_split.loc[member_split["split"] == "test", "image"]) == set(
-            split.loc[split["split"] == "test", "image"])
+            split.loc[split["split"] == "test", "image"]
+        )
     # n = the whole pool: calibration was fitted on every out-of-fold prediction.
     assert meta["calibration"]["n"] == len(pool)
     oof = pd.read_csv(ensemble / "out_of_fold.csv")
-    assert sorted(oof["image"]) == sorted(pool["image"]) and np.allclose(oof.filter(like="p_").sum(axis=1), 1, atol=1e-4)
+    assert sorted(oof["image"]) == sorted(pool["image"]) and np.allclose(
+        oof.filter(like="p_").sum(axis=1), 1, atol=1e-4
+    )
 
     pred = Predictor(ensemble)
     assert len(pred.networks) == 2 and pred.input_size == (32, 24)
@@ -114,8 +129,7 @@ def test_a_swapped_or_missing_member_is_refused(ensemble: Path, tmp_path: Path) 
         Predictor(swapped)
 
 
-def test_a_stopped_ensemble_resumes_at_the_member_it_stopped(ensemble: Path, colour_data: Path,
-                                                              tmp_path: Path) -> None:
+def test_a_stopped_ensemble_resumes_at_the_member_it_stopped(ensemble: Path, colour_data: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     shutil.copytree(ensemble, run)
     kept = (run / "members" / "m0" / "model.safetensors").stat().st_mtime_ns
@@ -139,10 +153,35 @@ def test_cli_trains_mixed_size_members_and_evaluates_them(colour_data: Path, tmp
 
     run = tmp_path / "mixed"
     env = {"DERMACLASS_CACHE": str(tmp_path / "cache")}
-    args = ["train", str(colour_data), "--out", str(run), "--recipe", "baseline", "--arch", "test_resnet",
-            "--no-pretrained", "--image-size", "32,24", "--batch-size", "8", "--head-epochs", "0", "--epochs", "1",
-            "--lr", "1e-2", "--colour-constancy", "none", "--threads", "1", "--members", "2",
-            "--member-archs", "@32x24,@40x30"]
+    args = [
+        "train",
+        str(colour_data),
+        "--out",
+        str(run),
+        "--recipe",
+        "baseline",
+        "--arch",
+        "test_resnet",
+        "--no-pretrained",
+        "--image-size",
+        "32,24",
+        "--batch-size",
+        "8",
+        "--head-epochs",
+        "0",
+        "--epochs",
+        "1",
+        "--lr",
+        "1e-2",
+        "--colour-constancy",
+        "none",
+        "--threads",
+        "1",
+        "--members",
+        "2",
+        "--member-archs",
+        "@32x24,@40x30",
+    ]
     result = CliRunner().invoke(app, args, env=env)
     assert result.exit_code == 0, result.output
     assert "member m1: test_resnet at 40x30" in result.output and "out-of-fold balanced accuracy" in result.output
@@ -155,8 +194,22 @@ def test_cli_trains_mixed_size_members_and_evaluates_them(colour_data: Path, tmp
     with pytest.raises(ValueError, match="no images at 32x24"):
         pred.logits({(40, 30): [image]})
     report = tmp_path / "report"
-    result = CliRunner().invoke(app, ["evaluate", str(run), str(colour_data), "--out", str(report), "--split", "all",
-                                      "--n-boot", "10", "--no-thumbnails"], env=env)
+    result = CliRunner().invoke(
+        app,
+        [
+            "evaluate",
+            str(run),
+            str(colour_data),
+            "--out",
+            str(report),
+            "--split",
+            "all",
+            "--n-boot",
+            "10",
+            "--no-thumbnails",
+        ],
+        env=env,
+    )
     assert result.exit_code == 0, result.output
     rep = json.loads((report / "report.json").read_text())
     assert rep["model"]["networks"] == 2 and len(rep["model"]["weights_sha256"]) == 64
@@ -166,8 +219,9 @@ def test_cli_trains_mixed_size_members_and_evaluates_them(colour_data: Path, tmp
     assert (report / "tradeoff.png").is_file() and "the trade-off" in (report / "report.html").read_text()
 
 
-def test_retrain_continues_each_member_and_compares_with_the_parent(tiny_ensemble: Path, colour_data: Path,
-                                                                    tmp_path: Path, monkeypatch) -> None:
+def test_retrain_continues_each_member_and_compares_with_the_parent(
+    tiny_ensemble: Path, colour_data: Path, tmp_path: Path, monkeypatch
+) -> None:
     from dermaclass.retrain import retrain
 
     monkeypatch.setenv("DERMACLASS_CACHE", str(tmp_path / "cache"))
@@ -184,18 +238,44 @@ def test_retrain_continues_each_member_and_compares_with_the_parent(tiny_ensembl
     assert "balanced_accuracy" in done.comparison["overall"]
 
 
-def test_report_compare_puts_an_ensemble_beside_one_network(tiny_ensemble: Path, tiny_bundle: Path,
-                                                            colour_data: Path, tmp_path: Path) -> None:
+def test_report_compare_puts_an_ensemble_beside_one_network(
+    tiny_ensemble: Path, tiny_bundle: Path, colour_data: Path, tmp_path: Path
+) -> None:
     from dermaclass.cli import app
 
     env = {"DERMACLASS_CACHE": str(tmp_path / "cache")}
     for name, bundle in (("one", tiny_bundle), ("ens", tiny_ensemble)):
-        result = CliRunner().invoke(app, ["evaluate", str(bundle), str(colour_data), "--out", str(tmp_path / name),
-                                          "--split-file", str(tiny_bundle / "split.csv"), "--n-boot", "10",
-                                          "--no-thumbnails"], env=env)
+        result = CliRunner().invoke(
+            app,
+            [
+                "evaluate",
+                str(bundle),
+                str(colour_data),
+                "--out",
+                str(tmp_path / name),
+                "--split-file",
+                str(tiny_bundle / "split.csv"),
+                "--n-boot",
+                "10",
+                "--no-thumbnails",
+            ],
+            env=env,
+        )
         assert result.exit_code == 0, result.output
-    result = CliRunner().invoke(app, ["report", "compare", str(tmp_path / "one"), str(tmp_path / "ens"),
-                                      "--out", str(tmp_path / "cmp"), "--n-boot", "10"], env=env)
+    result = CliRunner().invoke(
+        app,
+        [
+            "report",
+            "compare",
+            str(tmp_path / "one"),
+            str(tmp_path / "ens"),
+            "--out",
+            str(tmp_path / "cmp"),
+            "--n-boot",
+            "10",
+        ],
+        env=env,
+    )
     assert result.exit_code == 0, result.output
     cmp = json.loads((tmp_path / "cmp" / "compare.json").read_text())
     assert cmp["new"]["model"]["networks"] == 2 and cmp["old"]["model"]["networks"] == 1
@@ -209,12 +289,13 @@ def test_the_model_card_describes_the_ensemble(tiny_ensemble: Path) -> None:
     assert "out-of-fold predictions of 2 members" in card and "members' margins" in card
 
 
-def test_a_student_distils_the_ensembles_out_of_fold_predictions(tiny_ensemble: Path, colour_data: Path,
-                                                                  tmp_path: Path) -> None:
+def test_a_student_distils_the_ensembles_out_of_fold_predictions(
+    tiny_ensemble: Path, colour_data: Path, tmp_path: Path
+) -> None:
     import torch
 
-    from dermaclass.train.callbacks import Distill
     from dermaclass.train import build_learner, stage_dataloaders, train
+    from dermaclass.train.callbacks import Distill
 
     cfg = _cfg(tmp_path, distill_from=str(tiny_ensemble), split_file=str(tiny_ensemble / "split.csv"))
     data = prepare_data(cfg, colour_data)
@@ -278,10 +359,36 @@ def test_a_killed_ensemble_resumes_at_the_member_and_epoch_where_it_stopped(colo
     import time
 
     run = tmp_path / "run"
-    args = [sys.executable, "-m", "dermaclass", "train", str(colour_data), "--out", str(run), "--image-size", "32,24",
-            "--batch-size", "8", "--arch", "test_resnet", "--no-pretrained", "--head-epochs", "1", "--n-cycles", "2",
-            "--stage-fractions", "0.5,1.0", "--lr", "1e-3", "--threads", "1", "--colour-constancy", "none",
-            "--members", "2"]
+    args = [
+        sys.executable,
+        "-m",
+        "dermaclass",
+        "train",
+        str(colour_data),
+        "--out",
+        str(run),
+        "--image-size",
+        "32,24",
+        "--batch-size",
+        "8",
+        "--arch",
+        "test_resnet",
+        "--no-pretrained",
+        "--head-epochs",
+        "1",
+        "--n-cycles",
+        "2",
+        "--stage-fractions",
+        "0.5,1.0",
+        "--lr",
+        "1e-3",
+        "--threads",
+        "1",
+        "--colour-constancy",
+        "none",
+        "--members",
+        "2",
+    ]
     env = {**os.environ, "DERMACLASS_CACHE": str(tmp_path / "cache")}
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     progress = run / "members" / "m1" / "progress.json"

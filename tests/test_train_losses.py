@@ -21,7 +21,9 @@ def test_logit_adjusted_loss_is_cross_entropy_of_the_shifted_logits() -> None:
     assert loss(pred, targ).item() == pytest.approx(F.cross_entropy(shifted, targ).item(), rel=1e-6)
     assert LogitAdjustedLoss(priors, tau=0.0)(pred, targ).item() == pytest.approx(F.cross_entropy(pred, targ).item())
     # equal priors shift every logit alike: plain cross-entropy
-    assert LogitAdjustedLoss([5, 5, 5])(pred, targ).item() == pytest.approx(F.cross_entropy(pred, targ).item(), rel=1e-6)
+    assert LogitAdjustedLoss([5, 5, 5])(pred, targ).item() == pytest.approx(
+        F.cross_entropy(pred, targ).item(), rel=1e-6
+    )
     # a rare class's logit is pushed down in the loss, so the network must raise it: a larger loss for it
     rare = torch.tensor([2])
     assert loss(torch.zeros(1, 3), rare).item() > F.cross_entropy(torch.zeros(1, 3), rare).item()
@@ -43,9 +45,19 @@ def test_training_with_logit_adjustment(colour_data: Path, tmp_path: Path) -> No
     from dermaclass.config import load_config
     from dermaclass.train import prepare_data, train
 
-    cfg = load_config(image_size="32,24", batch_size=8, arch="test_resnet", pretrained=False, head_epochs=0, epochs=1,
-                      recipe="baseline", lr=1e-3, cache_dir=str(tmp_path / "cache"), colour_constancy="none",
-                      imbalance="logit-adjusted")
+    cfg = load_config(
+        image_size="32,24",
+        batch_size=8,
+        arch="test_resnet",
+        pretrained=False,
+        head_epochs=0,
+        epochs=1,
+        recipe="baseline",
+        lr=1e-3,
+        cache_dir=str(tmp_path / "cache"),
+        colour_constancy="none",
+        imbalance="logit-adjusted",
+    )
     train(cfg, prepare_data(cfg, colour_data), tmp_path / "run")
     meta = json.loads((tmp_path / "run" / "model.json").read_text())
     assert meta["config"]["imbalance"] == "logit-adjusted" and meta["metrics_valid"]["n"] > 0

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import free_port
 from PIL import Image
 
-from conftest import free_port
 from dermaclass import DISCLAIMER
 from dermaclass.serving.predictor import Predictor
 from dermaclass.ui import MAX_BYTES, UploadError, build_app, check_upload, diagnose_markdown, report_views
@@ -51,15 +51,23 @@ def test_banner_says_refer_and_disclaimer(tiny_bundle: Path) -> None:
 def test_the_banner_says_an_ensemble_answered_and_when_its_networks_disagree(tiny_ensemble: Path) -> None:
     p = Predictor(tiny_ensemble)
     result = p.predict(np.full((24, 32, 3), 90, np.uint8))
-    result["agreement"] = {"member_top": ["mel", "nv"], "share": 0.5, "disagree": True,
-                           "member_probability": [0.81, 0.32]}
+    result["agreement"] = {
+        "member_top": ["mel", "nv"],
+        "share": 0.5,
+        "disagree": True,
+        "member_probability": [0.81, 0.32],
+    }
     result["top"], result["top_k"][0]["name"] = "mel", "melanoma"
     md = diagnose_markdown(p, result)
     assert "answered by an ensemble of 2 networks" in md and 'class="disagree-banner"' in md
     assert "1 of 2 answer melanoma" in md and "the others answer melanocytic nev" in md.lower()
     assert "32% to 81%" in md
-    result["agreement"] = {"member_top": ["mel", "mel"], "share": 1.0, "disagree": False,
-                           "member_probability": [0.8, 0.7]}
+    result["agreement"] = {
+        "member_top": ["mel", "mel"],
+        "share": 1.0,
+        "disagree": False,
+        "member_probability": [0.8, 0.7],
+    }
     md = diagnose_markdown(p, result)
     assert "All 2 networks of the ensemble give this answer" in md and "disagree-banner" not in md
 
@@ -69,8 +77,10 @@ def test_report_views(tiny_bundle: Path, colour_data: Path, tmp_path: Path) -> N
     from dermaclass.evaluate.run import evaluate_bundle
     from dermaclass.report import write_report
 
-    write_report(evaluate_bundle(tiny_bundle, colour_data, cfg=load_config(cache_dir=str(tmp_path / "c")), n_boot=20),
-                 tmp_path / "rep")
+    write_report(
+        evaluate_bundle(tiny_bundle, colour_data, cfg=load_config(cache_dir=str(tmp_path / "c")), n_boot=20),
+        tmp_path / "rep",
+    )
     md, png, table = report_views(tmp_path / "rep")
     assert "balanced accuracy" in md and Path(png).is_file()
     assert isinstance(table, pd.DataFrame) and len(table) == 3 and "sensitivity" in table
@@ -78,7 +88,9 @@ def test_report_views(tiny_bundle: Path, colour_data: Path, tmp_path: Path) -> N
         report_views(tmp_path)
 
 
-def test_launched_app_diagnoses_refuses_and_saves_corrections(tiny_bundle: Path, colour_data: Path, tmp_path: Path) -> None:
+def test_launched_app_diagnoses_refuses_and_saves_corrections(
+    tiny_bundle: Path, colour_data: Path, tmp_path: Path
+) -> None:
     from gradio_client import Client, handle_file
 
     port = free_port()
@@ -89,8 +101,9 @@ def test_launched_app_diagnoses_refuses_and_saves_corrections(tiny_bundle: Path,
     app.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, share=False, quiet=True)
     try:
         client = Client(f"http://127.0.0.1:{port}/", verbose=False)
-        label, overlay, verdict, *_ = client.predict(handle_file(str(colour_data / "mel" / "4.png")), False,
-                                                     api_name="/diagnose")
+        label, overlay, verdict, *_ = client.predict(
+            handle_file(str(colour_data / "mel" / "4.png")), False, api_name="/diagnose"
+        )
         assert label["label"] in {"benign keratosis-like lesion (bkl)", "melanoma (mel)", "melanocytic nevus (nv)"}
         assert DISCLAIMER in verdict and overlay is not None
         msg = client.predict("nv", "second opinion", "L-17", api_name="/correct")

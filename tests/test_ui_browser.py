@@ -13,12 +13,18 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from conftest import free_port
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install chromium)")
 
@@ -41,7 +47,9 @@ def test_upload_label_correct_screenshot(tiny_bundle: Path, colour_data: Path, t
             expect(page.get_by_text("not a diagnostic device").first).to_be_visible(timeout=30_000)
             page.locator("input[type=file]").first.set_input_files(str(colour_data / "nv" / "7.png"))
             page.get_by_role("button", name="Diagnose").click()
-            expect(page.locator("#verdict")).to_contain_text(re.compile("Most likely|Refer to a dermatologist"), timeout=60_000)
+            expect(page.locator("#verdict")).to_contain_text(
+                re.compile("Most likely|Refer to a dermatologist"), timeout=60_000
+            )
             page.get_by_label("Right label").click()
             page.get_by_role("option", name="melanoma (mel)").click()
             page.get_by_role("button", name="Save correction").click()

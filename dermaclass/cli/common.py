@@ -44,11 +44,16 @@ app = typer.Typer(
     # Help texts are plain text: "[default: ...]" must not be read as Rich markup and vanish.
     rich_markup_mode=None,
 )
-data_app = typer.Typer(help="Inspect, validate and split a clinic's image folder.", no_args_is_help=True, epilog=EXIT_CODES,
-                       rich_markup_mode=None)
+data_app = typer.Typer(
+    help="Inspect, validate and split a clinic's image folder.",
+    no_args_is_help=True,
+    epilog=EXIT_CODES,
+    rich_markup_mode=None,
+)
 app.add_typer(data_app, name="data")
-report_app = typer.Typer(help="Review and compare evaluation reports.", no_args_is_help=True, epilog=EXIT_CODES,
-                         rich_markup_mode=None)
+report_app = typer.Typer(
+    help="Review and compare evaluation reports.", no_args_is_help=True, epilog=EXIT_CODES, rich_markup_mode=None
+)
 app.add_typer(report_app, name="report")
 
 out = Console()
@@ -67,7 +72,9 @@ def friendly(func: F) -> F:
             err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except FileExistsError as exc:
-            err.print(f"[bold red]error:[/] {escape(str(exc))} (pass --force to replace it)", highlight=False, soft_wrap=True)
+            err.print(
+                f"[bold red]error:[/] {escape(str(exc))} (pass --force to replace it)", highlight=False, soft_wrap=True
+            )
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
@@ -81,8 +88,12 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def root(
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
-    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More log output (-v info, -vv debug).")] = 0,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+    verbose: Annotated[
+        int, typer.Option("--verbose", "-v", count=True, help="More log output (-v info, -vv debug).")
+    ] = 0,
 ) -> None:
     """Dermoscopic skin-lesion classifier (decision support, not a diagnostic device)."""
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
@@ -90,14 +101,24 @@ def root(
 
 
 # ---- shared options ------------------------------------------------------------------
-DataPath = Annotated[Path, typer.Argument(help="Dataset folder: one folder per class, or a CSV manifest beside the images.")]
+DataPath = Annotated[
+    Path, typer.Argument(help="Dataset folder: one folder per class, or a CSV manifest beside the images.")
+]
 BundlePath = Annotated[Path, typer.Argument(help="Model bundle folder (model.safetensors + model.json).")]
-BackendOpt = Annotated[str, typer.Option("--backend", help="auto | torch | onnx | openvino | openvino-bf16 | "
-                                         "openvino-int8: what runs the network (auto: the fastest float export the "
-                                         "bundle has; bf16 and int8 only when asked, after `export --bf16/--int8`)")]
+BackendOpt = Annotated[
+    str,
+    typer.Option(
+        "--backend",
+        help="auto | torch | onnx | openvino | openvino-bf16 | "
+        "openvino-int8: what runs the network (auto: the fastest float export the "
+        "bundle has; bf16 and int8 only when asked, after `export --bf16/--int8`)",
+    ),
+]
 BundleSplitOpt = Annotated[Path | None, typer.Option("--split-file", help="[default: the split.csv beside the bundle]")]
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML file of settings; flags override it.")]
-ManifestOpt = Annotated[Path | None, typer.Option("--manifest", help="CSV manifest (default: the one CSV at the root).")]
+ManifestOpt = Annotated[
+    Path | None, typer.Option("--manifest", help="CSV manifest (default: the one CSV at the root).")
+]
 ImageColOpt = Annotated[str | None, typer.Option("--image-col", help="Manifest column with image ids or paths.")]
 LabelColOpt = Annotated[str | None, typer.Option("--label-col", help="Manifest column with labels.")]
 GroupColOpt = Annotated[str | None, typer.Option("--group-col", help="Manifest column with lesion/patient ids.")]
@@ -113,9 +134,15 @@ def _config(config: Path | None, **flags: Any) -> Config:
 
 # The options every command that reads a dataset takes, declared once (they were repeated in
 # six commands and had drifted: lr-find lacked three of them).
-DATA_OPTIONS: dict[str, Any] = {"config": ConfigOpt, "manifest": ManifestOpt, "image_col": ImageColOpt,
-                                "label_col": LabelColOpt, "group_col": GroupColOpt, "class_names": ClassNamesOpt,
-                                "workers": WorkersOpt}
+DATA_OPTIONS: dict[str, Any] = {
+    "config": ConfigOpt,
+    "manifest": ManifestOpt,
+    "image_col": ImageColOpt,
+    "label_col": LabelColOpt,
+    "group_col": GroupColOpt,
+    "class_names": ClassNamesOpt,
+    "workers": WorkersOpt,
+}
 
 
 class DataOptions(dict):
@@ -151,7 +178,7 @@ FLAG_HELP: dict[str, str] = {
     "lr_ratio": "Differential LRs slice(lr/ratio, lr)",
     "stage_fractions": "Stepwise: the nested share of the training images each stage trains on",
     "stage_sizes": "Progressive resizing: one WIDTHxHEIGHT per stepwise stage, the last = --image-size "
-                   "(e.g. 96x72,112x84,128x96,128x96,128x96); none = every stage at --image-size",
+    "(e.g. 96x72,112x84,128x96,128x96,128x96); none = every stage at --image-size",
     "lr_rule": "LR per stepwise stage",
     "weight_sharing": "Carry weights between stepwise stages",
     "imbalance": "How the class imbalance is handled",
@@ -162,7 +189,7 @@ FLAG_HELP: dict[str, str] = {
     "keep": "best (best validation balanced accuracy) or last (end of training) weights",
     "ema_decay": "Keep an exponential moving average of the weights (e.g. 0.998) and bundle it; 0 = off",
     "average_cycles": "Bundle the average of the weights at the last N SGDR cycle ends (SWA; batch-norm statistics "
-                      "recomputed); 0 = off",
+    "recomputed); 0 = off",
     "histo_weight": "Sampling weight of histopathology-confirmed images (dx_type histo) against the rest; 1 = off",
     "mix": "Batch mixing: fastai's MixUp or CutMix callback",
     "mix_alpha": "Beta(alpha, alpha) of --mix; none = fastai's default (MixUp 0.4, CutMix 1.0)",
@@ -173,14 +200,14 @@ FLAG_HELP: dict[str, str] = {
     "target_sensitivity": "Validation sensitivity of the threshold",
     "prior_class": "The class whose sensitivity the prior shift sets",
     "prior_sensitivity": "Prior shift (logit adjustment towards the train prior, tau fitted on valid): the validation "
-                         "sensitivity --prior-class must reach; 0 = off",
+    "sensitivity --prior-class must reach; 0 = off",
     "ood": "The out-of-distribution score that refers images unlike the training data",
     "members": "Train a deep ensemble of this many cross-fitted networks (member k holds out fold k of the "
-               "train+valid pool); 1 = one network",
+    "train+valid pool); 1 = one network",
     "member_archs": "Per-member ARCH@WxH or @WxH, cycled (e.g. tf_efficientnet_lite0@128x96,"
-                    "tf_efficientnet_lite1@160x120); none = every member --arch at --image-size",
+    "tf_efficientnet_lite1@160x120); none = every member --arch at --image-size",
     "ensemble_calibration": "What an ensemble's calibration is fitted on: its members' out-of-fold predictions "
-                            "over the train+valid pool, or the valid split held out from every member",
+    "over the train+valid pool, or the valid split held out from every member",
     "distill_from": "Distil this ensemble bundle into one network: soft targets from its out-of-fold predictions",
     "distill_alpha": "Weight of the teacher's soft targets in the loss (distillation)",
     "distill_temperature": "Temperature that softens teacher and student (distillation)",
@@ -191,7 +218,12 @@ FLAG_HELP: dict[str, str] = {
     "seed": "Seed of the split and the training",
     "threads": "torch threads (0 = all cores)",
 }
-FLAG_DECLS = {"init_bundle": "--from", "lr_find_iters": "--iters", "split_fractions": "--fractions", "ood_keep": "--keep"}
+FLAG_DECLS = {
+    "init_bundle": "--from",
+    "lr_find_iters": "--iters",
+    "split_fractions": "--fractions",
+    "ood_keep": "--keep",
+}
 
 
 def _shown(value: Any) -> str:
@@ -241,8 +273,10 @@ def _with_options(fn: Callable[..., Any], config_fields: tuple[str, ...]) -> Cal
     sig = inspect.signature(fn, eval_str=True)  # typer reads a given __signature__ as it is: no strings
     own = [p for p in sig.parameters.values() if p.name != "data_opts"]
     options = {**DATA_OPTIONS, **{name: config_flag(name) for name in config_fields}}
-    extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=kind, default=None)
-             for name, kind in options.items()]
+    extra = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=kind, default=None)
+        for name, kind in options.items()
+    ]
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -255,7 +289,12 @@ def _with_options(fn: Callable[..., Any], config_fields: tuple[str, ...]) -> Cal
 
 def _progress(label: str) -> tuple[Progress, Callable[[int, int], None]]:
     progress = Progress(
-        TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err, transient=True,
+        TextColumn(label),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
         disable=not err.is_terminal,
     )
     task = progress.add_task(label, total=None)
@@ -288,7 +327,9 @@ def _print_validation(stats: dict[str, Any], *, limit: int = 40) -> None:
     out.print(table)
     modes = ", ".join(f"{m}: {n:,}" for m, n in stats["image_modes"].items())
     sizes = ", ".join(f"{s['size']} ({s['images']:,})" for s in stats["sizes"]["most_common"][:3])
-    out.print(f"modes: {modes}; sizes: {sizes}; smallest {stats['sizes']['smallest']}, largest {stats['sizes']['largest']}")
+    out.print(
+        f"modes: {modes}; sizes: {sizes}; smallest {stats['sizes']['smallest']}, largest {stats['sizes']['largest']}"
+    )
     for note in stats["notes"]:
         out.print(f"[dim]note: {note}[/]", highlight=False)
     problems = stats["problems"]
@@ -296,15 +337,21 @@ def _print_validation(stats: dict[str, Any], *, limit: int = 40) -> None:
         out.print("[green]no problems found[/]")
         return
     if out.is_terminal:
-        table = Table("problem", "file", "detail", "action", title=f"{problems['total']:,} problems", title_justify="left")
+        table = Table(
+            "problem", "file", "detail", "action", title=f"{problems['total']:,} problems", title_justify="left"
+        )
         for p in problems["list"][:limit]:
             table.add_row(escape(p["kind"]), escape(p["file"]), escape(p["detail"]), escape(p["action"]))
         out.print(table)
     else:  # piped or redirected: one tab-separated line per problem, never cut to a terminal's width
         out.print(f"{problems['total']:,} problems (problem, file, detail, action):", highlight=False)
         for p in problems["list"][:limit]:
-            out.print("\t".join((p["kind"], p["file"], p["detail"], p["action"])), markup=False, highlight=False,
-                      soft_wrap=True)
+            out.print(
+                "\t".join((p["kind"], p["file"], p["detail"], p["action"])),
+                markup=False,
+                highlight=False,
+                soft_wrap=True,
+            )
     if problems["total"] > limit:
         out.print(f"... {problems['total'] - limit:,} more; --json lists them all")
     out.print("by kind: " + ", ".join(f"{k} {n:,}" for k, n in problems["by_kind"].items()))
@@ -333,6 +380,7 @@ def _main_first():
     else:
         yield
 
+
 def _default_bundle(model: Path | None) -> Path:
     from dermaclass.models import DEFAULT_BUNDLE
 
@@ -340,5 +388,7 @@ def _default_bundle(model: Path | None) -> Path:
     if not (path / "model.json").is_file():
         from dermaclass.models import ModelError
 
-        raise ModelError(f"{path}: no model bundle here" + ("" if model else " (the bundled default model); pass --model BUNDLE"))
+        raise ModelError(
+            f"{path}: no model bundle here" + ("" if model else " (the bundled default model); pass --model BUNDLE")
+        )
     return path

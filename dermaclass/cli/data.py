@@ -11,7 +11,16 @@ from rich.markup import escape
 from rich.table import Table
 
 from dermaclass.cli.common import (
-    EXIT_CODES, DataOptions, DataPath, _print_validation, data_options, _validate, data_app, err, friendly, out,
+    EXIT_CODES,
+    DataOptions,
+    DataPath,
+    _print_validation,
+    _validate,
+    data_app,
+    data_options,
+    err,
+    friendly,
+    out,
 )
 
 
@@ -75,10 +84,16 @@ def data_split(
     from dermaclass.data.splits import MIN_PER_CLASS, thin_classes
 
     for part, thin in thin_classes(split).items():
-        err.print(f"[yellow]warning:[/] {part} has fewer than {MIN_PER_CLASS} images of "
-                  + ", ".join(f"{escape(c)} ({n})" for c, n in thin.items())
-                  + ("; their figures there will be too noisy to judge" if part != "train"
-                     else "; the model can hardly learn them"), highlight=False)
+        err.print(
+            f"[yellow]warning:[/] {part} has fewer than {MIN_PER_CLASS} images of "
+            + ", ".join(f"{escape(c)} ({n})" for c, n in thin.items())
+            + (
+                "; their figures there will be too noisy to judge"
+                if part != "train"
+                else "; the model can hardly learn them"
+            ),
+            highlight=False,
+        )
     crossing = int((split.groupby("group")["split"].nunique() > 1).sum())
     out.print(f"groups in more than one split: {crossing}", highlight=False)
 
@@ -88,7 +103,9 @@ def data_split(
 @data_options
 def data_card(
     path: DataPath,
-    split_file: Annotated[Path | None, typer.Option("--split-file", help="Add per-split counts from this split.")] = None,
+    split_file: Annotated[
+        Path | None, typer.Option("--split-file", help="Add per-split counts from this split.")
+    ] = None,
     data_opts: DataOptions = None,
 ) -> None:
     """Print the statistics section of a data card in Markdown (see data_cards/TEMPLATE.md)."""
@@ -100,9 +117,10 @@ def data_card(
     if split_file is not None:
         split = read_split(split_file)
         split_counts = {
-            s: {**split[split["split"] == s]["label"].value_counts().to_dict(), "total": int((split["split"] == s).sum())}
+            s: {
+                **split[split["split"] == s]["label"].value_counts().to_dict(),
+                "total": int((split["split"] == s).sum()),
+            }
             for s in ("train", "valid", "test")
         }
     typer.echo(render_card(stats, split_counts=split_counts), nl=False)
-
-

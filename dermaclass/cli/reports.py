@@ -10,7 +10,18 @@ from rich.markup import escape
 from rich.table import Table
 
 from dermaclass.cli.common import (
-    EXIT_CODES, BundlePath, BundleSplitOpt, DataOptions, DataPath, Opt, _progress, data_options, app, err, friendly, out,
+    EXIT_CODES,
+    BundlePath,
+    BundleSplitOpt,
+    DataOptions,
+    DataPath,
+    Opt,
+    _progress,
+    app,
+    data_options,
+    err,
+    friendly,
+    out,
     report_app,
 )
 
@@ -25,13 +36,27 @@ def evaluate_cmd(
     split: Annotated[str, Opt("--split", help="test | valid | train | all")] = "test",
     split_file: BundleSplitOpt = None,
     n_boot: Annotated[int, Opt("--n-boot", help="Bootstrap resamples for the intervals.")] = 1000,
-    thumbnails: Annotated[bool, Opt("--thumbnails/--no-thumbnails", help="Embed thumbnails of the most confident "
-                                    "errors (--no-thumbnails for a report published without the dataset's images)")] = True,
+    thumbnails: Annotated[
+        bool,
+        Opt(
+            "--thumbnails/--no-thumbnails",
+            help="Embed thumbnails of the most confident "
+            "errors (--no-thumbnails for a report published without the dataset's images)",
+        ),
+    ] = True,
     seed: Annotated[int, Opt("--seed")] = 0,
-    external: Annotated[list[str] | None, Opt("--external", help="NAME=FOLDER (repeatable): also evaluate every image of "
-                                              "a labelled set from other clinics and report it beside this split")] = None,
-    tta: Annotated[bool | None, Opt("--tta/--no-tta", help="Average the logits over the four flips "
-                                    "[default: as the bundle records]")] = None,
+    external: Annotated[
+        list[str] | None,
+        Opt(
+            "--external",
+            help="NAME=FOLDER (repeatable): also evaluate every image of "
+            "a labelled set from other clinics and report it beside this split",
+        ),
+    ] = None,
+    tta: Annotated[
+        bool | None,
+        Opt("--tta/--no-tta", help="Average the logits over the four flips [default: as the bundle records]"),
+    ] = None,
     force: Annotated[bool, Opt("--force", help="Replace an existing report.")] = False,
     data_opts: DataOptions = None,
 ) -> None:
@@ -50,30 +75,48 @@ def evaluate_cmd(
     sets = parse_sets(external or [])  # a missing folder fails before any work
     progress, update = _progress("decoding")
     with progress:
-        ev = evaluate_bundle(model, data, split=split, split_file=split_file, cfg=cfg, n_boot=n_boot, seed=seed,
-                             thumbnails=thumbnails, tta=tta, progress=update)
+        ev = evaluate_bundle(
+            model,
+            data,
+            split=split,
+            split_file=split_file,
+            cfg=cfg,
+            n_boot=n_boot,
+            seed=seed,
+            thumbnails=thumbnails,
+            tta=tta,
+            progress=update,
+        )
     if sets:
         ev.report = ev.report.with_(external=evaluate_external(model, sets, cfg=cfg, tta=tta, n_boot=n_boot, seed=seed))
     write_report(ev, out_dir, force=force)
     r = ev.report
     m, iv = r.metrics, r.overall_intervals
     out.print(f"{r.data['split']} split: {r.n:,} images, {r.data['groups']:,} groups", highlight=False)
-    out.print(f"[bold]balanced accuracy {fmt_ci(m['balanced_accuracy'], iv.get('balanced_accuracy'), digits=4, iv_digits=3)}[/]; "
-              f"macro-F1 {fmt_ci(m['macro_f1'], iv.get('macro_f1'), digits=4, iv_digits=3)}; macro AUROC "
-              f"{fmt(m['macro_auroc'], digits=4)}; accuracy {fmt(m['accuracy'], digits=4)}", highlight=False)
+    out.print(
+        f"[bold]balanced accuracy {fmt_ci(m['balanced_accuracy'], iv.get('balanced_accuracy'), digits=4, iv_digits=3)}[/]; "
+        f"macro-F1 {fmt_ci(m['macro_f1'], iv.get('macro_f1'), digits=4, iv_digits=3)}; macro AUROC "
+        f"{fmt(m['macro_auroc'], digits=4)}; accuracy {fmt(m['accuracy'], digits=4)}",
+        highlight=False,
+    )
     table = Table("class", "support", "sensitivity", "specificity", "AUROC")
     for c in r.classes:
         pc = r.per_class[c]
         table.add_row(c, str(pc["support"]), *(fmt(pc[k]) for k in ("sensitivity", "specificity", "auroc")))
     out.print(table)
     for c, op in r.operating_points.items():
-        out.print(f"operating point {c}: P >= {op['threshold']:.4f} -> sensitivity {op['sensitivity'] or 0:.3f}, "
-                  f"specificity {op['specificity'] or 0:.3f} (target {op['target_sensitivity']:.2f} on valid)",
-                  highlight=False)
+        out.print(
+            f"operating point {c}: P >= {op['threshold']:.4f} -> sensitivity {op['sensitivity'] or 0:.3f}, "
+            f"specificity {op['specificity'] or 0:.3f} (target {op['target_sensitivity']:.2f} on valid)",
+            highlight=False,
+        )
     for n, e in r.external.items():
-        out.print(f"external {n}: {e['n']:,} images, balanced accuracy "
-                  f"{fmt_ci(e['balanced_accuracy'], (e.get('intervals') or {}).get('balanced_accuracy'), digits=4, iv_digits=3)}; "
-                  f"macro AUROC {fmt(e['macro_auroc'], digits=4)}", highlight=False)
+        out.print(
+            f"external {n}: {e['n']:,} images, balanced accuracy "
+            f"{fmt_ci(e['balanced_accuracy'], (e.get('intervals') or {}).get('balanced_accuracy'), digits=4, iv_digits=3)}; "
+            f"macro AUROC {fmt(e['macro_auroc'], digits=4)}",
+            highlight=False,
+        )
     out.print(f"report: {out_dir / 'report.html'}", highlight=False)
 
 
@@ -95,9 +138,12 @@ def report_compare(
     table = Table("figure", "old", "new", "delta", "interval")
     for k, v in result["overall"].items():
         iv = v["delta_interval"]
-        table.add_row(k, *(f"{v[x]:.4f}" if v[x] is not None else "n/c" for x in ("old", "new")),
-                      f"{v['delta']:+.4f}" if v["delta"] is not None else "n/c",
-                      f"[{iv[0]:+.4f}, {iv[1]:+.4f}]" if iv else "")
+        table.add_row(
+            k,
+            *(f"{v[x]:.4f}" if v[x] is not None else "n/c" for x in ("old", "new")),
+            f"{v['delta']:+.4f}" if v["delta"] is not None else "n/c",
+            f"[{iv[0]:+.4f}, {iv[1]:+.4f}]" if iv else "",
+        )
     out.print(table)
     for c, v in result["per_class"].items():
         s = v["sensitivity"]
@@ -115,7 +161,9 @@ def report_compare(
 @friendly
 def report_card(
     model: BundlePath,
-    report: Annotated[Path | None, Opt("--report", help="Its test-split evaluate folder [default: BUNDLE/report]")] = None,
+    report: Annotated[
+        Path | None, Opt("--report", help="Its test-split evaluate folder [default: BUNDLE/report]")
+    ] = None,
     name: Annotated[str | None, Opt("--name", help="Model name [default: the folder name]")] = None,
     data_card: Annotated[str | None, Opt("--data-card", help="Path of the data card to cite.")] = None,
     force: Annotated[bool, Opt("--force")] = False,
@@ -136,5 +184,3 @@ def report_card(
         raise FileExistsError(f"{target}: a model card is already there")
     write_text(target, model_card_markdown(meta, rep, name=name or model.name, data_card=data_card))
     out.print(f"wrote {target}", highlight=False)
-
-

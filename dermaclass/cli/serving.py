@@ -11,7 +11,19 @@ from rich.markup import escape
 
 from dermaclass import DISCLAIMER
 from dermaclass.cli.common import (
-    EXIT_CODES, BackendOpt, BundlePath, _progress, BundleSplitOpt, DataOptions, DataPath, Opt, _default_bundle, data_options, app, err, friendly,
+    EXIT_CODES,
+    BackendOpt,
+    BundlePath,
+    BundleSplitOpt,
+    DataOptions,
+    DataPath,
+    Opt,
+    _default_bundle,
+    _progress,
+    app,
+    data_options,
+    err,
+    friendly,
     out,
 )
 
@@ -22,8 +34,12 @@ def predict_cmd(
     images: Annotated[list[Path], typer.Argument(help="Image files.")],
     model: Annotated[Path | None, Opt("--model", help="Model bundle [default: the bundled model]")] = None,
     top_k: Annotated[int, Opt("--top-k")] = 3,
-    tta: Annotated[bool | None, Opt("--tta/--no-tta", help="Average over flips [default: as the bundle records]")] = None,
-    as_json: Annotated[bool, Opt("--json", help="One JSON object per image (its \"backend\" says what served it).")] = False,
+    tta: Annotated[
+        bool | None, Opt("--tta/--no-tta", help="Average over flips [default: as the bundle records]")
+    ] = None,
+    as_json: Annotated[
+        bool, Opt("--json", help='One JSON object per image (its "backend" says what served it).')
+    ] = False,
     backend: BackendOpt = "auto",
 ) -> None:
     """Predict images: calibrated probabilities, operating-point flags, and referral."""
@@ -49,14 +65,25 @@ def predict_cmd(
             continue
         # Every piece that can hold brackets is escaped: Rich would read "[mel flagged]" as markup and drop it.
         tops = ", ".join(f"{t['name']} ({t['class']}) {t['probability']:.1%}" for t in r["top_k"])
-        flags = "".join(f"  [{c} flagged: P {f['probability']:.2f} >= {f['threshold']:.2f}]"
-                        for c, f in r["flags"].items() if f["flagged"])
-        refer = (f"  [bold yellow]{escape(r['referral']['message'])}[/]: {escape('; '.join(r['referral']['reasons']))}"
-                 if r["referral"]["refer"] else "")
-        out.print(f"{escape(str(path))}: {escape(tops)}[bold red]{escape(flags)}[/]{refer}", highlight=False, soft_wrap=True)
+        flags = "".join(
+            f"  [{c} flagged: P {f['probability']:.2f} >= {f['threshold']:.2f}]"
+            for c, f in r["flags"].items()
+            if f["flagged"]
+        )
+        refer = (
+            f"  [bold yellow]{escape(r['referral']['message'])}[/]: {escape('; '.join(r['referral']['reasons']))}"
+            if r["referral"]["refer"]
+            else ""
+        )
+        out.print(
+            f"{escape(str(path))}: {escape(tops)}[bold red]{escape(flags)}[/]{refer}", highlight=False, soft_wrap=True
+        )
     if not as_json:
-        out.print(f"[dim]served by {pred.backend}{' with flip TTA' if (pred.tta if tta is None else tta) else ''}. "
-                  f"{DISCLAIMER}[/]", highlight=False)
+        out.print(
+            f"[dim]served by {pred.backend}{' with flip TTA' if (pred.tta if tta is None else tta) else ''}. "
+            f"{DISCLAIMER}[/]",
+            highlight=False,
+        )
     if failed:
         raise typer.Exit(3)
 
@@ -66,20 +93,45 @@ def predict_cmd(
 @data_options
 def export_cmd(
     model: BundlePath,
-    onnx: Annotated[bool | None, Opt("--onnx/--no-onnx", help="Write model.onnx beside the weights (checked against "
-                                     "torch) [default: on, unless --openvino or --int8 is given]")] = None,
-    openvino: Annotated[bool, Opt("--openvino", help="Write the OpenVINO IR model.xml + model.bin (float32, "
-                                  "checked against torch).")] = False,
-    int8: Annotated[bool, Opt("--int8", help="Write model-int8.xml: NNCF int8 quantisation calibrated on the train "
-                              "split of --calibration; refused when it loses more valid balanced accuracy against "
-                              "float than the limit the message states")] = False,
-    bf16: Annotated[bool, Opt("--bf16", help="Check the OpenVINO IR at bfloat16 inference precision (CPUs with native "
-                              "bfloat16: about half the float32 latency) on the valid split of --calibration, and "
-                              "record it for --backend openvino-bf16 when it holds up (same limit as --int8)")] = False,
-    calibration: Annotated[Path | None, Opt("--calibration", help="The bundle's training data (with --int8 or --bf16).")] = None,
-    n_calibration: Annotated[int, Opt("--n-calibration", help="Training-split images that calibrate int8 (drawn class-balanced).")] = 600,
+    onnx: Annotated[
+        bool | None,
+        Opt(
+            "--onnx/--no-onnx",
+            help="Write model.onnx beside the weights (checked against "
+            "torch) [default: on, unless --openvino or --int8 is given]",
+        ),
+    ] = None,
+    openvino: Annotated[
+        bool, Opt("--openvino", help="Write the OpenVINO IR model.xml + model.bin (float32, checked against torch).")
+    ] = False,
+    int8: Annotated[
+        bool,
+        Opt(
+            "--int8",
+            help="Write model-int8.xml: NNCF int8 quantisation calibrated on the train "
+            "split of --calibration; refused when it loses more valid balanced accuracy against "
+            "float than the limit the message states",
+        ),
+    ] = False,
+    bf16: Annotated[
+        bool,
+        Opt(
+            "--bf16",
+            help="Check the OpenVINO IR at bfloat16 inference precision (CPUs with native "
+            "bfloat16: about half the float32 latency) on the valid split of --calibration, and "
+            "record it for --backend openvino-bf16 when it holds up (same limit as --int8)",
+        ),
+    ] = False,
+    calibration: Annotated[
+        Path | None, Opt("--calibration", help="The bundle's training data (with --int8 or --bf16).")
+    ] = None,
+    n_calibration: Annotated[
+        int, Opt("--n-calibration", help="Training-split images that calibrate int8 (drawn class-balanced).")
+    ] = 600,
     split_file: BundleSplitOpt = None,
-    publish: Annotated[Path | None, Opt("--publish", help="Also copy the bundle here, fit to ship (see --float16).")] = None,
+    publish: Annotated[
+        Path | None, Opt("--publish", help="Also copy the bundle here, fit to ship (see --float16).")
+    ] = None,
     float16: Annotated[bool, Opt("--float16/--float32", help="Weights precision of the --publish copy.")] = True,
     force: Annotated[bool, Opt("--force")] = False,
     data_opts: DataOptions = None,
@@ -88,8 +140,11 @@ def export_cmd(
     from dermaclass.models import publish_bundle, read_bundle_meta
 
     if (int8 or bf16) and calibration is None:
-        raise typer.BadParameter(f"{'--int8' if int8 else '--bf16'} needs --calibration DATA (the bundle's training data; "
-                                 "its train split calibrates int8, its valid split checks)", param_hint="--calibration")
+        raise typer.BadParameter(
+            f"{'--int8' if int8 else '--bf16'} needs --calibration DATA (the bundle's training data; "
+            "its train split calibrates int8, its valid split checks)",
+            param_hint="--calibration",
+        )
     if onnx is None:
         onnx = not (openvino or int8 or bf16)
     if publish is not None:
@@ -101,37 +156,67 @@ def export_cmd(
     for folder in meta.member_folders(model):
         if meta.is_ensemble:
             out.print(f"member {folder.relative_to(model)}:", highlight=False)
-        _export_one(folder, onnx=onnx, openvino=openvino, int8=int8, bf16=bf16, calibration=calibration,
-                    n_calibration=n_calibration, split_file=None if meta.is_ensemble else split_file, force=force,
-                    cfg=data_opts.config())
+        _export_one(
+            folder,
+            onnx=onnx,
+            openvino=openvino,
+            int8=int8,
+            bf16=bf16,
+            calibration=calibration,
+            n_calibration=n_calibration,
+            split_file=None if meta.is_ensemble else split_file,
+            force=force,
+            cfg=data_opts.config(),
+        )
 
 
-def _export_one(model: Path, *, onnx: bool, openvino: bool, int8: bool, bf16: bool, calibration: Path | None,
-                n_calibration: int, split_file: Path | None, force: bool, cfg) -> None:  # noqa: ANN001 - Config
+def _export_one(
+    model: Path,
+    *,
+    onnx: bool,
+    openvino: bool,
+    int8: bool,
+    bf16: bool,
+    calibration: Path | None,
+    n_calibration: int,
+    split_file: Path | None,
+    force: bool,
+    cfg,
+) -> None:  # noqa: ANN001 - Config
     from dermaclass.serving.export import check_bf16_bundle, export_onnx, export_openvino, quantize_bundle
 
     if onnx:
         info = export_onnx(model, force=force)
-        out.print(f"wrote {info['path']} (max |output difference| vs torch {info['max_abs_diff']:.1e})", highlight=False)
+        out.print(
+            f"wrote {info['path']} (max |output difference| vs torch {info['max_abs_diff']:.1e})", highlight=False
+        )
     if openvino or ((int8 or bf16) and not (model / "model.xml").is_file()):
         info = export_openvino(model, force=force)
-        out.print(f"wrote {info['path']} (max |output difference| vs torch {info['max_abs_diff']:.1e})", highlight=False)
+        out.print(
+            f"wrote {info['path']} (max |output difference| vs torch {info['max_abs_diff']:.1e})", highlight=False
+        )
     if int8:
         progress, _ = _progress("decoding")
         with progress:
-            info = quantize_bundle(model, calibration, cfg=cfg, split_file=split_file,
-                                   n_calibration=n_calibration, force=force)
-        out.print(f"wrote {info['path']}: valid balanced accuracy {info['valid_balanced_accuracy_int8']:.4f} "
-                  f"(float {info['valid_balanced_accuracy_float']:.4f}, drop {info['drop']:+.4f}; limit "
-                  f"{info['max_drop']:g}); serve it with --backend openvino-int8", highlight=False)
+            info = quantize_bundle(
+                model, calibration, cfg=cfg, split_file=split_file, n_calibration=n_calibration, force=force
+            )
+        out.print(
+            f"wrote {info['path']}: valid balanced accuracy {info['valid_balanced_accuracy_int8']:.4f} "
+            f"(float {info['valid_balanced_accuracy_float']:.4f}, drop {info['drop']:+.4f}; limit "
+            f"{info['max_drop']:g}); serve it with --backend openvino-int8",
+            highlight=False,
+        )
     if bf16:
         progress, _ = _progress("decoding")
         with progress:
             info = check_bf16_bundle(model, calibration, cfg=cfg, split_file=split_file)
-        out.print(f"checked bfloat16 inference of {info['path']}: valid balanced accuracy "
-                  f"{info['valid_balanced_accuracy_bf16']:.4f} (float {info['valid_balanced_accuracy_float']:.4f}, drop "
-                  f"{info['drop']:+.4f}; limit {info['max_drop']:g}); serve it with --backend openvino-bf16",
-                  highlight=False)
+        out.print(
+            f"checked bfloat16 inference of {info['path']}: valid balanced accuracy "
+            f"{info['valid_balanced_accuracy_bf16']:.4f} (float {info['valid_balanced_accuracy_float']:.4f}, drop "
+            f"{info['drop']:+.4f}; limit {info['max_drop']:g}); serve it with --backend openvino-bf16",
+            highlight=False,
+        )
 
 
 @app.command("fit-ood", epilog=EXIT_CODES)
@@ -153,8 +238,11 @@ def fit_ood_cmd(
     cfg = data_opts.config()  # --ood and --keep are checked with the rest of the config (exit 2)
     r = refit_ood(model, data, split_file=split_file, cfg=cfg, force=force)
     ood = r["ood"]
-    out.print(f"{model}: {ood['method']} score, cut-off {ood['threshold']:.4f} (passes {ood['keep']:.0%} of the valid "
-              f"split); the whole referral rule refers {r['valid_referred']:.1%} of valid images", highlight=False)
+    out.print(
+        f"{model}: {ood['method']} score, cut-off {ood['threshold']:.4f} (passes {ood['keep']:.0%} of the valid "
+        f"split); the whole referral rule refers {r['valid_referred']:.1%} of valid images",
+        highlight=False,
+    )
 
 
 @app.command("calibrate", epilog=EXIT_CODES)
@@ -173,17 +261,22 @@ def calibrate_cmd(
     target sensitivity, or the prior shift for nevus sensitivity). Settings not given keep the
     bundle's own. The weights are untouched.
     """
-    from dermaclass.serving.refit import CALIBRATION_SETTINGS, recalibrate
     from dermaclass.models import read_bundle_meta
+    from dermaclass.serving.refit import CALIBRATION_SETTINGS, recalibrate
 
     own = read_bundle_meta(model).config
     cfg = data_opts.config(**{k: own[k] for k in CALIBRATION_SETTINGS if k in own and data_opts.get(k) is None})
     cal = recalibrate(model, data, split_file=split_file, cfg=cfg, force=force)
-    out.print(f"{model}: temperature {cal['temperature']:.3f} (valid ECE {cal['ece_before']:.4f} -> "
-              f"{cal['ece_after']:.4f})", highlight=False)
+    out.print(
+        f"{model}: temperature {cal['temperature']:.3f} (valid ECE {cal['ece_before']:.4f} -> {cal['ece_after']:.4f})",
+        highlight=False,
+    )
     if shift := cal.get("prior_shift"):
-        out.print(f"prior shift: tau {shift['tau']:.1f}, valid {shift['class']} sensitivity "
-                  f"{shift['valid_sensitivity_before']:.3f} -> {shift['valid_sensitivity']:.3f}", highlight=False)
+        out.print(
+            f"prior shift: tau {shift['tau']:.1f}, valid {shift['class']} sensitivity "
+            f"{shift['valid_sensitivity_before']:.3f} -> {shift['valid_sensitivity']:.3f}",
+            highlight=False,
+        )
     refer = cal.get("refer") or {}
     if "valid_referred" in refer:
         out.print(f"referral rule refers {refer['valid_referred']:.1%} of valid images", highlight=False)
@@ -195,12 +288,12 @@ def serve_cmd(
     model: Annotated[Path | None, Opt("--model", help="Model bundle [default: the bundled model]")] = None,
     host: Annotated[str, Opt("--host", help="Interface; 127.0.0.1 keeps it on this machine.")] = "127.0.0.1",
     port: Annotated[int, Opt("--port")] = 7860,
-    review_dir: Annotated[Path, Opt("--review-dir", help="Where corrections are saved (CSV-manifest layout).")] = Path("review"),
+    review_dir: Annotated[Path, Opt("--review-dir", help="Where corrections are saved (CSV-manifest layout).")] = Path(
+        "review"
+    ),
     backend: BackendOpt = "auto",
 ) -> None:
     """Open the Gradio app (decision support, not a diagnostic device)."""
     from dermaclass.ui import launch
 
     launch(_default_bundle(model), host=host, port=port, review_dir=review_dir, backend=backend)
-
-

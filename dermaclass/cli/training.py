@@ -11,20 +11,71 @@ from rich.markup import escape
 from rich.table import Table
 
 from dermaclass.cli.common import (
-    EXIT_CODES, DataOptions, DataPath, Opt, data_options, _main_first, _progress, _rank, app, err, friendly, out,
+    EXIT_CODES,
+    DataOptions,
+    DataPath,
+    Opt,
+    _main_first,
+    _progress,
+    _rank,
+    app,
+    data_options,
+    err,
+    friendly,
+    out,
 )
 from dermaclass.config import Config, load_config
 
-
 #: The Config fields `dermaclass train` takes as flags (help, type and default: cli.FLAG_HELP and Config).
 TRAIN_FLAGS = (
-    "recipe", "arch", "weights", "init_bundle", "pretrained", "image_size", "batch_size", "lr", "lr_suggestion",
-    "warm_epoch", "head_epochs", "epochs", "n_cycles", "cycle_len", "cycle_mult", "lr_ratio", "stage_fractions",
-    "stage_sizes", "lr_rule", "weight_sharing", "imbalance", "histo_weight", "augment", "colour_constancy", "tta", "label_smoothing",
-    "keep", "ema_decay", "average_cycles", "mix", "mix_alpha", "sam_rho", "precision", "early_stop_patience", "operating_classes", "target_sensitivity",
-    "prior_class", "prior_sensitivity", "ood", "members", "member_archs", "ensemble_calibration", "distill_from",
-    "distill_alpha", "distill_temperature",
-    "split_file", "seed", "threads",
+    "recipe",
+    "arch",
+    "weights",
+    "init_bundle",
+    "pretrained",
+    "image_size",
+    "batch_size",
+    "lr",
+    "lr_suggestion",
+    "warm_epoch",
+    "head_epochs",
+    "epochs",
+    "n_cycles",
+    "cycle_len",
+    "cycle_mult",
+    "lr_ratio",
+    "stage_fractions",
+    "stage_sizes",
+    "lr_rule",
+    "weight_sharing",
+    "imbalance",
+    "histo_weight",
+    "augment",
+    "colour_constancy",
+    "tta",
+    "label_smoothing",
+    "keep",
+    "ema_decay",
+    "average_cycles",
+    "mix",
+    "mix_alpha",
+    "sam_rho",
+    "precision",
+    "early_stop_patience",
+    "operating_classes",
+    "target_sensitivity",
+    "prior_class",
+    "prior_sensitivity",
+    "ood",
+    "members",
+    "member_archs",
+    "ensemble_calibration",
+    "distill_from",
+    "distill_alpha",
+    "distill_temperature",
+    "split_file",
+    "seed",
+    "threads",
 )
 
 
@@ -32,12 +83,22 @@ TRAIN_FLAGS = (
 @friendly
 @data_options(*TRAIN_FLAGS)
 def train_cmd(
-    data: Annotated[list[Path], typer.Argument(help="One or more datasets (the first keeps its image ids; e.g. an export plus review/).")],
+    data: Annotated[
+        list[Path],
+        typer.Argument(help="One or more datasets (the first keeps its image ids; e.g. an export plus review/)."),
+    ],
     out_dir: Annotated[Path, Opt("--out", help="Run folder: config, split, history, plots and the model bundle.")],
-    lr_find: Annotated[bool, Opt("--lr-find", help="Pick each stage's LR by a range test (fastai lr_find, "
-                                 "--lr-suggestion) instead of a fixed --lr")] = False,
+    lr_find: Annotated[
+        bool,
+        Opt(
+            "--lr-find",
+            help="Pick each stage's LR by a range test (fastai lr_find, --lr-suggestion) instead of a fixed --lr",
+        ),
+    ] = False,
     force: Annotated[bool, Opt("--force", help="Replace an existing run folder / bundle.")] = False,
-    resume: Annotated[bool, Opt("--resume", help="Continue the interrupted run in --out (its config and split).")] = False,
+    resume: Annotated[
+        bool, Opt("--resume", help="Continue the interrupted run in --out (its config and split).")
+    ] = False,
     data_opts: DataOptions = None,
 ) -> None:
     """Train a model bundle on a clinic's image folder (default recipe: stepwise subsets, SGDR stages)."""
@@ -62,8 +123,10 @@ def train_cmd(
         elif not (out_dir / training.MEMBERS_DIR).is_dir():
             from dermaclass.train import TrainingError
 
-            raise TrainingError(f"{out_dir}: the ensemble stopped before its first member's first epoch ended, so "
-                                "there is nothing to resume; start it again")
+            raise TrainingError(
+                f"{out_dir}: the ensemble stopped before its first member's first epoch ended, so "
+                "there is nothing to resume; start it again"
+            )
         out.print(f"resuming {out_dir} with its saved config", highlight=False)
     else:
         cfg = training.inherit_bundle(cfg)
@@ -79,17 +142,22 @@ def train_cmd(
         training.train(cfg, prepared, out_dir, force=force, resume=resume)
         return
     counts = prepared.items["split"].value_counts()
-    out.print(f"data: {len(prepared.items):,} images, {len(prepared.vocab)} classes; split "
-              + ", ".join(f"{s} {int(counts.get(s, 0)):,}" for s in ("train", "valid", "test")), highlight=False)
+    out.print(
+        f"data: {len(prepared.items):,} images, {len(prepared.vocab)} classes; split "
+        + ", ".join(f"{s} {int(counts.get(s, 0)):,}" for s in ("train", "valid", "test")),
+        highlight=False,
+    )
     if not resume:
         cfg = training.fit_batch_size(cfg, len(prepared.train_rows))  # small data: a smaller batch, or exit 5
     _print_plan(cfg, len(prepared.train_rows))
     result = training.train(cfg, prepared, out_dir, force=force, resume=resume)
     training.write_summary(result)
     m = result.metrics
-    out.print(f"[bold]valid balanced accuracy {m['balanced_accuracy']:.4f}[/], macro-F1 {m['macro_f1']:.4f} "
-              f"(accuracy {m['accuracy']:.4f}); {result.seconds / 60:.1f} min, {result.images_seen:,} images seen",
-              highlight=False)
+    out.print(
+        f"[bold]valid balanced accuracy {m['balanced_accuracy']:.4f}[/], macro-F1 {m['macro_f1']:.4f} "
+        f"(accuracy {m['accuracy']:.4f}); {result.seconds / 60:.1f} min, {result.images_seen:,} images seen",
+        highlight=False,
+    )
     out.print(f"bundle: {out_dir / 'model.safetensors'} + model.json", highlight=False)
 
 
@@ -100,24 +168,36 @@ def _train_ensemble(cfg: Config, prepared, out_dir: Path, *, force: bool, resume
     plan = training.check_ensemble(cfg)
     counts = prepared.items["split"].value_counts()
     pool = int(counts.get("train", 0) + counts.get("valid", 0))
-    out.print(f"data: {len(prepared.items):,} images, {len(prepared.vocab)} classes; test {int(counts.get('test', 0)):,}, "
-              f"train+valid pool {pool:,} in {cfg.members} cross-fitting folds", highlight=False)
+    out.print(
+        f"data: {len(prepared.items):,} images, {len(prepared.vocab)} classes; test {int(counts.get('test', 0)):,}, "
+        f"train+valid pool {pool:,} in {cfg.members} cross-fitting folds",
+        highlight=False,
+    )
     for m in plan:
-        out.print(f"member {m.name}: {m.arch} at {m.image_size[0]}x{m.image_size[1]}, seed {m.seed}, "
-                  f"held-out fold {m.fold}", highlight=False)
+        out.print(
+            f"member {m.name}: {m.arch} at {m.image_size[0]}x{m.image_size[1]}, seed {m.seed}, held-out fold {m.fold}",
+            highlight=False,
+        )
     first = cfg.replace(arch=plan[0].arch, image_size=plan[0].image_size, members=1, member_archs=())
     _print_plan(training.fit_batch_size(first, pool - pool // cfg.members), pool - pool // cfg.members)
     result = training.train_ensemble(cfg, prepared, out_dir, force=force, resume=resume)
     training.write_summary(result)
     meta = read_bundle_meta(out_dir)
     for m in meta.members:
-        out.print(f"{m['path']}: valid (its fold) balanced accuracy {m['valid_balanced_accuracy']:.4f}", highlight=False)
+        out.print(
+            f"{m['path']}: valid (its fold) balanced accuracy {m['valid_balanced_accuracy']:.4f}", highlight=False
+        )
     r = result.metrics
-    out.print(f"[bold]out-of-fold balanced accuracy {r['balanced_accuracy']:.4f}[/], macro-F1 {r['macro_f1']:.4f} "
-              f"(one member per image; the ensemble is judged on test: `dermaclass evaluate`); "
-              f"{result.seconds / 60:.1f} min", highlight=False)
-    out.print(f"bundle: {out_dir / 'model.json'} + {len(meta.members)} members in {out_dir / training.MEMBERS_DIR}",
-              highlight=False)
+    out.print(
+        f"[bold]out-of-fold balanced accuracy {r['balanced_accuracy']:.4f}[/], macro-F1 {r['macro_f1']:.4f} "
+        f"(one member per image; the ensemble is judged on test: `dermaclass evaluate`); "
+        f"{result.seconds / 60:.1f} min",
+        highlight=False,
+    )
+    out.print(
+        f"bundle: {out_dir / 'model.json'} + {len(meta.members)} members in {out_dir / training.MEMBERS_DIR}",
+        highlight=False,
+    )
 
 
 @app.command("retrain", epilog=EXIT_CODES)
@@ -135,9 +215,11 @@ def retrain_cmd(
 
     def announce(cfg: Config, prepared) -> None:  # noqa: ANN001 - TrainData
         reuse = prepared.split_reuse
-        out.print(f"split reused from {bundle / 'split.csv'}: {reuse.get('kept', 0):,} images kept their split, "
-                  f"{reuse.get('followed', 0):,} joined their lesion's split, {reuse.get('assigned', 0):,} new assigned",
-                  highlight=False)
+        out.print(
+            f"split reused from {bundle / 'split.csv'}: {reuse.get('kept', 0):,} images kept their split, "
+            f"{reuse.get('followed', 0):,} joined their lesion's split, {reuse.get('assigned', 0):,} new assigned",
+            highlight=False,
+        )
         _print_plan(cfg, len(prepared.train_rows))
 
     logging.getLogger("dermaclass").setLevel(logging.INFO)
@@ -148,9 +230,11 @@ def retrain_cmd(
         out.print(f"classes added: {', '.join(done.new_classes)}", highlight=False)
     comparison = done.comparison
     o = comparison["overall"]["balanced_accuracy"]
-    out.print(f"on the parent's test split ({comparison['new']['data']['n']:,} images): balanced accuracy "
-              f"{o['old']:.4f} -> {o['new']:.4f} ({o['delta']:+.4f}); comparison: {done.compare_dir / 'compare.html'}",
-              highlight=False)
+    out.print(
+        f"on the parent's test split ({comparison['new']['data']['n']:,} images): balanced accuracy "
+        f"{o['old']:.4f} -> {o['new']:.4f} ({o['delta']:+.4f}); comparison: {done.compare_dir / 'compare.html'}",
+        highlight=False,
+    )
     alert = drop_alert(comparison)
     if alert:
         err.print(f"[bold red]{escape(alert)}[/]", highlight=False)
@@ -163,14 +247,21 @@ def _print_plan(cfg: Config, n_train: int) -> None:
 
     if cfg.recipe != "stepwise":
         sg = schedules.sgdr_epochs(cfg.n_cycles, cfg.cycle_len, cfg.cycle_mult)
-        detail = (f"{cfg.head_epochs} head + {cfg.epochs} one-cycle epochs" if cfg.recipe == "baseline"
-                  else f"{cfg.head_epochs} head + {sg} SGDR epochs ({cfg.n_cycles} cycles, len {cfg.cycle_len}, x{cfg.cycle_mult})")
-        out.print(f"recipe {cfg.recipe}: {n_train:,} images, batch {cfg.batch_size}, "
-                  f"lr {'range test' if cfg.lr is None else cfg.lr}; {detail}", highlight=False)
+        detail = (
+            f"{cfg.head_epochs} head + {cfg.epochs} one-cycle epochs"
+            if cfg.recipe == "baseline"
+            else f"{cfg.head_epochs} head + {sg} SGDR epochs ({cfg.n_cycles} cycles, len {cfg.cycle_len}, x{cfg.cycle_mult})"
+        )
+        out.print(
+            f"recipe {cfg.recipe}: {n_train:,} images, batch {cfg.batch_size}, "
+            f"lr {'range test' if cfg.lr is None else cfg.lr}; {detail}",
+            highlight=False,
+        )
         return
     plan = plan_for(cfg, n_train)
-    table = Table(*schedules.format_plan(plan)[0].keys(), title=f"stepwise plan (LR rule {cfg.lr_rule})",
-                  title_justify="left")
+    table = Table(
+        *schedules.format_plan(plan)[0].keys(), title=f"stepwise plan (LR rule {cfg.lr_rule})", title_justify="left"
+    )
     for row in schedules.format_plan(plan):
         table.add_row(*(str(v) for v in row.values()))
     out.print(table)
@@ -194,15 +285,16 @@ def lr_find_cmd(
     cfg = data_opts.config()
     out_dir.mkdir(parents=True, exist_ok=True)
     prepared = training.prepare_data(cfg, data)
-    learn = training.build_learner(cfg, prepared, out_dir, dls=training.stage_dataloaders(cfg, prepared, prepared.train_rows,
-                                                                                    cfg.batch_size))
+    learn = training.build_learner(
+        cfg, prepared, out_dir, dls=training.stage_dataloaders(cfg, prepared, prepared.train_rows, cfg.batch_size)
+    )
     if unfrozen:
         learn.unfreeze()
     test = range_test(learn, cfg, out_dir, "unfrozen" if unfrozen else "head")
     write_json(out_dir / "lr_find.json", {**test.to_dict(), "warm_epoch": cfg.warm_epoch, "config": cfg.to_dict()})
     for k, v in test.suggestions.items():
         out.print(f"{k:8} {v:.2e}" if v else f"{k:8} -", highlight=False)
-    out.print(f"chosen ({test.rule}): {test.chosen:.2e}" + (f"  note: {test.note}" if test.note else ""), highlight=False)
+    out.print(
+        f"chosen ({test.rule}): {test.chosen:.2e}" + (f"  note: {test.note}" if test.note else ""), highlight=False
+    )
     out.print(f"plot: {out_dir / test.plot}" if test.plot else "no plot", highlight=False)
-
-

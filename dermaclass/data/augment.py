@@ -30,8 +30,9 @@ def basic_pipeline(size: tuple[int, int], *, zoom: bool = False) -> A.Compose:
             A.HorizontalFlip(p=0.5),
             A.VerticalFlip(p=0.5),
             A.Affine(rotate=(-180, 180), scale=affine_scale, translate_percent=(-0.05, 0.05), border_mode=0, p=0.9),
-            A.RandomResizedCrop(size=(height, width), scale=crop_area, ratio=(width / height * 0.9, width / height * 1.1),
-                                p=crop_p),
+            A.RandomResizedCrop(
+                size=(height, width), scale=crop_area, ratio=(width / height * 0.9, width / height * 1.1), p=crop_p
+            ),
             A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.15, hue=0.02, p=0.8),
         ]
     )

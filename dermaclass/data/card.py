@@ -33,7 +33,9 @@ def render_card(stats: dict[str, Any], *, split_counts: dict[str, dict[str, int]
         "|---|---|---:|---:|---:|",
     ]
     for c in stats["per_class"]:
-        lines.append(f"| {c['label']} | {c['name']} | {c['images']:,} | {c['groups']:,} | {c['fraction'] * 100:.1f} % |")
+        lines.append(
+            f"| {c['label']} | {c['name']} | {c['images']:,} | {c['groups']:,} | {c['fraction'] * 100:.1f} % |"
+        )
     if split_counts:
         splits = list(split_counts)
         lines += ["", "| split | " + " | ".join(splits) + " |", "|---|" + "---:|" * len(splits)]

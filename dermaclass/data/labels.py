@@ -73,7 +73,11 @@ def load_class_names(path: Path) -> dict[str, str]:
         lines = text.splitlines()
         delimiter = "\t" if lines and "\t" in lines[0] else ","
         rows = [r for r in csv.reader(lines, delimiter=delimiter) if any(c.strip() for c in r)]
-        if rows and [c.strip().lower() for c in rows[0][:2]] in (["code", "name"], ["label", "name"], ["class", "name"]):
+        if rows and [c.strip().lower() for c in rows[0][:2]] in (
+            ["code", "name"],
+            ["label", "name"],
+            ["class", "name"],
+        ):
             rows = rows[1:]
         names = {}
         for row in rows:

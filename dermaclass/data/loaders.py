@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import fastai.callback.data  # noqa: F401  (registers DataBlock.weighted_dataloaders)
 import numpy as np
 import pandas as pd
 import torch
@@ -22,7 +23,6 @@ from fastai.data.transforms import ColReader, ColSplitter, IntToFloatTensor, Nor
 from fastai.torch_core import TensorImage
 from fasttransform import Transform
 
-import fastai.callback.data  # noqa: F401  (registers DataBlock.weighted_dataloaders)
 from dermaclass.data.cache import CachedImages
 from dermaclass.data.images import apply_colour
 
@@ -107,8 +107,9 @@ def make_dataloaders(
     # rows_input: each item's row as a second input, for a callback that looks up per-item data
     # (callbacks.Distill); the image transforms dispatch on TensorImage and leave it alone.
     block = DataBlock(
-        blocks=(image, TransformBlock(), CategoryBlock(vocab=list(vocab))) if rows_input else (
-            image, CategoryBlock(vocab=list(vocab))),
+        blocks=(image, TransformBlock(), CategoryBlock(vocab=list(vocab)))
+        if rows_input
+        else (image, CategoryBlock(vocab=list(vocab))),
         get_x=[ColReader("row"), ColReader("row")] if rows_input else ColReader("row"),
         n_inp=2 if rows_input else 1,
         get_y=ColReader("label"),

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import csv
 import threading
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
@@ -37,9 +37,13 @@ def _clean(text: str | None, *, field: str, limit: int) -> str:
     text = (text or "").replace("\r\n", "\n").replace("\r", "\n")
     text = "".join(ch for ch in text if ch == "\n" or ch == "\t" or ord(ch) >= 32).strip()
     if len(text) > limit:
-        raise DataError(f"the {field} is {len(text):,} characters long; at most {limit:,} are kept in the review "
-                        "manifest, so shorten it")
+        raise DataError(
+            f"the {field} is {len(text):,} characters long; at most {limit:,} are kept in the review "
+            "manifest, so shorten it"
+        )
     return text
+
+
 _LOCK = threading.Lock()
 
 
@@ -65,14 +69,26 @@ def save_correction(
     data = image if isinstance(image, bytes) else Path(image).read_bytes()
     load_rgb(data)  # refuse to store something that is not a readable image (raises with the reason)
     digest = content_hash(data)[:16]
-    suffix = ".png" if data[:8] == b"\x89PNG\r\n\x1a\n" else ".jpg" if data[:3] == b"\xff\xd8\xff" else (
-        Path(image).suffix.lower() if not isinstance(image, bytes) and Path(image).suffix else ".img")
+    suffix = (
+        ".png"
+        if data[:8] == b"\x89PNG\r\n\x1a\n"
+        else ".jpg"
+        if data[:3] == b"\xff\xd8\xff"
+        else (Path(image).suffix.lower() if not isinstance(image, bytes) and Path(image).suffix else ".img")
+    )
     review = Path(review_dir)
     rel = f"images/{digest}{suffix}"
-    row = {"image": rel, "label": label, "predicted": predicted or "",
-           "probability": "" if probability is None else f"{probability:.4f}", "model": model or "",
-           "note": note, "saved": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-           "original_name": original_name, "lesion": lesion}
+    row = {
+        "image": rel,
+        "label": label,
+        "predicted": predicted or "",
+        "probability": "" if probability is None else f"{probability:.4f}",
+        "model": model or "",
+        "note": note,
+        "saved": datetime.now(UTC).isoformat(timespec="seconds"),
+        "original_name": original_name,
+        "lesion": lesion,
+    }
     with _LOCK:
         (review / "images").mkdir(parents=True, exist_ok=True)
         target = review / rel

@@ -209,17 +209,28 @@ def _load_folders(root: Path) -> tuple[pd.DataFrame, list[Problem], list[str]]:
     linked: list[Path] = []
     files = _walk(root, skip=set(), linked=linked)
     for link in linked:
-        problems.append(Problem("symlink", _rel(link, root), "a symbolic link to a folder: not followed (its images "
-                                "are not read); copy them in or point at the real folder", "skipped"))
+        problems.append(
+            Problem(
+                "symlink",
+                _rel(link, root),
+                "a symbolic link to a folder: not followed (its images "
+                "are not read); copy them in or point at the real folder",
+                "skipped",
+            )
+        )
     for path in files:
         rel = _rel(path, root)
         parts = rel.split("/")
         if len(parts) == 1:
             if path.suffix.lower() in IMAGE_EXTENSIONS:
-                problems.append(Problem("empty_label", rel, "image at the dataset root, not in a class folder", "skipped"))
+                problems.append(
+                    Problem("empty_label", rel, "image at the dataset root, not in a class folder", "skipped")
+                )
             continue  # README, licence files and the like at the root are not data
         if path.suffix.lower() not in IMAGE_EXTENSIONS:
-            problems.append(Problem("not_image", rel, f"not an image file (extension {path.suffix or 'none'!r})", "skipped"))
+            problems.append(
+                Problem("not_image", rel, f"not an image file (extension {path.suffix or 'none'!r})", "skipped")
+            )
             continue
         rows.append({"image": rel, "path": str(path), "label": parts[0].strip(), "group": rel})
     if not rows:
@@ -273,7 +284,9 @@ def _load_manifest(
         stem = Path(raw).stem if Path(raw).suffix.lower() in IMAGE_EXTENSIONS else Path(raw).name
         hits = [by_rel[raw]] if raw in by_rel else by_name.get(raw) or by_stem.get(stem) or []
         if not hits:
-            problems.append(Problem("missing_file", f"{where} ({raw})", f"no file for image id {raw!r} under {root}", "skipped"))
+            problems.append(
+                Problem("missing_file", f"{where} ({raw})", f"no file for image id {raw!r} under {root}", "skipped")
+            )
             continue
         if len(hits) > 1:
             problems.append(
@@ -299,7 +312,9 @@ def _load_manifest(
             problems.append(Problem("duplicate_row", raw, f"listed {seen[raw]} times in {mname}; using one", "kept"))
         else:
             problems.append(
-                Problem("duplicate_row", raw, f"listed {seen[raw]} times in {mname} with labels {sorted(labels)}", "skipped")
+                Problem(
+                    "duplicate_row", raw, f"listed {seen[raw]} times in {mname} with labels {sorted(labels)}", "skipped"
+                )
             )
             items = items[items["image"] != raw]
     items = items.drop_duplicates("image")

@@ -163,8 +163,9 @@ def assign_split(
     """
     old = dict(zip(existing["image"].astype(str), existing["split"]))
     # An old image found under a new name (another source order, a moved folder) keeps its split.
-    old_by_hash = (dict(zip(existing[HASH_COLUMN].astype(str), existing["split"]))
-                   if HASH_COLUMN in existing.columns else {})
+    old_by_hash = (
+        dict(zip(existing[HASH_COLUMN].astype(str), existing["split"])) if HASH_COLUMN in existing.columns else {}
+    )
     old_by_hash.pop("", None)
     hashes = items[HASH_COLUMN].astype(str).tolist() if HASH_COLUMN in items.columns else [""] * len(items)
     old_group_split: dict[str, str] = {}
@@ -199,8 +200,11 @@ def assign_split(
         counts["assigned"] = int(new.sum())
     present_images, present_hashes = set(out["image"].astype(str)), set(hashes)
     old_hashes = existing[HASH_COLUMN].astype(str) if HASH_COLUMN in existing.columns else [""] * len(existing)
-    counts["dropped"] = sum(1 for image, h in zip(existing["image"].astype(str), old_hashes)
-                            if image not in present_images and (not h or h not in present_hashes))
+    counts["dropped"] = sum(
+        1
+        for image, h in zip(existing["image"].astype(str), old_hashes)
+        if image not in present_images and (not h or h not in present_hashes)
+    )
     log.info("reused split: %s", counts)
     return out, counts
 

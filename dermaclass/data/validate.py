@@ -22,8 +22,8 @@ from typing import Any
 
 import pandas as pd
 
-from dermaclass.data.images import ImageInfo, inspect_file
 from dermaclass.config import Config
+from dermaclass.data.images import ImageInfo, inspect_file
 from dermaclass.data.labels import full_name, load_class_names
 from dermaclass.data.sources import PROBLEM_KINDS, Dataset, Problem, load_dataset
 from dermaclass.errors import DataError
@@ -144,7 +144,9 @@ def _duplicates(items: pd.DataFrame) -> tuple[list[Problem], set[int]]:
             others = ", ".join(f"{i} ({lab})" for i, lab in zip(same["image"], same["label"]))
             for idx, image, label in zip(same.index, same["image"], same["label"]):
                 problems.append(
-                    Problem("duplicate_conflict", image, f"labelled {label!r}, but identical files are: {others}", "skipped")
+                    Problem(
+                        "duplicate_conflict", image, f"labelled {label!r}, but identical files are: {others}", "skipped"
+                    )
                 )
                 drop.add(idx)
     return problems, drop
@@ -177,8 +179,11 @@ def validate(
                 Problem("wrong_extension", image, f"content is {info.format} but the extension says otherwise", "kept")
             )
         if info.problem is None and info.frames > 1:
-            problems.append(Problem("multi_frame", image, f"{info.format} with {info.frames} frames; only the first "
-                                    "is used", "kept"))
+            problems.append(
+                Problem(
+                    "multi_frame", image, f"{info.format} with {info.frames} frames; only the first is used", "kept"
+                )
+            )
     items = items.drop(index=bad)
 
     dup_problems, drop = _duplicates(items)
@@ -190,7 +195,9 @@ def validate(
     for label, n in sorted(items["label"].value_counts().items()):
         if n < min_per_class:
             problems.append(
-                Problem("small_class", f"class {label!r}", f"{n} images, fewer than the minimum {min_per_class}", "kept")
+                Problem(
+                    "small_class", f"class {label!r}", f"{n} images, fewer than the minimum {min_per_class}", "kept"
+                )
             )
     notes = list(dataset.notes)
     non_rgb = int((items["mode"] != "RGB").sum())
@@ -207,7 +214,11 @@ def validate_source(cfg: Config, path: str | Path, *, progress: Callable[[int, i
     """Load a dataset with the data settings of ``cfg`` and validate it (the one path every command takes)."""
     names = load_class_names(Path(cfg.class_names)) if cfg.class_names else None
     dataset = load_dataset(
-        path, manifest=cfg.manifest, image_col=cfg.image_col, label_col=cfg.label_col, group_col=cfg.group_col,
+        path,
+        manifest=cfg.manifest,
+        image_col=cfg.image_col,
+        label_col=cfg.label_col,
+        group_col=cfg.group_col,
         class_names=names,
     )
     return validate(dataset, min_per_class=cfg.min_per_class, workers=cfg.workers or None, progress=progress)
@@ -226,7 +237,9 @@ def validate_sources(
     """
     frames, validations = [], []
     for k, path in enumerate(paths):
-        vcfg = cfg if k == 0 else dataclasses.replace(cfg, manifest=None, image_col=None, label_col=None, group_col=None)
+        vcfg = (
+            cfg if k == 0 else dataclasses.replace(cfg, manifest=None, image_col=None, label_col=None, group_col=None)
+        )
         v = validate_source(vcfg, path, progress=progress)
         items = v.items.copy()
         if k > 0:
@@ -242,8 +255,11 @@ def validate_sources(
         labels = items.groupby("hash")["label"].transform("nunique")
         conflict = across & (labels > 1)
         if conflict.any():
-            log.warning("%d files appear in several sources with different labels; dropped: %s", int(conflict.sum()),
-                        ", ".join(items.loc[conflict, "path"].astype(str).head(5)))
+            log.warning(
+                "%d files appear in several sources with different labels; dropped: %s",
+                int(conflict.sum()),
+                ", ".join(items.loc[conflict, "path"].astype(str).head(5)),
+            )
             items = items[~conflict]
         first_source = items.groupby("hash")["source"].transform("first")
         repeat = (items["source"] != first_source) & items.duplicated("hash", keep=False)

@@ -13,7 +13,13 @@ from collections.abc import Sequence
 import numpy as np
 
 from dermaclass.config import Config
-from dermaclass.evaluate.metrics import expected_calibration_error, fit_temperature, operating_point, prior_shift, softmax
+from dermaclass.evaluate.metrics import (
+    expected_calibration_error,
+    fit_temperature,
+    operating_point,
+    prior_shift,
+    softmax,
+)
 
 log = logging.getLogger(__name__)
 # A class the training split lacks gets this prior, not log(0): its offset is large and finite.
@@ -37,12 +43,20 @@ def _temperature(logits: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndar
     if refused:
         log.warning("temperature %.3f would make validation ECE worse (%.4f -> %.4f); keeping T = 1", t, before, after)
         t, probs, after = 1.0, raw, before
-    return t, probs, {"ece_before": before, "ece_after": after,
-                      **({"refused": "the fitted temperature made validation ECE worse; T = 1 kept"} if refused else {})}
+    return (
+        t,
+        probs,
+        {
+            "ece_before": before,
+            "ece_after": after,
+            **({"refused": "the fitted temperature made validation ECE worse; T = 1 kept"} if refused else {}),
+        },
+    )
 
 
-def calibrate(cfg: Config, logits: np.ndarray, labels: np.ndarray, vocab: list[str], *,
-              prior: Sequence[float] | None = None) -> tuple[dict, dict, np.ndarray]:
+def calibrate(
+    cfg: Config, logits: np.ndarray, labels: np.ndarray, vocab: list[str], *, prior: Sequence[float] | None = None
+) -> tuple[dict, dict, np.ndarray]:
     """Temperature scaling, the prior shift, operating points and the referral floor, fitted on
     the validation split.
 
@@ -60,8 +74,14 @@ def calibrate(cfg: Config, logits: np.ndarray, labels: np.ndarray, vocab: list[s
     t, probs, ece = _temperature(logits, labels)
     # The referral floor on the top calibrated probability; refer.fit_ood adds the
     # out-of-distribution score to this rule once the bundle is saved.
-    calibration: dict = {"method": "temperature", "temperature": t, "fitted_on": "valid", "n": int(len(labels)), **ece,
-                         "refer": {"min_top_probability": cfg.refer_below}}
+    calibration: dict = {
+        "method": "temperature",
+        "temperature": t,
+        "fitted_on": "valid",
+        "n": int(len(labels)),
+        **ece,
+        "refer": {"min_top_probability": cfg.refer_below},
+    }
     if cfg.prior_sensitivity > 0:
         if prior is None:
             raise ValueError("the prior shift needs the training split's class frequencies (prior)")
@@ -69,31 +89,64 @@ def calibrate(cfg: Config, logits: np.ndarray, labels: np.ndarray, vocab: list[s
             log.warning("prior class %r is not among the classes %s; no prior shift", cfg.prior_class, vocab)
         else:
             log_prior = np.log(np.clip(np.asarray(prior, dtype=np.float64), MIN_PRIOR, None))
-            shift = prior_shift(logits / t, labels, log_prior, vocab.index(cfg.prior_class),
-                                target_sensitivity=cfg.prior_sensitivity)
+            shift = prior_shift(
+                logits / t, labels, log_prior, vocab.index(cfg.prior_class), target_sensitivity=cfg.prior_sensitivity
+            )
             if not shift["reached"]:
-                log.warning("prior shift: %s reaches validation sensitivity %.3f at most (tau %.1f), below %.2f",
-                            cfg.prior_class, shift["sensitivity"] or 0, shift["tau"], cfg.prior_sensitivity)
+                log.warning(
+                    "prior shift: %s reaches validation sensitivity %.3f at most (tau %.1f), below %.2f",
+                    cfg.prior_class,
+                    shift["sensitivity"] or 0,
+                    shift["tau"],
+                    cfg.prior_sensitivity,
+                )
             offsets = t * shift["tau"] * log_prior  # in raw-logit units, so a new temperature can follow
             t, probs, ece = _temperature(logits + offsets, labels)
             ece.pop("ece_before")  # "before" stays the network's own softmax
-            calibration.update(temperature=t, **ece, offsets=offsets.tolist(), prior_shift={
-                "method": "logit adjustment (Menon et al. 2021)", "class": cfg.prior_class,
-                "tau": shift["tau"], "target_sensitivity": cfg.prior_sensitivity, "reached": shift["reached"],
-                "valid_sensitivity_before": shift["sensitivity_before"], "valid_sensitivity": shift["sensitivity"],
-                "prior": dict(zip(vocab, np.asarray(prior, dtype=float).round(5).tolist())), "prior_from": "train split"})
-            log.info("prior shift tau %.1f: valid %s sensitivity %.3f -> %.3f", shift["tau"], cfg.prior_class,
-                     shift["sensitivity_before"] or 0, shift["sensitivity"] or 0)
-    log.info("temperature %.3f: valid ECE %.4f -> %.4f", t, calibration["ece_before"] or 0, calibration["ece_after"] or 0)
+            calibration.update(
+                temperature=t,
+                **ece,
+                offsets=offsets.tolist(),
+                prior_shift={
+                    "method": "logit adjustment (Menon et al. 2021)",
+                    "class": cfg.prior_class,
+                    "tau": shift["tau"],
+                    "target_sensitivity": cfg.prior_sensitivity,
+                    "reached": shift["reached"],
+                    "valid_sensitivity_before": shift["sensitivity_before"],
+                    "valid_sensitivity": shift["sensitivity"],
+                    "prior": dict(zip(vocab, np.asarray(prior, dtype=float).round(5).tolist())),
+                    "prior_from": "train split",
+                },
+            )
+            log.info(
+                "prior shift tau %.1f: valid %s sensitivity %.3f -> %.3f",
+                shift["tau"],
+                cfg.prior_class,
+                shift["sensitivity_before"] or 0,
+                shift["sensitivity"] or 0,
+            )
+    log.info(
+        "temperature %.3f: valid ECE %.4f -> %.4f", t, calibration["ece_before"] or 0, calibration["ece_after"] or 0
+    )
     points = {}
     for cls in cfg.operating_classes:
         if cls not in vocab:
             log.warning("operating class %r is not among the classes %s; no threshold for it", cls, vocab)
             continue
         op = operating_point(labels, probs, vocab.index(cls), target_sensitivity=cfg.target_sensitivity)
-        points[cls] = {"threshold": op["threshold"], "target_sensitivity": cfg.target_sensitivity,
-                       "valid_sensitivity": op["sensitivity"], "valid_specificity": op["specificity"]}
+        points[cls] = {
+            "threshold": op["threshold"],
+            "target_sensitivity": cfg.target_sensitivity,
+            "valid_sensitivity": op["sensitivity"],
+            "valid_specificity": op["specificity"],
+        }
         if op["threshold"] is not None:
-            log.info("operating point %s: P >= %.4f gives valid sensitivity %.3f, specificity %.3f",
-                     cls, op["threshold"], op["sensitivity"], op["specificity"])
+            log.info(
+                "operating point %s: P >= %.4f gives valid sensitivity %.3f, specificity %.3f",
+                cls,
+                op["threshold"],
+                op["sensitivity"],
+                op["specificity"],
+            )
     return calibration, points, probs

@@ -37,11 +37,19 @@ def headline(report: Report) -> dict[str, Any]:
         "tta": report.tta,
         **{k: report.metrics.get(k) for k in HEADLINE_KEYS},
         "intervals": {k: iv.get(k) for k in ("balanced_accuracy", "macro_f1", "macro_auroc") if iv.get(k)},
-        "per_class": {c: {"support": m.get("support"), "sensitivity": m.get("sensitivity"),
-                          "specificity": m.get("specificity"), "auroc": m.get("auroc")}
-                      for c, m in per_class.items()},
-        "operating_points": {c: {k: op.get(k) for k in ("threshold", "sensitivity", "specificity", "curve")}
-                             for c, op in report.operating_points.items()},
+        "per_class": {
+            c: {
+                "support": m.get("support"),
+                "sensitivity": m.get("sensitivity"),
+                "specificity": m.get("specificity"),
+                "auroc": m.get("auroc"),
+            }
+            for c, m in per_class.items()
+        },
+        "operating_points": {
+            c: {k: op.get(k) for k in ("threshold", "sensitivity", "specificity", "curve")}
+            for c, op in report.operating_points.items()
+        },
     }
 
 
@@ -61,16 +69,36 @@ def parse_sets(specs: list[str]) -> dict[str, Path]:
     return sets
 
 
-def evaluate_external(bundle: str | Path, sets: Mapping[str, str | Path], *, cfg: Config | None = None,
-                      tta: bool | None = None, n_boot: int = 1000, seed: int = 0) -> dict[str, dict[str, Any]]:
+def evaluate_external(
+    bundle: str | Path,
+    sets: Mapping[str, str | Path],
+    *,
+    cfg: Config | None = None,
+    tta: bool | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, dict[str, Any]]:
     """``headline`` figures of the bundle on every image of each external set (no split file)."""
     from dermaclass.evaluate.run import evaluate_bundle
 
     out: dict[str, dict[str, Any]] = {}
     for name, path in sets.items():
-        ev = evaluate_bundle(bundle, path, split="all", cfg=cfg or Config(), n_boot=n_boot, seed=seed,
-                             thumbnails=False, gallery=0, tta=tta)
+        ev = evaluate_bundle(
+            bundle,
+            path,
+            split="all",
+            cfg=cfg or Config(),
+            n_boot=n_boot,
+            seed=seed,
+            thumbnails=False,
+            gallery=0,
+            tta=tta,
+        )
         out[name] = {"data": str(path), **headline(ev.report)}
-        log.info("external %s: %d images, balanced accuracy %.4f", name, ev.report.n,
-                 ev.report.balanced_accuracy or float("nan"))
+        log.info(
+            "external %s: %d images, balanced accuracy %.4f",
+            name,
+            ev.report.n,
+            ev.report.balanced_accuracy or float("nan"),
+        )
     return out

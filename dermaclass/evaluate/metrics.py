@@ -48,6 +48,7 @@ def _check(labels: Sequence[int], probs: np.ndarray, classes: Sequence[str]) -> 
         raise ValueError(f"labels outside 0..{len(classes) - 1}")
     return y, p
 
+
 # A class with fewer test images than this gets no verdict: one image moves its sensitivity by
 # 1 / support and its bootstrap interval collapses (reports mark it, compare flags no drop from it).
 MIN_SUPPORT = 10
@@ -147,9 +148,15 @@ def reliability_bins(labels: Sequence[int], probs: np.ndarray, *, n_bins: int = 
     out = []
     for b in range(n_bins):
         m = idx == b
-        out.append({"lo": float(edges[b]), "hi": float(edges[b + 1]), "count": int(m.sum()),
-                    "confidence": float(conf[m].mean()) if m.any() else None,
-                    "accuracy": float(correct[m].mean()) if m.any() else None})
+        out.append(
+            {
+                "lo": float(edges[b]),
+                "hi": float(edges[b + 1]),
+                "count": int(m.sum()),
+                "confidence": float(conf[m].mean()) if m.any() else None,
+                "accuracy": float(correct[m].mean()) if m.any() else None,
+            }
+        )
     return out
 
 
@@ -209,8 +216,9 @@ def confused_pairs(confusion: Sequence[Sequence[int]], classes: Sequence[str], *
     for i, t in enumerate(classes):
         for j, q in enumerate(classes):
             if i != j and cm[i, j] > 0:
-                pairs.append({"true": t, "predicted": q, "count": int(cm[i, j]),
-                              "share_of_true": float(cm[i, j] / cm[i].sum())})
+                pairs.append(
+                    {"true": t, "predicted": q, "count": int(cm[i, j]), "share_of_true": float(cm[i, j] / cm[i].sum())}
+                )
     return sorted(pairs, key=lambda d: (-d["count"], d["true"], d["predicted"]))[:top]
 
 
@@ -288,8 +296,10 @@ def bootstrap_intervals(
         "resampled": "groups" if groups is not None else "images",
         "n_units": int(n_units),
         "overall": {key: percentile_interval(draws["overall"][key], level) for key in INTERVAL_KEYS},
-        "per_class": {c: {key: percentile_interval(draws["per_class"][key][:, i], level)
-                          for key in PER_CLASS_INTERVAL_KEYS} for i, c in enumerate(classes)},
+        "per_class": {
+            c: {key: percentile_interval(draws["per_class"][key][:, i], level) for key in PER_CLASS_INTERVAL_KEYS}
+            for i, c in enumerate(classes)
+        },
     }
 
 
@@ -318,16 +328,24 @@ def fit_temperature(logits: np.ndarray, labels: Sequence[int], *, bounds: tuple[
         p = softmax(z, math.exp(log_t))
         return float(-np.mean(np.log(np.clip(p[np.arange(len(y)), y], 1e-12, 1.0))))
 
-    res = minimize_scalar(nll, bounds=(math.log(bounds[0]), math.log(bounds[1])), method="bounded",
-                          options={"xatol": 1e-4})
+    res = minimize_scalar(
+        nll, bounds=(math.log(bounds[0]), math.log(bounds[1])), method="bounded", options={"xatol": 1e-4}
+    )
     return float(math.exp(res.x))
 
 
 PRIOR_TAUS = tuple(round(t, 2) for t in np.arange(0.0, 1.01, 0.1))
 
 
-def prior_shift(logits: np.ndarray, labels: Sequence[int], log_prior: np.ndarray, class_index: int, *,
-                target_sensitivity: float, taus: Sequence[float] = PRIOR_TAUS) -> dict:
+def prior_shift(
+    logits: np.ndarray,
+    labels: Sequence[int],
+    log_prior: np.ndarray,
+    class_index: int,
+    *,
+    target_sensitivity: float,
+    taus: Sequence[float] = PRIOR_TAUS,
+) -> dict:
     """The smallest tau on ``taus`` whose decision ``argmax(logits + tau * log_prior)`` gives
     class ``class_index`` a sensitivity of at least ``target_sensitivity`` on these data.
 
@@ -360,7 +378,9 @@ def prior_shift(logits: np.ndarray, labels: Sequence[int], log_prior: np.ndarray
 
 # ---- out-of-distribution score --------------------------------------------------------------
 # ---- operating points ----------------------------------------------------------------------
-def operating_point(labels: Sequence[int], probs: np.ndarray, class_index: int, *, target_sensitivity: float = 0.9) -> dict:
+def operating_point(
+    labels: Sequence[int], probs: np.ndarray, class_index: int, *, target_sensitivity: float = 0.9
+) -> dict:
     """The highest threshold on P(class) whose sensitivity on these data reaches ``target_sensitivity``.
 
     An image is flagged for the class when its probability is >= the threshold, whatever
@@ -376,8 +396,11 @@ def operating_point(labels: Sequence[int], probs: np.ndarray, class_index: int, 
         return {"threshold": None, "target_sensitivity": target_sensitivity, "sensitivity": None, "specificity": None}
     need = max(1, math.ceil(target_sensitivity * len(pos) - 1e-9))
     threshold = float(pos[need - 1])
-    return {"threshold": threshold, "target_sensitivity": target_sensitivity,
-            **flag_rates(y, s, class_index=class_index, threshold=threshold)}
+    return {
+        "threshold": threshold,
+        "target_sensitivity": target_sensitivity,
+        **flag_rates(y, s, class_index=class_index, threshold=threshold),
+    }
 
 
 def flag_rates(labels: Sequence[int], scores: np.ndarray, *, class_index: int, threshold: float) -> dict:
@@ -388,13 +411,16 @@ def flag_rates(labels: Sequence[int], scores: np.ndarray, *, class_index: int, t
         s = s[:, class_index]
     flag = s >= threshold
     pos, neg = y == class_index, y != class_index
-    return {"sensitivity": float(flag[pos].mean()) if pos.any() else None,
-            "specificity": float((~flag[neg]).mean()) if neg.any() else None,
-            "flagged": int(flag.sum())}
+    return {
+        "sensitivity": float(flag[pos].mean()) if pos.any() else None,
+        "specificity": float((~flag[neg]).mean()) if neg.any() else None,
+        "flagged": int(flag.sum()),
+    }
 
 
-def tradeoff_curve(labels: Sequence[int], scores: np.ndarray, *, class_index: int, points: int = 41
-                   ) -> dict[str, list[float]] | None:
+def tradeoff_curve(
+    labels: Sequence[int], scores: np.ndarray, *, class_index: int, points: int = 41
+) -> dict[str, list[float]] | None:
     """Sensitivity against specificity of flagging ``class_index`` over every threshold (the ROC,
     thinned to at most ``points`` points, ends kept): what a clinic sees when it moves the
     operating point. None when the labels hold only one side."""
@@ -408,5 +434,8 @@ def tradeoff_curve(labels: Sequence[int], scores: np.ndarray, *, class_index: in
         return None
     fpr, tpr, thr = roc_curve(y, s)
     keep = np.unique(np.linspace(0, len(fpr) - 1, min(points, len(fpr))).round().astype(int))
-    return {"specificity": (1 - fpr[keep]).round(4).tolist(), "sensitivity": tpr[keep].round(4).tolist(),
-            "threshold": np.clip(thr[keep], 0, 1).round(5).tolist()}
+    return {
+        "specificity": (1 - fpr[keep]).round(4).tolist(),
+        "sensitivity": tpr[keep].round(4).tolist(),
+        "threshold": np.clip(thr[keep], 0, 1).round(5).tolist(),
+    }

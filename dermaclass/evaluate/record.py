@@ -91,11 +91,18 @@ class Report:
     @classmethod
     def from_dict(cls, d: Any, source: str | Path = REPORT_FILE) -> Report:
         """The record of a parsed report.json; ``ReportError`` naming the field when it is not one."""
+
         def bad(what: str, problem: str) -> ReportError:
             return ReportError(f"{source}: {what} {problem}; not a dermaclass report (or edited by hand)")
 
-        check_record_header(d, source=source, kind="report", current=REPORT_FORMAT, error=ReportError,
-                            required=("classes", "n", "balanced_accuracy", "per_class", "confusion_matrix"))
+        check_record_header(
+            d,
+            source=source,
+            kind="report",
+            current=REPORT_FORMAT,
+            error=ReportError,
+            required=("classes", "n", "balanced_accuracy", "per_class", "confusion_matrix"),
+        )
         classes = d["classes"]
         if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
             raise bad("classes", "must be a list of class codes")
@@ -103,8 +110,11 @@ class Report:
         if not isinstance(per_class, dict) or set(per_class) != set(classes):
             raise bad("per_class", f"must have one entry per class ({', '.join(classes)})")
         cm = d["confusion_matrix"]
-        if not (isinstance(cm, list) and len(cm) == len(classes)
-                and all(isinstance(row, list) and len(row) == len(classes) for row in cm)):
+        if not (
+            isinstance(cm, list)
+            and len(cm) == len(classes)
+            and all(isinstance(row, list) and len(row) == len(classes) for row in cm)
+        ):
             raise bad("confusion_matrix", f"must be {len(classes)}x{len(classes)} (one row and column per class)")
         n = d["n"]
         if not (isinstance(n, int) and not isinstance(n, bool) and n >= 0):
@@ -123,7 +133,9 @@ def read_report(folder: str | Path) -> Report:
     path = Path(folder)
     path = path if path.suffix == ".json" else path / REPORT_FILE
     if not path.is_file():
-        raise ReportError(f"{path.parent}: no {REPORT_FILE} here (run `dermaclass evaluate MODEL DATA --out {path.parent}`)")
+        raise ReportError(
+            f"{path.parent}: no {REPORT_FILE} here (run `dermaclass evaluate MODEL DATA --out {path.parent}`)"
+        )
     try:
         d = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError) as exc:

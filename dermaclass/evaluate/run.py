@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass
 from collections.abc import Sequence
-from datetime import datetime, timezone
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,13 +24,19 @@ import dermaclass
 from dermaclass.config import Config
 from dermaclass.data import CachedImages, DecodeCache, read_split, validate_sources
 from dermaclass.errors import DermaclassError
-from dermaclass.evaluate.record import Report
 from dermaclass.evaluate.metrics import (
-    bootstrap_intervals, classification_metrics, confused_pairs, expected_calibration_error, flag_rates,
-    reliability_bins, softmax, tradeoff_curve,
+    bootstrap_intervals,
+    classification_metrics,
+    confused_pairs,
+    expected_calibration_error,
+    flag_rates,
+    reliability_bins,
+    softmax,
+    tradeoff_curve,
 )
-from dermaclass.serving.predictor import Predictor
+from dermaclass.evaluate.record import Report
 from dermaclass.models import BundleMeta, file_sha256, read_bundle_meta, weights_identity
+from dermaclass.serving.predictor import Predictor
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +64,9 @@ def images_identity(hashes: pd.Series, labels: pd.Series) -> str:
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
-def select_split(items: pd.DataFrame, split_df: pd.DataFrame | None, split: str, *, source: str) -> tuple[pd.DataFrame, dict]:
+def select_split(
+    items: pd.DataFrame, split_df: pd.DataFrame | None, split: str, *, source: str
+) -> tuple[pd.DataFrame, dict]:
     """The items of ``split`` according to the split file (all items for ``all``), with counts."""
     if split == "all":
         return items, {"evaluated": len(items)}
@@ -73,15 +81,25 @@ def select_split(items: pd.DataFrame, split_df: pd.DataFrame | None, split: str,
         "not_in_split_file": int((~items["image"].astype(str).isin(listed)).sum()),
     }
     if not mask.any():
-        raise EvaluationError(f"{source}: no image of the data is in the {split!r} split of the split file "
-                              f"({len(wanted)} listed); is it the right dataset or split file?")
+        raise EvaluationError(
+            f"{source}: no image of the data is in the {split!r} split of the split file "
+            f"({len(wanted)} listed); is it the right dataset or split file?"
+        )
     if counts["listed_but_missing"]:
         log.warning("%d %s images listed in the split file are not in the data", counts["listed_but_missing"], split)
     return items[mask], counts
 
 
-def _split_images(bundle: Path, meta: BundleMeta, items: pd.DataFrame, *, split: Split, split_path: Path | None,
-                  cfg: Config, source: str) -> tuple[pd.DataFrame, dict, CachedImages]:
+def _split_images(
+    bundle: Path,
+    meta: BundleMeta,
+    items: pd.DataFrame,
+    *,
+    split: Split,
+    split_path: Path | None,
+    cfg: Config,
+    source: str,
+) -> tuple[pd.DataFrame, dict, CachedImages]:
     """The rows of ``split`` (by the split file) and their images at the bundle's input size,
     refusing labels the bundle does not know."""
     items = items.reset_index(drop=True)
@@ -95,27 +113,41 @@ def _split_images(bundle: Path, meta: BundleMeta, items: pd.DataFrame, *, split:
     unknown = chosen.loc[~chosen["label"].isin(meta.classes), "label"].value_counts()
     if len(unknown):
         listed = ", ".join(f"{lab!r} ({n} image{'s' if n > 1 else ''})" for lab, n in unknown.items())
-        raise EvaluationError(f"{source}: labels the model does not know: {listed}; the model's classes are "
-                              f"{', '.join(meta.classes)}. Relabel, drop them, or train a model that has them.")
+        raise EvaluationError(
+            f"{source}: labels the model does not know: {listed}; the model's classes are "
+            f"{', '.join(meta.classes)}. Relabel, drop them, or train a model that has them."
+        )
     images = DecodeCache(cfg.cache_dir, tuple(meta.input_size)).ensure(
         chosen["path"].tolist(), chosen["hash"].tolist(), workers=cfg.workers or None
     )
     return chosen, split_counts, images
 
 
-def network_images(sizes: Sequence[tuple[int, int]], largest: tuple[int, int], rows: pd.DataFrame,
-                   images: CachedImages, cfg: Config) -> CachedImages | dict[tuple[int, int], CachedImages]:
+def network_images(
+    sizes: Sequence[tuple[int, int]], largest: tuple[int, int], rows: pd.DataFrame, images: CachedImages, cfg: Config
+) -> CachedImages | dict[tuple[int, int], CachedImages]:
     """What the bundle's networks read: ``images`` (decoded at the bundle's input size,
     ``largest``), or for an ensemble with members at several ``sizes``, the decode cache at each."""
     if len(sizes) <= 1:
         return images
-    return {size: images if size == tuple(largest) else DecodeCache(cfg.cache_dir, size).ensure(
-        rows["path"].tolist(), rows["hash"].tolist(), workers=cfg.workers or None) for size in sizes}
+    return {
+        size: images
+        if size == tuple(largest)
+        else DecodeCache(cfg.cache_dir, size).ensure(
+            rows["path"].tolist(), rows["hash"].tolist(), workers=cfg.workers or None
+        )
+        for size in sizes
+    }
 
 
-def split_images(bundle: str | Path, data: str | Path | Sequence[str | Path], *, splits: Sequence[Split],
-                 split_file: str | Path | None = None, cfg: Config | None = None,
-                 ) -> dict[str, tuple[list[str], CachedImages]]:
+def split_images(
+    bundle: str | Path,
+    data: str | Path | Sequence[str | Path],
+    *,
+    splits: Sequence[Split],
+    split_file: str | Path | None = None,
+    cfg: Config | None = None,
+) -> dict[str, tuple[list[str], CachedImages]]:
     """The labels and preprocessed images of each of ``splits`` of ``data``, by the bundle's
     split file (default: the ``split.csv`` beside it), at the bundle's input size (for an
     ensemble whose members differ in size: {input size: images}, as ``Predictor.logits`` reads)."""
@@ -174,8 +206,9 @@ def evaluate_bundle(
     items, validations = validate_sources(cfg, paths, progress=progress)
     data = ", ".join(str(p) for p in paths)
     split_path = None if split == "all" else (Path(split_file) if split_file else bundle / "split.csv")
-    chosen, split_counts, images = _split_images(bundle, predictor.meta, items, split=split, split_path=split_path, cfg=cfg,
-                                                 source=data)
+    chosen, split_counts, images = _split_images(
+        bundle, predictor.meta, items, split=split, split_path=split_path, cfg=cfg, source=data
+    )
     tta = predictor.tta if tta is None else tta
     logits = predictor.logits(network_images(predictor.input_sizes, predictor.input_size, chosen, images, cfg), tta=tta)
     raw, probs = softmax(logits), predictor.checked(predictor.calibrated(logits), f"the images of {data}")
@@ -187,51 +220,86 @@ def evaluate_bundle(
     intervals = bootstrap_intervals(y, probs, classes, groups=groups if has_groups else None, n_boot=n_boot, seed=seed)
     pred = probs.argmax(axis=1)
 
-    predictions = pd.DataFrame({
-        "image": chosen["image"].astype(str), "group": groups, "label": chosen["label"].astype(str),
-        "predicted": [classes[i] for i in pred], "correct": pred == y,
-    })
+    predictions = pd.DataFrame(
+        {
+            "image": chosen["image"].astype(str),
+            "group": groups,
+            "label": chosen["label"].astype(str),
+            "predicted": [classes[i] for i in pred],
+            "correct": pred == y,
+        }
+    )
     for i, c in enumerate(classes):
         predictions[f"p_{c}"] = probs[:, i]
     points = {}
     for c, op in predictor.operating_points.items():
         rates = flag_rates(y, probs, class_index=classes.index(c), threshold=op["threshold"])
         predictions[f"flag_{c}"] = probs[:, classes.index(c)] >= op["threshold"]
-        points[c] = {**op, **rates, "curve": tradeoff_curve(y, probs, class_index=classes.index(c)),
-                     "fitted_curve": fitted_curve(bundle, c)}
+        points[c] = {
+            **op,
+            **rates,
+            "curve": tradeoff_curve(y, probs, class_index=classes.index(c)),
+            "fitted_curve": fitted_curve(bundle, c),
+        }
 
     wrong = np.flatnonzero(pred != y)
     wrong = wrong[np.argsort(-probs[wrong, pred[wrong]], kind="stable")][:gallery]
-    worst = [{"row": int(r), "image": str(chosen["image"].iloc[r]), "true": classes[y[r]], "predicted": classes[pred[r]],
-              "p_predicted": float(probs[r, pred[r]]), "p_true": float(probs[r, y[r]])} for r in wrong]
+    worst = [
+        {
+            "row": int(r),
+            "image": str(chosen["image"].iloc[r]),
+            "true": classes[y[r]],
+            "predicted": classes[pred[r]],
+            "p_predicted": float(probs[r, pred[r]]),
+            "p_true": float(probs[r, y[r]]),
+        }
+        for r in wrong
+    ]
 
     meta = predictor.meta
     report = Report(
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
         dermaclass_version=dermaclass.__version__,
         disclaimer=dermaclass.DISCLAIMER,
-        model={"bundle": str(bundle), "weights_sha256": weights_identity(bundle),
-               "arch": meta.arch, "networks": len(predictor.networks),
-               "members": [f"{m['arch']} {m['input_size'][0]}x{m['input_size'][1]}" for m in meta.members], "recipe": meta.recipe, "created": meta.created,
-               "input_size": list(meta.input_size), "git_commit": meta.git_commit,
-               "metrics_valid": {k: meta.metrics_valid.get(k) for k in ("balanced_accuracy", "macro_f1")}},
-        data={"root": str(data), "split": split, "split_file": str(split_path) if split_path else None,
-              "split_sha256": file_sha256(split_path) if split_path else None,
-              "images_sha256": images_identity(chosen["hash"], chosen["label"]),
-              "n": int(len(chosen)), "groups": int(len(set(groups))),
-              "group_column": validations[0].dataset.columns.get("group") if has_groups else None,
-              "counts": split_counts, "problems": sum(len(v.problems) for v in validations)},
+        model={
+            "bundle": str(bundle),
+            "weights_sha256": weights_identity(bundle),
+            "arch": meta.arch,
+            "networks": len(predictor.networks),
+            "members": [f"{m['arch']} {m['input_size'][0]}x{m['input_size'][1]}" for m in meta.members],
+            "recipe": meta.recipe,
+            "created": meta.created,
+            "input_size": list(meta.input_size),
+            "git_commit": meta.git_commit,
+            "metrics_valid": {k: meta.metrics_valid.get(k) for k in ("balanced_accuracy", "macro_f1")},
+        },
+        data={
+            "root": str(data),
+            "split": split,
+            "split_file": str(split_path) if split_path else None,
+            "split_sha256": file_sha256(split_path) if split_path else None,
+            "images_sha256": images_identity(chosen["hash"], chosen["label"]),
+            "n": int(len(chosen)),
+            "groups": int(len(set(groups))),
+            "group_column": validations[0].dataset.columns.get("group") if has_groups else None,
+            "counts": split_counts,
+            "problems": sum(len(v.problems) for v in validations),
+        },
         tta="flips4" if tta else None,
         classes=tuple(classes),
         class_names=predictor.class_names,
         metrics=metrics,
         intervals=intervals,
-        calibration={"method": "temperature", "temperature": predictor.temperature,
-                     "fitted_on": meta.calibration.get("fitted_on"), "prior_shift": meta.calibration.get("prior_shift"),
-                     "ece_uncalibrated": expected_calibration_error(y, raw),
-                     "ece_calibrated": expected_calibration_error(y, probs),
-                     "reliability_uncalibrated": reliability_bins(y, raw),
-                     "reliability_calibrated": reliability_bins(y, probs)},
+        calibration={
+            "method": "temperature",
+            "temperature": predictor.temperature,
+            "fitted_on": meta.calibration.get("fitted_on"),
+            "prior_shift": meta.calibration.get("prior_shift"),
+            "ece_uncalibrated": expected_calibration_error(y, raw),
+            "ece_calibrated": expected_calibration_error(y, probs),
+            "reliability_uncalibrated": reliability_bins(y, raw),
+            "reliability_calibrated": reliability_bins(y, probs),
+        },
         operating_points=points,
         confused_pairs=confused_pairs(metrics["confusion_matrix"], classes),
         worst_errors=worst,

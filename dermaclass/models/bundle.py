@@ -159,23 +159,37 @@ class BundleMeta:
 def check_bundle_meta(meta: Any, path: str | Path) -> None:
     """Refuse (``ModelError``, exit 4) bundle metadata that would give NaN or nonsense predictions:
     wrong types, non-finite or out-of-range numbers, an unknown or newer format."""
+
     def bad(field: str, problem: str) -> ModelError:
         return ModelError(f"{path}: {field} {problem}; the bundle is corrupt or was edited by hand")
 
-    check_record_header(meta, source=path, kind="bundle metadata", current=BUNDLE_FORMAT, error=ModelError,
-                        required=("arch", "classes", "input_size", "normalization"))
+    check_record_header(
+        meta,
+        source=path,
+        kind="bundle metadata",
+        current=BUNDLE_FORMAT,
+        error=ModelError,
+        required=("arch", "classes", "input_size", "normalization"),
+    )
     if not isinstance(meta["arch"], str) or not meta["arch"]:
         raise bad("arch", f"is {meta['arch']!r}, not an architecture name")
     classes = meta["classes"]
-    if (not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) and c for c in classes)
-            or len(set(classes)) != len(classes)):
+    if (
+        not isinstance(classes, list)
+        or len(classes) < 2
+        or not all(isinstance(c, str) and c for c in classes)
+        or len(set(classes)) != len(classes)
+    ):
         raise bad("classes", "must be a list of at least two distinct class codes")
     names = meta.get("class_names")
     if names is not None and not (isinstance(names, dict) and all(isinstance(v, str) for v in names.values())):
         raise bad("class_names", "must map class codes to names")
     size = meta["input_size"]
-    if (not isinstance(size, list) or len(size) != 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) and 8 <= v <= MAX_INPUT_SIDE for v in size)):
+    if (
+        not isinstance(size, list)
+        or len(size) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) and 8 <= v <= MAX_INPUT_SIDE for v in size)
+    ):
         raise bad("input_size", f"is {str(size)[:60]}, not [width, height] in pixels between 8 and {MAX_INPUT_SIDE}")
     norm = meta["normalization"]
     if not isinstance(norm, dict):
@@ -194,7 +208,9 @@ def check_bundle_meta(meta: Any, path: str | Path) -> None:
             raise bad(key, "must be an object")
     colour = (meta.get("preprocessing") or {}).get("colour_constancy") or "none"
     if colour not in COLOUR_CONSTANCY:
-        raise bad("preprocessing.colour_constancy", f"is {colour!r}; this dermaclass knows {', '.join(COLOUR_CONSTANCY)}")
+        raise bad(
+            "preprocessing.colour_constancy", f"is {colour!r}; this dermaclass knows {', '.join(COLOUR_CONSTANCY)}"
+        )
     for key in ("stages", "range_tests"):
         if meta.get(key) is not None and not isinstance(meta[key], list):
             raise bad(key, "must be a list")
@@ -245,8 +261,9 @@ def _check_calibration(calibration: Any, bad: Any, *, n_classes: int) -> None:
     if not (_finite(t) and t > 0):
         raise bad("calibration.temperature", f"is {t!r}; it must be a finite number > 0")
     offsets = calibration.get("offsets")
-    if offsets is not None and not (isinstance(offsets, list) and len(offsets) == n_classes
-                                    and all(_finite(v) for v in offsets)):
+    if offsets is not None and not (
+        isinstance(offsets, list) and len(offsets) == n_classes and all(_finite(v) for v in offsets)
+    ):
         raise bad("calibration.offsets", f"must be {n_classes} finite numbers, one per class (or none)")
     refer = {} if calibration.get("refer") is None else calibration["refer"]
     if not isinstance(refer, dict):
@@ -258,8 +275,9 @@ def _check_calibration(calibration: Any, bad: Any, *, n_classes: int) -> None:
     if not isinstance(ood, dict) or not (ood.get("threshold") is None or _finite(ood.get("threshold"))):
         raise bad("calibration.refer.ood", "must have a finite threshold (or none)")
     if ood.get("method", "energy") not in (*OOD_METHODS, ENSEMBLE_OOD):
-        raise bad("calibration.refer.ood.method", f"is {ood.get('method')!r}; this dermaclass knows "
-                  f"{', '.join(OOD_METHODS)}")
+        raise bad(
+            "calibration.refer.ood.method", f"is {ood.get('method')!r}; this dermaclass knows {', '.join(OOD_METHODS)}"
+        )
     if not (ood.get("layer") is None or isinstance(ood.get("layer"), str)):
         raise bad("calibration.refer.ood.layer", "must be a layer name")
 
@@ -284,8 +302,9 @@ def write_bundle_meta(folder: str | Path, meta: BundleMeta) -> Path:
     return write_json(Path(folder) / BUNDLE_META, meta.to_dict())
 
 
-def save_bundle(model: nn.Module, meta: BundleMeta, folder: str | Path, *, force: bool = False,
-                dtype: torch.dtype | None = None) -> Path:
+def save_bundle(
+    model: nn.Module, meta: BundleMeta, folder: str | Path, *, force: bool = False, dtype: torch.dtype | None = None
+) -> Path:
     """Write ``model.safetensors`` + ``model.json`` atomically; refuse to replace a bundle unless ``force``."""
     from safetensors.torch import save_file
 
@@ -353,14 +372,18 @@ def _check_weights_fit(weights: Path, meta: BundleMeta) -> None:
     last = [name for name, m in skeleton[1].named_modules() if isinstance(m, nn.Linear)][-1]
     out_key = f"1.{last}.weight"
     if out_key in shapes and len(shapes[out_key]) == 2 and shapes[out_key][0] != meta.n_classes:
-        raise ModelError(f"{weights.parent / BUNDLE_META}: classes lists {meta.n_classes} classes but the "
-                         f"weights' output layer has {shapes[out_key][0]}; the bundle is torn or was edited by hand")
+        raise ModelError(
+            f"{weights.parent / BUNDLE_META}: classes lists {meta.n_classes} classes but the "
+            f"weights' output layer has {shapes[out_key][0]}; the bundle is torn or was edited by hand"
+        )
     n_file, n_arch = sum(math.prod(s) for s in shapes.values()), sum(math.prod(s) for s in expected.values())
     wrong = [k for k in expected if k in shapes and expected[k] != shapes[k]][:3]
-    raise ModelError(f"{weights}: weights do not fit {meta.arch} with {meta.n_classes} classes "
-                     f"({n_file:,} values in the file, {n_arch:,} in the architecture; "
-                     f"{len(set(expected) - set(shapes))} tensors missing, {len(set(shapes) - set(expected))} "
-                     f"unexpected{', shape differs: ' + ', '.join(wrong) if wrong else ''})")
+    raise ModelError(
+        f"{weights}: weights do not fit {meta.arch} with {meta.n_classes} classes "
+        f"({n_file:,} values in the file, {n_arch:,} in the architecture; "
+        f"{len(set(expected) - set(shapes))} tensors missing, {len(set(shapes) - set(expected))} "
+        f"unexpected{', shape differs: ' + ', '.join(wrong) if wrong else ''})"
+    )
 
 
 def load_bundle(folder: str | Path) -> tuple[nn.Module, BundleMeta]:
@@ -371,15 +394,19 @@ def load_bundle(folder: str | Path) -> tuple[nn.Module, BundleMeta]:
     folder = Path(folder)
     meta = read_bundle_meta(folder)
     if meta.is_ensemble:
-        raise ModelError(f"{folder}: an ensemble of {len(meta.members)} networks "
-                         f"({', '.join(m['path'] for m in meta.members)}), not one network; serve it with the "
-                         f"Predictor, or load one member (e.g. {folder / meta.members[0]['path']})")
+        raise ModelError(
+            f"{folder}: an ensemble of {len(meta.members)} networks "
+            f"({', '.join(m['path'] for m in meta.members)}), not one network; serve it with the "
+            f"Predictor, or load one member (e.g. {folder / meta.members[0]['path']})"
+        )
     weights = folder / BUNDLE_WEIGHTS
     if not weights.is_file():
         raise ModelError(f"{folder}: bundle has no {BUNDLE_WEIGHTS}")
     if meta.weights_sha256 and file_sha256(weights) != meta.weights_sha256:
-        raise ModelError(f"{weights}: the weights are not the ones {BUNDLE_META} was written for (sha256 "
-                         "mismatch: a torn or tampered bundle); retrain or restore the bundle")
+        raise ModelError(
+            f"{weights}: the weights are not the ones {BUNDLE_META} was written for (sha256 "
+            "mismatch: a torn or tampered bundle); retrain or restore the bundle"
+        )
     _check_weights_fit(weights, meta)
     model = build_model(meta.arch, meta.n_classes, pretrained=False, ps=meta.head_ps)
     try:
@@ -390,8 +417,10 @@ def load_bundle(folder: str | Path) -> tuple[nn.Module, BundleMeta]:
     for k, v in state.items():
         if k in own and own[k].is_floating_point():
             if not v.is_floating_point():
-                raise ModelError(f"{weights}: tensor {k} is {v.dtype}, not floating point; the bundle is corrupt "
-                                 "(quantised weights need their own export)")
+                raise ModelError(
+                    f"{weights}: tensor {k} is {v.dtype}, not floating point; the bundle is corrupt "
+                    "(quantised weights need their own export)"
+                )
             if not bool(torch.isfinite(v).all()):
                 raise ModelError(f"{weights}: tensor {k} holds NaN or Inf; the model would predict nothing useful")
     state = {k: v.to(own[k].dtype) if k in own else v for k, v in state.items()}
@@ -448,8 +477,12 @@ def publish_bundle(src: str | Path, dst: str | Path, *, float16: bool = True, fo
         for entry, folder in zip(top.members, top.member_folders(src)):
             publish_bundle(folder, dst / entry["path"], float16=float16, force=force)
             members.append({**entry, "weights_sha256": read_bundle_meta(dst / entry["path"]).weights_sha256})
-        write_json(dst / BUNDLE_META, top.with_(members=members, published_from=str(src),
-                                                weights_dtype="float16" if float16 else "float32").to_dict())
+        write_json(
+            dst / BUNDLE_META,
+            top.with_(
+                members=members, published_from=str(src), weights_dtype="float16" if float16 else "float32"
+            ).to_dict(),
+        )
         _publish_split(src, dst)
         return dst
     model, meta = load_bundle(src)

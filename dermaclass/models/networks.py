@@ -79,10 +79,11 @@ def lite_imagenet_state(model: nn.Module, arch: str = DEFAULT_ARCH) -> dict[str,
     mapped = {}
     for (sk, sv), tk in zip(src, keys):
         if tuple(sv.shape) != tuple(target[tk].shape):
-            raise ModelError(f"{arch} checkpoint tensor {sk} {tuple(sv.shape)} does not fit {tk} {tuple(target[tk].shape)}")
+            raise ModelError(
+                f"{arch} checkpoint tensor {sk} {tuple(sv.shape)} does not fit {tk} {tuple(target[tk].shape)}"
+            )
         mapped[tk] = sv
     return mapped
-
 
 
 def _load_weights_file(path: Path) -> dict[str, torch.Tensor]:
@@ -106,10 +107,14 @@ def _load_weights_file(path: Path) -> dict[str, torch.Tensor]:
 def _apply_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     own = model.state_dict()
     usable = {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
-    wanted = [k for k in own if not k.endswith("num_batches_tracked") and not k.startswith(("classifier.", "fc.", "head."))]
+    wanted = [
+        k for k in own if not k.endswith("num_batches_tracked") and not k.startswith(("classifier.", "fc.", "head."))
+    ]
     missing = [k for k in wanted if k not in usable]
     if len(missing) > 0.1 * len(wanted):
-        raise ModelError(f"{source}: only {len(wanted) - len(missing)} of {len(wanted)} body tensors match this architecture")
+        raise ModelError(
+            f"{source}: only {len(wanted) - len(missing)} of {len(wanted)} body tensors match this architecture"
+        )
     model.load_state_dict(usable, strict=False)
     log.info("loaded %d tensors from %s (%d body tensors not found)", len(usable), source, len(missing))
 

@@ -17,7 +17,13 @@ import pandas as pd
 import dermaclass
 from dermaclass.errors import DermaclassError
 from dermaclass.evaluate.metrics import (
-    INTERVAL_KEYS, MIN_SUPPORT, PER_CLASS_INTERVAL_KEYS, classification_metrics, metric_draws, percentile_interval, resample_weights,
+    INTERVAL_KEYS,
+    MIN_SUPPORT,
+    PER_CLASS_INTERVAL_KEYS,
+    classification_metrics,
+    metric_draws,
+    percentile_interval,
+    resample_weights,
 )
 from dermaclass.evaluate.record import REPORT_FILE, Report, read_report
 from dermaclass.fileio import atomic_path, write_json, write_text
@@ -36,15 +42,19 @@ def load_report(folder: str | Path) -> tuple[Report, pd.DataFrame]:
     folder = Path(folder)
     paths = [folder / REPORT_FILE, folder / "predictions.csv"]
     if not paths[0].is_file():
-        raise CompareError(f"{folder}: not an evaluate output folder (no {REPORT_FILE}); run `dermaclass evaluate` first")
+        raise CompareError(
+            f"{folder}: not an evaluate output folder (no {REPORT_FILE}); run `dermaclass evaluate` first"
+        )
     report = read_report(folder)
     if not paths[1].is_file():
         # A published report (e.g. the bundled model's) leaves out per-image predictions: their labels
         # are the dataset's metadata, which is not redistributed.
-        raise CompareError(f"{folder}: this report was published without predictions.csv (the per-image labels are "
-                           f"the dataset's, not redistributed), so it cannot be compared; recreate it with `dermaclass "
-                           f"evaluate {report.model.get('bundle', 'MODEL')} {report.data.get('root', 'DATA')} "
-                           f"--out {folder} --force`")
+        raise CompareError(
+            f"{folder}: this report was published without predictions.csv (the per-image labels are "
+            f"the dataset's, not redistributed), so it cannot be compared; recreate it with `dermaclass "
+            f"evaluate {report.model.get('bundle', 'MODEL')} {report.data.get('root', 'DATA')} "
+            f"--out {folder} --force`"
+        )
     try:
         preds = pd.read_csv(paths[1], dtype={"image": str, "group": str, "label": str, "predicted": str})
     except (OSError, ValueError, pd.errors.ParserError) as exc:
@@ -61,13 +71,21 @@ def _probs(preds: pd.DataFrame, classes: list[str]) -> tuple[np.ndarray, np.ndar
     unknown = sorted(set(preds["label"]) - set(index))
     if unknown:
         raise CompareError(f"predictions hold labels {unknown} outside the classes {classes}")
-    probs = np.stack([preds[f"p_{c}"].to_numpy(dtype=float) if f"p_{c}" in preds else np.zeros(len(preds))
-                      for c in classes], axis=1)
+    probs = np.stack(
+        [preds[f"p_{c}"].to_numpy(dtype=float) if f"p_{c}" in preds else np.zeros(len(preds)) for c in classes], axis=1
+    )
     return preds["label"].map(index).to_numpy(), probs
 
 
-def compare_reports(old_dir: str | Path, new_dir: str | Path, *, force: bool = False, n_boot: int = 1000,
-                    seed: int = 0, level: float = 0.95) -> dict[str, Any]:
+def compare_reports(
+    old_dir: str | Path,
+    new_dir: str | Path,
+    *,
+    force: bool = False,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, Any]:
     """Metric deltas NEW - OLD with paired bootstrap intervals, and flagged sensitivity drops.
 
     A class's sensitivity drop is flagged when the whole interval of its delta lies below
@@ -84,7 +102,8 @@ def compare_reports(old_dir: str | Path, new_dir: str | Path, *, force: bool = F
             f"{old_dir} ({old.n} images, {old.data.get('split')} split of {old.data.get('root')}) and {new_dir} "
             f"({new.n} images, {new.data.get('split')} split of {new.data.get('root')}) are on different test "
             "sets, so a difference in the figures would mix the model change with the data change; evaluate both "
-            "models on the same split, or pass --force")
+            "models on the same split, or pass --force"
+        )
     old_p = old_p.sort_values("image").reset_index(drop=True)
     new_p = new_p.sort_values("image").reset_index(drop=True)
     paired = same and old_p["image"].tolist() == new_p["image"].tolist()
@@ -95,17 +114,31 @@ def compare_reports(old_dir: str | Path, new_dir: str | Path, *, force: bool = F
         w = resample_weights(new_p["group"].astype(str).to_numpy(), len(new_p), n_boot=n_boot, seed=seed)
         d_old, d_new = metric_draws(y_old, p_old, classes, w), metric_draws(y_new, p_new, classes, w)
     else:  # forced, different sets: independent bootstraps
-        d_old = metric_draws(y_old, p_old, classes, resample_weights(old_p["group"].astype(str).to_numpy(), len(old_p),
-                                                                      n_boot=n_boot, seed=seed))
-        d_new = metric_draws(y_new, p_new, classes, resample_weights(new_p["group"].astype(str).to_numpy(), len(new_p),
-                                                                      n_boot=n_boot, seed=seed + 1))
+        d_old = metric_draws(
+            y_old,
+            p_old,
+            classes,
+            resample_weights(old_p["group"].astype(str).to_numpy(), len(old_p), n_boot=n_boot, seed=seed),
+        )
+        d_new = metric_draws(
+            y_new,
+            p_new,
+            classes,
+            resample_weights(new_p["group"].astype(str).to_numpy(), len(new_p), n_boot=n_boot, seed=seed + 1),
+        )
 
     def delta(a, b):
         return None if a is None or b is None else b - a
 
-    overall = {k: {"old": m_old[k], "new": m_new[k], "delta": delta(m_old[k], m_new[k]),
-                   "delta_interval": percentile_interval(d_new["overall"][k] - d_old["overall"][k], level)}
-               for k in INTERVAL_KEYS}
+    overall = {
+        k: {
+            "old": m_old[k],
+            "new": m_new[k],
+            "delta": delta(m_old[k], m_new[k]),
+            "delta_interval": percentile_interval(d_new["overall"][k] - d_old["overall"][k], level),
+        }
+        for k in INTERVAL_KEYS
+    }
     per_class, flagged = {}, []
     for i, c in enumerate(classes):
         row = {"support_old": m_old["per_class"][c]["support"], "support_new": m_new["per_class"][c]["support"]}
@@ -120,8 +153,9 @@ def compare_reports(old_dir: str | Path, new_dir: str | Path, *, force: bool = F
         # A class with a handful of test images cannot show a drop: one image moves its
         # sensitivity by 1.0 and its bootstrap interval collapses to a point.
         row["too_few"] = min(row["support_old"], row["support_new"]) < MIN_SUPPORT
-        row["sensitivity_drop"] = bool(not row["too_few"] and sens["delta_interval"] is not None
-                                       and sens["delta_interval"][1] < 0)
+        row["sensitivity_drop"] = bool(
+            not row["too_few"] and sens["delta_interval"] is not None and sens["delta_interval"][1] < 0
+        )
         if row["sensitivity_drop"]:
             flagged.append(c)
         per_class[c] = row
@@ -130,15 +164,21 @@ def compare_reports(old_dir: str | Path, new_dir: str | Path, *, force: bool = F
         "dermaclass_version": dermaclass.__version__,
         "old": {"folder": str(old_dir), "model": old.model, "data": old.data},
         "new": {"folder": str(new_dir), "model": new.model, "data": new.data},
-        "same_test_set": same, "paired": paired, "forced": bool(force and not same),
+        "same_test_set": same,
+        "paired": paired,
+        "forced": bool(force and not same),
         "bootstrap": {"n_boot": n_boot, "level": level, "resampled": "groups"},
-        "classes": classes, "class_names": {**old.class_names, **new.class_names},
+        "classes": classes,
+        "class_names": {**old.class_names, **new.class_names},
         "classes_added": [c for c in new.classes if c not in old.classes],
         "classes_removed": [c for c in old.classes if c not in new.classes],
-        "overall": overall, "per_class": per_class,
+        "overall": overall,
+        "per_class": per_class,
         "sensitivity_drops": flagged,
-        "too_few_to_judge": [c for c, r in per_class.items() if r["too_few"]], "min_support": MIN_SUPPORT,
-        "confusion_old": m_old["confusion_matrix"], "confusion_new": m_new["confusion_matrix"],
+        "too_few_to_judge": [c for c, r in per_class.items() if r["too_few"]],
+        "min_support": MIN_SUPPORT,
+        "confusion_old": m_old["confusion_matrix"],
+        "confusion_new": m_new["confusion_matrix"],
     }
 
 
@@ -172,8 +212,10 @@ def drop_alert(result: dict[str, Any]) -> str | None:
         return None
     names = result.get("class_names") or {}
     listed = ", ".join(f"{names.get(c, c)} ({c})" if names.get(c, c) != c else c for c in drops)
-    return (f"SENSITIVITY DROP in {listed}: the new model misses more of these lesions than resampling explains. "
-            "Review before replacing the model in use.")
+    return (
+        f"SENSITIVITY DROP in {listed}: the new model misses more of these lesions than resampling explains. "
+        "Review before replacing the model in use."
+    )
 
 
 def _sgn(v: Any) -> str:
@@ -188,14 +230,28 @@ def write_compare(result: dict[str, Any], out_dir: str | Path, *, force: bool = 
         raise FileExistsError(f"{out}: a comparison is already there")
     out.mkdir(parents=True, exist_ok=True)
     cn = result.get("class_names", {})
-    diff = difference_png({"confusion_matrix": result["confusion_old"]}, {"confusion_matrix": result["confusion_new"]},
-                          result["classes"], cn)
+    diff = difference_png(
+        {"confusion_matrix": result["confusion_old"]},
+        {"confusion_matrix": result["confusion_new"]},
+        result["classes"],
+        cn,
+    )
     with atomic_path(names["png"]) as tmp:
         Path(tmp).write_bytes(diff)
-    html = jinja_env().from_string(_COMPARE_TEMPLATE).render(
-        c=result, css=CSS, fmt=fmt, ci=ci, sgn=_sgn, diff=uri(diff), alert=drop_alert(result),
-        name=lambda c: f"{cn.get(c, c)} ({c})" if cn.get(c, c) != c else c)
+    html = (
+        jinja_env()
+        .from_string(_COMPARE_TEMPLATE)
+        .render(
+            c=result,
+            css=CSS,
+            fmt=fmt,
+            ci=ci,
+            sgn=_sgn,
+            diff=uri(diff),
+            alert=drop_alert(result),
+            name=lambda c: f"{cn.get(c, c)} ({c})" if cn.get(c, c) != c else c,
+        )
+    )
     write_text(names["html"], html)
     write_json(names["json"], result)
     return names
-

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+
 def _plt():
     import matplotlib
 
@@ -32,8 +33,18 @@ def _labels(classes: list[str], names: dict[str, str]) -> list[str]:
     return [f"{names.get(c, c)} ({c})" if names.get(c, c) != c else c for c in classes]
 
 
-def _matrix_panel(ax, mat: np.ndarray, labels: list[str], *, fmt, title: str, cmap: str, vmin=None, vmax=None,
-                  colours: np.ndarray | None = None) -> None:
+def _matrix_panel(
+    ax,
+    mat: np.ndarray,
+    labels: list[str],
+    *,
+    fmt,
+    title: str,
+    cmap: str,
+    vmin=None,
+    vmax=None,
+    colours: np.ndarray | None = None,
+) -> None:
     """``colours``: what the colour shows when it differs from the printed values."""
     k = len(labels)
     colours = mat if colours is None else colours
@@ -69,10 +80,20 @@ def confusion_png(report: dict[str, Any]) -> bytes:
     side = 2.2 + 0.62 * len(classes)
     fig, (a, b) = plt.subplots(1, 2, figsize=(2 * side + 1.5, side))
     _matrix_panel(a, cm, labels, fmt=lambda v: f"{int(v)}", title="counts", cmap="Blues")
-    _matrix_panel(b, norm, labels, fmt=lambda v: f"{v:.0%}", title="row-normalised (recall on the diagonal)",
-                  cmap="Blues", vmin=0, vmax=1)
-    fig.suptitle(f"{report['data']['split']} split, {report['n']} images; balanced accuracy "
-                 f"{fmt(report.get('balanced_accuracy'))}")
+    _matrix_panel(
+        b,
+        norm,
+        labels,
+        fmt=lambda v: f"{v:.0%}",
+        title="row-normalised (recall on the diagonal)",
+        cmap="Blues",
+        vmin=0,
+        vmax=1,
+    )
+    fig.suptitle(
+        f"{report['data']['split']} split, {report['n']} images; balanced accuracy "
+        f"{fmt(report.get('balanced_accuracy'))}"
+    )
     fig.tight_layout()
     return _png(fig)
 
@@ -83,8 +104,10 @@ def reliability_png(report: dict[str, Any]) -> bytes:
     cal = report["calibration"]
     fig, ax = plt.subplots(figsize=(5, 4.5))
     ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--", label="perfect calibration")
-    for key, label, colour in (("reliability_uncalibrated", f"uncalibrated (ECE {fmt(cal['ece_uncalibrated'])})", "C1"),
-                               ("reliability_calibrated", f"T = {cal['temperature']:.2f} (ECE {fmt(cal['ece_calibrated'])})", "C0")):
+    for key, label, colour in (
+        ("reliability_uncalibrated", f"uncalibrated (ECE {fmt(cal['ece_uncalibrated'])})", "C1"),
+        ("reliability_calibrated", f"T = {cal['temperature']:.2f} (ECE {fmt(cal['ece_calibrated'])})", "C0"),
+    ):
         bins = [b for b in cal[key] if b["count"]]
         ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], marker="o", color=colour, label=label)
     ax.set_xlabel("confidence (top-class probability)")
@@ -109,11 +132,19 @@ def tradeoff_png(report: dict[str, Any]) -> bytes | None:
     fig, axes = plt.subplots(1, len(wanted), figsize=(5 * len(wanted), 4.5), squeeze=False)
     for ax, c in zip(axes[0], wanted):
         op = points[c]
-        sets = [("fitted on (out-of-fold)", op.get("fitted_curve"), None),
-                (f"this split ({report.get('data', {}).get('split')})", op["curve"], op),
-                *((name, (e.get("operating_points") or {}).get(c, {}).get("curve"), (e.get("operating_points") or {}).get(c))
-                  for name, e in (report.get("external") or {}).items())]
-        for i, (label, curve, at) in enumerate((x for x in sets if x[1])):
+        sets = [
+            ("fitted on (out-of-fold)", op.get("fitted_curve"), None),
+            (f"this split ({report.get('data', {}).get('split')})", op["curve"], op),
+            *(
+                (
+                    name,
+                    (e.get("operating_points") or {}).get(c, {}).get("curve"),
+                    (e.get("operating_points") or {}).get(c),
+                )
+                for name, e in (report.get("external") or {}).items()
+            ),
+        ]
+        for i, (label, curve, at) in enumerate(x for x in sets if x[1]):
             ax.plot(curve["specificity"], curve["sensitivity"], color=f"C{i}", lw=1.4, label=label)
             if at and at.get("sensitivity") is not None and at.get("specificity") is not None:
                 ax.plot(at["specificity"], at["sensitivity"], "o", color=f"C{i}", ms=6)
@@ -150,8 +181,17 @@ def difference_png(old: dict, new: dict, classes: list[str], names: dict[str, st
     fig, ax = plt.subplots(figsize=(side + 1.5, side))
     lim = max(0.05, float(np.nanmax(np.abs(diff))) if np.isfinite(diff).any() else 0.05)
     better = improvement(diff)
-    _matrix_panel(ax, diff, _labels(classes, names), fmt=lambda v: f"{v:+.0%}", cmap="RdBu", vmin=-lim, vmax=lim,
-                  colours=better, title="row-normalised, new minus old (red: worse, blue: better)")
+    _matrix_panel(
+        ax,
+        diff,
+        _labels(classes, names),
+        fmt=lambda v: f"{v:+.0%}",
+        cmap="RdBu",
+        vmin=-lim,
+        vmax=lim,
+        colours=better,
+        title="row-normalised, new minus old (red: worse, blue: better)",
+    )
     fig.tight_layout()
     return _png(fig)
 
@@ -185,5 +225,3 @@ def ci(iv: list[float] | None, digits: int = 3) -> str:
 def fmt_ci(v: Any, iv: list[float] | None = None, *, digits: int = 3, iv_digits: int | None = None) -> str:
     """A figure and its interval, '0.694 [0.650, 0.731]' (the figure alone when there is none)."""
     return fmt(v, digits=digits) + (f" {ci(iv, iv_digits or digits)}" if iv else "")
-
-

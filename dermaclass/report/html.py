@@ -107,10 +107,18 @@ ours to publish); the images:</p><table class="text"><tr><th>image</th><th>true<
 </body></html>
 """
 
-_HEADLINE = [("balanced_accuracy", "balanced accuracy"), ("macro_f1", "macro-F1"), ("macro_auroc", "macro AUROC"),
-             ("accuracy", "accuracy")]
-_EXTRA = [("mAP", "mAP (mean average precision)"), ("top2_accuracy", "top-2 accuracy"), ("log_loss", "log-loss"),
-          ("ece", "expected calibration error")]
+_HEADLINE = [
+    ("balanced_accuracy", "balanced accuracy"),
+    ("macro_f1", "macro-F1"),
+    ("macro_auroc", "macro AUROC"),
+    ("accuracy", "accuracy"),
+]
+_EXTRA = [
+    ("mAP", "mAP (mean average precision)"),
+    ("top2_accuracy", "top-2 accuracy"),
+    ("log_loss", "log-loss"),
+    ("ece", "expected calibration error"),
+]
 
 
 def jinja_env():
@@ -119,16 +127,34 @@ def jinja_env():
     return jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
 
 
-def render_html(report: dict[str, Any], *, confusion: bytes, reliability: bytes, thumbnails: dict[int, bytes],
-                tradeoff: bytes | None = None) -> str:
+def render_html(
+    report: dict[str, Any],
+    *,
+    confusion: bytes,
+    reliability: bytes,
+    thumbnails: dict[int, bytes],
+    tradeoff: bytes | None = None,
+) -> str:
     """The self-contained HTML report."""
     names = report.get("class_names", {})
     gallery = [{**e, "uri": uri(thumbnails[e["row"]])} for e in report["worst_errors"] if e["row"] in thumbnails]
-    return jinja_env().from_string(_REPORT_TEMPLATE).render(
-        r=report, css=CSS, headline=_HEADLINE, extra=_EXTRA, fmt=fmt, ci=ci, gallery=gallery,
-        name=lambda c: f"{names.get(c, c)} ({c})" if names.get(c, c) != c else c,
-        confusion=uri(confusion), reliability=uri(reliability), min_support=MIN_SUPPORT,
-        tradeoff=uri(tradeoff) if tradeoff else None,
+    return (
+        jinja_env()
+        .from_string(_REPORT_TEMPLATE)
+        .render(
+            r=report,
+            css=CSS,
+            headline=_HEADLINE,
+            extra=_EXTRA,
+            fmt=fmt,
+            ci=ci,
+            gallery=gallery,
+            name=lambda c: f"{names.get(c, c)} ({c})" if names.get(c, c) != c else c,
+            confusion=uri(confusion),
+            reliability=uri(reliability),
+            min_support=MIN_SUPPORT,
+            tradeoff=uri(tradeoff) if tradeoff else None,
+        )
     )
 
 
@@ -140,8 +166,11 @@ def write_report(evaluation: Any, out_dir: str | Path, *, force: bool = False) -
     out.mkdir(parents=True, exist_ok=True)
     report = evaluation.report.to_dict()  # the typed record, rendered (and written) as its JSON dict
     confusion, reliability = confusion_png(report), reliability_png(report)
-    thumbs = ({e["row"]: thumbnail_png(evaluation.images[e["row"]]) for e in report["worst_errors"]}
-              if report.get("gallery_images", True) else {})
+    thumbs = (
+        {e["row"]: thumbnail_png(evaluation.images[e["row"]]) for e in report["worst_errors"]}
+        if report.get("gallery_images", True)
+        else {}
+    )
     paths = {name: out / name for name in (*REPORT_FILES, "reliability.png")}
     with atomic_path(paths["predictions.csv"]) as tmp:
         evaluation.predictions.to_csv(tmp, index=False, float_format="%.6f")
@@ -153,9 +182,9 @@ def write_report(evaluation: Any, out_dir: str | Path, *, force: bool = False) -
     for name, png in figures:
         with atomic_path(paths[name]) as tmp:
             Path(tmp).write_bytes(png)
-    write_text(paths["report.html"], render_html(report, confusion=confusion, reliability=reliability, thumbnails=thumbs,
-                                                 tradeoff=tradeoff))
+    write_text(
+        paths["report.html"],
+        render_html(report, confusion=confusion, reliability=reliability, thumbnails=thumbs, tradeoff=tradeoff),
+    )
     write_json(paths["report.json"], report)  # last: its presence marks a complete report
     return paths
-
-

@@ -67,7 +67,7 @@ class TorchRunner:
         self.net.eval()
         with torch.no_grad():
             both = self.net(torch.from_numpy(x).contiguous(memory_format=torch.channels_last)).numpy()
-        return both[:, :self.n_classes], both[:, self.n_classes:]
+        return both[:, : self.n_classes], both[:, self.n_classes :]
 
 
 class OnnxRunner:
@@ -166,21 +166,39 @@ def pick_backend(bundle: Path, meta: models.BundleMeta, backend: str) -> str:
     if backend not in ("auto", *BACKENDS):
         raise ValueError(f"backend must be auto or one of {', '.join(BACKENDS)}, not {backend!r}")
     if backend == "auto":
-        return next(b for b in AUTO_ORDER if b == "torch" or (
-            (bundle / EXPORT_FILES[b]).is_file() and importlib.util.find_spec(RUNTIMES[b]) is not None
-            and fresh(bundle, meta, b)))
+        return next(
+            b
+            for b in AUTO_ORDER
+            if b == "torch"
+            or (
+                (bundle / EXPORT_FILES[b]).is_file()
+                and importlib.util.find_spec(RUNTIMES[b]) is not None
+                and fresh(bundle, meta, b)
+            )
+        )
     if backend == BF16 and BF16 not in meta.exports:
-        raise models.ModelError(f"{bundle}: bfloat16 inference has not been checked for this bundle; run "
-                                f"`dermaclass export {bundle} --bf16 --calibration DATA` first")
+        raise models.ModelError(
+            f"{bundle}: bfloat16 inference has not been checked for this bundle; run "
+            f"`dermaclass export {bundle} --bf16 --calibration DATA` first"
+        )
     if backend != "torch" and not fresh(bundle, meta, backend):
-        raise models.ModelError(f"{bundle / EXPORT_FILES[backend]}: made from other weights than "
-                                f"{models.BUNDLE_WEIGHTS} (a stale export); re-export with `dermaclass export "
-                                f"{bundle} --force`")
+        raise models.ModelError(
+            f"{bundle / EXPORT_FILES[backend]}: made from other weights than "
+            f"{models.BUNDLE_WEIGHTS} (a stale export); re-export with `dermaclass export "
+            f"{bundle} --force`"
+        )
     return backend
 
 
-def open_runner(bundle: Path, meta: models.BundleMeta, backend: str, *, torch_runner: TorchRunner,
-                threads: int = 0, needs_features: bool = False) -> Runner:
+def open_runner(
+    bundle: Path,
+    meta: models.BundleMeta,
+    backend: str,
+    *,
+    torch_runner: TorchRunner,
+    threads: int = 0,
+    needs_features: bool = False,
+) -> Runner:
     """The runner of ``backend`` (``pick_backend``) for the bundle; ``torch_runner`` when the
     runtime is missing or an ONNX export lacks the features output the OOD score needs."""
     backend = pick_backend(bundle, meta, backend)
@@ -190,8 +208,12 @@ def open_runner(bundle: Path, meta: models.BundleMeta, backend: str, *, torch_ru
             return torch_runner
         runner = OnnxRunner(bundle / ONNX_FILE, threads=threads)
         if needs_features and not runner.has_features:
-            log.warning("%s: the ONNX export has no features output (made before features were exported); "
-                        "using torch (re-export with `dermaclass export %s --force`)", bundle / ONNX_FILE, bundle)
+            log.warning(
+                "%s: the ONNX export has no features output (made before features were exported); "
+                "using torch (re-export with `dermaclass export %s --force`)",
+                bundle / ONNX_FILE,
+                bundle,
+            )
             return torch_runner
         return runner
     if backend.startswith("openvino"):

@@ -33,8 +33,10 @@ def _cam(name: str) -> Any:
 
 #: The class-activation maps on offer (pytorch-grad-cam), loaded lazily.
 CAM_METHODS: dict[str, Any] = {
-    "gradcam": lambda: _cam("GradCAM"), "gradcam++": lambda: _cam("GradCAMPlusPlus"),
-    "layercam": lambda: _cam("LayerCAM"), "eigencam": lambda: _cam("EigenCAM"),
+    "gradcam": lambda: _cam("GradCAM"),
+    "gradcam++": lambda: _cam("GradCAMPlusPlus"),
+    "layercam": lambda: _cam("LayerCAM"),
+    "eigencam": lambda: _cam("EigenCAM"),
 }
 #: Picked by the pointing game (module docstring).
 CAM_METHOD = "layercam"
@@ -58,7 +60,10 @@ def network_heat(network: Any, image: np.ndarray, class_index: int, method: str,
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     x = torch.from_numpy(network.normalise([image]))
-    with network.lock, CAM_METHODS[method]()(model=network.model, target_layers=cam_layers(network.model, stride)) as cam:
+    with (
+        network.lock,
+        CAM_METHODS[method]()(model=network.model, target_layers=cam_layers(network.model, stride)) as cam,
+    ):
         return cam(input_tensor=x, targets=[ClassifierOutputTarget(class_index)])[0]
 
 
@@ -72,8 +77,15 @@ def resize_heat(heat: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.clip(out, 0.0, 1.0)
 
 
-def explain(predictor: Any, original: Any, *, class_index: int | None = None, display_width: int | None = None,
-            method: str = CAM_METHOD, stride: int | None = CAM_STRIDE) -> tuple[np.ndarray, np.ndarray]:
+def explain(
+    predictor: Any,
+    original: Any,
+    *,
+    class_index: int | None = None,
+    display_width: int | None = None,
+    method: str = CAM_METHOD,
+    stride: int | None = CAM_STRIDE,
+) -> tuple[np.ndarray, np.ndarray]:
     """(heatmap in [0, 1] at the bundle's input size, RGB overlay uint8) of ``class_index``
     (default: the predicted class) on ``original`` (a PIL RGB image).
 
@@ -88,8 +100,15 @@ def explain(predictor: Any, original: Any, *, class_index: int | None = None, di
     image = fit_to_size(original, predictor.input_size)
     if class_index is None:
         class_index = int(predictor.logits({s: [fit_to_size(original, s)] for s in predictor.input_sizes}).argmax(1)[0])
-    heat = np.mean([resize_heat(network_heat(n, fit_to_size(original, n.input_size), class_index, method, stride),
-                                predictor.input_size) for n in predictor.networks], axis=0)
+    heat = np.mean(
+        [
+            resize_heat(
+                network_heat(n, fit_to_size(original, n.input_size), class_index, method, stride), predictor.input_size
+            )
+            for n in predictor.networks
+        ],
+        axis=0,
+    )
     shown, shown_heat = image, heat
     if display_width:
         w_in, h_in = predictor.input_size

@@ -46,7 +46,13 @@ import torch
 from dermaclass import models
 from dermaclass.fileio import atomic_path
 from dermaclass.serving.backends import (
-    BF16, ONNX_FILE, OPENVINO_FILE, OPENVINO_INT8_FILE, CompiledIR, ExportError, openvino,
+    BF16,
+    ONNX_FILE,
+    OPENVINO_FILE,
+    OPENVINO_INT8_FILE,
+    CompiledIR,
+    ExportError,
+    openvino,
 )
 from dermaclass.serving.predictor import Predictor
 
@@ -72,15 +78,23 @@ def _record(bundle: Path, backend: str, record: dict[str, Any]) -> None:
     """Note the export in model.json with the sha256 of the weights it was made from: the
     Predictor never serves an export of other weights (a bundle retrained in place)."""
     meta = models.read_bundle_meta(bundle)
-    models.write_bundle_meta(bundle, meta.with_(exports={**meta.exports,
-                                                         backend: {**record, "weights_sha256": meta.weights_sha256}}))
+    models.write_bundle_meta(
+        bundle, meta.with_(exports={**meta.exports, backend: {**record, "weights_sha256": meta.weights_sha256}})
+    )
 
 
 def _to_onnx(net: torch.nn.Module, x: torch.Tensor, path: Path) -> None:
     """Trace ``net`` to ONNX: one input, two outputs (logits, features), a dynamic batch axis."""
-    torch.onnx.export(net, (x,), str(path), input_names=["input"], output_names=["logits", "features"],
-                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}, "features": {0: "batch"}},
-                      opset_version=17, dynamo=False)
+    torch.onnx.export(
+        net,
+        (x,),
+        str(path),
+        input_names=["input"],
+        output_names=["logits", "features"],
+        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}, "features": {0: "batch"}},
+        opset_version=17,
+        dynamo=False,
+    )
 
 
 def _max_diff(got: Sequence[np.ndarray], ref: Sequence[np.ndarray]) -> float:
@@ -191,29 +205,52 @@ def _float_layers(ov_model: Any) -> list[str]:
     return convs[:1] + matmuls[-1:]
 
 
-def _valid_check(pred: Any, *, kind: str, backend: str, float_ba: float, valid_images: Sequence[np.ndarray],
-                 valid_labels: Sequence[str], max_drop: float, target: Path, refused: str) -> dict[str, Any]:
+def _valid_check(
+    pred: Any,
+    *,
+    kind: str,
+    backend: str,
+    float_ba: float,
+    valid_images: Sequence[np.ndarray],
+    valid_labels: Sequence[str],
+    max_drop: float,
+    target: Path,
+    refused: str,
+) -> dict[str, Any]:
     """Balanced accuracy of ``pred`` (now serving ``backend``) on the valid split against float,
     recorded as ``valid_balanced_accuracy_<kind>``; raises ``ExportError`` when it drops by more
     than ``max_drop``."""
     low_ba = _balanced_accuracy(pred.logits(valid_images), valid_labels, pred.classes)
     drop = float_ba - low_ba
     if drop > max_drop:
-        raise ExportError(f"{target}: {backend} loses {drop:.4f} balanced accuracy on the valid split ({float_ba:.4f} -> "
-                          f"{low_ba:.4f}; the limit is {max_drop:g}); {refused}. Serve the float export instead.")
-    return {"checked_on": f"valid split, {len(valid_images)} images, tta {'flips4' if pred.tta else 'none'}",
-            "valid_balanced_accuracy_float": float_ba, f"valid_balanced_accuracy_{kind}": low_ba, "drop": drop,
-            "max_drop": max_drop}
+        raise ExportError(
+            f"{target}: {backend} loses {drop:.4f} balanced accuracy on the valid split ({float_ba:.4f} -> "
+            f"{low_ba:.4f}; the limit is {max_drop:g}); {refused}. Serve the float export instead."
+        )
+    return {
+        "checked_on": f"valid split, {len(valid_images)} images, tta {'flips4' if pred.tta else 'none'}",
+        "valid_balanced_accuracy_float": float_ba,
+        f"valid_balanced_accuracy_{kind}": low_ba,
+        "drop": drop,
+        "max_drop": max_drop,
+    }
 
 
-def check_bf16(bundle: str | Path, *, valid_images: Sequence[np.ndarray], valid_labels: Sequence[str],
-               max_drop: float = INT8_MAX_DROP) -> dict[str, Any]:
+def check_bf16(
+    bundle: str | Path,
+    *,
+    valid_images: Sequence[np.ndarray],
+    valid_labels: Sequence[str],
+    max_drop: float = INT8_MAX_DROP,
+) -> dict[str, Any]:
     """Measure the float IR at bfloat16 inference precision on the valid split and record it
     (``exports.openvino-bf16``) when it holds up; the Predictor serves ``openvino-bf16`` only then."""
     bundle = Path(bundle)
     if not cpu_has_bf16():
-        raise ExportError(f"{bundle}: this CPU has no native bfloat16 (OpenVINO would compute in float32): nothing "
-                          "to gain; serve --backend openvino")
+        raise ExportError(
+            f"{bundle}: this CPU has no native bfloat16 (OpenVINO would compute in float32): nothing "
+            "to gain; serve --backend openvino"
+        )
     if not (bundle / OPENVINO_FILE).is_file():
         export_openvino(bundle)
     if len(valid_images) == 0:
@@ -221,17 +258,34 @@ def check_bf16(bundle: str | Path, *, valid_images: Sequence[np.ndarray], valid_
     pred = Predictor(bundle, backend="openvino")
     float_ba = _balanced_accuracy(pred.logits(valid_images), valid_labels, pred.classes)
     pred.use_openvino(bundle / OPENVINO_FILE, name=BF16)
-    record = {"file": OPENVINO_FILE, "precision": "bf16", **_valid_check(
-        pred, kind="bf16", backend="bfloat16 inference", float_ba=float_ba, valid_images=valid_images, valid_labels=valid_labels,
-        max_drop=max_drop, target=bundle / OPENVINO_FILE, refused="not recorded")}
+    record = {
+        "file": OPENVINO_FILE,
+        "precision": "bf16",
+        **_valid_check(
+            pred,
+            kind="bf16",
+            backend="bfloat16 inference",
+            float_ba=float_ba,
+            valid_images=valid_images,
+            valid_labels=valid_labels,
+            max_drop=max_drop,
+            target=bundle / OPENVINO_FILE,
+            refused="not recorded",
+        ),
+    }
     _record(bundle, BF16, record)
-    log.info("%s: bfloat16 valid balanced accuracy %.4f (float %.4f)", bundle, record["valid_balanced_accuracy_bf16"],
-             float_ba)
+    log.info(
+        "%s: bfloat16 valid balanced accuracy %.4f (float %.4f)",
+        bundle,
+        record["valid_balanced_accuracy_bf16"],
+        float_ba,
+    )
     return {"path": str(bundle / OPENVINO_FILE), **record}
 
 
-def quantize_ir(pred: Any, calibration_images: Sequence[np.ndarray], *,
-                fast_bias_correction: bool = False) -> tuple[Any, list[str]]:
+def quantize_ir(
+    pred: Any, calibration_images: Sequence[np.ndarray], *, fast_bias_correction: bool = False
+) -> tuple[Any, list[str]]:
     """(the int8 OpenVINO model, the layers kept float) of ``pred``'s bundle's float IR,
     calibrated by NNCF on ``calibration_images`` as ``pred`` preprocesses them."""
     import nncf
@@ -239,14 +293,26 @@ def quantize_ir(pred: Any, calibration_images: Sequence[np.ndarray], *,
     dataset = nncf.Dataset(list(calibration_images), lambda im: pred.normalise([im]))
     float_model = openvino().Core().read_model(str(pred.bundle / OPENVINO_FILE))
     kept_float = _float_layers(float_model)
-    quantized = nncf.quantize(float_model, dataset, subset_size=len(calibration_images),
-                              preset=nncf.QuantizationPreset.PERFORMANCE, fast_bias_correction=fast_bias_correction,
-                              ignored_scope=nncf.IgnoredScope(names=kept_float))
+    quantized = nncf.quantize(
+        float_model,
+        dataset,
+        subset_size=len(calibration_images),
+        preset=nncf.QuantizationPreset.PERFORMANCE,
+        fast_bias_correction=fast_bias_correction,
+        ignored_scope=nncf.IgnoredScope(names=kept_float),
+    )
     return quantized, kept_float
 
 
-def export_int8(bundle: str | Path, *, calibration_images: Sequence[np.ndarray], valid_images: Sequence[np.ndarray],
-                valid_labels: Sequence[str], max_drop: float = INT8_MAX_DROP, force: bool = False) -> dict[str, Any]:
+def export_int8(
+    bundle: str | Path,
+    *,
+    calibration_images: Sequence[np.ndarray],
+    valid_images: Sequence[np.ndarray],
+    valid_labels: Sequence[str],
+    max_drop: float = INT8_MAX_DROP,
+    force: bool = False,
+) -> dict[str, Any]:
     """Quantise the float IR to int8 with NNCF and keep it only if it holds up.
 
     ``calibration_images``: preprocessed (H, W, 3) uint8 training-split images (a few hundred);
@@ -268,11 +334,23 @@ def export_int8(bundle: str | Path, *, calibration_images: Sequence[np.ndarray],
 
     def holds_up(xml: Path) -> dict[str, Any]:
         pred.use_openvino(xml, name="openvino-int8")
-        return {"file": OPENVINO_INT8_FILE, "calibration": f"train split, {len(calibration_images)} images",
-                "bias_correction": "full",
-                "float_layers": kept_float, **_valid_check(
-                    pred, kind="int8", backend="int8", float_ba=float_ba, valid_images=valid_images,
-                    valid_labels=valid_labels, max_drop=max_drop, target=target, refused="not written")}
+        return {
+            "file": OPENVINO_INT8_FILE,
+            "calibration": f"train split, {len(calibration_images)} images",
+            "bias_correction": "full",
+            "float_layers": kept_float,
+            **_valid_check(
+                pred,
+                kind="int8",
+                backend="int8",
+                float_ba=float_ba,
+                valid_images=valid_images,
+                valid_labels=valid_labels,
+                max_drop=max_drop,
+                target=target,
+                refused="not written",
+            ),
+        }
 
     record = _save_ir(quantized, target, force=force, check=holds_up)
     int8_ba = record["valid_balanced_accuracy_int8"]
@@ -295,13 +373,20 @@ def calibration_pick(labels: Sequence[str], n: int, *, seed: int = 0) -> np.ndar
     classes = sorted(set(labels.tolist()))
     share = n // max(len(classes), 1)
     chosen = [i for c in classes for i in rng.permutation(np.flatnonzero(labels == c))[:share]]
-    rest = rng.permutation(np.setdiff1d(np.arange(len(labels)), chosen))[:n - len(chosen)]
+    rest = rng.permutation(np.setdiff1d(np.arange(len(labels)), chosen))[: n - len(chosen)]
     return np.sort(np.concatenate([np.asarray(chosen, dtype=int), rest.astype(int)]))
 
 
-def quantize_bundle(bundle: str | Path, data: str | Path | Sequence[str | Path], *, cfg: Any = None,
-                    split_file: str | Path | None = None, n_calibration: int = 600, max_drop: float = INT8_MAX_DROP,
-                    force: bool = False) -> dict[str, Any]:
+def quantize_bundle(
+    bundle: str | Path,
+    data: str | Path | Sequence[str | Path],
+    *,
+    cfg: Any = None,
+    split_file: str | Path | None = None,
+    n_calibration: int = 600,
+    max_drop: float = INT8_MAX_DROP,
+    force: bool = False,
+) -> dict[str, Any]:
     """``dermaclass export --int8 --calibration DATA``: ``n_calibration`` images drawn
     class-balanced from the train split of ``data`` (by the bundle's split file) calibrate the
     int8 model, and the valid split checks it (``export_int8``). Test images are never read."""
@@ -310,12 +395,24 @@ def quantize_bundle(bundle: str | Path, data: str | Path | Sequence[str | Path],
     parts = split_images(bundle, data, splits=("train", "valid"), split_file=split_file, cfg=cfg)
     train_labels, train_images = parts["train"]
     pick = calibration_pick(train_labels, n_calibration)
-    return export_int8(bundle, calibration_images=[train_images[int(i)] for i in pick],
-                       valid_images=parts["valid"][1], valid_labels=parts["valid"][0], max_drop=max_drop, force=force)
+    return export_int8(
+        bundle,
+        calibration_images=[train_images[int(i)] for i in pick],
+        valid_images=parts["valid"][1],
+        valid_labels=parts["valid"][0],
+        max_drop=max_drop,
+        force=force,
+    )
 
 
-def check_bf16_bundle(bundle: str | Path, data: str | Path | Sequence[str | Path], *, cfg: Any = None,
-                      split_file: str | Path | None = None, max_drop: float = INT8_MAX_DROP) -> dict[str, Any]:
+def check_bf16_bundle(
+    bundle: str | Path,
+    data: str | Path | Sequence[str | Path],
+    *,
+    cfg: Any = None,
+    split_file: str | Path | None = None,
+    max_drop: float = INT8_MAX_DROP,
+) -> dict[str, Any]:
     """``dermaclass export --bf16 --calibration DATA``: ``check_bf16`` on the valid split of ``data``."""
     from dermaclass.evaluate.run import split_images
 

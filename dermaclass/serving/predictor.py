@@ -100,17 +100,22 @@ class Predictor:
         self.meta = meta
         for entry, folder in zip(meta.members, meta.member_folders(self.bundle)):
             if not (folder / models.BUNDLE_META).is_file():
-                raise models.ModelError(f"{folder}: member {entry['path']} of the ensemble {self.bundle} is missing; "
-                                        "the bundle is incomplete (copy the whole folder, or retrain)")
+                raise models.ModelError(
+                    f"{folder}: member {entry['path']} of the ensemble {self.bundle} is missing; "
+                    "the bundle is incomplete (copy the whole folder, or retrain)"
+                )
             member = Predictor(folder, threads=self.threads, backend=backend)
             if member.members:
                 raise models.ModelError(f"{folder}: a member of {self.bundle} is itself an ensemble")
             if member.meta.weights_sha256 != entry["weights_sha256"]:
-                raise models.ModelError(f"{folder}: not the network {self.bundle / models.BUNDLE_META} lists (sha256 "
-                                        "mismatch: a member was replaced or retrained); retrain or restore the bundle")
+                raise models.ModelError(
+                    f"{folder}: not the network {self.bundle / models.BUNDLE_META} lists (sha256 "
+                    "mismatch: a member was replaced or retrained); retrain or restore the bundle"
+                )
             if member.classes != list(meta.classes):
-                raise models.ModelError(f"{folder}: classes {member.classes} differ from the ensemble's "
-                                        f"{list(meta.classes)}")
+                raise models.ModelError(
+                    f"{folder}: classes {member.classes} differ from the ensemble's {list(meta.classes)}"
+                )
             self.members.append(member)
         self.model = self.members[0].model
         self.runner = None  # each member runs its own network
@@ -142,8 +147,13 @@ class Predictor:
         self._net = models.WithFeatures(self.model, layer=self.feature_layer)
         self.feature_layer = self._net.layer
         self.runner: backends.Runner = backends.open_runner(
-            self.bundle, self.meta, backend, threads=threads, needs_features=self.ood_method != "energy",
-            torch_runner=backends.TorchRunner(self._net, len(self.meta.classes)))
+            self.bundle,
+            self.meta,
+            backend,
+            threads=threads,
+            needs_features=self.ood_method != "energy",
+            torch_runner=backends.TorchRunner(self._net, len(self.meta.classes)),
+        )
         self.backend = self.runner.name
         self.colour_constancy: str = self.meta.colour_constancy
 
@@ -179,8 +189,9 @@ class Predictor:
         # The multiply-add on the NCHW float copy that astype makes of the transposed uint8 view:
         # a tenth of the time of three whole-array passes and a transpose (0.15 -> 0.04 ms for
         # one image, 20 -> 1.5 ms for 64), equal to 5e-7.
-        x = np.stack([apply_colour(np.asarray(im), self.colour_constancy) if colour else np.asarray(im)
-                      for im in images])
+        x = np.stack(
+            [apply_colour(np.asarray(im), self.colour_constancy) if colour else np.asarray(im) for im in images]
+        )
         x = x.transpose(0, 3, 1, 2).astype(np.float32, order="C")
         x *= self._scale
         x += self._shift
@@ -194,8 +205,9 @@ class Predictor:
         """
         return self.forward(images, batch_size=batch_size, tta=tta)[0]
 
-    def forward(self, images: Images, *, batch_size: int = 64,
-                tta: bool | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    def forward(
+        self, images: Images, *, batch_size: int = 64, tta: bool | None = None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         """(logits (N, C), pooled backbone features (N, D) or None) for preprocessed images.
 
         With ``tta`` both are the means over the four flips. Features are None only from an
@@ -207,8 +219,9 @@ class Predictor:
         """
         return served(self.member_outputs(images, batch_size=batch_size, tta=tta))
 
-    def member_outputs(self, images: Images, *, batch_size: int = 64,
-                       tta: bool | None = None) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    def member_outputs(
+        self, images: Images, *, batch_size: int = 64, tta: bool | None = None
+    ) -> list[tuple[np.ndarray, np.ndarray | None]]:
         """(logits, features) of every network (one for a single network), each at its own size."""
         tta = self.tta if tta is None else tta
         return [n._network_forward(_at(images, n.input_size), batch_size=batch_size, tta=tta) for n in self.networks]
@@ -218,8 +231,9 @@ class Predictor:
         rgb = self._rgb(source)
         return {size: fit_to_size(rgb, size) for size in self.input_sizes}
 
-    def _network_forward(self, images: Sequence[np.ndarray], *, batch_size: int,
-                         tta: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    def _network_forward(
+        self, images: Sequence[np.ndarray], *, batch_size: int, tta: bool
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         if len(images) == 0:
             return np.zeros((0, len(self.classes)), dtype=np.float32), None
         if tta:
@@ -230,31 +244,36 @@ class Predictor:
             for i in range(0, len(images), batch_size):
                 # The colour step once per image, not per view: Shades-of-Gray is independent of
                 # pixel order, so the flip of the corrected image is the corrected flip, exactly.
-                group = [apply_colour(np.asarray(images[j]), self.colour_constancy)
-                         for j in range(i, min(i + batch_size, len(images)))]
+                group = [
+                    apply_colour(np.asarray(images[j]), self.colour_constancy)
+                    for j in range(i, min(i + batch_size, len(images)))
+                ]
                 with self.lock:
-                    lo, fe = self._forward([np.ascontiguousarray(v(im)) for v in views for im in group],
-                                           batch_size=batch_size, colour=False)
+                    lo, fe = self._forward(
+                        [np.ascontiguousarray(v(im)) for v in views for im in group],
+                        batch_size=batch_size,
+                        colour=False,
+                    )
                 logits.append(lo.reshape(len(views), len(group), -1).mean(axis=0))
                 feats.append(None if fe is None else fe.reshape(len(views), len(group), -1).mean(axis=0))
-            return (np.concatenate(logits),
-                    None if any(f is None for f in feats) else np.concatenate(feats))
+            return (np.concatenate(logits), None if any(f is None for f in feats) else np.concatenate(feats))
         with self.lock:
             return self._forward(images, batch_size=batch_size)
 
-    def _forward(self, images: Sequence[np.ndarray], *, batch_size: int,
-                 colour: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    def _forward(
+        self, images: Sequence[np.ndarray], *, batch_size: int, colour: bool = True
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         # Chunks of batch_size keep the memory of a whole test split bounded; one image (the
         # app) is one chunk with no DataLoader set-up.
         # Indexed one by one: a decode-cache view (CachedImages) has no slices.
-        outs = [self.runner(self.normalise([images[j] for j in range(i, min(i + batch_size, len(images)))],
-                                           colour=colour))
-                for i in range(0, len(images), batch_size)]
+        outs = [
+            self.runner(self.normalise([images[j] for j in range(i, min(i + batch_size, len(images)))], colour=colour))
+            for i in range(0, len(images), batch_size)
+        ]
         features = None if any(f is None for _, f in outs) else np.concatenate([f for _, f in outs])
         return np.concatenate([lo for lo, _ in outs]), features
 
-    def probabilities(self, images: Images, *, batch_size: int = 64,
-                      tta: bool | None = None) -> np.ndarray:
+    def probabilities(self, images: Images, *, batch_size: int = 64, tta: bool | None = None) -> np.ndarray:
         """Calibrated class probabilities, (N, C)."""
         return self.checked(self.calibrated(self.logits(images, batch_size=batch_size, tta=tta)))
 
@@ -270,12 +289,19 @@ class Predictor:
         """Refuse to hand out a NaN or Inf probability: a broken model must fail loudly, not read
         'actinic keratosis (nan %)'."""
         if not np.isfinite(probs).all():
-            raise models.ModelError(f"{self.bundle}: the model gave non-finite probabilities for {what}; "
-                                    "the bundle is broken (retrain or restore it)")
+            raise models.ModelError(
+                f"{self.bundle}: the model gave non-finite probabilities for {what}; "
+                "the bundle is broken (retrain or restore it)"
+            )
         return probs
 
-    def ood_scores(self, logits: np.ndarray, features: np.ndarray | None, *,
-                   members: Sequence[tuple[np.ndarray, np.ndarray | None]] | None = None) -> np.ndarray:
+    def ood_scores(
+        self,
+        logits: np.ndarray,
+        features: np.ndarray | None,
+        *,
+        members: Sequence[tuple[np.ndarray, np.ndarray | None]] | None = None,
+    ) -> np.ndarray:
         """The bundle's out-of-distribution score per image (higher = more like the training data).
 
         An ensemble needs ``members`` (``member_outputs``): its score is the mean of the members'
@@ -288,8 +314,11 @@ class Predictor:
         scored = [(m, out) for m, out in zip(self.members, members) if m.ood_threshold is not None]
         if not scored:
             return np.zeros(len(logits))
-        return refer.member_margins([m.ood_scores(*out) for m, out in scored], [m.ood_threshold for m, _ in scored],
-                                    [m.meta.ood.get("scale") or 0.0 for m, _ in scored])
+        return refer.member_margins(
+            [m.ood_scores(*out) for m, out in scored],
+            [m.ood_threshold for m, _ in scored],
+            [m.meta.ood.get("scale") or 0.0 for m, _ in scored],
+        )
 
     def referral(self, top_probability: float, ood_score: float, input_reason: str | None = None) -> dict[str, Any]:
         """Whether to refer instead of trusting the top class, and why (plain words for the UI).
@@ -301,11 +330,15 @@ class Predictor:
         if input_reason:
             reasons.append(input_reason)
         if self.ood_threshold is not None and ood_score < self.ood_threshold:
-            reasons.append(f"{refer.NOT_DERMOSCOPY} that the model can judge: it is unlike the images it was trained "
-                           f"on (out-of-distribution score {ood_score:.2f}, below the cut-off {self.ood_threshold:.2f})")
+            reasons.append(
+                f"{refer.NOT_DERMOSCOPY} that the model can judge: it is unlike the images it was trained "
+                f"on (out-of-distribution score {ood_score:.2f}, below the cut-off {self.ood_threshold:.2f})"
+            )
         if top_probability < self.refer_below:
-            reasons.append(f"the most likely class has only {top_probability:.0%} probability "
-                           f"(below the {self.refer_below:.0%} floor)")
+            reasons.append(
+                f"the most likely class has only {top_probability:.0%} probability "
+                f"(below the {self.refer_below:.0%} floor)"
+            )
         return {"refer": bool(reasons), "message": REFER_MESSAGE if reasons else None, "reasons": reasons}
 
     def predict(self, source: str | Path | bytes | Any, *, top_k: int = 3, tta: bool | None = None) -> dict[str, Any]:
@@ -314,7 +347,9 @@ class Predictor:
         what = str(source) if isinstance(source, (str, Path)) else "this image"
         rgb = self._rgb(source)
         try:
-            input_reason = refer.input_problem(rgb, min_side=self.min_side)  # before the model: raises for an image too small to judge
+            input_reason = refer.input_problem(
+                rgb, min_side=self.min_side
+            )  # before the model: raises for an image too small to judge
         except refer.InputProblem as exc:
             raise refer.InputProblem(f"{what}: {exc}" if isinstance(source, (str, Path)) else str(exc)) from None
         outs = self.member_outputs({size: [fit_to_size(rgb, size)] for size in self.input_sizes}, tta=tta)
@@ -322,14 +357,22 @@ class Predictor:
         probs = self.checked(self.calibrated(logits), what)[0]
         ood = float(self.ood_scores(logits, features, members=outs)[0])
         order = np.argsort(-probs, kind="stable")
-        flags = {c: {"probability": float(probs[self.classes.index(c)]), "threshold": op["threshold"],
-                     "flagged": bool(probs[self.classes.index(c)] >= op["threshold"]),
-                     "target_sensitivity": op.get("target_sensitivity")}
-                 for c, op in self.operating_points.items() if c in self.classes}
+        flags = {
+            c: {
+                "probability": float(probs[self.classes.index(c)]),
+                "threshold": op["threshold"],
+                "flagged": bool(probs[self.classes.index(c)] >= op["threshold"]),
+                "target_sensitivity": op.get("target_sensitivity"),
+            }
+            for c, op in self.operating_points.items()
+            if c in self.classes
+        }
         return {
             "top": self.classes[int(order[0])],
-            "top_k": [{"class": self.classes[i], "name": self.name(self.classes[i]), "probability": float(probs[i])}
-                      for i in order[:top_k]],
+            "top_k": [
+                {"class": self.classes[i], "name": self.name(self.classes[i]), "probability": float(probs[i])}
+                for i in order[:top_k]
+            ],
             "probabilities": {self.classes[i]: float(probs[i]) for i in order},
             "flags": flags,
             "ood_score": ood,
@@ -343,13 +386,20 @@ class Predictor:
         }
 
     # ---- explanation -----------------------------------------------------------------------
-    def gradcam(self, source: str | Path | bytes | Any, *, class_index: int | None = None,
-                display_width: int | None = None, method: str = explain.CAM_METHOD,
-                stride: int | None = explain.CAM_STRIDE) -> tuple[np.ndarray, np.ndarray]:
+    def gradcam(
+        self,
+        source: str | Path | bytes | Any,
+        *,
+        class_index: int | None = None,
+        display_width: int | None = None,
+        method: str = explain.CAM_METHOD,
+        stride: int | None = explain.CAM_STRIDE,
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Class-activation map of the predicted (or given) class: (heatmap in [0, 1] at input
         size, RGB overlay uint8); ``serving.explain.explain`` says which map and why."""
-        return explain.explain(self, self._rgb(source), class_index=class_index, display_width=display_width,
-                               method=method, stride=stride)
+        return explain.explain(
+            self, self._rgb(source), class_index=class_index, display_width=display_width, method=method, stride=stride
+        )
 
 
 # ---- ensembles -----------------------------------------------------------------------------
@@ -379,8 +429,12 @@ def agreement(member_probs: Sequence[np.ndarray], top: int, classes: Sequence[st
     the share that agree, and each network's probability of ``top`` (with the bundle's calibration)."""
     tops = [classes[int(np.argmax(p))] for p in member_probs]
     share = sum(t == classes[top] for t in tops) / len(tops)
-    return {"member_top": tops, "share": share, "disagree": share < 1,
-            "member_probability": [float(p[top]) for p in member_probs]}
+    return {
+        "member_top": tops,
+        "share": share,
+        "disagree": share < 1,
+        "member_probability": [float(p[top]) for p in member_probs],
+    }
 
 
 class _Resized(Sequence):
@@ -404,7 +458,9 @@ def _at(images: Images, size: tuple[int, int]) -> Sequence[np.ndarray]:
     """The images a network of ``size`` reads."""
     if isinstance(images, Mapping):
         if tuple(size) not in images:
-            raise ValueError(f"no images at {size[0]}x{size[1]}, a network's input size "
-                             f"(given: {', '.join(f'{w}x{h}' for w, h in images)})")
+            raise ValueError(
+                f"no images at {size[0]}x{size[1]}, a network's input size "
+                f"(given: {', '.join(f'{w}x{h}' for w, h in images)})"
+            )
         return images[tuple(size)]
     return _Resized(images, size) if len(images) and np.asarray(images[0]).shape[1::-1] != tuple(size) else images

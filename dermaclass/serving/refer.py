@@ -29,8 +29,8 @@ This is decision support, not a diagnostic device.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -100,15 +100,22 @@ def colourfulness(image: np.ndarray) -> float:
     return float(np.mean(a.max(axis=-1) - a.min(axis=-1)))
 
 
-def input_problem(image: Any, *, min_side: int = MIN_SIDE, one_colour: float = ONE_COLOUR_SHARE,
-                  min_colourfulness: float = MIN_COLOURFULNESS) -> str | None:
+def input_problem(
+    image: Any,
+    *,
+    min_side: int = MIN_SIDE,
+    one_colour: float = ONE_COLOUR_SHARE,
+    min_colourfulness: float = MIN_COLOURFULNESS,
+) -> str | None:
     """Plain-words reason to refer an RGB image (PIL or HxWx3 array) before the model sees it,
     or None. Raises ``InputProblem`` for an image too small to judge."""
     a = np.asarray(image)
     h, w = a.shape[:2]
     if min(h, w) < min_side:
-        raise InputProblem(f"too small to judge: the image is {w}x{h} pixels; a dermoscopic image needs at least "
-                           f"{min_side} pixels on its shorter side")
+        raise InputProblem(
+            f"too small to judge: the image is {w}x{h} pixels; a dermoscopic image needs at least "
+            f"{min_side} pixels on its shorter side"
+        )
     small = thumbnail(a)  # once: both checks read the same thumbnail (a thumbnail of it is itself)
     share = one_colour_share(small)
     if share >= one_colour:
@@ -169,8 +176,10 @@ def knn_score(features: np.ndarray, stats: dict[str, np.ndarray]) -> np.ndarray:
     k = int(np.asarray(stats["k"]).ravel()[0])
     q = _unit(features)
     if q.shape[1] != bank.shape[1]:
-        raise ValueError(f"features of {q.shape[1]} dimensions against a bank of {bank.shape[1]}: the score was "
-                         "fitted on another layer; refit it (`dermaclass fit-ood`)")
+        raise ValueError(
+            f"features of {q.shape[1]} dimensions against a bank of {bank.shape[1]}: the score was "
+            "fitted on another layer; refit it (`dermaclass fit-ood`)"
+        )
     # Unit vectors: |a - b|^2 = 2 - 2 a.b, so the k-th nearest is the k-th largest similarity.
     sim = q @ bank.T
     kth = -np.partition(-sim, k - 1, axis=1)[:, k - 1]
@@ -220,8 +229,10 @@ def member_margins(scores: Sequence[np.ndarray], cutoffs: Sequence[float], scale
     """
     if not len(scores):
         raise ValueError("no member scores to combine")
-    margins = [(np.asarray(s, np.float64) - float(t)) / (float(d) if d and d > 0 else 1.0)
-               for s, t, d in zip(scores, cutoffs, scales, strict=True)]
+    margins = [
+        (np.asarray(s, np.float64) - float(t)) / (float(d) if d and d > 0 else 1.0)
+        for s, t, d in zip(scores, cutoffs, scales, strict=True)
+    ]
     return np.mean(margins, axis=0)
 
 
@@ -255,8 +266,10 @@ def load_stats(folder: str | Path, method: str) -> dict[str, np.ndarray]:
         return {}
     path = Path(folder) / OOD_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing; the bundle's out-of-distribution method {method!r} needs it "
-                                "(retrain, or run `dermaclass fit-ood` on the bundle)")
+        raise FileNotFoundError(
+            f"{path}: missing; the bundle's out-of-distribution method {method!r} needs it "
+            "(retrain, or run `dermaclass fit-ood` on the bundle)"
+        )
     stats = load_file(str(path))
     need = {"mahalanobis": {"means", "precision"}, "knn": {"bank", "k"}}[method]
     if not need <= set(stats):

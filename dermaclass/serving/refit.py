@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -39,11 +39,21 @@ log = logging.getLogger(__name__)
 CALIBRATION_SETTINGS = ("operating_classes", "target_sensitivity", "prior_class", "prior_sensitivity")
 
 
-def calibrate_bundle(bundle: str | Path, *, logits: np.ndarray, labels: Sequence[str],
-                     train_images: Sequence[np.ndarray], train_labels: Sequence[str],
-                     valid_images: Sequence[np.ndarray], valid_labels: Sequence[str], cfg: Config,
-                     ood_method: str, ood_keep: float, keep_floor: bool = False,
-                     note: dict[str, Any] | None = None) -> dict[str, Any]:
+def calibrate_bundle(
+    bundle: str | Path,
+    *,
+    logits: np.ndarray,
+    labels: Sequence[str],
+    train_images: Sequence[np.ndarray],
+    train_labels: Sequence[str],
+    valid_images: Sequence[np.ndarray],
+    valid_labels: Sequence[str],
+    cfg: Config,
+    ood_method: str,
+    ood_keep: float,
+    keep_floor: bool = False,
+    note: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Fit the bundle's calibration on ``logits`` (the valid split as the bundle serves it;
     ``labels`` in the same order), write it with its operating points and valid metrics into
     ``model.json``, then fit the referral rule (``fit_ood`` on the images). The prior is the
@@ -59,25 +69,46 @@ def calibrate_bundle(bundle: str | Path, *, logits: np.ndarray, labels: Sequence
     if unknown:
         raise EvaluationError(f"{bundle}: validation labels {unknown} are not among the bundle's classes {classes}")
     y = np.array([classes.index(str(c)) for c in labels])
-    calibration, points, probs = calibrate(cfg, np.asarray(logits), y, classes,
-                                           prior=class_prior([str(v) for v in train_labels], classes))
+    calibration, points, probs = calibrate(
+        cfg, np.asarray(logits), y, classes, prior=class_prior([str(v) for v in train_labels], classes)
+    )
     if note:
         calibration["refitted"] = note
     if keep_floor and meta.calibration.get("refer"):
         calibration["refer"] = meta.calibration["refer"]
     metrics = classification_metrics(y, probs, classes)
-    models.write_bundle_meta(bundle, meta.with_(
-        calibration=calibration, operating_points=points, metrics_valid=metrics,
-        config={**meta.config, **{k: cfg.to_dict()[k] for k in CALIBRATION_SETTINGS}}))
+    models.write_bundle_meta(
+        bundle,
+        meta.with_(
+            calibration=calibration,
+            operating_points=points,
+            metrics_valid=metrics,
+            config={**meta.config, **{k: cfg.to_dict()[k] for k in CALIBRATION_SETTINGS}},
+        ),
+    )
     # The out-of-distribution score reads the saved bundle exactly as the app will, and the
     # referral floor reads the new probabilities.
-    fit_ood(bundle, train_images=train_images, train_labels=train_labels, valid_images=valid_images,
-            valid_labels=valid_labels, method=ood_method, keep=ood_keep, force=True)
+    fit_ood(
+        bundle,
+        train_images=train_images,
+        train_labels=train_labels,
+        valid_images=valid_images,
+        valid_labels=valid_labels,
+        method=ood_method,
+        keep=ood_keep,
+        force=True,
+    )
     return metrics
 
 
-def recalibrate(bundle: str | Path, data: str | Path | Sequence[str | Path], *, split_file: str | Path | None = None,
-                cfg: Config | None = None, force: bool = False) -> dict[str, Any]:
+def recalibrate(
+    bundle: str | Path,
+    data: str | Path | Sequence[str | Path],
+    *,
+    split_file: str | Path | None = None,
+    cfg: Config | None = None,
+    force: bool = False,
+) -> dict[str, Any]:
     """Refit a bundle's calibration on the valid split of ``data`` (``dermaclass calibrate``):
     temperature, prior shift and operating points from ``cfg`` (``target_sensitivity``,
     ``operating_classes``, ``prior_class``, ``prior_sensitivity``), as training fits them at its
@@ -92,11 +123,14 @@ def recalibrate(bundle: str | Path, data: str | Path | Sequence[str | Path], *, 
     bundle = Path(bundle)
     meta = models.read_bundle_meta(bundle)
     if meta.is_ensemble:
-        raise EvaluationError(f"{bundle}: an ensemble is calibrated on its members' out-of-fold predictions when it "
-                              "is trained; recalibrating it needs each member's held-out fold (retrain with --force)")
+        raise EvaluationError(
+            f"{bundle}: an ensemble is calibrated on its members' out-of-fold predictions when it "
+            "is trained; recalibrating it needs each member's held-out fold (retrain with --force)"
+        )
     if meta.calibration and not force:
-        raise FileExistsError(f"{bundle}: already calibrated (temperature {meta.temperature:.3f}); pass --force to "
-                              "refit it")
+        raise FileExistsError(
+            f"{bundle}: already calibrated (temperature {meta.temperature:.3f}); pass --force to refit it"
+        )
     parts = split_images(bundle, data, splits=("train", "valid"), split_file=split_file, cfg=cfg)
     valid_labels, valid_images = parts["valid"]
     if not len(valid_labels):
@@ -104,33 +138,68 @@ def recalibrate(bundle: str | Path, data: str | Path | Sequence[str | Path], *, 
     predictor = Predictor(bundle, backend="torch", threads=cfg.threads)
     logits = predictor.logits(valid_images)  # with the bundle's test-time augmentation, as it serves
     ood = meta.ood
-    calibrate_bundle(bundle, logits=logits, labels=valid_labels, valid_labels=valid_labels,
-                     train_labels=parts["train"][0],
-                     train_images=parts["train"][1], valid_images=valid_images, cfg=cfg,
-                     ood_method=ood.get("method", cfg.ood), ood_keep=ood.get("keep", cfg.ood_keep), keep_floor=True,
-                     note={"by": "dermaclass calibrate", "at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    calibrate_bundle(
+        bundle,
+        logits=logits,
+        labels=valid_labels,
+        valid_labels=valid_labels,
+        train_labels=parts["train"][0],
+        train_images=parts["train"][1],
+        valid_images=valid_images,
+        cfg=cfg,
+        ood_method=ood.get("method", cfg.ood),
+        ood_keep=ood.get("keep", cfg.ood_keep),
+        keep_floor=True,
+        note={"by": "dermaclass calibrate", "at": datetime.now(UTC).isoformat(timespec="seconds")},
+    )
     calibration = models.read_bundle_meta(bundle).calibration
-    log.info("%s: recalibrated on %d validation images (temperature %.3f)", bundle, len(valid_labels),
-             calibration["temperature"])
+    log.info(
+        "%s: recalibrated on %d validation images (temperature %.3f)",
+        bundle,
+        len(valid_labels),
+        calibration["temperature"],
+    )
     return calibration
 
 
-def refit_ood(bundle: str | Path, data: str | Path | Sequence[str | Path], *, split_file: str | Path | None = None,
-              cfg: Config | None = None, method: str | None = None, keep: float | None = None,
-              force: bool = False) -> dict[str, Any]:
+def refit_ood(
+    bundle: str | Path,
+    data: str | Path | Sequence[str | Path],
+    *,
+    split_file: str | Path | None = None,
+    cfg: Config | None = None,
+    method: str | None = None,
+    keep: float | None = None,
+    force: bool = False,
+) -> dict[str, Any]:
     """Fit (or refit) a bundle's out-of-distribution score on the train split of ``data`` and
     set its cut-off on the valid split (``dermaclass fit-ood``: bundles trained before the
     feature-space scores, or a new method). Never on test or external images."""
     cfg = cfg or Config()
     parts = split_images(bundle, data, splits=("train", "valid"), split_file=split_file, cfg=cfg)
-    return fit_ood(bundle, train_images=parts["train"][1], train_labels=parts["train"][0],
-                   valid_images=parts["valid"][1], valid_labels=parts["valid"][0],
-                   method=method or cfg.ood, keep=keep if keep is not None else cfg.ood_keep, force=force)
+    return fit_ood(
+        bundle,
+        train_images=parts["train"][1],
+        train_labels=parts["train"][0],
+        valid_images=parts["valid"][1],
+        valid_labels=parts["valid"][0],
+        method=method or cfg.ood,
+        keep=keep if keep is not None else cfg.ood_keep,
+        force=force,
+    )
 
 
-def fit_ood(bundle: str | Path, *, train_images: Sequence[np.ndarray], train_labels: Sequence[str],
-            valid_images: Sequence[np.ndarray], valid_labels: Sequence[str], method: str = "mahalanobis",
-            keep: float = 0.95, force: bool = False) -> dict[str, Any]:
+def fit_ood(
+    bundle: str | Path,
+    *,
+    train_images: Sequence[np.ndarray],
+    train_labels: Sequence[str],
+    valid_images: Sequence[np.ndarray],
+    valid_labels: Sequence[str],
+    method: str = "mahalanobis",
+    keep: float = 0.95,
+    force: bool = False,
+) -> dict[str, Any]:
     """Fit the bundle's out-of-distribution score and its cut-off, and store both in the bundle.
 
     The score is fitted on the training split's features (one view, no test-time augmentation:
@@ -143,8 +212,10 @@ def fit_ood(bundle: str | Path, *, train_images: Sequence[np.ndarray], train_lab
     """
     bundle = Path(bundle)
     if models.read_bundle_meta(bundle).is_ensemble:
-        raise models.ModelError(f"{bundle}: an ensemble's out-of-distribution score is its members' (each fitted when "
-                                "it was trained); refit a member's with `dermaclass fit-ood BUNDLE/members/mK DATA`")
+        raise models.ModelError(
+            f"{bundle}: an ensemble's out-of-distribution score is its members' (each fitted when "
+            "it was trained); refit a member's with `dermaclass fit-ood BUNDLE/members/mK DATA`"
+        )
     if (bundle / OOD_FILE).exists() and not force:
         raise FileExistsError(f"{bundle / OOD_FILE}: the bundle already has a fitted out-of-distribution score")
     if method not in OOD_METHODS:
@@ -170,18 +241,29 @@ def fit_ood(bundle: str | Path, *, train_images: Sequence[np.ndarray], train_lab
     save_stats(bundle, stats)
     calibration = dict(pred.meta.calibration)
     calibration["refer"] = {
-        **pred.meta.refer, "min_top_probability": pred.refer_below,
-        "ood": {"method": method, "threshold": cut, "keep": keep, "file": OOD_FILE if stats else None,
-                # the spread of the validation scores: an ensemble measures margins in it
-                "scale": float(np.std(scores)),
-                "layer": pred.feature_layer,
-                "features": (f"global average pool of {pred.feature_layer or 'the body output'}") if stats else None,
-                "fitted_on": f"train split, {len(train_images)} images" if stats else None,
-                "threshold_set_on": f"valid split, {len(valid_images)} images"},
+        **pred.meta.refer,
+        "min_top_probability": pred.refer_below,
+        "ood": {
+            "method": method,
+            "threshold": cut,
+            "keep": keep,
+            "file": OOD_FILE if stats else None,
+            # the spread of the validation scores: an ensemble measures margins in it
+            "scale": float(np.std(scores)),
+            "layer": pred.feature_layer,
+            "features": (f"global average pool of {pred.feature_layer or 'the body output'}") if stats else None,
+            "fitted_on": f"train split, {len(train_images)} images" if stats else None,
+            "threshold_set_on": f"valid split, {len(valid_images)} images",
+        },
         "valid_referred": float(np.mean(~kept)),
         "valid_accuracy_kept": float(np.mean((probs.argmax(1) == y)[kept])) if kept.any() else None,
     }
     models.write_bundle_meta(bundle, pred.meta.with_(calibration=calibration))
-    log.info("%s: out-of-distribution score %s, cut-off %.4f; the whole rule refers %.1f %% of validation images",
-             bundle, method, cut, 100 * float(np.mean(~kept)))
+    log.info(
+        "%s: out-of-distribution score %s, cut-off %.4f; the whole rule refers %.1f %% of validation images",
+        bundle,
+        method,
+        cut,
+        100 * float(np.mean(~kept)),
+    )
     return calibration["refer"]

@@ -15,21 +15,67 @@ The names below are the package's public surface.
 """
 
 from dermaclass.train.data import (
-    TrainData, TrainingError, check_class_names, inherit_bundle, parent_record, planned_sizes, prepare_data,
+    TrainData,
+    TrainingError,
+    check_class_names,
+    inherit_bundle,
+    parent_record,
+    planned_sizes,
+    prepare_data,
 )
+from dermaclass.train.ensemble import MEMBERS_DIR, check_ensemble, train_ensemble
 from dermaclass.train.recipes import (
-    RECIPES, Run, build_learner, fit_batch_size, loss_for, plan_for, recipe_baseline, recipe_sgdr,
-    recipe_stepwise, stage_dataloaders,
-)
-from dermaclass.train.run import (
-    REPLACED, RUN_FILES, TrainResult, bundle_meta, check_run_dir, set_aside_finished_run, train, write_summary,
+    RECIPES,
+    Run,
+    build_learner,
+    fit_batch_size,
+    loss_for,
+    plan_for,
+    recipe_baseline,
+    recipe_sgdr,
+    recipe_stepwise,
+    stage_dataloaders,
 )
 from dermaclass.train.resume import Resume
-from dermaclass.train.ensemble import MEMBERS_DIR, check_ensemble, train_ensemble
+from dermaclass.train.run import (
+    REPLACED,
+    RUN_FILES,
+    TrainResult,
+    bundle_meta,
+    check_run_dir,
+    set_aside_finished_run,
+    train,
+    write_summary,
+)
 
 __all__ = [
-    "MEMBERS_DIR", "RECIPES", "REPLACED", "check_ensemble", "train_ensemble", "RUN_FILES", "Run", "TrainData", "TrainResult", "TrainingError", "build_learner",
-    "bundle_meta", "check_class_names", "check_run_dir", "fit_batch_size", "inherit_bundle", "loss_for",
-    "parent_record", "plan_for", "planned_sizes", "prepare_data", "Resume", "recipe_baseline",
-    "recipe_sgdr", "recipe_stepwise", "set_aside_finished_run", "stage_dataloaders", "train", "write_summary",
+    "MEMBERS_DIR",
+    "RECIPES",
+    "REPLACED",
+    "check_ensemble",
+    "train_ensemble",
+    "RUN_FILES",
+    "Run",
+    "TrainData",
+    "TrainResult",
+    "TrainingError",
+    "build_learner",
+    "bundle_meta",
+    "check_class_names",
+    "check_run_dir",
+    "fit_batch_size",
+    "inherit_bundle",
+    "loss_for",
+    "parent_record",
+    "plan_for",
+    "planned_sizes",
+    "prepare_data",
+    "Resume",
+    "recipe_baseline",
+    "recipe_sgdr",
+    "recipe_stepwise",
+    "set_aside_finished_run",
+    "stage_dataloaders",
+    "train",
+    "write_summary",
 ]

@@ -75,9 +75,15 @@ class History(_EpochCallback):
     def epoch_done(self) -> None:
         rec = self.learn.recorder
         values = dict(zip(rec.metric_names[1:-1], rec.log[1:-1]))
-        row = {"stage": self.stage, "phase": self.phase, "epoch": len(self.rows) + 1,
-               "stage_epoch": self.epoch + 1, "lr": float(self.opt.hypers[-1]["lr"]),
-               **{k: as_float(v) for k, v in values.items()}, "seconds": round(time.perf_counter() - self.t0, 2)}
+        row = {
+            "stage": self.stage,
+            "phase": self.phase,
+            "epoch": len(self.rows) + 1,
+            "stage_epoch": self.epoch + 1,
+            "lr": float(self.opt.hypers[-1]["lr"]),
+            **{k: as_float(v) for k, v in values.items()},
+            "seconds": round(time.perf_counter() - self.t0, 2),
+        }
         self.rows.append(row)
         if rank_distrib() == 0:  # data-parallel runs: one writer
             with atomic_path(self.path) as tmp:
@@ -209,7 +215,7 @@ class CycleAverage(_EpochCallback):
         if self.epoch not in ends:
             return
         state = {k: v.detach().clone() for k, v in unwrap(self.learn.model).state_dict().items()}
-        self.snapshots = [*self.snapshots, state][-self.last:]
+        self.snapshots = [*self.snapshots, state][-self.last :]
         self.steps += 1
         log.info("cycle end %d kept for the weight average (%d of %d)", self.steps, len(self.snapshots), self.last)
 
@@ -231,8 +237,10 @@ class CycleAverage(_EpochCallback):
             return 0
         model = unwrap(self.learn.model)
         last = self.snapshots[-1]
-        average = {k: torch.stack([s[k] for s in self.snapshots]).mean(0) if v.is_floating_point() else v
-                   for k, v in last.items()}
+        average = {
+            k: torch.stack([s[k] for s in self.snapshots]).mean(0) if v.is_floating_point() else v
+            for k, v in last.items()
+        }
         model.load_state_dict(average)
         if len(self.snapshots) > 1:
             from torch.optim.swa_utils import update_bn
@@ -330,9 +338,11 @@ class StopOnNaN(Callback):
             return
         loss = self.learn.loss
         if not bool(torch.isfinite(loss).all()):
-            raise NonFiniteLoss(f"the training loss became {float(loss.detach().float().mean())} at epoch "
-                                f"{self.epoch + 1}, batch {self.iter + 1}: training diverged and no bundle was written. "
-                                "Lower --lr, or check the data (e.g. too few images for the batch size)")
+            raise NonFiniteLoss(
+                f"the training loss became {float(loss.detach().float().mean())} at epoch "
+                f"{self.epoch + 1}, batch {self.iter + 1}: training diverged and no bundle was written. "
+                "Lower --lr, or check the data (e.g. too few images for the batch size)"
+            )
 
 
 class Distill(Callback):

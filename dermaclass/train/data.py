@@ -8,9 +8,9 @@ and what a parent bundle (``--init-bundle``) says about classes and settings.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -25,7 +25,6 @@ from dermaclass.data.splits import MIN_PER_CLASS, thin_classes
 from dermaclass.errors import DermaclassError
 
 log = logging.getLogger(__name__)
-
 
 
 class TrainingError(DermaclassError):
@@ -65,8 +64,11 @@ class TrainData:
         """The (row, label, is_valid[, weight]) table fastai reads, for a training subset + the full valid split."""
         rows = np.concatenate([train_rows, self.valid_rows])
         table = pd.DataFrame(
-            {"row": rows, "label": self.items["label"].to_numpy()[rows], "is_valid": np.r_[
-                np.zeros(len(train_rows), bool), np.ones(len(self.valid_rows), bool)]}
+            {
+                "row": rows,
+                "label": self.items["label"].to_numpy()[rows],
+                "is_valid": np.r_[np.zeros(len(train_rows), bool), np.ones(len(self.valid_rows), bool)],
+            }
         )
         if self.item_weights is not None:
             table["weight"] = self.item_weights[rows]
@@ -104,12 +106,18 @@ def prepare_data(cfg: Config, data: str | Path | Sequence[str | Path], *, progre
             class_names.setdefault(c, n)
         vocab = sorted(set(vocab) | set(parent.classes))
     for part, thin in thin_classes(items).items():
-        log.warning("%s has fewer than %d images of %s: %s", part, MIN_PER_CLASS,
-                    ", ".join(f"{c} ({n})" for c, n in thin.items()),
-                    "the model can hardly learn them" if part == "train" else "their figures there are too noisy to judge")
+        log.warning(
+            "%s has fewer than %d images of %s: %s",
+            part,
+            MIN_PER_CLASS,
+            ", ".join(f"{c} ({n})" for c, n in thin.items()),
+            "the model can hardly learn them" if part == "train" else "their figures there are too noisy to judge",
+        )
     for part in ("train", "valid"):
         if not (items["split"] == part).any():
-            raise TrainingError(f"{', '.join(map(str, paths))}: the {part} split is empty; add images or change --split-fractions")
+            raise TrainingError(
+                f"{', '.join(map(str, paths))}: the {part} split is empty; add images or change --split-fractions"
+            )
     images = DecodeCache(cfg.cache_dir, cfg.image_size).ensure(
         items["path"].tolist(), items["hash"].tolist(), workers=cfg.workers or None
     )
@@ -117,7 +125,8 @@ def prepare_data(cfg: Config, data: str | Path | Sequence[str | Path], *, progre
     for size in dict.fromkeys(sizes):
         if size not in images_at:  # progressive resizing: each stage size decoded once, cached on disk
             images_at[size] = DecodeCache(cfg.cache_dir, size).ensure(
-                items["path"].tolist(), items["hash"].tolist(), workers=cfg.workers or None)
+                items["path"].tolist(), items["hash"].tolist(), workers=cfg.workers or None
+            )
     items = items.reset_index(drop=True)
     return TrainData(
         items=items,
@@ -130,7 +139,8 @@ def prepare_data(cfg: Config, data: str | Path | Sequence[str | Path], *, progre
         images_at=images_at,
         item_weights=confirmation_weights(items, cfg.histo_weight, sources=paths),
         soft_targets=teacher_targets(cfg.distill_from, items, vocab, temperature=cfg.distill_temperature)
-        if cfg.distill_from else None,
+        if cfg.distill_from
+        else None,
     )
 
 
@@ -153,27 +163,41 @@ def teacher_targets(bundle: str | Path, items: pd.DataFrame, vocab: list[str], *
     out = np.full((len(items), len(vocab)), np.nan, dtype=np.float32)
     out[rows >= 0] = probs[rows[rows >= 0]]
     train = items["split"].to_numpy() == "train"
-    log.info("distillation: soft targets for %d of %d training images from %s", int((rows[train] >= 0).sum()),
-             int(train.sum()), path)
+    log.info(
+        "distillation: soft targets for %d of %d training images from %s",
+        int((rows[train] >= 0).sum()),
+        int(train.sum()),
+        path,
+    )
     if not (rows[train] >= 0).any():
-        raise TrainingError(f"{path}: none of the training images is in the teacher's out-of-fold predictions "
-                            "(another dataset, or other image ids?)")
+        raise TrainingError(
+            f"{path}: none of the training images is in the teacher's out-of-fold predictions "
+            "(another dataset, or other image ids?)"
+        )
     return out
 
 
-def confirmation_weights(items: pd.DataFrame, histo_weight: float, *, sources: Sequence[str | Path]) -> np.ndarray | None:
+def confirmation_weights(
+    items: pd.DataFrame, histo_weight: float, *, sources: Sequence[str | Path]
+) -> np.ndarray | None:
     """Per-item sampling weights: ``histo_weight`` for histopathology-confirmed images (``dx_type``
     == "histo"), 1 for the rest; None when off. Data without a ``dx_type`` column is an error
     that names the sources, not a silent no-op."""
     if histo_weight == 1:
         return None
     if "dx_type" not in items.columns:
-        raise TrainingError(f"{', '.join(map(str, sources))}: --histo-weight needs a dx_type column in the manifest "
-                            "(how each diagnosis was confirmed: histo, follow_up, ...); there is none")
+        raise TrainingError(
+            f"{', '.join(map(str, sources))}: --histo-weight needs a dx_type column in the manifest "
+            "(how each diagnosis was confirmed: histo, follow_up, ...); there is none"
+        )
     histo = items["dx_type"].astype(str).str.strip().str.lower().eq("histo").to_numpy()
     train = items["split"].to_numpy() == "train"
-    log.info("--histo-weight %g: %d of %d training images are histopathology-confirmed", histo_weight,
-             int((histo & train).sum()), int(train.sum()))
+    log.info(
+        "--histo-weight %g: %d of %d training images are histopathology-confirmed",
+        histo_weight,
+        int((histo & train).sum()),
+        int(train.sum()),
+    )
     return np.where(histo, float(histo_weight), 1.0)
 
 
@@ -186,7 +210,9 @@ def planned_sizes(cfg: Config) -> list[tuple[int, int]]:
             raise ConfigError(f"--stage-sizes applies to the stepwise recipe, not {cfg.recipe}")
         return []
     try:
-        return schedules.stage_sizes(cfg.stage_sizes, len(schedules.check_stage_fractions(cfg.stage_fractions)), cfg.image_size)
+        return schedules.stage_sizes(
+            cfg.stage_sizes, len(schedules.check_stage_fractions(cfg.stage_fractions)), cfg.image_size
+        )
     except ValueError as exc:
         raise ConfigError(f"stage sizes: {exc}") from None
 
@@ -202,8 +228,9 @@ def inherit_bundle(cfg: Config) -> Config:
         k = cfg.members if cfg.members > 1 else len(meta.members)
         log.info("continuing the ensemble %s: %d members (%s)", cfg.init_bundle, k, ", ".join(specs))
         first = meta.members[0]
-        return cfg.replace(members=k, member_archs=specs, arch=first["arch"], image_size=tuple(first["input_size"]),
-                           pretrained=False)
+        return cfg.replace(
+            members=k, member_archs=specs, arch=first["arch"], image_size=tuple(first["input_size"]), pretrained=False
+        )
     if cfg.member_archs:
         log.info("continuing %s: every member starts from its weights, so --member-archs is dropped", cfg.init_bundle)
         cfg = cfg.replace(member_archs=())
@@ -217,9 +244,14 @@ def parent_record(cfg: Config, vocab: list[str]) -> dict[str, Any] | None:
     if not cfg.init_bundle:
         return None
     meta = models.read_bundle_meta(cfg.init_bundle)
-    return {"bundle": str(cfg.init_bundle), "weights_sha256": models.weights_identity(cfg.init_bundle),
-            "created": meta.created, "classes": list(meta.classes),
-            "classes_added": [c for c in vocab if c not in meta.classes], "sources": meta.data.get("sources")}
+    return {
+        "bundle": str(cfg.init_bundle),
+        "weights_sha256": models.weights_identity(cfg.init_bundle),
+        "created": meta.created,
+        "classes": list(meta.classes),
+        "classes_added": [c for c in vocab if c not in meta.classes],
+        "sources": meta.data.get("sources"),
+    }
 
 
 def check_class_names(parent: models.BundleMeta, names: dict[str, str], *, source: str) -> None:
@@ -229,5 +261,3 @@ def check_class_names(parent: models.BundleMeta, names: dict[str, str], *, sourc
     if clash:
         listed = "; ".join(f"{c!r} is {theirs[c]!r} in the bundle but {names[c]!r} in the data" for c in clash)
         raise TrainingError(f"{source}: class codes conflict: {listed}. Rename the new class or relabel.")
-
-

@@ -66,21 +66,27 @@ COMBINE = "mean of logits"
 def check_ensemble(cfg: Config) -> list[schedules.Member]:
     """The member plan, refusing what cannot run: several processes (members train one after
     another in one process) or progressive resizing with members at different sizes."""
-    plan = schedules.member_plan(cfg.members, arch=cfg.arch, image_size=cfg.image_size, seed=cfg.seed,
-                                 member_archs=cfg.member_archs)
+    plan = schedules.member_plan(
+        cfg.members, arch=cfg.arch, image_size=cfg.image_size, seed=cfg.seed, member_archs=cfg.member_archs
+    )
     if cfg.distill_from:
         raise ConfigError("--distill-from trains one student network; drop --members")
     if num_distrib() > 1:
-        raise TrainingError("an ensemble trains its members one after another in one process; launch it without "
-                            "accelerate (or train each member as its own data-parallel run)")
+        raise TrainingError(
+            "an ensemble trains its members one after another in one process; launch it without "
+            "accelerate (or train each member as its own data-parallel run)"
+        )
     if cfg.stage_sizes and len({m.image_size for m in plan}) > 1:
-        raise ConfigError("--stage-sizes ends at one image size, but the members differ in size; drop --stage-sizes "
-                          "or give every member the same size")
+        raise ConfigError(
+            "--stage-sizes ends at one image size, but the members differ in size; drop --stage-sizes "
+            "or give every member the same size"
+        )
     return plan
 
 
-def pool_folds(data: TrainData, k: int, *, seed: int, saved: pd.DataFrame | None = None,
-               holdout: bool = False) -> np.ndarray:
+def pool_folds(
+    data: TrainData, k: int, *, seed: int, saved: pd.DataFrame | None = None, holdout: bool = False
+) -> np.ndarray:
     """A fold id per item (-1 outside the pool): the saved run's folds when it has them
     (``--resume``), else new lesion-grouped, stratified folds of the pool: train+valid, or the
     train split alone when the valid split is held out for calibration (``holdout``)."""
@@ -107,11 +113,13 @@ def member_data(data: TrainData, folds: np.ndarray, member: schedules.Member, cf
     size = tuple(member.image_size)
     items = data.items.assign(split=split)
     images = data.images_at.get(size) or DecodeCache(cfg.cache_dir, size).ensure(
-        items["path"].tolist(), items["hash"].tolist(), workers=cfg.workers or None)
+        items["path"].tolist(), items["hash"].tolist(), workers=cfg.workers or None
+    )
     # The run's stage sizes (progressive resizing) apply to a member at the run's size only.
     images_at = dict(data.images_at) if size == tuple(cfg.image_size) else {size: images}
-    return dataclasses.replace(data, items=items, images=images, split=data.split.assign(split=split),
-                               images_at=images_at)
+    return dataclasses.replace(
+        data, items=items, images=images, split=data.split.assign(split=split), images_at=images_at
+    )
 
 
 def set_aside_finished_ensemble(run_dir: Path) -> None:
@@ -123,15 +131,28 @@ def set_aside_finished_ensemble(run_dir: Path) -> None:
     keep = run_dir / REPLACED
     shutil.rmtree(keep, ignore_errors=True)
     keep.mkdir(parents=True)
-    for path in (meta, members, run_dir / "split.csv", run_dir / "config.yaml", run_dir / "summary.json",
-                 run_dir / OOF_FILE):
+    for path in (
+        meta,
+        members,
+        run_dir / "split.csv",
+        run_dir / "config.yaml",
+        run_dir / "summary.json",
+        run_dir / OOF_FILE,
+    ):
         if path.exists():
             os.replace(path, keep / path.name)
     log.warning("%s: the ensemble there is kept in %s until the new one is written", run_dir, keep)
 
 
-def train_ensemble(cfg: Config, data: TrainData, run_dir: str | Path, *, force: bool = False,
-                   data_card: str | None = None, resume: bool = False) -> TrainResult:
+def train_ensemble(
+    cfg: Config,
+    data: TrainData,
+    run_dir: str | Path,
+    *,
+    force: bool = False,
+    data_card: str | None = None,
+    resume: bool = False,
+) -> TrainResult:
     """Train ``cfg.members`` cross-fitted networks and write the ensemble bundle in ``run_dir``.
 
     ``resume``: finished members are kept, an interrupted one continues from its last epoch,
@@ -164,19 +185,44 @@ def train_ensemble(cfg: Config, data: TrainData, run_dir: str | Path, *, force: 
     for member in plan:
         folder = run_dir / MEMBERS_DIR / member.name
         mdata = member_data(data, folds, member, cfg)
-        mcfg = fit_batch_size(cfg.replace(arch=member.arch, image_size=member.image_size, seed=member.seed, members=1,
-                                          member_archs=(), init_bundle=member_parent(cfg, member)),
-                              len(mdata.train_rows))
+        mcfg = fit_batch_size(
+            cfg.replace(
+                arch=member.arch,
+                image_size=member.image_size,
+                seed=member.seed,
+                members=1,
+                member_archs=(),
+                init_bundle=member_parent(cfg, member),
+            ),
+            len(mdata.train_rows),
+        )
         if (folder / models.BUNDLE_META).is_file() and (folder / models.BUNDLE_WEIGHTS).is_file():
             log.info("member %s: already trained (%s)", member.name, folder)
         else:
             again = _resumable(folder)
-            log.info("member %d of %d (%s at %dx%d, seed %d, valid fold %d)%s", member.index + 1, len(plan), member.arch,
-                     *member.image_size, member.seed, member.fold, ": resuming" if again else "")
+            log.info(
+                "member %d of %d (%s at %dx%d, seed %d, valid fold %d)%s",
+                member.index + 1,
+                len(plan),
+                member.arch,
+                *member.image_size,
+                member.seed,
+                member.fold,
+                ": resuming" if again else "",
+            )
             train(mcfg, mdata, folder, force=True, data_card=data_card, resume=again)
         records.append((member, folder, mdata))
-    return _write_ensemble(cfg, data, run_dir, records, folds=folds, data_card=data_card, commit=commit,
-                           seconds=time.perf_counter() - started, resumed=resume)
+    return _write_ensemble(
+        cfg,
+        data,
+        run_dir,
+        records,
+        folds=folds,
+        data_card=data_card,
+        commit=commit,
+        seconds=time.perf_counter() - started,
+        resumed=resume,
+    )
 
 
 def member_parent(cfg: Config, member: schedules.Member) -> str | None:
@@ -202,8 +248,9 @@ def _resumable(folder: Path) -> bool:
         return False
 
 
-def score_members(records: list[tuple[schedules.Member, Path, TrainData]], *, held_out: np.ndarray | None = None,
-                  threads: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
+def score_members(
+    records: list[tuple[schedules.Member, Path, TrainData]], *, held_out: np.ndarray | None = None, threads: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
     """Every member scored once, as the bundle serves (with its test-time augmentation): on its
     own held-out fold, giving (rows, out-of-fold logits, out-of-distribution margins), and with
     ``held_out`` (rows no member trained on) the ensemble's served (logits, margins) there."""
@@ -215,9 +262,11 @@ def score_members(records: list[tuple[schedules.Member, Path, TrainData]], *, he
         valid = mdata.valid_rows
         both = valid if held_out is None else np.concatenate([valid, held_out])
         lo, fe = pred.forward([mdata.images[i] for i in both])
-        margin = (refer.member_margins([pred.ood_scores(lo, fe)], [pred.ood_threshold],
-                                       [pred.meta.ood.get("scale") or 0.0])
-                  if pred.ood_threshold is not None else None)
+        margin = (
+            refer.member_margins([pred.ood_scores(lo, fe)], [pred.ood_threshold], [pred.meta.ood.get("scale") or 0.0])
+            if pred.ood_threshold is not None
+            else None
+        )
         n = len(valid)
         rows.append(valid)
         logits.append(lo[:n])
@@ -227,16 +276,29 @@ def score_members(records: list[tuple[schedules.Member, Path, TrainData]], *, he
             served_margins.append(margin[n:])
     served = None
     if held_out is not None:  # the mean of the members' margins, as refer.member_margins takes it
-        served = (combine(served_logits),
-                  np.mean(served_margins, axis=0) if served_margins else np.zeros(len(held_out)))
+        served = (
+            combine(served_logits),
+            np.mean(served_margins, axis=0) if served_margins else np.zeros(len(held_out)),
+        )
     return np.concatenate(rows), np.concatenate(logits), np.concatenate(margins), served
 
 
-def _write_ensemble(cfg: Config, data: TrainData, run_dir: Path, records: list, *, folds: np.ndarray,
-                    data_card: str | None, commit: str | None, seconds: float, resumed: bool) -> TrainResult:
+def _write_ensemble(
+    cfg: Config,
+    data: TrainData,
+    run_dir: Path,
+    records: list,
+    *,
+    folds: np.ndarray,
+    data_card: str | None,
+    commit: str | None,
+    seconds: float,
+    resumed: bool,
+) -> TrainResult:
     oof_calibration = cfg.ensemble_calibration == "out-of-fold"
-    rows, logits, margins, served = score_members(records, held_out=None if oof_calibration else data.valid_rows,
-                                                  threads=cfg.threads)
+    rows, logits, margins, served = score_members(
+        records, held_out=None if oof_calibration else data.valid_rows, threads=cfg.threads
+    )
     labels = data.items["label"].astype(str).to_numpy()
     index = {c: i for i, c in enumerate(data.vocab)}
     prior = class_prior(labels[folds >= 0], data.vocab)
@@ -252,23 +314,37 @@ def _write_ensemble(cfg: Config, data: TrainData, run_dir: Path, records: list, 
     kept = (probs.max(axis=1) >= cfg.refer_below) & (margins >= 0)
     calibration["refer"] = {
         "min_top_probability": cfg.refer_below,
-        "ood": {"method": refer.ENSEMBLE_OOD, "threshold": 0.0,
-                "score": "mean over members of (member score - member cut-off) / spread of its validation scores"},
+        "ood": {
+            "method": refer.ENSEMBLE_OOD,
+            "threshold": 0.0,
+            "score": "mean over members of (member score - member cut-off) / spread of its validation scores",
+        },
         "valid_referred": float(np.mean(~kept)),
         "valid_accuracy_kept": float(np.mean((probs.argmax(1) == y)[kept])) if kept.any() else None,
     }
     metrics = classification_metrics(y, probs, data.vocab)
-    oof_probs = probs if oof_calibration else softmax(logits + np.asarray(calibration.get("offsets") or 0.0),
-                                                      calibration["temperature"])
+    oof_probs = (
+        probs
+        if oof_calibration
+        else softmax(logits + np.asarray(calibration.get("offsets") or 0.0), calibration["temperature"])
+    )
     write_out_of_fold(run_dir / OOF_FILE, data.items.iloc[rows], folds[rows], logits, oof_probs, data.vocab)
     members, stages, images_seen, member_seconds = [], [], 0, 0.0
     for member, folder, mdata in records:
         meta = models.read_bundle_meta(folder)
-        members.append({"path": f"{MEMBERS_DIR}/{member.name}", "weights_sha256": meta.weights_sha256,
-                        "arch": member.arch, "input_size": list(member.image_size), "seed": member.seed,
-                        "fold": member.fold, "valid_images": int(len(mdata.valid_rows)),
-                        "valid_balanced_accuracy": meta.metrics_valid.get("balanced_accuracy"),
-                        "seconds": meta.training.get("seconds")})
+        members.append(
+            {
+                "path": f"{MEMBERS_DIR}/{member.name}",
+                "weights_sha256": meta.weights_sha256,
+                "arch": member.arch,
+                "input_size": list(member.image_size),
+                "seed": member.seed,
+                "fold": member.fold,
+                "valid_images": int(len(mdata.valid_rows)),
+                "valid_balanced_accuracy": meta.metrics_valid.get("balanced_accuracy"),
+                "seconds": meta.training.get("seconds"),
+            }
+        )
         stages.append({"member": member.name, "stages": meta.stages})
         images_seen += int(meta.training.get("images_seen") or 0)
         member_seconds += float(meta.training.get("seconds") or 0)
@@ -280,44 +356,62 @@ def _write_ensemble(cfg: Config, data: TrainData, run_dir: Path, records: list, 
         class_names=data.names,
         input_size=largest,
         normalization=first.normalization,
-        preprocessing={**first.preprocessing, "resize": first.preprocessing.get("resize", "") + "; each member at its "
-                       "own input size"},
+        preprocessing={
+            **first.preprocessing,
+            "resize": first.preprocessing.get("resize", "") + "; each member at its own input size",
+        },
         kept_weights=first.kept_weights,
         tta=first.tta,
         head=first.head,
         metrics_valid=metrics,
         recipe=cfg.recipe,
         stages=stages,
-        training={"seconds": round(member_seconds, 1), "wall_seconds": round(seconds, 1), "images_seen": images_seen,
-                  "members": len(records)},
+        training={
+            "seconds": round(member_seconds, 1),
+            "wall_seconds": round(seconds, 1),
+            "images_seen": images_seen,
+            "members": len(records),
+        },
         **provenance(cfg, data, data_card=data_card, git_commit=commit),
         calibration=calibration,
         operating_points=points,
         resumed=resumed,
         members=members,
-        ensemble={"k": len(records), "combine": COMBINE, "cross_fitted": True,
-                  "calibration": cfg.ensemble_calibration, "calibration_fitted_on": calibration["fitted_on"],
-                  "metrics_valid_are": "out-of-fold: each image scored by the one member that did not train on it "
-                                       "(the ensemble itself has no held-out split inside the pool)" if oof_calibration
-                  else "the ensemble on the held-out valid split"},
+        ensemble={
+            "k": len(records),
+            "combine": COMBINE,
+            "cross_fitted": True,
+            "calibration": cfg.ensemble_calibration,
+            "calibration_fitted_on": calibration["fitted_on"],
+            "metrics_valid_are": "out-of-fold: each image scored by the one member that did not train on it "
+            "(the ensemble itself has no held-out split inside the pool)"
+            if oof_calibration
+            else "the ensemble on the held-out valid split",
+        },
     )
     meta = meta.with_(data={**meta.data, "folds": {str(k): int((folds == k).sum()) for k in range(len(records))}})
     models.write_bundle_meta(run_dir, meta)
     shutil.rmtree(run_dir / REPLACED, ignore_errors=True)
-    log.info("ensemble of %d written to %s: out-of-fold balanced accuracy %.4f", len(records), run_dir,
-             metrics["balanced_accuracy"])
+    log.info(
+        "ensemble of %d written to %s: out-of-fold balanced accuracy %.4f",
+        len(records),
+        run_dir,
+        metrics["balanced_accuracy"],
+    )
     return TrainResult(run_dir, metrics, stages, member_seconds, images_seen, [])
 
 
-def write_out_of_fold(path: Path, items: pd.DataFrame, folds: np.ndarray, logits: np.ndarray, probs: np.ndarray,
-                      vocab: list[str]) -> Path:
+def write_out_of_fold(
+    path: Path, items: pd.DataFrame, folds: np.ndarray, logits: np.ndarray, probs: np.ndarray, vocab: list[str]
+) -> Path:
     """The out-of-fold predictions the ensemble was calibrated on, one row per pool image (its
     fold, label, raw logits of the member that held it out, calibrated probabilities): the
     operating points' trade-off curve and distillation's soft targets read them."""
     from dermaclass.fileio import atomic_path
 
-    table = pd.DataFrame({"image": items["image"].astype(str).to_numpy(), "fold": folds,
-                          "label": items["label"].astype(str).to_numpy()})
+    table = pd.DataFrame(
+        {"image": items["image"].astype(str).to_numpy(), "fold": folds, "label": items["label"].astype(str).to_numpy()}
+    )
     for i, c in enumerate(vocab):
         table[f"logit_{c}"] = logits[:, i]
     for i, c in enumerate(vocab):
@@ -329,5 +423,8 @@ def write_out_of_fold(path: Path, items: pd.DataFrame, folds: np.ndarray, logits
 
 def describe(meta: models.BundleMeta) -> dict[str, Any]:
     """One line per member for printing (CLI, card)."""
-    return {m["path"]: f"{m.get('arch')} {m['input_size'][0]}x{m['input_size'][1]}, seed {m.get('seed')}, "
-                       f"held-out fold {m.get('fold')}" for m in meta.members}
+    return {
+        m["path"]: f"{m.get('arch')} {m['input_size'][0]}x{m['input_size'][1]}, seed {m.get('seed')}, "
+        f"held-out fold {m.get('fold')}"
+        for m in meta.members
+    }

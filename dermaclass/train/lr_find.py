@@ -21,9 +21,9 @@ import torch
 from fastai.callback.schedule import minimum, slide, steep, valley
 from fastai.learner import Learner
 
-from dermaclass.train.callbacks import as_float
 from dermaclass.config import Config
 from dermaclass.fileio import atomic_path
+from dermaclass.train.callbacks import as_float
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +43,14 @@ class RangeTest:
     note: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "suggestions": self.suggestions, "chosen": self.chosen, "rule": self.rule,
-                "plot": self.plot, "note": self.note}
+        return {
+            "name": self.name,
+            "suggestions": self.suggestions,
+            "chosen": self.chosen,
+            "rule": self.rule,
+            "plot": self.plot,
+            "note": self.note,
+        }
 
 
 def range_test(learn: Learner, cfg: Config, run_dir: Path, name: str) -> RangeTest:
@@ -84,8 +90,13 @@ def range_test(learn: Learner, cfg: Config, run_dir: Path, name: str) -> RangeTe
         chosen = SAFE_LR
         log.warning("%s: %s; using the safe LR %.0e", name, note, chosen)
     plot = _save_lr_plot(learn, run_dir / f"lr_find_{name}.png", suggestions)
-    log.info("%s: range test %s -> %s %.2e", name, {k: f"{v:.1e}" if v else v for k, v in suggestions.items()},
-             cfg.lr_suggestion, chosen)
+    log.info(
+        "%s: range test %s -> %s %.2e",
+        name,
+        {k: f"{v:.1e}" if v else v for k, v in suggestions.items()},
+        cfg.lr_suggestion,
+        chosen,
+    )
     return RangeTest(name, suggestions, chosen, cfg.lr_suggestion, plot, note)
 
 
@@ -102,7 +113,13 @@ def _save_lr_plot(learn: Learner, path: Path, suggestions: dict[str, float | Non
     ax.plot(lrs, losses)
     for k, v in suggestions.items():
         if v:
-            ax.axvline(v, ls="--", lw=0.8, color={"valley": "C1", "slide": "C2", "minimum": "C3", "steep": "C4"}[k], label=f"{k} {v:.1e}")
+            ax.axvline(
+                v,
+                ls="--",
+                lw=0.8,
+                color={"valley": "C1", "slide": "C2", "minimum": "C3", "steep": "C4"}[k],
+                label=f"{k} {v:.1e}",
+            )
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
     ax.set_ylabel("loss")

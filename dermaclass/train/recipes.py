@@ -34,19 +34,27 @@ from fastai.losses import CrossEntropyLossFlat, FocalLossFlat
 from fastai.metrics import BalancedAccuracy, F1Score
 
 from dermaclass import models, schedules
-from dermaclass.train.callbacks import (
-    MONITOR, SAM, BestModel, CPUAutocast, CycleAverage, Distill, EpochLine, History, StopOnNaN, WeightEMA,
-)
-from dermaclass.train.losses import LogitAdjustedLoss
-from dermaclass.train.lr_find import RangeTest, range_test
 from dermaclass.config import Config
 from dermaclass.data.augment import train_pipeline
 from dermaclass.data.loaders import class_weights, make_dataloaders
+from dermaclass.train.callbacks import (
+    MONITOR,
+    SAM,
+    BestModel,
+    CPUAutocast,
+    CycleAverage,
+    Distill,
+    EpochLine,
+    History,
+    StopOnNaN,
+    WeightEMA,
+)
+from dermaclass.train.data import TrainData, TrainingError, planned_sizes
+from dermaclass.train.distributed import on_rank0
+from dermaclass.train.losses import LogitAdjustedLoss
+from dermaclass.train.lr_find import RangeTest, range_test
 
 log = logging.getLogger(__name__)
-
-from dermaclass.train.distributed import on_rank0
-from dermaclass.train.data import TrainData, TrainingError, planned_sizes
 
 
 # ---- learner and LR range test ---------------------------------------------------------
@@ -77,8 +85,12 @@ def build_learner(cfg: Config, data: TrainData, run_dir: Path, *, dls) -> Learne
             raise TrainingError(str(exc)) from None
     else:
         model = models.build_model(cfg.arch, len(data.vocab), pretrained=cfg.pretrained, weights=cfg.weights)
-    cbs = [ChannelsLast(), StopOnNaN(), History(run_dir / "history.csv"),
-           BestModel(run_dir / "checkpoints" / "best.safetensors")]
+    cbs = [
+        ChannelsLast(),
+        StopOnNaN(),
+        History(run_dir / "history.csv"),
+        BestModel(run_dir / "checkpoints" / "best.safetensors"),
+    ]
     if not sys.stderr.isatty():
         cbs.append(EpochLine())
     if cfg.precision == "bfloat16":
@@ -110,16 +122,25 @@ def build_learner(cfg: Config, data: TrainData, run_dir: Path, *, dls) -> Learne
         cbs.append(SAM(cfg.sam_rho))
     if data.soft_targets is not None:
         if cfg.mix != "none" or cfg.sam_rho:
-            raise TrainingError("--distill-from is not available with --mix or --sam-rho (they recompute the loss "
-                                "without the teacher's term); choose one")
-        cbs.append(Distill(torch.from_numpy(data.soft_targets), alpha=cfg.distill_alpha,
-                           temperature=cfg.distill_temperature))
+            raise TrainingError(
+                "--distill-from is not available with --mix or --sam-rho (they recompute the loss "
+                "without the teacher's term); choose one"
+            )
+        cbs.append(
+            Distill(torch.from_numpy(data.soft_targets), alpha=cfg.distill_alpha, temperature=cfg.distill_temperature)
+        )
     if cfg.early_stop_patience > 0:
         cbs.append(EarlyStoppingCallback(monitor=MONITOR, comp=np.greater, patience=cfg.early_stop_patience))
     learn = Learner(
-        dls, model, loss_func=loss_func,
-        splitter=models.splitter, metrics=[BalancedAccuracy(), F1Score(average="macro")], path=run_dir,
-        model_dir="checkpoints", wd=cfg.wd, cbs=cbs,
+        dls,
+        model,
+        loss_func=loss_func,
+        splitter=models.splitter,
+        metrics=[BalancedAccuracy(), F1Score(average="macro")],
+        path=run_dir,
+        model_dir="checkpoints",
+        wd=cfg.wd,
+        cbs=cbs,
     )
     if not sys.stderr.isatty():
         learn.remove_cb(ProgressCallback)  # fastai's bars are \r updates: noise in a CI log
@@ -197,7 +218,8 @@ class Run:
             return False
         prefix = f"{stage}/"
         return self.resume.get("step", "").startswith(prefix) or any(
-            d.startswith(prefix) for d in self.resume.get("done_steps", []))
+            d.startswith(prefix) for d in self.resume.get("done_steps", [])
+        )
 
     def step(self, name: str, n_epoch: int, n_train: int, fit) -> None:  # noqa: ANN001 - fit(start_epoch)
         """Run one fit call of the recipe, or skip / continue it when resuming."""
@@ -221,8 +243,10 @@ class Run:
         """Where the recipe is (what ``Resume`` writes to progress.json, with the RNG states and
         the epoch count it adds)."""
         return {
-            "recipe": self.cfg.recipe, "step": self.step_name,
-            "done_steps": list(self.done_steps), "lrs": dict(self.lrs),
+            "recipe": self.cfg.recipe,
+            "step": self.step_name,
+            "done_steps": list(self.done_steps),
+            "lrs": dict(self.lrs),
             "range_tests": self.range_test_records(),
             "step_images": dict(self.step_images),  # completed steps only
             "seconds": round(self.seconds, 1),
@@ -241,8 +265,14 @@ def _sgdr_stage(run: Run, *, stage: str, lr: float, head_epochs: int, n_train: i
     run.set_phase(stage, "sgdr")
     learn.unfreeze()
     n = schedules.sgdr_epochs(cfg.n_cycles, cfg.cycle_len, cfg.cycle_mult)
-    run.step(f"{stage}/sgdr", n, n_train, lambda s: learn.fit_sgdr(
-        cfg.n_cycles, cfg.cycle_len, lr_max=slice(lr / cfg.lr_ratio, lr), cycle_mult=cfg.cycle_mult, start_epoch=s))
+    run.step(
+        f"{stage}/sgdr",
+        n,
+        n_train,
+        lambda s: learn.fit_sgdr(
+            cfg.n_cycles, cfg.cycle_len, lr_max=slice(lr / cfg.lr_ratio, lr), cycle_mult=cfg.cycle_mult, start_epoch=s
+        ),
+    )
 
 
 def recipe_baseline(run: Run) -> list[dict]:
@@ -254,15 +284,33 @@ def recipe_baseline(run: Run) -> list[dict]:
     run.set_phase("1", "head")
     learn.freeze()
     if cfg.head_epochs:
-        run.step("1/head", cfg.head_epochs, n, lambda s: learn.fit_one_cycle(
-            cfg.head_epochs, slice(lr), pct_start=0.99, start_epoch=s))
+        run.step(
+            "1/head",
+            cfg.head_epochs,
+            n,
+            lambda s: learn.fit_one_cycle(cfg.head_epochs, slice(lr), pct_start=0.99, start_epoch=s),
+        )
     run.set_phase("1", "fine_tune")
     learn.unfreeze()
     half = lr / 2
-    run.step("1/fine_tune", cfg.epochs, n, lambda s: learn.fit_one_cycle(
-        cfg.epochs, slice(half / cfg.lr_ratio, half), pct_start=0.3, div=5.0, start_epoch=s))
-    return [{"stage": 1, "fraction": 1.0, "images": n, "batch_size": cfg.batch_size, "lr": lr,
-             "epochs": cfg.head_epochs + cfg.epochs}]
+    run.step(
+        "1/fine_tune",
+        cfg.epochs,
+        n,
+        lambda s: learn.fit_one_cycle(
+            cfg.epochs, slice(half / cfg.lr_ratio, half), pct_start=0.3, div=5.0, start_epoch=s
+        ),
+    )
+    return [
+        {
+            "stage": 1,
+            "fraction": 1.0,
+            "images": n,
+            "batch_size": cfg.batch_size,
+            "lr": lr,
+            "epochs": cfg.head_epochs + cfg.epochs,
+        }
+    ]
 
 
 def recipe_sgdr(run: Run) -> list[dict]:
@@ -270,8 +318,16 @@ def recipe_sgdr(run: Run) -> list[dict]:
     cfg, n = run.cfg, len(run.data.train_rows)
     lr = run.lr_or_range_test("sgdr")
     _sgdr_stage(run, stage="1", lr=lr, head_epochs=cfg.head_epochs, n_train=n)
-    return [{"stage": 1, "fraction": 1.0, "images": n, "batch_size": cfg.batch_size, "lr": lr,
-             "epochs": cfg.head_epochs + schedules.sgdr_epochs(cfg.n_cycles, cfg.cycle_len, cfg.cycle_mult)}]
+    return [
+        {
+            "stage": 1,
+            "fraction": 1.0,
+            "images": n,
+            "batch_size": cfg.batch_size,
+            "lr": lr,
+            "epochs": cfg.head_epochs + schedules.sgdr_epochs(cfg.n_cycles, cfg.cycle_len, cfg.cycle_mult),
+        }
+    ]
 
 
 def fit_batch_size(cfg: Config, n_train: int) -> Config:
@@ -292,18 +348,34 @@ def fit_batch_size(cfg: Config, n_train: int) -> Config:
             f"{n_train} training images are too few for the {cfg.recipe} recipe: {smallest} needs "
             f"{schedules.MIN_BATCHES} batches of at least {schedules.MIN_BATCH_SIZE} images. Add images (at least "
             f"{need} in the training split, i.e. about {math.ceil(need / 0.7)} in all with the default 70 % split)"
-            + (" or use --recipe baseline" if fractions else ""))
-    log.warning("batch size %d -> %d: %d training images give %s fewer than %d full batches of %d",
-                cfg.batch_size, b, n_train, smallest, schedules.MIN_BATCHES, cfg.batch_size)
+            + (" or use --recipe baseline" if fractions else "")
+        )
+    log.warning(
+        "batch size %d -> %d: %d training images give %s fewer than %d full batches of %d",
+        cfg.batch_size,
+        b,
+        n_train,
+        smallest,
+        schedules.MIN_BATCHES,
+        cfg.batch_size,
+    )
     return cfg.replace(batch_size=b)
 
 
 def plan_for(cfg: Config, n_train: int) -> list[schedules.Stage]:
     """The stepwise stage plan for this config (a pure function, printed before training)."""
     return schedules.stage_plan(
-        n_train=n_train, fractions=cfg.stage_fractions, batch_size=cfg.batch_size, lr=cfg.lr, lr_rule=cfg.lr_rule,
-        head_epochs=cfg.head_epochs, n_cycles=cfg.n_cycles, cycle_len=cfg.cycle_len, cycle_mult=cfg.cycle_mult,
-        weight_sharing=cfg.weight_sharing, sizes=planned_sizes(cfg) if cfg.stage_sizes else None,
+        n_train=n_train,
+        fractions=cfg.stage_fractions,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        lr_rule=cfg.lr_rule,
+        head_epochs=cfg.head_epochs,
+        n_cycles=cfg.n_cycles,
+        cycle_len=cfg.cycle_len,
+        cycle_mult=cfg.cycle_mult,
+        weight_sharing=cfg.weight_sharing,
+        sizes=planned_sizes(cfg) if cfg.stage_sizes else None,
     )
 
 
@@ -331,7 +403,11 @@ def recipe_stepwise(run: Run) -> list[dict]:
         if cfg.pretrained or cfg.weights or cfg.init_bundle:
             learn.freeze()  # the range test before a head fit measures the head alone
         if stage.range_test:
-            base = run.lr_or_range_test(f"stage{stage.stage}") if stage.head_epochs else _unfreeze_then_lr(run, stage.stage)
+            base = (
+                run.lr_or_range_test(f"stage{stage.stage}")
+                if stage.head_epochs
+                else _unfreeze_then_lr(run, stage.stage)
+            )
         else:
             base = cfg.lr if cfg.lr is not None else lr1
         if lr1 is None:
@@ -349,18 +425,22 @@ def _unfreeze_then_lr(run: Run, stage: int) -> float:
     return run.lr_or_range_test(f"stage{stage}")
 
 
-def stage_dataloaders(cfg: Config, data: TrainData, rows: np.ndarray, batch_size: int,
-                      size: tuple[int, int] | None = None):
+def stage_dataloaders(
+    cfg: Config, data: TrainData, rows: np.ndarray, batch_size: int, size: tuple[int, int] | None = None
+):
     """DataLoaders for a training subset (rows of ``data.items``) and the full validation split,
     at ``size`` (progressive resizing; default: the run's image size)."""
     return make_dataloaders(
-        data.table(rows), data.images_of(size), data.vocab, batch_size=batch_size,
+        data.table(rows),
+        data.images_of(size),
+        data.vocab,
+        batch_size=batch_size,
         normalization=models.normalization(cfg.arch),
-        augment=train_pipeline(cfg.augment, tuple(size or cfg.image_size)), balanced_sampler=cfg.imbalance == "sampler",
-        colour_constancy=cfg.colour_constancy, rows_input=data.soft_targets is not None,
+        augment=train_pipeline(cfg.augment, tuple(size or cfg.image_size)),
+        balanced_sampler=cfg.imbalance == "sampler",
+        colour_constancy=cfg.colour_constancy,
+        rows_input=data.soft_targets is not None,
     )
 
 
 RECIPES = {"baseline": recipe_baseline, "sgdr": recipe_sgdr, "stepwise": recipe_stepwise}
-
-

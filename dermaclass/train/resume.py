@@ -31,8 +31,8 @@ import torch
 from fastai.learner import Recorder
 
 from dermaclass import models
-from dermaclass.train.callbacks import _EpochCallback, plain, unwrap
 from dermaclass.fileio import atomic_path, write_json
+from dermaclass.train.callbacks import _EpochCallback, plain, unwrap
 from dermaclass.train.data import TrainingError
 
 log = logging.getLogger(__name__)
@@ -46,10 +46,15 @@ PREFIXES = ("weights-", "opt-", *(f"{key}-" for key in AVERAGES.values()))
 
 def _rng_state() -> dict[str, Any]:
     py, np_state = random.getstate(), np.random.get_state()
-    return {"python": [py[0], list(py[1]), py[2]],
-            "numpy": [np_state[0], np_state[1].tolist(),
-                      *[int(v) if isinstance(v, (int, np.integer)) else float(v) for v in np_state[2:]]],
-            "torch": torch.get_rng_state().tolist()}
+    return {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [
+            np_state[0],
+            np_state[1].tolist(),
+            *[int(v) if isinstance(v, (int, np.integer)) else float(v) for v in np_state[2:]],
+        ],
+        "torch": torch.get_rng_state().tolist(),
+    }
 
 
 def _set_rng_state(rng: dict[str, Any]) -> None:
@@ -63,8 +68,14 @@ class Resume(_EpochCallback):
 
     order = Recorder.order + 4
 
-    def __init__(self, run_dir: str | Path, *, position: Callable[[], dict[str, Any]],
-                 saved: dict[str, Any] | None = None, write: bool = True) -> None:
+    def __init__(
+        self,
+        run_dir: str | Path,
+        *,
+        position: Callable[[], dict[str, Any]],
+        saved: dict[str, Any] | None = None,
+        write: bool = True,
+    ) -> None:
         self.run_dir, self.position, self.saved, self.write = Path(run_dir), position, saved, write
         self.folder = self.run_dir / CHECKPOINTS
         self.count = 0
@@ -78,7 +89,9 @@ class Resume(_EpochCallback):
         if (run_dir / models.BUNDLE_META).exists():
             raise TrainingError(f"{run_dir}: this run already finished (its bundle is there); nothing to resume")
         if not path.is_file():
-            raise TrainingError(f"{run_dir}: no {PROGRESS} (the run stopped before its first epoch ended); start it again")
+            raise TrainingError(
+                f"{run_dir}: no {PROGRESS} (the run stopped before its first epoch ended); start it again"
+            )
         try:
             progress = json.loads(path.read_text(encoding="utf-8"))
         except ValueError as exc:
@@ -137,7 +150,9 @@ class Resume(_EpochCallback):
         with atomic_path(weights) as tmp:
             save_file(state, str(tmp))
         with atomic_path(opt) as tmp:
-            torch.save(plain(self.learn.opt.state_dict()), tmp)  # tensors and numbers only: loads with weights_only=True
+            torch.save(
+                plain(self.learn.opt.state_dict()), tmp
+            )  # tensors and numbers only: loads with weights_only=True
         extra: dict[str, Any] = {}
         for attr, key in AVERAGES.items():  # a weight average resumes too
             cb = getattr(self.learn, attr, None)
@@ -146,8 +161,17 @@ class Resume(_EpochCallback):
                 with atomic_path(avg_file) as tmp:
                     save_file(tensors, str(tmp))
                 extra |= {key: avg_file.name, f"{key}_steps": cb.steps}
-        write_json(self.run_dir / PROGRESS, {**self.position(), "rng": _rng_state(), "epoch_in_step": self.epoch + 1,
-                                             "weights": weights.name, "optimizer": opt.name, **extra})
+        write_json(
+            self.run_dir / PROGRESS,
+            {
+                **self.position(),
+                "rng": _rng_state(),
+                "epoch_in_step": self.epoch + 1,
+                "weights": weights.name,
+                "optimizer": opt.name,
+                **extra,
+            },
+        )
         keep = {weights.name, opt.name, *(extra.get(key) for key in AVERAGES.values())}
         for old in self.folder.glob("*-*"):
             if old.name not in keep and old.suffix in (".safetensors", ".pt") and old.name.startswith(PREFIXES):

@@ -10,7 +10,7 @@ import os
 import shutil
 import subprocess
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,18 +21,17 @@ from fastai.torch_core import num_distrib, rank_distrib, set_seed
 
 import dermaclass
 from dermaclass import models
-from dermaclass.train.callbacks import MONITOR, flip_logits
 from dermaclass.config import Config
 from dermaclass.fileio import atomic_path, write_json
-
-log = logging.getLogger(__name__)
-
-from dermaclass.train.data import TrainData, parent_record
 from dermaclass.serving.backends import ONNX_FILE, OPENVINO_FILE, OPENVINO_INT8_FILE
 from dermaclass.serving.refit import calibrate_bundle
+from dermaclass.train.callbacks import MONITOR, flip_logits
+from dermaclass.train.data import TrainData, parent_record
 from dermaclass.train.distributed import parallel
-from dermaclass.train.resume import PROGRESS, Resume
 from dermaclass.train.recipes import RECIPES, Run, build_learner, fit_batch_size, stage_dataloaders
+from dermaclass.train.resume import PROGRESS, Resume
+
+log = logging.getLogger(__name__)
 
 
 # ---- the run ---------------------------------------------------------------------------
@@ -47,9 +46,21 @@ class TrainResult:
 
 
 REPLACED = "replaced"  # a finished run that --force is replacing waits here until the new bundle exists
-RUN_FILES = (models.BUNDLE_META, models.BUNDLE_WEIGHTS, ONNX_FILE, OPENVINO_FILE, OPENVINO_FILE.replace(".xml", ".bin"),
-             OPENVINO_INT8_FILE, OPENVINO_INT8_FILE.replace(".xml", ".bin"), "ood.safetensors", "config.yaml", "split.csv",
-             "history.csv", "summary.json", PROGRESS)
+RUN_FILES = (
+    models.BUNDLE_META,
+    models.BUNDLE_WEIGHTS,
+    ONNX_FILE,
+    OPENVINO_FILE,
+    OPENVINO_FILE.replace(".xml", ".bin"),
+    OPENVINO_INT8_FILE,
+    OPENVINO_INT8_FILE.replace(".xml", ".bin"),
+    "ood.safetensors",
+    "config.yaml",
+    "split.csv",
+    "history.csv",
+    "summary.json",
+    PROGRESS,
+)
 
 
 def set_aside_finished_run(run_dir: Path) -> None:
@@ -77,14 +88,23 @@ def check_run_dir(run_dir: Path, *, force: bool) -> None:
     if (run_dir / PROGRESS).is_file() or (run_dir / "members").is_dir():
         raise FileExistsError(f"{run_dir}: holds an interrupted run; continue it with --resume")
     if (run_dir / "config.yaml").is_file():
-        raise FileExistsError(f"{run_dir}: holds a run that stopped before its first epoch ended, so there is "
-                              "nothing to resume; start it again")
+        raise FileExistsError(
+            f"{run_dir}: holds a run that stopped before its first epoch ended, so there is "
+            "nothing to resume; start it again"
+        )
     if any(run_dir.iterdir()):
         raise FileExistsError(f"{run_dir}: not empty, and not a run folder")
 
 
-def train(cfg: Config, data: TrainData, run_dir: str | Path, *, force: bool = False, data_card: str | None = None,
-          resume: bool = False) -> TrainResult:
+def train(
+    cfg: Config,
+    data: TrainData,
+    run_dir: str | Path,
+    *,
+    force: bool = False,
+    data_card: str | None = None,
+    resume: bool = False,
+) -> TrainResult:
     """Run ``cfg.recipe`` on prepared data and write the run folder and the model bundle.
 
     ``resume``: continue the interrupted run in ``run_dir`` (same config and split) from its
@@ -139,25 +159,48 @@ def train(cfg: Config, data: TrainData, run_dir: str | Path, *, force: bool = Fa
         return TrainResult(run_dir, {}, stages, seconds, run.images_seen, run.range_test_records())
     labels = data.items["label"].astype(str).to_numpy()
     _plot_curves(run_dir)
-    meta = bundle_meta(cfg, data, stages=stages, run=run, seconds=seconds, data_card=data_card,
-                       resumed=progress is not None, git_commit=commit)
+    meta = bundle_meta(
+        cfg,
+        data,
+        stages=stages,
+        run=run,
+        seconds=seconds,
+        data_card=data_card,
+        resumed=progress is not None,
+        git_commit=commit,
+    )
     models.save_bundle(learn.model, meta, run_dir, force=force or resume)
     # Calibration, operating points and the referral rule: the same sequence `dermaclass
     # calibrate` runs, on the valid logits computed above.
-    metrics = calibrate_bundle(run_dir, logits=logits.numpy(), labels=[data.vocab[int(i)] for i in targets],
-                               valid_labels=labels[data.valid_rows],
-                               train_labels=labels[data.train_rows],
-                               train_images=[data.images[i] for i in data.train_rows],
-                               valid_images=[data.images[i] for i in data.valid_rows], cfg=cfg,
-                               ood_method=cfg.ood, ood_keep=cfg.ood_keep)
+    metrics = calibrate_bundle(
+        run_dir,
+        logits=logits.numpy(),
+        labels=[data.vocab[int(i)] for i in targets],
+        valid_labels=labels[data.valid_rows],
+        train_labels=labels[data.train_rows],
+        train_images=[data.images[i] for i in data.train_rows],
+        valid_images=[data.images[i] for i in data.valid_rows],
+        cfg=cfg,
+        ood_method=cfg.ood,
+        ood_keep=cfg.ood_keep,
+    )
     shutil.rmtree(run_dir / REPLACED, ignore_errors=True)  # the new bundle is complete: the old one can go
     run.resumer.clean()  # resume files are not needed once the bundle exists
     log.info("bundle written to %s: valid balanced accuracy %.4f", run_dir, metrics["balanced_accuracy"])
     return TrainResult(run_dir, metrics, stages, seconds, run.images_seen, run.range_test_records())
 
 
-def bundle_meta(cfg: Config, data: TrainData, *, stages: list[dict], run: Run, seconds: float,
-                data_card: str | None, resumed: bool, git_commit: str | None) -> models.BundleMeta:
+def bundle_meta(
+    cfg: Config,
+    data: TrainData,
+    *,
+    stages: list[dict],
+    run: Run,
+    seconds: float,
+    data_card: str | None,
+    resumed: bool,
+    git_commit: str | None,
+) -> models.BundleMeta:
     """The JSON half of the bundle: everything needed to rebuild, use and judge the model
     (calibration, operating points and valid metrics are added by ``serving.refit.calibrate_bundle``)."""
     return models.BundleMeta(
@@ -166,20 +209,30 @@ def bundle_meta(cfg: Config, data: TrainData, *, stages: list[dict], run: Run, s
         class_names=data.names,
         input_size=tuple(cfg.image_size),
         normalization=models.normalization(cfg.arch),
-        preprocessing={"decode": "RGB (EXIF-upright; gray/RGBA/CMYK/16-bit converted)",
-                       "resize": "cover (width, height) keeping aspect ratio, bilinear, centre crop",
-                       "colour_constancy": cfg.colour_constancy,
-                       "scale": "uint8 / 255, then (x - mean) / std"},
-        kept_weights=(f"ema {cfg.ema_decay:g}" if cfg.ema_decay else
-                      f"average of the last {cfg.average_cycles} cycle ends" if cfg.average_cycles else cfg.keep),
+        preprocessing={
+            "decode": "RGB (EXIF-upright; gray/RGBA/CMYK/16-bit converted)",
+            "resize": "cover (width, height) keeping aspect ratio, bilinear, centre crop",
+            "colour_constancy": cfg.colour_constancy,
+            "scale": "uint8 / 255, then (x - mean) / std",
+        },
+        kept_weights=(
+            f"ema {cfg.ema_decay:g}"
+            if cfg.ema_decay
+            else f"average of the last {cfg.average_cycles} cycle ends"
+            if cfg.average_cycles
+            else cfg.keep
+        ),
         tta="flips4" if cfg.tta == "flips" else None,  # what the Predictor does by default
         head={"kind": "fastai", "ps": 0.5},
         recipe=cfg.recipe,
         stages=stages,
         range_tests=run.range_test_records(),
-        training={"seconds": round(seconds, 1), "images_seen": run.images_seen,
-                  "epochs_equivalent": round(run.images_seen / max(1, len(data.train_rows)), 2),
-                  "best_valid_balanced_accuracy": run.learn.best_model.best},
+        training={
+            "seconds": round(seconds, 1),
+            "images_seen": run.images_seen,
+            "epochs_equivalent": round(run.images_seen / max(1, len(data.train_rows)), 2),
+            "best_valid_balanced_accuracy": run.learn.best_model.best,
+        },
         **provenance(cfg, data, data_card=data_card, git_commit=git_commit),
         resumed=resumed,
         processes=max(1, num_distrib()),
@@ -190,21 +243,32 @@ def provenance(cfg: Config, data: TrainData, *, data_card: str | None, git_commi
     """The BundleMeta fields that say where a bundle came from: config, data, parent, code, machine, time."""
     return dict(
         config=cfg.to_dict(),
-        data={"sources": data.sources, "split_counts": data.items["split"].value_counts().to_dict(),
-              "split_reuse": data.split_reuse, "split_file": "split.csv", "data_card": data_card},
+        data={
+            "sources": data.sources,
+            "split_counts": data.items["split"].value_counts().to_dict(),
+            "split_reuse": data.split_reuse,
+            "split_file": "split.csv",
+            "data_card": data_card,
+        },
         parent=parent_record(cfg, data.vocab),
         package_version=dermaclass.__version__,
         machine={"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
         git_commit=git_commit,
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
         disclaimer=dermaclass.DISCLAIMER,
     )
 
 
 def code_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True,
-                             timeout=5, check=True)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        )
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -243,9 +307,13 @@ def _plot_curves(run_dir: Path) -> None:
 
 def write_summary(result: TrainResult) -> Path:
     """A small JSON summary beside the bundle (what the CLI prints)."""
-    return write_json(result.run_dir / "summary.json", {
-        "metrics_valid": {k: result.metrics[k] for k in ("balanced_accuracy", "macro_f1", "accuracy")},
-        "seconds": round(result.seconds, 1), "images_seen": result.images_seen, "stages": result.stages,
-        "range_tests": result.range_tests,
-    })
-
+    return write_json(
+        result.run_dir / "summary.json",
+        {
+            "metrics_valid": {k: result.metrics[k] for k in ("balanced_accuracy", "macro_f1", "accuracy")},
+            "seconds": round(result.seconds, 1),
+            "images_seen": result.images_seen,
+            "stages": result.stages,
+            "range_tests": result.range_tests,
+        },
+    )
