@@ -56,24 +56,6 @@ def check_sgdr(n_cycles: int, cycle_len: int, cycle_mult: int) -> None:
         raise ValueError(f"cycle_mult must be an integer >= 2 (fastai divides by cycle_mult - 1), got {cycle_mult}")
 
 
-def sgdr_lr(pos: float, *, n_cycles: int, cycle_len: int, cycle_mult: int, lr_max: float) -> float:
-    """The LR SGDR gives at training position ``pos`` in [0, 1), as fastai's schedule computes it.
-
-    Cosine annealing from lr_max to 0 within each cycle, restarting at lr_max; cycle i lasts
-    cycle_len * cycle_mult**i epochs (seed 003's "cycle length multiply").
-    """
-    total = sgdr_epochs(n_cycles, cycle_len, cycle_mult)
-    epoch = pos * total
-    start = 0.0
-    for i in range(n_cycles):
-        length = cycle_len * cycle_mult**i
-        if epoch < start + length or i == n_cycles - 1:
-            frac = min((epoch - start) / length, 1.0)
-            return lr_max * (1 + math.cos(math.pi * frac)) / 2
-        start += length
-    raise AssertionError("unreachable")
-
-
 def cycle_end_epochs(lr_at: Callable[[float], float], n_epoch: int) -> list[int]:
     """The epochs (0-based) of a fit that end an annealing cycle: the LR schedule ``lr_at(pos)``
     (pos in [0, 1], fastai's convention) jumps up right after them (a warm restart), or the fit
