@@ -171,6 +171,21 @@ def test_model_card_from_bundle_and_report(tiny_bundle, colour_data, tmp_path: P
     assert CliRunner().invoke(app, ["report", "card", str(bundle)]).exit_code == 2  # never overwritten silently
 
 
+def test_the_model_card_reads_classes_thresholds_and_minimum_size_from_the_bundle(tiny_bundle) -> None:
+    """Nothing about the classes or the input size is written into the template: a bundle with
+    its operating point on another class and a 32x24 input gets a card that says so."""
+    from dermaclass.models import read_bundle_meta
+    from dermaclass.report import model_card_markdown
+
+    meta = read_bundle_meta(tiny_bundle)
+    op = next(iter(meta.operating_points.values()))
+    moved = meta.with_(operating_points={"bkl": {**op, "threshold": 0.25}})
+    card = model_card_markdown(moved, None, name="tiny")
+    assert "flags possible benign keratosis-like lesion, and says when to refer" in card
+    assert "- operating point `bkl`: flag when P(bkl) >= 0.2500" in card and "P(mel)" not in card
+    assert min(meta.input_size) < 64 and f"images under {min(meta.input_size)} px on their shorter side refused" in card
+
+
 def test_a_class_with_too_few_test_images_is_never_flagged(tmp_path: Path) -> None:
     """One bkl test image wrong in the new model gave "SENSITIVITY DROP in bkl" and exit 6."""
     y = np.r_[np.zeros(1, int), np.ones(60, int), np.full(60, 2)]
