@@ -24,15 +24,9 @@ from rich.table import Table
 
 from dermaclass import DISCLAIMER, __version__
 from dermaclass.config import Config, load_config
-from dermaclass.errors import DermaclassError
+from dermaclass.errors import DermaclassError, Exit, exit_codes_help
 
-EXIT_CODES = (
-    "Exit codes: 0 success; 1 problems found with --strict; 2 usage or configuration error; "
-    "3 the data cannot be read (missing folder, unreadable manifest, no usable images); "
-    "4 a model cannot be built or loaded (unknown architecture, unreachable weights, bad bundle); "
-    "5 training cannot run on this data (e.g. an empty split); "
-    "6 report compare found a class whose sensitivity dropped beyond its interval."
-)
+EXIT_CODES = exit_codes_help()  # every command's epilog, from errors.EXIT_CODES
 
 app = typer.Typer(
     name="dermaclass",
@@ -75,7 +69,7 @@ def friendly(func: F) -> F:
             err.print(
                 f"[bold red]error:[/] {escape(str(exc))} (pass --force to replace it)", highlight=False, soft_wrap=True
             )
-            raise typer.Exit(2) from None
+            raise typer.Exit(Exit.USAGE) from None
 
     return wrapper  # type: ignore[return-value]
 

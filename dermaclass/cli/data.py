@@ -22,6 +22,7 @@ from dermaclass.cli.common import (
     friendly,
     out,
 )
+from dermaclass.errors import Exit
 
 
 @data_app.command("validate", epilog=EXIT_CODES)
@@ -45,7 +46,7 @@ def data_validate(
         _print_validation(stats)
     if strict and stats["problems"]["total"]:
         err.print(f"[bold red]strict:[/] {stats['problems']['total']} problems found", highlight=False)
-        raise typer.Exit(1)
+        raise typer.Exit(Exit.PROBLEMS_FOUND)
 
 
 @data_app.command("split", epilog=EXIT_CODES)

@@ -24,6 +24,7 @@ from dermaclass.cli.common import (
     out,
     report_app,
 )
+from dermaclass.errors import Exit
 
 
 @app.command("evaluate", epilog=EXIT_CODES)
@@ -154,7 +155,7 @@ def report_compare(
     alert = drop_alert(result)
     if alert:
         err.print(f"[bold red]{escape(alert)}[/]", highlight=False)
-        raise typer.Exit(6)
+        raise typer.Exit(Exit.SENSITIVITY_DROP)
 
 
 @report_app.command("card", epilog=EXIT_CODES)

@@ -26,6 +26,7 @@ from dermaclass.cli.common import (
     friendly,
     out,
 )
+from dermaclass.errors import Exit
 
 
 @app.command("predict", epilog=EXIT_CODES)
@@ -85,7 +86,7 @@ def predict_cmd(
             highlight=False,
         )
     if failed:
-        raise typer.Exit(3)
+        raise typer.Exit(Exit.DATA)
 
 
 @app.command("export", epilog=EXIT_CODES)

@@ -25,6 +25,7 @@ from dermaclass.cli.common import (
     out,
 )
 from dermaclass.config import Config, load_config
+from dermaclass.errors import Exit
 
 #: The Config fields `dermaclass train` takes as flags (help, type and default: cli.FLAG_HELP and Config).
 TRAIN_FLAGS = (
@@ -238,7 +239,7 @@ def retrain_cmd(
     alert = drop_alert(comparison)
     if alert:
         err.print(f"[bold red]{escape(alert)}[/]", highlight=False)
-        raise typer.Exit(6)
+        raise typer.Exit(Exit.SENSITIVITY_DROP)
 
 
 def _print_plan(cfg: Config, n_train: int) -> None:

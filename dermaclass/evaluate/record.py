@@ -17,18 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dermaclass.errors import DermaclassError
+from dermaclass.errors import ReportError
 from dermaclass.fileio import check_record_header, record_fields
 
 #: The report.json format this dermaclass writes; it reads this one and every older one.
 REPORT_FORMAT = 1
 REPORT_FILE = "report.json"
-
-
-class ReportError(DermaclassError):
-    """A report.json that this dermaclass cannot read: unknown or newer format, missing or bad fields."""
-
-    exit_code = 4
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ import pandas as pd
 import dermaclass
 from dermaclass.config import Config
 from dermaclass.data import CachedImages, DecodeCache, read_split, validate_sources
-from dermaclass.errors import DermaclassError
+from dermaclass.errors import EvaluationError
 from dermaclass.evaluate.metrics import (
     bootstrap_intervals,
     classification_metrics,
@@ -41,12 +41,6 @@ from dermaclass.serving.predictor import Predictor
 log = logging.getLogger(__name__)
 
 Split = Literal["test", "valid", "train", "all"]
-
-
-class EvaluationError(DermaclassError):
-    """The data cannot be evaluated with this bundle (unknown labels, an empty split)."""
-
-    exit_code = 3
 
 
 @dataclass

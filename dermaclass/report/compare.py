@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 import dermaclass
-from dermaclass.errors import DermaclassError
+from dermaclass.errors import CompareError
 from dermaclass.evaluate.metrics import (
     INTERVAL_KEYS,
     MIN_SUPPORT,
@@ -29,12 +29,6 @@ from dermaclass.evaluate.record import REPORT_FILE, Report, read_report
 from dermaclass.fileio import atomic_path, write_json, write_text
 from dermaclass.report.figures import ci, difference_png, fmt, uri
 from dermaclass.report.html import CSS, jinja_env
-
-
-class CompareError(DermaclassError):
-    """Two reports cannot be compared (different test sets or classes)."""
-
-    exit_code = 3
 
 
 def load_report(folder: str | Path) -> tuple[Report, pd.DataFrame]:

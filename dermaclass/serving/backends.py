@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from dermaclass import models
-from dermaclass.errors import DermaclassError
+from dermaclass.errors import ExportError
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +39,6 @@ EXPORT_FILES = {"onnx": ONNX_FILE, "openvino": OPENVINO_FILE, BF16: OPENVINO_FIL
 RUNTIMES = {"onnx": "onnxruntime", "openvino": "openvino", BF16: "openvino", "openvino-int8": "openvino"}
 #: Fastest first on one image with flip TTA (benchmarks/results/inference.json has the figures).
 AUTO_ORDER = ("openvino", "onnx", "torch")
-
-
-class ExportError(DermaclassError):
-    """An export cannot be made, opened, or does not match the model it came from."""
-
-    exit_code = 4
 
 
 class Runner(Protocol):

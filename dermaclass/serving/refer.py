@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from dermaclass.errors import DermaclassError
+from dermaclass.errors import InputProblem
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +63,6 @@ ONE_COLOUR_SHARE = 0.97
 MIN_COLOURFULNESS = 3.0
 
 NOT_DERMOSCOPY = "this does not look like a dermoscopic image of a skin lesion"
-
-
-class InputProblem(DermaclassError, ValueError):
-    """An image the model must not judge at all (e.g. too small); the message is for a clinician."""
-
-    exit_code = 3
 
 
 # ---- input checks ------------------------------------------------------------------------------

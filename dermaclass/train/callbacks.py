@@ -32,7 +32,7 @@ from fastai.callback.core import Callback
 from fastai.learner import Recorder
 from fastai.torch_core import rank_distrib
 
-from dermaclass.errors import DermaclassError
+from dermaclass.errors import DermaclassError, NonFiniteLoss
 from dermaclass.fileio import atomic_path
 
 log = logging.getLogger(__name__)
@@ -318,12 +318,6 @@ class SAM(Callback):
             with torch.no_grad():
                 for p, w in zip(params, saved):
                     p.copy_(w)
-
-
-class NonFiniteLoss(DermaclassError):
-    """Training diverged: the loss became NaN or Inf."""
-
-    exit_code = 5
 
 
 class StopOnNaN(Callback):

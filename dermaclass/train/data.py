@@ -22,15 +22,9 @@ from dermaclass.data import DecodeCache, assign_split, make_split, read_split, v
 from dermaclass.data.cache import CachedImages
 from dermaclass.data.labels import full_name
 from dermaclass.data.splits import MIN_PER_CLASS, thin_classes
-from dermaclass.errors import DermaclassError
+from dermaclass.errors import TrainingError
 
 log = logging.getLogger(__name__)
-
-
-class TrainingError(DermaclassError):
-    """Training cannot run on this data (an empty split, mismatched classes)."""
-
-    exit_code = 5
 
 
 # ---- data --------------------------------------------------------------------------------
