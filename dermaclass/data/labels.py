@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import csv
 import json
+from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import yaml
 
-from dermaclass.errors import DataError
+from dermaclass.errors import DataError, EvaluationError
 
 #: Codes seen in public dermoscopy datasets, with full names.
 KNOWN_CLASS_NAMES: dict[str, str] = {
@@ -94,3 +97,22 @@ def full_name(code: str, names: dict[str, str] | None = None) -> str:
     if names and code in names:
         return names[code]
     return KNOWN_CLASS_NAMES.get(code, code)
+
+
+def class_indices(labels: Sequence[object], classes: Sequence[str], *, source: str) -> np.ndarray:
+    """The index in ``classes`` of every label, refusing labels a model does not know.
+
+    The one place a label string becomes a class index outside training's DataLoaders (which
+    pin the vocab): evaluation, calibration, the referral fit and the export checks. The error
+    names ``source`` and each unknown label with its count, and says what to do.
+    """
+    index = {str(c): i for i, c in enumerate(classes)}
+    text = [str(v) for v in labels]
+    unknown = Counter(v for v in text if v not in index)
+    if unknown:
+        listed = ", ".join(f"{lab!r} ({n} image{'s' if n > 1 else ''})" for lab, n in unknown.most_common())
+        raise EvaluationError(
+            f"{source}: labels the model does not know: {listed}; the model's classes are "
+            f"{', '.join(map(str, classes))}. Relabel, drop them, or train a model that has them."
+        )
+    return np.array([index[v] for v in text], dtype=np.int64)

@@ -23,6 +23,7 @@ import pandas as pd
 import dermaclass
 from dermaclass.config import Config
 from dermaclass.data import CachedImages, DecodeCache, read_split, validate_sources
+from dermaclass.data.labels import class_indices
 from dermaclass.errors import EvaluationError
 from dermaclass.evaluate.metrics import (
     bootstrap_intervals,
@@ -104,13 +105,7 @@ def _split_images(
         split_df = read_split(split_path)
     chosen, split_counts = select_split(items, split_df, split, source=source)
     chosen = chosen.reset_index(drop=True)
-    unknown = chosen.loc[~chosen["label"].isin(meta.classes), "label"].value_counts()
-    if len(unknown):
-        listed = ", ".join(f"{lab!r} ({n} image{'s' if n > 1 else ''})" for lab, n in unknown.items())
-        raise EvaluationError(
-            f"{source}: labels the model does not know: {listed}; the model's classes are "
-            f"{', '.join(meta.classes)}. Relabel, drop them, or train a model that has them."
-        )
+    class_indices(chosen["label"], meta.classes, source=source)  # refuses labels the bundle does not know
     images = DecodeCache(cfg.cache_dir, tuple(meta.input_size)).ensure(
         chosen["path"].tolist(), chosen["hash"].tolist(), workers=cfg.workers or None
     )
@@ -206,7 +201,7 @@ def evaluate_bundle(
     tta = predictor.tta if tta is None else tta
     logits = predictor.logits(network_images(predictor.input_sizes, predictor.input_size, chosen, images, cfg), tta=tta)
     raw, probs = softmax(logits), predictor.checked(predictor.calibrated(logits), f"the images of {data}")
-    y = chosen["label"].map({c: i for i, c in enumerate(classes)}).to_numpy()
+    y = class_indices(chosen["label"], classes, source=data)
     groups = chosen["group"].astype(str).to_numpy()
     has_groups = chosen["group"].astype(str).ne(chosen["image"].astype(str)).any()
 

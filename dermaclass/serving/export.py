@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from dermaclass import models
+from dermaclass.data.labels import class_indices
 from dermaclass.fileio import atomic_path
 from dermaclass.serving.backends import (
     BF16,
@@ -187,7 +188,7 @@ def export_openvino(bundle: str | Path, *, force: bool = False, atol: float = 1e
 def _balanced_accuracy(logits: np.ndarray, labels: Sequence[str], classes: Sequence[str]) -> float:
     from sklearn.metrics import balanced_accuracy_score
 
-    y = np.array([list(classes).index(str(c)) for c in labels])
+    y = class_indices(labels, classes, source="the valid split")
     return float(balanced_accuracy_score(y, logits.argmax(axis=1)))
 
 

@@ -27,6 +27,7 @@ import numpy as np
 
 from dermaclass import models
 from dermaclass.config import Config
+from dermaclass.data.labels import class_indices
 from dermaclass.evaluate.calibration import calibrate, class_prior
 from dermaclass.evaluate.metrics import classification_metrics
 from dermaclass.evaluate.run import EvaluationError, split_images
@@ -65,10 +66,7 @@ def calibrate_bundle(
     bundle = Path(bundle)
     meta = models.read_bundle_meta(bundle)
     classes = list(meta.classes)
-    unknown = sorted({str(v) for v in labels} - set(classes))
-    if unknown:
-        raise EvaluationError(f"{bundle}: validation labels {unknown} are not among the bundle's classes {classes}")
-    y = np.array([classes.index(str(c)) for c in labels])
+    y = class_indices(labels, classes, source=f"{bundle}: the validation split")
     calibration, points, probs = calibrate(
         cfg, np.asarray(logits), y, classes, prior=class_prior([str(v) for v in train_labels], classes)
     )
@@ -221,22 +219,19 @@ def fit_ood(
     if method not in OOD_METHODS:
         raise ValueError(f"unknown out-of-distribution method {method!r}; choose from {', '.join(OOD_METHODS)}")
     pred = Predictor(bundle, backend="torch")
-    index = {c: i for i, c in enumerate(pred.classes)}
-    unknown = sorted({str(y) for y in [*train_labels, *valid_labels]} - set(index))
-    if unknown:
-        raise models.ModelError(f"{bundle}: labels {unknown} are not among the bundle's classes {pred.classes}")
+    train_y = class_indices(train_labels, pred.classes, source=f"{bundle}: the train split")
+    y = class_indices(valid_labels, pred.classes, source=f"{bundle}: the valid split")
     if len(valid_images) == 0:
         raise models.ModelError(f"{bundle}: no validation images to set the out-of-distribution cut-off on")
     stats: dict[str, np.ndarray] = {}
     if method != "energy":
         _, train_features = pred.forward(list(train_images), tta=False)
-        stats = fit(method, train_features, np.array([index[str(y)] for y in train_labels]), len(pred.classes))
+        stats = fit(method, train_features, train_y, len(pred.classes))
     logits, features = pred.forward(list(valid_images))
     scores = score(method, logits=logits, features=features, stats=stats)
     cut = threshold(scores, keep=keep)
     probs = pred.calibrated(logits)
     kept = (probs.max(axis=1) >= pred.refer_below) & (scores >= cut)
-    y = np.array([index[str(v)] for v in valid_labels])
     (bundle / OOD_FILE).unlink(missing_ok=True)  # an energy bundle keeps no stale arrays
     save_stats(bundle, stats)
     calibration = dict(pred.meta.calibration)

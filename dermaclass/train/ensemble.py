@@ -45,6 +45,7 @@ from fastai.torch_core import num_distrib
 from dermaclass import models, schedules
 from dermaclass.config import Config
 from dermaclass.data import DecodeCache
+from dermaclass.data.labels import class_indices
 from dermaclass.data.splits import FOLD_COLUMN, cross_folds, write_split
 from dermaclass.errors import ConfigError
 from dermaclass.evaluate import classification_metrics
@@ -300,15 +301,14 @@ def _write_ensemble(
         records, held_out=None if oof_calibration else data.valid_rows, threads=cfg.threads
     )
     labels = data.items["label"].astype(str).to_numpy()
-    index = {c: i for i, c in enumerate(data.vocab)}
     prior = class_prior(labels[folds >= 0], data.vocab)
     if oof_calibration:
-        y = np.array([index[v] for v in labels[rows]])
+        y = class_indices(labels[rows], data.vocab, source="the out-of-fold predictions")
         calibration, points, probs = calibrate(cfg, logits, y, data.vocab, prior=prior)
         calibration["fitted_on"] = f"out-of-fold predictions of {len(records)} members on the train+valid pool"
     else:  # the held-out valid split, scored by the ensemble as it serves
         valid_logits, margins = served
-        y = np.array([index[v] for v in labels[data.valid_rows]])
+        y = class_indices(labels[data.valid_rows], data.vocab, source="the valid split")
         calibration, points, probs = calibrate(cfg, valid_logits, y, data.vocab, prior=prior)
         calibration["fitted_on"] = f"the valid split held out from all {len(records)} members, scored by the ensemble"
     kept = (probs.max(axis=1) >= cfg.refer_below) & (margins >= 0)
