@@ -16,8 +16,11 @@ def test_class_indices_maps_labels_in_the_models_order() -> None:
 
 
 def test_class_indices_refuses_unknown_labels_with_their_counts() -> None:
-    with pytest.raises(EvaluationError, match=r"^clinic_b: labels the model does not know: 'bcc' \(2 images\), "
-                       r"'scc' \(1 image\); the model's classes are bkl, mel\. Relabel"):
+    with pytest.raises(
+        EvaluationError,
+        match=r"^clinic_b: labels the model does not know: 'bcc' \(2 images\), "
+        r"'scc' \(1 image\); the model's classes are bkl, mel\. Relabel",
+    ):
         class_indices(["bcc", "mel", "scc", "bcc"], ["bkl", "mel"], source="clinic_b")
 
 
