@@ -25,7 +25,7 @@ test: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
 
-## The benchmarks (about nine hours on 2 cores; `make bench QUICK=--quick` for a smoke run).
+## The benchmarks (most of a day on 2 cores; `make bench QUICK=--quick` for a smoke run; benchmarks/README.md).
 ## Each prints a table and writes benchmarks/results/*.json; none is a test.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_decode_cache.py $(QUICK)

@@ -1,4 +1,4 @@
-"""Benchmark: every serving backend side by side (issue 16): torch, onnxruntime, OpenVINO
+"""Benchmark: every serving backend side by side: torch, onnxruntime, OpenVINO
 float32, OpenVINO at bfloat16 inference precision (CPUs with native bfloat16) and OpenVINO int8.
 
 On a model bundle (a temporary copy, so the bundle itself is untouched): the ONNX and

@@ -1,4 +1,4 @@
-"""Benchmark: int8 calibration settings (issue 16), compared on the valid split only.
+"""Benchmark: int8 calibration settings, compared on the valid split only.
 
 NNCF post-training quantisation of the bundle's float OpenVINO IR under each setting: how
 the calibration images are drawn from the train split (at random, or class-balanced with
@@ -9,7 +9,7 @@ two probability vectors (label-free, so finer than a balanced-accuracy drop of a
 and balanced accuracy. The export's setting is chosen here, on these figures; the test split
 and the external sets are bench_inference.py's, measured once for the chosen setting.
 
-Prints a table and writes benchmarks/results/int8_settings.json. Nothing is asserted.
+Prints a table and writes benchmarks/results/int8.json. Nothing is asserted.
 
     python benchmarks/bench_int8.py [--model models/ham10000-effnet-lite0] [--quick]
 """
@@ -37,7 +37,7 @@ from dermaclass.fileio import write_json  # noqa: E402
 from dermaclass.serving.export import _balanced_accuracy, calibration_pick, export_openvino, quantize_ir  # noqa: E402
 from dermaclass.serving.predictor import Predictor  # noqa: E402
 
-# name -> (draw, images, fast bias correction); the first is the export's setting before issue 16's review.
+# name -> (draw, images, fast bias correction); the first is the export's setting before the int8 settings were compared.
 SETTINGS: dict[str, tuple[str, int, bool]] = {
     "random-300-fast": ("random", 300, True),
     "random-1000-fast": ("random", 1000, True),
@@ -105,7 +105,7 @@ def main() -> None:
                 f"valid BA {row['valid_balanced_accuracy']:.4f} (drop {row['drop']:+.4f})  {seconds:.0f} s",
                 flush=True,
             )
-    out = RESULTS / f"int8_settings{'_quick' if args.quick else ''}.json"
+    out = RESULTS / f"int8{'_quick' if args.quick else ''}.json"
     write_json(
         out,
         {

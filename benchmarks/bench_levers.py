@@ -62,7 +62,7 @@ BUDGETS = {
 # defaults they replaced (range-test LR, no colour constancy); the later ones against today's.
 LEVERS: dict[str, dict[str, list[str]]] = {
     "lr": {
-        "valley": ["--lr-find", "--colour-constancy", "none"],  # the default until issue 12
+        "valley": ["--lr-find", "--colour-constancy", "none"],  # the default before the external-set screens
         "minimum": ["--lr-find", "--lr-suggestion", "minimum", "--colour-constancy", "none"],
         "fixed-1e-2": ["--colour-constancy", "none"],
         "fixed-3e-3": ["--lr", "3e-3", "--colour-constancy", "none"],
@@ -93,7 +93,7 @@ LEVERS: dict[str, dict[str, list[str]]] = {
         "lite1": ["--arch", "tf_efficientnet_lite1"],
         "lite2": ["--arch", "tf_efficientnet_lite2"],
     },
-    "loss": {  # issue 12 lever 7: logit adjustment (Menon et al. 2021) on the data as it comes, no sampler
+    "loss": {  # logit adjustment (Menon et al. 2021) on the data as it comes, no sampler
         "default": [],
         "logit-adjusted": ["--imbalance", "logit-adjusted"],
     },
@@ -109,11 +109,11 @@ LEVERS: dict[str, dict[str, list[str]]] = {
         "eq9": ["--lr-rule", "eq9"],
         "constant": ["--lr-rule", "constant"],
     },
-    "budget": {  # issue 12 lever 3: more SGDR cycles per stage (1 -> 3 -> 7 epochs per stage)
+    "budget": {  # more SGDR cycles per stage (1 -> 3 -> 7 epochs per stage)
         "default": [],
         "n-cycles-2": ["--n-cycles", "2"],
     },
-    "average": {  # issue 12 lever 4: SWA of the last SGDR cycle ends (in the short budget: the last stages' ends)
+    "average": {  # SWA of the last SGDR cycle ends (in the short budget: the last stages' ends)
         "default": [],
         "average-2": ["--average-cycles", "2"],
         "average-3": ["--average-cycles", "3"],
@@ -127,7 +127,7 @@ LEVERS: dict[str, dict[str, list[str]]] = {
         "augmix": ["--augment", "augmix"],
         "zoom": ["--augment", "zoom"],  # a wider scale range: other framings of the lesion (derm7pt's crops)
     },
-    "mix": {  # issue 12 lever 5: batch mixing (fastai's callbacks, their default alphas)
+    "mix": {  # batch mixing (fastai's callbacks, their default alphas)
         "default": [],
         "mixup": ["--mix", "mixup"],
         "cutmix": ["--mix", "cutmix"],
@@ -140,7 +140,7 @@ LEVERS: dict[str, dict[str, list[str]]] = {
         "default": [],
         "sgdr-4-cycles": ["--recipe", "sgdr", "--n-cycles", "4"],  # 1 head + 1+2+4+8 SGDR epochs
     },
-    "histo": {  # issue 12 lever 7: HAM10000's dx_type, histopathology-confirmed images sampled twice as often
+    "histo": {  # HAM10000's dx_type, histopathology-confirmed images sampled twice as often
         "default": [],
         "histo-x2": ["--histo-weight", "2"],
     },

@@ -1,6 +1,6 @@
 """Benchmark: which images the app should refer, and which class-activation map to show.
 
-Part ``ood`` (issue 14, "Refer"). On a model bundle and its ``split.csv``:
+Part ``ood`` ("Refer"). On a model bundle and its ``split.csv``:
 
 - fits every out-of-distribution score of ``dermaclass.serving.refer`` (Mahalanobis, Lee et al.
   2018; k-nearest neighbours, Sun et al. 2022; energy, Liu et al. 2020) on the training
@@ -21,7 +21,7 @@ Part ``ood`` (issue 14, "Refer"). On a model bundle and its ``split.csv``:
   share (refer.one_colour_share) and the colourfulness (refer.colourfulness) over every
   HAM10000 and external image, which set the input checks' cut-offs.
 
-Part ``cam`` (issue 14, "Show"). On ``--n-cam`` HAM10000 test images with lesion masks:
+Part ``cam`` ("Show"). On ``--n-cam`` HAM10000 test images with lesion masks:
 Grad-CAM at the body's last feature map (4x3 at 128x96) and at earlier, finer blocks,
 Grad-CAM++, EigenCAM, LayerCAM and a layer-combined Grad-CAM (all pytorch-grad-cam), scored
 by the pointing game (is the heatmap's peak inside the lesion?) and by the share of the

@@ -1,7 +1,7 @@
 """Benchmark: test-time augmentation over the dihedral group, on trained models of several seeds.
 
 The bundle serves ``flips4`` (the mean logits of the image and its horizontal, vertical and
-double flips). Issue 12's lever 4 asks whether the other four views of the dihedral group
+double flips). The lever screens ask whether the other four views of the dihedral group
 D4 (the 90-degree rotations and the two transposes; dermoscopy has no up or down) buy more.
 The network is fully convolutional up to a global pool, so a transposed 128x96 input (96x128)
 goes through it as it is. Each view's logits are computed once per image; ``none``,

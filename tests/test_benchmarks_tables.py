@@ -1,4 +1,4 @@
-"""benchmarks/tables.py: the README's benchmark tables are rendered from results, between markers."""
+"""benchmarks/tables.py: docs/benchmarks.md's tables are rendered from results, between markers."""
 
 from __future__ import annotations
 
@@ -20,11 +20,11 @@ def _tables():
     return module
 
 
-def test_readme_section_is_what_the_script_renders_from_committed_results() -> None:
+def test_the_benchmarks_page_is_what_the_script_renders_from_committed_results() -> None:
     tables = _tables()
-    readme = (ROOT / "README.md").read_text()
-    inside = readme.split(tables.START, 1)[1].split(tables.END, 1)[0].strip()
-    assert inside == tables.render().strip(), "README tables are stale: run python benchmarks/tables.py"
+    page = (ROOT / "docs" / "benchmarks.md").read_text()
+    inside = page.split(tables.START, 1)[1].split(tables.END, 1)[0].strip()
+    assert inside == tables.render().strip(), "docs/benchmarks.md tables are stale: run python benchmarks/tables.py"
 
 
 def test_rewrites_only_between_markers(tmp_path: Path) -> None:

@@ -58,7 +58,7 @@ def test_missing_file() -> None:
     "flag, message",
     [
         ({"cycle_mult": 1}, "cycle_mult=1: must be at least 2"),
-        ({"target_sensitivity": 0}, "target_sensitivity=0: must be between 0 and 1"),
+        ({"target_sensitivity": 0}, "target_sensitivity=0.0: must be between 0 and 1"),
         ({"batch_size": 0}, "batch_size=0: must be at least 1"),
         ({"stage_fractions": "0.5,0.4,1.0"}, "stage fractions must increase"),
         ({"lr": -1.0}, "lr=-1.0: must be positive"),
@@ -69,3 +69,34 @@ def test_missing_file() -> None:
 def test_out_of_range_settings_fail_before_any_work(flag: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_config(**flag)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        ({"label_smoothing": 0.1, "imbalance": "focal"}, "label smoothing is not available with --imbalance focal"),
+        ({"average_cycles": 2, "ema_decay": 0.99}, "--average-cycles and --ema-decay"),
+        ({"mix": "mixup", "imbalance": "logit-adjusted"}, "--mix is not available with --imbalance logit-adjusted"),
+        ({"distill_from": "runs/ens", "sam_rho": 0.05}, "--distill-from is not available with --mix or --sam-rho"),
+        ({"distill_from": "runs/ens", "members": 3}, "--distill-from trains one student network"),
+        (
+            {"members": 2, "member_archs": "@128x96,@160x120", "stage_sizes": "96x72,128x96,128x96,128x96,128x96"},
+            "--stage-sizes ends at one image size, but the members differ in size",
+        ),
+    ],
+)
+def test_combinations_that_cannot_run_fail_when_the_config_is_built(flags: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=f"^command line: {message}"):
+        load_config(**flags)
+
+
+def test_every_check_is_declared_on_the_config() -> None:
+    """A range is declared next to its field (Annotated), a rule between fields in RULES; a
+    Config built directly is checked too, not only one loaded from flags."""
+    from dermaclass import config
+
+    assert {"batch_size", "cycle_mult", "ema_decay", "stage_fractions", "member_archs"} <= set(config._CHECKS)
+    assert all(set(names) <= set(Config.__dataclass_fields__) for names, _ in config.RULES)
+    with pytest.raises(ConfigError, match="batch_size=0: must be at least 1"):
+        Config(batch_size=0)
+    assert Config().problems() == []

@@ -262,8 +262,9 @@ def calibrate_cmd(
     target sensitivity, or the prior shift for nevus sensitivity). Settings not given keep the
     bundle's own. The weights are untouched.
     """
+    from dermaclass.config import CALIBRATION_SETTINGS
     from dermaclass.models import read_bundle_meta
-    from dermaclass.serving.refit import CALIBRATION_SETTINGS, recalibrate
+    from dermaclass.serving.refit import recalibrate
 
     own = read_bundle_meta(model).config
     cfg = data_opts.config(**{k: own[k] for k in CALIBRATION_SETTINGS if k in own and data_opts.get(k) is None})

@@ -12,7 +12,6 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from dermaclass.config import Config
 from dermaclass.evaluate.metrics import (
     expected_calibration_error,
     fit_temperature,
@@ -55,24 +54,35 @@ def _temperature(logits: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndar
 
 
 def calibrate(
-    cfg: Config, logits: np.ndarray, labels: np.ndarray, vocab: list[str], *, prior: Sequence[float] | None = None
+    logits: np.ndarray,
+    labels: np.ndarray,
+    vocab: list[str],
+    *,
+    prior: Sequence[float] | None = None,
+    operating_classes: Sequence[str],
+    target_sensitivity: float,
+    prior_class: str,
+    prior_sensitivity: float,
+    refer_below: float,
 ) -> tuple[dict, dict, np.ndarray]:
     """Temperature scaling, the prior shift, operating points and the referral floor, fitted on
-    the validation split.
+    the validation split. The settings are ``Config.calibration_settings()``.
 
     ``prior``: the training split's class frequencies (in ``vocab`` order), needed for the prior
-    shift (``cfg.prior_sensitivity`` > 0). The shift is chosen on the calibrated logits, stored
+    shift (``prior_sensitivity`` > 0) towards ``prior_class``. Each of ``operating_classes``
+    gets the highest threshold that reaches ``target_sensitivity`` on validation; images whose
+    top probability is below ``refer_below`` are referred. The shift is chosen on the calibrated logits, stored
     as per-class offsets added to the raw logits (``calibration.offsets``), and the temperature
     is then refitted on the shifted logits, so the served probabilities are
     ``softmax((logits + offsets) / T)`` and the operating points are set on those.
 
     Returns the bundle's ``calibration`` and ``operating_points`` entries and the calibrated
     validation probabilities. The referral rule (``calibration.refer``) is fitted on the saved
-    bundle by ``refer.fit_ood``, since its score reads the bundle's features as the app does.
+    bundle by ``serving.refit.fit_ood``, since its score reads the bundle's features as the app does.
     """
     logits = np.asarray(logits, dtype=np.float64)
     t, probs, ece = _temperature(logits, labels)
-    # The referral floor on the top calibrated probability; refer.fit_ood adds the
+    # The referral floor on the top calibrated probability; serving.refit.fit_ood adds the
     # out-of-distribution score to this rule once the bundle is saved.
     calibration: dict = {
         "method": "temperature",
@@ -80,25 +90,25 @@ def calibrate(
         "fitted_on": "valid",
         "n": int(len(labels)),
         **ece,
-        "refer": {"min_top_probability": cfg.refer_below},
+        "refer": {"min_top_probability": refer_below},
     }
-    if cfg.prior_sensitivity > 0:
+    if prior_sensitivity > 0:
         if prior is None:
             raise ValueError("the prior shift needs the training split's class frequencies (prior)")
-        if cfg.prior_class not in vocab:
-            log.warning("prior class %r is not among the classes %s; no prior shift", cfg.prior_class, vocab)
+        if prior_class not in vocab:
+            log.warning("prior class %r is not among the classes %s; no prior shift", prior_class, vocab)
         else:
             log_prior = np.log(np.clip(np.asarray(prior, dtype=np.float64), MIN_PRIOR, None))
             shift = prior_shift(
-                logits / t, labels, log_prior, vocab.index(cfg.prior_class), target_sensitivity=cfg.prior_sensitivity
+                logits / t, labels, log_prior, vocab.index(prior_class), target_sensitivity=prior_sensitivity
             )
             if not shift["reached"]:
                 log.warning(
                     "prior shift: %s reaches validation sensitivity %.3f at most (tau %.1f), below %.2f",
-                    cfg.prior_class,
+                    prior_class,
                     shift["sensitivity"] or 0,
                     shift["tau"],
-                    cfg.prior_sensitivity,
+                    prior_sensitivity,
                 )
             offsets = t * shift["tau"] * log_prior  # in raw-logit units, so a new temperature can follow
             t, probs, ece = _temperature(logits + offsets, labels)
@@ -109,9 +119,9 @@ def calibrate(
                 offsets=offsets.tolist(),
                 prior_shift={
                     "method": "logit adjustment (Menon et al. 2021)",
-                    "class": cfg.prior_class,
+                    "class": prior_class,
                     "tau": shift["tau"],
-                    "target_sensitivity": cfg.prior_sensitivity,
+                    "target_sensitivity": prior_sensitivity,
                     "reached": shift["reached"],
                     "valid_sensitivity_before": shift["sensitivity_before"],
                     "valid_sensitivity": shift["sensitivity"],
@@ -122,7 +132,7 @@ def calibrate(
             log.info(
                 "prior shift tau %.1f: valid %s sensitivity %.3f -> %.3f",
                 shift["tau"],
-                cfg.prior_class,
+                prior_class,
                 shift["sensitivity_before"] or 0,
                 shift["sensitivity"] or 0,
             )
@@ -130,14 +140,14 @@ def calibrate(
         "temperature %.3f: valid ECE %.4f -> %.4f", t, calibration["ece_before"] or 0, calibration["ece_after"] or 0
     )
     points = {}
-    for cls in cfg.operating_classes:
+    for cls in operating_classes:
         if cls not in vocab:
             log.warning("operating class %r is not among the classes %s; no threshold for it", cls, vocab)
             continue
-        op = operating_point(labels, probs, vocab.index(cls), target_sensitivity=cfg.target_sensitivity)
+        op = operating_point(labels, probs, vocab.index(cls), target_sensitivity=target_sensitivity)
         points[cls] = {
             "threshold": op["threshold"],
-            "target_sensitivity": cfg.target_sensitivity,
+            "target_sensitivity": target_sensitivity,
             "valid_sensitivity": op["sensitivity"],
             "valid_specificity": op["specificity"],
         }

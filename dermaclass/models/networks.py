@@ -191,7 +191,7 @@ def feature_layer(model: nn.Module) -> str | None:
     EfficientNet-Lite0, 192 channels at stride 32), else the second-to-last stage timm lists
     in ``feature_info``; None: the body's own output.
 
-    Measured (benchmarks/results/refer.json and the README): at <= 5 % of HAM10000 test
+    Measured (benchmarks/results/refer.json, docs/benchmarks.md): at <= 5 % of HAM10000 test
     referred, the pooled ``blocks.5`` features referred 98 % of natural photographs where the
     final embedding referred 29 %, with as few external dermoscopy images referred; earlier
     blocks (stride 8) also flagged a third of the other clinics' dermoscopy.

@@ -20,7 +20,7 @@ then served by the ``Predictor`` (serving.predictor, through serving.backends) w
   are drawn class-balanced (``calibration_pick``) and NNCF runs its full bias correction: on
   the bundled model's valid split, top-1 agreement with float 0.990 and mean probability
   shift 0.016, against 0.985 and 0.018 for 300 random images with fast bias correction (seven
-  settings compared on the valid split only: benchmarks/results/int8_settings.json).
+  settings compared on the valid split only: benchmarks/results/int8.json).
 - ``openvino-bf16`` (``check_bf16``): no new file; the float IR run at bfloat16 inference
   precision on CPUs with native bfloat16 (AVX-512 BF16 or AMX), about half the float32
   latency here. Its outputs differ from torch by more than 1e-4, so it is served only after

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from dermaclass import models
-from dermaclass.config import Config
+from dermaclass.config import CALIBRATION_SETTINGS, Config
 from dermaclass.data.labels import class_indices
 from dermaclass.evaluate.calibration import calibrate, class_prior
 from dermaclass.evaluate.metrics import classification_metrics
@@ -35,9 +35,6 @@ from dermaclass.serving.predictor import Predictor
 from dermaclass.serving.refer import OOD_FILE, OOD_METHODS, fit, save_stats, score, threshold
 
 log = logging.getLogger(__name__)
-
-#: The Config fields that calibration is fitted by (recorded in the bundle's config).
-CALIBRATION_SETTINGS = ("operating_classes", "target_sensitivity", "prior_class", "prior_sensitivity")
 
 
 def calibrate_bundle(
@@ -68,7 +65,11 @@ def calibrate_bundle(
     classes = list(meta.classes)
     y = class_indices(labels, classes, source=f"{bundle}: the validation split")
     calibration, points, probs = calibrate(
-        cfg, np.asarray(logits), y, classes, prior=class_prior([str(v) for v in train_labels], classes)
+        np.asarray(logits),
+        y,
+        classes,
+        prior=class_prior([str(v) for v in train_labels], classes),
+        **cfg.calibration_settings(),
     )
     if note:
         calibration["refitted"] = note
@@ -81,7 +82,11 @@ def calibrate_bundle(
             calibration=calibration,
             operating_points=points,
             metrics_valid=metrics,
-            config={**meta.config, **{k: cfg.to_dict()[k] for k in CALIBRATION_SETTINGS}},
+            # the settings it was fitted by (the floor only when it was refitted too)
+            config={
+                **meta.config,
+                **{k: cfg.to_dict()[k] for k in CALIBRATION_SETTINGS if not (keep_floor and k == "refer_below")},
+            },
         ),
     )
     # The out-of-distribution score reads the saved bundle exactly as the app will, and the

@@ -32,7 +32,7 @@ from fastai.callback.core import Callback
 from fastai.learner import Recorder
 from fastai.torch_core import rank_distrib
 
-from dermaclass.errors import DermaclassError, NonFiniteLoss
+from dermaclass.errors import NonFiniteLoss
 from dermaclass.fileio import atomic_path
 
 log = logging.getLogger(__name__)
@@ -202,9 +202,7 @@ class CycleAverage(_EpochCallback):
 
     order = Recorder.order + 3  # before Resume's checkpoint (+4), which saves the snapshots
 
-    def __init__(self, last: int) -> None:
-        if last < 2:
-            raise DermaclassError(f"averaging cycle ends needs at least 2 of them, got {last}")
+    def __init__(self, last: int) -> None:  # at least 2: Config checks average_cycles
         self.last, self.snapshots, self.steps = last, [], 0
 
     def epoch_done(self) -> None:

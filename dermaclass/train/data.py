@@ -78,7 +78,7 @@ def prepare_data(cfg: Config, data: str | Path | Sequence[str | Path], *, progre
     paths = [data] if isinstance(data, (str, Path)) else list(data)
     if not paths:
         raise TrainingError("no data source given")
-    sizes = planned_sizes(cfg)  # a bad --stage-sizes fails before any decoding
+    sizes = planned_sizes(cfg)  # every size the stages decode (the Config checked them when built)
     items, validations = validate_sources(cfg, paths, progress=progress)
     skipped = sum(p.action == "skipped" for v in validations for p in v.problems)
     if skipped:
@@ -196,19 +196,11 @@ def confirmation_weights(
 
 
 def planned_sizes(cfg: Config) -> list[tuple[int, int]]:
-    """The input size of every stepwise stage (progressive resizing), checked; [] for other recipes."""
-    from dermaclass.errors import ConfigError
-
+    """The input size of every stepwise stage (progressive resizing); [] for other recipes.
+    A Config is checked when it is built (``config.RULES``), so the plan cannot fail here."""
     if cfg.recipe != "stepwise":
-        if cfg.stage_sizes:
-            raise ConfigError(f"--stage-sizes applies to the stepwise recipe, not {cfg.recipe}")
         return []
-    try:
-        return schedules.stage_sizes(
-            cfg.stage_sizes, len(schedules.check_stage_fractions(cfg.stage_fractions)), cfg.image_size
-        )
-    except ValueError as exc:
-        raise ConfigError(f"stage sizes: {exc}") from None
+    return schedules.stage_sizes(cfg.stage_sizes, len(cfg.stage_fractions), cfg.image_size)
 
 
 def inherit_bundle(cfg: Config) -> Config:

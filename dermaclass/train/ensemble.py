@@ -4,7 +4,7 @@ Averaging the predictions of independently trained networks (Lakshminarayanan et
 "Simple and scalable predictive uncertainty estimation using deep ensembles") was the most
 robust method under dataset shift in Ovadia et al. 2019, and the ISIC 2018/2019 winners were
 ensembles of networks at several input sizes (Gessert et al. 2019). Averaging weights (SWA,
-cycle-end averages) did not help here (README lever table); averaging predictions is another
+cycle-end averages) did not help here (docs/decisions.md); averaging predictions is another
 thing.
 
 Cross-fitting: the train+valid pool of the split is cut into K lesion-grouped, stratified
@@ -47,12 +47,11 @@ from dermaclass.config import Config
 from dermaclass.data import DecodeCache
 from dermaclass.data.labels import class_indices
 from dermaclass.data.splits import FOLD_COLUMN, cross_folds, write_split
-from dermaclass.errors import ConfigError
 from dermaclass.evaluate import classification_metrics
 from dermaclass.evaluate.calibration import calibrate, class_prior
 from dermaclass.evaluate.metrics import softmax
 from dermaclass.serving import refer
-from dermaclass.train.data import TrainData, TrainingError, planned_sizes
+from dermaclass.train.data import TrainData, TrainingError
 from dermaclass.train.recipes import fit_batch_size
 from dermaclass.train.resume import PROGRESS, Resume
 from dermaclass.train.run import REPLACED, TrainResult, code_commit, provenance, train
@@ -70,19 +69,12 @@ def check_ensemble(cfg: Config) -> list[schedules.Member]:
     plan = schedules.member_plan(
         cfg.members, arch=cfg.arch, image_size=cfg.image_size, seed=cfg.seed, member_archs=cfg.member_archs
     )
-    if cfg.distill_from:
-        raise ConfigError("--distill-from trains one student network; drop --members")
     if num_distrib() > 1:
         raise TrainingError(
             "an ensemble trains its members one after another in one process; launch it without "
             "accelerate (or train each member as its own data-parallel run)"
         )
-    if cfg.stage_sizes and len({m.image_size for m in plan}) > 1:
-        raise ConfigError(
-            "--stage-sizes ends at one image size, but the members differ in size; drop --stage-sizes "
-            "or give every member the same size"
-        )
-    return plan
+    return plan  # the config-only refusals (--distill-from, --stage-sizes across sizes) are Config's
 
 
 def pool_folds(
@@ -163,7 +155,6 @@ def train_ensemble(
 
     run_dir = Path(run_dir)
     plan = check_ensemble(cfg)
-    planned_sizes(cfg)  # a bad --stage-sizes fails before any member trains
     saved = None
     if resume:
         if not (run_dir / "split.csv").is_file():
@@ -304,12 +295,12 @@ def _write_ensemble(
     prior = class_prior(labels[folds >= 0], data.vocab)
     if oof_calibration:
         y = class_indices(labels[rows], data.vocab, source="the out-of-fold predictions")
-        calibration, points, probs = calibrate(cfg, logits, y, data.vocab, prior=prior)
+        calibration, points, probs = calibrate(logits, y, data.vocab, prior=prior, **cfg.calibration_settings())
         calibration["fitted_on"] = f"out-of-fold predictions of {len(records)} members on the train+valid pool"
     else:  # the held-out valid split, scored by the ensemble as it serves
         valid_logits, margins = served
         y = class_indices(labels[data.valid_rows], data.vocab, source="the valid split")
-        calibration, points, probs = calibrate(cfg, valid_logits, y, data.vocab, prior=prior)
+        calibration, points, probs = calibrate(valid_logits, y, data.vocab, prior=prior, **cfg.calibration_settings())
         calibration["fitted_on"] = f"the valid split held out from all {len(records)} members, scored by the ensemble"
     kept = (probs.max(axis=1) >= cfg.refer_below) & (margins >= 0)
     calibration["refer"] = {

@@ -6,7 +6,7 @@ HAM10000 is 67 % nevi and 1 % dermatofibroma. The default answer is a balanced s
 shows rare classes many times over; logit adjustment instead trains on the data as it comes
 and adds ``tau * log(prior)`` to the logits inside the loss only, so the network learns
 class-balanced scores without repeated images. Prediction uses the raw logits, so nothing
-changes at inference. It is issue 12's "loss and decisions" lever (``--imbalance
+changes at inference. It is the "loss and decisions" lever of the external-set screens (``--imbalance
 logit-adjusted``).
 """
 
