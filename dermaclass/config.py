@@ -55,6 +55,7 @@ def at_least(lo: int) -> Check:
 positive = Check(lambda v: v > 0, "must be positive")
 fraction = Check(lambda v: 0 <= v < 1, "must be in [0, 1)")
 open_fraction = Check(lambda v: 0 < v < 1, "must be between 0 and 1 (exclusive)")
+min_side = Check(lambda v: min(v) >= 16, "each side must be at least 16 pixels")
 
 
 def valid(check: Callable[[Any], Any]) -> Check:
@@ -105,18 +106,12 @@ class Config:
     class_names: str | None = None  # a clinic's class list with full names (JSON/YAML/CSV)
     min_per_class: Annotated[int, at_least(0)] = 10  # classes with fewer images are reported
     # --- splits (see dermaclass.data.splits) ---
-    split_fractions: Annotated[tuple[float, float, float], valid(_split_fractions)] = (
-        0.7,
-        0.15,
-        0.15,
-    )  # train, valid, test
+    # train, valid, test
+    split_fractions: Annotated[tuple[float, float, float], valid(_split_fractions)] = (0.7, 0.15, 0.15)
     split_file: str | None = None  # reuse this split; new images are added without moving old ones
     seed: int = 42
     # --- decoding ---
-    image_size: Annotated[tuple[int, int], Check(lambda v: min(v) >= 16, "each side must be at least 16 pixels")] = (
-        128,
-        96,
-    )  # width, height fed to the network
+    image_size: Annotated[tuple[int, int], min_side] = (128, 96)  # width, height fed to the network
     cache_dir: str | None = None  # default: $DERMACLASS_CACHE or ~/.cache/dermaclass
     workers: Annotated[int, at_least(0)] = 0  # processes for decoding; 0 = all cores
     # --- model (see dermaclass.models) ---
@@ -127,43 +122,31 @@ class Config:
     # --- training (see dermaclass.train and dermaclass.schedules) ---
     recipe: Literal["baseline", "sgdr", "stepwise"] = "stepwise"
     batch_size: Annotated[int, at_least(1)] = 32  # b of seed 001's Table I; stepwise stages use b, 2b, 3b, 4b, b
-    # Base LR; None: an LR range test (fastai lr_find) before each stage picks it. Default chosen
-    # on external sets (stepwise with 1 SGDR cycle per stage, seeds 42-44, balanced
-    # accuracy HAM test / derm7pt / isic2017): fixed 1e-2 0.647 / 0.384 / 0.360, range-test
-    # valley 0.605 / 0.304 / 0.355, minimum 0.638 / 0.368 / 0.375 (benchmarks/results/levers_lr.json).
+    # Base LR; None: an LR range test (fastai lr_find) before each stage picks it. Every default
+    # below that was chosen by measurement says so; docs/decisions.md gives the figures.
     lr: Annotated[float | None, positive] = 1e-2
     lr_suggestion: Literal["valley", "slide", "minimum", "steep"] = "valley"
     lr_find_iters: Annotated[int, at_least(1)] = 60  # batches in each range test
     warm_epoch: bool = False  # seed 002: one epoch at warm_lr before the range test
     warm_lr: Annotated[float, positive] = 1e-4
-    lr_ratio: Annotated[float, Check(lambda v: v >= 1, "must be at least 1 (the body's LR is lr / lr_ratio)")] = (
-        100.0  # discriminative LRs: slice(lr / lr_ratio, lr)
-    )
+    # Discriminative LRs: slice(lr / lr_ratio, lr).
+    lr_ratio: Annotated[float, Check(lambda v: v >= 1, "must be at least 1 (the body's LR is lr / lr_ratio)")] = 100.0
     head_epochs: Annotated[int, at_least(0)] = 1  # coarse fit of the head with the body frozen (seed 003)
     epochs: Annotated[int, at_least(1)] = 3  # baseline: unfrozen one-cycle epochs
     n_cycles: Annotated[int, at_least(1)] = 3  # SGDR cycles (seed 003): 1 + 2 + 4 = 7 epochs per stage
     cycle_len: Annotated[int, at_least(1)] = 1  # epochs in the first cycle
-    cycle_mult: Annotated[
-        int,
-        Check(lambda v: v >= 2, "must be at least 2 (SGDR cycle-length multiplication; 1 would repeat equal cycles)"),
-    ] = 2  # cycle-length multiplication; an integer >= 2
-    stage_fractions: Annotated[tuple[float, ...], valid(_stage_fractions)] = (
-        0.2,
-        0.4,
-        0.6,
-        0.8,
-        1.0,
-    )  # seed 001's nested subsets
+    # SGDR's cycle-length multiplication: an integer >= 2 (1 would repeat equal cycles).
+    cycle_mult: Annotated[int, Check(lambda v: v >= 2, "must be at least 2 (SGDR cycle-length multiplication)")] = 2
+    # seed 001's nested subsets
+    stage_fractions: Annotated[tuple[float, ...], valid(_stage_fractions)] = (0.2, 0.4, 0.6, 0.8, 1.0)
     # Progressive resizing (fastbook): one WIDTHxHEIGHT per stepwise stage, the last = image_size;
     # empty = every stage at image_size.
     stage_sizes: Annotated[tuple[str, ...], valid(_sizes)] = ()
-    # LR per stepwise stage. Default chosen by measurement on HAM10000 (valid balanced accuracy,
-    # 3 SGDR epochs per stage): linear 0.607, constant 0.490, eq9 0.401 (eq9 with --lr 2e-3: 0.555).
+    # LR per stepwise stage: linear = scaled with the stage's batch size (by measurement).
     lr_rule: Literal["eq9", "constant", "linear"] = "linear"
     weight_sharing: bool = True  # False: each stage restarts from the initial weights (Table IV)
-    # Default chosen by measurement (baseline recipe, LR 1e-2, valid balanced accuracy): sampler 0.705,
-    # weights 0.603, sqrt-weights 0.577, none 0.493 (focal: see the training issue's note).
-    # logit-adjusted: Menon et al. 2021 (dermaclass.train.losses), data as it comes, no sampler.
+    # The balanced sampler by measurement; logit-adjusted: Menon et al. 2021 (train.losses), the
+    # data as it comes, no sampler.
     imbalance: Literal["none", "weights", "sqrt-weights", "sampler", "focal", "logit-adjusted"] = "sampler"
     augment: Literal["none", "basic", "zoom", "augmix"] = "basic"
     # Sampling weight of images whose diagnosis was confirmed by histopathology (a dx_type column
@@ -173,12 +156,11 @@ class Config:
     histo_weight: Annotated[float, Check(lambda v: v > 0, "must be positive (1 = every image alike)")] = 1.0
     # Shades-of-Gray colour constancy, applied identically at training and inference (recorded
     # in the bundle): dermatoscopes light and tint images differently from clinic to clinic.
-    # Default by measurement (3 seeds, at LR 1e-2): derm7pt +0.052 and isic2017 +0.043
-    # balanced accuracy on every seed, HAM test +0.002 (benchmarks/results/levers_colour.json).
+    # On by measurement (the strongest lever on other clinics' images).
     colour_constancy: Literal["none", "shades-of-gray"] = "shades-of-gray"
     # Test-time augmentation the bundle uses by default: "flips" averages the logits of the image
     # and its three flips (temperature and thresholds are fitted on the same averaged logits).
-    # Measured (3 seeds, Shades-of-Gray): +0.011 HAM test, +0.011 derm7pt, +0.010 isic2017.
+    # On by measurement.
     tta: Literal["none", "flips"] = "flips"
     label_smoothing: Annotated[float, fraction] = 0.0  # cross-entropy label smoothing (Szegedy et al. 2016); 0 = off
     # Which weights the bundle keeps: the epoch with the best validation balanced accuracy over
@@ -203,35 +185,27 @@ class Config:
     # backward pass per batch, so about twice the training time). 0 = off.
     sam_rho: Annotated[float, Check(lambda v: v >= 0, "must be 0 (off) or more")] = 0.0
     precision: Literal["float32", "bfloat16"] = "float32"  # bfloat16: autocast of forward + loss
-    early_stop_patience: Annotated[int, at_least(0)] = (
-        0  # epochs without balanced-accuracy gain before stopping; 0 = off
-    )
+    # Epochs without balanced-accuracy gain before stopping; 0 = off.
+    early_stop_patience: Annotated[int, at_least(0)] = 0
     wd: Annotated[float, Check(lambda v: v >= 0, "must be 0 or more")] = 0.01
     threads: Annotated[int, at_least(0)] = 0  # torch threads; 0 = all cores
     # calibration and operating points (fitted on the validation split after training)
     operating_classes: tuple[str, ...] = ("mel",)  # classes of clinical interest that get a threshold
-    target_sensitivity: Annotated[float, open_fraction] = (
-        0.90  # the threshold is the highest one reaching this on validation
-    )
+    # The threshold is the highest one reaching this on validation.
+    target_sensitivity: Annotated[float, open_fraction] = 0.90
     # Prior shift (post-hoc logit adjustment, Menon et al. 2021), fitted on the validation split
     # after the temperature: tau * log(train prior) is added to the calibrated logits, with tau
     # the smallest on a 0.1 grid that gives prior_class this sensitivity. The balanced sampler
     # trains towards a uniform prior and then calls a third of nevi something else. 0 = off.
-    # Default by measurement (benchmarks/results/prior.json, the full default's models of seeds
-    # 42-44, paired): balanced accuracy HAM test -0.001, derm7pt +0.001, isic2017 +0.010; HAM
-    # nevus sensitivity 0.77 -> 0.80; a no-op (tau 0) for a model that meets it already.
+    # On by measurement; a no-op (tau 0) for a model that meets the target already.
     prior_class: str = "nv"
     prior_sensitivity: Annotated[float, fraction] = 0.80
-    refer_below: Annotated[float, fraction] = (
-        0.5  # refer to a dermatologist when the top calibrated probability is lower
-    )
-    ood_keep: Annotated[float, open_fraction] = (
-        0.95  # the out-of-distribution cut-off passes this share of validation images
-    )
+    # Refer to a dermatologist when the top calibrated probability is lower.
+    refer_below: Annotated[float, fraction] = 0.5
+    # The out-of-distribution cut-off passes this share of validation images.
+    ood_keep: Annotated[float, open_fraction] = 0.95
     # Out-of-distribution score (serving.refer), fitted on the train split's features after training.
-    # Default by measurement (benchmarks/bench_refer.py, cut-off passing 95 % of valid): with the
-    # input checks, mahalanobis referred 3.5 % of HAM test and 97.2 % of non-dermoscopic images;
-    # knn 5.4 % and 97.5 % (and 34 % of isic2017's dermoscopy against 12 %); energy 4.5 % and 70.6 %.
+    # Mahalanobis by measurement (benchmarks/bench_refer.py).
     ood: Literal["knn", "mahalanobis", "energy"] = "mahalanobis"
     # --- deep ensembles (Lakshminarayanan et al. 2017), cross-fitted (train/ensemble.py) ---
     # members > 1: the train+valid pool is cut into this many lesion-grouped, stratified folds;
