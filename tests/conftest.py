@@ -103,25 +103,40 @@ def colour_data(tmp_path_factory) -> Path:
     return root
 
 
+#: A tiny test network trained in seconds on ``colour_data`` (its classes differ only in colour,
+#: so no colour constancy), for the fixtures and tests that need a trained bundle.
+TINY = dict(
+    image_size="32,24", batch_size=8, arch="test_resnet", pretrained=False, head_epochs=0, epochs=2,
+    recipe="baseline", lr=1e-2, colour_constancy="none",
+)  # fmt: skip
+#: The same network's flags for `dermaclass train` in a subprocess (stepwise, two stages).
+TINY_TRAIN_FLAGS = (
+    "--image-size 32,24 --batch-size 8 --arch test_resnet --no-pretrained --head-epochs 1 "
+    "--stage-fractions 0.5,1.0 --lr 1e-3 --threads 1"
+).split()
+
+
+def tiny_config(tmp: Path, **changes):
+    """``TINY`` with its own decode cache under ``tmp``, and ``changes``."""
+    from dermaclass.config import load_config
+
+    return load_config(**{**TINY, "cache_dir": str(tmp / "cache"), **changes})
+
+
+def train_command(data: Path, run: Path, *flags: str) -> list[str]:
+    """`python -m dermaclass train DATA --out RUN` on the tiny network, with ``flags`` added."""
+    import sys
+
+    return [sys.executable, "-m", "dermaclass", "train", str(data), "--out", str(run), *TINY_TRAIN_FLAGS, *flags]
+
+
 @pytest.fixture(scope="session")
 def tiny_bundle(colour_data: Path, tmp_path_factory) -> Path:
     """A bundle trained in seconds on ``colour_data`` (baseline recipe, a tiny test network)."""
-    from dermaclass.config import load_config
     from dermaclass.train import prepare_data, train
 
     tmp = tmp_path_factory.mktemp("bundle")
-    cfg = load_config(
-        image_size="32,24",
-        batch_size=8,
-        arch="test_resnet",
-        pretrained=False,
-        head_epochs=0,
-        epochs=2,
-        recipe="baseline",
-        lr=1e-2,
-        cache_dir=str(tmp / "cache"),
-        colour_constancy="none",
-    )  # the generated classes differ only in colour
+    cfg = tiny_config(tmp)
     run = tmp / "run"
     train(cfg, prepare_data(cfg, colour_data), run)
     return run
@@ -130,23 +145,10 @@ def tiny_bundle(colour_data: Path, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_ensemble(colour_data: Path, tmp_path_factory) -> Path:
     """A cross-fitted ensemble of two tiny networks on ``colour_data`` (train/ensemble.py)."""
-    from dermaclass.config import load_config
     from dermaclass.train import prepare_data, train_ensemble
 
     tmp = tmp_path_factory.mktemp("ensemble")
-    cfg = load_config(
-        image_size="32,24",
-        batch_size=8,
-        arch="test_resnet",
-        pretrained=False,
-        head_epochs=0,
-        epochs=2,
-        recipe="baseline",
-        lr=1e-2,
-        colour_constancy="none",
-        members=2,
-        cache_dir=str(tmp / "cache"),
-    )
+    cfg = tiny_config(tmp, members=2)
     train_ensemble(cfg, prepare_data(cfg, colour_data), tmp / "run")
     return tmp / "run"
 

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import train_command
 from typer.testing import CliRunner
 
 from dermaclass import models, schedules
@@ -338,36 +339,10 @@ def test_killed_run_resumes_to_completion(colour_data: Path, tmp_path: Path) -> 
     import os
     import signal
     import subprocess
-    import sys
     import time
 
     run = tmp_path / "run"
-    args = [
-        sys.executable,
-        "-m",
-        "dermaclass",
-        "train",
-        str(colour_data),
-        "--out",
-        str(run),
-        "--image-size",
-        "32,24",
-        "--batch-size",
-        "8",
-        "--arch",
-        "test_resnet",
-        "--no-pretrained",
-        "--head-epochs",
-        "1",
-        "--n-cycles",
-        "3",
-        "--stage-fractions",
-        "0.5,1.0",
-        "--lr",
-        "1e-3",
-        "--threads",
-        "1",
-    ]
+    args = train_command(colour_data, run, "--n-cycles", "3")
     env = {**os.environ, "DERMACLASS_CACHE": str(tmp_path / "cache")}
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     progress = run / "progress.json"

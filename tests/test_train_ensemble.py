@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import train_command
 from typer.testing import CliRunner
 
 from dermaclass import models, schedules
@@ -355,40 +356,10 @@ def test_a_killed_ensemble_resumes_at_the_member_and_epoch_where_it_stopped(colo
     import os
     import signal
     import subprocess
-    import sys
     import time
 
     run = tmp_path / "run"
-    args = [
-        sys.executable,
-        "-m",
-        "dermaclass",
-        "train",
-        str(colour_data),
-        "--out",
-        str(run),
-        "--image-size",
-        "32,24",
-        "--batch-size",
-        "8",
-        "--arch",
-        "test_resnet",
-        "--no-pretrained",
-        "--head-epochs",
-        "1",
-        "--n-cycles",
-        "2",
-        "--stage-fractions",
-        "0.5,1.0",
-        "--lr",
-        "1e-3",
-        "--threads",
-        "1",
-        "--colour-constancy",
-        "none",
-        "--members",
-        "2",
-    ]
+    args = train_command(colour_data, run, "--n-cycles", "2", "--colour-constancy", "none", "--members", "2")
     env = {**os.environ, "DERMACLASS_CACHE": str(tmp_path / "cache")}
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     progress = run / "members" / "m1" / "progress.json"

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_config
 
 from dermaclass.train.losses import LogitAdjustedLoss
 
@@ -42,22 +43,9 @@ def test_bad_priors_are_refused_and_an_absent_class_stays_finite() -> None:
 def test_training_with_logit_adjustment(colour_data: Path, tmp_path: Path) -> None:
     import json
 
-    from dermaclass.config import load_config
     from dermaclass.train import prepare_data, train
 
-    cfg = load_config(
-        image_size="32,24",
-        batch_size=8,
-        arch="test_resnet",
-        pretrained=False,
-        head_epochs=0,
-        epochs=1,
-        recipe="baseline",
-        lr=1e-3,
-        cache_dir=str(tmp_path / "cache"),
-        colour_constancy="none",
-        imbalance="logit-adjusted",
-    )
+    cfg = tiny_config(tmp_path, epochs=1, lr=1e-3, imbalance="logit-adjusted")
     train(cfg, prepare_data(cfg, colour_data), tmp_path / "run")
     meta = json.loads((tmp_path / "run" / "model.json").read_text())
     assert meta["config"]["imbalance"] == "logit-adjusted" and meta["metrics_valid"]["n"] > 0
