@@ -36,7 +36,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -44,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from common import EXTERNAL, HAM, RESULTS, ROOT, SPLIT, fmt, repo_relative, summarise_rows
+from common import EXTERNAL, HAM, RESULTS, ROOT, SPLIT, fmt, repo_relative, summarise_rows, train_run
 from dermaclass.fileio import write_json
 
 SHORT = ["--recipe", "stepwise", "--n-cycles", "1"]
@@ -252,28 +251,10 @@ def main() -> None:
             if args.quick:  # the tiny budget, keeping the variant's ensemble flags
                 flags = [*QUICK, *(flags[flags.index("--members") :] if "--members" in flags else [])]
             run = use.get((name, seed), runs_dir / f"{name}-seed{seed}")
-            cmd = [
-                sys.executable,
-                "-m",
-                "dermaclass",
-                "train",
-                args.data,
-                "--out",
-                str(run),
-                "--seed",
-                str(seed),
-                "--split-file",
-                args.split_file,
-                *flags,
-            ]
-            wall = None
-            if not (run / "model.json").is_file():
-                resume = run.is_dir() and any(run.iterdir())
-                print("$", " ".join(cmd), "--resume" if resume else "", flush=True)
-                start = time.perf_counter()
-                with open(runs_dir / f"{name}-seed{seed}.log", "a") as logf:
-                    subprocess.run(cmd + (["--resume"] if resume else []), check=True, stdout=logf, stderr=logf)
-                wall = round((time.perf_counter() - start) / 60, 2)
+            wall = train_run(
+                run, data=args.data, seed=seed, split_file=args.split_file, flags=flags,
+                log=runs_dir / f"{name}-seed{seed}.log", resume=True,
+            )  # fmt: skip
             row = {
                 "variant": name,
                 "seed": seed,

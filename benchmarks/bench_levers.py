@@ -28,12 +28,10 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-from common import HAM, RESULTS, ROOT, SPLIT, fmt, measure, repo_relative, run_facts, summarise_rows
+from common import HAM, RESULTS, ROOT, SPLIT, fmt, measure, repo_relative, run_facts, summarise_rows, train_run
 from dermaclass.fileio import write_json
 
 # The screens measure the network: every run is trained with ``--tta none`` and measured
@@ -245,21 +243,6 @@ def main() -> None:
             if args.only and name not in args.only:
                 continue
             run = runs_dir / f"{run_name(flags)}-seed{seed}"
-            cmd = [
-                sys.executable,
-                "-m",
-                "dermaclass",
-                "train",
-                args.data,
-                "--out",
-                str(run),
-                "--seed",
-                str(seed),
-                "--split-file",
-                args.split_file,
-                *BUDGETS[args.budget],
-                *flags,
-            ]
             wall = None
             shared = measured_elsewhere.get((tuple(flags), seed))
             if shared and not (run / "model.json").is_file() and (not args.tta or shared[1].get("tta")):
@@ -271,11 +254,10 @@ def main() -> None:
             if not (run / "model.json").is_file():
                 for stale in run.glob("bench_measure*.json"):  # figures of an earlier bundle in this folder
                     stale.unlink()
-                print("$", " ".join(cmd), flush=True)
-                start = time.perf_counter()
-                with open(runs_dir / f"{run_name(flags)}-seed{seed}.log", "w") as logf:
-                    subprocess.run(cmd + (["--force"] if run.exists() else []), check=True, stdout=logf, stderr=logf)
-                wall = round((time.perf_counter() - start) / 60, 2)
+                log = runs_dir / f"{run_name(flags)}-seed{seed}.log"
+                log.unlink(missing_ok=True)
+                flags_run = [*BUDGETS[args.budget], *flags]
+                wall = train_run(run, data=args.data, seed=seed, split_file=args.split_file, flags=flags_run, log=log)
             row = {
                 "variant": name,
                 "seed": seed,

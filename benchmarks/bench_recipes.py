@@ -39,14 +39,12 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
-from common import SPLIT, mean_sd, measure
+from common import SPLIT, mean_sd, measure, train_run
 from dermaclass import schedules
 from dermaclass.config import Config
 from dermaclass.fileio import write_json
@@ -178,32 +176,7 @@ def main() -> None:
             if (args.only and name not in args.only) or (name, seed) in done:
                 continue
             run = runs_dir / f"{name}-seed{seed}"
-            cmd = [
-                sys.executable,
-                "-m",
-                "dermaclass",
-                "train",
-                args.data,
-                "--out",
-                str(run),
-                "--seed",
-                str(seed),
-                *flags,
-                "--split-file",
-                str(split_file),
-            ]
-            if not (run / "model.json").is_file():
-                print("$", " ".join(cmd), flush=True)
-                start = time.perf_counter()
-                subprocess.run(
-                    cmd + (["--force"] if run.exists() else []),
-                    check=True,
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                )
-                wall = time.perf_counter() - start
-            else:
-                wall = None  # an earlier invocation trained it; its training time is in model.json
+            wall = train_run(run, data=args.data, seed=seed, split_file=split_file, flags=flags)
             meta = json.loads((run / "model.json").read_text())
             figures = measure(run, split_file=split_file, data=Path(args.data), n_boot=args.n_boot)
             report, external = figures["test"], figures["external"]  # external: compared on, never fitted on
@@ -220,7 +193,7 @@ def main() -> None:
                     "images_processed": meta["training"]["images_seen"],
                     "full_data_epochs": meta["training"]["epochs_equivalent"],
                     "training_minutes": round(meta["training"]["seconds"] / 60, 2),
-                    "wall_minutes": round(wall / 60, 2) if wall else None,
+                    "wall_minutes": wall,
                     "test": report,
                     "external": external,
                 }

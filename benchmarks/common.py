@@ -7,6 +7,7 @@ are used to compare recipes only, never to fit anything.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,37 @@ HAM = SHARED / "ham10000"
 EXTERNAL = {"derm7pt": SHARED / "derm7pt", "isic2017": SHARED / "isic2017", "ph2": SHARED / "ph2"}
 # The bundled model's lesion-grouped split: every benchmark run trains and tests on it.
 SPLIT = ROOT / "models" / "ham10000-effnet-lite0" / "split.csv"
+
+
+def train_run(
+    run: Path,
+    *,
+    data: str | Path,
+    seed: int,
+    split_file: str | Path,
+    flags: list[str],
+    log: Path | None = None,
+    resume: bool = False,
+) -> float | None:
+    """Train ``run`` with ``dermaclass train`` on the benchmark's split, unless it already holds
+    a bundle. A folder left by an interrupted run is resumed (``resume``) or trained again from
+    the start (``--force``). Output goes to ``log`` (appended) or nowhere. Returns the wall-clock
+    minutes, or None when an earlier invocation trained it (its time is in model.json)."""
+    import subprocess
+    import sys
+    import time
+
+    if (run / "model.json").is_file():
+        return None
+    cmd = [sys.executable, "-m", "dermaclass", "train", str(data), "--out", str(run), "--seed", str(seed)]
+    cmd += ["--split-file", str(split_file), *flags]
+    if run.is_dir() and any(run.iterdir()):
+        cmd.append("--resume" if resume else "--force")
+    print("$", " ".join(cmd), flush=True)
+    start = time.perf_counter()
+    with open(log, "a") if log else open(os.devnull, "w") as out:
+        subprocess.run(cmd, check=True, stdout=out, stderr=out)
+    return round((time.perf_counter() - start) / 60, 2)
 
 
 def repo_relative(path: str | Path) -> str:
