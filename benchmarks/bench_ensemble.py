@@ -70,7 +70,7 @@ def load_set(path: Path, *, sizes: list[tuple[int, int]], split_file: Path | Non
     from dermaclass.evaluate.run import select_split
 
     cfg = load_config()
-    items, _ = validate_sources(cfg, [path], progress=None)
+    items, _ = validate_sources([path], **cfg.source_settings())
     items = items.reset_index(drop=True)
     if split_file is not None:
         items, _ = select_split(items, read_split(split_file), "test", source=str(path))

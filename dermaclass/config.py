@@ -247,6 +247,20 @@ class Config:
             out += [problem for _, rule in RULES if (problem := rule(self))]
         return out
 
+    def source_settings(self) -> dict[str, Any]:
+        """The keyword arguments of ``data.validate.validate_source(s)``."""
+        keys = ("manifest", "image_col", "label_col", "group_col", "class_names", "min_per_class", "workers")
+        return {k: getattr(self, k) for k in keys}
+
+    def range_test_settings(self) -> dict[str, Any]:
+        """The keyword arguments of ``train.lr_find.range_test``."""
+        return {
+            "iters": self.lr_find_iters,
+            "suggestion": self.lr_suggestion,
+            "warm_epoch": self.warm_epoch,
+            "warm_lr": self.warm_lr,
+        }
+
     def calibration_settings(self) -> dict[str, Any]:
         """The keyword arguments of ``evaluate.calibration.calibrate``."""
         return {k: getattr(self, k) for k in CALIBRATION_SETTINGS}

@@ -57,12 +57,13 @@ def retrain(
     force: bool = False,
     progress: Callable[[int, int], None] | None = None,
     on_prepared: Callable[[Config, training.TrainData], None] | None = None,
+    on_start: Callable[[Config, int], None] | None = None,
 ) -> Retrained:
     """Train a new bundle in ``out_dir`` from ``bundle`` on ``data`` (the original source first,
     then new folders) and compare both on the parent's test split.
 
-    ``on_prepared`` is called once the data are decoded and the batch size fitted, before the
-    (long) training starts: the CLI prints the plan there.
+    ``on_prepared(config, data)`` is called once the data are decoded (the CLI reports the
+    split there), and ``on_start`` is ``train``'s (the plan, as the run trains it).
     """
     bundle, out_dir = Path(bundle), Path(out_dir)
     parent = read_bundle_meta(bundle)
@@ -78,11 +79,10 @@ def retrain(
     )
     training.check_run_dir(out_dir, force=force)
     prepared = training.prepare_data(cfg, list(data), progress=progress)
-    cfg = training.fit_batch_size(cfg, len(prepared.train_rows))  # small data: a smaller batch, or exit 5
     if on_prepared is not None:
         on_prepared(cfg, prepared)
     fit = training.train_ensemble if cfg.members > 1 else training.train
-    result = fit(cfg, prepared, out_dir, force=force)
+    result = fit(cfg, prepared, out_dir, force=force, on_start=on_start)
     training.write_summary(result)
     write_report(evaluate_bundle(out_dir, list(data), cfg=cfg, n_boot=n_boot), out_dir / "report", force=force)
     cmp_dir = out_dir / "compare"

@@ -24,7 +24,7 @@ def test_corrections_form_a_dataset(tmp_path: Path) -> None:
     assert row["corrections"] == 3
     table = pd.read_csv(review / "labels.csv")
     assert table["label"].tolist() == ["mel", "nv", "mel"] and table["note"].eq("biopsy").all()
-    v = validate_source(load_config(), review)
+    v = validate_source(review, **load_config().source_settings())
     assert len(v.items) == 3 and sorted(v.items["label"]) == ["mel", "mel", "nv"]
     assert not [p for p in v.problems if p.action == "skipped"]
 
@@ -68,5 +68,5 @@ def test_notes_cannot_break_the_manifest(tmp_path: Path) -> None:
     table = pd.read_csv(review / "labels.csv", dtype=str, keep_default_na=False)
     assert len(table) == 2 and table["note"][0] == 'first line\nsecond, "quoted"\nthird'
     assert table["original_name"][0] == "IMG 1.jpg" and table["lesion"].tolist() == ["L-9", ""]
-    v = validate_source(load_config(), review)
+    v = validate_source(review, **load_config().source_settings())
     assert len(v.items) == 2

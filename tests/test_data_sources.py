@@ -153,7 +153,7 @@ def test_odd_manifests_symlinks_and_frames_are_reported(tmp_path: Path) -> None:
     (root / "labels.csv").write_text(
         "image,label,label\n" + "".join(f"img{i}.png,{'mel' if i % 2 else 'nv'},x\n" for i in range(4))
     )
-    v = validate_source(load_config(), root)
+    v = validate_source(root, **load_config().source_settings())
     assert sorted(v.items["label"]) == ["mel", "mel", "nv", "nv"]
     assert any("'label' appears more than once" in n for n in v.dataset.notes)
 
@@ -167,6 +167,6 @@ def test_odd_manifests_symlinks_and_frames_are_reported(tmp_path: Path) -> None:
     (folders / "bkl").symlink_to(elsewhere, target_is_directory=True)
     frames = [Image.new("RGB", (32, 24), (c, c, c)) for c in (10, 200)]
     frames[0].save(folders / "nv" / "anim.gif", save_all=True, append_images=frames[1:])
-    v = validate_source(load_config(), folders)
+    v = validate_source(folders, **load_config().source_settings())
     kinds = {(p.kind, p.file) for p in v.problems}
     assert ("symlink", "bkl") in kinds and ("multi_frame", "nv/anim.gif") in kinds

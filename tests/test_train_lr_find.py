@@ -22,7 +22,7 @@ def test_range_test_falls_back_when_the_curve_is_useless(colour_data: Path, tmp_
     cfg = _cfg(tmp_path, lr_find_iters=3)  # far too few points for any suggestion
     data = prepare_data(cfg, colour_data)
     learn = build_learner(cfg, data, tmp_path, dls=stage_dataloaders(cfg, data, data.train_rows, 8))
-    test = range_test(learn, cfg, tmp_path, "tiny")
+    test = range_test(learn, tmp_path, "tiny", **cfg.range_test_settings())
     assert test.chosen == SAFE_LR and "no " in test.note
 
 

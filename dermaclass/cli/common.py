@@ -304,7 +304,7 @@ def _validate(path: Path, cfg: Config):
 
     progress, update = _progress("decoding")
     with progress:
-        return validate_source(cfg, path, progress=update)
+        return validate_source(path, progress=update, **cfg.source_settings())
 
 
 def _print_validation(stats: dict[str, Any], *, limit: int = 40) -> None:

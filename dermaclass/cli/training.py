@@ -148,10 +148,8 @@ def train_cmd(
         + ", ".join(f"{s} {int(counts.get(s, 0)):,}" for s in ("train", "valid", "test")),
         highlight=False,
     )
-    if not resume:
-        cfg = training.fit_batch_size(cfg, len(prepared.train_rows))  # small data: a smaller batch, or exit 5
-    _print_plan(cfg, len(prepared.train_rows))
-    result = training.train(cfg, prepared, out_dir, force=force, resume=resume)
+    # the plan as it trains: small data get a smaller batch (or exit 5)
+    result = training.train(cfg, prepared, out_dir, force=force, resume=resume, on_start=_print_plan)
     training.write_summary(result)
     m = result.metrics
     out.print(
@@ -179,9 +177,7 @@ def _train_ensemble(cfg: Config, prepared, out_dir: Path, *, force: bool, resume
             f"member {m.name}: {m.arch} at {m.image_size[0]}x{m.image_size[1]}, seed {m.seed}, held-out fold {m.fold}",
             highlight=False,
         )
-    first = cfg.replace(arch=plan[0].arch, image_size=plan[0].image_size, members=1, member_archs=())
-    _print_plan(training.fit_batch_size(first, pool - pool // cfg.members), pool - pool // cfg.members)
-    result = training.train_ensemble(cfg, prepared, out_dir, force=force, resume=resume)
+    result = training.train_ensemble(cfg, prepared, out_dir, force=force, resume=resume, on_start=_print_plan)
     training.write_summary(result)
     meta = read_bundle_meta(out_dir)
     for m in meta.members:
@@ -221,12 +217,14 @@ def retrain_cmd(
             f"{reuse.get('followed', 0):,} joined their lesion's split, {reuse.get('assigned', 0):,} new assigned",
             highlight=False,
         )
-        _print_plan(cfg, len(prepared.train_rows))
 
     logging.getLogger("dermaclass").setLevel(logging.INFO)
     progress, update = _progress("decoding")
     with progress:
-        done = retrain(bundle, data, out_dir, n_boot=n_boot, force=force, progress=update, on_prepared=announce)
+        done = retrain(
+            bundle, data, out_dir, n_boot=n_boot, force=force, progress=update, on_prepared=announce,
+            on_start=_print_plan,
+        )  # fmt: skip
     if done.new_classes:
         out.print(f"classes added: {', '.join(done.new_classes)}", highlight=False)
     comparison = done.comparison
@@ -291,7 +289,7 @@ def lr_find_cmd(
     )
     if unfrozen:
         learn.unfreeze()
-    test = range_test(learn, cfg, out_dir, "unfrozen" if unfrozen else "head")
+    test = range_test(learn, out_dir, "unfrozen" if unfrozen else "head", **cfg.range_test_settings())
     write_json(out_dir / "lr_find.json", {**test.to_dict(), "warm_epoch": cfg.warm_epoch, "config": cfg.to_dict()})
     for k, v in test.suggestions.items():
         out.print(f"{k:8} {v:.2e}" if v else f"{k:8} -", highlight=False)

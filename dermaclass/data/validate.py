@@ -10,7 +10,6 @@ data card.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from collections import Counter
@@ -22,7 +21,6 @@ from typing import Any
 
 import pandas as pd
 
-from dermaclass.config import Config
 from dermaclass.data.images import ImageInfo, inspect_file
 from dermaclass.data.labels import full_name, load_class_names
 from dermaclass.data.sources import PROBLEM_KINDS, Dataset, Problem, load_dataset
@@ -210,37 +208,45 @@ def validate(
     return Validation(dataset, items, problems, min_per_class, files_checked=len(infos), notes=notes)
 
 
-def validate_source(cfg: Config, path: str | Path, *, progress: Callable[[int, int], None] | None = None) -> Validation:
-    """Load a dataset with the data settings of ``cfg`` and validate it (the one path every command takes)."""
-    names = load_class_names(Path(cfg.class_names)) if cfg.class_names else None
+def validate_source(
+    path: str | Path,
+    *,
+    min_per_class: int,
+    workers: int,
+    manifest: str | None = None,
+    image_col: str | None = None,
+    label_col: str | None = None,
+    group_col: str | None = None,
+    class_names: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Validation:
+    """Load a dataset and validate it (the one path every command takes). The settings are
+    ``Config.source_settings()``: columns left None are detected; ``workers`` 0 = all cores."""
+    names = load_class_names(Path(class_names)) if class_names else None
     dataset = load_dataset(
-        path,
-        manifest=cfg.manifest,
-        image_col=cfg.image_col,
-        label_col=cfg.label_col,
-        group_col=cfg.group_col,
-        class_names=names,
+        path, manifest=manifest, image_col=image_col, label_col=label_col, group_col=group_col, class_names=names
     )
-    return validate(dataset, min_per_class=cfg.min_per_class, workers=cfg.workers or None, progress=progress)
+    return validate(dataset, min_per_class=min_per_class, workers=workers or None, progress=progress)
 
 
 def validate_sources(
-    cfg: Config, paths: Sequence[str | Path], *, progress: Callable[[int, int], None] | None = None
+    paths: Sequence[str | Path],
+    *,
+    progress: Callable[[int, int], None] | None = None,
+    **settings: Any,
 ) -> tuple[pd.DataFrame, list[Validation]]:
     """Validate several sources (a clinic export, a new batch, the app's review folder) and merge them.
 
-    The first source is read with the data settings of ``cfg`` (manifest, column names) and
-    keeps its image ids, so a split file written for it still matches; later sources are
-    read with auto-detection, and their image ids and groups are prefixed with the source's
-    folder name so two sources can never collide. The same file in two sources is kept once
-    (the first); with conflicting labels it is dropped from both, with a warning.
+    The first source is read with ``settings`` (``validate_source``'s: manifest, column names,
+    ...) and keeps its image ids, so a split file written for it still matches; later sources
+    are read with auto-detection, and their image ids and groups are prefixed with the
+    source's folder name so two sources can never collide. The same file in two sources is
+    kept once (the first); with conflicting labels it is dropped from both, with a warning.
     """
+    detected = {**settings, "manifest": None, "image_col": None, "label_col": None, "group_col": None}
     frames, validations = [], []
     for k, path in enumerate(paths):
-        vcfg = (
-            cfg if k == 0 else dataclasses.replace(cfg, manifest=None, image_col=None, label_col=None, group_col=None)
-        )
-        v = validate_source(vcfg, path, progress=progress)
+        v = validate_source(path, progress=progress, **(settings if k == 0 else detected))
         items = v.items.copy()
         if k > 0:
             name = v.dataset.root.name

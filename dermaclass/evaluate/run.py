@@ -144,7 +144,7 @@ def split_images(
     bundle = Path(bundle)
     meta = read_bundle_meta(bundle)  # the classes and input size; no network is loaded
     paths = [data] if isinstance(data, (str, Path)) else list(data)
-    items, _ = validate_sources(cfg, paths, progress=None)
+    items, _ = validate_sources(paths, **cfg.source_settings())
     source = ", ".join(str(p) for p in paths)
     split_path = Path(split_file) if split_file else bundle / "split.csv"
     sizes = list(dict.fromkeys(tuple(m["input_size"]) for m in meta.members))
@@ -192,7 +192,7 @@ def evaluate_bundle(
     predictor = Predictor(bundle, threads=cfg.threads)
     classes = predictor.classes
     paths = [data] if isinstance(data, (str, Path)) else list(data)
-    items, validations = validate_sources(cfg, paths, progress=progress)
+    items, validations = validate_sources(paths, progress=progress, **cfg.source_settings())
     data = ", ".join(str(p) for p in paths)
     split_path = None if split == "all" else (Path(split_file) if split_file else bundle / "split.csv")
     chosen, split_counts, images = _split_images(

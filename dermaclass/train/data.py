@@ -79,7 +79,7 @@ def prepare_data(cfg: Config, data: str | Path | Sequence[str | Path], *, progre
     if not paths:
         raise TrainingError("no data source given")
     sizes = planned_sizes(cfg)  # every size the stages decode (the Config checked them when built)
-    items, validations = validate_sources(cfg, paths, progress=progress)
+    items, validations = validate_sources(paths, progress=progress, **cfg.source_settings())
     skipped = sum(p.action == "skipped" for v in validations for p in v.problems)
     if skipped:
         log.warning("%d files skipped by validation (run `dermaclass data validate` for the list)", skipped)

@@ -35,6 +35,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,6 @@ from dermaclass.evaluate.calibration import calibrate, class_prior
 from dermaclass.evaluate.metrics import softmax
 from dermaclass.serving import refer
 from dermaclass.train.data import TrainData, TrainingError
-from dermaclass.train.recipes import fit_batch_size
 from dermaclass.train.resume import PROGRESS, Resume
 from dermaclass.train.run import REPLACED, TrainResult, code_commit, provenance, train
 
@@ -145,8 +145,10 @@ def train_ensemble(
     force: bool = False,
     data_card: str | None = None,
     resume: bool = False,
+    on_start: Callable[[Config, int], None] | None = None,
 ) -> TrainResult:
     """Train ``cfg.members`` cross-fitted networks and write the ensemble bundle in ``run_dir``.
+    ``on_start`` is ``train``'s, for the first member that trains.
 
     ``resume``: finished members are kept, an interrupted one continues from its last epoch,
     the rest are trained.
@@ -177,16 +179,13 @@ def train_ensemble(
     for member in plan:
         folder = run_dir / MEMBERS_DIR / member.name
         mdata = member_data(data, folds, member, cfg)
-        mcfg = fit_batch_size(
-            cfg.replace(
-                arch=member.arch,
-                image_size=member.image_size,
-                seed=member.seed,
-                members=1,
-                member_archs=(),
-                init_bundle=member_parent(cfg, member),
-            ),
-            len(mdata.train_rows),
+        mcfg = cfg.replace(
+            arch=member.arch,
+            image_size=member.image_size,
+            seed=member.seed,
+            members=1,
+            member_archs=(),
+            init_bundle=member_parent(cfg, member),
         )
         if (folder / models.BUNDLE_META).is_file() and (folder / models.BUNDLE_WEIGHTS).is_file():
             log.info("member %s: already trained (%s)", member.name, folder)
@@ -202,7 +201,8 @@ def train_ensemble(
                 member.fold,
                 ": resuming" if again else "",
             )
-            train(mcfg, mdata, folder, force=True, data_card=data_card, resume=again)
+            train(mcfg, mdata, folder, force=True, data_card=data_card, resume=again, on_start=on_start)
+            on_start = None  # the plan of the first member that trains
         records.append((member, folder, mdata))
     return _write_ensemble(
         cfg,

@@ -21,7 +21,6 @@ import torch
 from fastai.callback.schedule import minimum, slide, steep, valley
 from fastai.learner import Learner
 
-from dermaclass.config import Config
 from dermaclass.fileio import atomic_path
 from dermaclass.train.callbacks import as_float
 
@@ -53,24 +52,35 @@ class RangeTest:
         }
 
 
-def range_test(learn: Learner, cfg: Config, run_dir: Path, name: str) -> RangeTest:
-    """fastai ``lr_find`` with all four suggestions; seed 002's warm epoch first when configured.
+def range_test(
+    learn: Learner,
+    run_dir: Path,
+    name: str,
+    *,
+    iters: int,
+    suggestion: str,
+    warm_epoch: bool,
+    warm_lr: float,
+) -> RangeTest:
+    """fastai ``lr_find`` over ``iters`` batches with all four suggestions, ``suggestion`` the
+    one chosen; seed 002's warm epoch at ``warm_lr`` first when ``warm_epoch``. The settings
+    are ``Config.range_test_settings()``.
 
     A diverged or NaN curve does not crash the run: the result says so and falls back to a
     safe LR (1e-3).
     """
-    if cfg.warm_epoch:
-        log.info("%s: warm epoch at lr %.1e before the range test (seed 002)", name, cfg.warm_lr)
-        learn.fit(1, cfg.warm_lr)
+    if warm_epoch:
+        log.info("%s: warm epoch at lr %.1e before the range test (seed 002)", name, warm_lr)
+        learn.fit(1, warm_lr)
     note = ""
     suggestions: dict[str, float | None] = {k: None for k in SUGGESTIONS}
     # no progress bars outside a terminal (they are \r updates: noise in a log)
     with learn.no_bar() if not sys.stderr.isatty() else contextlib.nullcontext():
-        learn.lr_find(num_it=cfg.lr_find_iters, show_plot=False, suggest_funcs=None)
+        learn.lr_find(num_it=iters, show_plot=False, suggest_funcs=None)
     # fastai computes all suggestions in one go and fails as a whole when one cannot be
     # computed (a curve that diverges early leaves too few points); ask each separately,
     # on the same trimmed curve lr_find itself uses.
-    n = cfg.lr_find_iters
+    n = iters
     lrs = torch.tensor(learn.recorder.lrs[n // 10 : -5])
     losses = torch.tensor([float(x) for x in learn.recorder.losses[n // 10 : -5]])
     nan = torch.nonzero(torch.isnan(losses)).flatten()
@@ -84,9 +94,9 @@ def range_test(learn: Learner, cfg: Config, run_dir: Path, name: str) -> RangeTe
             failed.append(key)
     if failed:
         note = f"no {'/'.join(failed)} suggestion: the loss curve has {len(losses)} usable points (diverged early?)"
-    chosen = suggestions.get(cfg.lr_suggestion)
+    chosen = suggestions.get(suggestion)
     if chosen is None or not 1e-7 <= chosen <= 1.0:
-        note = note or f"{cfg.lr_suggestion} suggestion unusable ({chosen}); curve diverged or was flat"
+        note = note or f"{suggestion} suggestion unusable ({chosen}); curve diverged or was flat"
         chosen = SAFE_LR
         log.warning("%s: %s; using the safe LR %.0e", name, note, chosen)
     plot = _save_lr_plot(learn, run_dir / f"lr_find_{name}.png", suggestions)
@@ -94,10 +104,10 @@ def range_test(learn: Learner, cfg: Config, run_dir: Path, name: str) -> RangeTe
         "%s: range test %s -> %s %.2e",
         name,
         {k: f"{v:.1e}" if v else v for k, v in suggestions.items()},
-        cfg.lr_suggestion,
+        suggestion,
         chosen,
     )
-    return RangeTest(name, suggestions, chosen, cfg.lr_suggestion, plot, note)
+    return RangeTest(name, suggestions, chosen, suggestion, plot, note)
 
 
 def _save_lr_plot(learn: Learner, path: Path, suggestions: dict[str, float | None]) -> str | None:

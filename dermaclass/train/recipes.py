@@ -194,7 +194,9 @@ class Run:
         if hist is not None:
             hist.phase = "warm"  # seed 002's warm epoch, when configured, is real training
         # Data-parallel: rank 0 alone runs the range test, the others wait for its LR.
-        test = on_rank0(self.learn, lambda: range_test(self.learn, self.cfg, self.run_dir, name))
+        test = on_rank0(
+            self.learn, lambda: range_test(self.learn, self.run_dir, name, **self.cfg.range_test_settings())
+        )
         self.range_tests.append(test)
         self.lrs[name] = test.chosen
         return test.chosen

@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -104,17 +105,23 @@ def train(
     force: bool = False,
     data_card: str | None = None,
     resume: bool = False,
+    on_start: Callable[[Config, int], None] | None = None,
 ) -> TrainResult:
     """Run ``cfg.recipe`` on prepared data and write the run folder and the model bundle.
 
     ``resume``: continue the interrupted run in ``run_dir`` (same config and split) from its
-    last completed epoch.
+    last completed epoch. ``on_start(config, n_train)`` is called with the configuration the
+    run trains with (its batch size fitted to the training split) before training starts,
+    e.g. to print the plan.
     """
     run_dir = Path(run_dir)
     distributed, main = num_distrib() > 1, rank_distrib() == 0
     progress = Resume.read(run_dir) if resume else None
-    if not resume:
-        cfg = fit_batch_size(cfg, len(data.train_rows))  # before the config is saved with the run
+    # Here only: the batch size this training split can fill, before the config is saved with
+    # the run (the same on resume, whose saved config was fitted already).
+    cfg = fit_batch_size(cfg, len(data.train_rows))
+    if on_start is not None and main:
+        on_start(cfg, len(data.train_rows))
     if not resume and main:
         check_run_dir(run_dir, force=force)
     run_dir.mkdir(parents=True, exist_ok=True)
