@@ -34,7 +34,7 @@ from common import HAM, RESULTS, ROOT, repo_relative  # noqa: E402
 from dermaclass.config import load_config  # noqa: E402
 from dermaclass.evaluate.run import split_images  # noqa: E402
 from dermaclass.fileio import write_json  # noqa: E402
-from dermaclass.serving.export import _balanced_accuracy, calibration_pick, export_openvino, quantize_ir  # noqa: E402
+from dermaclass.serving.export import calibration_pick, export_openvino, logits_balanced_accuracy, quantize_ir  # noqa: E402
 from dermaclass.serving.predictor import Predictor  # noqa: E402
 
 # name -> (draw, images, fast bias correction); the first is the export's setting before the int8 settings were compared.
@@ -72,7 +72,7 @@ def main() -> None:
         pred = Predictor(bundle, backend="openvino", threads=cfg.threads)
         float_logits = pred.logits(valid)
         float_probs = softmax(float_logits, axis=1)
-        float_ba = _balanced_accuracy(float_logits, valid_labels, pred.classes)
+        float_ba = logits_balanced_accuracy(float_logits, valid_labels, pred.classes)
         print(f"float valid balanced accuracy {float_ba:.4f} ({len(valid)} images, tta {pred.tta})", flush=True)
         for name, (draw, n, fast) in settings.items():
             pick = (
@@ -96,7 +96,7 @@ def main() -> None:
                 "quantise_seconds": round(seconds, 1),
                 "agreement_with_float": float(np.mean(logits.argmax(1) == float_logits.argmax(1))),
                 "mean_probability_shift": float(np.abs(softmax(logits, axis=1) - float_probs).sum(axis=1).mean() / 2),
-                "valid_balanced_accuracy": _balanced_accuracy(logits, valid_labels, pred.classes),
+                "valid_balanced_accuracy": logits_balanced_accuracy(logits, valid_labels, pred.classes),
             }
             row["drop"] = float_ba - row["valid_balanced_accuracy"]
             rows.append(row)

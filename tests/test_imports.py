@@ -123,3 +123,15 @@ def test_the_serving_package_points_down() -> None:
         "dermaclass.serving.explain",
         "dermaclass.serving.refer",
     }
+
+
+def test_no_private_name_is_imported_across_modules() -> None:
+    """A leading underscore means "this module's own": another module importing it says the
+    name belongs somewhere shared, under a public name."""
+    found = []
+    for path in [*PACKAGE.rglob("*.py"), *(PACKAGE.parent / "benchmarks").glob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in {"dermaclass", "common"}:
+                found += [f"{path.name}: {node.module}.{a.name}" for a in node.names
+                          if a.name.startswith("_") and not a.name.startswith("__")]  # fmt: skip
+    assert not found, found

@@ -281,7 +281,7 @@ def _with_options(fn: Callable[..., Any], config_fields: tuple[str, ...]) -> Cal
     return wrapper
 
 
-def _progress(label: str) -> tuple[Progress, Callable[[int, int], None]]:
+def progress_bar(label: str) -> tuple[Progress, Callable[[int, int], None]]:
     progress = Progress(
         TextColumn(label),
         BarColumn(),
@@ -299,15 +299,15 @@ def _progress(label: str) -> tuple[Progress, Callable[[int, int], None]]:
     return progress, update
 
 
-def _validate(path: Path, cfg: Config):
+def validate_path(path: Path, cfg: Config):
     from dermaclass.data import validate_source
 
-    progress, update = _progress("decoding")
+    progress, update = progress_bar("decoding")
     with progress:
         return validate_source(path, progress=update, **cfg.source_settings())
 
 
-def _print_validation(stats: dict[str, Any], *, limit: int = 40) -> None:
+def print_validation(stats: dict[str, Any], *, limit: int = 40) -> None:
     group = stats["group_label"]
     out.print(
         f"[bold]{stats['root']}[/] ({stats['layout']} layout): [bold]{stats['images']:,}[/] usable images of "
@@ -354,14 +354,14 @@ def _print_validation(stats: dict[str, Any], *, limit: int = 40) -> None:
 Opt = typer.Option
 
 
-def _rank() -> int:
+def rank() -> int:
     from fastai.torch_core import rank_distrib
 
     return rank_distrib()
 
 
 @contextlib.contextmanager
-def _main_first():
+def main_first():
     """Under ``accelerate launch``: rank 0 validates and fills the decode cache first, the others then read it."""
     from fastai.torch_core import num_distrib
 
@@ -375,7 +375,7 @@ def _main_first():
         yield
 
 
-def _default_bundle(model: Path | None) -> Path:
+def default_bundle(model: Path | None) -> Path:
     from dermaclass.models import DEFAULT_BUNDLE
 
     path = model or DEFAULT_BUNDLE

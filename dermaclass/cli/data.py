@@ -14,13 +14,13 @@ from dermaclass.cli.common import (
     EXIT_CODES,
     DataOptions,
     DataPath,
-    _print_validation,
-    _validate,
     data_app,
     data_options,
     err,
     friendly,
     out,
+    print_validation,
+    validate_path,
 )
 from dermaclass.errors import Exit
 
@@ -39,11 +39,11 @@ def data_validate(
     Bad files are skipped and listed; --strict makes any problem an error (exit code 1).
     """
     cfg = data_opts.config()
-    stats = _validate(path, cfg).to_dict()
+    stats = validate_path(path, cfg).to_dict()
     if as_json:
         typer.echo(json.dumps(stats, indent=2, ensure_ascii=False))
     else:
-        _print_validation(stats)
+        print_validation(stats)
     if strict and stats["problems"]["total"]:
         err.print(f"[bold red]strict:[/] {stats['problems']['total']} problems found", highlight=False)
         raise typer.Exit(Exit.PROBLEMS_FOUND)
@@ -68,7 +68,7 @@ def data_split(
     reuse = Path(cfg.split_file) if cfg.split_file else None
     if out_file.exists() and not force and (reuse is None or reuse.resolve() != out_file.resolve()):
         raise FileExistsError(f"{out_file}: already exists; a split defines the test set")
-    validation = _validate(path, cfg)
+    validation = validate_path(path, cfg)
     if reuse is not None:
         split, counts = assign_split(validation.items, read_split(reuse), fractions=cfg.split_fractions, seed=cfg.seed)
         out.print("reused " + str(reuse) + ": " + ", ".join(f"{k} {v:,}" for k, v in counts.items()), highlight=False)
@@ -113,7 +113,7 @@ def data_card(
     from dermaclass.data import read_split, render_card
 
     cfg = data_opts.config()
-    stats = _validate(path, cfg).to_dict()
+    stats = validate_path(path, cfg).to_dict()
     split_counts = None
     if split_file is not None:
         split = read_split(split_file)

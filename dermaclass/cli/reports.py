@@ -16,12 +16,12 @@ from dermaclass.cli.common import (
     DataOptions,
     DataPath,
     Opt,
-    _progress,
     app,
     data_options,
     err,
     friendly,
     out,
+    progress_bar,
     report_app,
 )
 from dermaclass.errors import Exit
@@ -74,7 +74,7 @@ def evaluate_cmd(
     from dermaclass.evaluate.external import evaluate_external, parse_sets
 
     sets = parse_sets(external or [])  # a missing folder fails before any work
-    progress, update = _progress("decoding")
+    progress, update = progress_bar("decoding")
     with progress:
         ev = evaluate_bundle(
             model,

@@ -18,13 +18,13 @@ from dermaclass.cli.common import (
     DataOptions,
     DataPath,
     Opt,
-    _default_bundle,
-    _progress,
     app,
     data_options,
+    default_bundle,
     err,
     friendly,
     out,
+    progress_bar,
 )
 from dermaclass.errors import Exit
 
@@ -48,7 +48,7 @@ def predict_cmd(
     from dermaclass.serving.predictor import Predictor
     from dermaclass.serving.refer import InputProblem
 
-    pred = Predictor(_default_bundle(model), backend=backend)
+    pred = Predictor(default_bundle(model), backend=backend)
     failed = 0
     for path in images:
         try:
@@ -197,7 +197,7 @@ def _export_one(
             f"wrote {info['path']} (max |output difference| vs torch {info['max_abs_diff']:.1e})", highlight=False
         )
     if int8:
-        progress, _ = _progress("decoding")
+        progress, _ = progress_bar("decoding")
         with progress:
             info = quantize_bundle(
                 model, calibration, cfg=cfg, split_file=split_file, n_calibration=n_calibration, force=force
@@ -209,7 +209,7 @@ def _export_one(
             highlight=False,
         )
     if bf16:
-        progress, _ = _progress("decoding")
+        progress, _ = progress_bar("decoding")
         with progress:
             info = check_bf16_bundle(model, calibration, cfg=cfg, split_file=split_file)
         out.print(
@@ -298,4 +298,4 @@ def serve_cmd(
     """Open the Gradio app (decision support, not a diagnostic device)."""
     from dermaclass.ui import launch
 
-    launch(_default_bundle(model), host=host, port=port, review_dir=review_dir, backend=backend)
+    launch(default_bundle(model), host=host, port=port, review_dir=review_dir, backend=backend)

@@ -15,14 +15,14 @@ from dermaclass.cli.common import (
     DataOptions,
     DataPath,
     Opt,
-    _main_first,
-    _progress,
-    _rank,
     app,
     data_options,
     err,
     friendly,
+    main_first,
     out,
+    progress_bar,
+    rank,
 )
 from dermaclass.config import Config, load_config
 from dermaclass.errors import Exit
@@ -131,15 +131,15 @@ def train_cmd(
         out.print(f"resuming {out_dir} with its saved config", highlight=False)
     else:
         cfg = training.inherit_bundle(cfg)
-        if _rank() == 0:
+        if rank() == 0:
             training.check_run_dir(out_dir, force=force)
-    progress, update = _progress("decoding")
-    with _main_first(), progress:
+    progress, update = progress_bar("decoding")
+    with main_first(), progress:
         prepared = training.prepare_data(cfg, data, progress=update)
     if cfg.members > 1:
         _train_ensemble(cfg, prepared, out_dir, force=force, resume=resume)
         return
-    if _rank() != 0:  # other data-parallel ranks train silently; rank 0 reports
+    if rank() != 0:  # other data-parallel ranks train silently; rank 0 reports
         training.train(cfg, prepared, out_dir, force=force, resume=resume)
         return
     counts = prepared.items["split"].value_counts()
@@ -219,7 +219,7 @@ def retrain_cmd(
         )
 
     logging.getLogger("dermaclass").setLevel(logging.INFO)
-    progress, update = _progress("decoding")
+    progress, update = progress_bar("decoding")
     with progress:
         done = retrain(
             bundle, data, out_dir, n_boot=n_boot, force=force, progress=update, on_prepared=announce,

@@ -185,7 +185,7 @@ def export_openvino(bundle: str | Path, *, force: bool = False, atol: float = 1e
     return {"path": str(target), "max_abs_diff": diff}
 
 
-def _balanced_accuracy(logits: np.ndarray, labels: Sequence[str], classes: Sequence[str]) -> float:
+def logits_balanced_accuracy(logits: np.ndarray, labels: Sequence[str], classes: Sequence[str]) -> float:
     from sklearn.metrics import balanced_accuracy_score
 
     y = class_indices(labels, classes, source="the valid split")
@@ -221,7 +221,7 @@ def _valid_check(
     """Balanced accuracy of ``pred`` (now serving ``backend``) on the valid split against float,
     recorded as ``valid_balanced_accuracy_<kind>``; raises ``ExportError`` when it drops by more
     than ``max_drop``."""
-    low_ba = _balanced_accuracy(pred.logits(valid_images), valid_labels, pred.classes)
+    low_ba = logits_balanced_accuracy(pred.logits(valid_images), valid_labels, pred.classes)
     drop = float_ba - low_ba
     if drop > max_drop:
         raise ExportError(
@@ -257,7 +257,7 @@ def check_bf16(
     if len(valid_images) == 0:
         raise ExportError(f"{bundle}: the bfloat16 check needs the valid split")
     pred = Predictor(bundle, backend="openvino")
-    float_ba = _balanced_accuracy(pred.logits(valid_images), valid_labels, pred.classes)
+    float_ba = logits_balanced_accuracy(pred.logits(valid_images), valid_labels, pred.classes)
     pred.use_openvino(bundle / OPENVINO_FILE, name=BF16)
     record = {
         "file": OPENVINO_FILE,
@@ -331,7 +331,7 @@ def export_int8(
         raise ExportError(f"{bundle}: int8 calibration needs training-split images and a valid split to check on")
     pred = Predictor(bundle, backend="openvino")
     quantized, kept_float = quantize_ir(pred, calibration_images)
-    float_ba = _balanced_accuracy(pred.logits(valid_images), valid_labels, pred.classes)
+    float_ba = logits_balanced_accuracy(pred.logits(valid_images), valid_labels, pred.classes)
 
     def holds_up(xml: Path) -> dict[str, Any]:
         pred.use_openvino(xml, name="openvino-int8")

@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 MONITOR = "balanced_accuracy_score"  # fastai's name for BalancedAccuracy()
 
 
-class _EpochCallback(Callback):
+class EpochCallback(Callback):
     """Reacts to the end of real training epochs only: not range tests, not ``get_preds``
     (fastai's Learner fires before_fit/after_epoch around get_preds too, but never before_train)."""
 
@@ -56,7 +56,7 @@ class _EpochCallback(Callback):
         raise NotImplementedError
 
 
-class History(_EpochCallback):
+class History(EpochCallback):
     """One row per epoch (stage, phase, losses, metrics, LR, seconds) in ``history.csv``, atomically.
 
     Not fastai's ``CSVLogger``: it appends to an open file (a crash can leave half a row), knows
@@ -90,7 +90,7 @@ class History(_EpochCallback):
                 pd.DataFrame(self.rows).to_csv(tmp, index=False)
 
 
-class EpochLine(_EpochCallback):
+class EpochLine(EpochCallback):
     """A plain log line per epoch, for logs that are not a terminal (CI)."""
 
     order = Recorder.order + 2
@@ -103,7 +103,7 @@ class EpochLine(_EpochCallback):
         log.info("%sepoch %d/%d %s", where, self.epoch + 1, self.n_epoch, " ".join(parts))
 
 
-class BestModel(_EpochCallback):
+class BestModel(EpochCallback):
     """Keep the weights with the best validation balanced accuracy over the whole run (all stages).
 
     Not fastai's ``SaveModelCallback``: it pickles with ``torch.save`` (this tool never writes a
@@ -188,7 +188,7 @@ class WeightEMA(Callback):
         return True
 
 
-class CycleAverage(_EpochCallback):
+class CycleAverage(EpochCallback):
     """The average of the weights at the ends of the last ``last`` annealing cycles of the run.
 
     Snapshot ensembles (Huang et al. 2017) average the *predictions* of SGDR's cycle ends; SWA

@@ -32,7 +32,7 @@ from fastai.learner import Recorder
 
 from dermaclass import models
 from dermaclass.fileio import atomic_path, write_json
-from dermaclass.train.callbacks import _EpochCallback, plain, unwrap
+from dermaclass.train.callbacks import EpochCallback, plain, unwrap
 from dermaclass.train.data import TrainingError
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ def _set_rng_state(rng: dict[str, Any]) -> None:
     torch.set_rng_state(torch.tensor(rng["torch"], dtype=torch.uint8))
 
 
-class Resume(_EpochCallback):
+class Resume(EpochCallback):
     """Checkpoints after every epoch, and the restore of an interrupted run (``saved``)."""
 
     order = Recorder.order + 4
