@@ -27,7 +27,7 @@ EXIT_CODES: dict[Exit, str] = {
     Exit.PROBLEMS_FOUND: "problems found with --strict",
     Exit.USAGE: "usage or configuration error, or an output that exists and needs --force",
     Exit.DATA: "the data cannot be read or used (missing folder, unreadable manifest, no usable images, unknown "
-    "labels, an image too small to judge)",
+    "labels, an image too small to judge, a locked or unreadable study database)",
     Exit.MODEL: "a model, export or report cannot be built or loaded (unknown architecture, unreachable weights, "
     "bad bundle)",
     Exit.TRAINING: "training cannot run on this data or diverged (e.g. an empty split, a NaN loss)",
@@ -98,6 +98,12 @@ class TrainingError(DermaclassError):
     """Training cannot run on this data (an empty split, mismatched classes)."""
 
     exit_code = Exit.TRAINING
+
+
+class StudyError(DermaclassError):
+    """A hyper-parameter study's database cannot be opened or written (locked, corrupt, not a study)."""
+
+    exit_code = Exit.DATA
 
 
 class NonFiniteLoss(DermaclassError):

@@ -2,7 +2,7 @@
 
 Shared pieces live in ``common`` (the app, options, error handling); the commands are in
 ``data`` (validate, split, card), ``training`` (train, retrain, lr-find), ``reports``
-(evaluate, report compare/card) and ``serving`` (predict, export, serve).
+(evaluate, report compare/card), ``serving`` (predict, export, serve) and ``tuning`` (tune).
 
 Only this module prints; library modules log. Every command resolves its settings through
 ``config.load_config`` (defaults < ``--config FILE`` < flags) and turns a DermaclassError into
@@ -11,10 +11,10 @@ one clear line on stderr and a documented exit code, never a traceback.
 
 from __future__ import annotations
 
-from dermaclass.cli import data, reports, serving, training  # the commands register on ``app``
+from dermaclass.cli import data, reports, serving, training, tuning  # the commands register on ``app``
 from dermaclass.cli.common import app
 
-__all__ = ["app", "data", "main", "reports", "serving", "training"]
+__all__ = ["app", "data", "main", "reports", "serving", "training", "tuning"]
 
 
 def main() -> None:

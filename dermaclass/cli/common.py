@@ -170,6 +170,7 @@ FLAG_HELP: dict[str, str] = {
     "cycle_len": "SGDR first cycle length in epochs",
     "cycle_mult": "SGDR cycle-length multiplier, >= 2",
     "lr_ratio": "Differential LRs slice(lr/ratio, lr)",
+    "wd": "Weight decay (fastai's AdamW, decoupled)",
     "stage_fractions": "Stepwise: the nested share of the training images each stage trains on",
     "stage_sizes": "Progressive resizing: one WIDTHxHEIGHT per stepwise stage, the last = --image-size "
     "(e.g. 96x72,112x84,128x96,128x96,128x96); none = every stage at --image-size",

@@ -45,6 +45,7 @@ TRAIN_FLAGS = (
     "cycle_len",
     "cycle_mult",
     "lr_ratio",
+    "wd",
     "stage_fractions",
     "stage_sizes",
     "lr_rule",

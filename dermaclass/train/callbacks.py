@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +102,24 @@ class EpochLine(EpochCallback):
         hist = getattr(self.learn, "history", None)  # which stage and phase: "epoch 1/1" alone was ambiguous
         where = f"stage {hist.stage} {hist.phase} " if hist is not None and hist.stage != "" else ""
         log.info("%sepoch %d/%d %s", where, self.epoch + 1, self.n_epoch, " ".join(parts))
+
+
+class ReportScore(EpochCallback):
+    """Hand each training epoch's validation balanced accuracy to ``report(step, score)``, the
+    step counting epochs over the whole run (every stage): a hyper-parameter search's pruner
+    reads it (``dermaclass tune``), and may raise from ``report`` to stop the run."""
+
+    order = Recorder.order + 2
+
+    def __init__(self, report: Callable[[int, float], None]) -> None:
+        self.report, self.step = report, 0
+
+    def epoch_done(self) -> None:
+        names = self.learn.recorder.metric_names[1:-1]
+        score = as_float(self.learn.recorder.log[1:-1][names.index(MONITOR)])
+        self.step += 1
+        if score is not None:
+            self.report(self.step, score)
 
 
 class BestModel(EpochCallback):

@@ -20,6 +20,7 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from fastai.callback.core import Callback
 from fastai.callback.progress import ProgressCallback
 from fastai.callback.tracker import EarlyStoppingCallback
 from fastai.learner import Learner
@@ -72,8 +74,9 @@ def loss_for(cfg: Config, train_labels: pd.Series, vocab: list[str]):
     return CrossEntropyLossFlat(**smoothing)
 
 
-def build_learner(cfg: Config, data: TrainData, run_dir: Path, *, dls) -> Learner:
-    """A fastai Learner on our timm model with a 3-group splitter, balanced-accuracy metrics and callbacks."""
+def build_learner(cfg: Config, data: TrainData, run_dir: Path, *, dls, extra_cbs: Sequence[Callback] = ()) -> Learner:
+    """A fastai Learner on our timm model with a 3-group splitter, balanced-accuracy metrics and
+    callbacks (the run's own, then ``extra_cbs`` from the caller, e.g. a search's pruning report)."""
     from fastai.callback.channelslast import ChannelsLast
 
     if cfg.init_bundle:
@@ -118,6 +121,7 @@ def build_learner(cfg: Config, data: TrainData, run_dir: Path, *, dls) -> Learne
         )
     if cfg.early_stop_patience > 0:
         cbs.append(EarlyStoppingCallback(monitor=MONITOR, comp=np.greater, patience=cfg.early_stop_patience))
+    cbs.extend(extra_cbs)
     learn = Learner(
         dls,
         model,

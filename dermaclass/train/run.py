@@ -9,7 +9,7 @@ import logging
 import os
 import shutil
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,6 +17,7 @@ from typing import Any
 
 import pandas as pd
 import torch
+from fastai.callback.core import Callback
 from fastai.distributed import distrib_barrier
 from fastai.torch_core import num_distrib, rank_distrib, set_seed
 
@@ -106,8 +107,11 @@ def train(
     data_card: str | None = None,
     resume: bool = False,
     on_start: Callable[[Config, int], None] | None = None,
+    callbacks: Sequence[Callback] = (),
 ) -> TrainResult:
     """Run ``cfg.recipe`` on prepared data and write the run folder and the model bundle.
+    ``callbacks``: fastai Callbacks added to the run's own (``train.callbacks.ReportScore`` for a
+    hyper-parameter search).
 
     ``resume``: continue the interrupted run in ``run_dir`` (same config and split) from its
     last completed epoch. ``on_start(config, n_train)`` is called with the configuration the
@@ -135,7 +139,9 @@ def train(
             data.split.to_csv(tmp, index=False)
 
     # stepwise swaps learn.dls at every stage; the others train on these.
-    learn = build_learner(cfg, data, run_dir, dls=stage_dataloaders(cfg, data, data.train_rows, cfg.batch_size))
+    learn = build_learner(
+        cfg, data, run_dir, dls=stage_dataloaders(cfg, data, data.train_rows, cfg.batch_size), extra_cbs=callbacks
+    )
     run = Run(learn, data, cfg, run_dir, resume=progress)
     run.resumer = Resume(run_dir, position=run.position, saved=progress, write=main)
     run.resumer.restore_records(learn, run)
