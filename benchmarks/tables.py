@@ -621,6 +621,59 @@ def int8_settings_table() -> list[str]:
     return out
 
 
+def tune_table() -> list[str]:
+    """bench_tune.py: TPE against random search (validation only), then each one's best settings
+    at the full budget over seeds on HAM test and the external sets, against the default."""
+    import numpy as np
+
+    d = _load("tune.json")
+    if not d:
+        return ["`bench_tune.py`: not run yet."]
+    out = [
+        "; ".join(f"`{c}`" for c in d.get("commands", [])) + f" ({_cores(d)}; split `{d['split_file']}`). "
+        "Studies at the short budget, scored by validation balanced accuracy only:",
+        "",
+        "| study | trials | complete / pruned / failed | best valid bal. acc. | best after 10 / 20 trials | minutes |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, s in d.get("studies", {}).items():
+        curve = s.get("best_so_far") or []
+
+        def at(n: int, curve: list = curve) -> str:
+            v = curve[n - 1] if len(curve) >= n else None
+            return "-" if v is None else f"{v:.3f}"
+
+        st = s.get("states", {})
+        best = s.get("best_valid_balanced_accuracy")
+        out.append(
+            f"| {name} | {s.get('trials')} | {st.get('COMPLETE', 0)} / {st.get('PRUNED', 0)} / {st.get('FAIL', 0)} | "
+            f"{'-' if best is None else f'{best:.3f}'} | {at(10)} / {at(20)} | {s.get('wall_minutes')} |"
+        )
+    rows = d.get("runs", [])
+    if rows:
+        out += [
+            "",
+            "The best settings at the full budget (flip TTA), balanced accuracy mean ± sd over seeds:",
+            "",
+            "| variant | seeds | HAM test | derm7pt | isic2017 | PH2 |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name in dict.fromkeys(r["variant"] for r in rows):
+            mine = [r for r in rows if r["variant"] == name]
+
+            def cell(w: str, mine: list = mine) -> str:
+                v = [(r["test"] if w == "test" else r["external"].get(w, {})).get("balanced_accuracy") for r in mine]
+                v = [x for x in v if x is not None]
+                return "-" if not v else f"{np.mean(v):.3f}" + (f" ± {np.std(v, ddof=1):.3f}" if len(v) > 1 else "")
+
+            out.append(
+                f"| {name} | {len(mine)} | "
+                + " | ".join(cell(w) for w in ("test", "derm7pt", "isic2017", "ph2"))
+                + " |"
+            )
+    return out
+
+
 def ensemble_table() -> list[str]:
     """bench_ensemble.py: one network against cross-fitted ensembles, over seeds, on HAM test and
     the three external sets (PH2 by melanoma AUROC and flag rates: it has nevi and melanomas only)."""
@@ -758,6 +811,10 @@ def render() -> str:
         "### Deep ensembles against one network, over seeds",
         "",
         *ensemble_table(),
+        "",
+        "### Tuning: TPE against random search",
+        "",
+        *tune_table(),
         "",
         "### Levers for other clinics' images (external validation), over seeds",
         "",

@@ -16,6 +16,7 @@ that no import circles back):
 - ``train/``: fastai recipes (LR range tests, SGDR, differential LRs, stepwise subsets),
   callbacks, resume, ensembles;
 - ``retrain``: a clinic's retrain and its comparison with the bundle in use;
+- ``tune``: seed 002's TPE search over the recipe (Optuna), on a study database;
 - ``report/``: HTML reports, model cards, comparisons;
 - ``ui``: the Gradio app; ``cli/``: the ``dermaclass`` command.
 """
