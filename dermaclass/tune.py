@@ -253,8 +253,9 @@ def open_study(out_dir: Path, *, storage: str | None, sampler: Any, pruner: Any,
         raise FileExistsError(
             f"{out_dir / STUDY_DB}: a study is already there; --resume continues it, --force starts over"
         )
-    if local and force and not resume:
+    if local and force and not resume:  # start over: a new study, and a new split if the data changed
         (out_dir / STUDY_DB).unlink(missing_ok=True)
+        (out_dir / "split.csv").unlink(missing_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
         # Heartbeats fail a trial whose worker died (another machine, or a kill) after the grace
