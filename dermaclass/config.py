@@ -453,17 +453,24 @@ def _apply(config: Config, changes: dict[str, Any], *, source: str) -> Config:
         raise ConfigError(f"{source}: {exc}") from None
 
 
+def read_yaml(path: str | Path, *, file: str, content: str) -> Any:
+    """A YAML file's data (empty: {}), with errors that name the path: ``file`` not found, or
+    cannot read ``content`` (also for the search space of ``dermaclass tune``)."""
+    path = Path(path)
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: {file} not found") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: cannot read {content} ({exc})") from None
+
+
 def load_config(path: str | Path | None = None, **overrides: Any) -> Config:
     """Resolve the configuration: defaults, then the YAML file, then non-None overrides (CLI flags)."""
     config = Config()
     if path is not None:
         path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found") from None
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-            raise ConfigError(f"{path}: cannot read config ({exc})") from None
+        data = read_yaml(path, file="config file", content="config")
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
         config = _apply(config, data, source=str(path))

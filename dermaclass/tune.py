@@ -42,7 +42,7 @@ from typing import Any, Literal
 
 import yaml
 
-from dermaclass.config import Config
+from dermaclass.config import Config, read_yaml
 from dermaclass.errors import ConfigError, DermaclassError, StudyError
 from dermaclass.fileio import write_text
 
@@ -140,13 +140,7 @@ def check_space(space: Mapping[str, Param], *, source: str = "the search space")
 
 def load_space(path: str | Path) -> dict[str, dict[str, Any]]:
     """A ``--space`` YAML file: {parameter: {low, high, log, choices}}, read with clear errors."""
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: search-space file not found") from None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path}: cannot read the search space ({exc})") from None
+    data = read_yaml(path, file="search-space file", content="the search space")
     if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
         raise ConfigError(f"{path}: expected {{parameter: {{low, high, log, choices}}}}")
     return data
