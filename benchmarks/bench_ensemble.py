@@ -12,7 +12,11 @@ is a fold assignment too):
 - ``k3-mixed-short``: 3 members of different arch and input size (Lite0 128x96, Lite1
   160x120, Lite2 192x144) at the screening budget, against ``k3-short``'s three Lite0s;
 - ``k3-short-valid``: ``k3-short`` calibrated on the valid split held out from every member and
-  scored by the ensemble itself, against calibration on the members' out-of-fold predictions.
+  scored by the ensemble itself, against calibration on the members' out-of-fold predictions;
+- ``distill-k3-full``: one student network at the full budget (``single-full``'s recipe and
+  time) trained with soft targets from the same seed's ``k3-full`` bundle's out-of-fold
+  predictions (``--distill-from``): how much of the ensemble's gain one network keeps. The
+  teacher must be trained (or given with ``--use k3-full:SEED=BUNDLE``) first.
 
 Every bundle serves as it ships (flip TTA, its calibration), and is measured on the HAM10000
 test split and on every image of derm7pt, isic2017 and PH2 (never used to fit anything). For
@@ -58,6 +62,7 @@ VARIANTS: dict[str, list[str]] = {
     "k3-mixed-short": [*SHORT, "--members", "3", "--member-archs", MIXED],
     "k3-short-valid": [*SHORT, "--members", "3", "--ensemble-calibration", "valid"],
     "single-short": SHORT,
+    "distill-k3-full": [*FULL, "--distill-from", "{teacher:k3-full}"],
 }
 QUICK = ["--recipe", "stepwise", "--n-cycles", "1", "--stage-fractions", "0.5,1.0", "--head-epochs", "0"]
 FIGURES = ("balanced_accuracy", "macro_f1", "macro_auroc", "ece", "log_loss")
@@ -190,6 +195,20 @@ def run_facts(run: Path) -> dict[str, Any]:
     }
 
 
+def resolve_teacher(flag: str, *, seed: int, use: dict[tuple[str, int], Path], runs_dir: Path) -> str:
+    """``{teacher:VARIANT}`` in a variant's flags: that variant's bundle at the same seed (given
+    with --use, or trained in ``runs_dir``). A missing teacher stops the benchmark, by name."""
+    if not (flag.startswith("{teacher:") and flag.endswith("}")):
+        return flag
+    variant = flag[len("{teacher:") : -1]
+    teacher = use.get((variant, seed), runs_dir / f"{variant}-seed{seed}")
+    if not (teacher / "model.json").is_file():
+        sys.exit(
+            f"{teacher}: no trained {variant} bundle at seed {seed} to distil from; run --variants {variant} first"
+        )
+    return repo_relative(teacher)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variants", nargs="+", default=["single-full", "k3-short", "k5-short"], choices=sorted(VARIANTS))
@@ -251,6 +270,7 @@ def main() -> None:
             if args.quick:  # the tiny budget, keeping the variant's ensemble flags
                 flags = [*QUICK, *(flags[flags.index("--members") :] if "--members" in flags else [])]
             run = use.get((name, seed), runs_dir / f"{name}-seed{seed}")
+            flags = [resolve_teacher(f, seed=seed, use=use, runs_dir=runs_dir) for f in flags]
             wall = train_run(
                 run, data=args.data, seed=seed, split_file=args.split_file, flags=flags,
                 log=runs_dir / f"{name}-seed{seed}.log", resume=True,
