@@ -57,6 +57,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_tta.py $(QUICK)
 	$(BIN)/python benchmarks/bench_precision.py $(QUICK)
 	$(BIN)/python benchmarks/bench_ensemble.py $(QUICK)
+	test -n "$(QUICK)" || $(BIN)/python benchmarks/bench_ph2.py
 	$(BIN)/python benchmarks/bench_tune.py $(QUICK)
 	test -n "$(QUICK)" || $(BIN)/python benchmarks/tables.py
 

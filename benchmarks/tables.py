@@ -674,6 +674,47 @@ def tune_table() -> list[str]:
     return out
 
 
+def ph2_table() -> list[str]:
+    """bench_ph2.py: the melanoma flag on PH2 against common and against atypical nevi."""
+    d = _load("ph2.json")
+    if not d:
+        return ["`bench_ph2.py`: not run yet."]
+    out = [
+        f"`{d['command'].strip()}` ({_cores(d)}; every bundle as it serves, its stored melanoma threshold; "
+        "nothing fitted on PH2). P(mel) AUROC of melanoma against each kind of nevus, the flag's specificity "
+        "on each, and the best specificity PH2's own ROC allows at sensitivity 0.85 (a ceiling, not a threshold "
+        "to use):",
+        "",
+        "| bundle | networks | AUROC common / atypical / all nevi | flag sens. | flag spec. common / atypical "
+        "| best spec. at sens. 0.85, common / atypical | answer for common nevi |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in d["models"].items():
+        a, f, b = r["mel_auroc"], r["flag_specificity"], r["best_specificity_at"]
+        top = sorted(r["answers"]["common_nevus"].items(), key=lambda x: -x[1])[:3]
+        out.append(
+            f"| {name} | {r['networks']} | {a['common_nevus']:.3f} / {a['atypical_nevus']:.3f} / {a['all_nevi']:.3f} "
+            f"| {r['flag_sensitivity']:.2f} | {f['common_nevus']:.2f} / {f['atypical_nevus']:.2f} "
+            f"| {b['common_nevus']['0.85']:.2f} / {b['atypical_nevus']['0.85']:.2f} "
+            f"| {', '.join(f'{c} {v:.2f}' for c, v in top)} |"
+        )
+    area = d.get("lesion_area") or {}
+    if area:
+
+        def fmt_q(v: dict) -> str:
+            return f"{v['median']:.2f} [{v['q1']:.2f}, {v['q3']:.2f}]"
+
+        out += [
+            "",
+            "Lesion share of the frame (expert masks, median [q1, q3]): PH2 "
+            + "; ".join(f"{k} {fmt_q(v)}" for k, v in area["ph2"].items())
+            + "; HAM10000 "
+            + "; ".join(f"{k} {fmt_q(v)}" for k, v in area["ham10000"].items())
+            + ".",
+        ]
+    return out
+
+
 def ensemble_table() -> list[str]:
     """bench_ensemble.py: one network against cross-fitted ensembles, over seeds, on HAM test and
     the three external sets (PH2 by melanoma AUROC and flag rates: it has nevi and melanomas only)."""
@@ -811,6 +852,10 @@ def render() -> str:
         "### Deep ensembles against one network, over seeds",
         "",
         *ensemble_table(),
+        "",
+        "### The melanoma flag on PH2, by kind of nevus",
+        "",
+        *ph2_table(),
         "",
         "### Tuning: TPE against random search",
         "",
