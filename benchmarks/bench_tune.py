@@ -6,6 +6,13 @@ lesion-grouped split, scored by validation balanced accuracy (the only figure a 
 its best value, the best-so-far after every trial, and how many trials finished, were pruned
 or failed, with the minutes they took.
 
+The TPE studies prune with Hyperband (the tool's default); the random studies do not prune, so
+that every random trial's whole validation curve is recorded: random trials are an unbiased
+sample of the space, and part ``pruners`` replays Hyperband, successive halving and the median
+rule on their curves (the same trials, in the same order) to measure which pruner saves more
+epochs without stopping the trials that end best. Against TPE this is conservative: pruning
+can only lose trials, so unpruned random search is at least as good as pruned random search.
+
 Part ``confirm``: the best trial of each sampler (over its studies) is retrained with its
 ``best.yaml`` at the full budget (three SGDR cycles per stage, or eight one-cycle epochs for
 the baseline recipe) for each of ``--seeds``, and measured as the app serves it on the HAM10000
@@ -16,7 +23,7 @@ SEED=BUNDLE``, e.g. the bundled model for seed 42).
 Results are rewritten after every study and run to benchmarks/results/tune.json (a re-run
 resumes studies and skips trained runs).
 
-    python benchmarks/bench_tune.py [--part search confirm] [--trials 40] [--study-seeds 1 2] [--seeds 42 43 44]
+    python benchmarks/bench_tune.py [--part search pruners confirm] [--trials 40] [--study-seeds 1 2] [--seeds 42 43 44]
 """
 
 from __future__ import annotations
@@ -35,6 +42,9 @@ from common import HAM, RESULTS, ROOT, SPLIT, measure, repo_relative, run_facts,
 from dermaclass.fileio import write_json
 
 SAMPLERS = ("tpe", "random")
+# TPE prunes as the tool does by default; random search records whole curves for the replay.
+PRUNING = {"tpe": "hyperband", "random": "none"}
+REPLAYED = ("hyperband", "halving", "median")
 QUICK_FLAGS = ["--stage-fractions", "0.5,1.0", "--image-size", "64,48", "--head-epochs", "0"]
 
 
@@ -71,6 +81,71 @@ def study_figures(out: Path) -> dict[str, Any]:
     }
 
 
+def study_curves(out: Path) -> list[tuple[list[float], float, float]]:
+    """Every complete trial of a study in trial order: its per-epoch validation balanced
+    accuracies, its final value and its minutes."""
+    import optuna
+
+    from dermaclass import tune as T
+
+    study = T.open_study(out, storage=None, sampler=None, pruner=None, resume=True, force=False)
+    return [
+        (
+            [t.intermediate_values[k] for k in sorted(t.intermediate_values)],
+            float(t.value),
+            t.user_attrs.get("minutes") or 0.0,
+        )
+        for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
+        if t.state == optuna.trial.TrialState.COMPLETE and t.intermediate_values
+    ]
+
+
+def replay_pruner(curves: list[tuple[list[float], float, float]], pruner: str) -> dict[str, Any]:
+    """Replay ``pruner`` on recorded whole curves (the trials in their order, each reporting its
+    epochs until the pruner stops it): the share of epochs (and, pro rata, minutes) it saves,
+    and whether the trials that ended best survive it."""
+    import optuna
+
+    from dermaclass import tune as T
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize", pruner=T.make_pruner(pruner))
+    used, kept = [], []
+    for steps, value, _ in curves:
+        trial = study.ask()
+        n, pruned = 0, False
+        for step, v in enumerate(steps, start=1):
+            trial.report(v, step)
+            n = step
+            if trial.should_prune():
+                pruned = True
+                break
+        if pruned:
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        else:
+            study.tell(trial, value)
+        used.append(n)
+        kept.append(not pruned)
+    values = [v for _, v, _ in curves]
+    order = sorted(range(len(values)), key=lambda i: -values[i])
+    total = sum(len(c) for c, _, _ in curves)
+    minutes = sum(m * n / max(1, len(c)) for (c, _, m), n in zip(curves, used))
+    best_kept = max((values[i] for i in range(len(values)) if kept[i]), default=None)
+    return {
+        "trials": len(curves),
+        "pruned": len(curves) - sum(kept),
+        "epochs_used": sum(used),
+        "epochs_unpruned": total,
+        "epoch_share": round(sum(used) / max(1, total), 3),
+        "minutes_pro_rata": round(minutes, 1),
+        "minutes_unpruned": round(sum(m for _, _, m in curves), 1),
+        "best_kept": order[0] in [i for i in range(len(kept)) if kept[i]] if values else None,
+        "best_value_kept": best_kept,
+        "best_value": max(values, default=None),
+        "top5_kept": sum(kept[i] for i in order[:5]),
+    }
+
+
 def full_budget_flags(params: dict[str, Any], base_recipe: str) -> list[str]:
     """The epoch flags of the full budget for the best trial's recipe."""
     recipe = params.get("recipe", base_recipe)
@@ -79,7 +154,9 @@ def full_budget_flags(params: dict[str, Any], base_recipe: str) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", nargs="+", default=["search", "confirm"], choices=["search", "confirm"])
+    ap.add_argument(
+        "--part", nargs="+", default=["search", "pruners", "confirm"], choices=["search", "pruners", "confirm"]
+    )
     ap.add_argument("--trials", type=int, default=40)
     ap.add_argument("--study-seeds", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
@@ -97,6 +174,7 @@ def main() -> None:
     result_file = RESULTS / f"tune{'_quick' if args.quick else ''}.json"
     old = json.loads(result_file.read_text()) if result_file.is_file() else {}
     studies: dict[str, Any] = old.get("studies", {})
+    pruners: dict[str, Any] = old.get("pruners", {})
     rows: list[dict] = old.get("runs", [])
     command = " ".join(["python", "benchmarks/bench_tune.py", *sys.argv[1:]])
     commands = list(dict.fromkeys([*old.get("commands", []), command]))
@@ -105,7 +183,7 @@ def main() -> None:
         write_json(result_file, {
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
             "commands": commands, "split_file": repo_relative(args.split_file), "trials": args.trials,
-            "studies": studies, "runs": rows, "summary": summarise_rows(rows, reference="default"),
+            "studies": studies, "pruners": pruners, "runs": rows, "summary": summarise_rows(rows, reference="default"),
         })  # fmt: skip
 
     extra = QUICK_FLAGS if args.quick else []
@@ -115,7 +193,7 @@ def main() -> None:
                 out = runs_dir / f"{sampler}-s{s}"
                 cmd = [sys.executable, "-m", "dermaclass", "tune", args.data, "--out", str(out), "--trials",
                        str(args.trials), "--sampler", sampler, "--seed", str(s), "--split-file", args.split_file,
-                       "--budget", "short", *extra]  # fmt: skip
+                       "--budget", "short", "--pruner", PRUNING[sampler], *extra]  # fmt: skip
                 if (out / "study.db").is_file():
                     cmd.append("--resume")
                 print("$", " ".join(cmd), flush=True)
@@ -128,6 +206,16 @@ def main() -> None:
                 print(f"{sampler} study seed {s}: best valid balanced accuracy {f['best_valid_balanced_accuracy']} "
                       f"({f['states']}, {f['wall_minutes']} min)", flush=True)  # fmt: skip
                 save()
+    if "pruners" in args.part:
+        for name, st in studies.items():
+            if st["sampler"] != "random":
+                continue
+            curves = study_curves(ROOT / st["study"])
+            pruners[name] = {p: replay_pruner(curves, p) for p in REPLAYED}
+            for p, r in pruners[name].items():
+                print(f"{name} replayed with {p}: {r['pruned']}/{r['trials']} pruned, {r['epoch_share']:.0%} of the "
+                      f"epochs, best kept {r['best_kept']}, top 5 kept {r['top5_kept']}", flush=True)  # fmt: skip
+        save()
     if "confirm" in args.part:
         given = {int(k): Path(v) for k, v in (spec.split("=", 1) for spec in args.default)}
         variants: dict[str, tuple[Path | None, list[str]]] = {"default": (None, [])}

@@ -649,6 +649,22 @@ def tune_table() -> list[str]:
             f"| {name} | {s.get('trials')} | {st.get('COMPLETE', 0)} / {st.get('PRUNED', 0)} / {st.get('FAIL', 0)} | "
             f"{'-' if best is None else f'{best:.3f}'} | {at(10)} / {at(20)} | {s.get('wall_minutes')} |"
         )
+    replays = d.get("pruners", {})
+    if replays:
+        out += [
+            "",
+            "Pruners replayed on the unpruned random studies' whole validation curves (same trials, same order):",
+            "",
+            "| study | pruner | pruned | epochs used | minutes (pro rata) | best trial kept | top 5 kept |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for study, by in replays.items():
+            for name, r in by.items():
+                out.append(
+                    f"| {study} | {name} | {r['pruned']} / {r['trials']} | {r['epoch_share']:.0%} | "
+                    f"{r['minutes_pro_rata']} of {r['minutes_unpruned']} | {'yes' if r['best_kept'] else 'no'} | "
+                    f"{r['top5_kept']} |"
+                )
     rows = d.get("runs", [])
     if rows:
         out += [

@@ -1,0 +1,72 @@
+"""The benchmarks' own logic that decides what they report: pruner replay (bench_tune), the
+teacher a distillation variant reads (bench_ensemble) and PH2's per-kind figures (bench_ph2)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def bench(request: pytest.FixtureRequest):
+    sys.path.insert(0, str(BENCH))  # the scripts import their sibling ``common``
+    yield lambda name: importlib.import_module(name)
+    sys.path.remove(str(BENCH))
+
+
+def _curves(n: int, seed: int = 0) -> list[tuple[list[float], float, float]]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        q = rng.uniform(0.3, 0.7)
+        c = [float(q * (1 - np.exp(-(k + 1) / 2)) + rng.normal(0, 0.01)) for k in range(6)]
+        out.append((c, c[-1], 6.0))
+    return out
+
+
+def test_replay_without_pruning_runs_every_epoch(bench) -> None:
+    r = bench("bench_tune").replay_pruner(_curves(12), "none")
+    assert r["pruned"] == 0 and r["epoch_share"] == 1.0 and r["best_kept"] and r["top5_kept"] == 5
+    assert r["minutes_pro_rata"] == r["minutes_unpruned"] == 72.0
+
+
+@pytest.mark.parametrize("pruner", ["hyperband", "halving", "median"])
+def test_replay_prunes_flat_bad_curves_and_counts_what_it_saved(bench, pruner: str) -> None:
+    r = bench("bench_tune").replay_pruner(_curves(30), pruner)
+    assert 0 < r["pruned"] < 30
+    assert r["epochs_used"] < r["epochs_unpruned"] == 180
+    assert r["epoch_share"] == pytest.approx(r["epochs_used"] / 180, abs=1e-3)
+    assert r["best_value_kept"] <= r["best_value"]
+    assert r["best_kept"] == (r["best_value_kept"] == r["best_value"])
+
+
+def test_teacher_placeholder_reads_the_same_seeds_bundle(bench, tmp_path: Path) -> None:
+    resolve = bench("bench_ensemble").resolve_teacher
+    assert resolve("--recipe", seed=43, use={}, runs_dir=tmp_path) == "--recipe"
+    (tmp_path / "k3-full-seed43").mkdir()
+    (tmp_path / "k3-full-seed43" / "model.json").write_text("{}")
+    assert resolve("{teacher:k3-full}", seed=43, use={}, runs_dir=tmp_path) == str(tmp_path / "k3-full-seed43")
+    given = tmp_path / "elsewhere"
+    (given).mkdir()
+    (given / "model.json").write_text("{}")
+    assert resolve("{teacher:k3-full}", seed=43, use={("k3-full", 43): given}, runs_dir=tmp_path) == str(given)
+    with pytest.raises(SystemExit, match="no trained k3-full bundle at seed 44"):
+        resolve("{teacher:k3-full}", seed=44, use={}, runs_dir=tmp_path)
+
+
+def test_ph2_kind_figures_separate_common_from_atypical_nevi(bench) -> None:
+    kinds = np.array(["melanoma"] * 4 + ["common_nevus"] * 4 + ["atypical_nevus"] * 4)
+    # melanomas high; common nevi low; atypical nevi as high as the melanomas
+    p = np.array([0.9, 0.8, 0.7, 0.6, 0.1, 0.2, 0.1, 0.2, 0.9, 0.8, 0.7, 0.6])
+    f = bench("bench_ph2").kind_figures(p, kinds, threshold=0.5, sensitivities=(0.85,))
+    assert f["n"] == {"common_nevus": 4, "atypical_nevus": 4, "melanoma": 4}
+    assert f["flag_sensitivity"] == 1.0
+    assert f["flag_specificity"] == {"common_nevus": 1.0, "atypical_nevus": 0.0, "all_nevi": 0.5}
+    assert f["mel_auroc"]["common_nevus"] == 1.0 and f["mel_auroc"]["atypical_nevus"] == 0.5
+    assert f["best_specificity_at"]["common_nevus"]["0.85"] == 1.0
