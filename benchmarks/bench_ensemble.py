@@ -13,10 +13,13 @@ is a fold assignment too):
   160x120, Lite2 192x144) at the screening budget, against ``k3-short``'s three Lite0s;
 - ``k3-short-valid``: ``k3-short`` calibrated on the valid split held out from every member and
   scored by the ensemble itself, against calibration on the members' out-of-fold predictions;
-- ``distill-k3-full``: one student network at the full budget (``single-full``'s recipe and
-  time) trained with soft targets from the same seed's ``k3-full`` bundle's out-of-fold
-  predictions (``--distill-from``): how much of the ensemble's gain one network keeps. The
-  teacher must be trained (or given with ``--use k3-full:SEED=BUNDLE``) first.
+- ``k3-full-valid``: ``k3-full`` with ``--ensemble-calibration valid`` (the folds cut the train
+  split only; the valid split is held out from every member and calibrates the ensemble);
+- ``distill-k3-full-valid``: one student network at the full budget (``single-full``'s recipe
+  and time) trained with soft targets from the same seed's ``k3-full-valid`` out-of-fold
+  predictions (``--distill-from``): how much of the ensemble's gain one network keeps. Its
+  teacher never saw the valid split (a teacher that did is refused: see the ``superseded`` key
+  of the results). The teacher must be trained (or given with ``--use``) first.
 
 Every bundle serves as it ships (flip TTA, its calibration), and is measured on the HAM10000
 test split and on every image of derm7pt, isic2017 and PH2 (never used to fit anything). For
@@ -62,7 +65,8 @@ VARIANTS: dict[str, list[str]] = {
     "k3-mixed-short": [*SHORT, "--members", "3", "--member-archs", MIXED],
     "k3-short-valid": [*SHORT, "--members", "3", "--ensemble-calibration", "valid"],
     "single-short": SHORT,
-    "distill-k3-full": [*FULL, "--distill-from", "{teacher:k3-full}"],
+    "k3-full-valid": [*FULL, "--members", "3", "--ensemble-calibration", "valid"],
+    "distill-k3-full-valid": [*FULL, "--distill-from", "{teacher:k3-full-valid}"],
 }
 QUICK = ["--recipe", "stepwise", "--n-cycles", "1", "--stage-fractions", "0.5,1.0", "--head-epochs", "0"]
 FIGURES = ("balanced_accuracy", "macro_f1", "macro_auroc", "ece", "log_loss")
@@ -242,6 +246,8 @@ def main() -> None:
     sets = {k: v for k, v in EXTERNAL.items() if v.is_dir()}
     old = json.loads(result_file.read_text()) if result_file.is_file() else {}
     rows: list[dict] = old.get("runs", [])
+    # Measured runs of a design that was withdrawn, each with why (kept, not re-run).
+    superseded: list[dict] = old.get("superseded", [])
     command = " ".join(["python", "benchmarks/bench_ensemble.py", *sys.argv[1:]])
     # Every invocation that added rows (runs of other variants or seeds are kept).
     commands = list(dict.fromkeys([*old.get("commands", [old["command"]] if "command" in old else []), command]))
@@ -257,6 +263,7 @@ def main() -> None:
                 "split_file": repo_relative(args.split_file),
                 "variants": {k: VARIANTS[k] for k in VARIANTS},
                 "runs": rows,
+                "superseded": superseded,
                 "summary": summarise_rows(rows, reference="single-full"),
             },
         )

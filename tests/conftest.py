@@ -153,6 +153,18 @@ def tiny_ensemble(colour_data: Path, tmp_path_factory) -> Path:
     return tmp / "run"
 
 
+@pytest.fixture(scope="session")
+def tiny_ensemble_heldout(colour_data: Path, tmp_path_factory) -> Path:
+    """``tiny_ensemble`` with ``--ensemble-calibration valid``: the folds cut the train split
+    only, so the valid split is held out from every member (a teacher a student may distil)."""
+    from dermaclass.train import prepare_data, train_ensemble
+
+    tmp = tmp_path_factory.mktemp("ensemble_heldout")
+    cfg = tiny_config(tmp, members=2, ensemble_calibration="valid")
+    train_ensemble(cfg, prepare_data(cfg, colour_data), tmp / "run")
+    return tmp / "run"
+
+
 def free_port() -> int:
     """A free loopback port for a launched app."""
     with socket.socket() as s:

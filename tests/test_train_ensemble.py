@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from dermaclass import models, schedules
 from dermaclass.config import load_config
 from dermaclass.data.splits import cross_folds
-from dermaclass.errors import ConfigError
+from dermaclass.errors import ConfigError, TrainingError
 from dermaclass.models import ModelError
 from dermaclass.serving.predictor import Predictor, combine
 from dermaclass.train import prepare_data, train_ensemble
@@ -290,20 +290,32 @@ def test_the_model_card_describes_the_ensemble(tiny_ensemble: Path) -> None:
     assert "out-of-fold predictions of 2 members" in card and "members' margins" in card
 
 
-def test_a_student_distils_the_ensembles_out_of_fold_predictions(
+def test_a_student_is_refused_a_teacher_that_trained_on_its_valid_images(
     tiny_ensemble: Path, colour_data: Path, tmp_path: Path
+) -> None:
+    # tiny_ensemble's pool is train + valid: each valid image trained the other member
+    cfg = _cfg(tmp_path, distill_from=str(tiny_ensemble), split_file=str(tiny_ensemble / "split.csv"))
+    n_valid = int((pd.read_csv(tiny_ensemble / "split.csv")["split"] == "valid").sum())
+    with pytest.raises(
+        TrainingError, match=rf"trained on {n_valid} of this run's valid images.*--ensemble-calibration valid"
+    ):
+        prepare_data(cfg, colour_data)
+
+
+def test_a_student_distils_the_ensembles_out_of_fold_predictions(
+    tiny_ensemble_heldout: Path, colour_data: Path, tmp_path: Path
 ) -> None:
     import torch
 
     from dermaclass.train import build_learner, stage_dataloaders, train
     from dermaclass.train.callbacks import Distill
 
-    cfg = _cfg(tmp_path, distill_from=str(tiny_ensemble), split_file=str(tiny_ensemble / "split.csv"))
+    cfg = _cfg(tmp_path, distill_from=str(tiny_ensemble_heldout), split_file=str(tiny_ensemble_heldout / "split.csv"))
     data = prepare_data(cfg, colour_data)
-    oof = pd.read_csv(tiny_ensemble / "out_of_fold.csv")
-    assert np.isfinite(data.soft_targets).all(axis=1).sum() == len(oof)  # every pool image, none of test
-    test = data.items["split"].to_numpy() == "test"
-    assert np.isnan(data.soft_targets[test]).all() and np.allclose(data.soft_targets[~test].sum(axis=1), 1)
+    oof = pd.read_csv(tiny_ensemble_heldout / "out_of_fold.csv")
+    assert np.isfinite(data.soft_targets).all(axis=1).sum() == len(oof)  # every pool image: the train split
+    train_rows = data.items["split"].to_numpy() == "train"
+    assert np.isnan(data.soft_targets[~train_rows]).all() and np.allclose(data.soft_targets[train_rows].sum(axis=1), 1)
     learn = build_learner(cfg, data, tmp_path / "l", dls=stage_dataloaders(cfg, data, data.train_rows, 8))
     assert any(isinstance(cb, Distill) for cb in learn.cbs)
     batch = learn.dls.one_batch()
@@ -323,7 +335,7 @@ def test_a_student_distils_the_ensembles_out_of_fold_predictions(
     assert abs(float(fake.loss) - (0.5 * 1.0 + 0.5 * kl)) < 1e-5
     result = train(cfg, data, tmp_path / "student")
     meta = json.loads((tmp_path / "student" / "model.json").read_text())
-    assert meta["config"]["distill_from"] == str(tiny_ensemble) and result.metrics["balanced_accuracy"] >= 0
+    assert meta["config"]["distill_from"] == str(tiny_ensemble_heldout) and result.metrics["balanced_accuracy"] >= 0
     with pytest.raises(ConfigError, match="--distill-from trains one student"):
         train_ensemble(cfg.replace(members=2), data, tmp_path / "x")
 

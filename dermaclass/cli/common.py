@@ -203,7 +203,8 @@ FLAG_HELP: dict[str, str] = {
     "tf_efficientnet_lite1@160x120); none = every member --arch at --image-size",
     "ensemble_calibration": "What an ensemble's calibration is fitted on: its members' out-of-fold predictions "
     "over the train+valid pool, or the valid split held out from every member",
-    "distill_from": "Distil this ensemble bundle into one network: soft targets from its out-of-fold predictions",
+    "distill_from": "Distil this ensemble bundle into one network: soft targets from its out-of-fold predictions "
+    "(train it on the same split with --ensemble-calibration valid, so that it never saw the valid split)",
     "distill_alpha": "Weight of the teacher's soft targets in the loss (distillation)",
     "distill_temperature": "Temperature that softens teacher and student (distillation)",
     "split_file": "Reuse this split (new images are added)",

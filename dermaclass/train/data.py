@@ -141,7 +141,8 @@ def prepare_data(cfg: Config, data: str | Path | Sequence[str | Path], *, progre
 def teacher_targets(bundle: str | Path, items: pd.DataFrame, vocab: list[str], *, temperature: float) -> np.ndarray:
     """Soft targets for distillation: softmax(logits / T) of an ensemble's out-of-fold predictions
     (``out_of_fold.csv``: each pool image scored by the member that did not train on it),
-    matched to ``items`` by image id; rows the teacher never scored are NaN (plain loss)."""
+    matched to ``items`` by image id; rows the teacher never scored are NaN (plain loss). The
+    teacher's pool must hold none of the run's valid and test images (refused otherwise)."""
     path = Path(bundle) / "out_of_fold.csv"
     if not path.is_file():
         raise TrainingError(f"{bundle}: no out_of_fold.csv; --distill-from needs an ensemble trained with --members K")
@@ -154,6 +155,18 @@ def teacher_targets(bundle: str | Path, items: pd.DataFrame, vocab: list[str], *
     probs /= probs.sum(axis=1, keepdims=True)
     index = {image: i for i, image in enumerate(oof["image"])}
     rows = np.array([index.get(str(image), -1) for image in items["image"]])
+    # An image the teacher scored out of fold was in its pool, so its other members trained on
+    # it. A student whose valid or test images are among them would inherit what the teacher
+    # learned from those very images: its checkpoint, calibration and test figures would flatter it.
+    held = items["split"].to_numpy() != "train"
+    seen = {s: int(((rows >= 0) & (items["split"].to_numpy() == s)).sum()) for s in ("valid", "test")}
+    if (rows[held] >= 0).any():
+        raise TrainingError(
+            f"{path}: the teacher's members trained on "
+            + " and ".join(f"{n} of this run's {s} images" for s, n in seen.items() if n)
+            + ", so the student's validation and test figures would be biased; distil from an ensemble trained "
+            "on the same split with --ensemble-calibration valid (its folds cut the train split only)"
+        )
     out = np.full((len(items), len(vocab)), np.nan, dtype=np.float32)
     out[rows >= 0] = probs[rows[rows >= 0]]
     train = items["split"].to_numpy() == "train"
