@@ -707,7 +707,7 @@ def ph2_table() -> list[str]:
     ]
     for name, r in d["models"].items():
         a, f, b = r["mel_auroc"], r["flag_specificity"], r["best_specificity_at"]
-        top = sorted(r["answers"]["common_nevus"].items(), key=lambda x: -x[1])[:3]
+        top = sorted((r.get("answers") or {}).get("common_nevus", {}).items(), key=lambda x: -x[1])[:3]
         out.append(
             f"| {name} | {r['networks']} | {a['common_nevus']:.3f} / {a['atypical_nevus']:.3f} / {a['all_nevi']:.3f} "
             f"| {r['flag_sensitivity']:.2f} | {f['common_nevus']:.2f} / {f['atypical_nevus']:.2f} "
@@ -749,6 +749,12 @@ def ensemble_table() -> list[str]:
         v = [x for x in values if x is not None]
         return "-" if not v else f"{np.mean(v):{sign}.3f}" + (f" ± {np.std(v, ddof=1):.3f}" if len(v) > 1 else "")
 
+    def external_mean(r: dict) -> float | None:
+        # the three external sets' balanced accuracies, averaged per run (the issue's yardstick
+        # with HAM test); None unless every set was measured
+        v = [where(r, w).get("balanced_accuracy") for w in sets[1:]]
+        return None if None in v else float(np.mean(v))
+
     commands = "; ".join(f"`{c}`" for c in d.get("commands", [d["command"]]))
     out = [
         f"{commands} ({_cores(d)}; split `{d['split_file']}`; every bundle with flip TTA and its own "
@@ -756,9 +762,9 @@ def ensemble_table() -> list[str]:
         "PH2 has nevi and melanomas only, so its melanoma AUROC and the melanoma flag's sensitivity / specificity "
         "at the stored threshold say more:",
         "",
-        "| variant | flags | seeds | HAM test | derm7pt | isic2017 | PH2 | PH2 mel AUROC | PH2 mel flag sens. / spec. "
-        "| ECE HAM / derm7pt | training min |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| variant | flags | seeds | HAM test | derm7pt | isic2017 | PH2 | external mean | PH2 mel AUROC "
+        "| PH2 mel flag sens. / spec. | ECE HAM / derm7pt | training min |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in dict.fromkeys(r["variant"] for r in runs):
         mine = [r for r in runs if r["variant"] == name]
@@ -768,11 +774,19 @@ def ensemble_table() -> list[str]:
         out.append(
             f"| {name}{reused} | `{' '.join(d['variants'].get(name, []))}` | {len(mine)} | "
             + " | ".join(mean([where(r, w).get("balanced_accuracy") for r in mine]) for w in sets)
+            + f" | {mean([external_mean(r) for r in mine])}"
             + f" | {mean([((p.get('per_class') or {}).get('mel') or {}).get('auroc') for p in ph2])} | "
             f"{mean([f.get('sensitivity') for f in flag])} / {mean([f.get('specificity') for f in flag])} | "
             f"{mean([where(r, 'test').get('ece') for r in mine])} / {mean([where(r, 'derm7pt').get('ece') for r in mine])} | "
             f"{mean([r.get('training_minutes') for r in mine])} |"
         )
+    for r in d.get("superseded", []):
+        ext = ", ".join(f"{k} {v['balanced_accuracy']:.3f}" for k, v in (r.get("external") or {}).items())
+        out += [
+            "",
+            f"Withdrawn: `{r['variant']}` seed {r['seed']} (HAM test {r['test']['balanced_accuracy']:.3f}, "
+            f"valid {r.get('valid_balanced_accuracy') or float('nan'):.3f}; {ext}): {r.get('why', '')}.",
+        ]
     reused = sorted({r["run"] for r in runs if r.get("reused")})
     if reused:
         out += [
