@@ -702,17 +702,21 @@ def ph2_table() -> list[str]:
         "to use):",
         "",
         "| bundle | networks | AUROC common / atypical / all nevi | flag sens. | flag spec. common / atypical "
-        "| best spec. at sens. 0.85, common / atypical | answer for common nevi |",
-        "|---|---|---|---|---|---|---|",
+        "| best spec. at sens. 0.85, common / atypical | answer for common nevi | answer for melanomas |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, r in d["models"].items():
         a, f, b = r["mel_auroc"], r["flag_specificity"], r["best_specificity_at"]
-        top = sorted((r.get("answers") or {}).get("common_nevus", {}).items(), key=lambda x: -x[1])[:3]
+
+        def top(kind: str, r: dict = r) -> str:
+            answers = sorted((r.get("answers") or {}).get(kind, {}).items(), key=lambda x: -x[1])[:3]
+            return ", ".join(f"{c} {v:.2f}" for c, v in answers)
+
         out.append(
             f"| {name} | {r['networks']} | {a['common_nevus']:.3f} / {a['atypical_nevus']:.3f} / {a['all_nevi']:.3f} "
             f"| {r['flag_sensitivity']:.2f} | {f['common_nevus']:.2f} / {f['atypical_nevus']:.2f} "
             f"| {b['common_nevus']['0.85']:.2f} / {b['atypical_nevus']['0.85']:.2f} "
-            f"| {', '.join(f'{c} {v:.2f}' for c, v in top)} |"
+            f"| {top('common_nevus')} | {top('melanoma')} |"
         )
     area = d.get("lesion_area") or {}
     if area:
