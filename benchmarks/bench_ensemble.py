@@ -72,8 +72,9 @@ QUICK = ["--recipe", "stepwise", "--n-cycles", "1", "--stage-fractions", "0.5,1.
 FIGURES = ("balanced_accuracy", "macro_f1", "macro_auroc", "ece", "log_loss")
 
 
-def load_set(path: Path, *, sizes: list[tuple[int, int]], split_file: Path | None) -> tuple[list[str], dict]:
-    """Labels and decode-cache images at every size of ``path`` (its test split, or every image)."""
+def load_set(path: Path, *, sizes: list[tuple[int, int]], split_file: Path | None) -> tuple[Any, dict]:
+    """Items (image, label, path, ...) and decode-cache images at every size of ``path`` (its
+    test split, or every image)."""
     from dermaclass.config import load_config
     from dermaclass.data import DecodeCache, read_split, validate_sources
     from dermaclass.evaluate.run import select_split
@@ -85,7 +86,7 @@ def load_set(path: Path, *, sizes: list[tuple[int, int]], split_file: Path | Non
         items, _ = select_split(items, read_split(split_file), "test", source=str(path))
         items = items.reset_index(drop=True)
     images = {s: DecodeCache(cfg.cache_dir, s).ensure(items["path"].tolist(), items["hash"].tolist()) for s in sizes}
-    return items["label"].astype(str).tolist(), images
+    return items, images
 
 
 def figures(y: np.ndarray, probs: np.ndarray, classes: list[str], points: dict[str, dict]) -> dict[str, Any]:
@@ -161,7 +162,8 @@ def measure_run(run: Path, sets: dict[str, Path], *, split_file: Path) -> dict[s
     classes = pred.classes
     out: dict[str, Any] = {"test": None, "external": {}, "prob_mean": {}, "members": {}}
     for name, path in {"test": HAM, **sets}.items():
-        labels, images = load_set(path, sizes=pred.input_sizes, split_file=split_file if name == "test" else None)
+        items, images = load_set(path, sizes=pred.input_sizes, split_file=split_file if name == "test" else None)
+        labels = items["label"].astype(str).tolist()
         y = np.array([classes.index(v) for v in labels])
         start = time.perf_counter()
         outs = pred.member_outputs(images)

@@ -71,22 +71,16 @@ def kind_figures(p_mel: np.ndarray, kinds: np.ndarray, *, threshold: float, sens
 
 
 def measure(bundle: Path) -> dict[str, Any]:
-    from dermaclass.config import load_config
-    from dermaclass.data import DecodeCache, validate_sources
+    from bench_ensemble import load_set
+
     from dermaclass.serving.predictor import Predictor, combine
 
     pred = Predictor(bundle, backend="torch")
-    cfg = load_config()
-    items, _ = validate_sources([PH2], **cfg.source_settings())
-    items = items.reset_index(drop=True)
+    items, images = load_set(PH2, sizes=pred.input_sizes, split_file=None)
     meta = pd.read_csv(PH2 / "labels.csv", dtype=str).set_index("image_id")["ph2_diagnosis"]
     kinds = items["image"].astype(str).map(meta).to_numpy()
     if pd.isna(kinds).any():
         raise SystemExit(f"{PH2 / 'labels.csv'}: no ph2_diagnosis for {int(pd.isna(kinds).sum())} images")
-    images = {
-        s: DecodeCache(cfg.cache_dir, s).ensure(items["path"].tolist(), items["hash"].tolist())
-        for s in pred.input_sizes
-    }
     probs = pred.checked(pred.calibrated(combine([lo for lo, _ in pred.member_outputs(images)])))
     k = pred.classes.index("mel")
     threshold = float(pred.operating_points["mel"]["threshold"])

@@ -158,9 +158,8 @@ def teacher_targets(bundle: str | Path, items: pd.DataFrame, vocab: list[str], *
     # An image the teacher scored out of fold was in its pool, so its other members trained on
     # it. A student whose valid or test images are among them would inherit what the teacher
     # learned from those very images: its checkpoint, calibration and test figures would flatter it.
-    held = items["split"].to_numpy() != "train"
     seen = {s: int(((rows >= 0) & (items["split"].to_numpy() == s)).sum()) for s in ("valid", "test")}
-    if (rows[held] >= 0).any():
+    if any(seen.values()):
         raise TrainingError(
             f"{path}: the teacher's members trained on "
             + " and ".join(f"{n} of this run's {s} images" for s, n in seen.items() if n)
