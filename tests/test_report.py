@@ -186,6 +186,17 @@ def test_the_model_card_reads_classes_thresholds_and_minimum_size_from_the_bundl
     assert min(meta.input_size) < 64 and f"images under {min(meta.input_size)} px on their shorter side refused" in card
 
 
+def test_a_prior_shift_of_zero_is_reported_as_none(tiny_bundle) -> None:
+    from dermaclass.models import read_bundle_meta
+    from dermaclass.report import model_card_markdown
+
+    meta = read_bundle_meta(tiny_bundle)
+    shift = {"class": "nv", "tau": 0.0, "target_sensitivity": 0.8, "valid_sensitivity": 0.805}
+    card = model_card_markdown(meta.with_(calibration={**meta.calibration, "prior_shift": shift}), None, name="t")
+    assert "- prior shift: none; `nv` reaches validation sensitivity 0.805 without it (target 0.8)" in card
+    assert "tau 0.0" not in card
+
+
 def test_a_class_with_too_few_test_images_is_never_flagged(tmp_path: Path) -> None:
     """One bkl test image wrong in the new model gave "SENSITIVITY DROP in bkl" and exit 6."""
     y = np.r_[np.zeros(1, int), np.ones(60, int), np.full(60, 2)]

@@ -288,6 +288,9 @@ def test_the_model_card_describes_the_ensemble(tiny_ensemble: Path) -> None:
     card = model_card_markdown(models.read_bundle_meta(tiny_ensemble), None, name="ens")
     assert "a deep ensemble of 2 networks" in card and "`members/m1` test_resnet 32x24 (seed 43, fold 1" in card
     assert "out-of-fold predictions of 2 members" in card and "members' margins" in card
+    # its thresholds' figures are out-of-fold ones, and its time is the members' together
+    assert "validation sensitivity" not in card and "(out-of-fold sensitivity" in card
+    assert "for the 2 networks together (" in card and "full-data epochs" not in card
 
 
 def test_a_student_is_refused_a_teacher_that_trained_on_its_valid_images(

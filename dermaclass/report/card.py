@@ -133,6 +133,8 @@ def model_card_markdown(meta: BundleMeta, report: Report | None, *, name: str, d
         "base_lr": f"range test ({cfg.get('lr_suggestion')})" if cfg.get("lr") is None else cfg.get("lr"),
         "options": _options(cfg),
         "fitted_on": "validation split" if cal.get("fitted_on", "valid") == "valid" else cal["fitted_on"],
+        # Where the thresholds' own figures come from: the valid split, or the out-of-fold pool.
+        "val": "validation" if cal.get("fitted_on", "valid") == "valid" else "out-of-fold",
         "shift": cal.get("prior_shift"),
         "points": points,
         # An image as large as the network's input is never too small (the Predictor's rule).
