@@ -13,14 +13,22 @@ on PH2: the ``best_specificity_at`` figures read PH2's own ROC to show what the 
 It also compares the lesions' share of the frame (the expert masks of both sets, no model):
 whether PH2's nevi are framed like HAM10000's, so that a scale shift could explain the flags.
 
+Part ``framing`` tests that explanation on HAM10000's own test split, where the answers are
+known: each test image is cropped around its lesion (its expert mask's centroid, the image's
+aspect kept) so that the lesion fills ``--shares`` of the frame, as PH2's melanomas do, and
+the bundle reads the crop as it reads any image. If melanomas framed tight are read as
+keratoses, and P(mel) ranks them lower, the framing alone moves the answers. Images whose
+lesion already fills that share are left as they are. Nothing is fitted; this is a diagnosis.
+
 Prints a table and writes benchmarks/results/ph2.json.
 
-    python benchmarks/bench_ph2.py [--model NAME=BUNDLE ...]
+    python benchmarks/bench_ph2.py [--model NAME=BUNDLE ...] [--part ph2 framing] [--shares 0.5 0.67]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 from pathlib import Path
@@ -97,6 +105,75 @@ def measure(bundle: Path) -> dict[str, Any]:
     }
 
 
+def frame_box(mask: np.ndarray, share: float) -> tuple[int, int, int, int]:
+    """The (left, top, right, bottom) crop, of the image's aspect, centred on the mask's centroid
+    and kept inside the image, in which the lesion (``mask`` > 0) would fill ``share`` of the
+    frame; the whole image when the lesion already fills that much (or there is no lesion)."""
+    h, w = mask.shape
+    lesion = mask > 0
+    s0 = float(lesion.mean())
+    if s0 == 0 or s0 >= share:
+        return 0, 0, w, h
+    scale = (s0 / share) ** 0.5
+    cw, ch = max(1, round(w * scale)), max(1, round(h * scale))
+    ys, xs = np.nonzero(lesion)
+    left = int(np.clip(round(xs.mean() - cw / 2), 0, w - cw))
+    top = int(np.clip(round(ys.mean() - ch / 2), 0, h - ch))
+    return left, top, left + cw, top + ch
+
+
+def framing(bundle: Path, shares: tuple[float, ...]) -> dict[str, Any]:
+    """HAM10000's test split read as it is and cropped so that each lesion fills ``shares`` of
+    the frame: per share, balanced accuracy, per-class sensitivity, P(mel) AUROC (one against
+    the rest, and against nevi), what melanomas are answered, and the share actually reached."""
+    from PIL import Image
+    from sklearn.metrics import roc_auc_score
+
+    from common import SPLIT
+    from dermaclass.data import read_split
+    from dermaclass.evaluate.metrics import classification_metrics
+    from dermaclass.serving.predictor import Predictor, combine
+
+    pred = Predictor(bundle, backend="torch")
+    split = read_split(SPLIT)
+    test = set(split.loc[split["split"] == "test", "image"].astype(str))
+    meta = pd.read_csv(HAM / "HAM10000_metadata.csv", dtype=str)
+    meta = meta[meta["image_id"].isin(test)].reset_index(drop=True)
+    y = meta["dx"].map({c: i for i, c in enumerate(pred.classes)}).to_numpy()
+    mel, nv = pred.classes.index("mel"), pred.classes.index("nv")
+    sources = [
+        (
+            Image.open(HAM / "images" / f"{i}.jpg").convert("RGB"),
+            np.asarray(Image.open(HAM / "masks" / f"{i}_segmentation.png").convert("L")) > 127,
+        )
+        for i in meta["image_id"]
+    ]
+    out: dict[str, Any] = {"n": int(len(meta)), "shares": {}}
+    for share in (None, *shares):
+        views: dict[tuple[int, int], list[np.ndarray]] = {s: [] for s in pred.input_sizes}
+        reached, cropped = [], 0
+        for image, mask in sources:
+            box = frame_box(mask, share) if share else (0, 0, mask.shape[1], mask.shape[0])
+            cropped += box != (0, 0, mask.shape[1], mask.shape[0])
+            reached.append(float(mask[box[1] : box[3], box[0] : box[2]].mean()))
+            for size, im in pred.preprocess_all(image.crop(box)).items():
+                views[size].append(im)
+        probs = pred.checked(pred.calibrated(combine([lo for lo, _ in pred.member_outputs(views)])))
+        m = classification_metrics(y, probs, pred.classes)
+        is_mel, is_nv = y == mel, y == nv
+        answers = probs[is_mel].argmax(1)
+        out["shares"]["as is" if share is None else f"{share:.2f}"] = {
+            "cropped": int(cropped),
+            "lesion_share_median": round(float(np.median(reached)), 3),
+            "balanced_accuracy": m["balanced_accuracy"],
+            "sensitivity": {c: m["per_class"][c]["sensitivity"] for c in pred.classes},
+            "mel_auroc": float(roc_auc_score(is_mel, probs[:, mel])),
+            "mel_auroc_vs_nv": float(roc_auc_score(is_mel[is_mel | is_nv], probs[is_mel | is_nv, mel])),
+            "melanomas_answered": {c: round(float(np.mean(answers == i)), 3) for i, c in enumerate(pred.classes)},
+        }
+    return {"bundle": repo_relative(bundle), "networks": max(1, len(pred.members)), **out}
+
+
 def lesion_area() -> dict[str, dict[str, Any]]:
     """Quartiles of the lesion mask's share of the image, per PH2 kind and per HAM10000 class."""
     from PIL import Image
@@ -121,18 +198,12 @@ def lesion_area() -> dict[str, dict[str, Any]]:
     }
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", nargs="*", default=[], metavar="NAME=BUNDLE", help="default: every bundle found")
-    args = ap.parse_args()
-    models = {k: Path(v) for k, v in (s.split("=", 1) for s in args.model)} if args.model else default_models()
-    rows = {}
+def print_ph2(rows: dict[str, dict], area: dict[str, dict]) -> None:
     print(
         f"{'bundle':22} {'AUROC common/atypical/all':27} {'flag sens':>9}  {'flag spec common/atypical':26} "
         "best spec at sens 0.85 (common/atypical)"
     )
-    for name, bundle in models.items():
-        r = rows[name] = measure(bundle)
+    for name, r in rows.items():
         answers = "; ".join(
             f"{kind}: " + ", ".join(f"{c} {v:.2f}" for c, v in sorted(a.items(), key=lambda x: -x[1]) if v >= 0.05)
             for kind, a in r["answers"].items()
@@ -141,27 +212,70 @@ def main() -> None:
         print(
             f"{name:22} {a['common_nevus']:.3f} / {a['atypical_nevus']:.3f} / {a['all_nevi']:.3f}   "
             f"{r['flag_sensitivity']:9.2f}  {f['common_nevus']:.2f} / {f['atypical_nevus']:.2f}{'':16} "
-            f"{b['common_nevus']['0.85']:.2f} / {b['atypical_nevus']['0.85']:.2f}\n{'':22} answers: {answers}",
-            flush=True,
+            f"{b['common_nevus']['0.85']:.2f} / {b['atypical_nevus']['0.85']:.2f}\n{'':22} answers: {answers}"
         )
-    area = lesion_area()
     print("lesion share of the frame, median [q1, q3]:")
     for where, groups in area.items():
         print(
             f"  {where}: "
             + "; ".join(f"{k} {v['median']:.2f} [{v['q1']:.2f}, {v['q3']:.2f}]" for k, v in groups.items())
         )
+
+
+def print_framing(rows: dict[str, dict]) -> None:
+    print("HAM10000 test, each lesion cropped to fill a share of the frame:")
+    print(
+        f"{'bundle':22} {'share':>6} {'reached':>7} {'cropped':>7} {'BA':>6} {'mel sens':>8} {'mel AUROC':>9} "
+        f"{'vs nv':>6}  melanomas answered"
+    )
+    for name, r in rows.items():
+        for share, f in r["shares"].items():
+            ans = ", ".join(
+                f"{c} {v:.2f}" for c, v in sorted(f["melanomas_answered"].items(), key=lambda x: -x[1]) if v >= 0.05
+            )
+            print(
+                f"{name:22} {share:>6} {f['lesion_share_median']:7.2f} {f['cropped']:7d} {f['balanced_accuracy']:6.3f} "
+                f"{f['sensitivity']['mel']:8.3f} {f['mel_auroc']:9.3f} {f['mel_auroc_vs_nv']:6.3f}  {ans}"
+            )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", nargs="*", default=[], metavar="NAME=BUNDLE", help="default: every bundle found")
+    ap.add_argument("--part", nargs="+", choices=("ph2", "framing"), default=["ph2", "framing"])
+    ap.add_argument(
+        "--shares",
+        nargs="+",
+        type=float,
+        default=[0.5, 0.67],
+        help="lesion shares of the frame for part framing (0.67: PH2's melanomas' median, measured by part ph2)",
+    )
+    args = ap.parse_args()
+    models = {k: Path(v) for k, v in (s.split("=", 1) for s in args.model)} if args.model else default_models()
     out = RESULTS / "ph2.json"
-    write_json(
-        out,
+    # Parts run on their own keep the other part's figures (the file is one record per part).
+    record = json.loads(out.read_text()) if out.is_file() else {}
+    record.update(
         {
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-            "command": "python benchmarks/bench_ph2.py " + " ".join(f"--model {m}" for m in args.model),
             "data": repo_relative(PH2),
-            "models": rows,
-            "lesion_area": area,
-        },
+        }
     )
+    command = "python benchmarks/bench_ph2.py " + " ".join(f"--model {m}" for m in args.model)
+    if "ph2" in args.part:
+        rows = {name: measure(bundle) for name, bundle in models.items()}
+        area = lesion_area()
+        print_ph2(rows, area)
+        record.update({"command": command + " --part ph2", "models": rows, "lesion_area": area})
+    if "framing" in args.part:
+        shares = tuple(args.shares)
+        rows = {name: framing(bundle, shares) for name, bundle in models.items()}
+        print_framing(rows)
+        record["framing"] = {
+            "command": command + " --part framing --shares " + " ".join(map(str, shares)),
+            "models": rows,
+        }
+    write_json(out, record)
     print(f"wrote {out}")
 
 

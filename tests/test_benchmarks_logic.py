@@ -70,3 +70,21 @@ def test_ph2_kind_figures_separate_common_from_atypical_nevi(bench) -> None:
     assert f["flag_specificity"] == {"common_nevus": 1.0, "atypical_nevus": 0.0, "all_nevi": 0.5}
     assert f["mel_auroc"]["common_nevus"] == 1.0 and f["mel_auroc"]["atypical_nevus"] == 0.5
     assert f["best_specificity_at"]["common_nevus"]["0.85"] == 1.0
+
+
+def test_a_framing_crop_makes_the_lesion_fill_the_share_asked(bench) -> None:
+    frame_box = bench("bench_ph2").frame_box
+    mask = np.zeros((150, 200), np.uint8)
+    mask[60:90, 120:160] = 1  # 1,200 of 30,000 pixels: 4 %, off centre
+    left, top, right, bottom = frame_box(mask, 0.16)
+    assert (right - left, bottom - top) == (100, 75)  # half the sides: four times the share, aspect kept
+    assert mask[top:bottom, left:right].mean() == pytest.approx(0.16)
+    assert mask[top:bottom, left:right].sum() == mask.sum()  # the whole lesion is in the crop
+    # kept inside the image when the lesion sits at an edge
+    edge = np.zeros((150, 200), np.uint8)
+    edge[0:20, 180:200] = 1
+    l2, t2, r2, b2 = frame_box(edge, 0.5)
+    assert 0 <= l2 and 0 <= t2 and r2 <= 200 and b2 <= 150
+    # a lesion that already fills the share, and an image without one, are left whole
+    assert frame_box(np.ones((150, 200), np.uint8), 0.5) == (0, 0, 200, 150)
+    assert frame_box(np.zeros((150, 200), np.uint8), 0.5) == (0, 0, 200, 150)

@@ -291,6 +291,7 @@ def test_the_model_card_describes_the_ensemble(tiny_ensemble: Path) -> None:
     # its thresholds' figures are out-of-fold ones, and its time is the members' together
     assert "validation sensitivity" not in card and "(out-of-fold sensitivity" in card
     assert "for the 2 networks together (" in card and "full-data epochs" not in card
+    assert "An ensemble retrains every member" in card
 
 
 def test_a_student_is_refused_a_teacher_that_trained_on_its_valid_images(
