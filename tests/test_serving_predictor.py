@@ -217,7 +217,8 @@ def test_too_small_is_refused_and_a_flat_field_is_referred(tiny_bundle: Path, tm
     assert flat["ood_method"] == "mahalanobis"
 
 
-BUNDLED = Path(__file__).resolve().parents[1] / "models" / "ham10000-effnet-lite0"
+#: Every bundle the repository ships (the default and the ones kept beside it).
+BUNDLED = sorted(p.parent for p in (Path(__file__).resolve().parents[1] / "models").glob("*/model.json"))
 
 
 def _screenshot() -> np.ndarray:
@@ -237,12 +238,13 @@ def _screenshot() -> np.ndarray:
     return np.asarray(page)
 
 
-@pytest.mark.skipif(not (BUNDLED / "model.json").is_file(), reason="the bundled model is not in this checkout")
-def test_the_bundled_model_refers_what_is_not_dermoscopy() -> None:
+@pytest.mark.skipif(not BUNDLED, reason="no bundled model in this checkout")
+@pytest.mark.parametrize("bundle", BUNDLED, ids=lambda p: p.name)
+def test_the_bundled_model_refers_what_is_not_dermoscopy(bundle: Path) -> None:
     """The issue's examples, read as a clinician would: each referred with a plain reason."""
     from dermaclass.serving.refer import InputProblem
 
-    pred = Predictor(BUNDLED)
+    pred = Predictor(bundle)
     w, h = 400, 300
     gradient = (np.linspace(0, 1, w)[None, :, None] * np.array([230, 120, 60]) + 20).astype(np.uint8)
     gradient = np.ascontiguousarray(np.broadcast_to(gradient, (h, w, 3)))

@@ -113,6 +113,21 @@ def test_ensemble_bundle_lists_members_and_serves_their_mean(ensemble: Path, col
         models.load_bundle(ensemble)
 
 
+def test_predict_says_an_ensemble_answered_and_when_its_networks_disagree(
+    ensemble: Path, colour_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dermaclass.cli import app
+    from dermaclass.serving import predictor
+
+    image = str(colour_data / "mel" / "0.png")
+    res = CliRunner().invoke(app, ["predict", image, "--model", str(ensemble)], env={"COLUMNS": "300"})
+    assert res.exit_code == 0 and "answered by an ensemble of 2 networks" in res.output, res.output
+    split = {"member_top": ["mel", "nv"], "share": 0.5, "disagree": True, "member_probability": [0.7, 0.2]}
+    monkeypatch.setattr(predictor, "agreement", lambda *a, **k: split)
+    res = CliRunner().invoke(app, ["predict", image, "--model", str(ensemble)], env={"COLUMNS": "300"})
+    assert res.exit_code == 0 and "networks disagree: mel, nv" in res.output, res.output
+
+
 def test_a_swapped_or_missing_member_is_refused(ensemble: Path, tmp_path: Path) -> None:
     swapped = tmp_path / "swapped"
     shutil.copytree(ensemble, swapped)

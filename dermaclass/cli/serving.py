@@ -76,17 +76,30 @@ def predict_cmd(
             if r["referral"]["refer"]
             else ""
         )
+        agree = r.get("agreement") or {}
+        split = (
+            f"  [yellow]networks disagree: {escape(', '.join(agree['member_top']))}[/]"
+            if r.get("networks", 1) > 1 and agree.get("disagree")
+            else ""
+        )
         out.print(
-            f"{escape(str(path))}: {escape(tops)}[bold red]{escape(flags)}[/]{refer}", highlight=False, soft_wrap=True
+            f"{escape(str(path))}: {escape(tops)}[bold red]{escape(flags)}[/]{split}{refer}",
+            highlight=False,
+            soft_wrap=True,
         )
     if not as_json:
         out.print(
-            f"[dim]served by {pred.backend}{' with flip TTA' if (pred.tta if tta is None else tta) else ''}. "
+            f"[dim]answered by {_who(len(pred.networks))}, served by {pred.backend}"
+            f"{' with flip TTA' if (pred.tta if tta is None else tta) else ''}. "
             f"{DISCLAIMER}[/]",
             highlight=False,
         )
     if failed:
         raise typer.Exit(Exit.DATA)
+
+
+def _who(networks: int) -> str:
+    return f"an ensemble of {networks} networks (their logits averaged)" if networks > 1 else "one network"
 
 
 @app.command("export", epilog=EXIT_CODES)
