@@ -45,8 +45,8 @@ KINDS = ("common_nevus", "atypical_nevus")
 
 
 def default_models() -> dict[str, Path]:
-    """The bundled model and every trained bench_ensemble bundle that is on disk."""
-    found = {"bundled": ROOT / "models" / "ham10000-effnet-lite0"}
+    """Every bundle in models/ and every trained bench_ensemble bundle that is on disk."""
+    found = {p.parent.name: p.parent for p in sorted((ROOT / "models").glob("*/model.json"))}
     for run in sorted((ROOT / "runs" / "bench_ensemble").glob("*-seed*")):
         if (run / "model.json").is_file():
             found[run.name] = run

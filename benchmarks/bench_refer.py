@@ -250,6 +250,19 @@ def checks(raw: list[np.ndarray]) -> list[str | None]:
     return out
 
 
+def member_disagreement(member_probs: list[np.ndarray]) -> np.ndarray:
+    """The mutual information between the answer and the member (entropy of the mean
+    prediction minus the mean of the members' entropies): 0 when every network gives the same
+    distribution, large when confident networks contradict each other (Lakshminarayanan et al.
+    2017's second signal). One value per image."""
+
+    def entropy(p: np.ndarray) -> np.ndarray:
+        return -(p * np.log(np.clip(p, 1e-12, 1))).sum(axis=-1)
+
+    stack = np.stack(member_probs)  # (members, images, classes)
+    return entropy(stack.mean(axis=0)) - entropy(stack).mean(axis=0)
+
+
 def ood_part(pred: Predictor, args: argparse.Namespace) -> dict[str, Any]:
     from sklearn.metrics import roc_auc_score
 
@@ -275,6 +288,10 @@ def ood_part(pred: Predictor, args: argparse.Namespace) -> dict[str, Any]:
     # An ensemble serves one score, the mean of its members' margins, with its own cut-off (0): it
     # is measured as served. One network: every method is fitted here on its train split.
     as_served = pred.members and {refer.ENSEMBLE_OOD: pred.ood_threshold}
+    # The members' disagreement, measured beside the served score as a candidate second signal
+    # (not served): its cut-off is set on the valid split like the one network's scores, which
+    # two of three cross-fitted members trained on, so its referral rates lean high; AUROCs don't.
+    compared = {**as_served, "disagreement": None} if as_served else {}
     print(f"HAM10000 features: {sum(len(v) for v in ids.values())} images in {time.perf_counter() - t0:.0f} s")
 
     ext_raw: dict[str, list[np.ndarray]] = {}
@@ -359,18 +376,21 @@ def ood_part(pred: Predictor, args: argparse.Namespace) -> dict[str, Any]:
     }
 
     methods: dict[str, Any] = {}
-    for method in as_served or refer.OOD_METHODS:
+    for method in compared or refer.OOD_METHODS:
         t = time.perf_counter()
         stats = {} if as_served else refer.fit(method, out["train"][0][1], labels, len(pred.classes))
         fit_s = time.perf_counter() - t
 
         def s(outs: list[tuple[np.ndarray, np.ndarray]], method: str = method, stats: dict = stats) -> np.ndarray:
+            if method == "disagreement":  # higher = more in distribution, as every score here
+                return -member_disagreement([pred.calibrated(lo) for lo, _ in outs])
             if as_served:
                 return pred.ood_scores(served(outs)[0], None, members=outs)
             return refer.score(method, logits=outs[0][0], features=outs[0][1], stats=stats)
 
         valid_s, test_s = s(out["valid"]), s(out["test"])
-        thr = as_served[method] if as_served else refer.threshold(valid_s, keep=args.keep)
+        served_cut = (as_served or {}).get(method)
+        thr = served_cut if served_cut is not None else refer.threshold(valid_s, keep=args.keep)
         od_s, art_s = s(od), s(art)
         # Scores of every non-dermoscopic image in od_raw order (tiny images: -inf, never scored).
         full = np.full(len(od_raw), -np.inf)

@@ -88,3 +88,12 @@ def test_a_framing_crop_makes_the_lesion_fill_the_share_asked(bench) -> None:
     # a lesion that already fills the share, and an image without one, are left whole
     assert frame_box(np.ones((150, 200), np.uint8), 0.5) == (0, 0, 200, 150)
     assert frame_box(np.zeros((150, 200), np.uint8), 0.5) == (0, 0, 200, 150)
+
+
+def test_member_disagreement_is_zero_when_networks_agree_and_grows_when_they_contradict(bench) -> None:
+    disagreement = bench("bench_refer").member_disagreement
+    same = np.array([[0.9, 0.1], [0.5, 0.5]])
+    assert np.allclose(disagreement([same, same, same]), 0)  # even an unsure answer, if shared
+    sure_apart = disagreement([np.array([[0.99, 0.01]]), np.array([[0.01, 0.99]])])
+    mild_apart = disagreement([np.array([[0.6, 0.4]]), np.array([[0.4, 0.6]])])
+    assert sure_apart[0] > mild_apart[0] > 0 and sure_apart[0] <= np.log(2) + 1e-9
