@@ -561,6 +561,26 @@ def refer_tables() -> list[str]:
         )
         + f" ({', '.join(f'{k} {n}' for k, n in o['artefact_kinds'].items())} images).",
     ]
+    ens = {f: _load(f) for f in ("refer_ensemble_full.json", "refer_ensemble.json")}
+    ens = {f: e for f, e in ens.items() if e and "ood" in e}
+    if ens:
+        out += [
+            "",
+            "Ensembles serve one score, the mean of their members' margins above each member's own cut-off, "
+            "referred below 0 (each member's score fitted on its training folds); `disagreement` (the members' "
+            "mutual information) is measured beside it, not served. Same images and rule as above:",
+            "",
+            "| bundle | score | HAM test referred | all non-dermoscopic referred (AUROC) | external referred |",
+            "|---|---|---|---|---|",
+        ]
+        for f, e in ens.items():
+            for m, v in e["ood"]["methods"].items():
+                out.append(
+                    f"| `{e['model']}` ({f}) | {m} | {100 * v['ham_test_referred_by_rule']:.1f} % "
+                    f"| {100 * v['non_dermoscopy_referred_by_rule']:.1f} % ({v['non_dermoscopy_auroc']:.3f}) | "
+                    + ", ".join(f"{k} {100 * x['referred_by_rule']:.1f} %" for k, x in v["external"].items())
+                    + " |"
+                )
     oc, cf = o["one_colour"], o.get("colourfulness")
     out += [
         "",
