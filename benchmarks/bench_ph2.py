@@ -261,7 +261,7 @@ def main() -> None:
             "data": repo_relative(PH2),
         }
     )
-    command = "python benchmarks/bench_ph2.py " + " ".join(f"--model {m}" for m in args.model)
+    command = "python benchmarks/bench_ph2.py" + (" --model " + " ".join(args.model) if args.model else "")
     if "ph2" in args.part:
         rows = {name: measure(bundle) for name, bundle in models.items()}
         area = lesion_area()
