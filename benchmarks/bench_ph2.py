@@ -153,8 +153,8 @@ def framing(bundle: Path, shares: tuple[float, ...]) -> dict[str, Any]:
         views: dict[tuple[int, int], list[np.ndarray]] = {s: [] for s in pred.input_sizes}
         reached, cropped = [], 0
         for image, mask in sources:
-            box = frame_box(mask, share) if share else (0, 0, mask.shape[1], mask.shape[0])
-            cropped += box != (0, 0, mask.shape[1], mask.shape[0])
+            box = frame_box(mask, share or 0.0)  # share 0: every lesion fills it, the whole image
+            cropped += box != (0, 0, *mask.shape[::-1])
             reached.append(float(mask[box[1] : box[3], box[0] : box[2]].mean()))
             for size, im in pred.preprocess_all(image.crop(box)).items():
                 views[size].append(im)
@@ -198,16 +198,18 @@ def lesion_area() -> dict[str, dict[str, Any]]:
     }
 
 
+def _largest(shares: dict[str, float]) -> str:
+    """The classes with at least 5 % of the answers, largest first."""
+    return ", ".join(f"{c} {v:.2f}" for c, v in sorted(shares.items(), key=lambda x: -x[1]) if v >= 0.05)
+
+
 def print_ph2(rows: dict[str, dict], area: dict[str, dict]) -> None:
     print(
         f"{'bundle':22} {'AUROC common/atypical/all':27} {'flag sens':>9}  {'flag spec common/atypical':26} "
         "best spec at sens 0.85 (common/atypical)"
     )
     for name, r in rows.items():
-        answers = "; ".join(
-            f"{kind}: " + ", ".join(f"{c} {v:.2f}" for c, v in sorted(a.items(), key=lambda x: -x[1]) if v >= 0.05)
-            for kind, a in r["answers"].items()
-        )
+        answers = "; ".join(f"{kind}: {_largest(a)}" for kind, a in r["answers"].items())
         a, f, b = r["mel_auroc"], r["flag_specificity"], r["best_specificity_at"]
         print(
             f"{name:22} {a['common_nevus']:.3f} / {a['atypical_nevus']:.3f} / {a['all_nevi']:.3f}   "
@@ -230,9 +232,7 @@ def print_framing(rows: dict[str, dict]) -> None:
     )
     for name, r in rows.items():
         for share, f in r["shares"].items():
-            ans = ", ".join(
-                f"{c} {v:.2f}" for c, v in sorted(f["melanomas_answered"].items(), key=lambda x: -x[1]) if v >= 0.05
-            )
+            ans = _largest(f["melanomas_answered"])
             print(
                 f"{name:22} {share:>6} {f['lesion_share_median']:7.2f} {f['cropped']:7d} {f['balanced_accuracy']:6.3f} "
                 f"{f['sensitivity']['mel']:8.3f} {f['mel_auroc']:9.3f} {f['mel_auroc_vs_nv']:6.3f}  {ans}"

@@ -256,11 +256,10 @@ def member_disagreement(member_probs: list[np.ndarray]) -> np.ndarray:
     distribution, large when confident networks contradict each other (Lakshminarayanan et al.
     2017's second signal). One value per image."""
 
-    def entropy(p: np.ndarray) -> np.ndarray:
-        return -(p * np.log(np.clip(p, 1e-12, 1))).sum(axis=-1)
+    from scipy.stats import entropy
 
     stack = np.stack(member_probs)  # (members, images, classes)
-    return entropy(stack.mean(axis=0)) - entropy(stack).mean(axis=0)
+    return entropy(stack.mean(axis=0), axis=-1) - entropy(stack, axis=-1).mean(axis=0)
 
 
 def ood_part(pred: Predictor, args: argparse.Namespace) -> dict[str, Any]:
