@@ -55,11 +55,37 @@ def train_run(
     return round((time.perf_counter() - start) / 60, 2)
 
 
+def _checkout_root(path: Path) -> Path | None:
+    """The top of the checkout of *this* repository that holds ``path`` (this one, or another
+    worktree or clone sharing its git directory), or None."""
+    import subprocess
+
+    def common_dir(where: Path) -> str | None:
+        r = subprocess.run(["git", "-C", str(where), "rev-parse", "--path-format=absolute", "--git-common-dir",
+                            "--show-toplevel"], capture_output=True, text=True)  # fmt: skip
+        return r.stdout if r.returncode == 0 else None
+
+    where = path if path.is_dir() else path.parent
+    while not where.exists():
+        where = where.parent
+    mine, theirs = common_dir(ROOT), common_dir(where)
+    if mine is None or theirs is None or mine.split()[0] != theirs.split()[0]:
+        return None
+    return Path(theirs.split()[1]).resolve()
+
+
 def repo_relative(path: str | Path) -> str:
     """``path`` relative to the repository when it is inside it (as results files record
-    paths), else as given: ``--model``, ``--runs-dir`` and ``--split-file`` may point elsewhere."""
+    paths), else as given: ``--model``, ``--runs-dir`` and ``--split-file`` may point elsewhere.
+
+    Long benchmarks run from a detached worktree with ``--runs-dir`` in the main checkout: a
+    path in any checkout of this repository is recorded relative to that checkout, so results
+    copied between checkouts name the same files."""
     resolved = Path(path).resolve()
-    return str(resolved.relative_to(ROOT.resolve())) if resolved.is_relative_to(ROOT.resolve()) else str(path)
+    for top in (ROOT.resolve(), _checkout_root(resolved)):
+        if top is not None and resolved.is_relative_to(top):
+            return str(resolved.relative_to(top))
+    return str(path)
 
 
 def measure(run: Path, *, split_file: Path, data: Path = HAM, tta: bool = False, n_boot: int = 200) -> dict[str, Any]:

@@ -97,3 +97,24 @@ def test_member_disagreement_is_zero_when_networks_agree_and_grows_when_they_con
     sure_apart = disagreement([np.array([[0.99, 0.01]]), np.array([[0.01, 0.99]])])
     mild_apart = disagreement([np.array([[0.6, 0.4]]), np.array([[0.4, 0.6]])])
     assert sure_apart[0] > mild_apart[0] > 0 and sure_apart[0] <= np.log(2) + 1e-9
+
+
+def test_results_name_runs_relative_to_any_checkout_of_the_repository(bench, tmp_path: Path) -> None:
+    import subprocess
+
+    common = bench("common")
+    root = common.ROOT
+    assert common.repo_relative(root / "models" / "x" / "split.csv") == "models/x/split.csv"
+    # Another worktree of this repository, as long benchmarks use: paths in it are recorded
+    # relative to it (even before the run folder exists).
+    tree = tmp_path / "tree"
+    made = subprocess.run(["git", "-C", str(root), "worktree", "add", "--detach", str(tree), "HEAD"],
+                          capture_output=True, text=True)  # fmt: skip
+    if made.returncode != 0:
+        pytest.skip(f"cannot add a git worktree here: {made.stderr.strip()}")
+    try:
+        assert common.repo_relative(tree / "runs" / "bench" / "k3-full-seed44") == "runs/bench/k3-full-seed44"
+    finally:
+        subprocess.run(["git", "-C", str(root), "worktree", "remove", "--force", str(tree)], capture_output=True)
+    # A folder outside any checkout of it is kept as given.
+    assert common.repo_relative(tmp_path / "elsewhere") == str(tmp_path / "elsewhere")
