@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 from dermaclass.fileio import write_text
 
@@ -158,7 +159,10 @@ def model_table() -> list[str]:
 
 def ensemble_targets_table() -> list[str]:
     """The default bundle (three cross-fitted networks) against the ensemble issue's targets,
-    from its test report (with the external sets) and inference_ensemble.json."""
+    from its test report (with the external sets) and inference_ensemble.json, beside the same
+    recipe's figures over training seeds (ensemble.json)."""
+    import numpy as np
+
     path = ENSEMBLE / "report" / "report.json"
     if not path.is_file():
         return ["The ensemble bundle has no report yet."]
@@ -177,6 +181,31 @@ def ensemble_targets_table() -> list[str]:
     ph2 = ext.get("ph2") or {}
     ph2_mel = ((ph2.get("per_class") or {}).get("mel") or {}).get("auroc")
     ph2_op = (ph2.get("operating_points") or {}).get("mel") or {}
+    # The same recipe over training seeds (bench_ensemble's k3-full runs): the issue judges the
+    # design by figures over seeds, and the bundle is one of them.
+    seeded = [x for x in (_load("ensemble.json") or {}).get("runs", []) if x["variant"] == "k3-full"]
+
+    def over_seeds(get: Any) -> str:
+        v = [get(x) for x in seeded]
+        v = [x for x in v if x is not None]
+        return "-" if len(v) < 2 else f"{np.mean(v):.3f} ± {np.std(v, ddof=1):.3f}"
+
+    def where(x: dict, w: str) -> dict:
+        return x["test"] if w == "test" else (x.get("external") or {}).get(w) or {}
+
+    def flag(x: dict, k: str) -> float | None:
+        return ((where(x, "ph2").get("operating_points") or {}).get("mel") or {}).get(k)
+
+    seed_values = [
+        over_seeds(lambda x: where(x, "test").get("balanced_accuracy")),
+        over_seeds(lambda x: where(x, "derm7pt").get("balanced_accuracy")),
+        over_seeds(lambda x: where(x, "isic2017").get("balanced_accuracy")),
+        over_seeds(lambda x: ((where(x, "ph2").get("per_class") or {}).get("mel") or {}).get("auroc")),
+        over_seeds(lambda x: where(x, "test").get("ece")),
+        over_seeds(lambda x: where(x, "derm7pt").get("ece")),
+        f"sensitivity {over_seeds(lambda x: flag(x, 'sensitivity'))}, "
+        f"specificity {over_seeds(lambda x: flag(x, 'specificity'))}",
+    ]
     rows = [
         ba("HAM10000 test", r, iv, 0.75),
         ba("derm7pt", ext.get("derm7pt"), (ext.get("derm7pt") or {}).get("intervals") or {}, 0.48),
@@ -205,11 +234,13 @@ def ensemble_targets_table() -> list[str]:
                 f"one image end to end, OpenVINO int8, {lat['machine']['cpus']} cores (no TTA / flip TTA)",
                 f"{e2e:.1f} / {tta:.1f} ms",
                 "<= 10 ms",
-                e2e <= 10,
+                "yes" if tta <= 10 else ("without TTA only" if e2e <= 10 else False),
             )
         )
     minutes = meta["training"]["seconds"] / 60
     rows.append(("training time, the networks together", f"{minutes:.1f} min", "(the card says)", None))
+    seed_values += ["-"] * (len(rows) - len(seed_values) - 1)
+    seed_values.append(over_seeds(lambda x: x.get("training_minutes")) + " min")
     out = [
         f"`models/{ENSEMBLE.name}`: {len(meta['members'])} cross-fitted networks ("
         + ", ".join(sorted({f"{m['arch']} {m['input_size'][0]}x{m['input_size'][1]}" for m in meta["members"]}))
@@ -219,13 +250,20 @@ def ensemble_targets_table() -> list[str]:
         "--no-thumbnails --external derm7pt=../shared/data/derm7pt --external isic2017=../shared/data/isic2017 "
         "--external ph2=../shared/data/ph2`. Its temperature, prior shift and melanoma threshold were fitted on the "
         "out-of-fold predictions of the train+valid pool; nothing on the test split or the external sets. "
-        + (f"Latency from `{lat['command']}` (the same three-member shape)." if lat else ""),
+        + (f"Latency from `{lat['command']}` (the same three-member shape)." if lat else "")
+        + (
+            f" The same recipe over training seeds: `ensemble.json`'s k3-full runs ({len(seeded)} seeds, "
+            "the bundle's among them)."
+            if len(seeded) > 1
+            else ""
+        ),
         "",
-        "| figure | reached (95 % lesion bootstrap) | target | met |",
-        "|---|---|---|---|",
+        "| figure | the bundle (95 % lesion bootstrap) | the recipe over seeds (mean ± sd) | target | met by the bundle |",
+        "|---|---|---|---|---|",
     ]
-    for name, value, target, met in rows:
-        out.append(f"| {name} | {value} | {target} | {'' if met is None else ('yes' if met else '**no**')} |")
+    for (name, value, target, met), seeds in zip(rows, seed_values, strict=True):
+        verdict = "" if met is None else met if isinstance(met, str) else ("yes" if met else "**no**")
+        out.append(f"| {name} | {value} | {seeds} | {target} | {verdict} |")
     return out
 
 
