@@ -60,18 +60,17 @@ def _checkout_root(path: Path) -> Path | None:
     worktree or clone sharing its git directory), or None."""
     import subprocess
 
-    def common_dir(where: Path) -> str | None:
+    def git_dirs(where: Path) -> list[str]:
+        # [common git directory, top of the checkout], one per line (paths may hold spaces)
         r = subprocess.run(["git", "-C", str(where), "rev-parse", "--path-format=absolute", "--git-common-dir",
                             "--show-toplevel"], capture_output=True, text=True)  # fmt: skip
-        return r.stdout if r.returncode == 0 else None
+        return r.stdout.splitlines() if r.returncode == 0 else []
 
     where = path if path.is_dir() else path.parent
     while not where.exists():
         where = where.parent
-    mine, theirs = common_dir(ROOT), common_dir(where)
-    if mine is None or theirs is None or mine.split()[0] != theirs.split()[0]:
-        return None
-    return Path(theirs.split()[1]).resolve()
+    mine, theirs = git_dirs(ROOT), git_dirs(where)
+    return Path(theirs[1]).resolve() if mine and theirs and mine[0] == theirs[0] else None
 
 
 def repo_relative(path: str | Path) -> str:

@@ -161,7 +161,6 @@ def ensemble_targets_table() -> list[str]:
     """The default bundle (three cross-fitted networks) against the ensemble issue's targets,
     from its test report (with the external sets) and inference_ensemble.json, beside the same
     recipe's figures over training seeds (ensemble.json)."""
-    import numpy as np
 
     path = ENSEMBLE / "report" / "report.json"
     if not path.is_file():
@@ -171,60 +170,48 @@ def ensemble_targets_table() -> list[str]:
     ext = r.get("external") or {}
     iv = r["intervals"]["overall"]
 
-    def ba(label: str, e: dict | None, ivs: dict, target: float) -> tuple:
-        if not e:
-            return (f"balanced accuracy, {label}", "not measured", f">= {target:.2f}", None)
-        lo, hi = ivs.get("balanced_accuracy") or (float("nan"), float("nan"))
-        value = e["balanced_accuracy"]
-        return (f"balanced accuracy, {label}", f"{value:.3f} [{lo:.3f}, {hi:.3f}]", f">= {target:.2f}", value >= target)
-
-    ph2 = ext.get("ph2") or {}
-    ph2_mel = ((ph2.get("per_class") or {}).get("mel") or {}).get("auroc")
-    ph2_op = (ph2.get("operating_points") or {}).get("mel") or {}
     # The same recipe over training seeds (bench_ensemble's k3-full runs): the issue judges the
     # design by figures over seeds, and the bundle is one of them.
     seeded = [x for x in (_load("ensemble.json") or {}).get("runs", []) if x["variant"] == "k3-full"]
 
-    def over_seeds(get: Any) -> str:
-        v = [get(x) for x in seeded]
-        v = [x for x in v if x is not None]
-        return "-" if len(v) < 2 else f"{np.mean(v):.3f} ± {np.std(v, ddof=1):.3f}"
+    def over_seeds(values: Any) -> str:
+        return _mean_sd([values(x) for x in seeded]) if len(seeded) > 1 else "-"
 
-    def where(x: dict, w: str) -> dict:
-        return x["test"] if w == "test" else (x.get("external") or {}).get(w) or {}
+    def mel(x: dict, part: str, key: str) -> float | None:
+        return ((_where(x, "ph2").get(part) or {}).get("mel") or {}).get(key)
 
-    def flag(x: dict, k: str) -> float | None:
-        return ((where(x, "ph2").get("operating_points") or {}).get("mel") or {}).get(k)
+    def ba(label: str, name: str, e: dict | None, ivs: dict, target: float) -> tuple:
+        seeds = over_seeds(lambda x: _where(x, name).get("balanced_accuracy"))
+        if not e:
+            return (f"balanced accuracy, {label}", "not measured", seeds, f">= {target:.2f}", None)
+        lo, hi = ivs.get("balanced_accuracy") or (float("nan"), float("nan"))
+        value = e["balanced_accuracy"]
+        return (f"balanced accuracy, {label}", f"{value:.3f} [{lo:.3f}, {hi:.3f}]", seeds, f">= {target:.2f}",
+                value >= target)  # fmt: skip
 
-    seed_values = [
-        over_seeds(lambda x: where(x, "test").get("balanced_accuracy")),
-        over_seeds(lambda x: where(x, "derm7pt").get("balanced_accuracy")),
-        over_seeds(lambda x: where(x, "isic2017").get("balanced_accuracy")),
-        over_seeds(lambda x: ((where(x, "ph2").get("per_class") or {}).get("mel") or {}).get("auroc")),
-        over_seeds(lambda x: where(x, "test").get("ece")),
-        over_seeds(lambda x: where(x, "derm7pt").get("ece")),
-        f"sensitivity {over_seeds(lambda x: flag(x, 'sensitivity'))}, "
-        f"specificity {over_seeds(lambda x: flag(x, 'specificity'))}",
-    ]
-    rows = [
-        ba("HAM10000 test", r, iv, 0.75),
-        ba("derm7pt", ext.get("derm7pt"), (ext.get("derm7pt") or {}).get("intervals") or {}, 0.48),
-        ba("isic2017", ext.get("isic2017"), (ext.get("isic2017") or {}).get("intervals") or {}, 0.58),
-        ("melanoma AUROC, PH2", _f(ph2_mel), ">= 0.85", None if ph2_mel is None else ph2_mel >= 0.85),
-        ("ECE, HAM10000 test", _f(r.get("ece")), "<= 0.03", (r.get("ece") or 1) <= 0.03),
-        (
-            "ECE, derm7pt",
-            _f((ext.get("derm7pt") or {}).get("ece")),
-            "<= 0.10",
-            ((ext.get("derm7pt") or {}).get("ece") or 1) <= 0.10,
-        ),
+    ph2 = ext.get("ph2") or {}
+    ph2_mel = ((ph2.get("per_class") or {}).get("mel") or {}).get("auroc")
+    ph2_op = (ph2.get("operating_points") or {}).get("mel") or {}
+    d7 = ext.get("derm7pt") or {}
+    rows = [  # (figure, the bundle, the recipe over seeds, target, met by the bundle)
+        ba("HAM10000 test", "test", r, iv, 0.75),
+        ba("derm7pt", "derm7pt", ext.get("derm7pt"), d7.get("intervals") or {}, 0.48),
+        ba("isic2017", "isic2017", ext.get("isic2017"), (ext.get("isic2017") or {}).get("intervals") or {}, 0.58),
+        ("melanoma AUROC, PH2", _f(ph2_mel), over_seeds(lambda x: mel(x, "per_class", "auroc")), ">= 0.85",
+         None if ph2_mel is None else ph2_mel >= 0.85),
+        ("ECE, HAM10000 test", _f(r.get("ece")), over_seeds(lambda x: _where(x, "test").get("ece")), "<= 0.03",
+         (r.get("ece") or 1) <= 0.03),
+        ("ECE, derm7pt", _f(d7.get("ece")), over_seeds(lambda x: _where(x, "derm7pt").get("ece")), "<= 0.10",
+         (d7.get("ece") or 1) <= 0.10),
         (
             "melanoma flag on PH2 at its stored threshold",
             f"sensitivity {_f(ph2_op.get('sensitivity'))}, specificity {_f(ph2_op.get('specificity'))}",
+            f"sensitivity {over_seeds(lambda x: mel(x, 'operating_points', 'sensitivity'))}, "
+            f"specificity {over_seeds(lambda x: mel(x, 'operating_points', 'specificity'))}",
             "specificity >= 0.50 at sensitivity >= 0.85",
             (ph2_op.get("sensitivity") or 0) >= 0.85 and (ph2_op.get("specificity") or 0) >= 0.50,
         ),
-    ]
+    ]  # fmt: skip
     lat = _load("inference_ensemble.json")
     if lat and "openvino-int8" in lat["backends"]:
         b = lat["backends"]["openvino-int8"]
@@ -233,14 +220,14 @@ def ensemble_targets_table() -> list[str]:
             (
                 f"one image end to end, OpenVINO int8, {lat['machine']['cpus']} cores (no TTA / flip TTA)",
                 f"{e2e:.1f} / {tta:.1f} ms",
+                "-",
                 "<= 10 ms",
                 "yes" if tta <= 10 else ("without TTA only" if e2e <= 10 else False),
             )
         )
     minutes = meta["training"]["seconds"] / 60
-    rows.append(("training time, the networks together", f"{minutes:.1f} min", "(the card says)", None))
-    seed_values += ["-"] * (len(rows) - len(seed_values) - 1)
-    seed_values.append(over_seeds(lambda x: x.get("training_minutes")) + " min")
+    rows.append(("training time, the networks together", f"{minutes:.1f} min",
+                 over_seeds(lambda x: x.get("training_minutes")) + " min", "(the card says)", None))  # fmt: skip
     out = [
         f"`models/{ENSEMBLE.name}`: {len(meta['members'])} cross-fitted networks ("
         + ", ".join(sorted({f"{m['arch']} {m['input_size'][0]}x{m['input_size'][1]}" for m in meta["members"]}))
@@ -261,7 +248,7 @@ def ensemble_targets_table() -> list[str]:
         "| figure | the bundle (95 % lesion bootstrap) | the recipe over seeds (mean ± sd) | target | met by the bundle |",
         "|---|---|---|---|---|",
     ]
-    for (name, value, target, met), seeds in zip(rows, seed_values, strict=True):
+    for name, value, seeds, target, met in rows:
         verdict = "" if met is None else met if isinstance(met, str) else ("yes" if met else "**no**")
         out.append(f"| {name} | {value} | {seeds} | {target} | {verdict} |")
     return out
@@ -406,6 +393,19 @@ def recipes_table() -> list[str]:
             )
         out.append(f"| {name} | " + " | ".join(cells) + " |")
     return out
+
+
+def _where(run: dict, name: str) -> dict:
+    """A bench_ensemble run's figures on HAM test (``"test"``) or on one external set ({} if not measured)."""
+    return run["test"] if name == "test" else (run.get("external") or {}).get(name) or {}
+
+
+def _mean_sd(values: list, sign: str = "") -> str:
+    """Mean ± sd (n-1) of the values measured ("-" for none; the value alone for one)."""
+    import numpy as np
+
+    v = [x for x in values if x is not None]
+    return "-" if not v else f"{np.mean(v):{sign}.3f}" + (f" ± {np.std(v, ddof=1):.3f}" if len(v) > 1 else "")
 
 
 def _ms(d: dict | None) -> str:
@@ -900,17 +900,10 @@ def ensemble_table() -> list[str]:
     runs = d["runs"]
     sets = ("test", "derm7pt", "isic2017", "ph2")
 
-    def where(r: dict, w: str) -> dict:
-        return r["test"] if w == "test" else (r.get("external") or {}).get(w) or {}
-
-    def mean(values: list, sign: str = "") -> str:
-        v = [x for x in values if x is not None]
-        return "-" if not v else f"{np.mean(v):{sign}.3f}" + (f" ± {np.std(v, ddof=1):.3f}" if len(v) > 1 else "")
-
     def external_mean(r: dict) -> float | None:
         # the three external sets' balanced accuracies, averaged per run (the issue's yardstick
         # with HAM test); None unless every set was measured
-        v = [where(r, w).get("balanced_accuracy") for w in sets[1:]]
+        v = [_where(r, w).get("balanced_accuracy") for w in sets[1:]]
         return None if None in v else float(np.mean(v))
 
     commands = "; ".join(f"`{c}`" for c in d.get("commands", [d["command"]]))
@@ -926,17 +919,17 @@ def ensemble_table() -> list[str]:
     ]
     for name in dict.fromkeys(r["variant"] for r in runs):
         mine = [r for r in runs if r["variant"] == name]
-        ph2 = [where(r, "ph2") for r in mine]
+        ph2 = [_where(r, "ph2") for r in mine]
         flag = [(p.get("operating_points") or {}).get("mel") or {} for p in ph2]
         reused = " (¹)" if any(r.get("reused") for r in mine) else ""
         out.append(
             f"| {name}{reused} | `{' '.join(d['variants'].get(name, []))}` | {len(mine)} | "
-            + " | ".join(mean([where(r, w).get("balanced_accuracy") for r in mine]) for w in sets)
-            + f" | {mean([external_mean(r) for r in mine])}"
-            + f" | {mean([((p.get('per_class') or {}).get('mel') or {}).get('auroc') for p in ph2])} | "
-            f"{mean([f.get('sensitivity') for f in flag])} / {mean([f.get('specificity') for f in flag])} | "
-            f"{mean([where(r, 'test').get('ece') for r in mine])} / {mean([where(r, 'derm7pt').get('ece') for r in mine])} | "
-            f"{mean([r.get('training_minutes') for r in mine])} |"
+            + " | ".join(_mean_sd([_where(r, w).get("balanced_accuracy") for r in mine]) for w in sets)
+            + f" | {_mean_sd([external_mean(r) for r in mine])}"
+            + f" | {_mean_sd([((p.get('per_class') or {}).get('mel') or {}).get('auroc') for p in ph2])} | "
+            f"{_mean_sd([f.get('sensitivity') for f in flag])} / {_mean_sd([f.get('specificity') for f in flag])} | "
+            f"{_mean_sd([_where(r, 'test').get('ece') for r in mine])} / {_mean_sd([_where(r, 'derm7pt').get('ece') for r in mine])} | "
+            f"{_mean_sd([r.get('training_minutes') for r in mine])} |"
         )
     for r in d.get("superseded", []):
         ext = ", ".join(f"{k} {v['balanced_accuracy']:.3f}" for k, v in (r.get("external") or {}).items())
@@ -968,24 +961,26 @@ def ensemble_table() -> list[str]:
         for name in dict.fromkeys(r["variant"] for r in ens):
             mine = [r for r in ens if r["variant"] == name]
             for label, get in (
-                ("mean of logits (served)", lambda r, w: where(r, w).get("balanced_accuracy")),
+                ("mean of logits (served)", lambda r, w: _where(r, w).get("balanced_accuracy")),
                 (
                     "Δ mean of probabilities",
                     lambda r, w: (
-                        (r["prob_mean"].get(w) or {}).get("balanced_accuracy") - where(r, w).get("balanced_accuracy")
+                        (r["prob_mean"].get(w) or {}).get("balanced_accuracy") - _where(r, w).get("balanced_accuracy")
                     ),
                 ),
                 (
                     "Δ its members alone (mean)",
                     lambda r, w: (
                         float(np.mean([m["balanced_accuracy"] for m in r["members"][w]]))
-                        - where(r, w).get("balanced_accuracy")
+                        - _where(r, w).get("balanced_accuracy")
                     ),
                 ),
             ):
                 out.append(
                     f"| {name} | {len(mine)} | {label} | "
-                    + " | ".join(mean([get(r, w) for r in mine], "+" if label.startswith("Δ") else "") for w in sets)
+                    + " | ".join(
+                        _mean_sd([get(r, w) for r in mine], "+" if label.startswith("Δ") else "") for w in sets
+                    )
                     + " |"
                 )
     out += [
