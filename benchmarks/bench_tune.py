@@ -38,6 +38,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from common import HAM, RESULTS, ROOT, SPLIT, measure, repo_relative, run_facts, summarise_rows, train_run
 from dermaclass.fileio import write_json
 
@@ -65,6 +67,7 @@ def study_figures(out: Path) -> dict[str, Any]:
             curve.append(best)
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     top = max(complete, key=lambda t: t.value) if complete else None
+    pairs = [(float(t.value), raw_best(t)) for t in complete]
     return {
         "study": repo_relative(out),
         "trials": len(curve),
@@ -78,6 +81,41 @@ def study_figures(out: Path) -> dict[str, Any]:
         "best_so_far": curve,
         "minutes": round(sum((t.user_attrs.get("minutes") or 0) for t in trials), 1),
         "best_yaml": repo_relative(out / "best.yaml") if (out / "best.yaml").is_file() else None,
+        "served_vs_raw": served_vs_raw([p for p in pairs if p[1] is not None]),
+    }
+
+
+def raw_best(trial: Any) -> float | None:
+    """A finished trial's best per-epoch raw validation score (what its pruner saw): the user
+    attribute ``tune`` records, else the best intermediate value (studies from before it did)."""
+    v = trial.user_attrs.get("valid_raw_best")
+    if v is None and trial.intermediate_values:
+        v = max(trial.intermediate_values.values())
+    return None if v is None else float(v)
+
+
+def served_vs_raw(pairs: list[tuple[float, float]]) -> dict[str, Any]:
+    """How far a study's objective (the served bundle's validation balanced accuracy: TTA,
+    temperature, prior shift) ranks its finished trials differently from the raw best-epoch
+    score the pruner sees: Spearman's rho, whether both pick the same best trial, where the
+    served best stands by raw score, and the served-minus-raw gap."""
+    from scipy.stats import spearmanr
+
+    if len(pairs) < 2:
+        return {"trials": len(pairs)}
+    served, raw = np.array(pairs).T
+    by_raw = np.argsort(-raw, kind="stable")
+    top = int(np.argmax(served))
+    rho = spearmanr(served, raw).statistic
+    gap = served - raw
+    return {
+        "trials": len(pairs),
+        "spearman": None if not np.isfinite(rho) else round(float(rho), 3),
+        "same_best": bool(top == int(by_raw[0])),
+        "served_best_raw_rank": int(np.flatnonzero(by_raw == top)[0]) + 1,
+        "gap_mean": round(float(gap.mean()), 4),
+        "gap_min": round(float(gap.min()), 4),
+        "gap_max": round(float(gap.max()), 4),
     }
 
 
@@ -204,7 +242,8 @@ def main() -> None:
                                               "wall_minutes": round((time.perf_counter() - start) / 60, 1)}  # fmt: skip
                 f = studies[f"{sampler}-s{s}"]
                 print(f"{sampler} study seed {s}: best valid balanced accuracy {f['best_valid_balanced_accuracy']} "
-                      f"({f['states']}, {f['wall_minutes']} min)", flush=True)  # fmt: skip
+                      f"({f['states']}, {f['wall_minutes']} min); served against raw: {f['served_vs_raw']}",
+                      flush=True)  # fmt: skip
                 save()
     if "pruners" in args.part:
         for name, st in studies.items():

@@ -13,6 +13,17 @@ reporting the best trials afterwards). Every epoch's validation balanced accurac
 to the pruner (``train.callbacks.ReportScore``), which stops hopeless trials early
 (Hyperband, Li et al. 2018, by default; successive halving or the median rule on request).
 
+Two scores, on purpose. The pruner sees each epoch's *raw* score (the network's argmax, no
+test-time augmentation): that is all there is mid-run, and a pruner only compares trials at
+the same epoch, so one scale is enough for it. The trial's value, which TPE learns from and
+``best.yaml`` is chosen by, is the *served* bundle's score: with its test-time augmentation,
+temperature and prior shift (``serving.refit.calibrate_bundle``, as the app answers). The
+prior shift holds nevus sensitivity at ``prior_sensitivity``, and a weak network pays for it
+(a one-epoch trial went from 0.33 raw to 0.14 served, every image called nv): the study
+should prefer what a clinic would be served. The best epoch's raw score is kept beside it
+(user attribute ``valid_raw_best``; ``top.md``), and benchmarks/bench_tune.py measures how
+far the two rank the trials differently.
+
 The study lives in an RDB storage: SQLite in the study folder by default, so a killed study
 continues with ``--resume`` (the trial that was running is failed as interrupted and run
 again); a PostgreSQL URL lets several machines run trials of one study at once (Optuna's own
@@ -200,13 +211,19 @@ def trial_config(base: Config, params: Mapping[str, Any]) -> Config:
 # ---- the study -------------------------------------------------------------------------------
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """Optuna marks heartbeats and its matplotlib plots experimental, and warns on every use."""
+    """Optuna marks heartbeats and its matplotlib plots experimental, and warns on every use;
+    and it logs "Using an existing study" at INFO on every resume, which the caller asked for."""
     import optuna
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        warnings.filterwarnings("ignore", message="No artists with labels found")
-        yield
+    level = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(max(level, optuna.logging.WARNING))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            warnings.filterwarnings("ignore", message="No artists with labels found")
+            yield
+    finally:
+        optuna.logging.set_verbosity(level)
 
 
 def make_sampler(name: str, seed: int) -> Any:
@@ -256,10 +273,10 @@ def open_study(out_dir: Path, *, storage: str | None, sampler: Any, pruner: Any,
         # period; --resume fails a local study's running trials at once (one machine).
         with _quiet():
             rdb = optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=180)
-        return optuna.create_study(
-            storage=rdb, study_name=STUDY_NAME, direction="maximize", sampler=sampler, pruner=pruner,
-            load_if_exists=resume or not local,
-        )  # fmt: skip
+            return optuna.create_study(
+                storage=rdb, study_name=STUDY_NAME, direction="maximize", sampler=sampler, pruner=pruner,
+                load_if_exists=resume or not local,
+            )  # fmt: skip
     except optuna.exceptions.DuplicatedStudyError:
         raise StudyError(f"{url}: already holds a study; --resume continues it") from None
     except (sqlalchemy.exc.SQLAlchemyError, ValueError) as exc:
@@ -353,12 +370,14 @@ def tune(
 
     def objective(trial: Any) -> float:
         params = sample(trial, space, base)
+        raw: list[float] = []  # the pruner's per-epoch scores
         run_dir = out_dir / TRIALS_DIR / f"{trial.number:04d}"
         trial.set_user_attr("run", str(run_dir))
         try:
             cfg = trial_config(base, params)
 
             def report(step: int, score: float) -> None:
+                raw.append(score)
                 trial.report(score, step)
                 if trial.should_prune():
                     raise optuna.TrialPruned(f"pruned after epoch {step} (valid balanced accuracy {score:.4f})")
@@ -370,6 +389,8 @@ def tune(
         m = result.metrics
         trial.set_user_attr("valid_macro_f1", m.get("macro_f1"))
         trial.set_user_attr("minutes", round(result.seconds / 60, 2))
+        if raw:
+            trial.set_user_attr("valid_raw_best", max(raw))
         value = m.get("balanced_accuracy")
         if value is None or not math.isfinite(value):
             raise StudyError(f"trial {trial.number}: no finite validation balanced accuracy")
@@ -426,8 +447,9 @@ def top_trials(study: Any, n: int = 10) -> list[dict[str, Any]]:
 
     done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     rows = sorted(done, key=lambda t: -t.value)[:n]
-    return [{"trial": t.number, "valid_balanced_accuracy": t.value, "valid_macro_f1": t.user_attrs.get("valid_macro_f1"),
-             "minutes": t.user_attrs.get("minutes"), "params": dict(t.params)} for t in rows]  # fmt: skip
+    return [{"trial": t.number, "valid_balanced_accuracy": t.value, "valid_raw_best": t.user_attrs.get("valid_raw_best"),
+             "valid_macro_f1": t.user_attrs.get("valid_macro_f1"), "minutes": t.user_attrs.get("minutes"),
+             "params": dict(t.params)} for t in rows]  # fmt: skip
 
 
 def write_study_report(study: Any, out: Path) -> dict[str, Path]:
@@ -448,12 +470,18 @@ def write_study_report(study: Any, out: Path) -> dict[str, Path]:
     with atomic_path(out / "trials.csv") as tmp:
         frame.to_csv(tmp, index=False)
     written["trials"] = out / "trials.csv"
-    lines = ["| trial | valid balanced accuracy | valid macro-F1 | minutes | settings |", "|---:|---:|---:|---:|---|"]
+    lines = [
+        "| trial | valid balanced accuracy (served) | best epoch, raw | valid macro-F1 | minutes | settings |",
+        "|---:|---:|---:|---:|---:|---|",
+    ]
+
+    def cell(v: float | None) -> str:
+        return "-" if v is None else f"{v:.4f}"
+
     for r in top_trials(study):
         settings = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["params"].items())
-        f1 = r["valid_macro_f1"]
-        lines.append(f"| {r['trial']} | {r['valid_balanced_accuracy']:.4f} | {'-' if f1 is None else f'{f1:.4f}'} | "
-                     f"{r['minutes']} | {settings} |")  # fmt: skip
+        lines.append(f"| {r['trial']} | {r['valid_balanced_accuracy']:.4f} | {cell(r['valid_raw_best'])} | "
+                     f"{cell(r['valid_macro_f1'])} | {r['minutes']} | {settings} |")  # fmt: skip
     written["top"] = write_text(out / "top.md", "\n".join(lines) + "\n")
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     plots: dict[str, Callable[[], Any]] = {"history": lambda: ovm.plot_optimization_history(study)}

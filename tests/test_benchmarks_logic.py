@@ -1,5 +1,6 @@
-"""The benchmarks' own logic that decides what they report: pruner replay (bench_tune), the
-teacher a distillation variant reads (bench_ensemble) and PH2's per-kind figures (bench_ph2)."""
+"""The benchmarks' own logic that decides what they report: pruner replay and served-against-raw
+ranking (bench_tune), the teacher a distillation variant reads (bench_ensemble) and PH2's
+per-kind figures (bench_ph2)."""
 
 from __future__ import annotations
 
@@ -44,6 +45,17 @@ def test_replay_prunes_flat_bad_curves_and_counts_what_it_saved(bench, pruner: s
     assert r["epoch_share"] == pytest.approx(r["epochs_used"] / 180, abs=1e-3)
     assert r["best_value_kept"] <= r["best_value"]
     assert r["best_kept"] == (r["best_value_kept"] == r["best_value"])
+
+
+def test_served_against_raw_scores_shows_when_the_prior_shift_reorders_trials(bench) -> None:
+    f = bench("bench_tune").served_vs_raw
+    same = f([(0.50, 0.52), (0.40, 0.43), (0.30, 0.31)])
+    assert same["spearman"] == 1.0 and same["same_best"] and same["served_best_raw_rank"] == 1
+    assert same["gap_mean"] == pytest.approx(-0.02, abs=1e-4)
+    # the raw leader collapses once served (every image called nv): the two scores disagree
+    flipped = f([(0.14, 0.60), (0.50, 0.55), (0.45, 0.50)])
+    assert not flipped["same_best"] and flipped["served_best_raw_rank"] == 2 and flipped["spearman"] < 1
+    assert flipped["gap_min"] == pytest.approx(-0.46) and f([(0.5, 0.5)]) == {"trials": 1}
 
 
 def test_teacher_placeholder_reads_the_same_seeds_bundle(bench, tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from dermaclass import tune as T
 from dermaclass.cli import app
 from dermaclass.config import load_config
 from dermaclass.errors import ConfigError, StudyError, TrainingError
+from dermaclass.models import read_bundle_meta
 
 optuna = pytest.importorskip("optuna")
 
@@ -80,7 +81,12 @@ def test_a_study_runs_writes_best_yaml_and_its_report(colour_data: Path, tmp_pat
     assert best.lr == pytest.approx(result.best_params["lr"]) and best.epochs == result.best_params["epochs"]
     assert best.split_file == str(tmp_path / "study" / "split.csv")
     assert {"trials", "top", "history"} <= set(result.report) and result.report["history"].stat().st_size > 0
-    assert "| trial | valid balanced accuracy" in result.report["top"].read_text()
+    assert "| trial | valid balanced accuracy (served) | best epoch, raw" in result.report["top"].read_text()
+    # the trial's value is the served bundle's; the pruner's best raw epoch is kept beside it
+    study = T.open_study(tmp_path / "study", storage=None, sampler=None, pruner=None, resume=True, force=False)
+    for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)):
+        assert t.user_attrs["valid_raw_best"] == max(t.intermediate_values.values())
+        assert t.value == pytest.approx(read_bundle_meta(t.user_attrs["run"]).metrics_valid["balanced_accuracy"])
     with pytest.raises(FileExistsError, match="--resume continues it"):  # never started over silently
         T.tune(base, [colour_data], tmp_path / "study", trials=3, space=TINY_SPACE)
     more = T.tune(base, [colour_data], tmp_path / "study", trials=4, space=TINY_SPACE, resume=True)

@@ -88,11 +88,15 @@ def tune_cmd(
         cfg, data, out_dir, trials=trials, budget=budget, space=resolved, sampler=sampler, pruner=pruner,
         storage=storage, resume=resume, force=force, progress=progress,
     )  # fmt: skip
-    table = Table("trial", "valid bal. acc.", "valid macro-F1", "min", "settings", title="best trials (validation)")
+    table = Table("trial", "valid bal. acc. (served)", "best epoch (raw)", "valid macro-F1", "min", "settings",
+                  title="best trials (validation)")  # fmt: skip
+
+    def cell(v: float | None) -> str:
+        return "-" if v is None else f"{v:.4f}"
+
     for r in result.top[:5]:
-        f1 = r["valid_macro_f1"]
         table.add_row(
-            str(r["trial"]), f"{r['valid_balanced_accuracy']:.4f}", "-" if f1 is None else f"{f1:.4f}",
+            str(r["trial"]), cell(r["valid_balanced_accuracy"]), cell(r["valid_raw_best"]), cell(r["valid_macro_f1"]),
             str(r["minutes"]), escape(", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                                                for k, v in r["params"].items())),
         )  # fmt: skip
