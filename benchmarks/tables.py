@@ -174,8 +174,8 @@ def ensemble_targets_table() -> list[str]:
     # design by figures over seeds, and the bundle is one of them.
     seeded = [x for x in (_load("ensemble.json") or {}).get("runs", []) if x["variant"] == "k3-full"]
 
-    def over_seeds(values: Any) -> str:
-        return _mean_sd([values(x) for x in seeded]) if len(seeded) > 1 else "-"
+    def over_seeds(values: Any, nd: int = 3) -> str:
+        return _mean_sd([values(x) for x in seeded], nd=nd) if len(seeded) > 1 else "-"
 
     def mel(x: dict, part: str, key: str) -> float | None:
         return ((_where(x, "ph2").get(part) or {}).get("mel") or {}).get(key)
@@ -227,7 +227,7 @@ def ensemble_targets_table() -> list[str]:
         )
     minutes = meta["training"]["seconds"] / 60
     rows.append(("training time, the networks together", f"{minutes:.1f} min",
-                 over_seeds(lambda x: x.get("training_minutes")) + " min", "(the card says)", None))  # fmt: skip
+                 over_seeds(lambda x: x.get("training_minutes"), nd=1) + " min", "(the card says)", None))  # fmt: skip
     out = [
         f"`models/{ENSEMBLE.name}`: {len(meta['members'])} cross-fitted networks ("
         + ", ".join(sorted({f"{m['arch']} {m['input_size'][0]}x{m['input_size'][1]}" for m in meta["members"]}))
@@ -400,12 +400,12 @@ def _where(run: dict, name: str) -> dict:
     return run["test"] if name == "test" else (run.get("external") or {}).get(name) or {}
 
 
-def _mean_sd(values: list, sign: str = "") -> str:
-    """Mean ± sd (n-1) of the values measured ("-" for none; the value alone for one)."""
+def _mean_sd(values: list, sign: str = "", nd: int = 3) -> str:
+    """Mean ± sd (n-1) of the values measured ("-" for none; the value alone for one), ``nd`` decimals."""
     import numpy as np
 
     v = [x for x in values if x is not None]
-    return "-" if not v else f"{np.mean(v):{sign}.3f}" + (f" ± {np.std(v, ddof=1):.3f}" if len(v) > 1 else "")
+    return "-" if not v else f"{np.mean(v):{sign}.{nd}f}" + (f" ± {np.std(v, ddof=1):.{nd}f}" if len(v) > 1 else "")
 
 
 def _ms(d: dict | None) -> str:
@@ -756,7 +756,6 @@ def int8_settings_table() -> list[str]:
 def tune_table() -> list[str]:
     """bench_tune.py: TPE against random search (validation only), then each one's best settings
     at the full budget over seeds on HAM test and the external sets, against the default."""
-    import numpy as np
 
     d = _load("tune.json")
     if not d:
@@ -809,14 +808,12 @@ def tune_table() -> list[str]:
         for name in dict.fromkeys(r["variant"] for r in rows):
             mine = [r for r in rows if r["variant"] == name]
 
-            def cell(w: str, mine: list = mine) -> str:
-                v = [(r["test"] if w == "test" else r["external"].get(w, {})).get("balanced_accuracy") for r in mine]
-                v = [x for x in v if x is not None]
-                return "-" if not v else f"{np.mean(v):.3f}" + (f" ± {np.std(v, ddof=1):.3f}" if len(v) > 1 else "")
-
             out.append(
                 f"| {name} | {len(mine)} | "
-                + " | ".join(cell(w) for w in ("test", "derm7pt", "isic2017", "ph2"))
+                + " | ".join(
+                    _mean_sd([_where(r, w).get("balanced_accuracy") for r in mine])
+                    for w in ("test", "derm7pt", "isic2017", "ph2")
+                )
                 + " |"
             )
     return out
@@ -929,7 +926,7 @@ def ensemble_table() -> list[str]:
             + f" | {_mean_sd([((p.get('per_class') or {}).get('mel') or {}).get('auroc') for p in ph2])} | "
             f"{_mean_sd([f.get('sensitivity') for f in flag])} / {_mean_sd([f.get('specificity') for f in flag])} | "
             f"{_mean_sd([_where(r, 'test').get('ece') for r in mine])} / {_mean_sd([_where(r, 'derm7pt').get('ece') for r in mine])} | "
-            f"{_mean_sd([r.get('training_minutes') for r in mine])} |"
+            f"{_mean_sd([r.get('training_minutes') for r in mine], nd=1)} |"
         )
     for r in d.get("superseded", []):
         ext = ", ".join(f"{k} {v['balanced_accuracy']:.3f}" for k, v in (r.get("external") or {}).items())
