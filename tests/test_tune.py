@@ -122,7 +122,7 @@ def test_pruning_reports_every_epoch(colour_data: Path, tmp_path: Path) -> None:
             return True
 
     monkeypatch = pytest.MonkeyPatch()
-    monkeypatch.setattr(T, "make_pruner", lambda name: Always())
+    monkeypatch.setattr(T.study, "make_pruner", lambda name: Always())  # where tune() looks it up
     try:
         result = T.tune(tiny_config(tmp_path), [colour_data], tmp_path / "p", trials=1, space=TINY_SPACE)
     finally:
