@@ -168,6 +168,7 @@ def test_model_card_from_bundle_and_report(tiny_bundle, colour_data, tmp_path: P
     assert "Not a medical device" in card and "licence **CC BY 4.0**" in card and "non-commercial" not in card
     assert f"| balanced accuracy (mean sensitivity) | {report['balanced_accuracy']:.3f}" in card
     assert "melanoma (`mel`)" in card and "How to retrain" in card and "(too few to judge)" in card
+    assert card.endswith(".\n") or card.endswith("```\n")  # a text file ends with one newline
     assert CliRunner().invoke(app, ["report", "card", str(bundle)]).exit_code == 2  # never overwritten silently
 
 

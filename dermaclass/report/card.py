@@ -166,4 +166,5 @@ def model_card_markdown(meta: BundleMeta, report: Report | None, *, name: str, d
             # The two classes with the fewest test images: their intervals are the widest.
             "small": [names.get(c, c) for c in sorted(support, key=support.get)[:2]] if len(support) > 2 else [],
         }
-    return _template().render(**context)
+    # one final newline whichever branch the template ended in (trim_blocks eats the one after a tag)
+    return _template().render(**context).rstrip("\n") + "\n"
