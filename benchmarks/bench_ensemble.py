@@ -5,8 +5,11 @@ every ``--seeds``; member k of an ensemble trains with seed + k on its own folds
 is a fold assignment too):
 - ``single-full``: one network, the shipped default recipe (stepwise, 3 SGDR cycles per stage);
 - ``k3-short`` / ``k5-short``: 3 or 5 members, each at the screening budget (one SGDR cycle
-  per stage, a quarter of the full budget's epochs): about 0.75x and 1.25x the time of
-  ``single-full``, the two sides of "the same total time" (the minutes are recorded);
+  per stage: 1 epoch of the full budget's 1 + 2 + 4): measured at 0.4x and 0.65x the time of
+  ``single-full`` (the minutes are recorded);
+- ``k3-mid``: 3 members at two SGDR cycles per stage (1 + 2 epochs), the nearest whole-cycle
+  budget above "the same total time" for K = 3 (three members at 3/7 of the epochs each);
+  with ``k5-short`` below it, the two bracket one full-budget network's time;
 - ``k3-full`` / ``k5-full``: 3 or 5 members, each at the full budget (what a shipped bundle
   may spend; about 3x and 5x the time of ``single-full``);
 - ``k3-mixed-short``: 3 members of different arch and input size (Lite0 128x96, Lite1
@@ -62,6 +65,7 @@ VARIANTS: dict[str, list[str]] = {
     "k5-short": [*SHORT, "--members", "5"],
     "k3-full": [*FULL, "--members", "3"],
     "k5-full": [*FULL, "--members", "5"],
+    "k3-mid": [*FULL, "--n-cycles", "2", "--members", "3"],
     "k3-mixed-short": [*SHORT, "--members", "3", "--member-archs", MIXED],
     "k3-short-valid": [*SHORT, "--members", "3", "--ensemble-calibration", "valid"],
     "single-short": SHORT,
