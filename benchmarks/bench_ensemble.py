@@ -27,7 +27,9 @@ is a fold assignment too):
 Every bundle serves as it ships (flip TTA, its calibration), and is measured on the HAM10000
 test split and on every image of derm7pt, isic2017 and PH2 (never used to fit anything). For
 an ensemble the same member logits also give: the arithmetic mean of the members'
-probabilities instead of the mean of logits (``prob_mean``), and each member alone
+probabilities instead of the mean of logits (``prob_mean``: each member calibrated, then
+averaged), each ``--ensemble-combine`` rule as it would serve (``rules``: combined, then the
+ensemble's one calibration), and each member alone
 (``members``, with its own calibration), so the ensemble's gain over its own members is paired.
 The melanoma operating point (fitted on valid, or out-of-fold for an ensemble) is reported on
 every set: sensitivity and specificity, P(mel) AUROC, and the whole trade-off curve (sensitivity
@@ -160,11 +162,12 @@ def measure_run(run: Path, sets: dict[str, Path], *, split_file: Path) -> dict[s
     """The bundle as it serves (its TTA and calibration) on HAM test and every external set;
     for an ensemble also the probability mean and each member alone, from the same logits."""
     from dermaclass.evaluate.run import fitted_curve
+    from dermaclass.models import COMBINE_RULES
     from dermaclass.serving.predictor import Predictor, combine
 
     pred = Predictor(run, backend="torch")
     classes = pred.classes
-    out: dict[str, Any] = {"test": None, "external": {}, "prob_mean": {}, "members": {}}
+    out: dict[str, Any] = {"test": None, "external": {}, "prob_mean": {}, "rules": {}, "members": {}}
     for name, path in {"test": HAM, **sets}.items():
         items, images = load_set(path, sizes=pred.input_sizes, split_file=split_file if name == "test" else None)
         labels = items["label"].astype(str).tolist()
@@ -172,7 +175,8 @@ def measure_run(run: Path, sets: dict[str, Path], *, split_file: Path) -> dict[s
         start = time.perf_counter()
         outs = pred.member_outputs(images)
         seconds = time.perf_counter() - start
-        f = figures(y, pred.checked(pred.calibrated(combine([lo for lo, _ in outs]))), classes, pred.operating_points)
+        los = [lo for lo, _ in outs]
+        f = figures(y, pred.checked(pred.calibrated(combine(los, pred.combine_rule))), classes, pred.operating_points)
         f["seconds_per_image"] = seconds / max(1, len(y))
         if name == "test":
             out["test"] = f
@@ -180,8 +184,14 @@ def measure_run(run: Path, sets: dict[str, Path], *, split_file: Path) -> dict[s
             out["external"][name] = f
         if pred.members:
             out["prob_mean"][name] = figures(
-                y, np.mean([pred.calibrated(lo) for lo, _ in outs], axis=0), classes, pred.operating_points
+                y, np.mean([pred.calibrated(lo) for lo in los], axis=0), classes, pred.operating_points
             )
+            # each combination rule as `--ensemble-combine` would serve it: combined, then the
+            # ensemble's one calibration (for the bundle's own rule, the served figures above)
+            for rule in COMBINE_RULES:
+                out["rules"].setdefault(rule, {})[name] = figures(
+                    y, pred.calibrated(combine(los, rule)), classes, pred.operating_points
+                )
             out["members"][name] = [
                 figures(y, m.calibrated(lo), classes, m.operating_points) for m, (lo, _) in zip(pred.members, outs)
             ]
@@ -236,6 +246,12 @@ def main() -> None:
         "bundled model, trained with the default recipe at seed 42: "
         "single-full:42=models/ham10000-effnet-lite0)",
     )
+    ap.add_argument(
+        "--remeasure",
+        action="store_true",
+        help="measure the listed variants' recorded runs again (their bundles, no training), e.g. after a "
+        "new figure was added to the measurement",
+    )
     args = ap.parse_args()
     use = {}
     for spec in args.use:
@@ -277,7 +293,15 @@ def main() -> None:
 
     for seed in args.seeds:
         for name in args.variants:
-            if any(r["variant"] == name and r["seed"] == seed for r in rows):
+            done = [r for r in rows if r["variant"] == name and r["seed"] == seed]
+            if done and args.remeasure:
+                # recorded relative to the checkout that held it: this one, or --runs-dir's
+                where = ROOT / done[0]["run"]
+                where = where if where.is_dir() else runs_dir / Path(done[0]["run"]).name
+                done[0].update(measure_run(where, sets, split_file=Path(args.split_file)))
+                print(f"{name:16} seed {seed}: measured again", flush=True)
+                save()
+            if done:
                 continue
             flags = VARIANTS[name]
             if args.quick:  # the tiny budget, keeping the variant's ensemble flags

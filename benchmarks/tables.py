@@ -969,9 +969,17 @@ def ensemble_table() -> list[str]:
             for label, get in (
                 ("mean of logits (served)", lambda r, w: _where(r, w).get("balanced_accuracy")),
                 (
-                    "Δ mean of probabilities",
+                    "Δ mean of the members' calibrated probabilities",
                     lambda r, w: (
                         (r["prob_mean"].get(w) or {}).get("balanced_accuracy") - _where(r, w).get("balanced_accuracy")
+                    ),
+                ),
+                (
+                    "Δ mean of probabilities, then one calibration (`--ensemble-combine probabilities`)",
+                    lambda r, w: (
+                        None
+                        if (v := ((r.get("rules") or {}).get("mean of probabilities") or {}).get(w)) is None
+                        else v["balanced_accuracy"] - _where(r, w).get("balanced_accuracy")
                     ),
                 ),
                 (
@@ -982,13 +990,9 @@ def ensemble_table() -> list[str]:
                     ),
                 ),
             ):
-                out.append(
-                    f"| {name} | {len(mine)} | {label} | "
-                    + " | ".join(
-                        _mean_sd([get(r, w) for r in mine], "+" if label.startswith("Δ") else "") for w in sets
-                    )
-                    + " |"
-                )
+                cells = [_mean_sd([get(r, w) for r in mine], "+" if label.startswith("Δ") else "") for w in sets]
+                if set(cells) != {"-"}:  # a combination not measured for these runs (yet) has no row
+                    out.append(f"| {name} | {len(mine)} | {label} | " + " | ".join(cells) + " |")
     out += [
         "",
         "Trade-off curves of the melanoma flag (first seed of each variant): "

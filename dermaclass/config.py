@@ -221,6 +221,11 @@ class Config:
     # or "valid" (the folds cut the train split only; the valid split is held out from every
     # member and scored by the ensemble itself, as it serves).
     ensemble_calibration: Literal["out-of-fold", "valid"] = "out-of-fold"
+    # How the members' answers are combined: the mean of their logits (the geometric mean of
+    # their probabilities), or the arithmetic mean of their probabilities, served as its log so
+    # that the ensemble's temperature and prior shift apply as to one network's logits. The
+    # arithmetic mean gives one network at most 1/K of the answer, however extreme its logits.
+    ensemble_combine: Literal["logits", "probabilities"] = "logits"
     # Distillation (Hinton et al. 2015) into one network: soft targets from this ensemble
     # bundle's out-of-fold predictions (out_of_fold.csv, matched by image id), mixed into the
     # loss with weight distill_alpha at temperature distill_temperature. None = off.

@@ -160,6 +160,8 @@ def _edit(bundle: Path, change) -> None:  # noqa: ANN001 - change(meta) -> meta
         (lambda m: {**m, "format": 99}, "newer"),
         (lambda m: {**m, "tta": "rotate"}, "tta"),
         (lambda m: {**m, "calibration": {"refer": {"ood": {"method": "odin", "threshold": 1.0}}}}, "ood.method"),
+        (lambda m: {**m, "ensemble": {"combine": "median of logits"}}, "ensemble.combine"),
+        (lambda m: {**m, "ensemble": []}, "ensemble must be an object"),
     ],
 )
 def test_malformed_metadata_is_refused_with_exit_4(small_bundle: Path, change, problem: str) -> None:

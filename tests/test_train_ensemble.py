@@ -360,7 +360,8 @@ def test_a_student_distils_the_ensembles_out_of_fold_predictions(
 
 
 def test_valid_calibration_holds_the_valid_split_out_of_every_member(colour_data: Path, tmp_path: Path) -> None:
-    cfg = _cfg(tmp_path, members=2, ensemble_calibration="valid")
+    # combined by the mean of probabilities: the valid figures below are then that rule's, served
+    cfg = _cfg(tmp_path, members=2, ensemble_calibration="valid", ensemble_combine="probabilities")
     data = prepare_data(cfg, colour_data)
     run = tmp_path / "run"
     train_ensemble(cfg, data, run)
@@ -373,6 +374,7 @@ def test_valid_calibration_holds_the_valid_split_out_of_every_member(colour_data
         assert valid <= set(member.loc[member["split"] == "test", "image"])
     meta = json.loads((run / "model.json").read_text())
     assert meta["calibration"]["n"] == len(valid) and "held out from all 2 members" in meta["calibration"]["fitted_on"]
+    assert meta["ensemble"]["combine"] == "mean of probabilities"
     # The valid figures are the served ensemble's: the Predictor reproduces them.
     pred = Predictor(run)
     images = [data.images[i] for i in data.valid_rows]
@@ -381,6 +383,10 @@ def test_valid_calibration_holds_the_valid_split_out_of_every_member(colour_data
 
     ba = classification_metrics(np.array(y), pred.probabilities(images), pred.classes)["balanced_accuracy"]
     assert abs(ba - meta["metrics_valid"]["balanced_accuracy"]) < 1e-6
+    members = [Predictor(run / "members" / f"m{k}") for k in (0, 1)]
+    assert pred.combine_rule == "mean of probabilities" and np.allclose(
+        pred.logits(images), combine([m.logits(images) for m in members], "mean of probabilities"), atol=1e-5
+    )
 
 
 def test_a_killed_ensemble_resumes_at_the_member_and_epoch_where_it_stopped(colour_data: Path, tmp_path: Path) -> None:

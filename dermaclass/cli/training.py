@@ -72,6 +72,7 @@ TRAIN_FLAGS = (
     "members",
     "member_archs",
     "ensemble_calibration",
+    "ensemble_combine",
     "distill_from",
     "distill_alpha",
     "distill_temperature",

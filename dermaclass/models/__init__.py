@@ -21,7 +21,7 @@ from dermaclass.models.bundle import (
     weights_identity,
     write_bundle_meta,
 )
-from dermaclass.models.meta import BUNDLE_FORMAT, MAX_INPUT_SIDE, BundleMeta, check_bundle_meta
+from dermaclass.models.meta import BUNDLE_FORMAT, COMBINE_RULES, MAX_INPUT_SIDE, BundleMeta, check_bundle_meta
 from dermaclass.models.networks import (
     BUNDLED_WEIGHTS,
     DEFAULT_ARCH,
@@ -41,6 +41,7 @@ from dermaclass.models.networks import (
 __all__ = [
     "BUNDLED_WEIGHTS",
     "BUNDLE_FORMAT",
+    "COMBINE_RULES",
     "BUNDLE_META",
     "BUNDLE_WEIGHTS",
     "DEFAULT_ARCH",

@@ -24,6 +24,9 @@ from dermaclass.serving.refer import ENSEMBLE_OOD, OOD_METHODS
 BUNDLE_FORMAT = 1
 MAX_INPUT_SIDE = 2048  # pixels; a larger input is a corrupt bundle, not a model for this tool
 TTA_MODES = (None, "flips4")
+#: How an ensemble's networks are combined (``ensemble.combine``; serving.predictor.combine).
+#: A bundle without the key combines logits, as every ensemble did before the choice existed.
+COMBINE_RULES = ("mean of logits", "mean of probabilities")
 
 
 def _finite(v: Any) -> bool:
@@ -217,6 +220,12 @@ def check_bundle_meta(meta: Any, path: str | Path) -> None:
     if digest is not None and not (isinstance(digest, str) and len(digest) == 64):
         raise bad("weights_sha256", "is not a sha256 hex digest")
     _check_members(meta.get("members"), bad)
+    ensemble = meta.get("ensemble")
+    if ensemble is not None and not isinstance(ensemble, dict):
+        raise bad("ensemble", "must be an object")
+    rule = (ensemble or {}).get("combine", COMBINE_RULES[0])
+    if rule not in COMBINE_RULES:
+        raise bad("ensemble.combine", f"is {rule!r}; this dermaclass knows {' or '.join(COMBINE_RULES)}")
 
 
 def _check_members(members: Any, bad: Any) -> None:

@@ -42,6 +42,7 @@ import numpy as np
 
 from dermaclass import models
 from dermaclass.data.images import apply_colour, fit_to_size, load_rgb
+from dermaclass.models import COMBINE_RULES
 from dermaclass.serving import backends, explain, refer
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,8 @@ class Predictor:
         self.refer_below = float(self.meta.refer.get("min_top_probability", 0.0))
         # The bundle's test-time augmentation: its temperature and thresholds were fitted with it.
         self.tta: bool = self.meta.tta == "flips4"
+        #: how an ensemble's networks are combined (``combine``); a single network has nothing to combine
+        self.combine_rule: str = self.meta.ensemble.get("combine", COMBINE_RULES[0])
 
     @property
     def networks(self) -> list[Predictor]:
@@ -217,7 +220,7 @@ class Predictor:
         ``images``: at ``input_size``, or a mapping {input size: images} with every size in
         ``input_sizes`` (an ensemble of members at several sizes, e.g. from the decode cache).
         """
-        return served(self.member_outputs(images, batch_size=batch_size, tta=tta))
+        return served(self.member_outputs(images, batch_size=batch_size, tta=tta), self.combine_rule)
 
     def member_outputs(
         self, images: Images, *, batch_size: int = 64, tta: bool | None = None
@@ -353,7 +356,7 @@ class Predictor:
         except refer.InputProblem as exc:
             raise refer.InputProblem(f"{what}: {exc}" if isinstance(source, (str, Path)) else str(exc)) from None
         outs = self.member_outputs({size: [fit_to_size(rgb, size)] for size in self.input_sizes}, tta=tta)
-        logits, features = served(outs)
+        logits, features = served(outs, self.combine_rule)
         probs = self.checked(self.calibrated(logits), what)[0]
         ood = float(self.ood_scores(logits, features, members=outs)[0])
         order = np.argsort(-probs, kind="stable")
@@ -407,21 +410,35 @@ class Predictor:
 Images = Sequence[np.ndarray] | Mapping[tuple[int, int], Sequence[np.ndarray]]
 
 
-def combine(member_logits: Sequence[np.ndarray]) -> np.ndarray:
-    """The ensemble's logits: the mean of its members' logits.
+def combine(member_logits: Sequence[np.ndarray], rule: str = COMBINE_RULES[0]) -> np.ndarray:
+    """The ensemble's logits from its members' (model.json ``ensemble.combine``).
 
-    Softmax is shift-invariant, so this equals the mean of the members' log-probabilities
-    (each differs from its logits by a per-image constant); it is the geometric mean of their
-    probabilities, renormalised. benchmarks/bench_ensemble.py measures it against the
-    arithmetic mean of probabilities.
+    ``"mean of logits"``: softmax is shift-invariant, so this equals the mean of the members'
+    log-probabilities, the geometric mean of their probabilities renormalised. One member's
+    extreme logits (a head whose batch norm saw a unit that was almost never on, then meets an
+    image that turns it on: logits of 1e5 were measured) outvote every other member.
+
+    ``"mean of probabilities"``: the log of the arithmetic mean of the members' softmax
+    (Lakshminarayanan et al. 2017), a logit vector whose softmax is that mean, so the
+    ensemble's temperature and prior shift apply to it as to one network's logits; one member
+    weighs at most 1/K, however extreme. benchmarks/bench_ensemble.py measures both.
     """
-    return np.mean(np.stack([np.asarray(lo, np.float64) for lo in member_logits]), axis=0)
+    from scipy.special import log_softmax, logsumexp
+
+    stacked = np.stack([np.asarray(lo, np.float64) for lo in member_logits])
+    if rule == "mean of logits":
+        return stacked.mean(axis=0)
+    if rule == "mean of probabilities":
+        return logsumexp(log_softmax(stacked, axis=-1), axis=0) - np.log(len(stacked))
+    raise ValueError(f"unknown combination {rule!r}; choose one of {', '.join(COMBINE_RULES)}")
 
 
-def served(outs: Sequence[tuple[np.ndarray, np.ndarray | None]]) -> tuple[np.ndarray, np.ndarray | None]:
+def served(
+    outs: Sequence[tuple[np.ndarray, np.ndarray | None]], rule: str = COMBINE_RULES[0]
+) -> tuple[np.ndarray, np.ndarray | None]:
     """(logits, features) the bundle serves from its networks' outputs (``Predictor.member_outputs``):
     the one network's, or the members' ``combine``d logits (their features live in different spaces)."""
-    return outs[0] if len(outs) == 1 else (combine([lo for lo, _ in outs]), None)
+    return outs[0] if len(outs) == 1 else (combine([lo for lo, _ in outs], rule), None)
 
 
 def agreement(member_probs: Sequence[np.ndarray], top: int, classes: Sequence[str]) -> dict[str, Any]:

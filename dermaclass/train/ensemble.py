@@ -60,7 +60,8 @@ log = logging.getLogger(__name__)
 
 MEMBERS_DIR = "members"
 OOF_FILE = "out_of_fold.csv"
-COMBINE = "mean of logits"
+#: ``--ensemble-combine`` -> model.json ``ensemble.combine`` (serving.predictor.combine)
+COMBINE = {"logits": "mean of logits", "probabilities": "mean of probabilities"}
 
 
 def check_ensemble(cfg: Config) -> list[schedules.Member]:
@@ -241,11 +242,16 @@ def _resumable(folder: Path) -> bool:
 
 
 def score_members(
-    records: list[tuple[schedules.Member, Path, TrainData]], *, held_out: np.ndarray | None = None, threads: int = 0
+    records: list[tuple[schedules.Member, Path, TrainData]],
+    *,
+    held_out: np.ndarray | None = None,
+    threads: int = 0,
+    rule: str = COMBINE["logits"],
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
     """Every member scored once, as the bundle serves (with its test-time augmentation): on its
     own held-out fold, giving (rows, out-of-fold logits, out-of-distribution margins), and with
-    ``held_out`` (rows no member trained on) the ensemble's served (logits, margins) there."""
+    ``held_out`` (rows no member trained on) the ensemble's served (logits combined by ``rule``,
+    margins) there."""
     from dermaclass.serving.predictor import Predictor, combine
 
     rows, logits, margins, served_logits, served_margins = [], [], [], [], []
@@ -269,7 +275,7 @@ def score_members(
     served = None
     if held_out is not None:  # the mean of the members' margins, as refer.member_margins takes it
         served = (
-            combine(served_logits),
+            combine(served_logits, rule),
             np.mean(served_margins, axis=0) if served_margins else np.zeros(len(held_out)),
         )
     return np.concatenate(rows), np.concatenate(logits), np.concatenate(margins), served
@@ -289,8 +295,9 @@ def _write_ensemble(
 ) -> TrainResult:
     oof_calibration = cfg.ensemble_calibration == "out-of-fold"
     rows, logits, margins, served = score_members(
-        records, held_out=None if oof_calibration else data.valid_rows, threads=cfg.threads
-    )
+        records, held_out=None if oof_calibration else data.valid_rows, threads=cfg.threads,
+        rule=COMBINE[cfg.ensemble_combine],
+    )  # fmt: skip
     labels = data.items["label"].astype(str).to_numpy()
     prior = class_prior(labels[folds >= 0], data.vocab)
     if oof_calibration:
@@ -370,7 +377,7 @@ def _write_ensemble(
         members=members,
         ensemble={
             "k": len(records),
-            "combine": COMBINE,
+            "combine": COMBINE[cfg.ensemble_combine],
             "cross_fitted": True,
             "calibration": cfg.ensemble_calibration,
             "calibration_fitted_on": calibration["fitted_on"],
