@@ -991,8 +991,9 @@ def ensemble_table() -> list[str]:
                 ),
             ):
                 cells = [_mean_sd([get(r, w) for r in mine], "+" if label.startswith("Δ") else "") for w in sets]
-                if set(cells) != {"-"}:  # a combination not measured for these runs (yet) has no row
-                    out.append(f"| {name} | {len(mine)} | {label} | " + " | ".join(cells) + " |")
+                n = sum(get(r, sets[0]) is not None for r in mine)
+                if n:  # a combination not measured for these runs (yet) has no row
+                    out.append(f"| {name} | {n} | {label} | " + " | ".join(cells) + " |")
     out += [
         "",
         "Trade-off curves of the melanoma flag (first seed of each variant): "
