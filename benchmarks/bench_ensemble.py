@@ -176,7 +176,7 @@ def measure_run(run: Path, sets: dict[str, Path], *, split_file: Path) -> dict[s
         outs = pred.member_outputs(images)
         seconds = time.perf_counter() - start
         los = [lo for lo, _ in outs]
-        f = figures(y, pred.checked(pred.calibrated(combine(los, pred.combine_rule))), classes, pred.operating_points)
+        f = figures(y, pred.checked(pred.calibrated(pred.served(outs)[0])), classes, pred.operating_points)
         f["seconds_per_image"] = seconds / max(1, len(y))
         if name == "test":
             out["test"] = f
@@ -188,7 +188,7 @@ def measure_run(run: Path, sets: dict[str, Path], *, split_file: Path) -> dict[s
             )
             # each combination rule as `--ensemble-combine` would serve it: combined, then the
             # ensemble's one calibration (for the bundle's own rule, the served figures above)
-            for rule in COMBINE_RULES:
+            for rule in COMBINE_RULES.values():
                 out["rules"].setdefault(rule, {})[name] = figures(
                     y, pred.calibrated(combine(los, rule)), classes, pred.operating_points
                 )

@@ -81,7 +81,7 @@ def kind_figures(p_mel: np.ndarray, kinds: np.ndarray, *, threshold: float, sens
 def measure(bundle: Path) -> dict[str, Any]:
     from bench_ensemble import load_set
 
-    from dermaclass.serving.predictor import Predictor, combine
+    from dermaclass.serving.predictor import Predictor
 
     pred = Predictor(bundle, backend="torch")
     items, images = load_set(PH2, sizes=pred.input_sizes, split_file=None)
@@ -89,7 +89,7 @@ def measure(bundle: Path) -> dict[str, Any]:
     kinds = items["image"].astype(str).map(meta).to_numpy()
     if pd.isna(kinds).any():
         raise SystemExit(f"{PH2 / 'labels.csv'}: no ph2_diagnosis for {int(pd.isna(kinds).sum())} images")
-    probs = pred.checked(pred.calibrated(combine([lo for lo, _ in pred.member_outputs(images)], pred.combine_rule)))
+    probs = pred.probabilities(images)
     k = pred.classes.index("mel")
     threshold = float(pred.operating_points["mel"]["threshold"])
     return {
@@ -132,7 +132,7 @@ def framing(bundle: Path, shares: tuple[float, ...]) -> dict[str, Any]:
     from common import SPLIT
     from dermaclass.data import read_split
     from dermaclass.evaluate.metrics import classification_metrics
-    from dermaclass.serving.predictor import Predictor, combine
+    from dermaclass.serving.predictor import Predictor
 
     pred = Predictor(bundle, backend="torch")
     split = read_split(SPLIT)
@@ -158,7 +158,7 @@ def framing(bundle: Path, shares: tuple[float, ...]) -> dict[str, Any]:
             reached.append(float(mask[box[1] : box[3], box[0] : box[2]].mean()))
             for size, im in pred.preprocess_all(image.crop(box)).items():
                 views[size].append(im)
-        probs = pred.checked(pred.calibrated(combine([lo for lo, _ in pred.member_outputs(views)], pred.combine_rule)))
+        probs = pred.probabilities(views)
         m = classification_metrics(y, probs, pred.classes)
         is_mel, is_nv = y == mel, y == nv
         answers = probs[is_mel].argmax(1)

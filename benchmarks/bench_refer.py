@@ -52,7 +52,7 @@ from PIL import Image, ImageFilter
 from dermaclass.data.images import fit_to_size, load_rgb
 from dermaclass.fileio import write_json
 from dermaclass.serving import refer
-from dermaclass.serving.predictor import Predictor, served
+from dermaclass.serving.predictor import Predictor
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -384,7 +384,7 @@ def ood_part(pred: Predictor, args: argparse.Namespace) -> dict[str, Any]:
             if method == "disagreement":  # higher = more in distribution, as every score here
                 return -member_disagreement([pred.calibrated(lo) for lo, _ in outs])
             if as_served:
-                return pred.ood_scores(served(outs, pred.combine_rule)[0], None, members=outs)
+                return pred.ood_scores(pred.served(outs)[0], None, members=outs)
             return refer.score(method, logits=outs[0][0], features=outs[0][1], stats=stats)
 
         valid_s, test_s = s(out["valid"]), s(out["test"])
@@ -435,7 +435,7 @@ def ood_part(pred: Predictor, args: argparse.Namespace) -> dict[str, Any]:
                     roc_auc_score(np.r_[np.ones(len(test_s)), np.zeros(len(es))], np.r_[test_s, es])
                 ),
             }
-        top_test = pred.calibrated(served(out["test"], pred.combine_rule)[0]).max(axis=1)
+        top_test = pred.calibrated(pred.served(out["test"])[0]).max(axis=1)
         methods[method] = {
             "threshold": thr,
             "fit_seconds": fit_s,

@@ -50,6 +50,7 @@ def tune_cmd(
     import optuna
 
     from dermaclass import tune as tuning
+    from dermaclass.tune.report import score_cell
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     logging.getLogger("dermaclass").setLevel(logging.WARNING)
@@ -91,12 +92,10 @@ def tune_cmd(
     table = Table("trial", "valid bal. acc. (served)", "best epoch (raw)", "valid macro-F1", "min", "settings",
                   title="best trials (validation)")  # fmt: skip
 
-    def cell(v: float | None) -> str:
-        return "-" if v is None else f"{v:.4f}"
-
     for r in result.top[:5]:
         table.add_row(
-            str(r["trial"]), cell(r["valid_balanced_accuracy"]), cell(r["valid_raw_best"]), cell(r["valid_macro_f1"]),
+            str(r["trial"]), score_cell(r["valid_balanced_accuracy"]), score_cell(r["valid_raw_best"]),
+            score_cell(r["valid_macro_f1"]),
             str(r["minutes"]), escape(", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                                                for k, v in r["params"].items())),
         )  # fmt: skip

@@ -24,9 +24,10 @@ from dermaclass.serving.refer import ENSEMBLE_OOD, OOD_METHODS
 BUNDLE_FORMAT = 1
 MAX_INPUT_SIDE = 2048  # pixels; a larger input is a corrupt bundle, not a model for this tool
 TTA_MODES = (None, "flips4")
-#: How an ensemble's networks are combined (``ensemble.combine``; serving.predictor.combine).
-#: A bundle without the key combines logits, as every ensemble did before the choice existed.
-COMBINE_RULES = ("mean of logits", "mean of probabilities")
+#: How an ensemble's networks are combined: ``--ensemble-combine`` -> model.json
+#: ``ensemble.combine`` (serving.predictor.combine). A bundle without the key combines logits,
+#: as every ensemble did before the choice existed.
+COMBINE_RULES = {"logits": "mean of logits", "probabilities": "mean of probabilities"}
 
 
 def _finite(v: Any) -> bool:
@@ -223,9 +224,9 @@ def check_bundle_meta(meta: Any, path: str | Path) -> None:
     ensemble = meta.get("ensemble")
     if ensemble is not None and not isinstance(ensemble, dict):
         raise bad("ensemble", "must be an object")
-    rule = (ensemble or {}).get("combine", COMBINE_RULES[0])
-    if rule not in COMBINE_RULES:
-        raise bad("ensemble.combine", f"is {rule!r}; this dermaclass knows {' or '.join(COMBINE_RULES)}")
+    rule = (ensemble or {}).get("combine", COMBINE_RULES["logits"])
+    if rule not in COMBINE_RULES.values():
+        raise bad("ensemble.combine", f"is {rule!r}; this dermaclass knows {' or '.join(COMBINE_RULES.values())}")
 
 
 def _check_members(members: Any, bad: Any) -> None:

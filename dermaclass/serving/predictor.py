@@ -86,7 +86,7 @@ class Predictor:
         # The bundle's test-time augmentation: its temperature and thresholds were fitted with it.
         self.tta: bool = self.meta.tta == "flips4"
         #: how an ensemble's networks are combined (``combine``); a single network has nothing to combine
-        self.combine_rule: str = self.meta.ensemble.get("combine", COMBINE_RULES[0])
+        self.combine_rule: str = self.meta.ensemble.get("combine", COMBINE_RULES["logits"])
 
     @property
     def networks(self) -> list[Predictor]:
@@ -220,7 +220,12 @@ class Predictor:
         ``images``: at ``input_size``, or a mapping {input size: images} with every size in
         ``input_sizes`` (an ensemble of members at several sizes, e.g. from the decode cache).
         """
-        return served(self.member_outputs(images, batch_size=batch_size, tta=tta), self.combine_rule)
+        return self.served(self.member_outputs(images, batch_size=batch_size, tta=tta))
+
+    def served(self, outs: Sequence[tuple[np.ndarray, np.ndarray | None]]) -> tuple[np.ndarray, np.ndarray | None]:
+        """(logits, features) this bundle serves from its networks' outputs (``member_outputs``),
+        combined by its own rule (model.json ``ensemble.combine``)."""
+        return served(outs, self.combine_rule)
 
     def member_outputs(
         self, images: Images, *, batch_size: int = 64, tta: bool | None = None
@@ -356,7 +361,7 @@ class Predictor:
         except refer.InputProblem as exc:
             raise refer.InputProblem(f"{what}: {exc}" if isinstance(source, (str, Path)) else str(exc)) from None
         outs = self.member_outputs({size: [fit_to_size(rgb, size)] for size in self.input_sizes}, tta=tta)
-        logits, features = served(outs, self.combine_rule)
+        logits, features = self.served(outs)
         probs = self.checked(self.calibrated(logits), what)[0]
         ood = float(self.ood_scores(logits, features, members=outs)[0])
         order = np.argsort(-probs, kind="stable")
@@ -410,7 +415,7 @@ class Predictor:
 Images = Sequence[np.ndarray] | Mapping[tuple[int, int], Sequence[np.ndarray]]
 
 
-def combine(member_logits: Sequence[np.ndarray], rule: str = COMBINE_RULES[0]) -> np.ndarray:
+def combine(member_logits: Sequence[np.ndarray], rule: str = COMBINE_RULES["logits"]) -> np.ndarray:
     """The ensemble's logits from its members' (model.json ``ensemble.combine``).
 
     ``"mean of logits"``: softmax is shift-invariant, so this equals the mean of the members'
@@ -430,11 +435,11 @@ def combine(member_logits: Sequence[np.ndarray], rule: str = COMBINE_RULES[0]) -
         return stacked.mean(axis=0)
     if rule == "mean of probabilities":
         return logsumexp(log_softmax(stacked, axis=-1), axis=0) - np.log(len(stacked))
-    raise ValueError(f"unknown combination {rule!r}; choose one of {', '.join(COMBINE_RULES)}")
+    raise ValueError(f"unknown combination {rule!r}; choose one of {', '.join(COMBINE_RULES.values())}")
 
 
 def served(
-    outs: Sequence[tuple[np.ndarray, np.ndarray | None]], rule: str = COMBINE_RULES[0]
+    outs: Sequence[tuple[np.ndarray, np.ndarray | None]], rule: str = COMBINE_RULES["logits"]
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """(logits, features) the bundle serves from its networks' outputs (``Predictor.member_outputs``):
     the one network's, or the members' ``combine``d logits (their features live in different spaces)."""

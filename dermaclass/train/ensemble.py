@@ -60,8 +60,6 @@ log = logging.getLogger(__name__)
 
 MEMBERS_DIR = "members"
 OOF_FILE = "out_of_fold.csv"
-#: ``--ensemble-combine`` -> model.json ``ensemble.combine`` (serving.predictor.combine)
-COMBINE = {"logits": "mean of logits", "probabilities": "mean of probabilities"}
 
 
 def check_ensemble(cfg: Config) -> list[schedules.Member]:
@@ -246,7 +244,7 @@ def score_members(
     *,
     held_out: np.ndarray | None = None,
     threads: int = 0,
-    rule: str = COMBINE["logits"],
+    rule: str = models.COMBINE_RULES["logits"],
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
     """Every member scored once, as the bundle serves (with its test-time augmentation): on its
     own held-out fold, giving (rows, out-of-fold logits, out-of-distribution margins), and with
@@ -296,7 +294,7 @@ def _write_ensemble(
     oof_calibration = cfg.ensemble_calibration == "out-of-fold"
     rows, logits, margins, served = score_members(
         records, held_out=None if oof_calibration else data.valid_rows, threads=cfg.threads,
-        rule=COMBINE[cfg.ensemble_combine],
+        rule=models.COMBINE_RULES[cfg.ensemble_combine],
     )  # fmt: skip
     labels = data.items["label"].astype(str).to_numpy()
     prior = class_prior(labels[folds >= 0], data.vocab)
@@ -377,7 +375,7 @@ def _write_ensemble(
         members=members,
         ensemble={
             "k": len(records),
-            "combine": COMBINE[cfg.ensemble_combine],
+            "combine": models.COMBINE_RULES[cfg.ensemble_combine],
             "cross_fitted": True,
             "calibration": cfg.ensemble_calibration,
             "calibration_fitted_on": calibration["fitted_on"],

@@ -34,6 +34,11 @@ def quiet() -> Iterator[None]:
         optuna.logging.set_verbosity(level)
 
 
+def score_cell(v: float | None) -> str:
+    """A validation score as the study's tables show it ("-" where a trial did not record it)."""
+    return "-" if v is None else f"{v:.4f}"
+
+
 def top_trials(study: Any, n: int = 10) -> list[dict[str, Any]]:
     """The ``n`` best finished trials: number, validation balanced accuracy and macro-F1, minutes, settings."""
     import optuna
@@ -68,13 +73,10 @@ def write_study_report(study: Any, out: Path) -> dict[str, Path]:
         "|---:|---:|---:|---:|---:|---|",
     ]
 
-    def cell(v: float | None) -> str:
-        return "-" if v is None else f"{v:.4f}"
-
     for r in top_trials(study):
         settings = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["params"].items())
-        lines.append(f"| {r['trial']} | {r['valid_balanced_accuracy']:.4f} | {cell(r['valid_raw_best'])} | "
-                     f"{cell(r['valid_macro_f1'])} | {r['minutes']} | {settings} |")  # fmt: skip
+        lines.append(f"| {r['trial']} | {r['valid_balanced_accuracy']:.4f} | {score_cell(r['valid_raw_best'])} | "
+                     f"{score_cell(r['valid_macro_f1'])} | {r['minutes']} | {settings} |")  # fmt: skip
     written["top"] = write_text(out / "top.md", "\n".join(lines) + "\n")
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     plots: dict[str, Callable[[], Any]] = {"history": lambda: ovm.plot_optimization_history(study)}
