@@ -26,10 +26,10 @@ is a fold assignment too):
 
 Every bundle serves as it ships (flip TTA, its calibration), and is measured on the HAM10000
 test split and on every image of derm7pt, isic2017 and PH2 (never used to fit anything). For
-an ensemble the same member logits also give: the arithmetic mean of the members'
-probabilities instead of the mean of logits (``prob_mean``: each member calibrated, then
-averaged), each ``--ensemble-combine`` rule as it would serve (``rules``: combined, then the
-ensemble's one calibration), and each member alone
+an ensemble the same member logits also give each ``--ensemble-combine`` rule as it would
+serve with the ensemble's calibration (``rules``; ``combine`` is the rule the bundle serves;
+records measured before ``rules`` existed served the mean of logits and hold the mean of
+calibrated probabilities as ``prob_mean``), and each member alone
 (``members``, with its own calibration), so the ensemble's gain over its own members is paired.
 The melanoma operating point (fitted on valid, or out-of-fold for an ensemble) is reported on
 every set: sensitivity and specificity, P(mel) AUROC, and the whole trade-off curve (sensitivity
@@ -167,7 +167,7 @@ def measure_run(run: Path, sets: dict[str, Path], *, split_file: Path) -> dict[s
 
     pred = Predictor(run, backend="torch")
     classes = pred.classes
-    out: dict[str, Any] = {"test": None, "external": {}, "prob_mean": {}, "rules": {}, "members": {}}
+    out: dict[str, Any] = {"test": None, "external": {}, "combine": pred.combine_rule, "rules": {}, "members": {}}
     for name, path in {"test": HAM, **sets}.items():
         items, images = load_set(path, sizes=pred.input_sizes, split_file=split_file if name == "test" else None)
         labels = items["label"].astype(str).tolist()
@@ -183,14 +183,13 @@ def measure_run(run: Path, sets: dict[str, Path], *, split_file: Path) -> dict[s
         else:
             out["external"][name] = f
         if pred.members:
-            out["prob_mean"][name] = figures(
-                y, np.mean([pred.calibrated(lo) for lo in los], axis=0), classes, pred.operating_points
-            )
-            # each combination rule as `--ensemble-combine` would serve it: combined, then the
-            # ensemble's one calibration (for the bundle's own rule, the served figures above)
+            # each combination rule as `--ensemble-combine` would serve it with the ensemble's
+            # calibration (for the bundle's own rule, the served figures above); "mean of
+            # calibrated probabilities" is what older records hold as prob_mean
             for rule in COMBINE_RULES.values():
+                combined = combine(los, rule, temperature=pred.temperature, offsets=pred.offsets)
                 out["rules"].setdefault(rule, {})[name] = figures(
-                    y, pred.calibrated(combine(los, rule)), classes, pred.operating_points
+                    y, pred.calibrated(combined), classes, pred.operating_points
                 )
             out["members"][name] = [
                 figures(y, m.calibrated(lo), classes, m.operating_points) for m, (lo, _) in zip(pred.members, outs)

@@ -959,35 +959,49 @@ def ensemble_table() -> list[str]:
     if ens:
         out += [
             "",
-            "The same ensembles' logits, combined otherwise or taken apart (balanced accuracy, mean over "
-            "the runs listed; Δ against the served mean of logits):",
+            "The same ensembles' logits, combined by each `--ensemble-combine` rule with the ensemble's "
+            "calibration, or taken apart (balanced accuracy, mean over the runs listed; Δ against the mean of logits):",
             "",
             "| variant | seeds | combination | HAM test | derm7pt | isic2017 | PH2 |",
             "|---|---|---|---|---|---|---|",
         ]
+        logits = "mean of logits"
+
+        def rule_figures(r: dict, rule: str, w: str) -> dict:
+            """A rule's figures on set ``w``: measured (``rules``), or what a record from before
+            ``rules`` holds (it served the mean of logits; ``prob_mean`` is the mean of calibrated
+            probabilities); {} when not measured."""
+            if (f := ((r.get("rules") or {}).get(rule) or {}).get(w)) is not None:
+                return f
+            if rule == r.get("combine", logits):
+                return _where(r, w)
+            if rule == "mean of calibrated probabilities":
+                return (r.get("prob_mean") or {}).get(w) or {}
+            return {}
+
+        def by_rule(r: dict, rule: str, w: str) -> float | None:
+            return rule_figures(r, rule, w).get("balanced_accuracy")
+
+        def delta(r: dict, rule: str, w: str) -> float | None:
+            a, b = by_rule(r, rule, w), by_rule(r, logits, w)
+            return None if a is None or b is None else a - b
+
         for name in dict.fromkeys(r["variant"] for r in ens):
             mine = [r for r in ens if r["variant"] == name]
             for label, get in (
-                ("mean of logits (served)", lambda r, w: _where(r, w).get("balanced_accuracy")),
+                (logits, lambda r, w: by_rule(r, logits, w)),
                 (
-                    "Δ mean of the members' calibrated probabilities",
-                    lambda r, w: (
-                        (r["prob_mean"].get(w) or {}).get("balanced_accuracy") - _where(r, w).get("balanced_accuracy")
-                    ),
+                    "Δ mean of the members' calibrated probabilities (`calibrated`)",
+                    lambda r, w: delta(r, "mean of calibrated probabilities", w),
                 ),
                 (
-                    "Δ mean of probabilities, then one calibration (`--ensemble-combine probabilities`)",
-                    lambda r, w: (
-                        None
-                        if (v := ((r.get("rules") or {}).get("mean of probabilities") or {}).get(w)) is None
-                        else v["balanced_accuracy"] - _where(r, w).get("balanced_accuracy")
-                    ),
+                    "Δ mean of probabilities, then calibrated (`probabilities`)",
+                    lambda r, w: delta(r, "mean of probabilities", w),
                 ),
                 (
                     "Δ its members alone (mean)",
                     lambda r, w: (
-                        float(np.mean([m["balanced_accuracy"] for m in r["members"][w]]))
-                        - _where(r, w).get("balanced_accuracy")
+                        float(np.mean([m["balanced_accuracy"] for m in r["members"][w]])) - by_rule(r, logits, w)
                     ),
                 ),
             ):
@@ -995,6 +1009,31 @@ def ensemble_table() -> list[str]:
                 n = sum(get(r, sets[0]) is not None for r in mine)
                 if n:  # a combination not measured for these runs (yet) has no row
                     out.append(f"| {name} | {n} | {label} | " + " | ".join(cells) + " |")
+        calibrated = "mean of calibrated probabilities"
+
+        def other(r: dict, w: str, get: Any) -> float | None:
+            a, b = rule_figures(r, calibrated, w), rule_figures(r, logits, w)
+            return None if not a or not b else get(a) - get(b)
+
+        mel_point = lambda key: lambda f: ((f.get("operating_points") or {}).get("mel") or {}).get(key)  # noqa: E731
+        out += [
+            "",
+            "The mean of calibrated probabilities minus the mean of logits, other figures (mean over seeds):",
+            "",
+            "| variant | seeds | macro-F1 HAM test | ECE HAM test | ECE derm7pt | ECE isic2017 "
+            "| melanoma flag sensitivity / specificity, HAM test |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for name in dict.fromkeys(r["variant"] for r in ens):
+            mine = [r for r in ens if r["variant"] == name and rule_figures(r, calibrated, "test")]
+            if not mine:
+                continue
+            cell = lambda w, get, mine=mine: _mean_sd([other(r, w, get) for r in mine], "+")  # noqa: E731
+            out.append(
+                f"| {name} | {len(mine)} | {cell('test', lambda f: f['macro_f1'])} | {cell('test', lambda f: f['ece'])} "
+                f"| {cell('derm7pt', lambda f: f['ece'])} | {cell('isic2017', lambda f: f['ece'])} "
+                f"| {cell('test', mel_point('sensitivity'))} / {cell('test', mel_point('specificity'))} |"
+            )
     out += [
         "",
         "Trade-off curves of the melanoma flag (first seed of each variant): "

@@ -49,7 +49,7 @@ def test_temperature_divides_the_logits(tiny_bundle: Path, colour_data: Path) ->
     assert pred.temperature == pytest.approx(pred.meta.calibration["temperature"])
 
 
-def test_combining_members_by_logits_or_by_probabilities() -> None:
+def test_combining_members_by_logits_or_by_probabilities_raw_or_calibrated() -> None:
     rng = np.random.default_rng(0)
     members = [rng.normal(size=(5, 4)) for _ in range(3)]
     assert np.allclose(combine(members), np.mean(members, axis=0))  # the default, as older bundles serve
@@ -63,6 +63,13 @@ def test_combining_members_by_logits_or_by_probabilities() -> None:
     p = softmax(combine(wild, "mean of probabilities"))
     others = np.mean([softmax(m) for m in wild[:2]], axis=0)
     assert np.isfinite(p).all() and np.allclose(p[:, 0], 1 / 3 + 2 / 3 * others[:, 0])
+    # calibrated, then averaged: the ensemble's calibration maps the served logits back to the
+    # mean of the members' calibrated probabilities, exactly
+    t, o = 1.7, np.array([0.3, -0.2, 0.0, 1.1])
+    cal = combine(members, "mean of calibrated probabilities", temperature=t, offsets=o)
+    assert np.allclose(softmax(cal + o, t), np.mean([softmax(m + o, t) for m in members], axis=0))
+    q = softmax(combine(wild, "mean of calibrated probabilities", temperature=t, offsets=o) + o, t)
+    assert np.allclose(q[:, 0], 1 / 3 + 2 / 3 * np.mean([softmax(m + o, t) for m in wild[:2]], axis=0)[:, 0])
     with pytest.raises(ValueError, match="unknown combination"):
         combine(members, "median")
 

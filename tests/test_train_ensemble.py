@@ -102,6 +102,7 @@ def test_ensemble_bundle_lists_members_and_serves_their_mean(ensemble: Path, col
     assert len(pred.networks) == 2 and pred.input_size == (32, 24)
     images = [pred.preprocess(p) for p in sorted((colour_data / "mel").glob("*.png"))[:4]]
     members = [Predictor(ensemble / "members" / f"m{k}") for k in (0, 1)]
+    assert pred.combine_rule == meta["ensemble"]["combine"] == "mean of logits"  # the default
     expected = combine([m.logits(images) for m in members])
     assert np.allclose(pred.logits(images), expected, atol=1e-5)
     result = pred.predict(colour_data / "mel" / "0.png")
@@ -359,9 +360,13 @@ def test_a_student_distils_the_ensembles_out_of_fold_predictions(
         train_ensemble(cfg.replace(members=2), data, tmp_path / "x")
 
 
-def test_valid_calibration_holds_the_valid_split_out_of_every_member(colour_data: Path, tmp_path: Path) -> None:
-    # combined by the mean of probabilities: the valid figures below are then that rule's, served
-    cfg = _cfg(tmp_path, members=2, ensemble_calibration="valid", ensemble_combine="probabilities")
+@pytest.mark.parametrize("combine_by", ["calibrated", "probabilities"])
+def test_valid_calibration_holds_the_valid_split_out_of_every_member(
+    colour_data: Path, tmp_path: Path, combine_by: str
+) -> None:
+    # calibrated then combined (fitted on each member's valid logits), or combined then calibrated:
+    # either way the valid figures below are that rule's, served
+    cfg = _cfg(tmp_path, members=2, ensemble_calibration="valid", ensemble_combine=combine_by)
     data = prepare_data(cfg, colour_data)
     run = tmp_path / "run"
     train_ensemble(cfg, data, run)
@@ -373,8 +378,10 @@ def test_valid_calibration_holds_the_valid_split_out_of_every_member(colour_data
         member = pd.read_csv(run / "members" / f"m{k}" / "split.csv")
         assert valid <= set(member.loc[member["split"] == "test", "image"])
     meta = json.loads((run / "model.json").read_text())
-    assert meta["calibration"]["n"] == len(valid) and "held out from all 2 members" in meta["calibration"]["fitted_on"]
-    assert meta["ensemble"]["combine"] == "mean of probabilities"
+    rule = models.COMBINE_RULES[combine_by]
+    fitted_on = 2 * len(valid) if combine_by == "calibrated" else len(valid)  # each member's logits, or the mean's
+    assert meta["calibration"]["n"] == fitted_on and "held out from all 2 members" in meta["calibration"]["fitted_on"]
+    assert meta["ensemble"]["combine"] == rule
     # The valid figures are the served ensemble's: the Predictor reproduces them.
     pred = Predictor(run)
     images = [data.images[i] for i in data.valid_rows]
@@ -384,9 +391,11 @@ def test_valid_calibration_holds_the_valid_split_out_of_every_member(colour_data
     ba = classification_metrics(np.array(y), pred.probabilities(images), pred.classes)["balanced_accuracy"]
     assert abs(ba - meta["metrics_valid"]["balanced_accuracy"]) < 1e-6
     members = [Predictor(run / "members" / f"m{k}") for k in (0, 1)]
-    assert pred.combine_rule == "mean of probabilities" and np.allclose(
-        pred.logits(images), combine([m.logits(images) for m in members], "mean of probabilities"), atol=1e-5
-    )
+    served = combine([m.logits(images) for m in members], rule, temperature=pred.temperature, offsets=pred.offsets)
+    assert pred.combine_rule == rule and np.allclose(pred.logits(images), served, atol=1e-5)
+    if combine_by == "calibrated":  # each member calibrated by the ensemble's calibration, then averaged
+        mean = np.mean([pred.calibrated(m.logits(images)) for m in members], axis=0)
+        assert np.allclose(pred.probabilities(images), mean, atol=1e-5)
 
 
 def test_a_killed_ensemble_resumes_at_the_member_and_epoch_where_it_stopped(colour_data: Path, tmp_path: Path) -> None:

@@ -203,8 +203,9 @@ FLAG_HELP: dict[str, str] = {
     "tf_efficientnet_lite1@160x120); none = every member --arch at --image-size",
     "ensemble_calibration": "What an ensemble's calibration is fitted on: its members' out-of-fold predictions "
     "over the train+valid pool, or the valid split held out from every member",
-    "ensemble_combine": "How an ensemble's networks are combined: the mean of their logits, or the mean of their "
-    "probabilities (one network's extreme logits then weigh at most 1/K)",
+    "ensemble_combine": "How an ensemble's networks are combined: the mean of their logits (the default), the "
+    "mean of their probabilities each calibrated by the ensemble's calibration (better for short-budget members; "
+    "one network's extreme logits weigh at most 1/K), or the mean of their raw probabilities, then calibrated",
     "distill_from": "Distil this ensemble bundle into one network: soft targets from its out-of-fold predictions "
     "(train it on the same split with --ensemble-calibration valid, so that it never saw the valid split)",
     "distill_alpha": "Weight of the teacher's soft targets in the loss (distillation)",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -139,12 +140,28 @@ def calibrate(
     log.info(
         "temperature %.3f: valid ECE %.4f -> %.4f", t, calibration["ece_before"] or 0, calibration["ece_after"] or 0
     )
+    points = operating_points(
+        labels, probs, vocab, operating_classes=operating_classes, target_sensitivity=target_sensitivity
+    )
+    return calibration, points, probs
+
+
+def operating_points(
+    labels: np.ndarray,
+    probs: np.ndarray,
+    vocab: Sequence[str],
+    *,
+    operating_classes: Sequence[str],
+    target_sensitivity: float,
+) -> dict[str, dict[str, Any]]:
+    """The bundle's ``operating_points`` entry: for each of ``operating_classes``, the highest
+    threshold on its calibrated probability that reaches ``target_sensitivity`` on ``labels``."""
     points = {}
     for cls in operating_classes:
         if cls not in vocab:
-            log.warning("operating class %r is not among the classes %s; no threshold for it", cls, vocab)
+            log.warning("operating class %r is not among the classes %s; no threshold for it", cls, list(vocab))
             continue
-        op = operating_point(labels, probs, vocab.index(cls), target_sensitivity=target_sensitivity)
+        op = operating_point(labels, probs, list(vocab).index(cls), target_sensitivity=target_sensitivity)
         points[cls] = {
             "threshold": op["threshold"],
             "target_sensitivity": target_sensitivity,
@@ -159,4 +176,4 @@ def calibrate(
                 op["sensitivity"],
                 op["specificity"],
             )
-    return calibration, points, probs
+    return points

@@ -27,7 +27,11 @@ TTA_MODES = (None, "flips4")
 #: How an ensemble's networks are combined: ``--ensemble-combine`` -> model.json
 #: ``ensemble.combine`` (serving.predictor.combine). A bundle without the key combines logits,
 #: as every ensemble did before the choice existed.
-COMBINE_RULES = {"logits": "mean of logits", "probabilities": "mean of probabilities"}
+COMBINE_RULES = {
+    "calibrated": "mean of calibrated probabilities",
+    "logits": "mean of logits",
+    "probabilities": "mean of probabilities",
+}
 
 
 def _finite(v: Any) -> bool:
@@ -226,7 +230,7 @@ def check_bundle_meta(meta: Any, path: str | Path) -> None:
         raise bad("ensemble", "must be an object")
     rule = (ensemble or {}).get("combine", COMBINE_RULES["logits"])
     if rule not in COMBINE_RULES.values():
-        raise bad("ensemble.combine", f"is {rule!r}; this dermaclass knows {' or '.join(COMBINE_RULES.values())}")
+        raise bad("ensemble.combine", f"is {rule!r}; this dermaclass knows {', '.join(COMBINE_RULES.values())}")
 
 
 def _check_members(members: Any, bad: Any) -> None:

@@ -224,8 +224,8 @@ class Predictor:
 
     def served(self, outs: Sequence[tuple[np.ndarray, np.ndarray | None]]) -> tuple[np.ndarray, np.ndarray | None]:
         """(logits, features) this bundle serves from its networks' outputs (``member_outputs``),
-        combined by its own rule (model.json ``ensemble.combine``)."""
-        return served(outs, self.combine_rule)
+        combined by its own rule (model.json ``ensemble.combine``) and calibration."""
+        return served(outs, self.combine_rule, temperature=self.temperature, offsets=self.offsets)
 
     def member_outputs(
         self, images: Images, *, batch_size: int = 64, tta: bool | None = None
@@ -415,8 +415,16 @@ class Predictor:
 Images = Sequence[np.ndarray] | Mapping[tuple[int, int], Sequence[np.ndarray]]
 
 
-def combine(member_logits: Sequence[np.ndarray], rule: str = COMBINE_RULES["logits"]) -> np.ndarray:
-    """The ensemble's logits from its members' (model.json ``ensemble.combine``).
+def combine(
+    member_logits: Sequence[np.ndarray],
+    rule: str = COMBINE_RULES["logits"],
+    *,
+    temperature: float = 1.0,
+    offsets: np.ndarray | Sequence[float] | None = None,
+) -> np.ndarray:
+    """The ensemble's logits from its members' (model.json ``ensemble.combine``), such that the
+    ensemble's calibration (``Predictor.calibrated``: ``softmax((z + offsets) / temperature)``)
+    of the result is what the rule serves.
 
     ``"mean of logits"``: softmax is shift-invariant, so this equals the mean of the members'
     log-probabilities, the geometric mean of their probabilities renormalised. One member's
@@ -426,7 +434,13 @@ def combine(member_logits: Sequence[np.ndarray], rule: str = COMBINE_RULES["logi
     ``"mean of probabilities"``: the log of the arithmetic mean of the members' softmax
     (Lakshminarayanan et al. 2017), a logit vector whose softmax is that mean, so the
     ensemble's temperature and prior shift apply to it as to one network's logits; one member
-    weighs at most 1/K, however extreme. benchmarks/bench_ensemble.py measures both.
+    weighs at most 1/K, however extreme.
+
+    ``"mean of calibrated probabilities"``: the arithmetic mean of the members' probabilities,
+    each calibrated by ``temperature`` and ``offsets`` (what out-of-fold calibration fits: one
+    member's logits per image), served as ``T * log(mean) - offsets`` so that the calibration
+    maps it back to that mean exactly. Also at most 1/K per member. benchmarks/bench_ensemble.py
+    measures all three (docs/decisions.md).
     """
     from scipy.special import log_softmax, logsumexp
 
@@ -435,15 +449,25 @@ def combine(member_logits: Sequence[np.ndarray], rule: str = COMBINE_RULES["logi
         return stacked.mean(axis=0)
     if rule == "mean of probabilities":
         return logsumexp(log_softmax(stacked, axis=-1), axis=0) - np.log(len(stacked))
+    if rule == "mean of calibrated probabilities":
+        shift = np.zeros(stacked.shape[-1]) if offsets is None else np.asarray(offsets, np.float64)
+        mean = logsumexp(log_softmax((stacked + shift) / temperature, axis=-1), axis=0) - np.log(len(stacked))
+        return temperature * mean - shift
     raise ValueError(f"unknown combination {rule!r}; choose one of {', '.join(COMBINE_RULES.values())}")
 
 
 def served(
-    outs: Sequence[tuple[np.ndarray, np.ndarray | None]], rule: str = COMBINE_RULES["logits"]
+    outs: Sequence[tuple[np.ndarray, np.ndarray | None]],
+    rule: str = COMBINE_RULES["logits"],
+    *,
+    temperature: float = 1.0,
+    offsets: np.ndarray | Sequence[float] | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """(logits, features) the bundle serves from its networks' outputs (``Predictor.member_outputs``):
     the one network's, or the members' ``combine``d logits (their features live in different spaces)."""
-    return outs[0] if len(outs) == 1 else (combine([lo for lo, _ in outs], rule), None)
+    if len(outs) == 1:
+        return outs[0]
+    return combine([lo for lo, _ in outs], rule, temperature=temperature, offsets=offsets), None
 
 
 def agreement(member_probs: Sequence[np.ndarray], top: int, classes: Sequence[str]) -> dict[str, Any]:

@@ -49,7 +49,7 @@ from dermaclass.data import DecodeCache
 from dermaclass.data.labels import class_indices
 from dermaclass.data.splits import FOLD_COLUMN, cross_folds, write_split
 from dermaclass.evaluate import classification_metrics
-from dermaclass.evaluate.calibration import calibrate, class_prior
+from dermaclass.evaluate.calibration import calibrate, class_prior, operating_points
 from dermaclass.evaluate.metrics import softmax
 from dermaclass.serving import refer
 from dermaclass.train.data import TrainData, TrainingError
@@ -244,13 +244,12 @@ def score_members(
     *,
     held_out: np.ndarray | None = None,
     threads: int = 0,
-    rule: str = models.COMBINE_RULES["logits"],
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[list[np.ndarray], np.ndarray] | None]:
     """Every member scored once, as the bundle serves (with its test-time augmentation): on its
     own held-out fold, giving (rows, out-of-fold logits, out-of-distribution margins), and with
-    ``held_out`` (rows no member trained on) the ensemble's served (logits combined by ``rule``,
-    margins) there."""
-    from dermaclass.serving.predictor import Predictor, combine
+    ``held_out`` (rows no member trained on) every member's logits there and the ensemble's
+    margins (the combined logits need the calibration fitted on them: ``_held_out_calibration``)."""
+    from dermaclass.serving.predictor import Predictor
 
     rows, logits, margins, served_logits, served_margins = [], [], [], [], []
     for _, folder, mdata in records:
@@ -272,11 +271,42 @@ def score_members(
             served_margins.append(margin[n:])
     served = None
     if held_out is not None:  # the mean of the members' margins, as refer.member_margins takes it
-        served = (
-            combine(served_logits, rule),
-            np.mean(served_margins, axis=0) if served_margins else np.zeros(len(held_out)),
-        )
+        served = (served_logits, np.mean(served_margins, axis=0) if served_margins else np.zeros(len(held_out)))
     return np.concatenate(rows), np.concatenate(logits), np.concatenate(margins), served
+
+
+def held_out_calibration(
+    member_logits: list[np.ndarray], y: np.ndarray, vocab: list[str], *, rule: str, prior: list[float], cfg: Config
+) -> tuple[dict, dict, np.ndarray]:
+    """The ensemble's calibration, operating points and served probabilities on a split no member
+    trained on (``--ensemble-calibration valid``), for its combination ``rule``.
+
+    A rule that combines before calibrating is fitted on the combined logits, as it serves. The
+    mean of calibrated probabilities calibrates each member first, so its temperature and prior
+    shift are fitted on every member's logits (K per image, as out-of-fold calibration fits one
+    per image); the operating points are then set on the served mean.
+    """
+    from dermaclass.serving.predictor import combine
+
+    settings = cfg.calibration_settings()
+    k = len(member_logits)
+    if rule != models.COMBINE_RULES["calibrated"]:
+        calibration, points, probs = calibrate(combine(member_logits, rule), y, vocab, prior=prior, **settings)
+        calibration["fitted_on"] = f"the valid split held out from all {k} members, scored by the ensemble"
+        return calibration, points, probs
+    calibration, _, _ = calibrate(np.concatenate(member_logits), np.tile(y, k), vocab, prior=prior, **settings)
+    calibration["fitted_on"] = f"the valid split held out from all {k} members, scored by each member"
+    offsets = np.asarray(calibration.get("offsets") or np.zeros(len(vocab)))
+    served = combine(member_logits, rule, temperature=calibration["temperature"], offsets=offsets)
+    probs = softmax(served + offsets, calibration["temperature"])
+    points = operating_points(
+        y,
+        probs,
+        vocab,
+        operating_classes=settings["operating_classes"],
+        target_sensitivity=settings["target_sensitivity"],
+    )
+    return calibration, points, probs
 
 
 def _write_ensemble(
@@ -293,9 +323,8 @@ def _write_ensemble(
 ) -> TrainResult:
     oof_calibration = cfg.ensemble_calibration == "out-of-fold"
     rows, logits, margins, served = score_members(
-        records, held_out=None if oof_calibration else data.valid_rows, threads=cfg.threads,
-        rule=models.COMBINE_RULES[cfg.ensemble_combine],
-    )  # fmt: skip
+        records, held_out=None if oof_calibration else data.valid_rows, threads=cfg.threads
+    )
     labels = data.items["label"].astype(str).to_numpy()
     prior = class_prior(labels[folds >= 0], data.vocab)
     if oof_calibration:
@@ -303,10 +332,11 @@ def _write_ensemble(
         calibration, points, probs = calibrate(logits, y, data.vocab, prior=prior, **cfg.calibration_settings())
         calibration["fitted_on"] = f"out-of-fold predictions of {len(records)} members on the train+valid pool"
     else:  # the held-out valid split, scored by the ensemble as it serves
-        valid_logits, margins = served
+        member_logits, margins = served
         y = class_indices(labels[data.valid_rows], data.vocab, source="the valid split")
-        calibration, points, probs = calibrate(valid_logits, y, data.vocab, prior=prior, **cfg.calibration_settings())
-        calibration["fitted_on"] = f"the valid split held out from all {len(records)} members, scored by the ensemble"
+        calibration, points, probs = held_out_calibration(
+            member_logits, y, data.vocab, rule=models.COMBINE_RULES[cfg.ensemble_combine], prior=prior, cfg=cfg
+        )
     kept = (probs.max(axis=1) >= cfg.refer_below) & (margins >= 0)
     calibration["refer"] = {
         "min_top_probability": cfg.refer_below,
