@@ -163,7 +163,8 @@ def measure_run(run: Path, sets: dict[str, Path], *, split_file: Path) -> dict[s
     for an ensemble also the probability mean and each member alone, from the same logits."""
     from dermaclass.evaluate.run import fitted_curve
     from dermaclass.models import COMBINE_RULES
-    from dermaclass.serving.predictor import Predictor, combine
+    from dermaclass.serving.combine import combine
+    from dermaclass.serving.predictor import Predictor
 
     pred = Predictor(run, backend="torch")
     classes = pred.classes

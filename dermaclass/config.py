@@ -221,7 +221,7 @@ class Config:
     # or "valid" (the folds cut the train split only; the valid split is held out from every
     # member and scored by the ensemble itself, as it serves).
     ensemble_calibration: Literal["out-of-fold", "valid"] = "out-of-fold"
-    # How the members' answers are combined (serving.predictor.combine): "logits", the mean of
+    # How the members' answers are combined (serving.combine): "logits", the mean of
     # their logits (the geometric mean of their probabilities); "calibrated", the mean of their
     # probabilities, each calibrated by the ensemble's temperature and prior shift (what
     # out-of-fold calibration fits: one member's logits per image); or "probabilities", the mean

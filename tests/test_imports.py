@@ -113,13 +113,16 @@ def test_the_walk_finds_a_cycle_and_resolves_relative_imports(tmp_path: Path) ->
 
 
 def test_the_serving_package_points_down() -> None:
-    """refer and backends import nothing else of serving; the Predictor imports neither export nor refit."""
+    """refer, backends and combine import nothing else of serving; the Predictor imports neither
+    export nor refit."""
     graph = package_graph()
     serving = {m for m in graph if m.startswith("dermaclass.serving.")}
     assert graph["dermaclass.serving.refer"] & serving == set()
     assert graph["dermaclass.serving.backends"] & serving == set()
+    assert graph["dermaclass.serving.combine"] & serving == set()
     assert graph["dermaclass.serving.predictor"] & serving == {
         "dermaclass.serving.backends",
+        "dermaclass.serving.combine",
         "dermaclass.serving.explain",
         "dermaclass.serving.refer",
     }

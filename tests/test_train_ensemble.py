@@ -18,7 +18,8 @@ from dermaclass.config import load_config
 from dermaclass.data.splits import cross_folds
 from dermaclass.errors import ConfigError, TrainingError
 from dermaclass.models import ModelError
-from dermaclass.serving.predictor import Predictor, combine
+from dermaclass.serving.combine import combine
+from dermaclass.serving.predictor import Predictor
 from dermaclass.train import prepare_data, train_ensemble
 
 TINY = dict(

@@ -25,7 +25,7 @@ BUNDLE_FORMAT = 1
 MAX_INPUT_SIDE = 2048  # pixels; a larger input is a corrupt bundle, not a model for this tool
 TTA_MODES = (None, "flips4")
 #: How an ensemble's networks are combined: ``--ensemble-combine`` -> model.json
-#: ``ensemble.combine`` (serving.predictor.combine). A bundle without the key combines logits,
+#: ``ensemble.combine`` (serving.combine). A bundle without the key combines logits,
 #: as every ensemble did before the choice existed.
 COMBINE_RULES = {
     "calibrated": "mean of calibrated probabilities",

@@ -286,7 +286,7 @@ def held_out_calibration(
     shift are fitted on every member's logits (K per image, as out-of-fold calibration fits one
     per image); the operating points are then set on the served mean.
     """
-    from dermaclass.serving.predictor import combine
+    from dermaclass.serving.combine import combine
 
     settings = cfg.calibration_settings()
     k = len(member_logits)
