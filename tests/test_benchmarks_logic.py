@@ -130,3 +130,39 @@ def test_results_name_runs_relative_to_any_checkout_of_the_repository(bench, tmp
         subprocess.run(["git", "-C", str(root), "worktree", "remove", "--force", str(tree)], capture_output=True)
     # A folder outside any checkout of it is kept as given.
     assert common.repo_relative(tmp_path / "elsewhere") == str(tmp_path / "elsewhere")
+
+
+def test_a_variance_floor_bounds_only_the_units_that_were_almost_never_on(bench) -> None:
+    import torch
+    from fastai.vision.learner import create_head
+
+    hb = bench("bench_head_bn")
+    torch.manual_seed(0)
+    head = create_head(8, 3, pool=False).eval()  # fastai's head from its first batch norm on
+    # in place of the pool and flatten, so that the norms sit at model[1][2] and [6] as served
+    head = torch.nn.Sequential(torch.nn.Identity(), torch.nn.Identity(), *head)
+    norms = [head[i] for i in hb.HEAD_NORMS]
+    assert all(isinstance(m, torch.nn.BatchNorm1d) for m in norms)
+    for m in norms:
+        m.running_var.fill_(1.0)
+    x = np.random.default_rng(0).normal(size=(1, 5, 8)).astype(np.float32)
+    as_trained = hb.head_logits(hb.floored_head(head, 0.0), x)
+    assert np.allclose(hb.head_logits(hb.floored_head(head, 1e-2), x), as_trained)  # all variances above it
+    norms[0].running_var[3] = 1e-12  # a unit that was off in training, on in this image
+    wild = hb.head_logits(hb.floored_head(head, 0.0), x)
+    tamed = hb.head_logits(hb.floored_head(head, 1e-2), x)
+    assert np.abs(wild).max() > 10 * np.abs(tamed).max()
+    assert norms[0].running_var[3] == pytest.approx(1e-12)  # the bundle's own head is left as it was
+    figures = hb.network_figures(np.array([0, 1, 2, 0, 1]), tamed, wild)
+    assert set(figures) == {"nll", "nll_max", "balanced_accuracy", "max_abs_logit", "top_changed"}
+
+
+def test_the_replayed_head_reproduces_the_served_logits(bench, tiny_bundle: Path, colour_data: Path) -> None:
+    from dermaclass.serving.predictor import Predictor
+
+    hb = bench("bench_head_bn")
+    pred = Predictor(tiny_bundle, backend="torch")
+    images = [pred.preprocess(p) for p in sorted((colour_data / "mel").glob("*.png"))[:3]]
+    views, served = hb.pooled_views(pred, images)
+    assert views.shape[:2] == (4, 3)
+    assert np.allclose(hb.head_logits(hb.floored_head(pred.model[1], 0.0), views), served, atol=1e-4)
