@@ -163,6 +163,6 @@ def test_the_replayed_head_reproduces_the_served_logits(bench, tiny_bundle: Path
     hb = bench("bench_head_bn")
     pred = Predictor(tiny_bundle, backend="torch")
     images = [pred.preprocess(p) for p in sorted((colour_data / "mel").glob("*.png"))[:3]]
-    views, served = hb.pooled_views(pred, images)
-    assert views.shape[:2] == (4, 3)
-    assert np.allclose(hb.head_logits(hb.floored_head(pred.model[1], 0.0), views), served, atol=1e-4)
+    views, served = hb.pooled_views(pred, images, check=2)
+    assert views.shape[:2] == (4, 3) and len(served) == 2
+    assert np.allclose(hb.head_logits(hb.floored_head(pred.model[1], 0.0), views)[:2], served, atol=1e-4)
