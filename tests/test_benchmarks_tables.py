@@ -125,3 +125,18 @@ def test_lever_table_renders_from_a_results_file(monkeypatch: pytest.MonkeyPatch
         in text
     )
     assert "| ref | `(reference)` | 1 | 0.600 | - |" in text
+
+
+def test_head_norm_floor_table_renders_every_network_and_floor(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import json
+
+    tables = _tables()
+    monkeypatch.setattr(tables, "RESULTS", tmp_path)
+    fig = {"nll": 0.9, "nll_max": 423.0, "balanced_accuracy": 0.6, "max_abs_logit": 3.4e5, "top_changed": 0.0}
+    nets = {m: {"held_out": {"n": 10, "0": fig, "0.01": {**fig, "nll": 0.8}}} for m in ("m0", "m1")}
+    result = {"commands": ["python benchmarks/bench_head_bn.py --bundles x"], "machine": {"cpus": 2}, "floors": [0.01]}
+    bundles = [{"bundle": "runs/x", "networks": nets, "ensemble_test": {"0": 0.58, "0.01": 0.6}}]
+    (tmp_path / "head_bn.json").write_text(json.dumps({**result, "bundles": bundles}))
+    text = "\n".join(tables.head_bn_table())
+    assert "| `runs/x` | m0 | 0.900 / 423 / 0.600 / 3.4e+05 / 0.000 | 0.800 /" in text
+    assert "| `runs/x` | 0.580 | 0.600 |" in text
