@@ -168,10 +168,16 @@ def _train_ensemble(cfg: Config, prepared, out_dir: Path, *, force: bool, resume
 
     plan = training.check_ensemble(cfg)
     counts = prepared.items["split"].value_counts()
-    pool = int(counts.get("train", 0) + counts.get("valid", 0))
+    held_out = cfg.ensemble_calibration == "valid"  # the folds cut the train split only
+    pool = int(counts.get("train", 0) + (0 if held_out else counts.get("valid", 0)))
     out.print(
         f"data: {len(prepared.items):,} images, {len(prepared.vocab)} classes; test {int(counts.get('test', 0)):,}, "
-        f"train+valid pool {pool:,} in {cfg.members} cross-fitting folds",
+        + (
+            f"train {pool:,} in {cfg.members} cross-fitting folds, valid {int(counts.get('valid', 0)):,} held out "
+            "from every member"
+            if held_out
+            else f"train+valid pool {pool:,} in {cfg.members} cross-fitting folds"
+        ),
         highlight=False,
     )
     for m in plan:
@@ -187,10 +193,16 @@ def _train_ensemble(cfg: Config, prepared, out_dir: Path, *, force: bool, resume
             f"{m['path']}: valid (its fold) balanced accuracy {m['valid_balanced_accuracy']:.4f}", highlight=False
         )
     r = result.metrics
+    what = (
+        "valid balanced accuracy {ba}[/], macro-F1 {f1} (the ensemble as it serves, on the valid split held out "
+        "from every member"
+        if held_out
+        else "out-of-fold balanced accuracy {ba}[/], macro-F1 {f1} (one member per image"
+    )
     out.print(
-        f"[bold]out-of-fold balanced accuracy {r['balanced_accuracy']:.4f}[/], macro-F1 {r['macro_f1']:.4f} "
-        f"(one member per image; the ensemble is judged on test: `dermaclass evaluate`); "
-        f"{result.seconds / 60:.1f} min",
+        "[bold]"
+        + what.format(ba=f"{r['balanced_accuracy']:.4f}", f1=f"{r['macro_f1']:.4f}")
+        + f"; the ensemble is judged on test: `dermaclass evaluate`); {result.seconds / 60:.1f} min",
         highlight=False,
     )
     out.print(

@@ -419,9 +419,10 @@ def _write_ensemble(
     models.write_bundle_meta(run_dir, meta)
     shutil.rmtree(run_dir / REPLACED, ignore_errors=True)
     log.info(
-        "ensemble of %d written to %s: out-of-fold balanced accuracy %.4f",
+        "ensemble of %d written to %s: %s balanced accuracy %.4f",
         len(records),
         run_dir,
+        "out-of-fold" if oof_calibration else "held-out valid",
         metrics["balanced_accuracy"],
     )
     return TrainResult(run_dir, metrics, stages, member_seconds, images_seen, [])
