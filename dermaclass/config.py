@@ -166,6 +166,12 @@ class Config:
     # Which weights the bundle keeps: the epoch with the best validation balanced accuracy over
     # the run, or the weights at the end of the last (annealed) cycle.
     keep: Literal["best", "last"] = "best"
+    # A floor on the running variance of the head's batch norms (train.callbacks.HeadNormFloor):
+    # a unit almost never on in training (variance 1e-8 and below) otherwise gives logits of
+    # 1e5 to an image that turns it on. Replayed on 16 trained networks (bench_head_bn), 0.1
+    # brought the two runaway members' held-out NLL from 436 and 14.6 to 1.05 and 1.40 and
+    # left full-budget networks level (HAM test +0.001 ± 0.003). It changes no gradient. 0 = off.
+    head_norm_floor: Annotated[float, Check(lambda v: 0 <= v <= 1, "must be in [0, 1] (0 = off)")] = 0.1
     # Exponential moving average of the weights (timm ModelEmaV3, with warm-up): the bundle keeps
     # the average at the end of training instead of a single epoch's weights. 0 = off.
     ema_decay: Annotated[float, fraction] = 0.0

@@ -525,6 +525,30 @@ def test_weight_ema_is_bundled_and_checkpointed(colour_data: Path, tmp_path: Pat
         _cfg(tmp_path, ema_decay=1.5)
 
 
+def test_head_norm_floor_bounds_the_head_before_every_validation_and_in_the_bundle(
+    colour_data: Path, tmp_path: Path
+) -> None:
+    from safetensors.torch import load_file
+
+    cfg = _cfg(tmp_path, recipe="sgdr", lr=1e-3, head_epochs=0, head_norm_floor=0.5)
+    data = prepare_data(cfg, colour_data)
+    learn = build_learner(cfg, data, tmp_path / "probe", dls=data_loaders(cfg, data))
+    norms = [m for m in learn.model.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    body = [m for m in learn.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and body
+    for m in [*norms, *body]:
+        m.running_var.fill_(1e-12)  # units that were never on
+    learn.validate()
+    assert all(bool((m.running_var >= 0.5).all()) for m in norms)  # the head's floored
+    assert all(bool((m.running_var == 1e-12).all()) for m in body)  # the backbone's left alone
+    train(cfg, data, tmp_path / "run")
+    bundle = load_file(str(tmp_path / "run" / "model.safetensors"))
+    head_vars = [v for k, v in bundle.items() if k.startswith("1.") and k.endswith("running_var")]
+    assert head_vars and all(float(v.float().min()) >= 0.5 for v in head_vars)
+    with pytest.raises(ConfigError, match="head_norm_floor"):
+        _cfg(tmp_path, head_norm_floor=-1)
+
+
 def test_cycle_average_is_bundled_and_checkpointed(colour_data: Path, tmp_path: Path) -> None:
     from dermaclass.train.callbacks import CycleAverage
 

@@ -182,6 +182,8 @@ FLAG_HELP: dict[str, str] = {
     "tta": "The test-time augmentation the bundle serves with (calibrated with it)",
     "label_smoothing": "Cross-entropy label smoothing, 0 = off",
     "keep": "best (best validation balanced accuracy) or last (end of training) weights",
+    "head_norm_floor": "Floor on the running variance of the head's batch norms (a unit almost never on in training "
+    "cannot blow up the logits); 0 = off (the default 0.1 changed no full-budget network's accuracy)",
     "ema_decay": "Keep an exponential moving average of the weights (e.g. 0.998) and bundle it; 0 = off",
     "average_cycles": "Bundle the average of the weights at the last N SGDR cycle ends (SWA; batch-norm statistics "
     "recomputed); 0 = off",

@@ -57,6 +57,7 @@ TRAIN_FLAGS = (
     "tta",
     "label_smoothing",
     "keep",
+    "head_norm_floor",
     "ema_decay",
     "average_cycles",
     "mix",

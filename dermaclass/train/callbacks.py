@@ -11,6 +11,8 @@
 - ``SAM``: sharpness-aware minimisation (seed 002), a second gradient at the perturbed weights;
 - ``StopOnNaN``: a non-finite training loss stops the run at once with exit 5 (no bundle is
   written from a diverged model), as fastai's ``TerminateOnNaNCallback`` but loud;
+- ``HeadNormFloor``: a floor on the head's batch-norm running variances, so a unit that was
+  almost never on in training cannot blow up the logits of an image that turns it on;
 - ``FlipInput``: flips every input batch, for test-time augmentation through ``get_preds``
   (``flip_logits`` averages the four flips, as the Predictor does at inference);
 They react to real training epochs only, never to a range test or ``get_preds``. The
@@ -354,6 +356,31 @@ class StopOnNaN(Callback):
                 f"{self.epoch + 1}, batch {self.iter + 1}: training diverged and no bundle was written. "
                 "Lower --lr, or check the data (e.g. too few images for the batch size)"
             )
+
+
+class HeadNormFloor(Callback):
+    """A floor on the running variance of the head's batch norms (every ``BatchNorm1d``: the
+    backbone's are 2-d), applied before every validation, so checkpoint choice, calibration
+    (its logits come through ``get_preds``, which validates) and the saved weights all see it.
+
+    Why: a head unit that was almost never on in training keeps a running variance near zero
+    (1e-8 to 1e-45 measured), so its gain is up to weight / sqrt(eps); an image that turns it
+    on gets logits of 1e5 (a short-budget member's held-out NLL was 436). In eval mode the
+    running variance is used nowhere else, and training normalises by the batch's own, so the
+    floor changes no gradient: only units whose variance is below it, on images that turn them
+    on. benchmarks/bench_head_bn.py replays it on trained bundles.
+    """
+
+    order = 95  # after every callback that swaps weights in, so the floor is the last word
+
+    def __init__(self, floor: float) -> None:
+        self.floor = floor
+
+    def before_validate(self) -> None:
+        with torch.no_grad():
+            for m in unwrap(self.learn.model).modules():
+                if isinstance(m, torch.nn.BatchNorm1d) and m.running_var is not None:
+                    m.running_var.clamp_(min=self.floor)
 
 
 class Distill(Callback):

@@ -47,6 +47,7 @@ from dermaclass.train.callbacks import (
     CycleAverage,
     Distill,
     EpochLine,
+    HeadNormFloor,
     History,
     StopOnNaN,
     WeightEMA,
@@ -103,6 +104,8 @@ def build_learner(cfg: Config, data: TrainData, run_dir: Path, *, dls, extra_cbs
             cbs.append(CPUAutocast())
     # The combinations that cannot run (EMA with cycle averages, mixing with the logit-adjusted
     # loss, distillation with mixing or SAM) were refused when the Config was built.
+    if cfg.head_norm_floor:
+        cbs.append(HeadNormFloor(cfg.head_norm_floor))
     if cfg.ema_decay:
         cbs.append(WeightEMA(cfg.ema_decay))
     if cfg.average_cycles:
