@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import os
 import platform
@@ -43,20 +44,14 @@ from dermaclass.fileio import write_json
 
 #: the head's batch norms in fastai's create_head (model[1]): after flatten, and after the ReLU
 HEAD_NORMS = (2, 6)
-FLIPS = (lambda a: a, np.fliplr, np.flipud, lambda a: a[::-1, ::-1])
 
 
 def floored_head(head: Any, floor: float) -> Any:
     """A copy of the head (from its first batch norm on) with every batch norm's running
-    variance floored at ``floor`` (0 = as trained)."""
-    import torch
+    variance floored at ``floor`` (0 = as trained), as ``--head-norm-floor`` trains it."""
+    from dermaclass.train.callbacks import floor_head_norms
 
-    tail = copy.deepcopy(head[HEAD_NORMS[0] :]).eval()
-    with torch.no_grad():
-        for m in tail.modules():
-            if isinstance(m, torch.nn.BatchNorm1d):
-                m.running_var.clamp_(min=floor)
-    return tail
+    return floor_head_norms(copy.deepcopy(head[HEAD_NORMS[0] :]), floor).eval()
 
 
 def pooled_views(pred: Any, images: list[np.ndarray], *, check: int = 64) -> tuple[np.ndarray, np.ndarray]:
@@ -64,6 +59,8 @@ def pooled_views(pred: Any, images: list[np.ndarray], *, check: int = 64) -> tup
     one network: the first head batch norm's input, captured by a hook while the Predictor
     serves each flip."""
     import torch
+
+    from dermaclass.serving.predictor import FLIP_VIEWS
 
     norm = pred.model[1][HEAD_NORMS[0]]
     if not isinstance(norm, torch.nn.BatchNorm1d):
@@ -74,7 +71,7 @@ def pooled_views(pred: Any, images: list[np.ndarray], *, check: int = 64) -> tup
     hook = norm.register_forward_hook(lambda _m, inp, _out: captured.append(inp[0].detach().numpy().copy()))
     try:
         views = []
-        for flip in FLIPS:
+        for flip in FLIP_VIEWS:
             captured.clear()
             pred.forward([np.ascontiguousarray(flip(im)) for im in images], tta=False)
             views.append(np.concatenate(captured))
@@ -108,15 +105,24 @@ def network_figures(y: np.ndarray, logits: np.ndarray, base: np.ndarray) -> dict
     }
 
 
+@functools.cache
+def ham_items() -> Any:
+    """HAM10000's validated items, read once per process (every network reads two parts of it)."""
+    from dermaclass.config import load_config
+    from dermaclass.data import validate_sources
+
+    items, _ = validate_sources([HAM], **load_config().source_settings())
+    return items.reset_index(drop=True)
+
+
 def load_images(split_file: Path, part: str, size: tuple[int, int]) -> tuple[Any, list[np.ndarray]]:
     """HAM10000 items of one part of a split file and their decode-cache images at ``size``."""
     from dermaclass.config import load_config
-    from dermaclass.data import DecodeCache, read_split, validate_sources
+    from dermaclass.data import DecodeCache, read_split
     from dermaclass.evaluate.run import select_split
 
     cfg = load_config()
-    items, _ = validate_sources([HAM], **cfg.source_settings())
-    items, _ = select_split(items.reset_index(drop=True), read_split(split_file), part, source=str(HAM))
+    items, _ = select_split(ham_items(), read_split(split_file), part, source=str(HAM))
     items = items.reset_index(drop=True)
     cache = DecodeCache(cfg.cache_dir, size).ensure(items["path"].tolist(), items["hash"].tolist())
     return items, [cache[i] for i in range(len(items))]

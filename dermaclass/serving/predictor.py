@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 
 
 REFER_MESSAGE = "Refer to a dermatologist"
+#: the four views of flip test-time augmentation, whose logits are averaged
+FLIP_VIEWS = (lambda a: a, np.fliplr, np.flipud, lambda a: a[::-1, ::-1])
 
 
 class Predictor:
@@ -248,7 +250,7 @@ class Predictor:
         if tta:
             # The four flips of a group of images go through as one batch (one call for the app's
             # single image, not four in a row), a group at a time to keep memory bounded.
-            views = [lambda a: a, np.fliplr, np.flipud, lambda a: a[::-1, ::-1]]
+            views = FLIP_VIEWS
             logits, feats = [], []
             for i in range(0, len(images), batch_size):
                 # The colour step once per image, not per view: Shades-of-Gray is independent of

@@ -377,10 +377,17 @@ class HeadNormFloor(Callback):
         self.floor = floor
 
     def before_validate(self) -> None:
-        with torch.no_grad():
-            for m in unwrap(self.learn.model).modules():
-                if isinstance(m, torch.nn.BatchNorm1d) and m.running_var is not None:
-                    m.running_var.clamp_(min=self.floor)
+        floor_head_norms(unwrap(self.learn.model), self.floor)
+
+
+def floor_head_norms(model: torch.nn.Module, floor: float) -> torch.nn.Module:
+    """Floor the running variance of every ``BatchNorm1d`` in ``model`` (the head's; the
+    backbone's are 2-d) at ``floor``, in place; returns ``model``."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm1d) and m.running_var is not None:
+                m.running_var.clamp_(min=floor)
+    return model
 
 
 class Distill(Callback):
