@@ -217,7 +217,9 @@ def run_facts(run: Path) -> dict[str, Any]:
 
 def resolve_teacher(flag: str, *, seed: int, use: dict[tuple[str, int], Path], runs_dir: Path) -> str:
     """``{teacher:VARIANT}`` in a variant's flags: that variant's bundle at the same seed (given
-    with --use, or trained in ``runs_dir``). A missing teacher stops the benchmark, by name."""
+    with --use, or trained in ``runs_dir``), as an absolute path: a benchmark run from a
+    worktree trains with ``--runs-dir`` in another checkout. A missing teacher stops the
+    benchmark, by name."""
     if not (flag.startswith("{teacher:") and flag.endswith("}")):
         return flag
     variant = flag[len("{teacher:") : -1]
@@ -226,7 +228,7 @@ def resolve_teacher(flag: str, *, seed: int, use: dict[tuple[str, int], Path], r
         sys.exit(
             f"{teacher}: no trained {variant} bundle at seed {seed} to distil from; run --variants {variant} first"
         )
-    return repo_relative(teacher)
+    return str(teacher.resolve())
 
 
 def main() -> None:
@@ -315,7 +317,7 @@ def main() -> None:
             row = {
                 "variant": name,
                 "seed": seed,
-                "flags": flags,
+                "flags": [repo_relative(f) if f.startswith("/") else f for f in flags],
                 "run": repo_relative(run),
                 **run_facts(run),
                 **({"reused": "an existing bundle trained with these flags (--use)"} if (name, seed) in use else {}),
