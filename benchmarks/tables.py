@@ -896,6 +896,40 @@ def ph2_table() -> list[str]:
     return out
 
 
+def _distill_rows(runs: list[dict], sets: tuple[str, ...], external_mean: Any) -> list[str]:
+    """Each distilled student beside its teacher (the variant after ``distill-``) and one
+    network at the full budget, at the same seed: what one network keeps of the ensemble."""
+    students = [r for r in runs if r["variant"].startswith("distill-")]
+    if not students:
+        return []
+    same = {(r["variant"], r["seed"]): r for r in runs}
+    out = [
+        "",
+        "Distillation: each student (one network, the full budget, soft targets from its teacher's "
+        "held-out predictions) beside its teacher and one network trained without them, at the same seed "
+        "(balanced accuracy; PH2 also by melanoma AUROC):",
+        "",
+        "| seed | network | HAM test | derm7pt | isic2017 | PH2 | external mean | PH2 mel AUROC | training min |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    mel_auroc = lambda r: ((_where(r, "ph2").get("per_class") or {}).get("mel") or {}).get("auroc")  # noqa: E731
+    for s in students:
+        teacher = s["variant"][len("distill-") :]
+        for label, r in (
+            (f"student `{s['variant']}`", s),
+            (f"teacher `{teacher}`", same.get((teacher, s["seed"]))),
+            ("one network `single-full`", same.get(("single-full", s["seed"]))),
+        ):
+            if r is None:
+                continue
+            out.append(
+                f"| {s['seed']} | {label} | "
+                + " | ".join(_f(_where(r, w).get("balanced_accuracy")) for w in sets)
+                + f" | {_f(external_mean(r))} | {_f(mel_auroc(r))} | {_f(r.get('training_minutes'), 1)} |"
+            )
+    return out
+
+
 def ensemble_table() -> list[str]:
     """bench_ensemble.py: one network against cross-fitted ensembles, over seeds, on HAM test and
     the three external sets (PH2 by melanoma AUROC and flag rates: it has nevi and melanomas only)."""
@@ -945,6 +979,7 @@ def ensemble_table() -> list[str]:
             f"Withdrawn: `{r['variant']}` seed {r['seed']} (HAM test {r['test']['balanced_accuracy']:.3f}, "
             f"valid {r.get('valid_balanced_accuracy') or float('nan'):.3f}; {ext}): {r.get('why', '')}.",
         ]
+    out += _distill_rows(runs, sets, external_mean)
     reused = sorted({r["run"] for r in runs if r.get("reused")})
     if reused:
         out += [

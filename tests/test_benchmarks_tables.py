@@ -140,3 +140,24 @@ def test_head_norm_floor_table_renders_every_network_and_floor(monkeypatch: pyte
     text = "\n".join(tables.head_bn_table())
     assert "| `runs/x` | m0 | 0.900 / 423 / 0.600 / 3.4e+05 / 0.000 | 0.800 /" in text
     assert "| `runs/x` | 0.580 | 0.600 |" in text
+
+
+def test_distilled_student_sits_beside_its_teacher_and_one_network_of_the_same_seed() -> None:
+    tables = _tables()
+
+    def run(variant: str, seed: int, ba: float) -> dict:
+        r = _row(variant, seed, ba, ba - 0.2, ba - 0.1)
+        r["external"]["ph2"] = {"balanced_accuracy": ba - 0.05, "per_class": {"mel": {"auroc": ba + 0.1}}}
+        return r
+
+    runs = [run("single-full", 42, 0.69), run("k3-full-valid", 42, 0.68), run("k3-full-valid", 43, 0.5)]
+    runs.append(run("distill-k3-full-valid", 42, 0.70))
+    sets = ("test", "derm7pt", "isic2017", "ph2")
+    mean = lambda r: sum(r["external"][w]["balanced_accuracy"] for w in sets[1:]) / 3  # noqa: E731
+    rows = [line for line in tables._distill_rows(runs, sets, mean) if line.startswith("| 4")]
+    assert rows == [
+        "| 42 | student `distill-k3-full-valid` | 0.700 | 0.500 | 0.600 | 0.650 | 0.583 | 0.800 | 5.0 |",
+        "| 42 | teacher `k3-full-valid` | 0.680 | 0.480 | 0.580 | 0.630 | 0.563 | 0.780 | 5.0 |",
+        "| 42 | one network `single-full` | 0.690 | 0.490 | 0.590 | 0.640 | 0.573 | 0.790 | 5.0 |",
+    ]
+    assert tables._distill_rows(runs[:3], sets, mean) == []
