@@ -63,11 +63,15 @@ def test_teacher_placeholder_reads_the_same_seeds_bundle(bench, tmp_path: Path) 
     assert resolve("--recipe", seed=43, use={}, runs_dir=tmp_path) == "--recipe"
     (tmp_path / "k3-full-seed43").mkdir()
     (tmp_path / "k3-full-seed43" / "model.json").write_text("{}")
-    assert resolve("{teacher:k3-full}", seed=43, use={}, runs_dir=tmp_path) == str((tmp_path / "k3-full-seed43").resolve())
+    assert resolve("{teacher:k3-full}", seed=43, use={}, runs_dir=tmp_path) == str(
+        (tmp_path / "k3-full-seed43").resolve()
+    )
     given = tmp_path / "elsewhere"
     (given).mkdir()
     (given / "model.json").write_text("{}")
-    assert resolve("{teacher:k3-full}", seed=43, use={("k3-full", 43): given}, runs_dir=tmp_path) == str(given.resolve())
+    assert resolve("{teacher:k3-full}", seed=43, use={("k3-full", 43): given}, runs_dir=tmp_path) == str(
+        given.resolve()
+    )
     with pytest.raises(SystemExit, match="no trained k3-full bundle at seed 44"):
         resolve("{teacher:k3-full}", seed=44, use={}, runs_dir=tmp_path)
 
