@@ -13,7 +13,10 @@ Measured on the HAM10000 test split of the shared split file and every image of 
 external sets, for the shipped default's full-budget models (seed 42 is the bundled model).
 Prints a table and writes benchmarks/results/tta.json.
 
-    python benchmarks/bench_tta.py [--models SEED=BUNDLE ...] [--quick]
+    python benchmarks/bench_tta.py [--models SEED=BUNDLE ...] [--out tta.json] [--quick]
+
+Ensembles: ``--models 42=runs/bench_ensemble/k3-full-seed42 ... --out tta_ensemble.json`` (each
+view's logits are the bundle's combined logits, so the modes compare what it would serve).
 """
 
 from __future__ import annotations
@@ -44,7 +47,10 @@ VIEWS = {
     "rot270": lambda a: a.transpose(1, 0, 2)[:, ::-1],
     "anti_transpose": lambda a: a[::-1, ::-1].transpose(1, 0, 2),
 }
-MODES = {"none": 1, "flips4": 4, "dihedral8": 8}  # the first N views
+# The first N views. flips2 (the image and its mirror) asks whether an ensemble, which already
+# averages several networks, can serve half the views at the same accuracy: latency grows with
+# members x views.
+MODES = {"none": 1, "flips2": 2, "flips4": 4, "dihedral8": 8}
 MODELS = [
     f"42={ROOT / 'models' / 'ham10000-effnet-lite0'}",
     *(f"{s}={ROOT / 'runs' / 'bench_levers' / 'full' / f'defaults-seed{s}'}" for s in (43, 44)),
@@ -58,12 +64,18 @@ def view_logits(predictor: Predictor, images, view) -> tuple[np.ndarray, float]:
     return predictor.logits(batch, tta=False), time.perf_counter() - t
 
 
+def _relative_spec(spec: str) -> str:
+    seed, path = spec.split("=", 1)
+    return f"{seed}={repo_relative(Path(path))}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=MODELS, help="SEED=BUNDLE of each trained model")
     ap.add_argument(
         "--quick", action="store_true", help="smoke run: the bundled model, 200 images a set, tta_quick.json"
     )
+    ap.add_argument("--out", default="tta.json", help="results file name in benchmarks/results")
     args = ap.parse_args()
     cfg = load_config()
     models = args.models[:1] if args.quick else args.models
@@ -131,12 +143,15 @@ def main() -> None:
                 for mode in MODES
             )
         )
-    out = RESULTS / f"tta{'_quick' if args.quick else ''}.json"
+    out = RESULTS / (args.out.replace(".json", "_quick.json") if args.quick else args.out)
     write_json(
         out,
         {
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-            "command": "python benchmarks/bench_tta.py" + (" --quick" if args.quick else ""),
+            "command": "python benchmarks/bench_tta.py"
+            + ("" if args.models == MODELS else " --models " + " ".join(_relative_spec(m) for m in args.models))
+            + ("" if args.out == "tta.json" else f" --out {args.out}")
+            + (" --quick" if args.quick else ""),
             "split_file": repo_relative(SPLIT),
             "views": list(VIEWS),
             "modes": MODES,

@@ -331,14 +331,14 @@ def prior_table() -> list[str]:
     return out[:-1]
 
 
-def tta_table() -> list[str]:
-    """bench_tta.py: none / flips4 / dihedral8 test-time augmentation, paired on the same models."""
-    d = _load("tta.json")
+def tta_table(name: str = "tta.json", what: str = "the full-budget default's models") -> list[str]:
+    """bench_tta.py: none / flips2 / flips4 / dihedral8 test-time augmentation, paired on the same models."""
+    d = _load(name)
     if d is None:
-        return ["`bench_tta.py`: not run yet."]
+        return [f"`bench_tta.py` (`{name}`): not run yet."]
     seeds = ", ".join(str(r["seed"]) for r in d["runs"])
     out = [
-        f"`{d['command']}` ({_cores(d)}; backend {d['backend']}; the full-budget default's models, seeds {seeds}). "
+        f"`{d['command']}` ({_cores(d)}; backend {d['backend']}; {what}, seeds {seeds}). "
         "Balanced accuracy mean ± sd over the models, and in brackets the paired difference from `flips4` (the "
         "bundle's TTA) per model:",
         "",
@@ -1158,6 +1158,10 @@ def render() -> str:
         "### Test-time augmentation: flips and the dihedral group",
         "",
         *tta_table(),
+        "",
+        "The same views on three-member ensembles, where latency grows with members x views:",
+        "",
+        *tta_table("tta_ensemble.json", "`k3-full` ensembles, each view's logits combined as the bundle serves them"),
         "",
         "### Recipes: seed 001 (stepwise) and seed 003 (SGDR) on our data",
         "",
