@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -62,11 +63,6 @@ def view_logits(predictor: Predictor, images, view) -> tuple[np.ndarray, float]:
     t = time.perf_counter()
     batch = [np.ascontiguousarray(view(np.asarray(images[i]))) for i in range(len(images))]
     return predictor.logits(batch, tta=False), time.perf_counter() - t
-
-
-def _relative_spec(spec: str) -> str:
-    seed, path = spec.split("=", 1)
-    return f"{seed}={repo_relative(Path(path))}"
 
 
 def main() -> None:
@@ -148,10 +144,7 @@ def main() -> None:
         out,
         {
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-            "command": "python benchmarks/bench_tta.py"
-            + ("" if args.models == MODELS else " --models " + " ".join(_relative_spec(m) for m in args.models))
-            + ("" if args.out == "tta.json" else f" --out {args.out}")
-            + (" --quick" if args.quick else ""),
+            "command": " ".join(["python", "benchmarks/bench_tta.py", *sys.argv[1:]]),
             "split_file": repo_relative(SPLIT),
             "views": list(VIEWS),
             "modes": MODES,
