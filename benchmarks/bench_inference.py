@@ -92,7 +92,7 @@ def latencies(preds: dict[str, Predictor], image: np.ndarray, *, rounds: int, re
     Per backend and round, the median of ``repeats`` calls of: the network alone (one
     normalised image through the backend: the figure the issue's 2 ms target is about), one
     image end to end as ``predict`` serves it without TTA (colour constancy and normalisation
-    included), the bundle's flip TTA (four views in one call) and a batch of 64. Reported: the
+    included), the bundle's flip TTA (its two or four views in one call) and a batch of 64. Reported: the
     median over rounds and the best round (the machine's floor), and p90 over every call.
     """
     # An ensemble: every member's network on its own size, the images at every size.
@@ -253,7 +253,7 @@ def main() -> None:
                 flush=True,
             )
         input_size = list(preds["torch"].input_size)
-        tta = "flips4" if preds["torch"].tta else None
+        tta = preds["torch"].tta_mode if preds["torch"].tta else None
 
     steal = timing["cpu_steal_share"]
     print(f"CPU steal during the timing: {'unknown' if steal is None else f'{100 * steal:.1f} %'}")

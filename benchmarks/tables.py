@@ -228,7 +228,8 @@ def ensemble_targets_table() -> list[str]:
         e2e, tta = b["end_to_end_ms"]["median"], b["tta_ms"]["median"]
         rows.append(
             (
-                f"one image end to end, OpenVINO int8, {lat['machine']['cpus']} cores (no TTA / flip TTA)",
+                f"one image end to end, OpenVINO int8, {lat['machine']['cpus']} cores (no TTA / "
+                f"{lat.get('tta') or 'flip'} TTA)",
                 f"{e2e:.1f} / {tta:.1f} ms",
                 "-",
                 "<= 10 ms",
@@ -692,7 +693,7 @@ def serving_table() -> list[str]:
         + ":",
         "",
         "| backend | network alone, median (best round) | one image end to end, median (p90) | with flip TTA "
-        "(4 views) | batch of 64 | loads | " + " | ".join(f"{k} bal. acc." for k in sets) + " |",
+        f"({i['tta'] or 'flips4'}) | batch of 64 | loads | " + " | ".join(f"{k} bal. acc." for k in sets) + " |",
         "|---|---|---|---|---|---|" + "---|" * len(sets),
     ]
 

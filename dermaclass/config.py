@@ -159,9 +159,10 @@ class Config:
     # On by measurement (the strongest lever on other clinics' images).
     colour_constancy: Literal["none", "shades-of-gray"] = "shades-of-gray"
     # Test-time augmentation the bundle uses by default: "flips" averages the logits of the image
-    # and its three flips (temperature and thresholds are fitted on the same averaged logits).
-    # On by measurement.
-    tta: Literal["none", "flips"] = "flips"
+    # and its three flips, "flips2" of the image and its mirror (half the views: an ensemble's
+    # latency is networks x views); temperature and thresholds are fitted on the same averaged
+    # logits. On by measurement.
+    tta: Literal["none", "flips", "flips2"] = "flips"
     label_smoothing: Annotated[float, fraction] = 0.0  # cross-entropy label smoothing (Szegedy et al. 2016); 0 = off
     # Which weights the bundle keeps: the epoch with the best validation balanced accuracy over
     # the run, or the weights at the end of the last (annealed) cycle.

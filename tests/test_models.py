@@ -259,3 +259,21 @@ def test_every_bundle_in_the_repository_loads_through_the_records() -> None:
         assert meta.format <= models.BUNDLE_FORMAT and meta.n_classes >= 2
         for report in bundle.glob("**/report.json"):
             assert read_report(report).classes == meta.classes
+
+
+def test_tta_modes_and_settings_map_both_ways() -> None:
+    """model.json ``tta`` against the config's ``tta`` (and the CLI's mode names); the training
+    views (fastai flips) are the Predictor's views in the same order."""
+    from dermaclass.errors import ConfigError
+    from dermaclass.serving.predictor import TTA_VIEWS
+    from dermaclass.train.callbacks import FLIPS
+
+    assert [models.tta_mode(v) for v in ("none", "flips", "flips2", "flips4")] == [None, "flips4", "flips2", "flips4"]
+    assert [models.tta_setting(m) for m in models.TTA_MODES] == ["none", "flips2", "flips"]
+    with pytest.raises(ConfigError, match="flips2 or flips4"):
+        models.tta_mode("rotate")
+    assert set(FLIPS) == set(TTA_VIEWS) == {m for m in models.TTA_MODES if m}
+    im = np.arange(24).reshape(2, 4, 3)
+    for mode, dims in FLIPS.items():  # numpy (H, W, C) views against torch (N, C, H, W) flip dims
+        expected = [np.flip(im, axis=tuple(d - 2 for d in ds)) if ds else im for ds in dims]
+        assert all(np.array_equal(v(im), e) for v, e in zip(TTA_VIEWS[mode], expected, strict=True))

@@ -82,3 +82,37 @@ def test_calibrate_refits_a_bundle_and_the_predictor_serves_its_prior_shift(
     assert pred.calibrated(z).argmax() == 2
     with pytest.raises(ModelError, match="calibration.offsets"):
         BundleMeta.from_dict({**meta.to_dict(), "calibration": {**meta.calibration, "offsets": [1.0, 2.0]}})
+
+
+def test_calibrate_switches_a_network_to_flips2_and_undoes_a_failed_refit(
+    tiny_bundle: Path, colour_data: Path, tmp_path: Path
+) -> None:
+    """``calibrate --tta flips2``: the bundle serves the image and its mirror from then on, with
+    everything fitted on those logits; a refit that fails leaves the bundle as it was."""
+    import shutil
+
+    from dermaclass.config import load_config
+    from dermaclass.errors import ConfigError, DermaclassError
+    from dermaclass.models import read_bundle_meta
+    from dermaclass.serving.refit import recalibrate
+
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_bundle, bundle, ignore=shutil.ignore_patterns("checkpoints", "*.onnx"))
+    cfg = load_config(cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(ConfigError, match="flips2 or flips4"):
+        recalibrate(bundle, colour_data, cfg=cfg, force=True, tta="rotate")
+    before = (bundle / "model.json").read_text()
+    with pytest.raises(DermaclassError):  # not a dataset the bundle's split knows
+        recalibrate(bundle, colour_data / "mel", cfg=cfg, force=True, tta="flips2")
+    assert (bundle / "model.json").read_text() == before
+    cal = recalibrate(bundle, colour_data, cfg=cfg, force=True, tta="flips2")
+    meta = read_bundle_meta(bundle)
+    assert meta.tta == "flips2" and meta.config["tta"] == "flips2" and meta.calibration == cal
+    pred = Predictor(bundle)
+    assert pred.tta and pred.tta_mode == "flips2"
+    im = pred.preprocess(colour_data / "nv" / "2.png")
+    mirror = np.mean([pred.logits([np.ascontiguousarray(v)], tta=False) for v in (im, im[:, ::-1])], axis=0)
+    assert np.allclose(pred.logits([im]), mirror, atol=1e-5)
+    assert pred.predict(colour_data / "nv" / "2.png")["tta"] == "flips2"
+    recalibrate(bundle, colour_data, cfg=cfg, force=True, tta="none")
+    assert read_bundle_meta(bundle).tta is None and not Predictor(bundle).tta

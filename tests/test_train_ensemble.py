@@ -433,3 +433,47 @@ def test_a_killed_ensemble_resumes_at_the_member_and_epoch_where_it_stopped(colo
     assert history["epoch"].tolist() == list(range(1, len(history) + 1)) and done_before < len(history)
     member = json.loads((run / "members" / "m1" / "model.json").read_text())
     assert member["resumed"] is True and json.loads((run / "model.json").read_text())["arch"] == "ensemble"
+
+
+def test_calibrate_refits_an_ensemble_on_its_folds_with_fewer_tta_views(
+    ensemble: Path, colour_data: Path, tmp_path: Path
+) -> None:
+    """``dermaclass calibrate ENSEMBLE DATA --tta flips2 --force``: every member is refitted on its
+    held-out fold and the ensemble on their out-of-fold predictions, all with the image and its
+    mirror; the weights stay; data that misses the pool is refused with the bundle untouched."""
+    from dermaclass.cli import app
+
+    bundle = tmp_path / "ens"
+    shutil.copytree(ensemble, bundle)
+    before = json.loads((bundle / "model.json").read_text())
+    runner = CliRunner()
+    res = runner.invoke(app, ["calibrate", str(bundle), str(colour_data), "--tta", "flips2"])
+    assert res.exit_code == 2 and "already calibrated" in " ".join(res.output.split()), res.output
+    split_text = (bundle / "split.csv").read_text()
+    pool = pd.read_csv(bundle / "split.csv").query("split != 'test'")
+    # a pool image without its fold: which member held it out is unknown, so nothing is refitted
+    (bundle / "split.csv").write_text(split_text.replace(f"{pool['image'].iloc[0]},", "x.png,", 1))
+    res = runner.invoke(app, ["calibrate", str(bundle), str(colour_data), "--tta", "flips2", "--force"])
+    assert res.exit_code == 5 and "have no fold" in " ".join(res.output.split()), res.output
+    assert json.loads((bundle / "model.json").read_text()) == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no half-done copy left
+    (bundle / "split.csv").write_text(split_text)
+
+    res = runner.invoke(app, ["calibrate", str(bundle), str(colour_data), "--tta", "flips2", "--force"])
+    assert res.exit_code == 0, res.output
+    meta = json.loads((bundle / "model.json").read_text())
+    assert meta["tta"] == "flips2" and meta["config"]["tta"] == "flips2"
+    assert meta["calibration"]["n"] == len(pool) and meta["calibration"]["refitted"]["by"] == "dermaclass calibrate"
+    assert [m["weights_sha256"] for m in meta["members"]] == [m["weights_sha256"] for m in before["members"]]
+    oof = pd.read_csv(bundle / "out_of_fold.csv").set_index("image")
+    pred = Predictor(bundle)
+    assert pred.tta_mode == "flips2" and pred.predict(colour_data / "mel" / "0.png")["tta"] == "flips2"
+    for k in (0, 1):
+        member = Predictor(bundle / "members" / f"m{k}")
+        assert member.tta_mode == "flips2" and member.meta.calibration["refitted"]["by"] == "dermaclass calibrate"
+        # the out-of-fold logits are member k's, with the image and its mirror, on its own fold
+        held = pool[pool["fold"] == k]["image"].head(3).tolist()
+        images = [member.preprocess(colour_data / i) for i in held]
+        mirrors = [np.ascontiguousarray(im[:, ::-1]) for im in images]
+        mirror = (member.logits(images, tta=False) + member.logits(mirrors, tta=False)) / 2
+        assert np.allclose(oof.loc[held].filter(like="logit_").to_numpy(), mirror, atol=1e-4)

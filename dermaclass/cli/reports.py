@@ -56,7 +56,10 @@ def evaluate_cmd(
     ] = None,
     tta: Annotated[
         bool | None,
-        Opt("--tta/--no-tta", help="Average the logits over the four flips [default: as the bundle records]"),
+        Opt(
+            "--tta/--no-tta",
+            help="Average the logits over the bundle's flips (four if it has none) [default: as the bundle records]",
+        ),
     ] = None,
     force: Annotated[bool, Opt("--force", help="Replace an existing report.")] = False,
     data_opts: DataOptions = None,

@@ -26,7 +26,7 @@ from dermaclass.cli.common import (
     out,
     progress_bar,
 )
-from dermaclass.errors import Exit
+from dermaclass.errors import ConfigError, Exit
 
 
 @app.command("predict", epilog=EXIT_CODES)
@@ -267,13 +267,23 @@ def calibrate_cmd(
     data: DataPath,
     split_file: BundleSplitOpt = None,
     force: Annotated[bool, Opt("--force", help="Replace the calibration the bundle has.")] = False,
+    tta: Annotated[
+        str | None,
+        Opt(
+            "--tta",
+            help="Serve with this test-time augmentation from now on, everything refitted on its logits: "
+            "none | flips2 (the image and its mirror, half the time of flips4) | flips4 [default: the bundle's]",
+        ),
+    ] = None,
     data_opts: DataOptions = None,
 ) -> None:
     """Refit a bundle's temperature, prior shift, operating points and referral on the valid split of DATA.
 
     Training fits them at its end; this changes them without retraining (e.g. a new melanoma
-    target sensitivity, or the prior shift for nevus sensitivity). Settings not given keep the
-    bundle's own. The weights are untouched.
+    target sensitivity, the prior shift for nevus sensitivity, or fewer TTA views). Settings
+    not given keep the bundle's own. The weights are untouched. An ensemble is refitted as it
+    was trained: each member on its held-out fold, the ensemble on their out-of-fold
+    predictions (DATA must hold the images it was trained on).
     """
     from dermaclass.config import CALIBRATION_SETTINGS
     from dermaclass.models import read_bundle_meta
@@ -281,7 +291,16 @@ def calibrate_cmd(
 
     own = read_bundle_meta(model).config
     cfg = data_opts.config(**{k: own[k] for k in CALIBRATION_SETTINGS if k in own and data_opts.get(k) is None})
-    cal = recalibrate(model, data, split_file=split_file, cfg=cfg, force=force)
+    if read_bundle_meta(model).is_ensemble:
+        from dermaclass.train.ensemble_fit import recalibrate_ensemble
+
+        if split_file is not None:
+            raise ConfigError(
+                f"{model}: an ensemble is recalibrated on the folds of its own split.csv; drop --split-file"
+            )
+        cal = recalibrate_ensemble(model, data, cfg=cfg, force=force, tta=tta)
+    else:
+        cal = recalibrate(model, data, split_file=split_file, cfg=cfg, force=force, tta=tta)
     out.print(
         f"{model}: temperature {cal['temperature']:.3f} (valid ECE {cal['ece_before']:.4f} -> {cal['ece_after']:.4f})",
         highlight=False,

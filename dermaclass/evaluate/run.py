@@ -184,8 +184,8 @@ def evaluate_bundle(
 ) -> Evaluation:
     """Evaluate the bundle on ``split`` of ``data`` (one or more sources, merged as training merges them).
 
-    ``cfg`` supplies the data-layer settings. ``tta``: average the logits over the four flips
-    (recorded in the report, since it changes every figure); None: as the bundle records.
+    ``cfg`` supplies the data-layer settings. ``tta``: average the logits over the bundle's flips
+    (the four when it has none; recorded in the report, since it changes every figure); None: as the bundle records.
     """
     cfg = cfg or Config()
     bundle = Path(bundle)
@@ -274,7 +274,7 @@ def evaluate_bundle(
             "counts": split_counts,
             "problems": sum(len(v.problems) for v in validations),
         },
-        tta="flips4" if tta else None,
+        tta=predictor.tta_mode if tta else None,
         classes=tuple(classes),
         class_names=predictor.class_names,
         metrics=metrics,

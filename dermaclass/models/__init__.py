@@ -21,7 +21,17 @@ from dermaclass.models.bundle import (
     weights_identity,
     write_bundle_meta,
 )
-from dermaclass.models.meta import BUNDLE_FORMAT, COMBINE_RULES, MAX_INPUT_SIDE, BundleMeta, check_bundle_meta
+from dermaclass.models.meta import (
+    BUNDLE_FORMAT,
+    COMBINE_RULES,
+    MAX_INPUT_SIDE,
+    TTA_MODES,
+    TTA_OF_SETTING,
+    BundleMeta,
+    check_bundle_meta,
+    tta_mode,
+    tta_setting,
+)
 from dermaclass.models.networks import (
     BUNDLED_WEIGHTS,
     DEFAULT_ARCH,
@@ -47,6 +57,8 @@ __all__ = [
     "DEFAULT_ARCH",
     "DEFAULT_BUNDLE",
     "MAX_INPUT_SIDE",
+    "TTA_MODES",
+    "TTA_OF_SETTING",
     "BundleMeta",
     "ModelError",
     "WithFeatures",
@@ -67,5 +79,7 @@ __all__ = [
     "set_threads",
     "splitter",
     "weights_identity",
+    "tta_mode",
+    "tta_setting",
     "write_bundle_meta",
 ]

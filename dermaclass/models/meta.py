@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from dermaclass.data.images import COLOUR_CONSTANCY
+from dermaclass.errors import ConfigError
 from dermaclass.fileio import check_record_header, record_fields
 from dermaclass.models.networks import ModelError
 from dermaclass.serving.refer import ENSEMBLE_OOD, OOD_METHODS
@@ -23,7 +24,28 @@ from dermaclass.serving.refer import ENSEMBLE_OOD, OOD_METHODS
 #: The model.json format this dermaclass writes; it reads this one and every older one.
 BUNDLE_FORMAT = 1
 MAX_INPUT_SIDE = 2048  # pixels; a larger input is a corrupt bundle, not a model for this tool
-TTA_MODES = (None, "flips4")
+#: A bundle's test-time augmentation (model.json ``tta``): None, or the mean of the logits of the
+#: image and its mirror (``flips2``) or of the image and its three flips (``flips4``). Latency
+#: grows with networks x views, so an ensemble may serve fewer views (benchmarks/bench_tta.py).
+TTA_MODES = (None, "flips2", "flips4")
+#: Config ``tta`` -> the bundle's mode ("flips" is the four flips, as before flips2 existed).
+TTA_OF_SETTING: dict[str, str | None] = {"none": None, "flips": "flips4", "flips2": "flips2"}
+
+
+def tta_mode(value: str) -> str | None:
+    """The bundle's TTA mode for a config setting or a mode name (none, flips, flips2, flips4)."""
+    if value in TTA_OF_SETTING:
+        return TTA_OF_SETTING[value]
+    if value in TTA_MODES:
+        return value
+    raise ConfigError(f"test-time augmentation must be none, flips2 or flips4, not {value!r}")
+
+
+def tta_setting(mode: str | None) -> str:
+    """The config setting (``tta``) of a bundle's TTA mode."""
+    return {v: k for k, v in TTA_OF_SETTING.items()}[mode]
+
+
 #: How an ensemble's networks are combined: ``--ensemble-combine`` -> model.json
 #: ``ensemble.combine`` (serving.combine). A bundle without the key combines logits,
 #: as every ensemble did before the choice existed.
@@ -220,7 +242,7 @@ def check_bundle_meta(meta: Any, path: str | Path) -> None:
             if th is not None and not (_finite(th) and 0 <= th <= 1):
                 raise bad(f"operating_points.{cls}.threshold", f"is {th!r}, not a probability")
     if meta.get("tta") not in TTA_MODES:
-        raise bad("tta", f"is {meta.get('tta')!r}; this dermaclass knows flips4 or none")
+        raise bad("tta", f"is {meta.get('tta')!r}; this dermaclass knows flips2, flips4 or none")
     digest = meta.get("weights_sha256")
     if digest is not None and not (isinstance(digest, str) and len(digest) == 64):
         raise bad("weights_sha256", "is not a sha256 hex digest")

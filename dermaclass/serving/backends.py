@@ -96,10 +96,10 @@ def openvino() -> Any:
 
 
 #: Batch sizes compiled with a static shape beside the dynamic-batch model: one image (the
-#: app and ``predict``) and its four flips (the bundle's TTA). OpenVINO's CPU plugin plans a
-#: static shape once instead of per call (measured faster at both sizes:
+#: app and ``predict``) and its two or four flips (the bundle's TTA). OpenVINO's CPU plugin plans
+#: a static shape once instead of per call (measured faster at 1 and 4:
 #: benchmarks/results/inference.json).
-STATIC_BATCHES = (1, 4)
+STATIC_BATCHES = (1, 2, 4)
 
 
 class CompiledIR:

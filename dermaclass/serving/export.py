@@ -229,7 +229,7 @@ def _valid_check(
             f"{low_ba:.4f}; the limit is {max_drop:g}); {refused}. Serve the float export instead."
         )
     return {
-        "checked_on": f"valid split, {len(valid_images)} images, tta {'flips4' if pred.tta else 'none'}",
+        "checked_on": f"valid split, {len(valid_images)} images, tta {pred.tta_mode if pred.tta else 'none'}",
         "valid_balanced_accuracy_float": float_ba,
         f"valid_balanced_accuracy_{kind}": low_ba,
         "drop": drop,

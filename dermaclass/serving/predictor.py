@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,9 @@ log = logging.getLogger(__name__)
 REFER_MESSAGE = "Refer to a dermatologist"
 #: the four views of flip test-time augmentation, whose logits are averaged
 FLIP_VIEWS = (lambda a: a, np.fliplr, np.flipud, lambda a: a[::-1, ::-1])
+#: the views of each test-time augmentation mode (model.json ``tta``; train.callbacks.FLIPS in
+#: the same order): flips2 is the image and its mirror, half the cost of flips4
+TTA_VIEWS = {"flips2": FLIP_VIEWS[:2], "flips4": FLIP_VIEWS}
 
 
 class Predictor:
@@ -87,7 +90,10 @@ class Predictor:
         }
         self.refer_below = float(self.meta.refer.get("min_top_probability", 0.0))
         # The bundle's test-time augmentation: its temperature and thresholds were fitted with it.
-        self.tta: bool = self.meta.tta == "flips4"
+        self.tta: bool = self.meta.tta is not None
+        #: the views averaged when TTA is on: the bundle's mode, or the four flips when a bundle
+        #: without TTA is asked for it
+        self.tta_mode: str = self.meta.tta or "flips4"
         #: how an ensemble's networks are combined (``combine``); a single network has nothing to combine
         self.combine_rule: str = self.meta.ensemble.get("combine", COMBINE_RULES["logits"])
 
@@ -206,8 +212,9 @@ class Predictor:
     def logits(self, images: Images, *, batch_size: int = 64, tta: bool | None = None) -> np.ndarray:
         """Raw logits for preprocessed (H, W, 3) uint8 arrays (e.g. a decode-cache view).
 
-        ``tta``: the mean of the logits of the image and its horizontal, vertical and double flips;
-        None: what the bundle records (``self.tta``).
+        ``tta``: the mean of the logits over the views of ``self.tta_mode`` (the image and its
+        mirror, or its horizontal, vertical and double flips); None: what the bundle records
+        (``self.tta``).
         """
         return self.forward(images, batch_size=batch_size, tta=tta)[0]
 
@@ -216,7 +223,7 @@ class Predictor:
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """(logits (N, C), pooled backbone features (N, D) or None) for preprocessed images.
 
-        With ``tta`` both are the means over the four flips. Features are None only from an
+        With ``tta`` both are the means over the views of ``self.tta_mode``. Features are None only from an
         ONNX export made before features were exported and when the torch model is not wanted,
         and for an ensemble, whose logits are the members' mean (``combine``) and whose
         members' features live in different spaces (``member_outputs`` has them).
@@ -234,8 +241,11 @@ class Predictor:
         self, images: Images, *, batch_size: int = 64, tta: bool | None = None
     ) -> list[tuple[np.ndarray, np.ndarray | None]]:
         """(logits, features) of every network (one for a single network), each at its own size."""
-        tta = self.tta if tta is None else tta
-        return [n._network_forward(_at(images, n.input_size), batch_size=batch_size, tta=tta) for n in self.networks]
+        # The ensemble's mode governs its members' views: it was calibrated with them.
+        views = TTA_VIEWS[self.tta_mode] if (self.tta if tta is None else tta) else ()
+        return [
+            n._network_forward(_at(images, n.input_size), batch_size=batch_size, views=views) for n in self.networks
+        ]
 
     def preprocess_all(self, source: str | Path | bytes | Any) -> dict[tuple[int, int], np.ndarray]:
         """Any image -> {input size: (H, W, 3) uint8} for every network's size (decoded once)."""
@@ -243,14 +253,13 @@ class Predictor:
         return {size: fit_to_size(rgb, size) for size in self.input_sizes}
 
     def _network_forward(
-        self, images: Sequence[np.ndarray], *, batch_size: int, tta: bool
+        self, images: Sequence[np.ndarray], *, batch_size: int, views: Sequence[Callable[[np.ndarray], np.ndarray]]
     ) -> tuple[np.ndarray, np.ndarray | None]:
         if len(images) == 0:
             return np.zeros((0, len(self.classes)), dtype=np.float32), None
-        if tta:
-            # The four flips of a group of images go through as one batch (one call for the app's
+        if views:
+            # The views of a group of images go through as one batch (one call for the app's
             # single image, not four in a row), a group at a time to keep memory bounded.
-            views = FLIP_VIEWS
             logits, feats = [], []
             for i in range(0, len(images), batch_size):
                 # The colour step once per image, not per view: Shades-of-Gray is independent of
@@ -390,7 +399,7 @@ class Predictor:
             "ood_method": self.ood_method,
             "referral": self.referral(float(probs[order[0]]), ood, input_reason),
             "backend": self.backend,
-            "tta": "flips4" if tta else None,
+            "tta": self.tta_mode if tta else None,
             "networks": len(self.networks),
             "agreement": agreement([self.calibrated(lo)[0] for lo, _ in outs], int(order[0]), self.classes),
             "disclaimer": self.meta.disclaimer,

@@ -21,7 +21,7 @@ import logging
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -111,6 +111,7 @@ def recalibrate(
     split_file: str | Path | None = None,
     cfg: Config | None = None,
     force: bool = False,
+    tta: Literal["none", "flips2", "flips4"] | None = None,
 ) -> dict[str, Any]:
     """Refit a bundle's calibration on the valid split of ``data`` (``dermaclass calibrate``):
     temperature, prior shift and operating points from ``cfg`` (``target_sensitivity``,
@@ -119,21 +120,43 @@ def recalibrate(
     has them). The weights do not change, so exports stay valid. The prior is the class
     frequency of the train split. Never on test or external images.
 
+    An ensemble is refitted as it was trained, on its members' held-out folds, by
+    ``train.ensemble_fit.recalibrate_ensemble`` (which calls this for each member). ``tta``: change the test-time augmentation
+    the bundle serves with (everything is refitted on its logits); None keeps the bundle's.
+
     ``model.json`` is rewritten atomically; a bundle that is already calibrated is refitted
     only with ``force``. Returns the new ``calibration`` entry.
     """
     cfg = cfg or Config()
     bundle = Path(bundle)
     meta = models.read_bundle_meta(bundle)
-    if meta.is_ensemble:
+    if meta.is_ensemble:  # the CLI sends an ensemble to train.ensemble_fit (training's data and folds)
         raise EvaluationError(
-            f"{bundle}: an ensemble is calibrated on its members' out-of-fold predictions when it "
-            "is trained; recalibrating it needs each member's held-out fold (retrain with --force)"
+            f"{bundle}: an ensemble is recalibrated on its members' held-out folds: "
+            "dermaclass.train.ensemble_fit.recalibrate_ensemble (`dermaclass calibrate` calls it)"
         )
     if meta.calibration and not force:
         raise FileExistsError(
             f"{bundle}: already calibrated (temperature {meta.temperature:.3f}); pass --force to refit it"
         )
+    if tta is not None:  # the Predictor below scores with the new mode; undone if the refit fails
+        mode = models.tta_mode(tta)
+        models.write_bundle_meta(bundle, meta.with_(tta=mode, config={**meta.config, "tta": models.tta_setting(mode)}))
+    try:
+        return _recalibrate_network(bundle, data, split_file=split_file, cfg=cfg, meta=meta)
+    except BaseException:
+        models.write_bundle_meta(bundle, meta)
+        raise
+
+
+def _recalibrate_network(
+    bundle: Path,
+    data: str | Path | Sequence[str | Path],
+    *,
+    split_file: str | Path | None,
+    cfg: Config,
+    meta: models.BundleMeta,
+) -> dict[str, Any]:
     parts = split_images(bundle, data, splits=("train", "valid"), split_file=split_file, cfg=cfg)
     valid_labels, valid_images = parts["valid"]
     if not len(valid_labels):

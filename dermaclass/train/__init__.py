@@ -6,6 +6,8 @@
 - ``distributed``: the data-parallel pieces, scoped to the run;
 - ``run``: one run end to end (folder, calibration, out-of-distribution score, bundle);
 - ``ensemble``: ``--members K``, K cross-fitted runs and the ensemble bundle over them;
+- ``ensemble_fit``: the folds, the members scored as the ensemble serves, and its calibration
+  (at the end of training, and ``dermaclass calibrate`` on a finished ensemble);
 - ``callbacks``: the fastai Callbacks of the side behaviour (EMA, cycle averages, SAM,
   distillation, NaN stops, CPU autocast, flip TTA predictions);
 - ``lr_find``: LR range tests (fastai ``lr_find``; seed 002's warm-epoch variant);

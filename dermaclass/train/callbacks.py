@@ -440,14 +440,16 @@ class FlipInput(Callback):
             self.learn.xb = (self.xb[0].flip(self.dims), *self.xb[1:])
 
 
-FLIPS: tuple[tuple[int, ...], ...] = ((), (3,), (2,), (2, 3))  # identity, horizontal, vertical, both
+#: the flipped dims of each view of a bundle's test-time augmentation, in the Predictor's order
+#: (serving.predictor.TTA_VIEWS): identity, horizontal, vertical, both
+FLIPS: dict[str, tuple[tuple[int, ...], ...]] = {"flips2": ((), (3,)), "flips4": ((), (3,), (2,), (2, 3))}
 
 
-def flip_logits(learn: Any, dl: Any) -> tuple[Any, Any]:
-    """Logits averaged over the image and its three flips (the bundle's ``tta: flips``), and the
-    targets, for every item of ``dl``."""
+def flip_logits(learn: Any, dl: Any, *, mode: str = "flips4") -> tuple[Any, Any]:
+    """Logits averaged over the views of the bundle's ``tta`` mode (the image and its mirror, or
+    its three flips), and the targets, for every item of ``dl``."""
     views, targets = [], None
-    for dims in FLIPS:
+    for dims in FLIPS[mode]:
         logits, targets = learn.get_preds(dl=dl, act=lambda x: x, cbs=[FlipInput(dims)])
         views.append(logits)
     return sum(views) / len(views), targets

@@ -30,7 +30,6 @@ one-network bundle. A killed run resumes at the member and epoch where it stoppe
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import shutil
@@ -45,21 +44,15 @@ from fastai.torch_core import num_distrib
 
 from dermaclass import models, schedules
 from dermaclass.config import Config
-from dermaclass.data import DecodeCache
-from dermaclass.data.labels import class_indices
-from dermaclass.data.splits import FOLD_COLUMN, cross_folds, write_split
-from dermaclass.evaluate import classification_metrics
-from dermaclass.evaluate.calibration import calibrate, class_prior, operating_points
-from dermaclass.evaluate.metrics import softmax
-from dermaclass.serving import refer
+from dermaclass.data.splits import FOLD_COLUMN, write_split
 from dermaclass.train.data import TrainData, TrainingError
+from dermaclass.train.ensemble_fit import OOF_FILE, fit_calibration, member_data, pool_folds
 from dermaclass.train.resume import PROGRESS, Resume
 from dermaclass.train.run import REPLACED, TrainResult, code_commit, provenance, train
 
 log = logging.getLogger(__name__)
 
 MEMBERS_DIR = "members"
-OOF_FILE = "out_of_fold.csv"
 
 
 def check_ensemble(cfg: Config) -> list[schedules.Member]:
@@ -74,44 +67,6 @@ def check_ensemble(cfg: Config) -> list[schedules.Member]:
             "accelerate (or train each member as its own data-parallel run)"
         )
     return plan  # the config-only refusals (--distill-from, --stage-sizes across sizes) are Config's
-
-
-def pool_folds(
-    data: TrainData, k: int, *, seed: int, saved: pd.DataFrame | None = None, holdout: bool = False
-) -> np.ndarray:
-    """A fold id per item (-1 outside the pool): the saved run's folds when it has them
-    (``--resume``), else new lesion-grouped, stratified folds of the pool: train+valid, or the
-    train split alone when the valid split is held out for calibration (``holdout``)."""
-    split = data.items["split"].to_numpy()
-    inside = (split == "train") if holdout else (split != "test")
-    pool = np.flatnonzero(inside)
-    if saved is not None and FOLD_COLUMN in saved.columns:
-        fold_of = dict(zip(saved["image"].astype(str), pd.to_numeric(saved[FOLD_COLUMN], errors="coerce")))
-        folds = np.array([fold_of.get(str(i), np.nan) for i in data.items["image"]], dtype=float)
-        if np.isfinite(folds[pool]).all() and set(folds[pool].astype(int)) == set(range(k)):
-            return np.where(inside, folds, -1).astype(int)
-        log.warning("the saved split's folds do not cover the pool in %d folds; cutting new ones", k)
-    folds = np.full(len(split), -1, dtype=int)
-    folds[pool] = cross_folds(data.items.iloc[pool], k, seed=seed)
-    return folds
-
-
-def member_data(data: TrainData, folds: np.ndarray, member: schedules.Member, cfg: Config) -> TrainData:
-    """The member's view of the run's data: fold ``member.fold`` is its valid split, the other
-    pool folds its train split, and everything outside the pool (the test split, and a held-out
-    valid split) its test split; images at the member's input size (decoded into the cache once
-    if the run has not got them)."""
-    split = np.where(folds < 0, "test", np.where(folds == member.fold, "valid", "train")).astype(object)
-    size = tuple(member.image_size)
-    items = data.items.assign(split=split)
-    images = data.images_at.get(size) or DecodeCache(cfg.cache_dir, size).ensure(
-        items["path"].tolist(), items["hash"].tolist(), workers=cfg.workers or None
-    )
-    # The run's stage sizes (progressive resizing) apply to a member at the run's size only.
-    images_at = dict(data.images_at) if size == tuple(cfg.image_size) else {size: images}
-    return dataclasses.replace(
-        data, items=items, images=images, split=data.split.assign(split=split), images_at=images_at
-    )
 
 
 def set_aside_finished_ensemble(run_dir: Path) -> None:
@@ -239,76 +194,6 @@ def _resumable(folder: Path) -> bool:
         return False
 
 
-def score_members(
-    records: list[tuple[schedules.Member, Path, TrainData]],
-    *,
-    held_out: np.ndarray | None = None,
-    threads: int = 0,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[list[np.ndarray], np.ndarray] | None]:
-    """Every member scored once, as the bundle serves (with its test-time augmentation): on its
-    own held-out fold, giving (rows, out-of-fold logits, out-of-distribution margins), and with
-    ``held_out`` (rows no member trained on) every member's logits there and the ensemble's
-    margins (the combined logits need the calibration fitted on them: ``_held_out_calibration``)."""
-    from dermaclass.serving.predictor import Predictor
-
-    rows, logits, margins, served_logits, served_margins = [], [], [], [], []
-    for _, folder, mdata in records:
-        pred = Predictor(folder, backend="torch", threads=threads)
-        valid = mdata.valid_rows
-        both = valid if held_out is None else np.concatenate([valid, held_out])
-        lo, fe = pred.forward([mdata.images[i] for i in both])
-        margin = (
-            refer.member_margins([pred.ood_scores(lo, fe)], [pred.ood_threshold], [pred.meta.ood.get("scale") or 0.0])
-            if pred.ood_threshold is not None
-            else None
-        )
-        n = len(valid)
-        rows.append(valid)
-        logits.append(lo[:n])
-        margins.append(np.zeros(n) if margin is None else margin[:n])
-        served_logits.append(lo[n:])
-        if margin is not None:
-            served_margins.append(margin[n:])
-    served = None
-    if held_out is not None:  # the mean of the members' margins, as refer.member_margins takes it
-        served = (served_logits, np.mean(served_margins, axis=0) if served_margins else np.zeros(len(held_out)))
-    return np.concatenate(rows), np.concatenate(logits), np.concatenate(margins), served
-
-
-def held_out_calibration(
-    member_logits: list[np.ndarray], y: np.ndarray, vocab: list[str], *, rule: str, prior: list[float], cfg: Config
-) -> tuple[dict, dict, np.ndarray]:
-    """The ensemble's calibration, operating points and served probabilities on a split no member
-    trained on (``--ensemble-calibration valid``), for its combination ``rule``.
-
-    A rule that combines before calibrating is fitted on the combined logits, as it serves. The
-    mean of calibrated probabilities calibrates each member first, so its temperature and prior
-    shift are fitted on every member's logits (K per image, as out-of-fold calibration fits one
-    per image); the operating points are then set on the served mean.
-    """
-    from dermaclass.serving.combine import combine
-
-    settings = cfg.calibration_settings()
-    k = len(member_logits)
-    if rule != models.COMBINE_RULES["calibrated"]:
-        calibration, points, probs = calibrate(combine(member_logits, rule), y, vocab, prior=prior, **settings)
-        calibration["fitted_on"] = f"the valid split held out from all {k} members, scored by the ensemble"
-        return calibration, points, probs
-    calibration, _, _ = calibrate(np.concatenate(member_logits), np.tile(y, k), vocab, prior=prior, **settings)
-    calibration["fitted_on"] = f"the valid split held out from all {k} members, scored by each member"
-    offsets = np.asarray(calibration.get("offsets") or np.zeros(len(vocab)))
-    served = combine(member_logits, rule, temperature=calibration["temperature"], offsets=offsets)
-    probs = softmax(served + offsets, calibration["temperature"])
-    points = operating_points(
-        y,
-        probs,
-        vocab,
-        operating_classes=settings["operating_classes"],
-        target_sensitivity=settings["target_sensitivity"],
-    )
-    return calibration, points, probs
-
-
 def _write_ensemble(
     cfg: Config,
     data: TrainData,
@@ -321,40 +206,8 @@ def _write_ensemble(
     seconds: float,
     resumed: bool,
 ) -> TrainResult:
+    calibration, points, metrics = fit_calibration(cfg, data, records, folds=folds, run_dir=run_dir)
     oof_calibration = cfg.ensemble_calibration == "out-of-fold"
-    rows, logits, margins, served = score_members(
-        records, held_out=None if oof_calibration else data.valid_rows, threads=cfg.threads
-    )
-    labels = data.items["label"].astype(str).to_numpy()
-    prior = class_prior(labels[folds >= 0], data.vocab)
-    if oof_calibration:
-        y = class_indices(labels[rows], data.vocab, source="the out-of-fold predictions")
-        calibration, points, probs = calibrate(logits, y, data.vocab, prior=prior, **cfg.calibration_settings())
-        calibration["fitted_on"] = f"out-of-fold predictions of {len(records)} members on the train+valid pool"
-    else:  # the held-out valid split, scored by the ensemble as it serves
-        member_logits, margins = served
-        y = class_indices(labels[data.valid_rows], data.vocab, source="the valid split")
-        calibration, points, probs = held_out_calibration(
-            member_logits, y, data.vocab, rule=models.COMBINE_RULES[cfg.ensemble_combine], prior=prior, cfg=cfg
-        )
-    kept = (probs.max(axis=1) >= cfg.refer_below) & (margins >= 0)
-    calibration["refer"] = {
-        "min_top_probability": cfg.refer_below,
-        "ood": {
-            "method": refer.ENSEMBLE_OOD,
-            "threshold": 0.0,
-            "score": "mean over members of (member score - member cut-off) / spread of its validation scores",
-        },
-        "valid_referred": float(np.mean(~kept)),
-        "valid_accuracy_kept": float(np.mean((probs.argmax(1) == y)[kept])) if kept.any() else None,
-    }
-    metrics = classification_metrics(y, probs, data.vocab)
-    oof_probs = (
-        probs
-        if oof_calibration
-        else softmax(logits + np.asarray(calibration.get("offsets") or 0.0), calibration["temperature"])
-    )
-    write_out_of_fold(run_dir / OOF_FILE, data.items.iloc[rows], folds[rows], logits, oof_probs, data.vocab)
     members, stages, images_seen, member_seconds = [], [], 0, 0.0
     for member, folder, mdata in records:
         meta = models.read_bundle_meta(folder)
@@ -426,26 +279,6 @@ def _write_ensemble(
         metrics["balanced_accuracy"],
     )
     return TrainResult(run_dir, metrics, stages, member_seconds, images_seen, [])
-
-
-def write_out_of_fold(
-    path: Path, items: pd.DataFrame, folds: np.ndarray, logits: np.ndarray, probs: np.ndarray, vocab: list[str]
-) -> Path:
-    """The out-of-fold predictions the ensemble was calibrated on, one row per pool image (its
-    fold, label, raw logits of the member that held it out, calibrated probabilities): the
-    operating points' trade-off curve and distillation's soft targets read them."""
-    from dermaclass.fileio import atomic_path
-
-    table = pd.DataFrame(
-        {"image": items["image"].astype(str).to_numpy(), "fold": folds, "label": items["label"].astype(str).to_numpy()}
-    )
-    for i, c in enumerate(vocab):
-        table[f"logit_{c}"] = logits[:, i]
-    for i, c in enumerate(vocab):
-        table[f"p_{c}"] = probs[:, i]
-    with atomic_path(path) as tmp:
-        table.to_csv(tmp, index=False, float_format="%.6g")
-    return path
 
 
 def describe(meta: models.BundleMeta) -> dict[str, Any]:

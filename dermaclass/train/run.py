@@ -164,8 +164,8 @@ def train(
     with parallel(learn):  # every rank predicts its share; fastai gathers the whole validation split
         # Calibration and thresholds are fitted on the logits the bundle will serve: with the
         # bundle's test-time augmentation when it has one.
-        if cfg.tta == "flips":
-            logits, targets = flip_logits(learn, learn.dls.valid)
+        if (mode := models.TTA_OF_SETTING[cfg.tta]) is not None:
+            logits, targets = flip_logits(learn, learn.dls.valid, mode=mode)
         else:
             logits, targets = learn.get_preds(dl=learn.dls.valid, act=lambda x: x)
     if not main:
@@ -235,7 +235,7 @@ def bundle_meta(
             if cfg.average_cycles
             else cfg.keep
         ),
-        tta="flips4" if cfg.tta == "flips" else None,  # what the Predictor does by default
+        tta=models.TTA_OF_SETTING[cfg.tta],  # what the Predictor does by default
         head={"kind": "fastai", "ps": 0.5},
         recipe=cfg.recipe,
         stages=stages,
