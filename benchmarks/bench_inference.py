@@ -53,7 +53,7 @@ from dermaclass.evaluate.run import split_images  # noqa: E402
 from dermaclass.fileio import write_json  # noqa: E402
 from dermaclass.models import read_bundle_meta  # noqa: E402
 from dermaclass.serving.export import check_bf16_bundle, cpu_has_bf16, export_onnx, export_openvino, quantize_bundle  # noqa: E402
-from dermaclass.serving.predictor import Predictor  # noqa: E402
+from dermaclass.serving.predictor import TTA_VIEWS, Predictor  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -85,6 +85,15 @@ def _timed(fn, n: int) -> list[float]:  # noqa: ANN001
     return times
 
 
+def _with_mode(p: Predictor, mode: str, images: dict) -> np.ndarray:
+    """``p``'s logits with TTA mode ``mode``, whatever the bundle serves."""
+    served, p.tta_mode = p.tta_mode, mode
+    try:
+        return p.logits(images, tta=True)
+    finally:
+        p.tta_mode = served
+
+
 def latencies(preds: dict[str, Predictor], image: np.ndarray, *, rounds: int, repeats: int) -> dict:
     """Every backend timed in turn, ``rounds`` times over (the order rotated each round), so a
     slow spell of this shared VM falls on all of them instead of on whichever ran then.
@@ -92,7 +101,8 @@ def latencies(preds: dict[str, Predictor], image: np.ndarray, *, rounds: int, re
     Per backend and round, the median of ``repeats`` calls of: the network alone (one
     normalised image through the backend: the figure the issue's 2 ms target is about), one
     image end to end as ``predict`` serves it without TTA (colour constancy and normalisation
-    included), the bundle's flip TTA (its two or four views in one call) and a batch of 64. Reported: the
+    included), the bundle's flip TTA (its two or four views in one call), each TTA mode (``flips2_ms``,
+    ``flips4_ms``: paired on one machine, whichever the bundle serves) and a batch of 64. Reported: the
     median over rounds and the best round (the machine's floor), and p90 over every call.
     """
     # An ensemble: every member's network on its own size, the images at every size.
@@ -104,11 +114,19 @@ def latencies(preds: dict[str, Predictor], image: np.ndarray, *, rounds: int, re
             "network_ms": lambda p=p: [n.runner(x) for n, x in zip(p.networks, xs)],
             "end_to_end_ms": lambda p=p: p.logits(one, tta=False),
             "tta_ms": lambda p=p: p.logits(one, tta=True),
+            # every TTA mode on the same bundle and machine, whichever it serves (paired)
+            **{f"{mode}_ms": lambda p=p, mode=mode: _with_mode(p, mode, one) for mode in TTA_VIEWS},
             "batch64_ms": lambda p=p: p.logits(batch, tta=False),
         }
         for name, p in preds.items()
     }
-    counts = {"network_ms": repeats, "end_to_end_ms": repeats, "tta_ms": max(5, repeats // 4), "batch64_ms": 2}
+    counts = {
+        "network_ms": repeats,
+        "end_to_end_ms": repeats,
+        "tta_ms": max(5, repeats // 4),
+        **{f"{mode}_ms": max(5, repeats // 4) for mode in TTA_VIEWS},
+        "batch64_ms": 2,
+    }
     for fns in calls.values():  # warm-up: first calls allocate and pick kernels
         for what, fn in fns.items():
             _timed(fn, 3 if what != "batch64_ms" else 1)

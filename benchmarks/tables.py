@@ -226,11 +226,15 @@ def ensemble_targets_table() -> list[str]:
     if lat and "openvino-int8" in lat["backends"]:
         b = lat["backends"]["openvino-int8"]
         e2e, tta = b["end_to_end_ms"]["median"], b["tta_ms"]["median"]
+        modes = [m for m in ("flips2", "flips4") if f"{m}_ms" in b]  # every mode, timed paired
         rows.append(
             (
                 f"one image end to end, OpenVINO int8, {lat['machine']['cpus']} cores (no TTA / "
-                f"{lat.get('tta') or 'flip'} TTA)",
-                f"{e2e:.1f} / {tta:.1f} ms",
+                + (" / ".join(modes) + f"; the bundle serves {lat.get('tta')})" if modes else "flip TTA)"),
+                " / ".join(
+                    f"{v:.1f}" for v in ([e2e, *(b[f"{m}_ms"]["median"] for m in modes)] if modes else [e2e, tta])
+                )
+                + " ms",
                 "-",
                 "<= 10 ms",
                 "yes" if tta <= 10 else ("without TTA only" if e2e <= 10 else False),
@@ -248,10 +252,21 @@ def ensemble_targets_table() -> list[str]:
         "--no-thumbnails --external derm7pt=../shared/data/derm7pt --external isic2017=../shared/data/isic2017 "
         "--external ph2=../shared/data/ph2`. Its temperature, prior shift and melanoma threshold were fitted on the "
         "out-of-fold predictions of the train+valid pool; nothing on the test split or the external sets. "
-        + (f"Latency from `{lat['command']}` (the same three-member shape)." if lat else "")
+        + (
+            f"Latency from `{lat['command']}` on `{lat['machine']['platform']}` (CPU steal "
+            f"{100 * (lat['machine'].get('cpu_steal_share') or 0):.1f} %; the VM differs from day to day)."
+            if lat
+            else ""
+        )
         + (
             f" The same recipe over training seeds: `ensemble.json`'s k3-full runs ({len(seeded)} seeds, "
-            "the bundle's among them)."
+            "the bundle's among them"
+            + (
+                f"; measured as trained, with flips4, while the bundle now serves {meta.get('tta')}, refitted by "
+                "`dermaclass calibrate --tta`)."
+                if meta.get("tta") != "flips4"
+                else ")."
+            )
             if len(seeded) > 1
             else ""
         ),
@@ -340,8 +355,8 @@ def tta_table(name: str = "tta.json", what: str = "the full-budget default's mod
     seeds = ", ".join(str(r["seed"]) for r in d["runs"])
     out = [
         f"`{d['command']}` ({_cores(d)}; backend {d['backend']}; {what}, seeds {seeds}). "
-        "Balanced accuracy mean ± sd over the models, and in brackets the paired difference from `flips4` (the "
-        "bundle's TTA) per model:",
+        "Balanced accuracy mean ± sd over the models (raw logits, before any calibration), and in brackets the "
+        "paired difference from `flips4` (the TTA the bundles were trained and calibrated with) per model:",
         "",
         "| views | " + " | ".join("HAM test" if w == "test" else w for w in d["summary"]) + " |",
         "|---|" + "---|" * len(d["summary"]),
@@ -1083,9 +1098,18 @@ def ensemble_table() -> list[str]:
             f"Serving an ensemble (`{lat['command']}`: {lat.get('networks')} networks at "
             + ", ".join(f"{w}x{h}" for w, h in lat.get("input_sizes", []))
             + f", {lat['machine']['threads']} threads, "
-            "median over rounds): one image end to end without TTA / with the bundle's flip TTA: "
+            "median over rounds): one image end to end without TTA / with "
+            + ("flips2 / flips4" if "flips2_ms" in next(iter(rows.values())) else "the bundle's flip TTA")
+            + ": "
             + "; ".join(
-                f"{b} {r['end_to_end_ms']['median']:.1f} / {r['tta_ms']['median']:.1f} ms" for b, r in rows.items()
+                f"{b} {r['end_to_end_ms']['median']:.1f} / "
+                + (
+                    f"{r['flips2_ms']['median']:.1f} / {r['flips4_ms']['median']:.1f}"
+                    if "flips2_ms" in r
+                    else f"{r['tta_ms']['median']:.1f}"
+                )
+                + " ms"
+                for b, r in rows.items()
             )
             + ". int8 valid balanced accuracy drop per member (its own held-out fold): "
             + ", ".join(f"{m['drop']:+.4f}" for m in (lat["exports"].get("openvino-int8") or {}).get("members", []))
