@@ -278,4 +278,4 @@ def test_export_openvino_then_predict_says_which_backend_served(
     res = runner.invoke(app, ["predict", image, "--model", str(bundle), "--json"])
     assert res.exit_code == 0 and json.loads(res.output)["backend"] == "openvino", res.output
     res = runner.invoke(app, ["predict", image, "--model", str(bundle), "--backend", "torch"])
-    assert res.exit_code == 0 and "served by torch" in res.output, res.output
+    assert res.exit_code == 0 and "served by torch with flip TTA (flips4)" in " ".join(res.output.split()), res.output

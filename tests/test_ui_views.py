@@ -59,6 +59,7 @@ def test_the_banner_says_an_ensemble_answered_and_when_its_networks_disagree(tin
     result["top"], result["top_k"][0]["name"] = "mel", "melanoma"
     md = diagnose_markdown(p, result)
     assert "answered by an ensemble of 2 networks" in md and 'class="disagree-banner"' in md
+    assert "with flip TTA (flips4)" in md  # the views it averaged
     assert "1 of 2 answer melanoma" in md and "the others answer melanocytic nev" in md.lower()
     assert "32% to 81%" in md
     result["agreement"] = {

@@ -90,7 +90,7 @@ def predict_cmd(
     if not as_json:
         out.print(
             f"[dim]answered by {_who(len(pred.networks))}, served by {pred.backend}"
-            f"{' with flip TTA' if (pred.tta if tta is None else tta) else ''}. "
+            f"{f' with flip TTA ({pred.tta_mode})' if (pred.tta if tta is None else tta) else ''}. "
             f"{DISCLAIMER}[/]",
             highlight=False,
         )

@@ -140,7 +140,7 @@ def diagnose_markdown(p: Predictor, result: dict[str, Any]) -> str:
         )
     elif k > 1:
         lines.append(f"All {k} networks of the ensemble give this answer.")
-    tta = " with flip TTA" if result.get("tta") else ""
+    tta = f" with flip TTA ({html.escape(str(result['tta']))})" if result.get("tta") else ""
     who = f"an ensemble of {k} networks" if k > 1 else "one network"
     lines.append(f"<small>answered by {who}, served by {html.escape(str(result.get('backend')))}{tta}</small>")
     lines.append(f"\n*{DISCLAIMER}*")
