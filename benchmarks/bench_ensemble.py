@@ -211,6 +211,8 @@ def run_facts(run: Path) -> dict[str, Any]:
         "images_processed": meta.training.get("images_seen"),
         "valid_balanced_accuracy": meta.metrics_valid.get("balanced_accuracy"),
         "temperature": meta.temperature,
+        # where the minutes were measured: the VM has changed speed from one day to the next
+        "machine": meta.machine,
         "members": meta.members,
     }
 

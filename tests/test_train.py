@@ -847,3 +847,13 @@ def test_histo_weight_samples_confirmed_images_more(manifest_dataset: Path, colo
         prepare_data(_cfg(tmp_path, histo_weight=2.0), colour_data)
     with pytest.raises(ConfigError, match="histo_weight"):
         _cfg(tmp_path, histo_weight=0)
+
+
+def test_the_bundle_records_the_machine_its_minutes_were_measured_on(tiny_bundle: Path) -> None:
+    """Training minutes are read beside the CPU and platform: the same "2 cores" changed speed
+    from one day to the next here."""
+    import platform
+
+    machine = json.loads((tiny_bundle / "model.json").read_text())["machine"]
+    assert machine["cpus"] >= 1 and machine["torch_threads"] >= 1
+    assert machine["platform"] == platform.platform() and "cpu" in machine

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
 import shutil
 import subprocess
 from collections.abc import Callable, Sequence
@@ -252,6 +253,24 @@ def bundle_meta(
     )
 
 
+def machine_record() -> dict[str, Any]:
+    """What the bundle's training minutes were measured on. The same "2 cores" have differed
+    from day to day here by 2x and more (another CPU, no bfloat16), so a time is read with its
+    platform and CPU beside it."""
+    cpu = platform.processor() or None
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu": cpu,
+        "platform": platform.platform(),
+    }
+
+
 def provenance(cfg: Config, data: TrainData, *, data_card: str | None, git_commit: str | None) -> dict[str, Any]:
     """The BundleMeta fields that say where a bundle came from: config, data, parent, code, machine, time."""
     return dict(
@@ -265,7 +284,7 @@ def provenance(cfg: Config, data: TrainData, *, data_card: str | None, git_commi
         },
         parent=parent_record(cfg, data.vocab),
         package_version=dermaclass.__version__,
-        machine={"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+        machine=machine_record(),
         git_commit=git_commit,
         created=datetime.now(UTC).isoformat(timespec="seconds"),
         disclaimer=dermaclass.DISCLAIMER,
