@@ -21,7 +21,7 @@ and inference throughput and single-image latency for torch against onnxruntime 
 inference.json, bench_inference.py), each with the file it came from; ``make bench`` runs
 those two first.
 
-    python benchmarks/bench_throughput.py [--n 1536] [--rounds 4] [--quick]
+    python benchmarks/bench_throughput.py [--n 1536] [--rounds 4] [--quick] [--out throughput.json]
 """
 
 from __future__ import annotations
@@ -156,6 +156,12 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument(
+        "--out",
+        default="throughput.json",
+        help="results file name in benchmarks/results (e.g. to record how fast the machine of a given day "
+        "trains, before spending hours of training minutes on it)",
+    )
     args = ap.parse_args()
     if args.quick:
         args.n, args.rounds = 256, 1
@@ -205,7 +211,7 @@ def main() -> None:
         **sibling_figures(),
     }
     print(f"fastai {fa:.1f} images/s, bare loop {ba:.1f} images/s: fastai_over_bare = {fa / ba:.3f}")
-    out = RESULTS / ("throughput_quick.json" if args.quick else "throughput.json")
+    out = RESULTS / (args.out.replace(".json", "_quick.json") if args.quick else args.out)
     write_json(out, result)
     print(f"wrote {out}")
 
