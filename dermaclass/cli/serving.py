@@ -289,9 +289,10 @@ def calibrate_cmd(
     from dermaclass.models import read_bundle_meta
     from dermaclass.serving.refit import recalibrate
 
-    own = read_bundle_meta(model).config
+    meta = read_bundle_meta(model)
+    own = meta.config
     cfg = data_opts.config(**{k: own[k] for k in CALIBRATION_SETTINGS if k in own and data_opts.get(k) is None})
-    if read_bundle_meta(model).is_ensemble:
+    if meta.is_ensemble:
         from dermaclass.train.ensemble_fit import recalibrate_ensemble
 
         if split_file is not None:

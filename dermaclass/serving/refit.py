@@ -121,8 +121,9 @@ def recalibrate(
     frequency of the train split. Never on test or external images.
 
     An ensemble is refitted as it was trained, on its members' held-out folds, by
-    ``train.ensemble_fit.recalibrate_ensemble`` (which calls this for each member). ``tta``: change the test-time augmentation
-    the bundle serves with (everything is refitted on its logits); None keeps the bundle's.
+    ``train.ensemble_fit.recalibrate_ensemble`` (which calls ``refit_network`` for each member).
+    ``tta``: change the test-time augmentation the bundle serves with (everything is refitted on
+    its logits); None keeps the bundle's.
 
     ``model.json`` is rewritten atomically; a bundle that is already calibrated is refitted
     only with ``force``. Returns the new ``calibration`` entry.
@@ -143,34 +144,36 @@ def recalibrate(
         mode = models.tta_mode(tta)
         models.write_bundle_meta(bundle, meta.with_(tta=mode, config={**meta.config, "tta": models.tta_setting(mode)}))
     try:
-        return _recalibrate_network(bundle, data, split_file=split_file, cfg=cfg, meta=meta)
+        parts = split_images(bundle, data, splits=("train", "valid"), split_file=split_file, cfg=cfg)
+        if not len(parts["valid"][0]):
+            raise EvaluationError(f"{bundle}: no validation images in {data} to calibrate on")
+        return refit_network(bundle, train=parts["train"], valid=parts["valid"], cfg=cfg)
     except BaseException:
         models.write_bundle_meta(bundle, meta)
         raise
 
 
-def _recalibrate_network(
+def refit_network(
     bundle: Path,
-    data: str | Path | Sequence[str | Path],
     *,
-    split_file: str | Path | None,
+    train: tuple[Sequence[str], Sequence[np.ndarray]],
+    valid: tuple[Sequence[str], Sequence[np.ndarray]],
     cfg: Config,
-    meta: models.BundleMeta,
 ) -> dict[str, Any]:
-    parts = split_images(bundle, data, splits=("train", "valid"), split_file=split_file, cfg=cfg)
-    valid_labels, valid_images = parts["valid"]
-    if not len(valid_labels):
-        raise EvaluationError(f"{bundle}: no validation images in {data} to calibrate on")
+    """``recalibrate``'s refit of one network on images already in hand: (labels, preprocessed
+    images) of its train and valid splits, scored with the bundle's TTA. Returns the new
+    ``calibration`` entry."""
+    valid_labels, valid_images = valid
     predictor = Predictor(bundle, backend="torch", threads=cfg.threads)
     logits = predictor.logits(valid_images)  # with the bundle's test-time augmentation, as it serves
-    ood = meta.ood
+    ood = predictor.meta.ood
     calibrate_bundle(
         bundle,
         logits=logits,
         labels=valid_labels,
         valid_labels=valid_labels,
-        train_labels=parts["train"][0],
-        train_images=parts["train"][1],
+        train_labels=train[0],
+        train_images=train[1],
         valid_images=valid_images,
         cfg=cfg,
         ood_method=ood.get("method", cfg.ood),

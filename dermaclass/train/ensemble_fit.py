@@ -249,7 +249,7 @@ def recalibrate_ensemble(
     The work is done on a copy that replaces the bundle only when it is complete, so an
     interrupted refit leaves the bundle as it was. Returns the new ``calibration`` entry.
     """
-    from dermaclass.serving.refit import recalibrate
+    from dermaclass.serving.refit import refit_network
     from dermaclass.train.data import prepare_data
 
     bundle = Path(bundle)
@@ -302,8 +302,15 @@ def recalibrate_ensemble(
             )
             own = models.read_bundle_meta(folder)
             models.write_bundle_meta(folder, own.with_(tta=mode, config={**own.config, "tta": setting}))
-            recalibrate(folder, data_paths, split_file=folder / "split.csv", cfg=cfg, force=True)
-            records.append((member, folder, member_data(prepared, folds, member, cfg)))
+            mdata = member_data(prepared, folds, member, cfg)
+            # the member's own refit, on the images already decoded (its valid split is its fold)
+            labels = mdata.items["label"].astype(str).to_numpy()
+            train, valid = (
+                (labels[rows].tolist(), [mdata.images[int(i)] for i in rows])
+                for rows in (mdata.train_rows, mdata.valid_rows)
+            )
+            refit_network(folder, train=train, valid=valid, cfg=cfg)
+            records.append((member, folder, mdata))
         calibration, points, metrics = fit_calibration(cfg, prepared, records, folds=folds, run_dir=work)
         calibration["refitted"] = {"by": "dermaclass calibrate", "at": datetime.now(UTC).isoformat(timespec="seconds")}
         models.write_bundle_meta(
