@@ -161,3 +161,13 @@ def test_distilled_student_sits_beside_its_teacher_and_one_network_of_the_same_s
         "| 42 | one network `single-full` | 0.690 | 0.490 | 0.590 | 0.640 | 0.573 | 0.790 | 5.0 |",
     ]
     assert tables._distill_rows(runs[:3], sets, mean) == []
+
+
+def test_the_best_specificity_bound_reads_only_points_at_the_sensitivity_asked() -> None:
+    best = _tables().best_specificity
+    curve = {"sensitivity": [0.0, 0.5, 0.85, 0.9, 1.0], "specificity": [1.0, 0.9, 0.55, 0.4, 0.0]}
+    assert best(curve, sensitivity=0.85) == 0.55
+    assert best(curve, sensitivity=0.86) == 0.4
+    assert best(curve, sensitivity=0.0) == 1.0
+    assert best(None, sensitivity=0.85) is None
+    assert best({"sensitivity": [0.2], "specificity": [0.9]}, sensitivity=0.85) is None
