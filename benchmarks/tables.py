@@ -956,6 +956,51 @@ def best_specificity(curve: dict | None, *, sensitivity: float) -> float | None:
     return max(spec) if spec else None
 
 
+def _throughputs() -> dict[str, tuple[str, float]]:
+    """Training throughput probes by platform: {platform: (file, fastai images/s)}."""
+    out = {}
+    for f in sorted(RESULTS.glob("throughput*.json")):
+        d = json.loads(f.read_text())
+        out[d["machine"]["platform"]] = (f.name, d["fastai_images_per_s"])
+    return out
+
+
+def _slow_platforms(runs: list[dict]) -> dict[str, tuple[str, float]]:
+    """The platforms some runs recorded whose throughput probe is under half the fastest one's:
+    minutes from those runs must not be read beside the others'."""
+    probes = _throughputs()
+    if not probes:
+        return {}
+    fastest = max(v[1] for v in probes.values())
+    seen = {(r.get("machine") or {}).get("platform") for r in runs}
+    return {p: probes[p] for p in seen if p in probes and probes[p][1] < fastest / 2}
+
+
+def _machine_mark(rows: list[dict]) -> str:
+    slow = _slow_platforms(rows)
+    return " (²)" if any((r.get("machine") or {}).get("platform") in slow for r in rows) else ""
+
+
+def _machine_notes(runs: list[dict]) -> list[str]:
+    slow = _slow_platforms(runs)
+    if not slow:
+        return []
+    probes = _throughputs()
+    fastest = max(probes.values(), key=lambda v: v[1])
+    parts = []
+    for plat, (file, ips) in sorted(slow.items()):
+        names = sorted(
+            {f"{r['variant']} seed {r['seed']}" for r in runs if (r.get("machine") or {}).get("platform") == plat}
+        )
+        parts.append(f"`{plat}` ({', '.join(names)}): {ips:.1f} images/s in `{file}`")
+    where = "; ".join(parts)
+    return [
+        "",
+        f"(²) minutes measured on a slower machine, not comparable minute for minute: {where}, against "
+        f"{fastest[1]:.1f} in `{fastest[0]}`. The images column compares their compute.",
+    ]
+
+
 def _flag_bound_rows(runs: list[dict]) -> list[str]:
     """The PH2 melanoma flag target (specificity >= 0.50 at sensitivity >= 0.85), split into
     its two causes: the ranking (AUROC, and the best any threshold could do on PH2's own curve)
@@ -1011,12 +1056,18 @@ def ensemble_table() -> list[str]:
         f"{commands} ({_cores(d)}; split `{d['split_file']}`; every bundle with flip TTA and its own "
         "calibration, as it serves). Balanced accuracy, mean ± sd over seeds (a seed is also a fold assignment); "
         "PH2 has nevi and melanomas only, so its melanoma AUROC and the melanoma flag's sensitivity / specificity "
-        "at the stored threshold say more:",
+        "at the stored threshold say more. The last column counts the images that went through the networks in "
+        "training against one full-budget network's: compute that does not depend on the day's machine, for "
+        "members of one size (larger inputs cost more per image):",
         "",
         "| variant | flags | seeds | HAM test | derm7pt | isic2017 | PH2 | external mean | PH2 mel AUROC "
-        "| PH2 mel flag sens. / spec. | ECE HAM / derm7pt | training min |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| PH2 mel flag sens. / spec. | ECE HAM / derm7pt | training min | images trained, x one network |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    # compute that does not depend on the machine: images through the networks in training,
+    # against one full-budget network's
+    one = [r.get("images_processed") for r in runs if r["variant"] == "single-full" and r.get("images_processed")]
+    per_one = float(np.mean(one)) if one else None
     for name in dict.fromkeys(r["variant"] for r in runs):
         mine = [r for r in runs if r["variant"] == name]
         ph2 = [_where(r, "ph2") for r in mine]
@@ -1029,8 +1080,10 @@ def ensemble_table() -> list[str]:
             + f" | {_mean_sd([((p.get('per_class') or {}).get('mel') or {}).get('auroc') for p in ph2])} | "
             f"{_mean_sd([f.get('sensitivity') for f in flag])} / {_mean_sd([f.get('specificity') for f in flag])} | "
             f"{_mean_sd([_where(r, 'test').get('ece') for r in mine])} / {_mean_sd([_where(r, 'derm7pt').get('ece') for r in mine])} | "
-            f"{_mean_sd([r.get('training_minutes') for r in mine], nd=1)} |"
+            f"{_mean_sd([r.get('training_minutes') for r in mine], nd=1)}{_machine_mark(mine)} | "
+            f"{_mean_sd([r['images_processed'] / per_one if per_one and r.get('images_processed') else None for r in mine], nd=2)} |"
         )
+    out += _machine_notes(runs)
     out += _flag_bound_rows(runs)
     for r in d.get("superseded", []):
         ext = ", ".join(f"{k} {v['balanced_accuracy']:.3f}" for k, v in (r.get("external") or {}).items())

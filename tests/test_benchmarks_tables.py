@@ -171,3 +171,22 @@ def test_the_best_specificity_bound_reads_only_points_at_the_sensitivity_asked()
     assert best(curve, sensitivity=0.0) == 1.0
     assert best(None, sensitivity=0.85) is None
     assert best({"sensitivity": [0.2], "specificity": [0.9]}, sensitivity=0.85) is None
+
+
+def test_minutes_from_a_slow_machine_are_marked_with_its_throughput(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import json
+
+    tables = _tables()
+    monkeypatch.setattr(tables, "RESULTS", tmp_path)
+    for name, plat, ips in (("throughput.json", "fast-vm", 110.0), ("throughput_slow.json", "slow-vm", 32.0)):
+        (tmp_path / name).write_text(json.dumps({"machine": {"platform": plat}, "fastai_images_per_s": ips}))
+    fast = {"variant": "single-full", "seed": 42, "machine": {"platform": "fast-vm"}}
+    slow = {"variant": "k3-mid", "seed": 42, "machine": {"platform": "slow-vm"}}
+    old = {"variant": "k3-full", "seed": 42}  # from before runs recorded their machine
+    assert tables._machine_mark([fast, old]) == "" and tables._machine_mark([slow]) == " (²)"
+    note = "\n".join(tables._machine_notes([fast, slow, old]))
+    assert "`slow-vm` (k3-mid seed 42): 32.0 images/s in `throughput_slow.json`" in note
+    assert "110.0 in `throughput.json`" in note and "fast-vm" not in note
+    assert tables._machine_notes([fast, old]) == []
