@@ -275,6 +275,14 @@ def calibrate_cmd(
             "none | flips2 (the image and its mirror, half the time of flips4) | flips4 [default: the bundle's]",
         ),
     ] = None,
+    site: Annotated[
+        bool,
+        Opt(
+            "--site",
+            help="Refit only the flag thresholds, on every labelled image of DATA: your clinic's own images, "
+            "never seen by the bundle (probabilities, referral and weights stay as they are).",
+        ),
+    ] = False,
     data_opts: DataOptions = None,
 ) -> None:
     """Refit a bundle's temperature, prior shift, operating points and referral on the valid split of DATA.
@@ -284,11 +292,18 @@ def calibrate_cmd(
     not given keep the bundle's own. The weights are untouched. An ensemble is refitted as it
     was trained: each member on its held-out fold, the ensemble on their out-of-fold
     predictions (DATA must hold the images it was trained on).
+
+    With --site, DATA is instead a labelled set from your clinic that the bundle has never seen
+    (at least 20 images of each flagged class): only the flag thresholds are refitted, on all of
+    it, for the target sensitivity. Thresholds fitted on another clinic's images do not carry
+    to yours (docs/decisions.md).
     """
     from dermaclass.config import CALIBRATION_SETTINGS
     from dermaclass.models import read_bundle_meta
     from dermaclass.serving.refit import recalibrate
 
+    if site:
+        return _site_thresholds(model, data, force=force, tta=tta, split_file=split_file, data_opts=data_opts)
     meta = read_bundle_meta(model)
     own = meta.config
     cfg = data_opts.config(**{k: own[k] for k in CALIBRATION_SETTINGS if k in own and data_opts.get(k) is None})
@@ -315,6 +330,33 @@ def calibrate_cmd(
     refer = cal.get("refer") or {}
     if "valid_referred" in refer:
         out.print(f"referral rule refers {refer['valid_referred']:.1%} of valid images", highlight=False)
+
+
+def _site_thresholds(
+    model: Path, data: Path, *, force: bool, tta: str | None, split_file: Path | None, data_opts: DataOptions
+) -> None:
+    """``calibrate --site``: the flag thresholds refitted on a clinic's own labelled images."""
+    from dermaclass.serving.site import fit_site_operating_points
+
+    if tta is not None or split_file is not None:
+        raise ConfigError(f"{model}: --site refits the flag thresholds only, on all of {data}; drop --tta/--split-file")
+    fits = fit_site_operating_points(
+        model, data, cfg=data_opts.config(), target_sensitivity=data_opts.get("target_sensitivity"), force=force
+    )
+    for c, f in fits.items():
+        lo, hi = f["sensitivity_interval"]
+        slo, shi = f["specificity_interval"]
+        out.print(
+            f"{model}: {c} threshold {f['threshold_before']:.4f} -> {f['threshold']:.4f}, fitted on {f['images']} images "
+            f"of {data} ({f['positives']} {c}): sensitivity {f['before']['sensitivity']:.3f} -> {f['sensitivity']:.3f} "
+            f"[{lo:.3f}, {hi:.3f}], specificity {f['before']['specificity']:.3f} -> {f['specificity']:.3f} "
+            f"[{slo:.3f}, {shi:.3f}] (95 % intervals)",
+            highlight=False,
+        )
+    out.print(
+        "Rates on these images are now fitted, not measured: measure the thresholds on other labelled images.",
+        highlight=False,
+    )
 
 
 @app.command("serve", epilog=EXIT_CODES)

@@ -47,7 +47,7 @@ def headline(report: Report) -> dict[str, Any]:
             for c, m in per_class.items()
         },
         "operating_points": {
-            c: {k: op.get(k) for k in ("threshold", "sensitivity", "specificity", "curve")}
+            c: {k: op.get(k) for k in ("threshold", "sensitivity", "specificity", "curve", "fitted_here")}
             for c, op in report.operating_points.items()
         },
     }

@@ -403,6 +403,18 @@ def operating_point(
     }
 
 
+def proportion_interval(successes: int, n: int, *, level: float = 0.95) -> list[float] | None:
+    """Wilson score interval of a proportion (a sensitivity over ``n`` positives): unlike the
+    normal approximation it stays inside [0, 1] and is honest at the few dozen positives a
+    clinic's own set holds. None for ``n == 0``."""
+    from scipy.stats import binomtest
+
+    if n <= 0:
+        return None
+    ci = binomtest(int(successes), int(n)).proportion_ci(confidence_level=level, method="wilson")
+    return [float(ci.low), float(ci.high)]
+
+
 def flag_rates(labels: Sequence[int], scores: np.ndarray, *, class_index: int, threshold: float) -> dict:
     """Sensitivity and specificity of flagging ``scores >= threshold`` as the class."""
     y = np.asarray(labels, dtype=int)

@@ -36,7 +36,7 @@ from dermaclass.evaluate.metrics import (
     tradeoff_curve,
 )
 from dermaclass.evaluate.record import Report
-from dermaclass.models import BundleMeta, file_sha256, read_bundle_meta, weights_identity
+from dermaclass.models import BundleMeta, file_sha256, operating_point_origin, read_bundle_meta, weights_identity
 from dermaclass.serving.predictor import Predictor
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ def select_split(
     return items[mask], counts
 
 
-def _split_images(
+def split_rows(
     bundle: Path,
     meta: BundleMeta,
     items: pd.DataFrame,
@@ -150,7 +150,7 @@ def split_images(
     sizes = list(dict.fromkeys(tuple(m["input_size"]) for m in meta.members))
     out = {}
     for s in splits:
-        rows, _, images = _split_images(bundle, meta, items, split=s, split_path=split_path, cfg=cfg, source=source)
+        rows, _, images = split_rows(bundle, meta, items, split=s, split_path=split_path, cfg=cfg, source=source)
         out[s] = (rows["label"].astype(str).tolist(), network_images(sizes, meta.input_size, rows, images, cfg))
     return out
 
@@ -195,7 +195,7 @@ def evaluate_bundle(
     items, validations = validate_sources(paths, progress=progress, **cfg.source_settings())
     data = ", ".join(str(p) for p in paths)
     split_path = None if split == "all" else (Path(split_file) if split_file else bundle / "split.csv")
-    chosen, split_counts, images = _split_images(
+    chosen, split_counts, images = split_rows(
         bundle, predictor.meta, items, split=split, split_path=split_path, cfg=cfg, source=data
     )
     tta = predictor.tta if tta is None else tta
@@ -221,6 +221,7 @@ def evaluate_bundle(
     for i, c in enumerate(classes):
         predictions[f"p_{c}"] = probs[:, i]
     points = {}
+    identity = images_identity(chosen["hash"], chosen["label"])
     for c, op in predictor.operating_points.items():
         rates = flag_rates(y, probs, class_index=classes.index(c), threshold=op["threshold"])
         predictions[f"flag_{c}"] = probs[:, classes.index(c)] >= op["threshold"]
@@ -229,7 +230,14 @@ def evaluate_bundle(
             **rates,
             "curve": tradeoff_curve(y, probs, class_index=classes.index(c)),
             "fitted_curve": fitted_curve(bundle, c),
+            "fitted_on": operating_point_origin(op, predictor.meta.calibration),
+            # a threshold fitted on these very images (calibrate --site): its rates here are fitted
+            "fitted_here": (op.get("site") or {}).get("images_sha256") == identity,
         }
+        if points[c]["fitted_here"]:
+            log.warning(
+                "%s: the %s threshold was fitted on these images; its rates here are not a measurement", data, c
+            )
 
     wrong = np.flatnonzero(pred != y)
     wrong = wrong[np.argsort(-probs[wrong, pred[wrong]], kind="stable")][:gallery]
@@ -267,7 +275,7 @@ def evaluate_bundle(
             "split": split,
             "split_file": str(split_path) if split_path else None,
             "split_sha256": file_sha256(split_path) if split_path else None,
-            "images_sha256": images_identity(chosen["hash"], chosen["label"]),
+            "images_sha256": identity,
             "n": int(len(chosen)),
             "groups": int(len(set(groups))),
             "group_column": validations[0].dataset.columns.get("group") if has_groups else None,

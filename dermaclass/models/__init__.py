@@ -29,6 +29,7 @@ from dermaclass.models.meta import (
     TTA_OF_SETTING,
     BundleMeta,
     check_bundle_meta,
+    operating_point_origin,
     tta_mode,
     tta_setting,
 )
@@ -79,6 +80,7 @@ __all__ = [
     "set_threads",
     "splitter",
     "weights_identity",
+    "operating_point_origin",
     "tta_mode",
     "tta_setting",
     "write_bundle_meta",

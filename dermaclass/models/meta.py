@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,15 @@ COMBINE_RULES = {
     "logits": "mean of logits",
     "probabilities": "mean of probabilities",
 }
+
+
+def operating_point_origin(op: Mapping[str, Any], calibration: Mapping[str, Any]) -> str:
+    """Where an operating point's threshold was fitted, in words for the card, report and app:
+    a clinic's own images (``dermaclass calibrate --site``), the validation split, or an
+    ensemble's out-of-fold predictions."""
+    if site := op.get("site"):
+        return f"{site['images']} labelled images of {site['name']} ({site['positives']} of the class)"
+    return "validation" if calibration.get("fitted_on", "valid") == "valid" else "out-of-fold predictions"
 
 
 def _finite(v: Any) -> bool:

@@ -56,21 +56,24 @@ new clinic will see. Balanced accuracy is over the classes each set has.</p>
 <th>accuracy</th>{% for c in r.operating_points %}<th>{{ c }} sensitivity / specificity at its threshold</th>{% endfor %}</tr>
 <tr><td><b>this split</b> ({{ r.data.split }})</td><td>{{ r.n }}</td><td>{{ fmt(r.balanced_accuracy) }} {{ ci(r.intervals.overall.balanced_accuracy) }}</td>
 <td>{{ fmt(r.macro_f1) }}</td><td>{{ fmt(r.macro_auroc) }} {{ ci(r.intervals.overall.macro_auroc) }}</td><td>{{ fmt(r.ece) }}</td><td>{{ fmt(r.accuracy) }}</td>
-{% for c, op in r.operating_points.items() %}<td>{{ fmt(op.sensitivity) }} / {{ fmt(op.specificity) }}</td>{% endfor %}</tr>
+{% for c, op in r.operating_points.items() %}<td>{{ fmt(op.sensitivity) }} / {{ fmt(op.specificity) }}{% if op.get("fitted_here") %} (fitted here){% endif %}</td>{% endfor %}</tr>
 {% for n, e in r.external.items() %}<tr><td>{{ n }}</td><td>{{ e.n }}</td><td>{{ fmt(e.balanced_accuracy) }} {{ ci(e.intervals.balanced_accuracy) }}</td>
 <td>{{ fmt(e.macro_f1) }}</td><td>{{ fmt(e.macro_auroc) }} {{ ci(e.intervals.macro_auroc) }}</td><td>{{ fmt(e.ece) }}</td><td>{{ fmt(e.accuracy) }}</td>
-{% for c in r.operating_points %}{% set op = e.operating_points.get(c, {}) %}<td>{{ fmt(op.sensitivity) }} / {{ fmt(op.specificity) }}</td>{% endfor %}</tr>{% endfor %}</table>
+{% for c in r.operating_points %}{% set op = e.operating_points.get(c, {}) %}<td>{{ fmt(op.sensitivity) }} / {{ fmt(op.specificity) }}{% if op.get("fitted_here") %} (fitted here){% endif %}</td>{% endfor %}</tr>{% endfor %}</table>
 <table class="num"><tr><th>sensitivity per class</th><th>this split</th>{% for n in r.external %}<th>{{ n }}</th>{% endfor %}</tr>
 {% for c in r.classes %}<tr><td>{{ name(c) }}</td><td>{{ fmt(r.per_class[c].sensitivity) }}</td>
 {% for n, e in r.external.items() %}{% set m = e.per_class.get(c, {}) %}<td>{{ fmt(m.sensitivity) }} <span class="muted">({{ m.support or 0 }})</span></td>{% endfor %}</tr>{% endfor %}</table>{% endif %}
 {% if r.operating_points %}<h2>Operating points</h2>
 <p class="muted">An image is flagged when the class probability reaches the threshold, whatever the top class is.
-The threshold was chosen on the validation split for the target sensitivity; below is what it gives on these data.</p>
-<table><tr><th>class</th><th>threshold</th><th>target sensitivity</th><th>valid sensitivity</th><th>valid specificity</th>
+The threshold was chosen for the target sensitivity on the images named under "fitted on"; below is what it gives on these data.</p>
+<table><tr><th>class</th><th>threshold</th><th>fitted on</th><th>target sensitivity</th><th>sensitivity there</th><th>specificity there</th>
 <th>sensitivity here</th><th>specificity here</th><th>flagged</th></tr>
-{% for c, op in r.operating_points.items() %}<tr><td>{{ name(c) }}</td><td>{{ "%.4f"|format(op.threshold) }}</td>
-<td>{{ fmt(op.target_sensitivity) }}</td><td>{{ fmt(op.valid_sensitivity) }}</td><td>{{ fmt(op.valid_specificity) }}</td>
-<td>{{ fmt(op.sensitivity) }}</td><td>{{ fmt(op.specificity) }}</td><td>{{ op.flagged }}</td></tr>{% endfor %}</table>{% endif %}
+{% for c, op in r.operating_points.items() %}{% set s = op.get("site") or {} %}<tr><td>{{ name(c) }}</td><td>{{ "%.4f"|format(op.threshold) }}</td>
+<td>{{ op.get("fitted_on") or "validation" }}</td><td>{{ fmt(op.target_sensitivity) }}</td>
+<td>{{ fmt(s.sensitivity if op.get("site") else op.valid_sensitivity) }}</td><td>{{ fmt(s.specificity if op.get("site") else op.valid_specificity) }}</td>
+<td>{{ fmt(op.sensitivity) }}{% if op.get("fitted_here") %} <b>(fitted on these images)</b>{% endif %}</td><td>{{ fmt(op.specificity) }}</td><td>{{ op.flagged }}</td></tr>{% endfor %}</table>
+{% for c, op in r.operating_points.items() %}{% if op.get("fitted_here") %}<p><b>The {{ name(c) }} threshold was fitted on these very images</b> (<code>dermaclass calibrate --site</code>):
+its sensitivity and specificity here are what it was fitted to give, not a measurement. Measure it on other labelled images.</p>{% endif %}{% endfor %}{% endif %}
 <h2>Confusion matrix</h2><img class="fig" alt="confusion matrix" src="{{ confusion }}">
 <h2>Per class</h2>
 <table class="num"><tr><th>class</th><th>support</th><th>precision</th><th>sensitivity</th><th>95% CI</th><th>specificity</th><th>95% CI</th>

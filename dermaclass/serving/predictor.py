@@ -383,6 +383,7 @@ class Predictor:
                 "threshold": op["threshold"],
                 "flagged": bool(probs[self.classes.index(c)] >= op["threshold"]),
                 "target_sensitivity": op.get("target_sensitivity"),
+                "fitted_on": models.operating_point_origin(op, self.meta.calibration),
             }
             for c, op in self.operating_points.items()
             if c in self.classes

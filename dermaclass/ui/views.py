@@ -121,7 +121,8 @@ def diagnose_markdown(p: Predictor, result: dict[str, Any]) -> str:
         if f["flagged"]:
             lines.append(
                 f"**{label_of(p, c)} flagged**: probability {f['probability']:.1%} reaches the threshold "
-                f"{f['threshold']:.1%} chosen for {f['target_sensitivity']:.0%} sensitivity on validation."
+                f"{f['threshold']:.1%} chosen for {f['target_sensitivity']:.0%} sensitivity on "
+                f"{f.get('fitted_on') or 'validation'}."
             )
         else:
             lines.append(f"{label_of(p, c)}: {f['probability']:.1%}, below its threshold {f['threshold']:.1%}.")
